@@ -1,0 +1,285 @@
+//! Map names, sizes, keys and values: the contract between the XDP program
+//! and the agent. Read this file to know every map at a glance.
+
+/// Map names as the kernel and bpffs see them (at most 15 bytes).
+pub mod names {
+    pub const NODE: &str = "NODE";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RINGS: &str = "RINGS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const REVERSE: &str = "REVERSE";
+    pub const DEVMAP: &str = "DEVMAP";
+    pub const STATS: &str = "STATS";
+    pub const SVC_STATS: &str = "SVC_STATS";
+    pub const BE_STATS: &str = "BE_STATS";
+    /// The program's name in the object file.
+    pub const PROGRAM: &str = "failover_xdp";
+    /// The trivial pass-through program attached to veth peers and used as
+    /// the benchmark baseline.
+    pub const PASS_PROGRAM: &str = "failover_pass";
+}
+
+pub const MAX_SERVICES: u32 = 64;
+pub const MAX_BACKENDS: u32 = 1024;
+/// Capacity of a Maglev ring; a service may use a smaller prime.
+pub const RING_MAX: usize = 65_537;
+/// Default ring size: prime, so every backend's permutation covers it.
+pub const RING_DEFAULT: u32 = 65_537;
+/// Ring slots per service: the active one and the one being written.
+pub const RING_SLOTS: u32 = 2;
+pub const FLOWS_MAX: u32 = 262_144;
+pub const DEVMAP_MAX: u32 = 64;
+/// Ring entry meaning "no backend" (an empty, fail-closed ring).
+pub const NO_BACKEND: u32 = u32::MAX;
+/// SNAT ports tried for one new flow before giving up.
+pub const SNAT_PROBES: u32 = 8;
+/// Extra ring lookups (with a perturbed hash) when the chosen backend is
+/// marked down but the planner has not yet rebuilt the ring.
+pub const RESELECT_TRIES: u32 = 3;
+/// Words in the VIP pre-filter bitmap (64 bits each).
+pub const VIP_FILTER_WORDS: usize = 1024;
+/// Slots in the per-reason counter array (room to add reasons).
+pub const STATS_SLOTS: u32 = 32;
+
+/// Service flag: TCP flows pinned to a down backend get an RST from the
+/// edge (clients retry at once). Without it they are re-selected.
+pub const SVC_F_RESET: u32 = 1;
+
+/// Backend states in `BACKENDS`.
+pub mod state {
+    /// Slot not in use.
+    pub const UNUSED: u8 = 0;
+    /// Takes new and existing flows.
+    pub const UP: u8 = 1;
+    /// Existing flows are reset or moved; never selected.
+    pub const DOWN: u8 = 2;
+    /// Existing flows continue; never selected for new ones.
+    pub const DRAINING: u8 = 3;
+}
+
+/// Flow state bits in `Reverse::state`.
+pub const FLOW_SYN_SENT: u32 = 0;
+pub const FLOW_ESTABLISHED: u32 = 1;
+
+/// `NODE[0]`: this edge node's settings, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    /// Source address for traffic toward backends; 0 = not configured.
+    pub snat_be: u32,
+    /// SNAT port range, host order, inclusive.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Seed of the flow hash; equal on every edge node of a fleet.
+    pub seed: u32,
+    pub flags: u32,
+}
+
+/// `VIP_FILTER[0]`: a bitmap of `mix32(vip) % (64 * VIP_FILTER_WORDS)`.
+/// Lets a packet that is not for a VIP leave after one inlined array read
+/// instead of a hash lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipFilter {
+    pub bits: [u64; VIP_FILTER_WORDS],
+}
+
+impl VipFilter {
+    pub const BITS: u32 = 64 * VIP_FILTER_WORDS as u32;
+
+    #[must_use]
+    pub const fn empty() -> Self {
+        Self { bits: [0; VIP_FILTER_WORDS] }
+    }
+
+    #[inline(always)]
+    #[must_use]
+    pub const fn slot(vip_be: u32) -> (usize, u64) {
+        let bit = crate::hash::mix32(vip_be) % Self::BITS;
+        ((bit / 64) as usize, 1u64 << (bit % 64))
+    }
+
+    pub fn insert(&mut self, vip_be: u32) {
+        let (w, m) = Self::slot(vip_be);
+        self.bits[w] |= m;
+    }
+
+    #[must_use]
+    pub fn may_contain(&self, vip_be: u32) -> bool {
+        let (w, m) = Self::slot(vip_be);
+        self.bits[w] & m != 0
+    }
+}
+
+/// `SERVICES` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `SERVICES` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into `SVC_STATS` and base of this service's `RINGS` slots.
+    pub id: u32,
+    pub flags: u32,
+    /// Which of the two ring slots packets read (0 or 1).
+    pub active_slot: u32,
+    /// Entries of the ring in use (a prime, at most `RING_MAX`).
+    pub ring_size: u32,
+    /// Bumped by the agent on every flip; reported, not used per packet.
+    pub generation: u64,
+}
+
+impl Service {
+    #[inline(always)]
+    #[must_use]
+    pub const fn ring_index(id: u32, slot: u32) -> u32 {
+        id * RING_SLOTS + (slot & 1)
+    }
+}
+
+/// `BACKENDS[id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    /// One of `state::*`.
+    pub state: u8,
+    pub _pad: u8,
+}
+
+/// `RINGS[service_id * 2 + slot]`: a Maglev lookup table of backend ids.
+/// One value holds a whole ring, so the agent writes it in one syscall.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ring {
+    pub backends: [u32; RING_MAX],
+}
+
+/// `FLOWS` key: the client's 5-tuple as received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `FLOWS` value: where the flow is pinned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub nat_port_be: u16,
+    pub _pad: [u8; 6],
+    /// `bpf_ktime_get_ns` when the flow was created.
+    pub created_ns: u64,
+}
+
+/// `REVERSE` key: a backend's reply as received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReverseKey {
+    pub backend_be: u32,
+    pub snat_be: u32,
+    pub bport_be: u16,
+    pub nat_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `REVERSE` value: the original tuple to restore.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reverse {
+    pub client_be: u32,
+    pub vip_be: u32,
+    pub cport_be: u16,
+    pub vport_be: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `FLOW_SYN_SENT` until the backend's SYN-ACK is seen.
+    pub state: u32,
+    pub created_ns: u64,
+}
+
+/// `SVC_STATS[service_id]`, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    pub new_flows: u64,
+    pub resets: u64,
+}
+
+/// `BE_STATS[backend_id]`, per CPU: traffic plus the handshake signals the
+/// passive health detector reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    pub new_flows: u64,
+    /// RSTs the edge sent to clients of this backend after it went down.
+    pub resets: u64,
+    /// SYNs forwarded to the backend.
+    pub syns: u64,
+    /// SYN-ACKs seen coming back.
+    pub synacks: u64,
+    /// RSTs the backend sent in answer to a SYN (port closed, process dead).
+    pub syn_rsts: u64,
+    /// Handshake RTT of the last SYN-ACK seen on this CPU, and when.
+    pub rtt_last_ns: u64,
+    pub rtt_at_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding only.
+    unsafe impl aya::Pod for Node {}
+    unsafe impl aya::Pod for VipFilter {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Ring {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for ReverseKey {}
+    unsafe impl aya::Pod for Reverse {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for BackendStats {}
+}
+
+// Layout checks: a size change here must be a deliberate one on both sides.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Node>() == 16);
+    assert!(size_of::<ServiceKey>() == 8);
+    assert!(size_of::<Service>() == 24);
+    assert!(size_of::<Backend>() == 8);
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<Flow>() == 24);
+    assert!(size_of::<ReverseKey>() == 16);
+    assert!(size_of::<Reverse>() == 32);
+    assert!(size_of::<ServiceStats>() == 48);
+    assert!(size_of::<BackendStats>() == 88);
+};
