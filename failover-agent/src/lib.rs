@@ -1,1 +1,8 @@
+//! The failover agent: decides which backends may take traffic and programs
+//! the XDP data plane accordingly. `main.rs` is a thin CLI over this library.
 
+pub mod audit;
+pub mod config;
+pub mod health;
+pub mod maglev;
+pub mod planner;

@@ -55,6 +55,7 @@ reasons! {
     NoRoute = 19, "no_route", "drop";
     NotConfigured = 20, "not_configured", "pass";
     RedirectFailed = 21, "redirect_failed", "pass";
+    MtuExceeded = 22, "mtu_exceeded", "drop";
 }
 
 #[cfg(test)]

@@ -1,2 +1,96 @@
+//! The failover XDP program: full NAT toward healthy backends.
+//!
+//! Packet walk: `parse` (Ethernet, VLAN) -> `ipv4` (validate) -> `l4`
+//! (ports, flags) -> `forward` (client -> VIP) or `reverse` (backend ->
+//! SNAT address) -> `select` (Maglev ring) / `reset` (RST to the client) ->
+//! `egress` (FIB, TX or redirect). Every packet ends in exactly one
+//! `Reason`, counted in `STATS`; the verdict table is in docs/datapath.md.
 #![no_std]
 #![no_main]
+
+mod egress;
+mod forward;
+mod ipv4;
+mod l4;
+mod maps;
+mod parse;
+mod reset;
+mod reverse;
+mod select;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use failover_common::Reason;
+
+use crate::maps::{NODE, VIP_FILTER};
+
+#[xdp]
+pub fn failover_xdp(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_failover(&ctx) {
+        Ok(v) => v,
+        Err(r) => (verdict(r), r),
+    };
+    stats::reason(reason);
+    action
+}
+
+/// The action for a packet that ended early with `r`.
+#[inline(always)]
+fn verdict(r: Reason) -> u32 {
+    match r {
+        Reason::TruncatedEth
+        | Reason::MalformedIpv4
+        | Reason::BadIpv4Checksum
+        | Reason::TruncatedL4
+        | Reason::NoBackend
+        | Reason::FlowTableFull
+        | Reason::SnatExhausted
+        | Reason::NoRoute
+        | Reason::MtuExceeded => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn try_failover(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
+    if l2.ether_type != parse::ETH_P_IPV4 {
+        return Err(Reason::NotIpv4);
+    }
+    let hdr = ipv4::header(ctx, l2.l3_off)?;
+    let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
+    if node.snat_be == 0 {
+        return Err(Reason::NotConfigured);
+    }
+    // Classify by destination before any further work, so traffic that is
+    // not ours costs one inlined array read.
+    let dst = u32::from_ne_bytes(unsafe { (*hdr).dst_addr });
+    let is_reverse = dst == node.snat_be;
+    if !is_reverse {
+        let filter = VIP_FILTER.get(0).ok_or(Reason::NotConfigured)?;
+        let (word, mask) = failover_common::VipFilter::slot(dst);
+        if word >= filter.bits.len() || filter.bits[word] & mask == 0 {
+            return Err(Reason::NotVip);
+        }
+    }
+    let ip = ipv4::validate(ctx, hdr, l2.l3_off)?;
+    let l4 = l4::parse(ctx, ip.l4_off, ip.proto)?;
+    Ok(if is_reverse {
+        reverse::handle(ctx, node, &ip, &l4)
+    } else {
+        forward::handle(ctx, node, &ip, &l4)
+    })
+}
+
+/// Attached to veth peers (XDP_TX/redirect frames only arrive on a veth
+/// with a program), and the empty baseline of the datapath benchmark.
+#[xdp]
+pub fn failover_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

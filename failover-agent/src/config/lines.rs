@@ -1,0 +1,157 @@
+//! The source line of every field path in a YAML document.
+//!
+//! serde gives a location only for errors it raises itself; the semantic
+//! checks run on the typed `Config` afterwards, so this index maps their
+//! field paths (`services[1].policy.ring_size`) back to lines.
+
+use std::collections::HashMap;
+
+use saphyr_parser::{Event, Parser, Span, StrInput};
+
+#[derive(Debug, Default)]
+pub(super) struct LineIndex {
+    lines: HashMap<String, usize>,
+}
+
+impl LineIndex {
+    /// Indexes the first document of `text`. Best effort: the text has
+    /// already been accepted by the deserializer, and a path this parser
+    /// could not reach falls back to its nearest indexed ancestor.
+    pub(super) fn build(text: &str) -> Self {
+        let mut walker = Walker {
+            events: Parser::new_from_str(text),
+            lines: HashMap::new(),
+        };
+        // A parse error here only leaves the index partial (see `line`).
+        let _ = walker.stream();
+        Self {
+            lines: walker.lines,
+        }
+    }
+
+    /// Line (1-based) of `path`, or of its closest ancestor that exists in
+    /// the document (a missing optional field points at its parent).
+    pub(super) fn line(&self, path: &str) -> usize {
+        let mut path = path;
+        loop {
+            if let Some(&line) = self.lines.get(path) {
+                return line;
+            }
+            match path.rfind(['.', '[']) {
+                Some(cut) => path = &path[..cut],
+                None => return self.lines.get("").copied().unwrap_or(1),
+            }
+        }
+    }
+}
+
+struct Walker<'i> {
+    events: Parser<'i, StrInput<'i>>,
+    lines: HashMap<String, usize>,
+}
+
+impl<'i> Walker<'i> {
+    fn next(&mut self) -> Option<(Event<'i>, Span)> {
+        self.events.next()?.ok()
+    }
+
+    fn stream(&mut self) -> Option<()> {
+        loop {
+            match self.next()?.0 {
+                Event::StreamEnd => return Some(()),
+                Event::DocumentStart(_) => {
+                    let (event, span) = self.next()?;
+                    return self.node(String::new(), event, span);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn node(&mut self, path: String, event: Event<'i>, span: Span) -> Option<()> {
+        // A mapping value is already indexed at its key's line, which is the
+        // line a reader looks for (`policy:` rather than its first child).
+        self.lines.entry(path.clone()).or_insert(span.start.line());
+        match event {
+            Event::MappingStart(..) => loop {
+                let (key, key_span) = self.next()?;
+                let child = match key {
+                    Event::MappingEnd => return Some(()),
+                    Event::Scalar(ref text, ..) => join(&path, text),
+                    complex => {
+                        let child = join(&path, "?");
+                        self.node(child.clone(), complex, key_span)?;
+                        child
+                    }
+                };
+                self.lines
+                    .entry(child.clone())
+                    .or_insert(key_span.start.line());
+                let (value, value_span) = self.next()?;
+                self.node(child, value, value_span)?;
+            },
+            Event::SequenceStart(..) => {
+                for index in 0.. {
+                    let (item, item_span) = self.next()?;
+                    if matches!(item, Event::SequenceEnd) {
+                        break;
+                    }
+                    self.node(format!("{path}[{index}]"), item, item_span)?;
+                }
+                Some(())
+            }
+            _ => Some(()),
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "\
+node:
+  interfaces: [eth0, eth1]
+  snat_ports: {min: 1, max: 2}
+services:
+  - name: chat
+    policy:
+      ring_size: 7
+
+  - name: fraud
+    backends:
+      - a
+      - b
+";
+
+    #[test]
+    fn maps_paths_to_lines() {
+        let index = LineIndex::build(DOC);
+        assert_eq!(index.line("node"), 1);
+        assert_eq!(index.line("node.interfaces[1]"), 2);
+        assert_eq!(index.line("node.snat_ports.max"), 3);
+        assert_eq!(index.line("services"), 4);
+        assert_eq!(index.line("services[0]"), 5);
+        assert_eq!(index.line("services[0].policy"), 6);
+        assert_eq!(index.line("services[0].policy.ring_size"), 7);
+        assert_eq!(index.line("services[1].name"), 9);
+        assert_eq!(index.line("services[1].backends[1]"), 12);
+    }
+
+    #[test]
+    fn missing_paths_fall_back_to_ancestors() {
+        let index = LineIndex::build(DOC);
+        assert_eq!(index.line("services[0].policy.standby_share"), 6);
+        assert_eq!(index.line("services[1].probe.model"), 9);
+        assert_eq!(index.line("backends"), 1);
+        assert_eq!(LineIndex::build("").line("node"), 1);
+    }
+}

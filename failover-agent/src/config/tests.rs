@@ -1,0 +1,528 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(name)
+}
+
+/// `(line, field)` of every error, in order.
+fn located(error: &ConfigError) -> Vec<(usize, &str)> {
+    error
+        .errors()
+        .iter()
+        .map(|e| (e.line, e.field.as_str()))
+        .collect()
+}
+
+fn parse_err(text: &str) -> ConfigError {
+    parse(text, "test.yaml").expect_err("config should be refused")
+}
+
+#[test]
+fn every_example_validates() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(examples_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|ext| ext == "yaml") {
+            if let Err(error) = load(&path) {
+                panic!("{} does not validate:\n{error}", path.display());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "expected the example configs, found {seen}");
+}
+
+#[test]
+fn two_clouds_example_has_the_documented_shape() {
+    let config = load(&examples_dir().join("two-clouds.yaml")).unwrap();
+    assert_eq!(config.node.interfaces, ["eth0", "eth1"]);
+    assert_eq!(config.node.snat_address, Ipv4Addr::new(198, 51, 100, 1));
+    assert_eq!(config.node.hash_seed, 0x5eed);
+
+    let chat = config.service("chat").unwrap();
+    assert_eq!(chat.vip, Ipv4Addr::new(192, 0, 2, 10));
+    assert_eq!((chat.port, chat.protocol), (80, Protocol::Tcp));
+    assert_eq!(chat.probe.kind, ProbeKind::Inference);
+    assert_eq!(chat.probe.ttft_budget, Some(Duration::from_millis(800)));
+    assert_eq!(chat.policy.panic, PanicMode::FailOpen);
+    let tiers: Vec<(String, u8)> = chat
+        .backends
+        .iter()
+        .map(|name| {
+            let backend = config.backend(name).unwrap();
+            (backend.cloud.clone(), backend.tier)
+        })
+        .collect();
+    assert!(tiers.iter().all(|(cloud, tier)| {
+        (cloud == "cloud-a" && *tier == 0) || (cloud == "cloud-b" && *tier == 1)
+    }));
+
+    // The EU-only policy must matter: the pool holds a US backend too.
+    let fraud = config.service("fraud").unwrap();
+    let admitted: Vec<&str> = fraud
+        .backends
+        .iter()
+        .filter(|name| fraud.policy.admits(config.backend(name).unwrap()))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(admitted, ["eu-fraud-1", "eu-fraud-2"]);
+    assert_eq!(fraud.backends.len(), 3);
+    assert!(fraud.policy.is_restricted());
+
+    let embed = config.service("embed").unwrap();
+    assert_eq!(embed.protocol, Protocol::Udp);
+    assert_eq!(embed.policy.on_backend_down, OnBackendDown::Reselect);
+}
+
+#[test]
+fn examples_use_only_documentation_addresses() {
+    let documentation = |ip: Ipv4Addr| {
+        let [a, b, c, _] = ip.octets();
+        matches!((a, b, c), (192, 0, 2) | (198, 51, 100) | (203, 0, 113))
+    };
+    for name in ["minimal.yaml", "two-clouds.yaml"] {
+        let config = load(&examples_dir().join(name)).unwrap();
+        assert!(documentation(config.node.snat_address), "{name}");
+        for service in &config.services {
+            assert!(documentation(service.vip), "{name}: {}", service.name);
+        }
+        for backend in &config.backends {
+            assert!(documentation(backend.address), "{name}: {}", backend.name);
+        }
+    }
+}
+
+#[test]
+fn minimal_example_takes_defaults() {
+    let config = load(&examples_dir().join("minimal.yaml")).unwrap();
+    assert_eq!(config.node.xdp_mode, XdpMode::Native);
+    assert_eq!(config.node.pin_path, Path::new("/sys/fs/bpf/failover"));
+    let web = &config.services[0];
+    assert_eq!(web.policy, Policy::default());
+    assert_eq!(web.policy.ring_size, failover_common::RING_DEFAULT);
+    assert_eq!(web.probe.interval, Duration::from_millis(100));
+    assert_eq!((web.probe.rise, web.probe.fall), (2, 2));
+    assert!(web.probe.passive);
+    assert_eq!(config.backends[0].weight, 100);
+    assert_eq!(config.backends[0].tier, 0);
+}
+
+#[test]
+fn semantic_errors_are_all_reported_with_field_and_line() {
+    let error = load(&fixture("semantic.yaml")).unwrap_err();
+    assert_eq!(
+        located(&error),
+        [
+            (3, "node.interfaces"),
+            (5, "node.snat_ports.min"),
+            (11, "services[0].backends[1]"),
+            (12, "services[0].probe.model"),
+            (14, "services[0].probe.timeout"),
+            (15, "services[0].probe.rise"),
+            (17, "services[0].policy.overprovisioning"),
+            (18, "services[0].policy.standby_share"),
+            (19, "services[0].policy.ring_size"),
+            (20, "services[1].name"),
+            (21, "services[1].vip"),
+            (27, "services[1].probe.path"),
+            (28, "services[1].policy"),
+            (37, "backends[0].weight"),
+            (44, "backends[2].name"),
+        ]
+    );
+    // Each marked line of the fixture is reported, and nothing else.
+    let text = std::fs::read_to_string(fixture("semantic.yaml")).unwrap();
+    let marked: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| line.contains("# <-"))
+        .map(|(i, _)| i + 1)
+        .collect();
+    let reported: Vec<usize> = error.errors().iter().map(|e| e.line).collect();
+    assert_eq!(marked, reported);
+
+    let shown = error.to_string();
+    let origin = fixture("semantic.yaml").display().to_string();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 15);
+    assert_eq!(
+        lines[2],
+        format!(
+            "{origin}:11: services[0].backends[1]: unknown backend \"ghost\" (not defined under backends)"
+        )
+    );
+    assert_eq!(
+        lines[9],
+        format!(
+            "{origin}:20: services[1].name: duplicate service name \"chat\" (first at services[0])"
+        )
+    );
+    assert_eq!(
+        lines[10],
+        format!(
+            "{origin}:21: services[1].vip: 192.0.2.10:80/tcp is already served by service \"chat\" (services[0])"
+        )
+    );
+    assert!(lines[12].contains("services[1].policy: sovereignty policy (allowed_jurisdictions [CH]) admits none of the service's backends (a1, us1)"), "{}", lines[12]);
+}
+
+#[test]
+fn bad_address_names_field_value_and_line() {
+    let error = load(&fixture("bad-address.yaml")).unwrap_err();
+    let origin = fixture("bad-address.yaml").display().to_string();
+    assert_eq!(located(&error), [(7, "services[0].vip")]);
+    assert_eq!(
+        error.to_string(),
+        format!("{origin}:7: services[0].vip: invalid IPv4 address \"1.2.3\"")
+    );
+    let text = std::fs::read_to_string(fixture("bad-address.yaml")).unwrap();
+    for vip in ["10", "192.0.2.300", "\"\"", "[192.0.2.1]"] {
+        let error = parse_err(&text.replace("1.2.3", vip));
+        assert_eq!(located(&error), [(7, "services[0].vip")], "{error}");
+    }
+}
+
+#[test]
+fn unknown_field_is_named_with_its_line() {
+    let error = load(&fixture("unknown-field.yaml")).unwrap_err();
+    assert_eq!(
+        located(&error),
+        [(13, "services[0].policy.overprovisoning")]
+    );
+    let message = &error.errors()[0].message;
+    assert!(
+        message.starts_with("unknown field `overprovisoning`, expected one of"),
+        "{message}"
+    );
+}
+
+#[test]
+fn syntax_error_has_line() {
+    let error = load(&fixture("syntax.yaml")).unwrap_err();
+    let [only] = error.errors() else {
+        panic!("one error expected: {error}");
+    };
+    assert_eq!(only.field, "node.interfaces");
+    assert_eq!(only.line, 3);
+    assert!(
+        only.message.contains("while parsing a flow sequence"),
+        "{}",
+        only.message
+    );
+}
+
+#[test]
+fn type_errors_name_the_nested_field() {
+    let base = std::fs::read_to_string(examples_dir().join("minimal.yaml")).unwrap();
+    let cases = [
+        (
+            "protocol: tcp",
+            "protocol: sctp",
+            "services[0].protocol",
+            "unknown variant `sctp`",
+        ),
+        (
+            "kind: tcp",
+            "kind: tcp\n      interval: 5x",
+            "services[0].probe.interval",
+            "expected a duration",
+        ),
+        (
+            "max: 59999",
+            "max: 99999",
+            "node.snat_ports.max",
+            "expected u16",
+        ),
+        (
+            "port: 8080\n    cloud: onprem\n    region: dc-1\n    jurisdiction: EU\n  - name: web-2",
+            "port: 8080\n    region: dc-1\n    jurisdiction: EU\n  - name: web-2",
+            "backends[0]",
+            "missing field `cloud`",
+        ),
+    ];
+    for (from, to, field, needle) in cases {
+        assert!(base.contains(from), "{from}");
+        let text = base.replacen(from, to, 1);
+        let error = parse_err(&text);
+        let [only] = error.errors() else {
+            panic!("one error expected: {error}");
+        };
+        assert_eq!(only.field, field, "{error}");
+        assert!(only.message.contains(needle), "{error}");
+        let expected_line = text
+            .lines()
+            .position(|line| line.contains(to.lines().last().unwrap().trim()))
+            .unwrap()
+            + 1;
+        if needle.starts_with("missing") {
+            // Reported at the mapping that lacks the field.
+            assert!(only.line <= expected_line, "{error}");
+        } else {
+            assert_eq!(only.line, expected_line, "{error}");
+        }
+    }
+}
+
+#[test]
+fn root_level_errors() {
+    let error = parse_err("");
+    assert_eq!(error.to_string(), "test.yaml:1: missing field `node`");
+    let error = parse_err("- 1\n- 2\n");
+    assert_eq!(error.errors()[0].field, "");
+    assert!(
+        error
+            .to_string()
+            .starts_with("test.yaml:1: invalid type: sequence"),
+        "{error}"
+    );
+}
+
+#[test]
+fn read_error_names_the_file() {
+    let error = load(Path::new("/nonexistent/failover.yaml")).unwrap_err();
+    assert!(error.errors().is_empty());
+    assert!(
+        error
+            .to_string()
+            .starts_with("/nonexistent/failover.yaml: cannot read config:"),
+        "{error}"
+    );
+}
+
+fn minimal() -> Config {
+    load(&examples_dir().join("minimal.yaml")).unwrap()
+}
+
+/// Re-serializes `config` and returns the fields of its errors, which
+/// checks validation of values that are awkward to write by hand.
+fn fields_of(config: &Config) -> Vec<String> {
+    let text = serde_norway::to_string(config).unwrap();
+    match parse(&text, "generated.yaml") {
+        Ok(_) => Vec::new(),
+        Err(error) => error.errors().iter().map(|e| e.field.clone()).collect(),
+    }
+}
+
+#[test]
+fn value_limits() {
+    let mut config = minimal();
+    assert!(fields_of(&config).is_empty());
+
+    config.backends[0].weight = MAX_WEIGHT;
+    config.services[0].policy.standby_share = 0.99;
+    config.services[0].policy.ring_size = 3;
+    config.services[0].policy.overprovisioning = 1.0;
+    config.node.snat_ports = PortRange { min: 1, max: 1 };
+    assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
+
+    config.backends[1].weight = MAX_WEIGHT + 1;
+    config.services[0].policy.standby_share = -0.1;
+    config.services[0].policy.overprovisioning = f64::NAN;
+    config.services[0].probe.fall = 0;
+    config.services[0].probe.interval = Duration::ZERO;
+    config.node.snat_ports = PortRange {
+        min: 2000,
+        max: 1000,
+    };
+    let mut fields = fields_of(&config);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "backends[1].weight",
+            "node.snat_ports.max",
+            "services[0].policy.overprovisioning",
+            "services[0].policy.standby_share",
+            "services[0].probe.fall",
+            "services[0].probe.interval",
+        ]
+    );
+}
+
+#[test]
+fn ring_size_limits() {
+    let mut config = minimal();
+    for (ring, ok) in [
+        (2, true),
+        (1, false),
+        (65_537, true),
+        (65_539, false),
+        (9, false),
+    ] {
+        config.services[0].policy.ring_size = ring;
+        assert_eq!(fields_of(&config).is_empty(), ok, "ring_size {ring}");
+    }
+    // Smaller than the pool: Maglev needs a slot per backend at least.
+    config.services[0].policy.ring_size = 2;
+    config.backends.push(Backend {
+        name: "web-3".into(),
+        address: Ipv4Addr::new(203, 0, 113, 13),
+        ..config.backends[0].clone()
+    });
+    config.services[0].backends.push("web-3".into());
+    assert_eq!(fields_of(&config), ["services[0].policy.ring_size"]);
+}
+
+#[test]
+fn probe_fields_must_fit_the_kind() {
+    let mut config = minimal();
+    let probe = &mut config.services[0].probe;
+    probe.model = Some("m".into());
+    probe.expect_status = Some(200);
+    probe.tls = true;
+    assert_eq!(
+        fields_of(&config),
+        [
+            "services[0].probe.tls",
+            "services[0].probe.expect_status",
+            "services[0].probe.model",
+        ]
+    );
+
+    let probe = &mut config.services[0].probe;
+    probe.kind = ProbeKind::Inference;
+    probe.expect_status = None;
+    probe.ttft_budget = Some(Duration::ZERO);
+    probe.path = Some("/v1/models".into());
+    assert_eq!(fields_of(&config), ["services[0].probe.ttft_budget"]);
+
+    let probe = &mut config.services[0].probe;
+    probe.kind = ProbeKind::Http;
+    probe.model = None;
+    probe.ttft_budget = None;
+    probe.expect_status = Some(99);
+    assert_eq!(fields_of(&config), ["services[0].probe.expect_status"]);
+
+    let probe = &mut config.services[0].probe;
+    probe.kind = ProbeKind::Grpc;
+    probe.expect_status = None;
+    probe.path = None;
+    probe.grpc_service = Some(String::new());
+    assert!(fields_of(&config).is_empty());
+}
+
+#[test]
+fn sovereignty_by_region_and_labels() {
+    let mut config = minimal();
+    config.backends[1].region = "dc-2".into();
+    config.backends[1]
+        .labels
+        .insert("tier".into(), "gold".into());
+    let policy = &mut config.services[0].policy;
+    policy.allowed_regions = vec!["dc-2".into()];
+    assert!(fields_of(&config).is_empty());
+    assert!(!config.services[0].policy.admits(&config.backends[0]));
+    assert!(config.services[0].policy.admits(&config.backends[1]));
+
+    config.services[0]
+        .policy
+        .required_labels
+        .insert("tier".into(), "silver".into());
+    assert_eq!(fields_of(&config), ["services[0].policy"]);
+    config.services[0]
+        .policy
+        .required_labels
+        .insert("tier".into(), "gold".into());
+    assert!(fields_of(&config).is_empty());
+}
+
+#[test]
+fn names_and_addresses() {
+    let mut config = minimal();
+    config.services[0].name = "has space".into();
+    config.backends[0].address = Ipv4Addr::UNSPECIFIED;
+    config.backends[1].port = 0;
+    config.backends[1].jurisdiction = " ".into();
+    config.node.interfaces = vec!["eth0".into(), "eth0".into(), "a-very-long-ifname".into()];
+    config.node.snat_address = Ipv4Addr::BROADCAST;
+    let mut fields = fields_of(&config);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "backends[0].address",
+            "backends[1].jurisdiction",
+            "backends[1].port",
+            "node.interfaces[1]",
+            "node.interfaces[2]",
+            "node.snat_address",
+            "services[0].name",
+        ]
+    );
+}
+
+#[test]
+fn table_limits() {
+    let mut config = minimal();
+    let template = config.services[0].clone();
+    config.services = (0..=failover_common::MAX_SERVICES)
+        .map(|i| Service {
+            name: format!("s{i}"),
+            port: 1000 + u16::try_from(i).unwrap(),
+            ..template.clone()
+        })
+        .collect();
+    assert_eq!(fields_of(&config), ["services"]);
+}
+
+#[test]
+fn diff_reports_changes_by_name() {
+    let old = load(&examples_dir().join("two-clouds.yaml")).unwrap();
+    assert!(diff(&old, &old).is_empty());
+    assert_eq!(diff(&old, &old).to_string(), "no changes");
+
+    let mut new = old.clone();
+    new.services.retain(|service| service.name != "embed");
+    new.services[0].policy.standby_share = 0.1;
+    new.services.push(Service {
+        name: "rerank".into(),
+        port: 8080,
+        ..old.services[0].clone()
+    });
+    new.backends[0].weight = 10;
+    new.backends[0].tier = 1;
+    new.backends.pop();
+    new.backends.push(Backend {
+        name: "c1".into(),
+        ..old.backends[0].clone()
+    });
+    new.node.snat_ports.max = 30000;
+
+    let d = diff(&old, &new);
+    assert_eq!(d.node, ["snat_ports"]);
+    assert_eq!(d.services_added, ["rerank"]);
+    assert_eq!(d.services_removed, ["embed"]);
+    assert_eq!(
+        d.services_changed,
+        [ServiceChange {
+            name: "chat".into(),
+            fields: vec!["policy"],
+        }]
+    );
+    assert_eq!(d.backends_added, ["c1"]);
+    assert_eq!(d.backends_removed, ["us-fraud-1"]);
+    assert_eq!(
+        d.backends_changed,
+        [BackendChange {
+            name: "a1".into(),
+            fields: vec!["tier", "weight"],
+        }]
+    );
+    assert_eq!(
+        d.to_string(),
+        "node [snat_ports]; services +1 -1 ~1; backends +1 -1 ~1"
+    );
+    // Reordering alone is no change.
+    let mut reordered = old.clone();
+    reordered.services.reverse();
+    reordered.backends.reverse();
+    assert!(diff(&old, &reordered).is_empty());
+}

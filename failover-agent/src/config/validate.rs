@@ -1,0 +1,459 @@
+//! Semantic checks on a deserialized config. Each finds every problem, not
+//! just the first, and names the field path it concerns.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use failover_common::{MAX_BACKENDS, MAX_SERVICES, RING_MAX};
+
+use super::{Backend, Config, Node, Policy, Probe, ProbeKind, Service};
+
+/// Largest backend weight: keeps the Maglev permutation fill loop (which
+/// runs in proportion to the weights) bounded.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Linux interface names are at most IFNAMSIZ - 1 bytes.
+const IFNAME_MAX: usize = 15;
+
+/// Names appear in metrics labels, audit records and CLI arguments.
+const NAME_MAX: usize = 63;
+
+pub(super) struct Issue {
+    pub(super) path: String,
+    pub(super) message: String,
+}
+
+#[derive(Default)]
+struct Checker {
+    issues: Vec<Issue>,
+}
+
+impl Checker {
+    fn fail(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(Issue {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+pub(super) fn check(config: &Config) -> Vec<Issue> {
+    let mut checker = Checker::default();
+    check_node(&mut checker, &config.node);
+    check_backends(&mut checker, &config.backends);
+    check_services(&mut checker, config);
+    checker.issues
+}
+
+fn check_node(c: &mut Checker, node: &Node) {
+    if node.interfaces.is_empty() {
+        c.fail("node.interfaces", "at least one interface is required");
+    }
+    let mut seen = BTreeSet::new();
+    for (i, name) in node.interfaces.iter().enumerate() {
+        let path = format!("node.interfaces[{i}]");
+        if name.is_empty() || name.len() > IFNAME_MAX || name.contains(['/', ' ']) {
+            c.fail(
+                &path,
+                format!(
+                    "invalid interface name {name:?} (1 to {IFNAME_MAX} bytes, no '/' or space)"
+                ),
+            );
+        } else if !seen.insert(name) {
+            c.fail(path, format!("interface {name:?} is listed twice"));
+        }
+    }
+    check_unicast(c, "node.snat_address", node.snat_address);
+    let ports = node.snat_ports;
+    if ports.min == 0 {
+        c.fail(
+            "node.snat_ports.min",
+            "port 0 cannot be used for SNAT; start at 1 or above",
+        );
+    }
+    if ports.min > ports.max {
+        c.fail(
+            "node.snat_ports.max",
+            format!("max {} is below min {}", ports.max, ports.min),
+        );
+    }
+}
+
+fn check_backends(c: &mut Checker, backends: &[Backend]) {
+    if backends.len() > MAX_BACKENDS as usize {
+        c.fail(
+            "backends",
+            format!(
+                "{} backends configured; the data plane holds at most {MAX_BACKENDS}",
+                backends.len()
+            ),
+        );
+    }
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, backend) in backends.iter().enumerate() {
+        let path = format!("backends[{i}]");
+        check_name(c, &format!("{path}.name"), &backend.name);
+        if let Some(j) = first.get(backend.name.as_str()) {
+            c.fail(
+                format!("{path}.name"),
+                format!(
+                    "duplicate backend name {:?} (first at backends[{j}])",
+                    backend.name
+                ),
+            );
+        } else {
+            first.insert(&backend.name, i);
+        }
+        check_unicast(c, &format!("{path}.address"), backend.address);
+        if backend.port == 0 {
+            c.fail(format!("{path}.port"), "port must be 1 to 65535");
+        }
+        for (field, value) in [
+            ("cloud", &backend.cloud),
+            ("region", &backend.region),
+            ("jurisdiction", &backend.jurisdiction),
+        ] {
+            if value.trim().is_empty() {
+                c.fail(
+                    format!("{path}.{field}"),
+                    format!("{field} must not be empty"),
+                );
+            }
+        }
+        if backend.weight == 0 || backend.weight > MAX_WEIGHT {
+            c.fail(
+                format!("{path}.weight"),
+                format!(
+                    "weight {} is out of range 1 to {MAX_WEIGHT}",
+                    backend.weight
+                ),
+            );
+        }
+    }
+}
+
+fn check_services(c: &mut Checker, config: &Config) {
+    let services = &config.services;
+    if services.len() > MAX_SERVICES as usize {
+        c.fail(
+            "services",
+            format!(
+                "{} services configured; the data plane holds at most {MAX_SERVICES}",
+                services.len()
+            ),
+        );
+    }
+    let mut first_name: HashMap<&str, usize> = HashMap::new();
+    let mut first_listener = HashMap::new();
+    for (i, service) in services.iter().enumerate() {
+        let path = format!("services[{i}]");
+        check_name(c, &format!("{path}.name"), &service.name);
+        if let Some(j) = first_name.get(service.name.as_str()) {
+            c.fail(
+                format!("{path}.name"),
+                format!(
+                    "duplicate service name {:?} (first at services[{j}])",
+                    service.name
+                ),
+            );
+        } else {
+            first_name.insert(&service.name, i);
+        }
+        check_unicast(c, &format!("{path}.vip"), service.vip);
+        if service.port == 0 {
+            c.fail(format!("{path}.port"), "port must be 1 to 65535");
+        }
+        let listener = (service.vip, service.port, service.protocol);
+        if let Some(&j) = first_listener.get(&listener) {
+            let other: &Service = &services[j];
+            c.fail(
+                format!("{path}.vip"),
+                format!(
+                    "{}:{}/{} is already served by service {:?} (services[{j}])",
+                    service.vip,
+                    service.port,
+                    protocol_name(service),
+                    other.name
+                ),
+            );
+        } else {
+            first_listener.insert(listener, i);
+        }
+        let pool = check_pool(c, &path, service, config);
+        check_probe(c, &format!("{path}.probe"), &service.probe);
+        check_policy(c, &format!("{path}.policy"), &service.policy, &pool);
+    }
+}
+
+fn protocol_name(service: &Service) -> &'static str {
+    match service.protocol {
+        super::Protocol::Tcp => "tcp",
+        super::Protocol::Udp => "udp",
+    }
+}
+
+/// Checks the service's backend references and returns those that resolve.
+fn check_pool<'c>(
+    c: &mut Checker,
+    path: &str,
+    service: &Service,
+    config: &'c Config,
+) -> Vec<&'c Backend> {
+    if service.backends.is_empty() {
+        c.fail(format!("{path}.backends"), "list at least one backend");
+    }
+    let mut pool = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (j, name) in service.backends.iter().enumerate() {
+        let item = format!("{path}.backends[{j}]");
+        if !seen.insert(name) {
+            c.fail(item, format!("backend {name:?} is listed twice"));
+        } else if let Some(backend) = config.backend(name) {
+            pool.push(backend);
+        } else {
+            c.fail(
+                item,
+                format!("unknown backend {name:?} (not defined under backends)"),
+            );
+        }
+    }
+    pool
+}
+
+fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
+    if probe.interval.is_zero() {
+        c.fail(
+            format!("{path}.interval"),
+            "interval must be greater than 0",
+        );
+    }
+    if probe.timeout.is_zero() {
+        c.fail(format!("{path}.timeout"), "timeout must be greater than 0");
+    }
+    if probe.rise == 0 {
+        c.fail(format!("{path}.rise"), "rise must be at least 1");
+    }
+    if probe.fall == 0 {
+        c.fail(format!("{path}.fall"), "fall must be at least 1");
+    }
+
+    let kind = probe.kind;
+    // (field, set?, the kinds that use it)
+    let optional = [
+        (
+            "path",
+            probe.path.is_some(),
+            &[ProbeKind::Http, ProbeKind::Inference][..],
+        ),
+        (
+            "tls",
+            probe.tls,
+            &[ProbeKind::Http, ProbeKind::Grpc, ProbeKind::Inference],
+        ),
+        (
+            "expect_status",
+            probe.expect_status.is_some(),
+            &[ProbeKind::Http],
+        ),
+        (
+            "body_contains",
+            probe.body_contains.is_some(),
+            &[ProbeKind::Http],
+        ),
+        (
+            "grpc_service",
+            probe.grpc_service.is_some(),
+            &[ProbeKind::Grpc],
+        ),
+        ("model", probe.model.is_some(), &[ProbeKind::Inference]),
+        (
+            "ttft_budget",
+            probe.ttft_budget.is_some(),
+            &[ProbeKind::Inference],
+        ),
+    ];
+    for (field, set, kinds) in optional {
+        if set && !kinds.contains(&kind) {
+            c.fail(
+                format!("{path}.{field}"),
+                format!("{field} does not apply to a {} probe", kind_name(kind)),
+            );
+        }
+    }
+
+    if let Some(http_path) = &probe.path
+        && !http_path.starts_with('/')
+    {
+        c.fail(
+            format!("{path}.path"),
+            format!("path {http_path:?} must start with '/'"),
+        );
+    }
+    if let Some(status) = probe.expect_status
+        && !(100..=599).contains(&status)
+    {
+        c.fail(
+            format!("{path}.expect_status"),
+            format!("status {status} is not an HTTP status (100 to 599)"),
+        );
+    }
+    if kind == ProbeKind::Inference {
+        match &probe.model {
+            None => c.fail(
+                format!("{path}.model"),
+                "an inference probe needs the model that must be loaded",
+            ),
+            Some(model) if model.trim().is_empty() => {
+                c.fail(format!("{path}.model"), "model must not be empty");
+            }
+            Some(_) => {}
+        }
+        if probe.ttft_budget.is_some_and(|budget| budget.is_zero()) {
+            c.fail(
+                format!("{path}.ttft_budget"),
+                "ttft_budget must be greater than 0",
+            );
+        }
+    }
+}
+
+fn kind_name(kind: ProbeKind) -> &'static str {
+    match kind {
+        ProbeKind::Tcp => "tcp",
+        ProbeKind::Http => "http",
+        ProbeKind::Grpc => "grpc",
+        ProbeKind::Inference => "inference",
+    }
+}
+
+fn check_policy(c: &mut Checker, path: &str, policy: &Policy, pool: &[&Backend]) {
+    // The range check also rejects NaN.
+    if !(1.0..=f64::MAX).contains(&policy.overprovisioning) {
+        c.fail(
+            format!("{path}.overprovisioning"),
+            format!(
+                "overprovisioning {} must be a number >= 1.0",
+                policy.overprovisioning
+            ),
+        );
+    }
+    if !(0.0..1.0).contains(&policy.standby_share) {
+        c.fail(
+            format!("{path}.standby_share"),
+            format!("standby_share {} must be in [0, 1)", policy.standby_share),
+        );
+    }
+    let ring = policy.ring_size;
+    if ring as usize > RING_MAX || !is_prime(ring) {
+        c.fail(
+            format!("{path}.ring_size"),
+            format!("ring_size {ring} must be a prime no larger than {RING_MAX}"),
+        );
+    } else if (ring as usize) < pool.len() {
+        c.fail(
+            format!("{path}.ring_size"),
+            format!(
+                "ring_size {ring} is smaller than the {} backends",
+                pool.len()
+            ),
+        );
+    }
+    for (field, values) in [
+        ("allowed_jurisdictions", &policy.allowed_jurisdictions),
+        ("allowed_regions", &policy.allowed_regions),
+    ] {
+        for (k, value) in values.iter().enumerate() {
+            if value.trim().is_empty() {
+                c.fail(format!("{path}.{field}[{k}]"), "must not be empty");
+            }
+        }
+    }
+    if !pool.is_empty() && !pool.iter().any(|backend| policy.admits(backend)) {
+        let names: Vec<&str> = pool.iter().map(|backend| backend.name.as_str()).collect();
+        c.fail(
+            path.to_owned(),
+            format!(
+                "sovereignty policy ({}) admits none of the service's backends ({}); \
+                 the service could never take traffic",
+                describe_policy(policy),
+                names.join(", ")
+            ),
+        );
+    }
+}
+
+fn describe_policy(policy: &Policy) -> String {
+    let mut parts = Vec::new();
+    if !policy.allowed_jurisdictions.is_empty() {
+        parts.push(format!(
+            "allowed_jurisdictions [{}]",
+            policy.allowed_jurisdictions.join(", ")
+        ));
+    }
+    if !policy.allowed_regions.is_empty() {
+        parts.push(format!(
+            "allowed_regions [{}]",
+            policy.allowed_regions.join(", ")
+        ));
+    }
+    if !policy.required_labels.is_empty() {
+        let labels: Vec<String> = policy
+            .required_labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        parts.push(format!("required_labels {{{}}}", labels.join(", ")));
+    }
+    parts.join("; ")
+}
+
+fn check_name(c: &mut Checker, path: &str, name: &str) {
+    let valid = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !valid {
+        c.fail(
+            path,
+            format!("invalid name {name:?} (1 to {NAME_MAX} of A-Z a-z 0-9 - _ .)"),
+        );
+    }
+}
+
+fn check_unicast(c: &mut Checker, path: &str, address: Ipv4Addr) {
+    if address.is_unspecified() || address.is_multicast() || address.is_broadcast() {
+        c.fail(path, format!("{address} is not a unicast address"));
+    }
+}
+
+pub(super) fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = u64::from(n);
+    let mut d = 2;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_prime;
+
+    #[test]
+    fn primes() {
+        let small: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65_537));
+        assert!(!is_prime(65_535));
+        assert!(is_prime(u32::MAX - 4)); // 4294967291, the largest 32-bit prime
+    }
+}

@@ -1,0 +1,646 @@
+//! Health checking: one tokio task per backend runs an active probe on an
+//! interval, feeds the outcomes to the backend's state machine ([`state`])
+//! and reports each state change on a channel. The passive detector
+//! ([`passive`]) reads the data plane's handshake counters and ejects a
+//! backend through its task's [`Ejector`] within milliseconds.
+//!
+//! Probes follow pingora's `HealthCheck` shape: a small [`Probe`] trait with
+//! one implementation per kind, dispatched through [`AnyProbe`] (an enum, so
+//! no boxed future per probe). Each probe keeps its connection state (HTTP
+//! keep-alive pool, gRPC channel) across checks: 100 backends probed every
+//! 100 ms stay cheap.
+
+mod grpc;
+mod http;
+mod inference;
+pub mod passive;
+pub mod state;
+mod tcp;
+mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use crate::config::{self, ProbeKind};
+
+pub use grpc::GrpcProbe;
+pub use http::HttpProbe;
+pub use inference::InferenceProbe;
+pub use passive::{Ejection, HandshakeCounters, PassiveConfig, PassiveDetector};
+pub use state::{HealthMachine, HealthState, Thresholds, Transition};
+pub use tcp::TcpProbe;
+pub use tls::TlsOptions;
+
+/// The result of one probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    Healthy {
+        latency: Duration,
+    },
+    /// Answers, but slowly or rate limited: keep it, with less weight.
+    Degraded {
+        latency: Duration,
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+impl ProbeOutcome {
+    pub fn failed(reason: impl Into<String>) -> Self {
+        ProbeOutcome::Failed {
+            reason: reason.into(),
+        }
+    }
+
+    pub fn latency(&self) -> Option<Duration> {
+        match self {
+            ProbeOutcome::Healthy { latency } | ProbeOutcome::Degraded { latency, .. } => {
+                Some(*latency)
+            }
+            ProbeOutcome::Failed { .. } => None,
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            ProbeOutcome::Healthy { .. } => None,
+            ProbeOutcome::Degraded { reason, .. } | ProbeOutcome::Failed { reason } => Some(reason),
+        }
+    }
+}
+
+/// An active health check of one backend. `check` is not bounded in time by
+/// itself: the prober task applies the probe's timeout around it.
+pub trait Probe: Send + Sync + 'static {
+    fn check(&self) -> impl Future<Output = ProbeOutcome> + Send;
+}
+
+/// Errors building a probe from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{kind} probe needs `{field}`")]
+    MissingField {
+        kind: &'static str,
+        field: &'static str,
+    },
+    #[error("`tls` is not supported by a {0} probe")]
+    TlsUnsupported(&'static str),
+    #[error("backend address {path}: {source}")]
+    Uri {
+        path: String,
+        #[source]
+        source: hyper::http::uri::InvalidUri,
+    },
+    #[error("probe path {path:?}: {source}")]
+    Path {
+        path: String,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error("expect_status {0} is not an HTTP status")]
+    Status(u16),
+    #[error("TLS server name {0:?} is neither a DNS name nor an IP address")]
+    ServerName(String),
+    #[error("CA file {}: {source}", path.display())]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("CA file {} holds no certificate", .0.display())]
+    EmptyCaFile(PathBuf),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("gRPC endpoint {uri}: {source}")]
+    Grpc {
+        uri: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// What a prober checks: the backend's name (for events and logs) and the
+/// address probes connect to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendTarget {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+}
+
+impl BackendTarget {
+    pub fn new(name: impl Into<Arc<str>>, addr: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            addr,
+        }
+    }
+}
+
+impl From<&config::Backend> for BackendTarget {
+    fn from(b: &config::Backend) -> Self {
+        Self::new(b.name.as_str(), SocketAddr::from((b.address, b.port)))
+    }
+}
+
+/// Any configured probe kind; static dispatch over the implementations.
+#[derive(Debug)]
+pub enum AnyProbe {
+    Tcp(TcpProbe),
+    Http(HttpProbe),
+    Grpc(GrpcProbe),
+    Inference(InferenceProbe),
+}
+
+impl AnyProbe {
+    pub fn kind(&self) -> ProbeKind {
+        match self {
+            AnyProbe::Tcp(_) => ProbeKind::Tcp,
+            AnyProbe::Http(_) => ProbeKind::Http,
+            AnyProbe::Grpc(_) => ProbeKind::Grpc,
+            AnyProbe::Inference(_) => ProbeKind::Inference,
+        }
+    }
+}
+
+impl Probe for AnyProbe {
+    async fn check(&self) -> ProbeOutcome {
+        match self {
+            AnyProbe::Tcp(p) => p.check().await,
+            AnyProbe::Http(p) => p.check().await,
+            AnyProbe::Grpc(p) => p.check().await,
+            AnyProbe::Inference(p) => p.check().await,
+        }
+    }
+}
+
+/// Builds the probe `cfg` describes for `target`. `tls` applies when
+/// `cfg.tls` is set. Call inside a tokio runtime (gRPC spawns its channel).
+pub fn build_probe(
+    target: &BackendTarget,
+    cfg: &config::Probe,
+    tls: &TlsOptions,
+) -> Result<AnyProbe, ProbeError> {
+    let tls = cfg.tls.then_some(tls);
+    Ok(match cfg.kind {
+        ProbeKind::Tcp => {
+            if tls.is_some() {
+                return Err(ProbeError::TlsUnsupported("tcp"));
+            }
+            AnyProbe::Tcp(TcpProbe::new(target.addr))
+        }
+        ProbeKind::Http => AnyProbe::Http(HttpProbe::new(
+            target,
+            cfg.path.as_deref().unwrap_or("/"),
+            tls,
+            cfg.expect_status,
+            cfg.body_contains.clone(),
+            cfg.timeout,
+        )?),
+        ProbeKind::Grpc => AnyProbe::Grpc(GrpcProbe::new(
+            target,
+            cfg.grpc_service.as_deref().unwrap_or(""),
+            tls,
+            cfg.timeout,
+        )?),
+        ProbeKind::Inference => {
+            let model = cfg.model.as_deref().ok_or(ProbeError::MissingField {
+                kind: "inference",
+                field: "model",
+            })?;
+            // The OpenAI routes sit at the root; `path` is the http probe's.
+            AnyProbe::Inference(InferenceProbe::new(
+                target,
+                "",
+                model,
+                cfg.ttft_budget,
+                tls,
+                cfg.timeout,
+            )?)
+        }
+    })
+}
+
+/// When a prober probes and how its verdicts are damped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub thresholds: Thresholds,
+}
+
+impl From<&config::Probe> for Schedule {
+    fn from(p: &config::Probe) -> Self {
+        Self {
+            interval: p.interval,
+            timeout: p.timeout,
+            thresholds: Thresholds::from(p),
+        }
+    }
+}
+
+/// Which detector caused a state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventSource {
+    Active,
+    Passive,
+}
+
+/// A backend's state changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthEvent {
+    pub backend: Arc<str>,
+    pub from: HealthState,
+    pub to: HealthState,
+    pub reason: String,
+    /// Latency of the probe that caused it (none for failures and passive).
+    pub latency: Option<Duration>,
+    pub source: EventSource,
+    /// When the decision was made: the start of decision-to-flip latency.
+    pub at: Instant,
+}
+
+/// Hands passive ejections to one backend's prober task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Ejector(mpsc::Sender<Ejection>);
+
+impl Ejector {
+    /// Queues an ejection without waiting. Returns false once the prober
+    /// is gone. A full queue already holds an ejection, so dropping this
+    /// one loses nothing.
+    pub fn eject(&self, why: Ejection) -> bool {
+        !matches!(self.0.try_send(why), Err(TrySendError::Closed(_)))
+    }
+}
+
+/// A running prober task. Dropping it stops the task (config reload just
+/// drops the probers of removed backends).
+#[derive(Debug)]
+pub struct Prober {
+    backend: Arc<str>,
+    ejector: Ejector,
+    task: JoinHandle<()>,
+}
+
+impl Prober {
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    pub fn ejector(&self) -> Ejector {
+        self.ejector.clone()
+    }
+
+    /// See [`Ejector::eject`].
+    pub fn eject(&self, why: Ejection) -> bool {
+        self.ejector.eject(why)
+    }
+
+    /// True once the task ended (its event receiver was dropped).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts probing `target` as `cfg` says; state changes go to `events`.
+pub fn spawn_prober(
+    target: BackendTarget,
+    cfg: &config::Probe,
+    tls: &TlsOptions,
+    events: mpsc::Sender<HealthEvent>,
+) -> Result<Prober, ProbeError> {
+    let probe = build_probe(&target, cfg, tls)?;
+    Ok(spawn_with_probe(
+        target.name,
+        probe,
+        Schedule::from(cfg),
+        events,
+    ))
+}
+
+/// Starts a prober task around any [`Probe`] (tests use scripted ones).
+pub fn spawn_with_probe<P: Probe>(
+    backend: Arc<str>,
+    probe: P,
+    schedule: Schedule,
+    events: mpsc::Sender<HealthEvent>,
+) -> Prober {
+    let (tx, rx) = mpsc::channel(4);
+    let task = tokio::spawn(run(backend.clone(), probe, schedule, events, rx));
+    Prober {
+        backend,
+        ejector: Ejector(tx),
+        task,
+    }
+}
+
+struct Reporter {
+    backend: Arc<str>,
+    events: mpsc::Sender<HealthEvent>,
+    machine: HealthMachine,
+}
+
+impl Reporter {
+    /// Returns false when nobody listens any more.
+    async fn eject(&mut self, why: &Ejection) -> bool {
+        let now = Instant::now();
+        let reason = why.to_string();
+        match self.machine.eject(now, &reason) {
+            Some(t) => self.send(t, None, EventSource::Passive, now).await,
+            None => true,
+        }
+    }
+
+    async fn observe(&mut self, outcome: &ProbeOutcome) -> bool {
+        if let ProbeOutcome::Failed { reason } | ProbeOutcome::Degraded { reason, .. } = outcome {
+            tracing::debug!(backend = %self.backend, %reason, "probe not healthy");
+        }
+        let now = Instant::now();
+        match self.machine.observe(now, outcome) {
+            Some(t) => {
+                self.send(t, outcome.latency(), EventSource::Active, now)
+                    .await
+            }
+            None => true,
+        }
+    }
+
+    async fn send(
+        &self,
+        t: Transition,
+        latency: Option<Duration>,
+        source: EventSource,
+        at: Instant,
+    ) -> bool {
+        if t.to == HealthState::Down {
+            tracing::warn!(backend = %self.backend, from = %t.from, to = %t.to, ?source, reason = %t.reason, "backend health changed");
+        } else {
+            tracing::info!(backend = %self.backend, from = %t.from, to = %t.to, ?source, reason = %t.reason, "backend health changed");
+        }
+        let event = HealthEvent {
+            backend: self.backend.clone(),
+            from: t.from,
+            to: t.to,
+            reason: t.reason,
+            latency,
+            source,
+            at,
+        };
+        self.events.send(event).await.is_ok()
+    }
+}
+
+async fn run<P: Probe>(
+    backend: Arc<str>,
+    probe: P,
+    schedule: Schedule,
+    events: mpsc::Sender<HealthEvent>,
+    mut ejections: mpsc::Receiver<Ejection>,
+) {
+    let mut rep = Reporter {
+        backend,
+        events,
+        machine: HealthMachine::new(schedule.thresholds),
+    };
+    let mut ticker = tokio::time::interval(schedule.interval);
+    // A slow probe delays the next one instead of bursting to catch up.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            Some(why) = ejections.recv() => {
+                if !rep.eject(&why).await {
+                    return;
+                }
+            }
+            _ = ticker.tick() => {
+                let check = tokio::time::timeout(schedule.timeout, probe.check());
+                tokio::pin!(check);
+                // Ejections are handled while a probe is in flight: a probe
+                // can take up to its timeout, an ejection must not wait.
+                let outcome = loop {
+                    tokio::select! {
+                        biased;
+                        Some(why) = ejections.recv() => {
+                            if !rep.eject(&why).await {
+                                return;
+                            }
+                        }
+                        res = &mut check => break res.unwrap_or_else(|_| {
+                            ProbeOutcome::failed(format!("timeout after {:?}", schedule.timeout))
+                        }),
+                    }
+                };
+                if !rep.observe(&outcome).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// An error with its sources, `a: b: c` (hyper's own text is just "client
+/// error (Connect)"; the cause is further down).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// Plays back a list of outcomes, then repeats the last one; a `None`
+    /// entry hangs until the prober's timeout.
+    struct Scripted(Mutex<VecDeque<Option<ProbeOutcome>>>);
+
+    impl Scripted {
+        fn new(steps: Vec<Option<ProbeOutcome>>) -> Self {
+            Self(Mutex::new(steps.into()))
+        }
+    }
+
+    impl Probe for Scripted {
+        async fn check(&self) -> ProbeOutcome {
+            let step = {
+                let mut q = self.0.lock().unwrap();
+                if q.len() > 1 {
+                    q.pop_front()
+                } else {
+                    q.front().cloned()
+                }
+            };
+            match step.flatten() {
+                Some(o) => o,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn healthy() -> Option<ProbeOutcome> {
+        Some(ProbeOutcome::Healthy {
+            latency: Duration::from_millis(1),
+        })
+    }
+
+    fn schedule(rise: u32, fall: u32) -> Schedule {
+        Schedule {
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(50),
+            thresholds: Thresholds::new(rise, fall, Duration::ZERO),
+        }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<HealthEvent>) -> HealthEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("event in time")
+            .expect("channel open")
+    }
+
+    #[tokio::test]
+    async fn prober_reports_rise_fall_and_timeouts() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let script = vec![
+            healthy(),
+            healthy(),
+            Some(ProbeOutcome::failed("refused")),
+            None,
+            healthy(),
+            healthy(),
+        ];
+        let _p = spawn_with_probe("b1".into(), Scripted::new(script), schedule(2, 2), tx);
+        let up = next(&mut rx).await;
+        assert_eq!(
+            (up.from, up.to, up.source),
+            (HealthState::Unknown, HealthState::Up, EventSource::Active)
+        );
+        assert_eq!(&*up.backend, "b1");
+        assert_eq!(up.latency, Some(Duration::from_millis(1)));
+        let down = next(&mut rx).await;
+        assert_eq!(down.to, HealthState::Down);
+        assert!(
+            down.reason.contains("timeout after 50ms"),
+            "{}",
+            down.reason
+        );
+        assert_eq!(down.latency, None);
+        assert_eq!(next(&mut rx).await.to, HealthState::Up);
+    }
+
+    #[tokio::test]
+    async fn ejection_is_handled_while_a_probe_hangs() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let sch = Schedule {
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_secs(30),
+            thresholds: Thresholds::new(1, 1, Duration::from_secs(60)),
+        };
+        let p = spawn_with_probe("b1".into(), Scripted::new(vec![healthy(), None]), sch, tx);
+        assert_eq!(next(&mut rx).await.to, HealthState::Up);
+        // The second probe is now hanging for up to 30 s; the ejection
+        // still lands at once, despite the 60 s dwell.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let sent = Instant::now();
+        assert!(p.eject(Ejection::Refused { rsts: 2 }));
+        let ev = next(&mut rx).await;
+        assert_eq!(
+            (ev.to, ev.source),
+            (HealthState::Down, EventSource::Passive)
+        );
+        assert_eq!(ev.reason, "passive: 2 SYNs refused with RST");
+        assert!(ev.at.duration_since(sent) < Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_prober_stops_it() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let p = spawn_with_probe(
+            "b1".into(),
+            Scripted::new(vec![healthy()]),
+            schedule(1, 1),
+            tx,
+        );
+        let ej = p.ejector();
+        assert_eq!(next(&mut rx).await.to, HealthState::Up);
+        drop(p);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.recv().await.is_none(), "task gone, sender dropped");
+        assert!(!ej.eject(Ejection::Refused { rsts: 1 }));
+    }
+
+    #[tokio::test]
+    async fn build_probe_checks_required_fields() {
+        let cfg: config::Probe =
+            serde_json::from_value(serde_json::json!({"kind": "inference"})).unwrap();
+        let t = BackendTarget::new("b", "127.0.0.1:9".parse().unwrap());
+        let err = build_probe(&t, &cfg, &TlsOptions::default()).unwrap_err();
+        assert_eq!(err.to_string(), "inference probe needs `model`");
+        let cfg: config::Probe =
+            serde_json::from_value(serde_json::json!({"kind": "tcp", "tls": true})).unwrap();
+        assert!(matches!(
+            build_probe(&t, &cfg, &TlsOptions::default()),
+            Err(ProbeError::TlsUnsupported("tcp"))
+        ));
+        let cfg: config::Probe =
+            serde_json::from_value(serde_json::json!({"kind": "http", "expect_status": 1000}))
+                .unwrap();
+        assert!(matches!(
+            build_probe(&t, &cfg, &TlsOptions::default()),
+            Err(ProbeError::Status(1000))
+        ));
+        for kind in ["tcp", "http", "grpc"] {
+            let cfg: config::Probe =
+                serde_json::from_value(serde_json::json!({"kind": kind, "tls": kind != "tcp"}))
+                    .unwrap();
+            assert_eq!(
+                build_probe(&t, &cfg, &TlsOptions::default())
+                    .unwrap()
+                    .kind(),
+                cfg.kind
+            );
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_includes_causes() {
+        let inner =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        assert_eq!(
+            error_chain(&Outer(inner)),
+            "client error (Connect): connection refused"
+        );
+    }
+}

@@ -1,0 +1,470 @@
+//! Passive health: ejects a backend from the data plane's own handshake
+//! signals, in milliseconds, before an active probe could notice.
+//!
+//! Input: successive snapshots of one backend's `BE_STATS` counters (summed
+//! over CPUs), each with the time it was read. Two rules:
+//! - **Refused**: SYNs answered by RST (`syn_rsts` grew by at least
+//!   `rst_threshold` since the last SYN-ACK) while no SYN-ACK came back.
+//! - **Unanswered**: SYNs went out and neither a SYN-ACK nor an RST came back
+//!   for longer than `clamp(rtt_multiplier * srtt, floor, ceiling)`, where
+//!   `srtt` is an EWMA of the handshake RTTs the data plane measured. Before
+//!   any RTT is known the bound is `unknown_rtt_bound`, so the first SYN to a
+//!   distant backend is not mistaken for a dead one.
+//!
+//! Any SYN-ACK proves the backend alive and clears both rules' evidence, so
+//! ordinary traffic never ejects, and a backend with no traffic has no
+//! evidence at all. The detector is pure (time is passed in) and works on
+//! window deltas, never on the cumulative `syns - synacks`, which drifts with
+//! client SYN retransmits and abandoned connections.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use failover_common::BackendStats;
+
+/// The handshake counters of one backend, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeCounters {
+    pub syns: u64,
+    pub synacks: u64,
+    pub syn_rsts: u64,
+    /// Handshake RTT of the most recent SYN-ACK on any CPU (0 = none yet).
+    pub rtt_last_ns: u64,
+    /// Kernel monotonic time of that SYN-ACK: a change means a new sample.
+    pub rtt_at_ns: u64,
+}
+
+impl HandshakeCounters {
+    /// Sums the per-CPU values of a backend's stats; the RTT is the one most
+    /// recently measured on any CPU.
+    pub fn from_per_cpu<'a>(per_cpu: impl IntoIterator<Item = &'a BackendStats>) -> Self {
+        per_cpu.into_iter().fold(Self::default(), |mut acc, s| {
+            acc.syns = acc.syns.wrapping_add(s.syns);
+            acc.synacks = acc.synacks.wrapping_add(s.synacks);
+            acc.syn_rsts = acc.syn_rsts.wrapping_add(s.syn_rsts);
+            if s.rtt_at_ns > acc.rtt_at_ns {
+                acc.rtt_at_ns = s.rtt_at_ns;
+                acc.rtt_last_ns = s.rtt_last_ns;
+            }
+            acc
+        })
+    }
+}
+
+/// Tuning of the passive detector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassiveConfig {
+    /// RSTs to SYNs, with no SYN-ACK in between, that eject.
+    pub rst_threshold: u64,
+    /// Unanswered bound = `rtt_multiplier` x smoothed handshake RTT ...
+    pub rtt_multiplier: u32,
+    /// ... but never below this (scheduling noise, delayed accept) ...
+    pub floor: Duration,
+    /// ... nor above this (a client retransmits its SYN after 1 s anyway).
+    pub ceiling: Duration,
+    /// Bound used while no handshake RTT has been seen.
+    pub unknown_rtt_bound: Duration,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        Self {
+            rst_threshold: 2,
+            rtt_multiplier: 4,
+            floor: Duration::from_millis(50),
+            ceiling: Duration::from_secs(1),
+            unknown_rtt_bound: Duration::from_millis(300),
+        }
+    }
+}
+
+/// Why the detector ejects a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ejection {
+    /// SYNs answered by RST (port closed, process dead).
+    Refused { rsts: u64 },
+    /// SYNs left unanswered past the RTT-derived bound (host or path dead).
+    Unanswered { waited: Duration, bound: Duration },
+}
+
+impl fmt::Display for Ejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ejection::Refused { rsts } => write!(f, "{rsts} SYNs refused with RST"),
+            Ejection::Unanswered { waited, bound } => {
+                write!(f, "SYNs unanswered for {waited:?} (bound {bound:?})")
+            }
+        }
+    }
+}
+
+/// Passive detector of one backend.
+#[derive(Clone, Debug)]
+pub struct PassiveDetector {
+    cfg: PassiveConfig,
+    prev: Option<HandshakeCounters>,
+    srtt_ns: Option<u64>,
+    /// RSTs to SYNs since the last SYN-ACK.
+    refused: u64,
+    /// When SYNs were first seen outstanding with no answer since.
+    unanswered_since: Option<Instant>,
+}
+
+impl PassiveDetector {
+    pub fn new(cfg: PassiveConfig) -> Self {
+        Self {
+            cfg,
+            prev: None,
+            srtt_ns: None,
+            refused: 0,
+            unanswered_since: None,
+        }
+    }
+
+    /// Smoothed handshake RTT, when one is known.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt_ns.map(Duration::from_nanos)
+    }
+
+    /// Seeds the RTT estimate (e.g. from the active TCP probe's connect time,
+    /// measured from the same node) while the data plane has none.
+    pub fn seed_rtt(&mut self, rtt: Duration) {
+        if self.srtt_ns.is_none() && !rtt.is_zero() {
+            self.srtt_ns = Some(u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+
+    /// How long SYNs may stay unanswered before the backend is ejected.
+    pub fn unanswered_bound(&self) -> Duration {
+        match self.srtt() {
+            Some(srtt) => (srtt * self.cfg.rtt_multiplier).clamp(self.cfg.floor, self.cfg.ceiling),
+            None => self.cfg.unknown_rtt_bound,
+        }
+    }
+
+    /// Feeds the snapshot read at `now`. Returns an ejection once per episode:
+    /// after one, fresh evidence is needed for the next.
+    pub fn observe(&mut self, now: Instant, c: HandshakeCounters) -> Option<Ejection> {
+        let Some(prev) = self.prev.replace(c) else {
+            self.sample_rtt(None, &c);
+            return None;
+        };
+        if c.syns < prev.syns || c.synacks < prev.synacks || c.syn_rsts < prev.syn_rsts {
+            // Counters went back: the map was re-created. Start over from here.
+            self.clear_evidence();
+            return None;
+        }
+        self.sample_rtt(Some(&prev), &c);
+        let syns = c.syns - prev.syns;
+        let synacks = c.synacks - prev.synacks;
+        let rsts = c.syn_rsts - prev.syn_rsts;
+
+        if synacks > 0 {
+            // The backend answers: earlier refusals or silence no longer count.
+            // SYNs of this window beyond the answers may still be in flight.
+            self.refused = 0;
+            self.unanswered_since = (syns > synacks + rsts).then_some(now);
+            return None;
+        }
+        if rsts > 0 {
+            self.refused += rsts;
+            if self.refused >= self.cfg.rst_threshold {
+                let rsts = self.refused;
+                self.clear_evidence();
+                return Some(Ejection::Refused { rsts });
+            }
+        }
+        if syns > rsts && self.unanswered_since.is_none() {
+            self.unanswered_since = Some(now);
+        }
+        let since = self.unanswered_since?;
+        let waited = now.saturating_duration_since(since);
+        let bound = self.unanswered_bound();
+        if waited >= bound {
+            self.clear_evidence();
+            return Some(Ejection::Unanswered { waited, bound });
+        }
+        None
+    }
+
+    fn sample_rtt(&mut self, prev: Option<&HandshakeCounters>, c: &HandshakeCounters) {
+        let fresh = prev.is_none_or(|p| p.rtt_at_ns != c.rtt_at_ns);
+        if !fresh || c.rtt_last_ns == 0 {
+            return;
+        }
+        // EWMA with gain 1/8, as TCP's SRTT.
+        self.srtt_ns = Some(match self.srtt_ns {
+            None => c.rtt_last_ns,
+            Some(s) => s - s / 8 + c.rtt_last_ns / 8,
+        });
+    }
+
+    fn clear_evidence(&mut self) {
+        self.refused = 0;
+        self.unanswered_since = None;
+    }
+}
+
+impl Default for PassiveDetector {
+    fn default() -> Self {
+        Self::new(PassiveConfig::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: Duration = Duration::from_millis(5);
+    const MS: u64 = 1_000_000;
+
+    /// Drives a detector with counter deltas, one sample every 5 ms, and
+    /// returns the ejections with the sample index they happened at.
+    struct Feed {
+        det: PassiveDetector,
+        t0: Instant,
+        i: u32,
+        c: HandshakeCounters,
+        clock_ns: u64,
+    }
+
+    impl Feed {
+        fn new(cfg: PassiveConfig) -> Self {
+            let mut f = Self {
+                det: PassiveDetector::new(cfg),
+                t0: Instant::now(),
+                i: 0,
+                c: HandshakeCounters::default(),
+                clock_ns: 1_000 * MS,
+            };
+            assert_eq!(f.step(0, 0, 0, None), None, "baseline never ejects");
+            f
+        }
+
+        fn now(&self) -> Instant {
+            self.t0 + SAMPLE * self.i
+        }
+
+        /// One sample in which `syns`, `synacks`, `rsts` happened; `rtt_ms`
+        /// is the handshake RTT measured in it, if any.
+        fn step(
+            &mut self,
+            syns: u64,
+            synacks: u64,
+            rsts: u64,
+            rtt_ms: Option<u64>,
+        ) -> Option<Ejection> {
+            self.clock_ns += 5 * MS;
+            self.c.syns += syns;
+            self.c.synacks += synacks;
+            self.c.syn_rsts += rsts;
+            if let Some(rtt) = rtt_ms {
+                self.c.rtt_last_ns = rtt * MS;
+                self.c.rtt_at_ns = self.clock_ns;
+            }
+            let e = self.det.observe(self.now(), self.c);
+            self.i += 1;
+            e
+        }
+
+        /// Repeats a step `n` times; returns the first ejection and its step.
+        fn repeat(
+            &mut self,
+            n: u32,
+            syns: u64,
+            synacks: u64,
+            rsts: u64,
+            rtt: Option<u64>,
+        ) -> Option<(u32, Ejection)> {
+            for k in 0..n {
+                if let Some(e) = self.step(syns, synacks, rsts, rtt) {
+                    return Some((k, e));
+                }
+            }
+            None
+        }
+    }
+
+    #[test]
+    fn zero_traffic_never_ejects() {
+        let mut f = Feed::new(PassiveConfig::default());
+        // 10 s of nothing.
+        assert_eq!(f.repeat(2_000, 0, 0, 0, None), None);
+    }
+
+    #[test]
+    fn ordinary_traffic_never_ejects() {
+        let mut f = Feed::new(PassiveConfig::default());
+        // Answered in the same window.
+        assert_eq!(f.repeat(400, 3, 3, 0, Some(1)), None);
+        // Answered one window later: 3 out, 2 back, then 3 out, 4 back.
+        for _ in 0..400 {
+            assert_eq!(f.step(3, 2, 0, Some(2)), None);
+            assert_eq!(f.step(3, 4, 0, Some(2)), None);
+        }
+        // Sparse connections answered within the RTT (each 20 ms apart).
+        for _ in 0..100 {
+            assert_eq!(f.step(1, 0, 0, None), None);
+            assert_eq!(f.step(0, 1, 0, Some(3)), None);
+            assert_eq!(f.repeat(2, 0, 0, 0, None), None);
+        }
+        // Client SYN retransmits to a live backend (syns > synacks forever).
+        assert_eq!(f.repeat(400, 2, 1, 0, Some(1)), None);
+    }
+
+    #[test]
+    fn refused_syns_eject() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(100, 2, 2, 0, Some(1)), None);
+        // The process died: each SYN gets an RST; the second one ejects.
+        assert_eq!(f.step(1, 0, 1, None), None);
+        assert_eq!(f.step(1, 0, 1, None), Some(Ejection::Refused { rsts: 2 }));
+    }
+
+    #[test]
+    fn refused_threshold_one_ejects_on_first_rst() {
+        let cfg = PassiveConfig {
+            rst_threshold: 1,
+            ..PassiveConfig::default()
+        };
+        let mut f = Feed::new(cfg);
+        assert_eq!(f.step(1, 0, 1, None), Some(Ejection::Refused { rsts: 1 }));
+    }
+
+    #[test]
+    fn rsts_alongside_synacks_do_not_eject() {
+        let mut f = Feed::new(PassiveConfig::default());
+        // Some SYNs refused (e.g. a full backlog), but the backend answers.
+        assert_eq!(f.repeat(400, 4, 3, 1, Some(1)), None);
+    }
+
+    #[test]
+    fn rsts_since_last_synack_accumulate_across_windows() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.step(1, 0, 1, None), None);
+        assert_eq!(
+            f.step(1, 1, 0, Some(1)),
+            None,
+            "a SYN-ACK clears the refusal"
+        );
+        assert_eq!(f.step(1, 0, 1, None), None);
+        assert_eq!(f.repeat(20, 0, 0, 0, None), None);
+        assert_eq!(f.step(1, 0, 1, None), Some(Ejection::Refused { rsts: 2 }));
+    }
+
+    #[test]
+    fn blackhole_ejects_after_floor_on_fast_path() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(200, 3, 3, 0, Some(1)), None);
+        // The link died: SYNs keep coming, nothing comes back. srtt = 1 ms,
+        // so the bound is the 50 ms floor: sample 10 (50 ms after the first
+        // unanswered one) ejects.
+        let (k, e) = f.repeat(100, 3, 0, 0, None).expect("ejected");
+        assert_eq!(k, 10);
+        assert_eq!(
+            e,
+            Ejection::Unanswered {
+                waited: Duration::from_millis(50),
+                bound: Duration::from_millis(50)
+            }
+        );
+    }
+
+    #[test]
+    fn blackhole_bound_follows_rtt() {
+        let mut f = Feed::new(PassiveConfig::default());
+        // A distant backend: 40 ms handshakes; bound = 4 x 40 = 160 ms.
+        assert_eq!(f.repeat(200, 1, 1, 0, Some(40)), None);
+        assert_eq!(f.det.srtt(), Some(Duration::from_millis(40)));
+        assert_eq!(f.det.unanswered_bound(), Duration::from_millis(160));
+        // A single unanswered SYN, then silence: 32 samples x 5 ms = 160 ms.
+        assert_eq!(f.step(1, 0, 0, None), None);
+        let (k, e) = f.repeat(100, 0, 0, 0, None).expect("ejected");
+        assert_eq!(k + 1, 32);
+        assert!(matches!(e, Ejection::Unanswered { .. }), "{e}");
+    }
+
+    #[test]
+    fn late_answer_within_bound_does_not_eject() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(20, 1, 1, 0, Some(30)), None);
+        // 100 ms without an answer, under the 120 ms bound, then the SYN-ACK.
+        assert_eq!(f.step(1, 0, 0, None), None);
+        assert_eq!(f.repeat(20, 0, 0, 0, None), None);
+        assert_eq!(f.step(0, 1, 0, Some(30)), None);
+        assert_eq!(f.repeat(200, 0, 0, 0, None), None);
+    }
+
+    #[test]
+    fn unknown_rtt_uses_conservative_bound() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.det.unanswered_bound(), Duration::from_millis(300));
+        assert_eq!(f.step(1, 0, 0, None), None);
+        let (k, _) = f.repeat(100, 0, 0, 0, None).expect("ejected");
+        assert_eq!(k + 1, 60, "300 ms / 5 ms");
+    }
+
+    #[test]
+    fn seeded_rtt_sets_bound_until_data_plane_measures() {
+        let mut d = PassiveDetector::default();
+        d.seed_rtt(Duration::from_millis(20));
+        assert_eq!(d.unanswered_bound(), Duration::from_millis(80));
+        d.seed_rtt(Duration::from_millis(500));
+        assert_eq!(d.srtt(), Some(Duration::from_millis(20)), "seed only once");
+        // The bound stays within [floor, ceiling].
+        let mut far = PassiveDetector::default();
+        far.seed_rtt(Duration::from_secs(2));
+        assert_eq!(far.unanswered_bound(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn one_ejection_per_episode() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(10, 1, 1, 0, Some(1)), None);
+        let (k, _) = f.repeat(100, 1, 0, 0, None).expect("first");
+        assert_eq!(k, 10);
+        // Still dead: the next report needs a whole new bound of evidence.
+        let (k, _) = f.repeat(100, 1, 0, 0, None).expect("second");
+        assert_eq!(k, 10);
+    }
+
+    #[test]
+    fn counter_reset_rebaselines() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(10, 5, 0, 0, None), None);
+        // The map was re-created: counters restart near zero.
+        f.c = HandshakeCounters::default();
+        assert_eq!(f.step(1, 1, 0, Some(1)), None);
+        assert_eq!(f.repeat(100, 1, 1, 0, Some(1)), None);
+    }
+
+    #[test]
+    fn per_cpu_sum_takes_latest_rtt() {
+        let a = BackendStats {
+            syns: 3,
+            synacks: 2,
+            syn_rsts: 1,
+            rtt_last_ns: 7,
+            rtt_at_ns: 100,
+            ..BackendStats::default()
+        };
+        let b = BackendStats {
+            syns: 4,
+            synacks: 4,
+            rtt_last_ns: 9,
+            rtt_at_ns: 200,
+            ..BackendStats::default()
+        };
+        let c = HandshakeCounters::from_per_cpu(&[a, b, BackendStats::default()]);
+        assert_eq!(
+            c,
+            HandshakeCounters {
+                syns: 7,
+                synacks: 6,
+                syn_rsts: 1,
+                rtt_last_ns: 9,
+                rtt_at_ns: 200
+            }
+        );
+    }
+}

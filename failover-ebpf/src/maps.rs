@@ -1,0 +1,48 @@
+//! The maps, declared once; names, sizes and layouts come from
+//! failover-common so the agent sees the same contract.
+//!
+//! Every map is pinned by name, so a restarted agent re-opens the same maps
+//! and traffic keeps flowing while it starts.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use failover_common::{
+    Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, Node,
+    RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats,
+    VipFilter,
+};
+
+#[map(name = "NODE")]
+pub static NODE: Array<Node> = Array::pinned(1, 0);
+
+#[map(name = "VIP_FILTER")]
+pub static VIP_FILTER: Array<VipFilter> = Array::pinned(1, 0);
+
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "RINGS")]
+pub static RINGS: Array<Ring> = Array::pinned(MAX_SERVICES * RING_SLOTS, 0);
+
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(FLOWS_MAX, 0);
+
+#[map(name = "REVERSE")]
+pub static REVERSE: LruHashMap<ReverseKey, Reverse> = LruHashMap::pinned(FLOWS_MAX, 0);
+
+#[map(name = "DEVMAP")]
+pub static DEVMAP: DevMapHash = DevMapHash::pinned(DEVMAP_MAX, 0);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_SLOTS, 0);
+
+#[map(name = "SVC_STATS")]
+pub static SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "BE_STATS")]
+pub static BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);

@@ -1,0 +1,95 @@
+//! Answer a client's TCP segment with an RST, built in place and sent back
+//! out of the interface it came in on. Used when the flow's backend is down
+//! (on services with SVC_F_RESET) and when a service fails closed: the
+//! client learns at once instead of retransmitting into silence.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use failover_common::{Reason, checksum};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+
+use crate::{
+    ipv4::Ipv4,
+    l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{IPPROTO_TCP, ptr_at},
+};
+
+const RST_LEN: usize = Ipv4Hdr::LEN + TcpHdr::LEN;
+
+#[inline(always)]
+pub fn send(ctx: &XdpContext, ip: &Ipv4, l4: &L4) -> (u32, Reason) {
+    // Never answer an RST with an RST (RFC 793).
+    if l4.flags & TCP_RST != 0 {
+        return (xdp_action::XDP_DROP, Reason::NoBackend);
+    }
+    let l3_off = ip.l4_off - Ipv4Hdr::LEN;
+    let (client, vip, seq, ack, doff) = {
+        let h = unsafe { &*ip.hdr };
+        let Some(t) = ptr_at::<[u8; TcpHdr::LEN]>(ctx, ip.l4_off) else {
+            return (xdp_action::XDP_DROP, Reason::TruncatedL4);
+        };
+        let t = unsafe { &*t };
+        (
+            h.src_addr,
+            h.dst_addr,
+            u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+            u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+            (t[12] >> 4) as u32 * 4,
+        )
+    };
+    let payload = (ip.tot_len as u32).saturating_sub(Ipv4Hdr::LEN as u32 + doff);
+    // RFC 793 reset generation: if the segment has an ACK, the RST takes
+    // its sequence number from it; otherwise it ACKs what the segment used.
+    let (rst_seq, rst_ack, rst_flags) = if l4.flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        let used = payload + (l4.flags & TCP_SYN != 0) as u32 + (l4.flags & TCP_FIN != 0) as u32;
+        (0, seq.wrapping_add(used), TCP_RST | TCP_ACK)
+    };
+
+    // Trim everything after the bare TCP header.
+    let frame_len = (ctx.data_end() - ctx.data()) as i32;
+    let delta = (l3_off + RST_LEN) as i32 - frame_len;
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return (xdp_action::XDP_DROP, Reason::TruncatedL4);
+    }
+
+    // Pointers are invalid after the tail moved: take them again.
+    let (Some(eth), Some(iph), Some(tcp)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<[u8; Ipv4Hdr::LEN]>(ctx, l3_off),
+        ptr_at::<[u8; TcpHdr::LEN]>(ctx, l3_off + Ipv4Hdr::LEN),
+    ) else {
+        return (xdp_action::XDP_DROP, Reason::TruncatedL4);
+    };
+    unsafe {
+        let e = &mut *eth;
+        core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
+    }
+
+    let mut h = [0u8; Ipv4Hdr::LEN];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&(RST_LEN as u16).to_be_bytes());
+    h[6] = 0x40; // DF
+    h[8] = 64;
+    h[9] = IPPROTO_TCP;
+    h[12..16].copy_from_slice(&vip);
+    h[16..20].copy_from_slice(&client);
+    let c = checksum::ipv4_header(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+
+    let mut t = [0u8; TcpHdr::LEN];
+    t[0..2].copy_from_slice(&l4.dport_be.to_ne_bytes());
+    t[2..4].copy_from_slice(&l4.sport_be.to_ne_bytes());
+    t[4..8].copy_from_slice(&rst_seq.to_be_bytes());
+    t[8..12].copy_from_slice(&rst_ack.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = rst_flags;
+    let c = checksum::ipv4_l4(vip, client, IPPROTO_TCP, &t);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+
+    unsafe {
+        *iph = h;
+        *tcp = t;
+    }
+    (xdp_action::XDP_TX, Reason::ResetSent)
+}

@@ -1,0 +1,73 @@
+//! Backend -> SNAT address: restore VIP:port -> client, and read the TCP
+//! handshake for the passive health signals.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use failover_common::{FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, ReverseKey};
+
+use crate::{
+    egress, ipv4,
+    ipv4::Ipv4,
+    l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
+    maps::{FLOWS, REVERSE},
+    stats,
+};
+
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason) {
+    let h = unsafe { &*ip.hdr };
+    let src = u32::from_ne_bytes(h.src_addr);
+    let rkey = ReverseKey {
+        backend_be: src,
+        snat_be: node.snat_be,
+        bport_be: l4.sport_be,
+        nat_port_be: l4.dport_be,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let Some(rev) = REVERSE.get_ptr_mut(&rkey) else {
+        // Traffic to the node's own sockets on the SNAT address (the
+        // agent's probes, for one) is the kernel's.
+        return (xdp_action::XDP_PASS, Reason::NotVip);
+    };
+    let rev = unsafe { &mut *rev };
+    let r = *rev;
+
+    if let Some(s) = stats::backend(r.backend_id) {
+        s.rev_packets += 1;
+        s.rev_bytes += ip.tot_len as u64;
+        if l4.tcp && r.state == FLOW_SYN_SENT {
+            if l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+                let now = unsafe { bpf_ktime_get_ns() };
+                s.synacks += 1;
+                s.rtt_last_ns = now.saturating_sub(r.created_ns);
+                s.rtt_at_ns = now;
+                rev.state = FLOW_ESTABLISHED;
+            } else if l4.flags & TCP_RST != 0 {
+                s.syn_rsts += 1;
+            }
+        }
+    }
+    if let Some(s) = stats::service(r.service_id) {
+        s.rev_packets += 1;
+        s.rev_bytes += ip.tot_len as u64;
+    }
+
+    ipv4::rewrite(ip.hdr, r.vip_be, r.client_be);
+    if let Err(e) = l4::rewrite(ctx, l4, src, node.snat_be, r.vip_be, r.client_be, r.vport_be, r.cport_be) {
+        return (xdp_action::XDP_DROP, e);
+    }
+    if l4.flags & TCP_RST != 0 {
+        // The backend ended the flow (or refused it): free both entries.
+        let fkey = FlowKey {
+            src_be: r.client_be,
+            dst_be: r.vip_be,
+            sport_be: r.cport_be,
+            dport_be: r.vport_be,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        let _ = FLOWS.remove(&fkey);
+        let _ = REVERSE.remove(&rkey);
+    }
+    egress::send(ctx, ip.proto, r.vip_be, r.client_be, ip.tot_len, Reason::ReverseTx, Reason::ReverseRedirect)
+}

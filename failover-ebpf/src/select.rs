@@ -1,0 +1,42 @@
+//! Backend selection: the service's active Maglev ring, indexed by the flow
+//! hash. The ring only holds backends the planner made eligible; between a
+//! backend going down and the planner's next flip, a few perturbed lookups
+//! skip it so new flows never land on a dead backend.
+
+use failover_common::{Backend, NO_BACKEND, RESELECT_TRIES, RING_MAX, Service, hash, state};
+
+use crate::maps::{BACKENDS, RINGS};
+
+pub struct Chosen {
+    pub id: u32,
+    pub backend: Backend,
+}
+
+#[inline(always)]
+pub fn select(svc: &Service, flow_hash: u32) -> Option<Chosen> {
+    let ring = RINGS.get(Service::ring_index(svc.id, svc.active_slot))?;
+    let size = svc.ring_size;
+    if size == 0 || size as usize > RING_MAX {
+        return None;
+    }
+    let mut h = flow_hash;
+    let mut i = 0;
+    while i <= RESELECT_TRIES {
+        let idx = (h % size) as usize;
+        if idx < RING_MAX {
+            let id = ring.backends[idx];
+            if id == NO_BACKEND {
+                // An empty ring: the service fails closed.
+                return None;
+            }
+            if let Some(be) = BACKENDS.get(id)
+                && be.state == state::UP
+            {
+                return Some(Chosen { id, backend: *be });
+            }
+        }
+        h = hash::mix32(h ^ (i + 1));
+        i += 1;
+    }
+    None
+}
