@@ -6,3 +6,4 @@ pub mod config;
 pub mod health;
 pub mod maglev;
 pub mod planner;
+pub mod dataplane;

@@ -14,8 +14,6 @@
 //! removing a backend leaves the relative order of everyone else's turns
 //! unchanged, which is what keeps disruption minimal.
 
-use std::{cmp::Reverse, collections::BinaryHeap};
-
 use failover_common::NO_BACKEND;
 
 /// One backend as the table builder sees it.
@@ -71,12 +69,12 @@ pub fn is_prime(m: u64) -> bool {
     if m < 2 {
         return false;
     }
-    if m % 2 == 0 {
+    if m.is_multiple_of(2) {
         return m == 2;
     }
     let mut d = 3;
     while d * d <= m {
-        if m % d == 0 {
+        if m.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -107,7 +105,7 @@ pub fn fill(members: &[Member], table: &mut [u32]) -> Result<(), MaglevError> {
         return Err(MaglevError::ReservedId(b.id));
     }
     table.fill(NO_BACKEND);
-    place(members, table, table.len().isqrt());
+    place(members, table, table.len().isqrt() / 2);
     Ok(())
 }
 
@@ -141,37 +139,29 @@ fn place(members: &[Member], table: &mut [u32], tail: usize) {
     // Rank by key, then id: the tie-break between equal due times, and
     // the reason the input order never matters.
     walkers.sort_unstable_by_key(|w| (w.member.key, w.member.id, w.member.weight));
-    // A turn is one integer: its virtual due time (fixed point, 2^56 per
-    // unit) above the walker's rank in the low 32 bits. Plain integer
-    // compares keep the queue cheap; rank < 2^32 because members is a slice
-    // of 16-byte values, and the time stays below (m + 1) * 2^56 < 2^89.
-    let mut turns: BinaryHeap<Reverse<u128>> = walkers
-        .iter()
-        .enumerate()
-        .map(|(rank, w)| Reverse(w.step << RANK_BITS | rank as u128))
-        .collect();
+    let mut turns = Turns::new(&walkers);
 
     // Occupancy as a bitset: 8 KiB for 65537 slots stays in L1, the table
     // itself (256 KiB) does not.
     let mut taken = vec![0u64; m.div_ceil(64)];
-    let is_taken = |taken: &[u64], s: usize| taken[s / 64] & (1 << (s % 64)) != 0;
+    let is_taken = |taken: &[u64], s: usize| (taken[s >> 6] >> (s & 63)) & 1 != 0;
     let mut filled = 0;
     while filled < m && m - filled > tail {
-        // Never empty: every walker goes back in after its turn.
-        let mut top = turns.peek_mut().expect("turn queue is never empty");
-        let w = &mut walkers[(top.0 & RANK_MASK) as usize];
+        let rank = turns.next();
+        let w = &mut walkers[rank];
         // Terminates: a slot is free, and the walk covers all of them.
-        while is_taken(&taken, w.pos) {
-            w.pos += w.skip;
-            if w.pos >= m {
-                w.pos -= m;
+        let mut pos = w.pos;
+        while is_taken(&taken, pos) {
+            pos += w.skip;
+            if pos >= m {
+                pos -= m;
             }
         }
-        table[w.pos] = w.member.id;
-        taken[w.pos / 64] |= 1 << (w.pos % 64);
+        w.pos = pos;
+        table[pos] = w.member.id;
+        taken[pos >> 6] |= 1 << (pos & 63);
         filled += 1;
-        top.0 += w.step << RANK_BITS;
-        // Dropping `top` sifts the walker to its next turn.
+        turns.advance(rank);
     }
     if filled == m {
         return;
@@ -181,40 +171,171 @@ fn place(members: &[Member], table: &mut [u32], tail: usize) {
     // walker's permutation. A walker never passes a free slot, so the free
     // slot with the smallest index is exactly where its walk would stop.
     let mut free: Vec<usize> = (0..m).filter(|&s| !is_taken(&taken, s)).collect();
-    let m64 = m as u64;
+    let modulus = Modulus::new(m as u64);
     let mut inverse: Vec<Option<u64>> = vec![None; walkers.len()];
     while !free.is_empty() {
-        let mut top = turns.peek_mut().expect("turn queue is never empty");
-        let rank = (top.0 & RANK_MASK) as usize;
+        let rank = turns.next();
         let w = &walkers[rank];
         // Fermat: m is prime and 0 < skip < m.
-        let inv = *inverse[rank].get_or_insert_with(|| pow_mod(w.skip as u64, m64 - 2, m64));
-        let offset = w.offset as u64;
+        let inv = *inverse[rank].get_or_insert_with(|| modulus.pow(w.skip as u64, m as u64 - 2));
         let (at, _) = free
             .iter()
             .enumerate()
-            .map(|(at, &s)| (at, (s as u64 + m64 - offset) % m64 * inv % m64))
+            .map(|(at, &s)| {
+                let mut d = s + m - w.offset;
+                if d >= m {
+                    d -= m;
+                }
+                (at, modulus.reduce(d as u64 * inv))
+            })
             .min_by_key(|&(_, index)| index)
             .expect("free is not empty");
         table[free.swap_remove(at)] = w.member.id;
-        top.0 += w.step << RANK_BITS;
+        turns.advance(rank);
     }
 }
 
-const RANK_BITS: u32 = 32;
-const RANK_MASK: u128 = (1 << RANK_BITS) - 1;
+/// Whose turn is next, in virtual-time order.
+///
+/// Walkers with the same weight share a step, start in phase and so always
+/// tie: they form a group that takes turns round-robin in rank order. The
+/// groups (usually a handful: one per tier and health level) sit in a tree
+/// of minima. A group's key is one integer: the due time of its next turn
+/// (fixed point, 2^56 per unit) above the rank of the walker whose turn it
+/// is (low 32 bits), so keys are unique and equal times go to the lower
+/// rank. Time stays below (m + 1) * 2^56 < 2^89: no overflow. Moving a key
+/// re-derives only its path to the root, carrying the minimum in a
+/// register: no data-dependent branch, unlike a binary heap's sift.
+struct Turns {
+    /// `tree[1]` is the root; leaves start at `leaves`; padding is MAX.
+    tree: Vec<u128>,
+    leaves: usize,
+    groups: Vec<Group>,
+    /// Walker ranks ordered by group, then rank.
+    order: Vec<u32>,
+    /// Group of each rank.
+    group_of: Vec<u32>,
+}
 
-fn pow_mod(mut base: u64, mut exp: u64, m: u64) -> u64 {
-    let mut acc = 1 % m;
-    base %= m;
-    while exp > 0 {
-        if exp & 1 == 1 {
-            acc = acc * base % m;
+struct Group {
+    step: u128,
+    /// Due time of the group's current round.
+    time: u128,
+    /// `order[start..end]` are the members; `order[next]` is due.
+    start: usize,
+    end: usize,
+    next: usize,
+}
+
+impl Turns {
+    const RANK_MASK: u128 = (1 << 32) - 1;
+
+    fn new(walkers: &[Walker]) -> Self {
+        // Ranks fit 32 bits: a slice of 16-byte members is shorter.
+        let mut order: Vec<u32> = (0..walkers.len() as u32).collect();
+        order.sort_unstable_by_key(|&r| (walkers[r as usize].step, r));
+        let mut groups: Vec<Group> = Vec::new();
+        let mut group_of = vec![0u32; walkers.len()];
+        for (at, &r) in order.iter().enumerate() {
+            let step = walkers[r as usize].step;
+            if groups.last().is_none_or(|g| g.step != step) {
+                groups.push(Group {
+                    step,
+                    time: step,
+                    start: at,
+                    end: at,
+                    next: at,
+                });
+            }
+            let g = groups.len() - 1;
+            groups[g].end = at + 1;
+            group_of[r as usize] = g as u32;
         }
-        base = base * base % m;
-        exp >>= 1;
+        let leaves = groups.len().next_power_of_two();
+        let mut turns = Self {
+            tree: vec![u128::MAX; 2 * leaves],
+            leaves,
+            groups,
+            order,
+            group_of,
+        };
+        for g in 0..turns.groups.len() {
+            turns.tree[leaves + g] = turns.key(g);
+        }
+        for node in (1..leaves).rev() {
+            turns.tree[node] = turns.tree[2 * node].min(turns.tree[2 * node + 1]);
+        }
+        turns
     }
-    acc
+
+    fn key(&self, g: usize) -> u128 {
+        let group = &self.groups[g];
+        (group.time << 32) | u128::from(self.order[group.next])
+    }
+
+    /// Rank of the walker whose turn is due first.
+    fn next(&self) -> usize {
+        // With one group, the leaf is the root.
+        (self.tree[1] & Self::RANK_MASK) as usize
+    }
+
+    /// `rank` took its turn: its group moves on to the next member, or to
+    /// the next round.
+    fn advance(&mut self, rank: usize) {
+        let g = self.group_of[rank] as usize;
+        let group = &mut self.groups[g];
+        group.next += 1;
+        if group.next == group.end {
+            group.next = group.start;
+            group.time += group.step;
+        }
+        let mut node = self.leaves + g;
+        let mut min = self.key(g);
+        self.tree[node] = min;
+        while node > 1 {
+            min = min.min(self.tree[node ^ 1]);
+            node >>= 1;
+            self.tree[node] = min;
+        }
+    }
+}
+
+/// Division-free `x mod m` (Barrett): the tail evaluates it for every free
+/// slot on every turn, and a hardware divide per slot would dominate it.
+struct Modulus {
+    m: u64,
+    /// floor((2^64 - 1) / m).
+    magic: u64,
+}
+
+impl Modulus {
+    fn new(m: u64) -> Self {
+        Self {
+            m,
+            magic: u64::MAX / m,
+        }
+    }
+
+    fn reduce(&self, x: u64) -> u64 {
+        // The quotient estimate is low by at most one, so one correction.
+        let q = ((u128::from(x) * u128::from(self.magic)) >> 64) as u64;
+        let r = x - q * self.m;
+        if r >= self.m { r - self.m } else { r }
+    }
+
+    /// `base^exp mod m`; m < 2^32, so products fit 64 bits.
+    fn pow(&self, mut base: u64, mut exp: u64) -> u64 {
+        let mut acc = self.reduce(1);
+        base = self.reduce(base);
+        while exp > 0 {
+            if exp & 1 == 1 {
+                acc = self.reduce(acc * base);
+            }
+            base = self.reduce(base * base);
+            exp >>= 1;
+        }
+        acc
+    }
 }
 
 /// A backend's position in its own permutation.
@@ -419,6 +540,30 @@ mod tests {
         assert_eq!(build(&bad, 7), Err(MaglevError::ReservedId(NO_BACKEND)));
         let mut buf = [0u32; 10];
         assert_eq!(fill(&[], &mut buf), Err(MaglevError::NotPrime(10)));
+    }
+
+    #[test]
+    fn barrett_reduction_matches_remainder() {
+        for m in [2u64, 3, 7, 251, 65_537, 4_294_967_291] {
+            let md = Modulus::new(m);
+            let probes = [
+                0,
+                1,
+                m - 1,
+                m,
+                m + 1,
+                2 * m - 1,
+                (m - 1) * (m - 1),
+                u64::MAX / 3,
+            ];
+            for x in probes
+                .into_iter()
+                .chain((0..1000).map(|i| mix64(i) % (m * m)))
+            {
+                assert_eq!(md.reduce(x), x % m, "{x} mod {m}");
+            }
+            assert_eq!(md.pow(m - 1, m - 1), 1, "Fermat for {m}");
+        }
     }
 
     #[test]

@@ -134,18 +134,18 @@ fn new_flow(node: &Node, svc_id: u32, svc: &failover_common::Service, k: &FlowKe
         _pad: [0; 3],
     };
     // Derive the port from the hash; on a collision with another flow to
-    // the same backend, probe a few more before giving up.
-    let mut ph = hash::mix32(fh ^ 0x5eed);
+    // the same backend, try the next ports (a linear probe covers
+    // SNAT_PROBES distinct ports whatever the hash).
+    let start = hash::mix32(fh ^ 0x5eed) % range;
     let mut claimed = false;
     let mut i = 0;
     while i < SNAT_PROBES {
-        let port = node.port_min as u32 + ph % range;
+        let port = node.port_min as u32 + (start + i) % range;
         rkey.nat_port_be = (port as u16).to_be();
         if REVERSE.insert(&rkey, &rval, BPF_NOEXIST as u64).is_ok() {
             claimed = true;
             break;
         }
-        ph = hash::mix32(ph + 1);
         i += 1;
     }
     if !claimed {

@@ -22,7 +22,10 @@ pub fn select(svc: &Service, flow_hash: u32) -> Option<Chosen> {
     let mut h = flow_hash;
     let mut i = 0;
     while i <= RESELECT_TRIES {
+        // The compiler knows idx < size <= RING_MAX and would drop the
+        // check; the verifier does not, so hide the value from the former.
         let idx = (h % size) as usize;
+        let idx = unsafe { core::ptr::read_volatile(&idx) };
         if idx < RING_MAX {
             let id = ring.backends[idx];
             if id == NO_BACKEND {

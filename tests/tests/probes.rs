@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use failover_agent::config;
@@ -422,6 +423,8 @@ async fn inference_prober_degrades_and_times_out() {
 struct TlsServer {
     addr: SocketAddr,
     ca_file: PathBuf,
+    /// TLS handshakes completed: shows whether probes reuse connections.
+    handshakes: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -459,17 +462,21 @@ async fn https_backend() -> TlsServer {
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
     let (l, addr) = listener().await;
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let count = handshakes.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = l.accept().await else {
                 continue;
             };
             let acceptor = acceptor.clone();
+            let count = count.clone();
             tokio::spawn(async move {
                 // Failed handshakes are what some tests expect.
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                count.fetch_add(1, Ordering::SeqCst);
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let status = if req.uri().path() == "/health" {
                         StatusCode::OK
@@ -492,6 +499,7 @@ async fn https_backend() -> TlsServer {
     TlsServer {
         addr,
         ca_file,
+        handshakes,
         task,
     }
 }
@@ -507,8 +515,11 @@ async fn https_verifies_with_given_ca() {
         ..TlsOptions::default()
     };
     let p = build_probe(&t, &cfg, &trusted).unwrap();
-    assert_healthy(&check(&p).await);
-    assert_healthy(&check(&p).await);
+    for _ in 0..10 {
+        assert_healthy(&check(&p).await);
+    }
+    // Keep-alive: ten probes, one TLS handshake.
+    assert_eq!(srv.handshakes.load(Ordering::SeqCst), 1);
 
     // Only the public roots: the self-signed certificate is refused.
     let p = build_probe(&t, &cfg, &TlsOptions::default()).unwrap();

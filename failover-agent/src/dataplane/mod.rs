@@ -1,0 +1,279 @@
+//! The data plane as the agent sees it: load (or re-open) the pinned XDP
+//! program and maps, attach it, and read and write its maps.
+//!
+//! Restart safety: every map is pinned under `<pin_dir>/maps` and every XDP
+//! link under `<pin_dir>/links`. A new agent re-opens the same maps (state
+//! and traffic carry on) and swaps its program into the pinned links with
+//! one `bpf_link_update`, so there is never a moment without a program.
+
+mod attach;
+mod bpffs;
+mod counters;
+mod rings;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, Xdp},
+};
+use failover_common::{
+    Backend, BackendStats, Flow, FlowKey, Node, Reverse, ReverseKey, Ring, Service, ServiceKey,
+    ServiceStats, VipFilter, names,
+};
+
+pub use attach::{XdpMode, ifindex};
+pub use counters::ReasonCount;
+pub use rings::FlipTiming;
+
+/// The compiled XDP object, built by this crate's build script.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/failover"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map DEVMAP: {0}")]
+    Devmap(#[source] aya::maps::xdp::XdpMapError),
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("attaching XDP to {iface} in {mode} mode: {source}{hint}")]
+    Attach {
+        iface: String,
+        mode: XdpMode,
+        hint: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("interface {0} not found")]
+    NoInterface(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service {0} is not programmed")]
+    NoService(String),
+    #[error("ring size {size} of service {service} is out of range (1..={max})")]
+    RingSize { service: u32, size: u32, max: usize },
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// Loaded program plus typed handles on every map.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    node: Array<MapData, Node>,
+    vip_filter: Array<MapData, VipFilter>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    rings: Array<MapData, Ring>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    reverse: HashMap<MapData, ReverseKey, Reverse>,
+    devmap: DevMapHash<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    svc_stats: PerCpuArray<MapData, ServiceStats>,
+    be_stats: PerCpuArray<MapData, BackendStats>,
+}
+
+macro_rules! take {
+    ($ebpf:expr, $name:expr) => {{
+        let map = $ebpf.take_map($name).ok_or(DataplaneError::MissingMap($name))?;
+        map.try_into().map_err(map_err($name))?
+    }};
+}
+
+impl Dataplane {
+    /// Loads the program, re-using maps already pinned under `pin_dir`
+    /// (state survives a restart) or creating and pinning them.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        bpffs::ensure_mounted(pin_dir)?;
+        let map_dir = pin_dir.join("maps");
+        std::fs::create_dir_all(&map_dir).map_err(|source| DataplaneError::Io {
+            what: "creating pin directory",
+            path: map_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&map_dir).load(OBJECT)?;
+        for name in [names::PROGRAM, names::PASS_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(ProgramError::NotLoaded)?
+                .try_into()?;
+            prog.load()?;
+        }
+        Ok(Self {
+            node: take!(ebpf, names::NODE),
+            vip_filter: take!(ebpf, names::VIP_FILTER),
+            services: take!(ebpf, names::SERVICES),
+            backends: take!(ebpf, names::BACKENDS),
+            rings: take!(ebpf, names::RINGS),
+            flows: take!(ebpf, names::FLOWS),
+            reverse: take!(ebpf, names::REVERSE),
+            devmap: take!(ebpf, names::DEVMAP),
+            stats: take!(ebpf, names::STATS),
+            svc_stats: take!(ebpf, names::SVC_STATS),
+            be_stats: take!(ebpf, names::BE_STATS),
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The NAT program (for attaching, or BPF_PROG_TEST_RUN in tests).
+    pub fn program(&self) -> &Xdp {
+        self.xdp(names::PROGRAM)
+    }
+
+    /// The trivial XDP_PASS program.
+    pub fn pass_program(&self) -> &Xdp {
+        self.xdp(names::PASS_PROGRAM)
+    }
+
+    fn xdp(&self, name: &str) -> &Xdp {
+        // Both programs were loaded and type-checked in `load`.
+        match self.ebpf.program(name) {
+            Some(aya::programs::Program::Xdp(p)) => p,
+            _ => unreachable!("program {name} checked at load"),
+        }
+    }
+
+    fn xdp_mut(&mut self, name: &str) -> &mut Xdp {
+        match self.ebpf.program_mut(name) {
+            Some(aya::programs::Program::Xdp(p)) => p,
+            _ => unreachable!("program {name} checked at load"),
+        }
+    }
+
+    pub fn set_node(&mut self, node: Node) -> Result<()> {
+        self.node.set(0, node, 0).map_err(map_err(names::NODE))
+    }
+
+    pub fn node(&self) -> Result<Node> {
+        self.node.get(&0, 0).map_err(map_err(names::NODE))
+    }
+
+    /// Replaces the VIP pre-filter with exactly `vips`, in one write.
+    pub fn set_vips(&mut self, vips: impl IntoIterator<Item = Ipv4Addr>) -> Result<()> {
+        let mut f = Box::new(VipFilter::empty());
+        for v in vips {
+            f.insert(u32::from(v).to_be());
+        }
+        self.vip_filter.set(0, &*f, 0).map_err(map_err(names::VIP_FILTER))
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.backends.set(id, backend, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        self.backends.get(&id, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// Changes only a backend's state: the fastest way to take a backend
+    /// out (flows pinned to it are reset or moved on their next packet).
+    pub fn set_backend_state(&mut self, id: u32, state: u8) -> Result<()> {
+        let mut b = self.backend(id)?;
+        b.state = state;
+        self.set_backend(id, b)
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<Service>> {
+        match self.services.get(key, 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::SERVICES)(e)),
+        }
+    }
+
+    pub fn put_service(&mut self, key: ServiceKey, svc: Service) -> Result<()> {
+        self.services.insert(key, svc, 0).map_err(map_err(names::SERVICES))
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        match self.services.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::SERVICES)(e)),
+        }
+    }
+
+    pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>> {
+        self.services
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::SERVICES))
+    }
+
+    /// Allows redirects to `ifindex` (an interface with our program).
+    pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
+        self.devmap
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(DataplaneError::Devmap)
+    }
+
+    /// All pinned flows (client tuple -> backend).
+    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        self.flows.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::FLOWS))
+    }
+
+    pub fn reverse_entries(&self) -> Result<Vec<(ReverseKey, Reverse)>> {
+        self.reverse
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::REVERSE))
+    }
+
+    /// Inserts a reverse entry directly: lets tests fill the SNAT port
+    /// space to exercise collision handling.
+    pub fn insert_reverse(&mut self, key: ReverseKey, value: Reverse) -> Result<()> {
+        self.reverse.insert(key, value, 0).map_err(map_err(names::REVERSE))
+    }
+
+    /// Removes every pin under `pin_dir`: detaches pinned links and frees
+    /// the maps once no program uses them. For uninstall and tests.
+    pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+        match std::fs::remove_dir_all(pin_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DataplaneError::Io {
+                what: "removing pins",
+                path: pin_dir.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! A one-namespace lab for driving the real XDP program with
+//! BPF_PROG_TEST_RUN: a client leg (vc0) and a backend leg (va0) with
+//! static neighbours, so FIB lookups resolve without any traffic.
+//!
+//! ```text
+//!  client 192.0.2.100 ... vc0 192.0.2.1 [edge] va0 198.51.100.1 ... backends 198.51.100.11-13
+//!  (same-leg backend 192.0.2.50 behind vc0; 198.51.100.99 has no neighbour)
+//! ```
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use failover_agent::dataplane::Dataplane;
+use failover_common::{
+    Backend, NO_BACKEND, Node, RING_MAX, Ring, Service, ServiceKey, state,
+};
+
+use crate::netns::{Entered, Netns};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const VC0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const VA0_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x01];
+pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x02];
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+pub const SAME_LEG_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
+pub const SNAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const NO_NEIGH_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
+pub const PORT_MIN: u16 = 40_000;
+pub const PORT_MAX: u16 = 40_999;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub struct Lab {
+    // Field order is drop order: leave the namespace, unload, unpin, then
+    // delete the namespace.
+    _entered: Entered,
+    pub dp: Dataplane,
+    pins: PinDir,
+    pub ns: Netns,
+    pub vc0: u32,
+    pub va0: u32,
+}
+
+struct PinDir(PathBuf);
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = Dataplane::remove_pins(&self.0);
+    }
+}
+
+pub fn backend_addr(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 10 + i)
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        let ns = Netns::new("kt")?;
+        ns.exec(&format!(
+            "ip link add vc0 address {vc0} type veth peer name vc1 address {cl} && \
+             ip link add va0 address {va0} type veth peer name va1 address {be} && \
+             for l in vc0 vc1 va0 va1; do ip link set $l up; done && \
+             ip addr add 192.0.2.1/24 dev vc0 && ip addr add {SNAT}/24 dev va0 && \
+             ip neigh add {CLIENT} lladdr {cl} dev vc0 nud permanent && \
+             ip neigh add {SAME_LEG_BACKEND} lladdr {cl} dev vc0 nud permanent && \
+             for i in 11 12 13; do ip neigh add 198.51.100.$i lladdr {be} dev va0 nud permanent; done && \
+             sysctl -qw net.ipv4.ip_forward=1",
+            vc0 = mac(VC0_MAC),
+            cl = mac(CLIENT_MAC),
+            va0 = mac(VA0_MAC),
+            be = mac(BACKEND_MAC),
+        ))?;
+        let entered = ns.enter()?;
+        let pins = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/failover-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )));
+        let mut dp = Dataplane::load(&pins.0).context("load the XDP object")?;
+        let vc0 = failover_agent::dataplane::ifindex("vc0")?;
+        let va0 = failover_agent::dataplane::ifindex("va0")?;
+        dp.add_egress(vc0)?;
+        dp.add_egress(va0)?;
+        dp.set_node(Node {
+            snat_be: u32::from(SNAT).to_be(),
+            port_min: PORT_MIN,
+            port_max: PORT_MAX,
+            seed: 7,
+            flags: 0,
+        })?;
+        Ok(Self { _entered: entered, dp, pins, ns, vc0, va0 })
+    }
+
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pins.0
+    }
+
+    /// Programs backend slot `id` at `addr:port` in `st`.
+    pub fn backend(&mut self, id: u32, addr: Ipv4Addr, port: u16, st: u8) -> Result<()> {
+        self.dp.set_backend(
+            id,
+            Backend { addr_be: u32::from(addr).to_be(), port_be: port.to_be(), state: st, _pad: 0 },
+        )?;
+        Ok(())
+    }
+
+    /// Programs a service whose ring of `ring_size` slots cycles through
+    /// `ids` (or is empty: fail closed), and adds the VIP to the filter.
+    pub fn service(&mut self, sid: u32, port: u16, proto: u8, flags: u32, ring_size: u32, ids: &[u32]) -> Result<ServiceKey> {
+        let key = ServiceKey { vip_be: u32::from(VIP).to_be(), port_be: port.to_be(), proto, _pad: 0 };
+        let ring = ring_of(ring_size, ids);
+        self.dp.write_ring(sid, 0, &ring)?;
+        self.dp.put_service(key, Service { id: sid, flags, active_slot: 0, ring_size, generation: 1 })?;
+        let vips: Vec<Ipv4Addr> =
+            self.dp.services()?.iter().map(|(k, _)| Ipv4Addr::from(u32::from_be(k.vip_be))).collect();
+        self.dp.set_vips(vips)?;
+        Ok(key)
+    }
+
+    /// Runs one frame through the NAT program as if received on `ifindex`.
+    pub fn run(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_on(self.dp.program(), ifindex, frame)
+    }
+
+    pub fn down(&mut self, id: u32) -> Result<()> {
+        self.dp.set_backend_state(id, state::DOWN)?;
+        Ok(())
+    }
+}
+
+/// A ring of `size` slots cycling through `ids`; all NO_BACKEND if empty.
+pub fn ring_of(size: u32, ids: &[u32]) -> Box<Ring> {
+    let mut ring = Box::new(Ring { backends: [NO_BACKEND; RING_MAX] });
+    if !ids.is_empty() {
+        for i in 0..size as usize {
+            ring.backends[i] = ids[i % ids.len()];
+        }
+    }
+    ring
+}
+
+/// BPF_PROG_TEST_RUN of one frame, repeat = 1, with `ingress_ifindex` set
+/// so the program's FIB lookup starts from that interface.
+pub fn run_on(prog: &Xdp, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx = xdp_md(frame.len() as u32, ifindex);
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
+/// `struct xdp_md` for test runs: data 0, data_end = len, no metadata.
+pub fn xdp_md(len: u32, ifindex: u32) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[4..8].copy_from_slice(&len.to_ne_bytes());
+    b[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    b
+}
+
+pub fn mac(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

@@ -1,0 +1,498 @@
+//! The real XDP object driven with BPF_PROG_TEST_RUN (one packet per run).
+//! Each case checks the verdict, the reason counter, and the whole output
+//! frame against one built from scratch with checksums computed anew.
+//!
+//! Needs root: run through `cargo xtask test`.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{IpNumber, Ipv4Header, SlicedPacket, TransportSlice};
+use failover_common::{FlowKey, Reason, Reverse, ReverseKey, SVC_F_RESET, state};
+use failover_tests::{
+    lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, Lab, SAME_LEG_BACKEND, SNAT, VA0_MAC, VC0_MAC, VIP, backend_addr},
+    packet::{Frame, L4, assert_checksums_valid, ports},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const BPORT: u16 = 8000;
+
+/// A lab with backends 1..=3 on the backend leg and a TCP service on
+/// VIP:80 whose ring holds `ids`.
+fn lab_with(ids: &[u32], flags: u32) -> Lab {
+    let mut lab = Lab::new().expect("lab");
+    for id in 1..=3u32 {
+        lab.backend(id, backend_addr(id as u8), BPORT, state::UP).unwrap();
+    }
+    lab.service(0, 80, TCP, flags, 13, ids).unwrap();
+    lab
+}
+
+fn count(lab: &Lab, r: Reason) -> u64 {
+    lab.dp.reason_count(r).unwrap()
+}
+
+fn flow_key(f: &Frame, proto: u8) -> FlowKey {
+    FlowKey {
+        src_be: u32::from(f.src).to_be(),
+        dst_be: u32::from(f.dst).to_be(),
+        sport_be: f.sport.to_be(),
+        dport_be: f.dport.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The frame the program must emit toward the backend for `f`.
+fn expected_forward(f: &Frame, backend: Ipv4Addr, nat_port: u16, macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
+    Frame {
+        src_mac: macs.0,
+        dst_mac: macs.1,
+        src: SNAT,
+        dst: backend,
+        ttl: f.ttl - 1,
+        sport: nat_port,
+        dport: BPORT,
+        ..f.clone()
+    }
+    .build()
+}
+
+/// Sends `f` from the client leg and returns the output and chosen backend.
+fn forward(lab: &Lab, f: &Frame) -> (u32, Vec<u8>) {
+    lab.run(lab.vc0, &f.build()).expect("test run")
+}
+
+fn dst_of(frame: &[u8]) -> Ipv4Addr {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!("not ipv4") };
+    ip.header().destination_addr()
+}
+
+#[test]
+fn new_flow_is_pinned_source_natted_and_redirected() {
+    let lab = lab_with(&[1, 2, 3], 0);
+    let syn = Frame::tcp(CLIENT, 51_000, VIP, 80);
+    let (rc, out) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_REDIRECT);
+
+    let flow = lab.dp.flows().unwrap().into_iter().find(|(k, _)| *k == flow_key(&syn, TCP)).expect("flow pinned").1;
+    let be = backend_addr(flow.backend_id as u8);
+    let nat_port = u16::from_be(flow.nat_port_be);
+    assert!((lab::PORT_MIN..=lab::PORT_MAX).contains(&nat_port));
+    assert_eq!(out, expected_forward(&syn, be, nat_port, (VA0_MAC, BACKEND_MAC)));
+    assert_checksums_valid(&out);
+
+    // The reverse entry restores exactly the client's tuple.
+    let (rk, rv): (ReverseKey, Reverse) = lab.dp.reverse_entries().unwrap()[0];
+    assert_eq!((rk.backend_be, rk.snat_be, rk.bport_be, rk.nat_port_be), (u32::from(be).to_be(), u32::from(SNAT).to_be(), BPORT.to_be(), flow.nat_port_be));
+    assert_eq!((rv.client_be, rv.vip_be, rv.cport_be, rv.vport_be), (u32::from(CLIENT).to_be(), u32::from(VIP).to_be(), 51_000u16.to_be(), 80u16.to_be()));
+
+    assert_eq!(count(&lab, Reason::ForwardRedirect), 1);
+    let s = lab.dp.backend_stats(flow.backend_id).unwrap();
+    assert_eq!((s.new_flows, s.syns, s.fwd_packets), (1, 1, 1));
+    assert_eq!(lab.dp.service_stats(0).unwrap().new_flows, 1);
+}
+
+#[test]
+fn reply_is_restored_to_vip_and_client_and_measures_handshake() {
+    let lab = lab_with(&[2], 0);
+    let syn = Frame::tcp(CLIENT, 51_001, VIP, 80);
+    let (_, out) = forward(&lab, &syn);
+    let (nat_port, _) = ports(&out);
+
+    let mut synack = Frame::tcp(backend_addr(2), BPORT, SNAT, nat_port);
+    synack.src_mac = BACKEND_MAC;
+    synack.dst_mac = VA0_MAC;
+    synack.l4 = L4::Tcp { seq: 5000, ack: Some(1001), syn: true, fin: false, rst: false };
+    let (rc, out) = lab.run(lab.va0, &synack.build()).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    let expected = Frame {
+        src_mac: VC0_MAC,
+        dst_mac: CLIENT_MAC,
+        src: VIP,
+        dst: CLIENT,
+        sport: 80,
+        dport: 51_001,
+        ttl: 63,
+        ..synack.clone()
+    }
+    .build();
+    assert_eq!(out, expected);
+    assert_checksums_valid(&out);
+    assert_eq!(count(&lab, Reason::ReverseRedirect), 1);
+    let s = lab.dp.backend_stats(2).unwrap();
+    assert_eq!((s.syns, s.synacks, s.syn_rsts), (1, 1, 0));
+    assert!(s.rtt_last_ns > 0 && s.rtt_at_ns > 0, "handshake RTT recorded: {s:?}");
+}
+
+#[test]
+fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
+    let lab = lab_with(&[1], 0);
+    let syn = Frame::tcp(CLIENT, 51_002, VIP, 80);
+    let (_, out) = forward(&lab, &syn);
+    let (nat_port, _) = ports(&out);
+    let mut rst = Frame::tcp(backend_addr(1), BPORT, SNAT, nat_port);
+    rst.l4 = L4::Tcp { seq: 0, ack: Some(1001), syn: false, fin: false, rst: true };
+    let (rc, out) = lab.run(lab.va0, &rst.build()).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_checksums_valid(&out);
+    assert_eq!(lab.dp.backend_stats(1).unwrap().syn_rsts, 1);
+    assert!(lab.dp.flows().unwrap().is_empty(), "flow entry freed");
+    assert!(lab.dp.reverse_entries().unwrap().is_empty(), "reverse entry freed");
+}
+
+#[test]
+fn flows_stick_to_their_backend_and_spread_over_the_ring() {
+    let lab = lab_with(&[1, 2, 3], 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 0..64u16 {
+        let syn = Frame::tcp(CLIENT, 52_000 + port, VIP, 80);
+        let (_, first) = forward(&lab, &syn);
+        let chosen = (dst_of(&first), ports(&first).0);
+        seen.insert(chosen.0);
+        for i in 0..5 {
+            let (rc, out) = forward(&lab, &syn.clone().data(&[i; 10]));
+            assert_eq!(rc, XDP_REDIRECT);
+            assert_eq!((dst_of(&out), ports(&out).0), chosen, "flow {port} moved");
+            assert_checksums_valid(&out);
+        }
+    }
+    assert_eq!(seen.len(), 3, "64 flows over 3 backends use all of them: {seen:?}");
+    assert_eq!(count(&lab, Reason::ForwardRedirect), 64 * 6);
+    assert_eq!(lab.dp.service_stats(0).unwrap().new_flows, 64);
+}
+
+#[test]
+fn ring_flip_moves_only_new_flows() {
+    let mut lab = lab_with(&[1, 2], 0);
+    let mut before = Vec::new();
+    for port in 0..16u16 {
+        let syn = Frame::tcp(CLIENT, 53_000 + port, VIP, 80);
+        let (_, out) = forward(&lab, &syn);
+        before.push((syn, dst_of(&out)));
+    }
+    let key = lab.dp.services().unwrap()[0].0;
+    let t = lab.dp.flip_ring(&key, &lab::ring_of(13, &[3])).unwrap();
+    assert_eq!(t.generation, 2);
+    assert_eq!(lab.dp.service(&key).unwrap().unwrap().active_slot, 1);
+    for (syn, dst) in &before {
+        let (_, out) = forward(&lab, &syn.clone().data(b"x"));
+        assert_eq!(dst_of(&out), *dst, "existing flow kept its backend");
+    }
+    for port in 0..16u16 {
+        let (_, out) = forward(&lab, &Frame::tcp(CLIENT, 54_000 + port, VIP, 80));
+        assert_eq!(dst_of(&out), backend_addr(3), "new flow uses the new ring");
+    }
+}
+
+/// Parses an RST the program built and checks every field.
+fn assert_rst(out: &[u8], to_port: u16, seq: u32, ack: Option<u32>) {
+    assert_checksums_valid(out);
+    let p = SlicedPacket::from_ethernet(out).unwrap();
+    let eth = p.link.unwrap().to_header().unwrap();
+    let etherparse::LinkHeader::Ethernet2(eth) = eth else { panic!() };
+    assert_eq!((eth.source, eth.destination), (VC0_MAC, CLIENT_MAC), "MACs swapped");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
+    let h: Ipv4Header = ip.header().to_header();
+    assert_eq!((h.source, h.destination), (VIP.octets(), CLIENT.octets()));
+    assert_eq!((h.time_to_live, h.protocol, h.total_len, h.options.len()), (64, IpNumber::TCP, 40, 0));
+    let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!() };
+    assert_eq!((t.source_port(), t.destination_port()), (80, to_port));
+    assert!(t.rst() && !t.syn() && !t.fin());
+    assert_eq!(t.sequence_number(), seq);
+    assert_eq!(t.ack(), ack.is_some());
+    if let Some(a) = ack {
+        assert_eq!(t.acknowledgment_number(), a);
+    }
+    assert!(t.payload().is_empty());
+    assert_eq!(out.len(), 14 + 40);
+}
+
+#[test]
+fn flow_on_a_down_backend_is_reset_at_once() {
+    let mut lab = lab_with(&[1], SVC_F_RESET);
+    let syn = Frame::tcp(CLIENT, 51_010, VIP, 80);
+    forward(&lab, &syn);
+    lab.down(1).unwrap();
+    let data = syn.clone().data(b"GET /v1/models HTTP/1.1\r\n\r\n");
+    let (rc, out) = forward(&lab, &data);
+    assert_eq!(rc, XDP_TX);
+    // The segment carried ACK 5001: the RST takes it as its sequence number.
+    assert_rst(&out, 51_010, 5001, None);
+    assert_eq!(count(&lab, Reason::ResetSent), 1);
+    assert_eq!(lab.dp.backend_stats(1).unwrap().resets, 1);
+    assert!(lab.dp.flows().unwrap().is_empty(), "the dead flow is forgotten");
+}
+
+#[test]
+fn flow_on_a_down_backend_is_reselected_without_reset_flag() {
+    let mut lab = lab_with(&[1, 2], 0);
+    // Find a flow pinned to backend 1, then kill backend 1.
+    let syn = (0..64u16)
+        .map(|p| Frame::tcp(CLIENT, 55_000 + p, VIP, 80))
+        .find(|f| dst_of(&forward(&lab, f).1) == backend_addr(1))
+        .expect("some flow lands on backend 1");
+    lab.down(1).unwrap();
+    let (rc, out) = forward(&lab, &syn.clone().data(b"x"));
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(dst_of(&out), backend_addr(2));
+    assert_checksums_valid(&out);
+    // New flows skip the down backend even though the ring still holds it.
+    for p in 0..32u16 {
+        let (_, out) = forward(&lab, &Frame::tcp(CLIENT, 56_000 + p, VIP, 80));
+        assert_eq!(dst_of(&out), backend_addr(2));
+    }
+}
+
+#[test]
+fn udp_flows_are_reselected_and_zero_checksum_stays_zero() {
+    let mut lab = lab_with(&[1], 0);
+    lab.service(1, 53, UDP, SVC_F_RESET, 13, &[1, 2]).unwrap();
+    let q = Frame::udp(CLIENT, 40_053, VIP, 53);
+    let (rc, out) = forward(&lab, &q);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_checksums_valid(&out);
+    let first = dst_of(&out);
+    let other = if first == backend_addr(1) { 2 } else { 1 };
+    lab.down(if other == 2 { 1 } else { 2 }).unwrap();
+    let (rc, out) = forward(&lab, &q);
+    assert_eq!(rc, XDP_REDIRECT, "UDP is moved, never reset");
+    assert_eq!(dst_of(&out), backend_addr(other as u8));
+
+    // A datagram sent without a checksum keeps "no checksum".
+    let mut raw = Frame::udp(CLIENT, 40_054, VIP, 53).build();
+    raw[14 + 20 + 6] = 0;
+    raw[14 + 20 + 7] = 0;
+    let (rc, out) = lab.run(lab.vc0, &raw).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+}
+
+#[test]
+fn fail_closed_service_resets_tcp_and_drops_udp() {
+    let mut lab = lab_with(&[], 0);
+    lab.service(1, 53, UDP, 0, 13, &[]).unwrap();
+    let syn = Frame::tcp(CLIENT, 51_020, VIP, 80);
+    let (rc, out) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_TX);
+    // A SYN without ACK: the RST acknowledges seq + 1.
+    assert_rst(&out, 51_020, 0, Some(1001));
+    let q = Frame::udp(CLIENT, 40_053, VIP, 53).build();
+    let (rc, out) = lab.run(lab.vc0, &q).unwrap();
+    assert_eq!((rc, out), (XDP_DROP, q));
+    assert_eq!(count(&lab, Reason::NoBackend), 1);
+    assert!(lab.dp.flows().unwrap().is_empty());
+}
+
+#[test]
+fn snat_port_collisions_probe_then_give_up() {
+    let mut lab = lab_with(&[1], 0);
+    let mut node = lab.dp.node().unwrap();
+    node.port_min = 41_000;
+    node.port_max = 41_003;
+    lab.dp.set_node(node).unwrap();
+    let taken = |port: u16| ReverseKey {
+        backend_be: u32::from(backend_addr(1)).to_be(),
+        snat_be: u32::from(SNAT).to_be(),
+        bport_be: BPORT.to_be(),
+        nat_port_be: port.to_be(),
+        proto: TCP,
+        _pad: [0; 3],
+    };
+    // Three of four ports belong to other flows: the new flow gets the last.
+    for p in 41_000..41_003 {
+        lab.dp.insert_reverse(taken(p), Reverse::default()).unwrap();
+    }
+    let (rc, out) = forward(&lab, &Frame::tcp(CLIENT, 51_030, VIP, 80));
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(ports(&out).0, 41_003);
+    // Now all four are taken: the next flow is dropped and counted, and no
+    // half-made flow entry is left.
+    let syn = Frame::tcp(CLIENT, 51_031, VIP, 80);
+    let input = syn.build();
+    let (rc, out) = lab.run(lab.vc0, &input).unwrap();
+    assert_eq!((rc, out), (XDP_DROP, input));
+    assert_eq!(count(&lab, Reason::SnatExhausted), 1);
+    assert!(!lab.dp.flows().unwrap().iter().any(|(k, _)| *k == flow_key(&syn, TCP)));
+}
+
+#[test]
+fn same_leg_backend_is_sent_with_xdp_tx_and_unknown_neighbour_passes() {
+    let mut lab = lab_with(&[1], 0);
+    lab.backend(1, SAME_LEG_BACKEND, BPORT, state::UP).unwrap();
+    let syn = Frame::tcp(CLIENT, 51_040, VIP, 80);
+    let (rc, out) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_TX);
+    assert_eq!(out, expected_forward(&syn, SAME_LEG_BACKEND, ports(&out).0, (VC0_MAC, CLIENT_MAC)));
+    assert_eq!(count(&lab, Reason::ForwardTx), 1);
+
+    lab.backend(1, lab::NO_NEIGH_BACKEND, BPORT, state::UP).unwrap();
+    let syn = Frame::tcp(CLIENT, 51_041, VIP, 80);
+    let (rc, out) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_PASS, "the kernel resolves the neighbour");
+    // Rewritten already (MACs untouched): the kernel forwards it as is.
+    let nat = ports(&out).0;
+    assert_eq!(out, expected_forward(&syn, lab::NO_NEIGH_BACKEND, nat, (syn.src_mac, syn.dst_mac)));
+    assert_eq!(count(&lab, Reason::NoNeighbour), 1);
+}
+
+#[test]
+fn client_rst_frees_flow_entries() {
+    let lab = lab_with(&[1], 0);
+    let syn = Frame::tcp(CLIENT, 51_050, VIP, 80);
+    forward(&lab, &syn);
+    let mut rst = syn.clone();
+    rst.l4 = L4::Tcp { seq: 1001, ack: Some(5001), syn: false, fin: false, rst: true };
+    let (rc, out) = forward(&lab, &rst);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_checksums_valid(&out);
+    assert!(lab.dp.flows().unwrap().is_empty());
+    assert!(lab.dp.reverse_entries().unwrap().is_empty());
+}
+
+/// Runs `frame` from the client leg and checks it left unchanged with the
+/// verdict and exactly one count of `reason`.
+fn assert_verdict(lab: &Lab, frame: &[u8], rc: u32, reason: Reason) {
+    let before = count(lab, reason);
+    let (got, out) = lab.run(lab.vc0, frame).unwrap();
+    assert_eq!(got, rc, "verdict for {reason:?}");
+    assert_eq!(out, frame, "{reason:?}: frame untouched");
+    assert_eq!(count(lab, reason), before + 1, "{reason:?} counted");
+    assert_eq!(reason.verdict(), if rc == XDP_DROP { "drop" } else { "pass" }, "documented verdict");
+}
+
+fn set_ip_checksum(frame: &mut [u8]) {
+    frame[24] = 0;
+    frame[25] = 0;
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    let c = failover_common::checksum::ipv4_header(&frame[14..14 + ihl]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn malformed_and_foreign_input_gets_its_documented_verdict() {
+    let lab = lab_with(&[1], 0);
+    let good = Frame::tcp(CLIENT, 51_060, VIP, 80).build();
+
+    assert_verdict(&lab, &good[..10], XDP_DROP, Reason::TruncatedEth);
+    assert_verdict(&lab, &good[..14 + 12], XDP_DROP, Reason::MalformedIpv4);
+
+    let mut bad_sum = good.clone();
+    bad_sum[24] ^= 0xff;
+    assert_verdict(&lab, &bad_sum, XDP_DROP, Reason::BadIpv4Checksum);
+
+    let mut bad_version = good.clone();
+    bad_version[14] = 0x65;
+    set_ip_checksum(&mut bad_version);
+    assert_verdict(&lab, &bad_version, XDP_DROP, Reason::MalformedIpv4);
+
+    let mut short_ihl = good.clone();
+    short_ihl[14] = 0x44;
+    set_ip_checksum(&mut short_ihl);
+    assert_verdict(&lab, &short_ihl, XDP_DROP, Reason::MalformedIpv4);
+
+    let mut too_long = good.clone();
+    too_long[16..18].copy_from_slice(&200u16.to_be_bytes());
+    set_ip_checksum(&mut too_long);
+    assert_verdict(&lab, &too_long, XDP_DROP, Reason::MalformedIpv4);
+
+    // IHL 6 with one NOP option word.
+    let mut opts = good[..34].to_vec();
+    opts.extend_from_slice(&[1, 1, 1, 1]);
+    opts.extend_from_slice(&good[34..]);
+    opts[14] = 0x46;
+    let tl = (opts.len() - 14) as u16;
+    opts[16..18].copy_from_slice(&tl.to_be_bytes());
+    set_ip_checksum(&mut opts);
+    assert_verdict(&lab, &opts, XDP_PASS, Reason::IpOptions);
+
+    for frags in [0x2000u16, 0x0010] {
+        let mut frag = good.clone();
+        frag[20..22].copy_from_slice(&frags.to_be_bytes());
+        set_ip_checksum(&mut frag);
+        assert_verdict(&lab, &frag, XDP_PASS, Reason::Fragment);
+    }
+
+    let mut ttl1 = good.clone();
+    ttl1[22] = 1;
+    set_ip_checksum(&mut ttl1);
+    assert_verdict(&lab, &ttl1, XDP_PASS, Reason::TtlExpired);
+
+    let mut icmp = good[..34].to_vec();
+    icmp[23] = 1;
+    icmp.extend_from_slice(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
+    icmp[16..18].copy_from_slice(&28u16.to_be_bytes());
+    set_ip_checksum(&mut icmp);
+    assert_verdict(&lab, &icmp, XDP_PASS, Reason::NotTcpUdp);
+
+    // A TCP header cut after 10 bytes, IP length consistent with it.
+    let mut cut = good[..14 + 20 + 10].to_vec();
+    cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+    set_ip_checksum(&mut cut);
+    assert_verdict(&lab, &cut, XDP_DROP, Reason::TruncatedL4);
+
+    let mut bad_doff = good.clone();
+    bad_doff[14 + 20 + 12] = 0x40;
+    assert_verdict(&lab, &bad_doff, XDP_DROP, Reason::TruncatedL4);
+
+    let mut arp = good.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_verdict(&lab, &arp, XDP_PASS, Reason::NotIpv4);
+
+    let mut v6 = good.clone();
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    assert_verdict(&lab, &v6, XDP_PASS, Reason::NotIpv4);
+
+    assert_verdict(&lab, &Frame::tcp(CLIENT, 51_061, VIP, 81).build(), XDP_PASS, Reason::NotVip);
+    let other = Ipv4Addr::new(203, 0, 113, 77);
+    assert_verdict(&lab, &Frame::tcp(CLIENT, 51_062, other, 80).build(), XDP_PASS, Reason::NotVip);
+    // To the SNAT address but no flow: the node's own sockets (probes).
+    assert_verdict(&lab, &Frame::tcp(backend_addr(1), 8000, SNAT, 33_000).build(), XDP_PASS, Reason::NotVip);
+
+    assert!(lab.dp.flows().unwrap().is_empty(), "nothing malformed created state");
+}
+
+#[test]
+fn a_wrong_l4_checksum_is_never_made_valid() {
+    let lab = lab_with(&[1], 0);
+    let mut f = Frame::tcp(CLIENT, 51_070, VIP, 80).data(b"payload").build();
+    f[14 + 20 + 16] ^= 0x33;
+    let (rc, out) = lab.run(lab.vc0, &f).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    let p = SlicedPacket::from_ethernet(&out).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IP header valid");
+    let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!() };
+    let th = t.to_header();
+    assert_ne!(th.checksum, th.calc_checksum_ipv4(&h, t.payload()).unwrap(), "still invalid");
+}
+
+#[test]
+fn unconfigured_node_passes_everything() {
+    let mut lab = lab_with(&[1], 0);
+    lab.dp.set_node(failover_common::Node::default()).unwrap();
+    let f = Frame::tcp(CLIENT, 51_080, VIP, 80).build();
+    assert_verdict(&lab, &f, XDP_PASS, Reason::NotConfigured);
+}
+
+#[test]
+fn a_second_load_reopens_the_pinned_maps() {
+    let lab = lab_with(&[1], 0);
+    forward(&lab, &Frame::tcp(CLIENT, 51_090, VIP, 80));
+    // A restarted agent loads the object against the same pins.
+    let again = failover_agent::dataplane::Dataplane::load(lab.pin_dir()).unwrap();
+    assert_eq!(again.flows().unwrap().len(), 1);
+    assert_eq!(again.services().unwrap().len(), 1);
+    assert_eq!(again.node().unwrap(), lab.dp.node().unwrap());
+    // And its program serves the existing flow identically.
+    let data = Frame::tcp(CLIENT, 51_090, VIP, 80).data(b"x").build();
+    let a = lab.run(lab.vc0, &data).unwrap();
+    let b = lab::run_on(again.program(), lab.vc0, &data).unwrap();
+    assert_eq!(a, b);
+}
