@@ -14,6 +14,7 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const SVC_STATS: &str = "SVC_STATS";
     pub const BE_STATS: &str = "BE_STATS";
+    pub const NEXTHOPS: &str = "NEXTHOPS";
     /// The program's name in the object file.
     pub const PROGRAM: &str = "failover_xdp";
     /// The trivial pass-through program attached to veth peers and used as
@@ -34,14 +35,17 @@ pub const DEVMAP_MAX: u32 = 64;
 /// Ring entry meaning "no backend" (an empty, fail-closed ring).
 pub const NO_BACKEND: u32 = u32::MAX;
 /// SNAT ports tried for one new flow before giving up.
-pub const SNAT_PROBES: u32 = 8;
-/// Extra ring lookups (with a perturbed hash) when the chosen backend is
-/// marked down but the planner has not yet rebuilt the ring.
-pub const RESELECT_TRIES: u32 = 3;
+pub const SNAT_PROBES: u32 = 32;
+/// Ring slots probed when the hashed slot's backend is marked down but the
+/// planner has not yet rebuilt the ring.
+pub const RESELECT_TRIES: u32 = 16;
 /// Words in the VIP pre-filter bitmap (64 bits each).
 pub const VIP_FILTER_WORDS: usize = 1024;
 /// Slots in the per-reason counter array (room to add reasons).
 pub const STATS_SLOTS: u32 = 32;
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU free lists, so inserting a flow on
+/// one CPU never takes a lock another CPU holds.
+pub const LRU_FLAGS: u32 = 1 << 1;
 
 /// Service flag: TCP flows pinned to a down backend get an RST from the
 /// edge (clients retry at once). Without it they are re-selected.
@@ -177,6 +181,29 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+/// A cached FIB result. A FIB lookup costs several times the rest of the
+/// per-packet work, so the result is kept per backend and CPU (`NEXTHOPS`,
+/// toward backends) and per flow (`Reverse::nh`, toward clients) and
+/// refreshed after `NEXTHOP_TTL_JIFFIES`: neighbour changes are picked up
+/// within that time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface; 0 = nothing cached.
+    pub ifindex: u32,
+    /// The destination this was resolved for: a backend whose address
+    /// changed misses the cache instead of using a stale MAC.
+    pub dst_be: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
+    /// `bpf_jiffies64` when looked up.
+    pub at_jiffies: u64,
+}
+
+/// Jiffies a cached next hop stays valid (0.25 s at HZ=1000, 1 s at 250).
+pub const NEXTHOP_TTL_JIFFIES: u64 = 250;
+
 /// `FLOWS` value: where the flow is pinned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -184,7 +211,9 @@ pub struct Flow {
     pub backend_id: u32,
     pub service_id: u32,
     pub nat_port_be: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Service flags at creation (so the fast path needs no service lookup).
+    pub svc_flags: u32,
     /// `bpf_ktime_get_ns` when the flow was created.
     pub created_ns: u64,
 }
@@ -214,6 +243,8 @@ pub struct Reverse {
     /// `FLOW_SYN_SENT` until the backend's SYN-ACK is seen.
     pub state: u32,
     pub created_ns: u64,
+    /// Next hop toward the client.
+    pub nh: NextHop,
 }
 
 /// `SVC_STATS[service_id]`, per CPU.
@@ -263,6 +294,7 @@ mod pod {
     unsafe impl aya::Pod for Ring {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for Reverse {}
     unsafe impl aya::Pod for ServiceStats {}
@@ -277,9 +309,10 @@ const _: () = {
     assert!(size_of::<Service>() == 24);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<NextHop>() == 32);
     assert!(size_of::<Flow>() == 24);
     assert!(size_of::<ReverseKey>() == 16);
-    assert!(size_of::<Reverse>() == 32);
+    assert!(size_of::<Reverse>() == 64);
     assert!(size_of::<ServiceStats>() == 48);
     assert!(size_of::<BackendStats>() == 88);
 };

@@ -2,14 +2,18 @@
 //! interface: XDP_TX. Another: redirect through DEVMAP. Neighbour unknown:
 //! pass the rewritten packet up so the kernel resolves ARP; the next packets
 //! take the fast path.
+//!
+//! The FIB result is cached in the flow entry (`NextHop`) and refreshed
+//! after `NEXTHOP_TTL_JIFFIES`: a lookup costs several times the rest of
+//! the per-packet work.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::bpf_fib_lookup as fib_lookup,
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_jiffies64},
     programs::XdpContext,
 };
 use core::mem::{size_of, zeroed};
-use failover_common::Reason;
+use failover_common::{NEXTHOP_TTL_JIFFIES, NextHop, Reason};
 use network_types::eth::EthHdr;
 
 use crate::{maps::DEVMAP, parse::ptr_at};
@@ -19,45 +23,61 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
-/// `tx` and `redirect` are the reasons to count for each outcome.
+/// Where a rewritten packet goes, and the reasons to count for TX and
+/// redirect outcomes.
+pub struct Route {
+    pub proto: u8,
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub tot_len: u16,
+    pub tx: Reason,
+    pub redirect: Reason,
+}
+
 #[inline(always)]
-pub fn send(
-    ctx: &XdpContext,
-    proto: u8,
-    src_be: u32,
-    dst_be: u32,
-    tot_len: u16,
-    tx: Reason,
-    redirect: Reason,
-) -> (u32, Reason) {
-    let mut p: bpf_fib_lookup = unsafe { zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = proto;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_3.ipv4_src = src_be;
-    p.__bindgen_anon_4.ipv4_dst = dst_be;
-    let rc = unsafe {
-        fib_lookup(ctx.ctx.cast(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0)
-    };
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return (xdp_action::XDP_PASS, Reason::NoNeighbour),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return (xdp_action::XDP_DROP, Reason::MtuExceeded),
-        _ => return (xdp_action::XDP_DROP, Reason::NoRoute),
+pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
+    let now = unsafe { bpf_jiffies64() };
+    if nh.ifindex == 0 || nh.dst_be != r.dst_be || now.wrapping_sub(nh.at_jiffies) > NEXTHOP_TTL_JIFFIES
+    {
+        let mut p: bpf_fib_lookup = unsafe { zeroed() };
+        p.family = AF_INET;
+        p.l4_protocol = r.proto;
+        p.__bindgen_anon_1.tot_len = r.tot_len;
+        p.ifindex = ctx.ingress_ifindex() as u32;
+        p.__bindgen_anon_3.ipv4_src = r.src_be;
+        p.__bindgen_anon_4.ipv4_dst = r.dst_be;
+        let rc =
+            unsafe { fib_lookup(ctx.ctx.cast(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+        match rc {
+            BPF_FIB_LKUP_RET_SUCCESS => {}
+            BPF_FIB_LKUP_RET_NO_NEIGH => {
+                nh.ifindex = 0;
+                return (xdp_action::XDP_PASS, Reason::NoNeighbour);
+            }
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => return (xdp_action::XDP_DROP, Reason::MtuExceeded),
+            _ => {
+                nh.ifindex = 0;
+                return (xdp_action::XDP_DROP, Reason::NoRoute);
+            }
+        }
+        nh.ifindex = p.ifindex;
+        nh.dst_be = r.dst_be;
+        nh.smac = p.smac;
+        nh.dmac = p.dmac;
+        nh.at_jiffies = now;
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, Reason::TruncatedEth);
     };
     unsafe {
-        (*eth).dst_addr = p.dmac;
-        (*eth).src_addr = p.smac;
+        (*eth).dst_addr = nh.dmac;
+        (*eth).src_addr = nh.smac;
     }
-    if p.ifindex == ctx.ingress_ifindex() as u32 {
-        return (xdp_action::XDP_TX, tx);
+    if nh.ifindex == ctx.ingress_ifindex() as u32 {
+        return (xdp_action::XDP_TX, r.tx);
     }
-    match DEVMAP.redirect(p.ifindex, 0) {
-        Ok(action) => (action, redirect),
+    match DEVMAP.redirect(nh.ifindex, 0) {
+        Ok(action) => (action, r.redirect),
         // The interface has no XDP program of ours: let the kernel forward.
         Err(_) => (xdp_action::XDP_PASS, Reason::RedirectFailed),
     }

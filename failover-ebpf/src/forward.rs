@@ -1,5 +1,6 @@
-//! Client -> VIP: find the service, pin the flow to a backend (or follow
-//! the existing pin), source-NAT it, and send it on.
+//! Client -> VIP: follow the flow's pin (fast path: one flow lookup), or
+//! find the service, pin the flow to a backend and claim a SNAT port; then
+//! rewrite and send.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
@@ -7,85 +8,106 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    FLOW_SYN_SENT, Flow, FlowKey, Node, Reason, Reverse, ReverseKey, SNAT_PROBES, SVC_F_RESET,
-    ServiceKey, hash, state,
+    FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey, SNAT_PROBES,
+    SVC_F_RESET, Service, ServiceKey, hash, state,
 };
 
 use crate::{
-    egress, ipv4,
+    egress::{self, Route},
+    ipv4,
     ipv4::Ipv4,
     l4::{self, L4, TCP_RST, TCP_SYN},
-    maps::{BACKENDS, FLOWS, REVERSE, SERVICES},
+    maps::{BACKENDS, FLOWS, NEXTHOPS, REVERSE, SERVICES},
     reset, select, stats,
 };
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason) {
     let h = unsafe { &*ip.hdr };
-    let src = u32::from_ne_bytes(h.src_addr);
-    let dst = u32::from_ne_bytes(h.dst_addr);
-    let skey = ServiceKey { vip_be: dst, port_be: l4.dport_be, proto: ip.proto, _pad: 0 };
-    let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
-        // A VIP filter false positive, or a port we do not serve.
-        return (xdp_action::XDP_PASS, Reason::NotVip);
-    };
     let fkey = FlowKey {
-        src_be: src,
-        dst_be: dst,
+        src_be: u32::from_ne_bytes(h.src_addr),
+        dst_be: u32::from_ne_bytes(h.dst_addr),
         sport_be: l4.sport_be,
         dport_be: l4.dport_be,
         proto: ip.proto,
         _pad: [0; 3],
     };
 
-    // Existing flow: follow its pin unless the backend went down.
-    let mut pinned = None;
-    if let Some(flow) = FLOWS.get_ptr(&fkey) {
-        let flow = unsafe { *flow };
-        let usable = match BACKENDS.get(flow.backend_id) {
-            Some(be) => be.state == state::UP || be.state == state::DRAINING,
-            None => false,
-        };
-        if usable {
-            pinned = Some(flow);
-        } else {
-            forget(&fkey, &flow, node);
-            if l4.tcp && svc.flags & SVC_F_RESET != 0 {
-                if let Some(s) = stats::backend(flow.backend_id) {
-                    s.resets += 1;
+    // Fast path: a pinned flow whose backend still takes traffic.
+    if let Some(flow) = FLOWS.get_ptr_mut(&fkey) {
+        let flow = unsafe { &mut *flow };
+        match BACKENDS.get(flow.backend_id) {
+            Some(be) if be.state == state::UP || be.state == state::DRAINING => {
+                let (addr, port) = (be.addr_be, be.port_be);
+                let out = send(ctx, node, ip, l4, &fkey, flow, addr, port);
+                if l4.flags & TCP_RST != 0 {
+                    // The client ended the flow: free its entries now.
+                    let f = *flow;
+                    forget(&fkey, &f, node);
                 }
-                if let Some(s) = stats::service(svc.id) {
-                    s.resets += 1;
-                }
-                return reset::send(ctx, ip, l4);
+                return out;
             }
-            // Reselect below: the client's next segment reaches a live
-            // backend, which answers RST for a mid-stream TCP segment.
+            _ => {
+                let f = *flow;
+                forget(&fkey, &f, node);
+                if l4.tcp && f.svc_flags & SVC_F_RESET != 0 {
+                    count_reset(f.service_id, Some(f.backend_id));
+                    return reset::send(ctx, ip, l4);
+                }
+                // Otherwise re-select below. For TCP the new backend answers
+                // the mid-stream segment with an RST; the client reconnects.
+            }
         }
     }
 
-    let flow = match pinned {
-        Some(f) => f,
-        None => match new_flow(node, svc.id, svc, &fkey) {
-            Ok(f) => f,
-            Err(Reason::NoBackend) if l4.tcp && l4.flags & TCP_RST == 0 => {
-                // Fail closed, but tell the client now instead of letting
-                // it retransmit into silence.
-                if let Some(s) = stats::service(svc.id) {
-                    s.resets += 1;
-                }
-                return reset::send(ctx, ip, l4);
-            }
-            Err(r) => return (xdp_action::XDP_DROP, r),
-        },
+    let skey = ServiceKey { vip_be: fkey.dst_be, port_be: l4.dport_be, proto: ip.proto, _pad: 0 };
+    let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
+        // A VIP filter false positive, or a port we do not serve.
+        return (xdp_action::XDP_PASS, Reason::NotVip);
     };
-
+    let mut flow = match new_flow(node, svc, &fkey) {
+        Ok(f) => f,
+        Err(Reason::NoBackend) if l4.tcp => {
+            // Fail closed, but tell the client now instead of letting it
+            // retransmit into silence.
+            count_reset(svc.id, None);
+            return reset::send(ctx, ip, l4);
+        }
+        Err(r) => return (xdp_action::XDP_DROP, r),
+    };
     let Some(be) = BACKENDS.get(flow.backend_id) else {
         return (xdp_action::XDP_DROP, Reason::NoBackend);
     };
-    let (be_addr, be_port) = (be.addr_be, be.port_be);
-    let bytes = ip.tot_len as u64;
+    let (addr, port) = (be.addr_be, be.port_be);
+    let out = send(ctx, node, ip, l4, &fkey, &mut flow, addr, port);
+    if FLOWS.insert(&fkey, &flow, 0).is_err() {
+        forget(&fkey, &flow, node);
+        return (xdp_action::XDP_DROP, Reason::FlowTableFull);
+    }
     if let Some(s) = stats::service(svc.id) {
+        s.new_flows += 1;
+    }
+    if let Some(s) = stats::backend(flow.backend_id) {
+        s.new_flows += 1;
+    }
+    out
+}
+
+/// Counts, rewrites toward the backend, and sends.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    node: &Node,
+    ip: &Ipv4,
+    l4: &L4,
+    k: &FlowKey,
+    flow: &mut Flow,
+    be_addr: u32,
+    be_port: u16,
+) -> (u32, Reason) {
+    let bytes = ip.tot_len as u64;
+    if let Some(s) = stats::service(flow.service_id) {
         s.fwd_packets += 1;
         s.fwd_bytes += bytes;
     }
@@ -96,21 +118,42 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
             s.syns += 1;
         }
     }
-
     ipv4::rewrite(ip.hdr, node.snat_be, be_addr);
-    if let Err(r) = l4::rewrite(ctx, l4, src, dst, node.snat_be, be_addr, flow.nat_port_be, be_port) {
+    if let Err(r) =
+        l4::rewrite(ctx, l4, k.src_be, k.dst_be, node.snat_be, be_addr, flow.nat_port_be, be_port)
+    {
         return (xdp_action::XDP_DROP, r);
     }
-    if l4.flags & TCP_RST != 0 {
-        // The client ended the flow: free its entries now, not at LRU age.
-        forget(&fkey, &flow, node);
+    let route = Route {
+        proto: ip.proto,
+        src_be: node.snat_be,
+        dst_be: be_addr,
+        tot_len: ip.tot_len,
+        tx: Reason::ForwardTx,
+        redirect: Reason::ForwardRedirect,
+    };
+    match NEXTHOPS.get_ptr_mut(flow.backend_id) {
+        Some(nh) => egress::send(ctx, unsafe { &mut *nh }, &route),
+        None => (xdp_action::XDP_DROP, Reason::NoBackend),
     }
-    egress::send(ctx, ip.proto, node.snat_be, be_addr, ip.tot_len, Reason::ForwardTx, Reason::ForwardRedirect)
 }
 
-/// Select a backend, claim a SNAT port, and insert both table entries.
 #[inline(always)]
-fn new_flow(node: &Node, svc_id: u32, svc: &failover_common::Service, k: &FlowKey) -> Result<Flow, Reason> {
+fn count_reset(service_id: u32, backend_id: Option<u32>) {
+    if let Some(s) = stats::service(service_id) {
+        s.resets += 1;
+    }
+    if let Some(id) = backend_id
+        && let Some(s) = stats::backend(id)
+    {
+        s.resets += 1;
+    }
+}
+
+/// Select a backend and claim a SNAT port (the reverse entry). The flow
+/// entry itself is inserted by the caller once the packet is on its way.
+#[inline(always)]
+fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
     let fh = hash::flow_hash(k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto, node.seed);
     let chosen = select::select(svc, fh).ok_or(Reason::NoBackend)?;
     let now = unsafe { bpf_ktime_get_ns() };
@@ -121,9 +164,10 @@ fn new_flow(node: &Node, svc_id: u32, svc: &failover_common::Service, k: &FlowKe
         cport_be: k.sport_be,
         vport_be: k.dport_be,
         backend_id: chosen.id,
-        service_id: svc_id,
+        service_id: svc.id,
         state: FLOW_SYN_SENT,
         created_ns: now,
+        nh: NextHop::default(),
     };
     let mut rkey = ReverseKey {
         backend_be: chosen.backend.addr_be,
@@ -137,38 +181,23 @@ fn new_flow(node: &Node, svc_id: u32, svc: &failover_common::Service, k: &FlowKe
     // the same backend, try the next ports (a linear probe covers
     // SNAT_PROBES distinct ports whatever the hash).
     let start = hash::mix32(fh ^ 0x5eed) % range;
-    let mut claimed = false;
     let mut i = 0;
     while i < SNAT_PROBES {
         let port = node.port_min as u32 + (start + i) % range;
         rkey.nat_port_be = (port as u16).to_be();
         if REVERSE.insert(&rkey, &rval, BPF_NOEXIST as u64).is_ok() {
-            claimed = true;
-            break;
+            return Ok(Flow {
+                backend_id: chosen.id,
+                service_id: svc.id,
+                nat_port_be: rkey.nat_port_be,
+                _pad: [0; 2],
+                svc_flags: svc.flags,
+                created_ns: now,
+            });
         }
         i += 1;
     }
-    if !claimed {
-        return Err(Reason::SnatExhausted);
-    }
-    let flow = Flow {
-        backend_id: chosen.id,
-        service_id: svc_id,
-        nat_port_be: rkey.nat_port_be,
-        _pad: [0; 6],
-        created_ns: now,
-    };
-    if FLOWS.insert(k, &flow, 0).is_err() {
-        let _ = REVERSE.remove(&rkey);
-        return Err(Reason::FlowTableFull);
-    }
-    if let Some(s) = stats::service(svc_id) {
-        s.new_flows += 1;
-    }
-    if let Some(s) = stats::backend(chosen.id) {
-        s.new_flows += 1;
-    }
-    Ok(flow)
+    Err(Reason::SnatExhausted)
 }
 
 /// Remove a flow's forward and reverse entries.

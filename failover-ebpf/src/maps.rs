@@ -11,7 +11,7 @@ use aya_ebpf::{
 use failover_common::{
     Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, Node,
     RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats,
-    VipFilter,
+    VipFilter, LRU_FLAGS, NextHop,
 };
 
 #[map(name = "NODE")]
@@ -30,10 +30,10 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 pub static RINGS: Array<Ring> = Array::pinned(MAX_SERVICES * RING_SLOTS, 0);
 
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(FLOWS_MAX, 0);
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(FLOWS_MAX, LRU_FLAGS);
 
 #[map(name = "REVERSE")]
-pub static REVERSE: LruHashMap<ReverseKey, Reverse> = LruHashMap::pinned(FLOWS_MAX, 0);
+pub static REVERSE: LruHashMap<ReverseKey, Reverse> = LruHashMap::pinned(FLOWS_MAX, LRU_FLAGS);
 
 #[map(name = "DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::pinned(DEVMAP_MAX, 0);
@@ -46,3 +46,7 @@ pub static SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVIC
 
 #[map(name = "BE_STATS")]
 pub static BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Next hop toward each backend, per CPU (no torn MAC writes).
+#[map]
+pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(MAX_BACKENDS, 0);

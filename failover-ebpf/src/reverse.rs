@@ -5,7 +5,8 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpCon
 use failover_common::{FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, ReverseKey};
 
 use crate::{
-    egress, ipv4,
+    egress::{self, Route},
+    ipv4,
     ipv4::Ipv4,
     l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
     maps::{FLOWS, REVERSE},
@@ -56,6 +57,15 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     if let Err(e) = l4::rewrite(ctx, l4, src, node.snat_be, r.vip_be, r.client_be, r.vport_be, r.cport_be) {
         return (xdp_action::XDP_DROP, e);
     }
+    let route = Route {
+        proto: ip.proto,
+        src_be: r.vip_be,
+        dst_be: r.client_be,
+        tot_len: ip.tot_len,
+        tx: Reason::ReverseTx,
+        redirect: Reason::ReverseRedirect,
+    };
+    let out = egress::send(ctx, &mut rev.nh, &route);
     if l4.flags & TCP_RST != 0 {
         // The backend ended the flow (or refused it): free both entries.
         let fkey = FlowKey {
@@ -69,5 +79,5 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         let _ = FLOWS.remove(&fkey);
         let _ = REVERSE.remove(&rkey);
     }
-    egress::send(ctx, ip.proto, r.vip_be, r.client_be, ip.tot_len, Reason::ReverseTx, Reason::ReverseRedirect)
+    out
 }

@@ -1,9 +1,9 @@
 //! Backend selection: the service's active Maglev ring, indexed by the flow
 //! hash. The ring only holds backends the planner made eligible; between a
-//! backend going down and the planner's next flip, a few perturbed lookups
-//! skip it so new flows never land on a dead backend.
+//! backend going down and the planner's next flip, probing the next slots
+//! skips it so new flows never land on a dead backend.
 
-use failover_common::{Backend, NO_BACKEND, RESELECT_TRIES, RING_MAX, Service, hash, state};
+use failover_common::{Backend, NO_BACKEND, RESELECT_TRIES, RING_MAX, Service, state};
 
 use crate::maps::{BACKENDS, RINGS};
 
@@ -19,12 +19,15 @@ pub fn select(svc: &Service, flow_hash: u32) -> Option<Chosen> {
     if size == 0 || size as usize > RING_MAX {
         return None;
     }
-    let mut h = flow_hash;
+    // Linear probing from the hashed slot: Maglev spreads each backend's
+    // slots evenly, so the next slots belong to random other backends and
+    // a dead backend's share spreads over the live ones.
+    let start = flow_hash % size;
     let mut i = 0;
-    while i <= RESELECT_TRIES {
+    while i < RESELECT_TRIES {
+        let idx = ((start + i) % size) as usize;
         // The compiler knows idx < size <= RING_MAX and would drop the
         // check; the verifier does not, so hide the value from the former.
-        let idx = (h % size) as usize;
         let idx = unsafe { core::ptr::read_volatile(&idx) };
         if idx < RING_MAX {
             let id = ring.backends[idx];
@@ -38,7 +41,6 @@ pub fn select(svc: &Service, flow_hash: u32) -> Option<Chosen> {
                 return Some(Chosen { id, backend: *be });
             }
         }
-        h = hash::mix32(h ^ (i + 1));
         i += 1;
     }
     None

@@ -2,6 +2,7 @@
 //! BPF_PROG_TEST_RUN, frame builders, and the inference test backend.
 
 pub mod backend;
+pub mod bench;
 pub mod lab;
 pub mod netns;
 pub mod packet;

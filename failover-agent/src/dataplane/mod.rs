@@ -263,6 +263,22 @@ impl Dataplane {
         self.reverse.insert(key, value, 0).map_err(map_err(names::REVERSE))
     }
 
+    /// Forgets every flow (both tables). Clients of established flows
+    /// are re-selected on their next packet; used by benchmarks and
+    /// operators recovering from a bad state.
+    pub fn clear_flows(&mut self) -> Result<()> {
+        let keys: Vec<FlowKey> = self.flows.keys().collect::<std::result::Result<_, _>>().map_err(map_err(names::FLOWS))?;
+        for k in keys {
+            let _ = self.flows.remove(&k);
+        }
+        let keys: Vec<ReverseKey> =
+            self.reverse.keys().collect::<std::result::Result<_, _>>().map_err(map_err(names::REVERSE))?;
+        for k in keys {
+            let _ = self.reverse.remove(&k);
+        }
+        Ok(())
+    }
+
     /// Removes every pin under `pin_dir`: detaches pinned links and frees
     /// the maps once no program uses them. For uninstall and tests.
     pub fn remove_pins(pin_dir: &Path) -> Result<()> {

@@ -145,7 +145,8 @@ mod tests {
     #[test]
     fn envoy_priority_table() {
         // (tiers as (configured, healthy), factor, standby, want traffic, normalised)
-        let cases: &[(&[(f64, f64)], f64, f64, &[f64], bool)] = &[
+        type Case = (&'static [(f64, f64)], f64, f64, &'static [f64], bool);
+        let cases: &[Case] = &[
             (&[(2.0, 2.0), (2.0, 2.0)], 1.4, 0.0, &[1.0, 0.0], false),
             // 1/2 healthy x1.4 = 70%: 30% spills.
             (&[(2.0, 1.0), (2.0, 2.0)], 1.4, 0.0, &[0.7, 0.3], false),

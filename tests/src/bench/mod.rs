@@ -1,0 +1,4 @@
+//! Benchmarks run by `cargo xtask bench ...`. Each one is bounded in count
+//! and time and cleans up after itself through the same guards as tests.
+
+pub mod datapath;

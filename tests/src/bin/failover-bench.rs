@@ -1,0 +1,58 @@
+//! Benchmarks behind `cargo xtask bench ...` (needs root).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use failover_tests::bench;
+
+#[derive(Parser)]
+#[command(name = "failover-bench", about = "failover benchmarks (run via cargo xtask bench)")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// One JSON object per line instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Per-packet cost of the XDP program (BPF_PROG_TEST_RUN, repeat = 1).
+    Datapath {
+        /// Calls per case (the method needs at least 100,000).
+        #[arg(long, default_value_t = 100_000)]
+        calls: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Datapath { calls } => {
+            anyhow::ensure!(calls >= 100_000, "--calls must be at least 100000 for a stable mean");
+            let results = bench::datapath::run(calls)?;
+            if args.json {
+                for r in &results {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "case": r.case,
+                            "raw_ns": (r.raw_ns * 10.0).round() / 10.0,
+                            "own_ns": (r.own_ns * 10.0).round() / 10.0,
+                            "return_code": r.return_code,
+                        })
+                    );
+                }
+            } else {
+                println!("{:<12} {:>10} {:>10} {:>6} {:>9}", "case", "raw_ns", "own_ns", "rc", "calls");
+                for r in &results {
+                    println!(
+                        "{:<12} {:>10.1} {:>10.1} {:>6} {:>9}",
+                        r.case, r.raw_ns, r.own_ns, r.return_code, r.calls
+                    );
+                }
+                println!("own_ns = raw_ns - empty raw_ns; BPF_PROG_TEST_RUN, one packet per call, kernel-timed");
+            }
+        }
+    }
+    Ok(())
+}
