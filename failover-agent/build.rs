@@ -18,7 +18,11 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
     aya_build::build_ebpf(
-        [Package { name: "failover-ebpf", root_dir: root.as_str(), ..Default::default() }],
+        [Package {
+            name: "failover-ebpf",
+            root_dir: root.as_str(),
+            ..Default::default()
+        }],
         Toolchain::default(),
     )
 }

@@ -3,7 +3,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod planner;
-pub mod dataplane;

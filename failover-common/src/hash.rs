@@ -20,7 +20,14 @@ pub const fn mix32(mut h: u32) -> u32 {
 /// the packet (network order read natively); only equality matters.
 #[inline(always)]
 #[must_use]
-pub const fn flow_hash(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8, seed: u32) -> u32 {
+pub const fn flow_hash(
+    src_be: u32,
+    dst_be: u32,
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+    seed: u32,
+) -> u32 {
     let mut h = seed ^ 0x9e37_79b9;
     h = mix32(h ^ src_be);
     h = mix32(h ^ dst_be);

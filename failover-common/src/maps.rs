@@ -95,7 +95,9 @@ impl VipFilter {
 
     #[must_use]
     pub const fn empty() -> Self {
-        Self { bits: [0; VIP_FILTER_WORDS] }
+        Self {
+            bits: [0; VIP_FILTER_WORDS],
+        }
     }
 
     #[inline(always)]

@@ -37,7 +37,9 @@ pub struct Route {
 #[inline(always)]
 pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
     let now = unsafe { bpf_jiffies64() };
-    if nh.ifindex == 0 || nh.dst_be != r.dst_be || now.wrapping_sub(nh.at_jiffies) > NEXTHOP_TTL_JIFFIES
+    if nh.ifindex == 0
+        || nh.dst_be != r.dst_be
+        || now.wrapping_sub(nh.at_jiffies) > NEXTHOP_TTL_JIFFIES
     {
         let mut p: bpf_fib_lookup = unsafe { zeroed() };
         p.family = AF_INET;
@@ -46,8 +48,14 @@ pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
         p.ifindex = ctx.ingress_ifindex() as u32;
         p.__bindgen_anon_3.ipv4_src = r.src_be;
         p.__bindgen_anon_4.ipv4_dst = r.dst_be;
-        let rc =
-            unsafe { fib_lookup(ctx.ctx.cast(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+        let rc = unsafe {
+            fib_lookup(
+                ctx.ctx.cast(),
+                &mut p,
+                size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        };
         match rc {
             BPF_FIB_LKUP_RET_SUCCESS => {}
             BPF_FIB_LKUP_RET_NO_NEIGH => {

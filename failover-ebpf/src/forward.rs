@@ -60,7 +60,12 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         }
     }
 
-    let skey = ServiceKey { vip_be: fkey.dst_be, port_be: l4.dport_be, proto: ip.proto, _pad: 0 };
+    let skey = ServiceKey {
+        vip_be: fkey.dst_be,
+        port_be: l4.dport_be,
+        proto: ip.proto,
+        _pad: 0,
+    };
     let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
         // A VIP filter false positive, or a port we do not serve.
         return (xdp_action::XDP_PASS, Reason::NotVip);
@@ -119,9 +124,16 @@ fn send(
         }
     }
     ipv4::rewrite(ip.hdr, node.snat_be, be_addr);
-    if let Err(r) =
-        l4::rewrite(ctx, l4, k.src_be, k.dst_be, node.snat_be, be_addr, flow.nat_port_be, be_port)
-    {
+    if let Err(r) = l4::rewrite(
+        ctx,
+        l4,
+        k.src_be,
+        k.dst_be,
+        node.snat_be,
+        be_addr,
+        flow.nat_port_be,
+        be_port,
+    ) {
         return (xdp_action::XDP_DROP, r);
     }
     let route = Route {
@@ -154,7 +166,9 @@ fn count_reset(service_id: u32, backend_id: Option<u32>) {
 /// entry itself is inserted by the caller once the packet is on its way.
 #[inline(always)]
 fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
-    let fh = hash::flow_hash(k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto, node.seed);
+    let fh = hash::flow_hash(
+        k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto, node.seed,
+    );
     let chosen = select::select(svc, fh).ok_or(Reason::NoBackend)?;
     let now = unsafe { bpf_ktime_get_ns() };
     let range = (node.port_max as u32).saturating_sub(node.port_min as u32) + 1;

@@ -37,7 +37,8 @@ pub fn validate(ctx: &XdpContext, hdr: *mut Ipv4Hdr, l3_off: usize) -> Result<Ip
         return Err(Reason::IpOptions);
     }
     let tot_len = u16::from_be_bytes(h.tot_len);
-    if (tot_len as usize) < Ipv4Hdr::LEN || l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
+    if (tot_len as usize) < Ipv4Hdr::LEN || l3_off + tot_len as usize > ctx.data_end() - ctx.data()
+    {
         return Err(Reason::MalformedIpv4);
     }
     if !checksum_ok(h) {
@@ -55,7 +56,12 @@ pub fn validate(ctx: &XdpContext, hdr: *mut Ipv4Hdr, l3_off: usize) -> Result<Ip
     if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
         return Err(Reason::NotTcpUdp);
     }
-    Ok(Ipv4 { hdr, l4_off: l3_off + Ipv4Hdr::LEN, proto: h.proto, tot_len })
+    Ok(Ipv4 {
+        hdr,
+        l4_off: l3_off + Ipv4Hdr::LEN,
+        proto: h.proto,
+        tot_len,
+    })
 }
 
 /// A valid header's words sum to 0xffff (RFC 1071).

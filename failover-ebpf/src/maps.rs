@@ -9,9 +9,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use failover_common::{
-    Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, Node,
-    RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats,
-    VipFilter, LRU_FLAGS, NextHop,
+    Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, LRU_FLAGS, MAX_BACKENDS,
+    MAX_SERVICES, NextHop, Node, RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service,
+    ServiceKey, ServiceStats, VipFilter,
 };
 
 #[map(name = "NODE")]

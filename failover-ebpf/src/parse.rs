@@ -43,5 +43,8 @@ pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
             l3_off: EthHdr::LEN + 4,
         });
     }
-    Some(L2 { ether_type, l3_off: EthHdr::LEN })
+    Some(L2 {
+        ether_type,
+        l3_off: EthHdr::LEN,
+    })
 }

@@ -54,7 +54,16 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     }
 
     ipv4::rewrite(ip.hdr, r.vip_be, r.client_be);
-    if let Err(e) = l4::rewrite(ctx, l4, src, node.snat_be, r.vip_be, r.client_be, r.vport_be, r.cport_be) {
+    if let Err(e) = l4::rewrite(
+        ctx,
+        l4,
+        src,
+        node.snat_be,
+        r.vip_be,
+        r.client_be,
+        r.vport_be,
+        r.cport_be,
+    ) {
         return (xdp_action::XDP_DROP, e);
     }
     let route = Route {

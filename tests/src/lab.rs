@@ -16,9 +16,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use failover_agent::dataplane::Dataplane;
-use failover_common::{
-    Backend, NO_BACKEND, Node, RING_MAX, Ring, Service, ServiceKey, state,
-};
+use failover_common::{Backend, NO_BACKEND, Node, RING_MAX, Ring, Service, ServiceKey, state};
 
 use crate::netns::{Entered, Netns};
 
@@ -93,7 +91,14 @@ impl Lab {
             seed: 7,
             flags: 0,
         })?;
-        Ok(Self { _entered: entered, dp, pins, ns, vc0, va0 })
+        Ok(Self {
+            _entered: entered,
+            dp,
+            pins,
+            ns,
+            vc0,
+            va0,
+        })
     }
 
     pub fn pin_dir(&self) -> &std::path::Path {
@@ -104,20 +109,51 @@ impl Lab {
     pub fn backend(&mut self, id: u32, addr: Ipv4Addr, port: u16, st: u8) -> Result<()> {
         self.dp.set_backend(
             id,
-            Backend { addr_be: u32::from(addr).to_be(), port_be: port.to_be(), state: st, _pad: 0 },
+            Backend {
+                addr_be: u32::from(addr).to_be(),
+                port_be: port.to_be(),
+                state: st,
+                _pad: 0,
+            },
         )?;
         Ok(())
     }
 
     /// Programs a service whose ring of `ring_size` slots cycles through
     /// `ids` (or is empty: fail closed), and adds the VIP to the filter.
-    pub fn service(&mut self, sid: u32, port: u16, proto: u8, flags: u32, ring_size: u32, ids: &[u32]) -> Result<ServiceKey> {
-        let key = ServiceKey { vip_be: u32::from(VIP).to_be(), port_be: port.to_be(), proto, _pad: 0 };
+    pub fn service(
+        &mut self,
+        sid: u32,
+        port: u16,
+        proto: u8,
+        flags: u32,
+        ring_size: u32,
+        ids: &[u32],
+    ) -> Result<ServiceKey> {
+        let key = ServiceKey {
+            vip_be: u32::from(VIP).to_be(),
+            port_be: port.to_be(),
+            proto,
+            _pad: 0,
+        };
         let ring = ring_of(ring_size, ids);
         self.dp.write_ring(sid, 0, &ring)?;
-        self.dp.put_service(key, Service { id: sid, flags, active_slot: 0, ring_size, generation: 1 })?;
-        let vips: Vec<Ipv4Addr> =
-            self.dp.services()?.iter().map(|(k, _)| Ipv4Addr::from(u32::from_be(k.vip_be))).collect();
+        self.dp.put_service(
+            key,
+            Service {
+                id: sid,
+                flags,
+                active_slot: 0,
+                ring_size,
+                generation: 1,
+            },
+        )?;
+        let vips: Vec<Ipv4Addr> = self
+            .dp
+            .services()?
+            .iter()
+            .map(|(k, _)| Ipv4Addr::from(u32::from_be(k.vip_be)))
+            .collect();
         self.dp.set_vips(vips)?;
         Ok(key)
     }
@@ -135,7 +171,9 @@ impl Lab {
 
 /// A ring of `size` slots cycling through `ids`; all NO_BACKEND if empty.
 pub fn ring_of(size: u32, ids: &[u32]) -> Box<Ring> {
-    let mut ring = Box::new(Ring { backends: [NO_BACKEND; RING_MAX] });
+    let mut ring = Box::new(Ring {
+        backends: [NO_BACKEND; RING_MAX],
+    });
     if !ids.is_empty() {
         for i in 0..size as usize {
             ring.backends[i] = ids[i % ids.len()];
@@ -170,5 +208,8 @@ pub fn xdp_md(len: u32, ifindex: u32) -> [u8; 24] {
 }
 
 pub fn mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

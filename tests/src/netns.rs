@@ -24,9 +24,17 @@ pub fn require_root() {
 
 /// Runs a command, failing with its stderr when it does not succeed.
 pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().with_context(|| format!("spawn {cmd}"))?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .with_context(|| format!("spawn {cmd}"))?;
     if !out.status.success() {
-        bail!("`{cmd}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{cmd}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -39,7 +47,11 @@ impl Netns {
     /// Creates `fo-<tag>-<pid>-<n>` with loopback up.
     pub fn new(tag: &str) -> Result<Self> {
         require_root();
-        let name = format!("fo-{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "fo-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         sh(&format!("ip netns add {name}"))?;
         let ns = Self { name };
         ns.exec("ip link set lo up")?;
@@ -48,7 +60,11 @@ impl Netns {
 
     /// Runs a shell command inside the namespace.
     pub fn exec(&self, cmd: &str) -> Result<String> {
-        sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', r"'\''")))
+        sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            cmd.replace('\'', r"'\''")
+        ))
     }
 
     /// Moves the calling thread into the namespace until the guard drops.
@@ -87,6 +103,9 @@ impl Drop for Entered {
 pub fn none_left() -> bool {
     let prefix = format!("-{}-", std::process::id());
     std::fs::read_dir("/run/netns")
-        .map(|d| d.flatten().all(|e| !e.file_name().to_string_lossy().contains(&prefix)))
+        .map(|d| {
+            d.flatten()
+                .all(|e| !e.file_name().to_string_lossy().contains(&prefix))
+        })
         .unwrap_or(true)
 }

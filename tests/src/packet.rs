@@ -22,7 +22,13 @@ pub struct Frame {
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { seq: u32, ack: Option<u32>, syn: bool, fin: bool, rst: bool },
+    Tcp {
+        seq: u32,
+        ack: Option<u32>,
+        syn: bool,
+        fin: bool,
+        rst: bool,
+    },
     Udp,
 }
 
@@ -36,18 +42,34 @@ impl Frame {
             ttl: 64,
             sport,
             dport,
-            l4: L4::Tcp { seq: 1000, ack: None, syn: true, fin: false, rst: false },
+            l4: L4::Tcp {
+                seq: 1000,
+                ack: None,
+                syn: true,
+                fin: false,
+                rst: false,
+            },
             payload: Vec::new(),
         }
     }
 
     pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
-        Self { l4: L4::Udp, payload: b"query".to_vec(), ..Self::tcp(src, sport, dst, dport) }
+        Self {
+            l4: L4::Udp,
+            payload: b"query".to_vec(),
+            ..Self::tcp(src, sport, dst, dport)
+        }
     }
 
     /// An established-flow data segment (ACK, no SYN).
     pub fn data(mut self, payload: &[u8]) -> Self {
-        self.l4 = L4::Tcp { seq: 1001, ack: Some(5001), syn: false, fin: false, rst: false };
+        self.l4 = L4::Tcp {
+            seq: 1001,
+            ack: Some(5001),
+            syn: false,
+            fin: false,
+            rst: false,
+        };
         self.payload = payload.to_vec();
         self
     }
@@ -60,7 +82,13 @@ impl Frame {
         );
         let mut out = Vec::new();
         match &self.l4 {
-            L4::Tcp { seq, ack, syn, fin, rst } => {
+            L4::Tcp {
+                seq,
+                ack,
+                syn,
+                fin,
+                rst,
+            } => {
                 let mut t = b.tcp(self.sport, self.dport, *seq, 64_240);
                 if *syn {
                     t = t.syn();
@@ -76,7 +104,10 @@ impl Frame {
                 }
                 t.write(&mut out, &self.payload).expect("build tcp");
             }
-            L4::Udp => b.udp(self.sport, self.dport).write(&mut out, &self.payload).expect("build udp"),
+            L4::Udp => b
+                .udp(self.sport, self.dport)
+                .write(&mut out, &self.payload)
+                .expect("build udp"),
         }
         out
     }
@@ -85,19 +116,29 @@ impl Frame {
 /// Checks a frame's IPv4 and L4 checksums by recomputing them from scratch.
 pub fn assert_checksums_valid(frame: &[u8]) {
     let p = SlicedPacket::from_ethernet(frame).expect("output parses");
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("not ipv4: {frame:02x?}") };
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not ipv4: {frame:02x?}")
+    };
     let h = ip.header().to_header();
-    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
     match &p.transport {
         Some(etherparse::TransportSlice::Tcp(t)) => {
             let th: TcpHeader = t.to_header();
-            let c = th.calc_checksum_ipv4(&h, t.payload()).expect("tcp checksum");
+            let c = th
+                .calc_checksum_ipv4(&h, t.payload())
+                .expect("tcp checksum");
             assert_eq!(th.checksum, c, "TCP checksum");
         }
         Some(etherparse::TransportSlice::Udp(u)) => {
             let uh = u.to_header();
             if uh.checksum != 0 {
-                let c = uh.calc_checksum_ipv4(&h, u.payload()).expect("udp checksum");
+                let c = uh
+                    .calc_checksum_ipv4(&h, u.payload())
+                    .expect("udp checksum");
                 assert_eq!(uh.checksum, c, "UDP checksum");
             }
         }

@@ -9,7 +9,10 @@ use std::net::Ipv4Addr;
 use etherparse::{IpNumber, Ipv4Header, SlicedPacket, TransportSlice};
 use failover_common::{FlowKey, Reason, Reverse, ReverseKey, SVC_F_RESET, state};
 use failover_tests::{
-    lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, Lab, SAME_LEG_BACKEND, SNAT, VA0_MAC, VC0_MAC, VIP, backend_addr},
+    lab::{
+        self, BACKEND_MAC, CLIENT, CLIENT_MAC, Lab, SAME_LEG_BACKEND, SNAT, VA0_MAC, VC0_MAC, VIP,
+        backend_addr,
+    },
     packet::{Frame, L4, assert_checksums_valid, ports},
 };
 
@@ -26,7 +29,8 @@ const BPORT: u16 = 8000;
 fn lab_with(ids: &[u32], flags: u32) -> Lab {
     let mut lab = Lab::new().expect("lab");
     for id in 1..=3u32 {
-        lab.backend(id, backend_addr(id as u8), BPORT, state::UP).unwrap();
+        lab.backend(id, backend_addr(id as u8), BPORT, state::UP)
+            .unwrap();
     }
     lab.service(0, 80, TCP, flags, 13, ids).unwrap();
     lab
@@ -48,7 +52,12 @@ fn flow_key(f: &Frame, proto: u8) -> FlowKey {
 }
 
 /// The frame the program must emit toward the backend for `f`.
-fn expected_forward(f: &Frame, backend: Ipv4Addr, nat_port: u16, macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
+fn expected_forward(
+    f: &Frame,
+    backend: Ipv4Addr,
+    nat_port: u16,
+    macs: ([u8; 6], [u8; 6]),
+) -> Vec<u8> {
     Frame {
         src_mac: macs.0,
         dst_mac: macs.1,
@@ -69,7 +78,9 @@ fn forward(lab: &Lab, f: &Frame) -> (u32, Vec<u8>) {
 
 fn dst_of(frame: &[u8]) -> Ipv4Addr {
     let p = SlicedPacket::from_ethernet(frame).unwrap();
-    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!("not ipv4") };
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not ipv4")
+    };
     ip.header().destination_addr()
 }
 
@@ -80,17 +91,43 @@ fn new_flow_is_pinned_source_natted_and_redirected() {
     let (rc, out) = forward(&lab, &syn);
     assert_eq!(rc, XDP_REDIRECT);
 
-    let flow = lab.dp.flows().unwrap().into_iter().find(|(k, _)| *k == flow_key(&syn, TCP)).expect("flow pinned").1;
+    let flow = lab
+        .dp
+        .flows()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == flow_key(&syn, TCP))
+        .expect("flow pinned")
+        .1;
     let be = backend_addr(flow.backend_id as u8);
     let nat_port = u16::from_be(flow.nat_port_be);
     assert!((lab::PORT_MIN..=lab::PORT_MAX).contains(&nat_port));
-    assert_eq!(out, expected_forward(&syn, be, nat_port, (VA0_MAC, BACKEND_MAC)));
+    assert_eq!(
+        out,
+        expected_forward(&syn, be, nat_port, (VA0_MAC, BACKEND_MAC))
+    );
     assert_checksums_valid(&out);
 
     // The reverse entry restores exactly the client's tuple.
     let (rk, rv): (ReverseKey, Reverse) = lab.dp.reverse_entries().unwrap()[0];
-    assert_eq!((rk.backend_be, rk.snat_be, rk.bport_be, rk.nat_port_be), (u32::from(be).to_be(), u32::from(SNAT).to_be(), BPORT.to_be(), flow.nat_port_be));
-    assert_eq!((rv.client_be, rv.vip_be, rv.cport_be, rv.vport_be), (u32::from(CLIENT).to_be(), u32::from(VIP).to_be(), 51_000u16.to_be(), 80u16.to_be()));
+    assert_eq!(
+        (rk.backend_be, rk.snat_be, rk.bport_be, rk.nat_port_be),
+        (
+            u32::from(be).to_be(),
+            u32::from(SNAT).to_be(),
+            BPORT.to_be(),
+            flow.nat_port_be
+        )
+    );
+    assert_eq!(
+        (rv.client_be, rv.vip_be, rv.cport_be, rv.vport_be),
+        (
+            u32::from(CLIENT).to_be(),
+            u32::from(VIP).to_be(),
+            51_000u16.to_be(),
+            80u16.to_be()
+        )
+    );
 
     assert_eq!(count(&lab, Reason::ForwardRedirect), 1);
     let s = lab.dp.backend_stats(flow.backend_id).unwrap();
@@ -108,7 +145,13 @@ fn reply_is_restored_to_vip_and_client_and_measures_handshake() {
     let mut synack = Frame::tcp(backend_addr(2), BPORT, SNAT, nat_port);
     synack.src_mac = BACKEND_MAC;
     synack.dst_mac = VA0_MAC;
-    synack.l4 = L4::Tcp { seq: 5000, ack: Some(1001), syn: true, fin: false, rst: false };
+    synack.l4 = L4::Tcp {
+        seq: 5000,
+        ack: Some(1001),
+        syn: true,
+        fin: false,
+        rst: false,
+    };
     let (rc, out) = lab.run(lab.va0, &synack.build()).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     let expected = Frame {
@@ -127,7 +170,10 @@ fn reply_is_restored_to_vip_and_client_and_measures_handshake() {
     assert_eq!(count(&lab, Reason::ReverseRedirect), 1);
     let s = lab.dp.backend_stats(2).unwrap();
     assert_eq!((s.syns, s.synacks, s.syn_rsts), (1, 1, 0));
-    assert!(s.rtt_last_ns > 0 && s.rtt_at_ns > 0, "handshake RTT recorded: {s:?}");
+    assert!(
+        s.rtt_last_ns > 0 && s.rtt_at_ns > 0,
+        "handshake RTT recorded: {s:?}"
+    );
 }
 
 #[test]
@@ -137,13 +183,22 @@ fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
     let (_, out) = forward(&lab, &syn);
     let (nat_port, _) = ports(&out);
     let mut rst = Frame::tcp(backend_addr(1), BPORT, SNAT, nat_port);
-    rst.l4 = L4::Tcp { seq: 0, ack: Some(1001), syn: false, fin: false, rst: true };
+    rst.l4 = L4::Tcp {
+        seq: 0,
+        ack: Some(1001),
+        syn: false,
+        fin: false,
+        rst: true,
+    };
     let (rc, out) = lab.run(lab.va0, &rst.build()).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     assert_checksums_valid(&out);
     assert_eq!(lab.dp.backend_stats(1).unwrap().syn_rsts, 1);
     assert!(lab.dp.flows().unwrap().is_empty(), "flow entry freed");
-    assert!(lab.dp.reverse_entries().unwrap().is_empty(), "reverse entry freed");
+    assert!(
+        lab.dp.reverse_entries().unwrap().is_empty(),
+        "reverse entry freed"
+    );
 }
 
 #[test]
@@ -162,7 +217,11 @@ fn flows_stick_to_their_backend_and_spread_over_the_ring() {
             assert_checksums_valid(&out);
         }
     }
-    assert_eq!(seen.len(), 3, "64 flows over 3 backends use all of them: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        3,
+        "64 flows over 3 backends use all of them: {seen:?}"
+    );
     assert_eq!(count(&lab, Reason::ForwardRedirect), 64 * 6);
     assert_eq!(lab.dp.service_stats(0).unwrap().new_flows, 64);
 }
@@ -195,13 +254,26 @@ fn assert_rst(out: &[u8], to_port: u16, seq: u32, ack: Option<u32>) {
     assert_checksums_valid(out);
     let p = SlicedPacket::from_ethernet(out).unwrap();
     let eth = p.link.unwrap().to_header().unwrap();
-    let etherparse::LinkHeader::Ethernet2(eth) = eth else { panic!() };
-    assert_eq!((eth.source, eth.destination), (VC0_MAC, CLIENT_MAC), "MACs swapped");
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
+    let etherparse::LinkHeader::Ethernet2(eth) = eth else {
+        panic!()
+    };
+    assert_eq!(
+        (eth.source, eth.destination),
+        (VC0_MAC, CLIENT_MAC),
+        "MACs swapped"
+    );
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
     let h: Ipv4Header = ip.header().to_header();
     assert_eq!((h.source, h.destination), (VIP.octets(), CLIENT.octets()));
-    assert_eq!((h.time_to_live, h.protocol, h.total_len, h.options.len()), (64, IpNumber::TCP, 40, 0));
-    let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!() };
+    assert_eq!(
+        (h.time_to_live, h.protocol, h.total_len, h.options.len()),
+        (64, IpNumber::TCP, 40, 0)
+    );
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!()
+    };
     assert_eq!((t.source_port(), t.destination_port()), (80, to_port));
     assert!(t.rst() && !t.syn() && !t.fin());
     assert_eq!(t.sequence_number(), seq);
@@ -226,7 +298,10 @@ fn flow_on_a_down_backend_is_reset_at_once() {
     assert_rst(&out, 51_010, 5001, None);
     assert_eq!(count(&lab, Reason::ResetSent), 1);
     assert_eq!(lab.dp.backend_stats(1).unwrap().resets, 1);
-    assert!(lab.dp.flows().unwrap().is_empty(), "the dead flow is forgotten");
+    assert!(
+        lab.dp.flows().unwrap().is_empty(),
+        "the dead flow is forgotten"
+    );
 }
 
 #[test]
@@ -318,7 +393,13 @@ fn snat_port_collisions_probe_then_give_up() {
     let (rc, out) = lab.run(lab.vc0, &input).unwrap();
     assert_eq!((rc, out), (XDP_DROP, input));
     assert_eq!(count(&lab, Reason::SnatExhausted), 1);
-    assert!(!lab.dp.flows().unwrap().iter().any(|(k, _)| *k == flow_key(&syn, TCP)));
+    assert!(
+        !lab.dp
+            .flows()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == flow_key(&syn, TCP))
+    );
 }
 
 #[test]
@@ -328,16 +409,23 @@ fn same_leg_backend_is_sent_with_xdp_tx_and_unknown_neighbour_passes() {
     let syn = Frame::tcp(CLIENT, 51_040, VIP, 80);
     let (rc, out) = forward(&lab, &syn);
     assert_eq!(rc, XDP_TX);
-    assert_eq!(out, expected_forward(&syn, SAME_LEG_BACKEND, ports(&out).0, (VC0_MAC, CLIENT_MAC)));
+    assert_eq!(
+        out,
+        expected_forward(&syn, SAME_LEG_BACKEND, ports(&out).0, (VC0_MAC, CLIENT_MAC))
+    );
     assert_eq!(count(&lab, Reason::ForwardTx), 1);
 
-    lab.backend(1, lab::NO_NEIGH_BACKEND, BPORT, state::UP).unwrap();
+    lab.backend(1, lab::NO_NEIGH_BACKEND, BPORT, state::UP)
+        .unwrap();
     let syn = Frame::tcp(CLIENT, 51_041, VIP, 80);
     let (rc, out) = forward(&lab, &syn);
     assert_eq!(rc, XDP_PASS, "the kernel resolves the neighbour");
     // Rewritten already (MACs untouched): the kernel forwards it as is.
     let nat = ports(&out).0;
-    assert_eq!(out, expected_forward(&syn, lab::NO_NEIGH_BACKEND, nat, (syn.src_mac, syn.dst_mac)));
+    assert_eq!(
+        out,
+        expected_forward(&syn, lab::NO_NEIGH_BACKEND, nat, (syn.src_mac, syn.dst_mac))
+    );
     assert_eq!(count(&lab, Reason::NoNeighbour), 1);
 }
 
@@ -347,7 +435,13 @@ fn client_rst_frees_flow_entries() {
     let syn = Frame::tcp(CLIENT, 51_050, VIP, 80);
     forward(&lab, &syn);
     let mut rst = syn.clone();
-    rst.l4 = L4::Tcp { seq: 1001, ack: Some(5001), syn: false, fin: false, rst: true };
+    rst.l4 = L4::Tcp {
+        seq: 1001,
+        ack: Some(5001),
+        syn: false,
+        fin: false,
+        rst: true,
+    };
     let (rc, out) = forward(&lab, &rst);
     assert_eq!(rc, XDP_REDIRECT);
     assert_checksums_valid(&out);
@@ -363,7 +457,11 @@ fn assert_verdict(lab: &Lab, frame: &[u8], rc: u32, reason: Reason) {
     assert_eq!(got, rc, "verdict for {reason:?}");
     assert_eq!(out, frame, "{reason:?}: frame untouched");
     assert_eq!(count(lab, reason), before + 1, "{reason:?} counted");
-    assert_eq!(reason.verdict(), if rc == XDP_DROP { "drop" } else { "pass" }, "documented verdict");
+    assert_eq!(
+        reason.verdict(),
+        if rc == XDP_DROP { "drop" } else { "pass" },
+        "documented verdict"
+    );
 }
 
 fn set_ip_checksum(frame: &mut [u8]) {
@@ -452,13 +550,31 @@ fn malformed_and_foreign_input_gets_its_documented_verdict() {
     v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
     assert_verdict(&lab, &v6, XDP_PASS, Reason::NotIpv4);
 
-    assert_verdict(&lab, &Frame::tcp(CLIENT, 51_061, VIP, 81).build(), XDP_PASS, Reason::NotVip);
+    assert_verdict(
+        &lab,
+        &Frame::tcp(CLIENT, 51_061, VIP, 81).build(),
+        XDP_PASS,
+        Reason::NotVip,
+    );
     let other = Ipv4Addr::new(203, 0, 113, 77);
-    assert_verdict(&lab, &Frame::tcp(CLIENT, 51_062, other, 80).build(), XDP_PASS, Reason::NotVip);
+    assert_verdict(
+        &lab,
+        &Frame::tcp(CLIENT, 51_062, other, 80).build(),
+        XDP_PASS,
+        Reason::NotVip,
+    );
     // To the SNAT address but no flow: the node's own sockets (probes).
-    assert_verdict(&lab, &Frame::tcp(backend_addr(1), 8000, SNAT, 33_000).build(), XDP_PASS, Reason::NotVip);
+    assert_verdict(
+        &lab,
+        &Frame::tcp(backend_addr(1), 8000, SNAT, 33_000).build(),
+        XDP_PASS,
+        Reason::NotVip,
+    );
 
-    assert!(lab.dp.flows().unwrap().is_empty(), "nothing malformed created state");
+    assert!(
+        lab.dp.flows().unwrap().is_empty(),
+        "nothing malformed created state"
+    );
 }
 
 #[test]
@@ -469,12 +585,24 @@ fn a_wrong_l4_checksum_is_never_made_valid() {
     let (rc, out) = lab.run(lab.vc0, &f).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     let p = SlicedPacket::from_ethernet(&out).unwrap();
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
     let h = ip.header().to_header();
-    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IP header valid");
-    let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!() };
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "IP header valid"
+    );
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!()
+    };
     let th = t.to_header();
-    assert_ne!(th.checksum, th.calc_checksum_ipv4(&h, t.payload()).unwrap(), "still invalid");
+    assert_ne!(
+        th.checksum,
+        th.calc_checksum_ipv4(&h, t.payload()).unwrap(),
+        "still invalid"
+    );
 }
 
 #[test]

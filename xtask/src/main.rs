@@ -1,1 +1,227 @@
-fn main() {}
+//! The project's commands: `cargo xtask setup | build | test | demo | bench`.
+//!
+//! Every machine starts bare, so `setup` installs everything the others
+//! need, idempotently, and `test`, `demo` and `bench` call it first.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    about = "failover's build, test, demo and bench commands"
+)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install toolchain pieces and system packages (idempotent).
+    Setup,
+    /// Build the agent (and the XDP object it embeds) in release mode.
+    Build,
+    /// Format and lint checks, then every test, including the privileged
+    /// kernel tests (needs root).
+    Test,
+    /// Run the product end to end on this machine.
+    Demo {
+        /// Leave the demo running for exploration.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Benchmarks; arguments go to the benchmark (e.g. `datapath --json`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages: LLVM 22 to build bpf-linker against (it must match the
+/// nightly's LLVM), iproute2 for namespaces, and the comparison peers.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+    "nftables",
+    "haproxy",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build => {
+            setup()?;
+            run(Command::new("cargo").args(["build", "--release", "-p", "failover-agent"]))
+        }
+        Cmd::Test => test(),
+        Cmd::Demo { keep } => demo(keep),
+        Cmd::Bench { args } => bench(&args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("+ {shown}");
+    let status = cmd.status().with_context(|| format!("spawn {shown}"))?;
+    ensure!(status.success(), "{shown} failed: {status}");
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    let uid = output(Command::new("id").arg("-u"));
+    if uid.trim() != "0" {
+        bail!("{what} needs root (BPF, XDP and network namespaces); run it as root");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    require_root("setup")?;
+    // System packages.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let s = output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]));
+            !s.contains("install ok installed")
+        })
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // The nightly's standard library sources (the eBPF crate builds core).
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    // bpf-linker, built against Debian's LLVM 22 (no prebuilt download).
+    let linker = output(Command::new("bpf-linker").arg("--version"));
+    if !linker.contains(BPF_LINKER_VERSION) {
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22", "--locked"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    // bpffs for pinned maps and links.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    eprintln!("setup: ready");
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    require_root("the test suite")?;
+    setup()?;
+    run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The eBPF crate only builds for the BPF target, with nightly.
+    run(Command::new("cargo").args([
+        "+nightly",
+        "clippy",
+        "-p",
+        "failover-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo").args(["test", "--no-fail-fast"]))?;
+    leftovers()
+}
+
+/// Tests own their namespaces and pins through guards; check that none
+/// survived, failing test or not.
+fn leftovers() -> Result<()> {
+    let mut left = Vec::new();
+    for (dir, prefix) in [("/run/netns", "fo-"), ("/sys/fs/bpf", "failover-test-")] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(prefix) {
+                    left.push(format!("{dir}/{name}"));
+                }
+            }
+        }
+    }
+    ensure!(left.is_empty(), "tests left these behind: {left:?}");
+    eprintln!("test: no namespace or pinned object left behind");
+    Ok(())
+}
+
+fn demo(keep: bool) -> Result<()> {
+    require_root("the demo")?;
+    setup()?;
+    let _ = keep;
+    println!(
+        "The end-to-end demo (two clouds in namespaces, live failover) arrives with the \
+         end-to-end issue. Until then, `cargo xtask test` drives the real XDP program and \
+         `cargo xtask bench datapath` measures it."
+    );
+    Ok(())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    require_root("benchmarks")?;
+    setup()?;
+    let Some(which) = args.first() else {
+        bail!("usage: cargo xtask bench datapath [--json] [--calls N]");
+    };
+    match which.as_str() {
+        "datapath" => run(Command::new("cargo")
+            .args(["run", "--quiet", "--release", "-p", "failover-tests"])
+            .args(["--bin", "failover-bench", "--"])
+            .args(args)),
+        other => bail!("unknown benchmark {other:?}; available: datapath"),
+    }
+}

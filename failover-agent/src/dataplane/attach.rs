@@ -10,7 +10,7 @@ use aya::programs::{
     xdp::XdpLink,
 };
 
-use super::{Dataplane, DataplaneError, Result};
+use super::{Dataplane, ErrorKind, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum XdpMode {
@@ -40,10 +40,10 @@ impl From<XdpMode> for aya::programs::XdpMode {
 }
 
 pub fn ifindex(iface: &str) -> Result<u32> {
-    let c = CString::new(iface).map_err(|_| DataplaneError::NoInterface(iface.to_owned()))?;
+    let c = CString::new(iface).map_err(|_| ErrorKind::NoInterface(iface.to_owned()))?;
     // SAFETY: valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(DataplaneError::NoInterface(iface.to_owned())),
+        0 => Err(ErrorKind::NoInterface(iface.to_owned()).into()),
         i => Ok(i),
     }
 }
@@ -72,7 +72,7 @@ impl Dataplane {
 
     fn attach_prog(&mut self, prog: &'static str, iface: &str, mode: XdpMode) -> Result<bool> {
         let path = self.link_path(iface);
-        let attach_err = |source: ProgramError| DataplaneError::Attach {
+        let attach_err = |source: ProgramError| ErrorKind::Attach {
             iface: iface.to_owned(),
             mode,
             hint: match mode {
@@ -84,33 +84,41 @@ impl Dataplane {
             source,
         };
         if path.exists() {
-            let pinned = PinnedLink::from_pin(&path).map_err(|source| DataplaneError::Link {
+            let pinned = PinnedLink::from_pin(&path).map_err(|source| ErrorKind::Link {
                 path: path.clone(),
                 source,
             })?;
             let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source: LinkError| {
-                DataplaneError::Link { path: path.clone(), source }
+                ErrorKind::Link {
+                    path: path.clone(),
+                    source,
+                }
             })?;
             let p: &mut Xdp = self.xdp_mut(prog);
             let id = p.attach_to_link(link).map_err(attach_err)?;
             // The pin keeps the link; our handle can go.
-            let _ = p.take_link(id)?;
+            let _ = p.take_link(id).map_err(ErrorKind::Program)?;
             return Ok(true);
         }
         let idx = ifindex(iface)?;
         let p: &mut Xdp = self.xdp_mut(prog);
         let id = p.attach_to_if_index(idx, mode.into()).map_err(attach_err)?;
-        let link = p.take_link(id)?;
-        let fd = FdLink::try_from(link)
-            .map_err(|source| DataplaneError::Link { path: path.clone(), source })?;
+        let link = p.take_link(id).map_err(ErrorKind::Program)?;
+        let fd = FdLink::try_from(link).map_err(|source| ErrorKind::Link {
+            path: path.clone(),
+            source,
+        })?;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
+            std::fs::create_dir_all(dir).map_err(|source| ErrorKind::Io {
                 what: "creating link pin directory",
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
-        fd.pin(&path).map_err(|source| DataplaneError::Pin { path: path.clone(), source })?;
+        fd.pin(&path).map_err(|source| ErrorKind::Pin {
+            path: path.clone(),
+            source,
+        })?;
         Ok(false)
     }
 

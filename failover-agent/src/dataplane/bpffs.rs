@@ -3,7 +3,7 @@
 
 use std::{ffi::CString, path::Path};
 
-use super::{DataplaneError, Result};
+use super::{ErrorKind, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -16,14 +16,21 @@ pub fn ensure_mounted(pin_dir: &Path) -> Result<()> {
     let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
     // SAFETY: all pointers are valid NUL-terminated strings.
     let rc = unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(DataplaneError::Io {
+        return Err(ErrorKind::Io {
             what: "mounting bpffs at",
             path: root.to_path_buf(),
             source: std::io::Error::last_os_error(),
-        });
+        }
+        .into());
     }
     Ok(())
 }

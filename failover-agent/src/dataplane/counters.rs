@@ -17,19 +17,31 @@ impl Dataplane {
         Reason::ALL
             .iter()
             .map(|&reason| {
-                let v = self.stats.get(&(reason as u32), 0).map_err(map_err(names::STATS))?;
-                Ok(ReasonCount { reason, count: v.iter().sum() })
+                let v = self
+                    .stats
+                    .get(&(reason as u32), 0)
+                    .map_err(map_err(names::STATS))?;
+                Ok(ReasonCount {
+                    reason,
+                    count: v.iter().sum(),
+                })
             })
             .collect()
     }
 
     pub fn reason_count(&self, reason: Reason) -> Result<u64> {
-        let v = self.stats.get(&(reason as u32), 0).map_err(map_err(names::STATS))?;
+        let v = self
+            .stats
+            .get(&(reason as u32), 0)
+            .map_err(map_err(names::STATS))?;
         Ok(v.iter().sum())
     }
 
     pub fn service_stats(&self, id: u32) -> Result<ServiceStats> {
-        let v = self.svc_stats.get(&id, 0).map_err(map_err(names::SVC_STATS))?;
+        let v = self
+            .svc_stats
+            .get(&id, 0)
+            .map_err(map_err(names::SVC_STATS))?;
         Ok(v.iter().fold(ServiceStats::default(), |mut a, s| {
             a.fwd_packets += s.fwd_packets;
             a.fwd_bytes += s.fwd_bytes;
@@ -44,7 +56,10 @@ impl Dataplane {
     /// Summed counters; the RTT fields come from the CPU that saw the most
     /// recent SYN-ACK.
     pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
-        let v = self.be_stats.get(&id, 0).map_err(map_err(names::BE_STATS))?;
+        let v = self
+            .be_stats
+            .get(&id, 0)
+            .map_err(map_err(names::BE_STATS))?;
         Ok(v.iter().fold(BackendStats::default(), |mut a, s| {
             a.fwd_packets += s.fwd_packets;
             a.fwd_bytes += s.fwd_bytes;

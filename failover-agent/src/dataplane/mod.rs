@@ -33,12 +33,30 @@ pub use rings::FlipTiming;
 /// The compiled XDP object, built by this crate's build script.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/failover"));
 
+/// A data plane error; boxed, since aya's errors are large and results
+/// travel through every call.
 #[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
+#[error(transparent)]
+pub struct DataplaneError(Box<ErrorKind>);
+
+impl DataplaneError {
+    pub fn kind(&self) -> &ErrorKind {
+        &self.0
+    }
+}
+
+impl<E: Into<ErrorKind>> From<E> for DataplaneError {
+    fn from(e: E) -> Self {
+        Self(Box::new(e.into()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
     #[error("loading the XDP object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] aya::EbpfError),
     #[error("program: {0}")]
-    Program(#[from] ProgramError),
+    Program(#[source] ProgramError),
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -87,7 +105,7 @@ pub enum DataplaneError {
 pub type Result<T> = std::result::Result<T, DataplaneError>;
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { map, source }
+    move |source| ErrorKind::Map { map, source }.into()
 }
 
 /// Loaded program plus typed handles on every map.
@@ -109,7 +127,7 @@ pub struct Dataplane {
 
 macro_rules! take {
     ($ebpf:expr, $name:expr) => {{
-        let map = $ebpf.take_map($name).ok_or(DataplaneError::MissingMap($name))?;
+        let map = $ebpf.take_map($name).ok_or(ErrorKind::MissingMap($name))?;
         map.try_into().map_err(map_err($name))?
     }};
 }
@@ -120,18 +138,22 @@ impl Dataplane {
     pub fn load(pin_dir: &Path) -> Result<Self> {
         bpffs::ensure_mounted(pin_dir)?;
         let map_dir = pin_dir.join("maps");
-        std::fs::create_dir_all(&map_dir).map_err(|source| DataplaneError::Io {
+        std::fs::create_dir_all(&map_dir).map_err(|source| ErrorKind::Io {
             what: "creating pin directory",
             path: map_dir.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&map_dir).load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .load(OBJECT)
+            .map_err(ErrorKind::Load)?;
         for name in [names::PROGRAM, names::PASS_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
-                .ok_or(ProgramError::NotLoaded)?
-                .try_into()?;
-            prog.load()?;
+                .ok_or(ErrorKind::Program(ProgramError::NotLoaded))?
+                .try_into()
+                .map_err(ErrorKind::Program)?;
+            prog.load().map_err(ErrorKind::Program)?;
         }
         Ok(Self {
             node: take!(ebpf, names::NODE),
@@ -193,11 +215,15 @@ impl Dataplane {
         for v in vips {
             f.insert(u32::from(v).to_be());
         }
-        self.vip_filter.set(0, &*f, 0).map_err(map_err(names::VIP_FILTER))
+        self.vip_filter
+            .set(0, *f, 0)
+            .map_err(map_err(names::VIP_FILTER))
     }
 
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
-        self.backends.set(id, backend, 0).map_err(map_err(names::BACKENDS))
+        self.backends
+            .set(id, backend, 0)
+            .map_err(map_err(names::BACKENDS))
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
@@ -221,7 +247,9 @@ impl Dataplane {
     }
 
     pub fn put_service(&mut self, key: ServiceKey, svc: Service) -> Result<()> {
-        self.services.insert(key, svc, 0).map_err(map_err(names::SERVICES))
+        self.services
+            .insert(key, svc, 0)
+            .map_err(map_err(names::SERVICES))
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
@@ -242,12 +270,15 @@ impl Dataplane {
     pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
         self.devmap
             .insert(ifindex, ifindex, None, 0)
-            .map_err(DataplaneError::Devmap)
+            .map_err(|e| ErrorKind::Devmap(e).into())
     }
 
     /// All pinned flows (client tuple -> backend).
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
-        self.flows.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::FLOWS))
+        self.flows
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::FLOWS))
     }
 
     pub fn reverse_entries(&self) -> Result<Vec<(ReverseKey, Reverse)>> {
@@ -260,19 +291,28 @@ impl Dataplane {
     /// Inserts a reverse entry directly: lets tests fill the SNAT port
     /// space to exercise collision handling.
     pub fn insert_reverse(&mut self, key: ReverseKey, value: Reverse) -> Result<()> {
-        self.reverse.insert(key, value, 0).map_err(map_err(names::REVERSE))
+        self.reverse
+            .insert(key, value, 0)
+            .map_err(map_err(names::REVERSE))
     }
 
     /// Forgets every flow (both tables). Clients of established flows
     /// are re-selected on their next packet; used by benchmarks and
     /// operators recovering from a bad state.
     pub fn clear_flows(&mut self) -> Result<()> {
-        let keys: Vec<FlowKey> = self.flows.keys().collect::<std::result::Result<_, _>>().map_err(map_err(names::FLOWS))?;
+        let keys: Vec<FlowKey> = self
+            .flows
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::FLOWS))?;
         for k in keys {
             let _ = self.flows.remove(&k);
         }
-        let keys: Vec<ReverseKey> =
-            self.reverse.keys().collect::<std::result::Result<_, _>>().map_err(map_err(names::REVERSE))?;
+        let keys: Vec<ReverseKey> = self
+            .reverse
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::REVERSE))?;
         for k in keys {
             let _ = self.reverse.remove(&k);
         }
@@ -285,11 +325,12 @@ impl Dataplane {
         match std::fs::remove_dir_all(pin_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(DataplaneError::Io {
+            Err(source) => Err(ErrorKind::Io {
                 what: "removing pins",
                 path: pin_dir.to_path_buf(),
                 source,
-            }),
+            }
+            .into()),
         }
     }
 }

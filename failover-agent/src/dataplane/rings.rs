@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use failover_common::{RING_MAX, Ring, ServiceKey, names};
 
-use super::{Dataplane, DataplaneError, Result, map_err};
+use super::{Dataplane, ErrorKind, Result, map_err};
 
 /// How long the two steps of a flip took.
 #[derive(Clone, Copy, Debug)]
@@ -23,13 +23,14 @@ impl Dataplane {
         let t0 = Instant::now();
         let mut svc = self
             .service(key)?
-            .ok_or_else(|| DataplaneError::NoService(format!("{key:?}")))?;
+            .ok_or_else(|| ErrorKind::NoService(format!("{key:?}")))?;
         if svc.ring_size == 0 || svc.ring_size as usize > RING_MAX {
-            return Err(DataplaneError::RingSize {
+            return Err(ErrorKind::RingSize {
                 service: svc.id,
                 size: svc.ring_size,
                 max: RING_MAX,
-            });
+            }
+            .into());
         }
         let next = svc.active_slot ^ 1;
         self.write_ring(svc.id, next, ring)?;
@@ -38,7 +39,11 @@ impl Dataplane {
         svc.generation += 1;
         self.put_service(*key, svc)?;
         let t2 = Instant::now();
-        Ok(FlipTiming { write: t1 - t0, flip: t2 - t1, generation: svc.generation })
+        Ok(FlipTiming {
+            write: t1 - t0,
+            flip: t2 - t1,
+            generation: svc.generation,
+        })
     }
 
     /// Writes one ring slot; one syscall for the whole table.
@@ -49,6 +54,9 @@ impl Dataplane {
 
     pub fn ring(&self, service_id: u32, slot: u32) -> Result<Box<Ring>> {
         let idx = failover_common::Service::ring_index(service_id, slot);
-        self.rings.get(&idx, 0).map(Box::new).map_err(map_err(names::RINGS))
+        self.rings
+            .get(&idx, 0)
+            .map(Box::new)
+            .map_err(map_err(names::RINGS))
     }
 }

@@ -80,16 +80,47 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
     let mut reply = Frame::tcp(be, 8000, SNAT, nat_port);
     reply.src_mac = BACKEND_MAC;
     reply.dst_mac = VA0_MAC;
-    reply.l4 = L4::Tcp { seq: 5001, ack: Some(1001), syn: false, fin: false, rst: false };
+    reply.l4 = L4::Tcp {
+        seq: 5001,
+        ack: Some(1001),
+        syn: false,
+        fin: false,
+        rst: false,
+    };
     let reply = reply.data(&[0u8; 18]).build();
     let passthrough = Frame::tcp(CLIENT, 50_001, Ipv4Addr::new(203, 0, 113, 200), 80).build();
 
     let mut cases = [
-        Case { name: "empty", expect: XDP_PASS, total_ns: 0, calls: 0 },
-        Case { name: "established", expect: XDP_REDIRECT, total_ns: 0, calls: 0 },
-        Case { name: "new_flow", expect: XDP_REDIRECT, total_ns: 0, calls: 0 },
-        Case { name: "reverse", expect: XDP_REDIRECT, total_ns: 0, calls: 0 },
-        Case { name: "passthrough", expect: XDP_PASS, total_ns: 0, calls: 0 },
+        Case {
+            name: "empty",
+            expect: XDP_PASS,
+            total_ns: 0,
+            calls: 0,
+        },
+        Case {
+            name: "established",
+            expect: XDP_REDIRECT,
+            total_ns: 0,
+            calls: 0,
+        },
+        Case {
+            name: "new_flow",
+            expect: XDP_REDIRECT,
+            total_ns: 0,
+            calls: 0,
+        },
+        Case {
+            name: "reverse",
+            expect: XDP_REDIRECT,
+            total_ns: 0,
+            calls: 0,
+        },
+        Case {
+            name: "passthrough",
+            expect: XDP_PASS,
+            total_ns: 0,
+            calls: 0,
+        },
     ];
     let mut out = vec![0u8; 256];
     let rounds = 20u64;
@@ -101,7 +132,10 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
         // space stays as loaded as in steady state, not ever fuller.
         lab.dp.clear_flows()?;
         let (_, again) = lab.run(lab.vc0, &syn.build())?;
-        anyhow::ensure!(ports(&again).0 == nat_port, "the established flow got its port back");
+        anyhow::ensure!(
+            ports(&again).0 == nat_port,
+            "the established flow got its port back"
+        );
         let nat = lab.dp.program();
         let empty = lab.dp.pass_program();
         for case in &mut cases {

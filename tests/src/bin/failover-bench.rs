@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand};
 use failover_tests::bench;
 
 #[derive(Parser)]
-#[command(name = "failover-bench", about = "failover benchmarks (run via cargo xtask bench)")]
+#[command(
+    name = "failover-bench",
+    about = "failover benchmarks (run via cargo xtask bench)"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -28,7 +31,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
         Cmd::Datapath { calls } => {
-            anyhow::ensure!(calls >= 100_000, "--calls must be at least 100000 for a stable mean");
+            anyhow::ensure!(
+                calls >= 100_000,
+                "--calls must be at least 100000 for a stable mean"
+            );
             let results = bench::datapath::run(calls)?;
             if args.json {
                 for r in &results {
@@ -43,14 +49,19 @@ fn main() -> Result<()> {
                     );
                 }
             } else {
-                println!("{:<12} {:>10} {:>10} {:>6} {:>9}", "case", "raw_ns", "own_ns", "rc", "calls");
+                println!(
+                    "{:<12} {:>10} {:>10} {:>6} {:>9}",
+                    "case", "raw_ns", "own_ns", "rc", "calls"
+                );
                 for r in &results {
                     println!(
                         "{:<12} {:>10.1} {:>10.1} {:>6} {:>9}",
                         r.case, r.raw_ns, r.own_ns, r.return_code, r.calls
                     );
                 }
-                println!("own_ns = raw_ns - empty raw_ns; BPF_PROG_TEST_RUN, one packet per call, kernel-timed");
+                println!(
+                    "own_ns = raw_ns - empty raw_ns; BPF_PROG_TEST_RUN, one packet per call, kernel-timed"
+                );
             }
         }
     }
