@@ -176,8 +176,49 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(Command::new("cargo").args(["test", "--no-fail-fast"]))?;
-    leftovers()
+    let (passed, failed) = cargo_test()?;
+    leftovers()?;
+    // The plain closing line CI reads, summed over every test binary.
+    println!("{passed} passed, {failed} failed");
+    ensure!(
+        failed == 0 && passed > 0,
+        "{failed} failed, {passed} passed"
+    );
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and sums the per-binary results.
+fn cargo_test() -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("+ cargo test --no-fail-fast");
+    let mut child = Command::new("cargo")
+        .args(["test", "--no-fail-fast"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawn cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match label {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    ensure!(status.success(), "cargo test failed: {status}");
+    Ok((passed, failed))
 }
 
 /// Tests own their namespaces and pins through guards; check that none
