@@ -3,6 +3,8 @@
 
 pub mod backend;
 pub mod bench;
+pub mod client;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod topology;

@@ -51,6 +51,7 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
     "iproute2",
+    "ethtool",
     "nftables",
     "haproxy",
 ];

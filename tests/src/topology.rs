@@ -1,0 +1,205 @@
+//! The end-to-end topology, all in namespaces this process creates:
+//!
+//! ```text
+//! [client 192.0.2.100] c0 --- ec [edge] ea --- a0 [cloud-a 198.51.100.11, .12]
+//!                                      eb --- b0 [cloud-b 198.51.100.75, .76]
+//! ```
+//!
+//! cloud-a is 198.51.100.0/26, cloud-b 198.51.100.64/26, the VIP
+//! 203.0.113.10 is routed to the edge, and the SNAT address is the edge's
+//! cloud-a address. Nothing routes off the machine: every namespace's only
+//! routes are these subnets and a default via the edge. The XDP program
+//! runs on the edge's three legs; the peers carry the pass program so that
+//! redirected and XDP_TX frames are delivered.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use failover_agent::dataplane::{Dataplane, XdpMode};
+
+use crate::netns::Netns;
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const SNAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const CLOUD_A: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(198, 51, 100, 11),
+    Ipv4Addr::new(198, 51, 100, 12),
+];
+pub const CLOUD_B: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(198, 51, 100, 75),
+    Ipv4Addr::new(198, 51, 100, 76),
+];
+pub const BACKEND_PORT: u16 = 8000;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Removes the pin directory (detaching every pinned link) on drop.
+pub struct Pins(pub PathBuf);
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = Dataplane::remove_pins(&self.0);
+    }
+}
+
+/// Kills a backend process on drop.
+pub struct Proc(pub Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The test backend binary, built beside the test executables by cargo
+/// (tests run from target/<profile>/deps/).
+pub fn testbackend_bin() -> Result<String> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("exe dir")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("profile dir")?;
+    }
+    let bin = dir.join("failover-testbackend");
+    if !bin.exists() {
+        bail!(
+            "{} not built (cargo test builds it with the tests)",
+            bin.display()
+        );
+    }
+    Ok(bin.to_string_lossy().into_owned())
+}
+
+pub struct Topology {
+    // Drop order: processes, then pins, then namespaces.
+    pub backends: Vec<(String, Proc)>,
+    pub pins: Pins,
+    pub client: Netns,
+    pub edge: Netns,
+    pub cloud_a: Netns,
+    pub cloud_b: Netns,
+}
+
+impl Topology {
+    pub fn new() -> Result<Self> {
+        let client = Netns::new("cl")?;
+        let edge = Netns::new("ed")?;
+        let cloud_a = Netns::new("ca")?;
+        let cloud_b = Netns::new("cb")?;
+        let pins = Pins(PathBuf::from(format!(
+            "/sys/fs/bpf/failover-test-e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )));
+        let link = |a: &Netns, an: &str, b: &Netns, bn: &str| {
+            crate::netns::sh(&format!(
+                "ip link add {an} netns {} type veth peer name {bn} netns {}",
+                a.name, b.name
+            ))
+        };
+        link(&client, "c0", &edge, "ec")?;
+        link(&cloud_a, "a0", &edge, "ea")?;
+        link(&cloud_b, "b0", &edge, "eb")?;
+        // Hosts in namespaces send with checksum offload: the L4 checksum
+        // is left partial for a NIC to finish. A real NIC's receive side
+        // never sees that, but XDP on a veth does; have the kernel compute
+        // full checksums, as frames from a wire carry.
+        client.exec("ethtool -K c0 tx off >/dev/null")?;
+        cloud_a.exec("ethtool -K a0 tx off >/dev/null")?;
+        cloud_b.exec("ethtool -K b0 tx off >/dev/null")?;
+        client.exec(
+            "ip addr add 192.0.2.100/24 dev c0 && ip link set c0 up && \
+             ip route add default via 192.0.2.1",
+        )?;
+        edge.exec(
+            "ip addr add 192.0.2.1/24 dev ec && ip addr add 198.51.100.1/26 dev ea && \
+             ip addr add 198.51.100.65/26 dev eb && \
+             for l in ec ea eb; do ip link set $l up; done && \
+             sysctl -qw net.ipv4.ip_forward=1",
+        )?;
+        cloud_a.exec(
+            "ip addr add 198.51.100.10/26 dev a0 && ip addr add 198.51.100.11/26 dev a0 && \
+             ip addr add 198.51.100.12/26 dev a0 && ip link set a0 up && \
+             ip route add default via 198.51.100.1",
+        )?;
+        cloud_b.exec(
+            "ip addr add 198.51.100.74/26 dev b0 && ip addr add 198.51.100.75/26 dev b0 && \
+             ip addr add 198.51.100.76/26 dev b0 && ip link set b0 up && \
+             ip route add default via 198.51.100.65",
+        )?;
+        Ok(Self {
+            backends: Vec::new(),
+            pins,
+            client,
+            edge,
+            cloud_a,
+            cloud_b,
+        })
+    }
+
+    /// Loads the data plane in the edge and attaches it to the edge's legs,
+    /// with the pass program on every peer.
+    pub fn load_dataplane(&self) -> Result<Dataplane> {
+        let mut dp = {
+            let _in = self.edge.enter()?;
+            let mut dp = Dataplane::load(&self.pins.0)?;
+            for l in ["ec", "ea", "eb"] {
+                dp.attach(l, XdpMode::Native)
+                    .with_context(|| format!("attach {l}"))?;
+            }
+            dp
+        };
+        for (ns, l) in [
+            (&self.client, "c0"),
+            (&self.cloud_a, "a0"),
+            (&self.cloud_b, "b0"),
+        ] {
+            let _in = ns.enter()?;
+            dp.attach_pass(l, XdpMode::Native)
+                .with_context(|| format!("attach pass {l}"))?;
+        }
+        Ok(dp)
+    }
+
+    /// Starts a test backend `name` on `addr:BACKEND_PORT` in `ns`, and
+    /// waits until it answers.
+    pub fn start_backend(&mut self, name: &str, in_cloud_b: bool, addr: Ipv4Addr) -> Result<()> {
+        let ns = if in_cloud_b {
+            &self.cloud_b
+        } else {
+            &self.cloud_a
+        };
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, &testbackend_bin()?])
+            .args([
+                "--name",
+                name,
+                "--listen",
+                &format!("{addr}:{BACKEND_PORT}"),
+            ])
+            .args(["--token-interval-ms", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn test backend")?;
+        self.backends.push((name.to_owned(), Proc(child)));
+        // Ready when a connection from the edge succeeds (this also puts
+        // the backend in the edge's neighbour table, as the agent's probes
+        // do in production).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let _in = self.edge.enter()?;
+        while Instant::now() < deadline {
+            let target = SocketAddr::from((addr, BACKEND_PORT));
+            if std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("backend {name} at {addr} did not come up")
+    }
+}
