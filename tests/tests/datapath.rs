@@ -628,3 +628,51 @@ fn a_second_load_reopens_the_pinned_maps() {
     let b = lab::run_on(again.program(), lab.vc0, &data).unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn attaching_without_native_xdp_names_the_interface_and_suggests_skb() {
+    let mut lab = lab_with(&[1], 0);
+    // Loopback has no native (driver) XDP.
+    let err = lab
+        .dp
+        .attach("lo", failover_agent::dataplane::XdpMode::Native)
+        .expect_err("native XDP on lo must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("lo") && msg.contains("xdp_mode: skb"), "{msg}");
+    // Generic mode works there, and the link is pinned.
+    lab.dp
+        .attach("lo", failover_agent::dataplane::XdpMode::Skb)
+        .unwrap();
+    assert!(lab.pin_dir().join("links/lo").exists());
+}
+
+#[test]
+fn an_8021q_tagged_frame_is_natted_with_its_tag_kept() {
+    let lab = lab_with(&[1], 0);
+    let tagged = |src_mac, dst_mac, src: Ipv4Addr, dst: Ipv4Addr, ttl, sport, dport| {
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+            .single_vlan(etherparse::VlanId::try_new(42).unwrap())
+            .ipv4(src.octets(), dst.octets(), ttl)
+            .tcp(sport, dport, 1000, 64_240)
+            .syn()
+            .write(&mut out, &[])
+            .unwrap();
+        out
+    };
+    let input = tagged(CLIENT_MAC, VC0_MAC, CLIENT, VIP, 64, 51_100, 80);
+    let (rc, out) = lab.run(lab.vc0, &input).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    let nat = lab.dp.flows().unwrap()[0].1.nat_port_be;
+    let expected = tagged(
+        VA0_MAC,
+        BACKEND_MAC,
+        SNAT,
+        backend_addr(1),
+        63,
+        u16::from_be(nat),
+        BPORT,
+    );
+    assert_eq!(out, expected);
+    assert_checksums_valid(&out);
+}
