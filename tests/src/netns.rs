@@ -71,13 +71,7 @@ impl Netns {
     /// BPF_PROG_TEST_RUN's FIB lookups and ifindex lookups then see this
     /// namespace's devices and routes.
     pub fn enter(&self) -> Result<Entered> {
-        let back = File::open("/proc/thread-self/ns/net").context("open own netns")?;
-        let target = File::open(format!("/run/netns/{}", self.name)).context("open netns")?;
-        // SAFETY: valid fd; CLONE_NEWNET affects only this thread.
-        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {}: {}", self.name, std::io::Error::last_os_error());
-        }
-        Ok(Entered { back })
+        enter(&self.name)
     }
 }
 
@@ -85,6 +79,17 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = sh(&format!("ip netns del {}", self.name));
     }
+}
+
+/// Moves the calling thread into the named namespace until the guard drops.
+pub fn enter(name: &str) -> Result<Entered> {
+    let back = File::open("/proc/thread-self/ns/net").context("open own netns")?;
+    let target = File::open(format!("/run/netns/{name}")).context("open netns")?;
+    // SAFETY: valid fd; CLONE_NEWNET affects only this thread.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(Entered { back })
 }
 
 /// Returns the thread to its previous namespace on drop.

@@ -1,0 +1,143 @@
+//! A paced client for failover measurements: one request per interval
+//! (a new connection each, so each is a new flow through the VIP), every
+//! result recorded with its start time. Bounded by a deadline and a stop
+//! flag; the thread runs inside the client namespace.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::{client, netns};
+
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// Start of the request, from the driver's start.
+    pub at: Duration,
+    pub ok: bool,
+    pub backend: String,
+}
+
+pub struct Driver {
+    pub started: Instant,
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<Sample>>,
+}
+
+impl Driver {
+    /// Starts sending `GET path` to `target` from inside namespace `ns`
+    /// every `interval`, each bounded by `timeout`, for at most `max`.
+    pub fn start(
+        ns: &str,
+        target: SocketAddr,
+        path: &str,
+        interval: Duration,
+        timeout: Duration,
+        max: Duration,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let (ns, path, flag) = (ns.to_owned(), path.to_owned(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let _in = netns::enter(&ns).expect("enter client namespace");
+            let mut samples = Vec::new();
+            let mut next = Instant::now();
+            while !flag.load(Ordering::Relaxed) && started.elapsed() < max {
+                let at = started.elapsed();
+                let (ok, backend) = match client::get(target, &path, timeout) {
+                    Ok(a) => (a.status == 200, a.backend),
+                    Err(_) => (false, String::new()),
+                };
+                samples.push(Sample { at, ok, backend });
+                next += interval;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                } else {
+                    next = Instant::now();
+                }
+            }
+            samples
+        });
+        Self {
+            started,
+            stop,
+            handle,
+        }
+    }
+
+    /// Time since the driver started (to stamp faults on the same clock).
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("driver thread")
+    }
+}
+
+/// Failover time: from `fault` to the start of the first request of an
+/// unbroken run of `run` successes among requests started after it. Also
+/// returns the number of failed requests started after the fault.
+pub fn recovery(samples: &[Sample], fault: Duration, run: usize) -> (Option<Duration>, usize) {
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= fault).collect();
+    let failed = after.iter().filter(|s| !s.ok).count();
+    let mut streak = 0;
+    for (i, s) in after.iter().enumerate() {
+        if s.ok {
+            streak += 1;
+            if streak == run {
+                return (Some(after[i + 1 - run].at - fault), failed);
+            }
+        } else {
+            streak = 0;
+        }
+    }
+    (None, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(ms: u64, ok: bool) -> Sample {
+        Sample {
+            at: Duration::from_millis(ms),
+            ok,
+            backend: String::new(),
+        }
+    }
+
+    #[test]
+    fn recovery_is_measured_to_the_start_of_an_unbroken_run() {
+        let samples = [
+            s(0, true),
+            s(10, true),
+            s(11, false),
+            s(12, true),
+            s(13, false),
+            s(20, true),
+            s(21, true),
+            s(22, true),
+        ];
+        assert_eq!(
+            recovery(&samples, Duration::from_millis(10), 3),
+            (Some(Duration::from_millis(10)), 2)
+        );
+        // A run that never completes is no recovery.
+        assert_eq!(
+            recovery(&samples[..7], Duration::from_millis(10), 3).0,
+            None
+        );
+        // No failure at all: recovered at once.
+        assert_eq!(
+            recovery(&samples[..2], Duration::from_millis(0), 2),
+            (Some(Duration::ZERO), 0)
+        );
+    }
+}
