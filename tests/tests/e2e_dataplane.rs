@@ -199,3 +199,59 @@ fn a_topology_leaves_no_namespace_or_pin_behind() {
     }
     assert!(!pins.exists(), "{} left behind", pins.display());
 }
+
+#[test]
+fn a_stream_from_a_blackholed_cloud_is_reset_promptly() {
+    let mut topo = Topology::new().unwrap();
+    topo.start_backend("a1", false, CLOUD_A[0]).unwrap();
+    let mut dp = topo.load_dataplane().unwrap();
+    program(&mut dp, &[(1, CLOUD_A[0])], SVC_F_RESET);
+
+    let mut stream = {
+        let _in = topo.client.enter().unwrap();
+        let mut s = TcpStream::connect_timeout(&vip(), TIMEOUT).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let body = r#"{"model":"tiny-llm","stream":true,"max_tokens":10000,"messages":[{"role":"user","content":"hi"}]}"#;
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).contains("200"),
+            "stream started"
+        );
+        s
+    };
+
+    // The whole cloud goes dark: nothing from a1 reaches the client again,
+    // and the client, waiting for tokens, sends nothing.
+    topo.cloud_a.exec("ip link set a0 down").unwrap();
+    dp.set_backend_state(1, state::DOWN).unwrap();
+    let t0 = Instant::now();
+    let nudged = {
+        let _in = topo.edge.enter().unwrap();
+        dp.nudge_clients(1).unwrap()
+    };
+    assert_eq!(nudged, 1);
+    let mut buf = [0u8; 4096];
+    let err = loop {
+        // Tokens already in flight may still be read first.
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("stream closed cleanly instead of reset"),
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    let took = t0.elapsed();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(took < Duration::from_millis(500), "reset after {took:?}");
+    assert!(
+        dp.reason_count(Reason::ResetSent).unwrap() >= 1,
+        "{}",
+        counters(&dp)
+    );
+}

@@ -9,6 +9,7 @@
 mod attach;
 mod bpffs;
 mod counters;
+mod nudge;
 mod rings;
 
 use std::{

@@ -1,0 +1,107 @@
+//! Prompt resets for flows whose backend died silently.
+//!
+//! The XDP program resets a flow pinned to a down backend when the client
+//! next sends on it. A client waiting on a blackholed backend (a stalled
+//! stream) sends nothing, so it would hang. The agent therefore sends each
+//! such client one out-of-window segment "from" the VIP; the client's TCP
+//! answers with a duplicate ACK (RFC 793/5961), that ACK reaches the XDP
+//! program, and the program answers it with an RST whose sequence number is
+//! the ACK's: exactly what the client accepts.
+
+use std::net::Ipv4Addr;
+
+use failover_common::{FlowKey, checksum};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::{Dataplane, ErrorKind, Result};
+
+const IPPROTO_TCP: u8 = 6;
+const TCP_ACK: u8 = 0x10;
+
+impl Dataplane {
+    /// Nudges every TCP client pinned to `backend_id`; returns how many.
+    /// Call after marking the backend down, from the edge's namespace.
+    pub fn nudge_clients(&self, backend_id: u32) -> Result<usize> {
+        let flows: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|(k, f)| f.backend_id == backend_id && k.proto == IPPROTO_TCP)
+            .map(|(k, _)| k)
+            .collect();
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        let io = |source| ErrorKind::Io {
+            what: "raw socket for nudges",
+            path: "-".into(),
+            source,
+        };
+        // IPPROTO_RAW implies IP_HDRINCL: we write the IPv4 header (its
+        // source is the VIP, which is not a local address).
+        let sock = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .map_err(io)?;
+        for k in &flows {
+            let pkt = nudge_segment(k);
+            let dst = Ipv4Addr::from(u32::from_be(k.src_be));
+            sock.send_to(&pkt, &SockAddr::from(std::net::SocketAddrV4::new(dst, 0)))
+                .map_err(io)?;
+        }
+        Ok(flows.len())
+    }
+}
+
+/// An empty ACK segment VIP:port -> client:port with sequence number 0,
+/// which no live connection has in its window.
+fn nudge_segment(k: &FlowKey) -> [u8; 40] {
+    let (vip, client) = (k.dst_be.to_ne_bytes(), k.src_be.to_ne_bytes());
+    let mut p = [0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40; // DF
+    p[8] = 64;
+    p[9] = IPPROTO_TCP;
+    p[12..16].copy_from_slice(&vip);
+    p[16..20].copy_from_slice(&client);
+    let c = checksum::ipv4_header(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    let t = &mut p[20..];
+    t[0..2].copy_from_slice(&k.dport_be.to_ne_bytes());
+    t[2..4].copy_from_slice(&k.sport_be.to_ne_bytes());
+    t[12] = 5 << 4;
+    t[13] = TCP_ACK;
+    t[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    let c = checksum::ipv4_l4(vip, client, IPPROTO_TCP, &p[20..]);
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nudge_segment_is_a_valid_ack_from_the_vip() {
+        let k = FlowKey {
+            src_be: u32::from(Ipv4Addr::new(192, 0, 2, 100)).to_be(),
+            dst_be: u32::from(Ipv4Addr::new(203, 0, 113, 10)).to_be(),
+            sport_be: 51_000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let p = nudge_segment(&k);
+        assert_eq!(checksum::ipv4_header(&p[..20]), 0);
+        assert_eq!(
+            checksum::ipv4_l4([203, 0, 113, 10], [192, 0, 2, 100], 6, &p[20..]),
+            0
+        );
+        assert_eq!(&p[12..16], &[203, 0, 113, 10]);
+        assert_eq!(u16::from_be_bytes([p[20], p[21]]), 80);
+        assert_eq!(u16::from_be_bytes([p[22], p[23]]), 51_000);
+        assert_eq!(p[33], TCP_ACK);
+    }
+}
