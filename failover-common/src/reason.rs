@@ -34,8 +34,8 @@ reasons! {
     ReverseTx = 2, "reverse_tx", "tx";
     ReverseRedirect = 3, "reverse_redirect", "redirect";
     ResetSent = 4, "reset_sent", "tx";
-    // Rewritten, but the kernel must resolve the next hop's MAC first.
-    NoNeighbour = 5, "no_neighbour", "pass";
+    // The next hop's MAC is not known yet (see egress.rs).
+    NoNeighbour = 5, "no_neighbour", "drop";
     // Not ours: the kernel's stack handles it.
     NotIpv4 = 6, "not_ipv4", "pass";
     NotTcpUdp = 7, "not_tcp_udp", "pass";
@@ -54,7 +54,7 @@ reasons! {
     SnatExhausted = 18, "snat_ports_exhausted", "drop";
     NoRoute = 19, "no_route", "drop";
     NotConfigured = 20, "not_configured", "pass";
-    RedirectFailed = 21, "redirect_failed", "pass";
+    RedirectFailed = 21, "redirect_failed", "drop";
     MtuExceeded = 22, "mtu_exceeded", "drop";
 }
 

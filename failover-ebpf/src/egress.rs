@@ -1,7 +1,9 @@
 //! Next hop: a FIB lookup gives the egress interface and MACs. Same
 //! interface: XDP_TX. Another: redirect through DEVMAP. Neighbour unknown:
-//! pass the rewritten packet up so the kernel resolves ARP; the next packets
-//! take the fast path.
+//! drop (counted). Passing the rewritten packet up would not help: its
+//! source is the node's own SNAT address, which the kernel refuses to
+//! forward as a martian. The agent's probes keep backends' neighbours
+//! resolved, and a client's is learned from its own ARP request.
 //!
 //! The FIB result is cached in the flow entry (`NextHop`) and refreshed
 //! after `NEXTHOP_TTL_JIFFIES`: a lookup costs several times the rest of
@@ -60,7 +62,7 @@ pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
             BPF_FIB_LKUP_RET_SUCCESS => {}
             BPF_FIB_LKUP_RET_NO_NEIGH => {
                 nh.ifindex = 0;
-                return (xdp_action::XDP_PASS, Reason::NoNeighbour);
+                return (xdp_action::XDP_DROP, Reason::NoNeighbour);
             }
             BPF_FIB_LKUP_RET_FRAG_NEEDED => return (xdp_action::XDP_DROP, Reason::MtuExceeded),
             _ => {
@@ -86,7 +88,8 @@ pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
     }
     match DEVMAP.redirect(nh.ifindex, 0) {
         Ok(action) => (action, r.redirect),
-        // The interface has no XDP program of ours: let the kernel forward.
-        Err(_) => (xdp_action::XDP_PASS, Reason::RedirectFailed),
+        // An egress interface the agent did not attach to: the frame's MACs
+        // are already the next hop's, so the kernel would not take it.
+        Err(_) => (xdp_action::XDP_DROP, Reason::RedirectFailed),
     }
 }

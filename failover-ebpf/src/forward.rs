@@ -51,8 +51,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
                 let f = *flow;
                 forget(&fkey, &f, node);
                 if l4.tcp && f.svc_flags & SVC_F_RESET != 0 {
-                    count_reset(f.service_id, Some(f.backend_id));
-                    return reset::send(ctx, ip, l4);
+                    return reset(ctx, ip, l4, f.service_id, Some(f.backend_id));
                 }
                 // Otherwise re-select below. For TCP the new backend answers
                 // the mid-stream segment with an RST; the client reconnects.
@@ -75,8 +74,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         Err(Reason::NoBackend) if l4.tcp => {
             // Fail closed, but tell the client now instead of letting it
             // retransmit into silence.
-            count_reset(svc.id, None);
-            return reset::send(ctx, ip, l4);
+            return reset(ctx, ip, l4, svc.id, None);
         }
         Err(r) => return (xdp_action::XDP_DROP, r),
     };
@@ -85,6 +83,11 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     };
     let (addr, port) = (be.addr_be, be.port_be);
     let out = send(ctx, node, ip, l4, &fkey, &mut flow, addr, port);
+    if out.0 == xdp_action::XDP_DROP {
+        // Not sent (no route, no neighbour, ...): keep no state for it.
+        forget(&fkey, &flow, node);
+        return out;
+    }
     if FLOWS.insert(&fkey, &flow, 0).is_err() {
         forget(&fkey, &flow, node);
         return (xdp_action::XDP_DROP, Reason::FlowTableFull);
@@ -150,8 +153,19 @@ fn send(
     }
 }
 
+/// Sends an RST to the client and counts it if one was sent.
 #[inline(always)]
-fn count_reset(service_id: u32, backend_id: Option<u32>) {
+fn reset(
+    ctx: &XdpContext,
+    ip: &Ipv4,
+    l4: &L4,
+    service_id: u32,
+    backend_id: Option<u32>,
+) -> (u32, Reason) {
+    let out = reset::send(ctx, ip, l4);
+    if out.1 != Reason::ResetSent {
+        return out;
+    }
     if let Some(s) = stats::service(service_id) {
         s.resets += 1;
     }
@@ -160,6 +174,7 @@ fn count_reset(service_id: u32, backend_id: Option<u32>) {
     {
         s.resets += 1;
     }
+    out
 }
 
 /// Select a backend and claim a SNAT port (the reverse entry). The flow

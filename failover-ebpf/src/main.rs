@@ -50,7 +50,9 @@ fn verdict(r: Reason) -> u32 {
         | Reason::FlowTableFull
         | Reason::SnatExhausted
         | Reason::NoRoute
-        | Reason::MtuExceeded => xdp_action::XDP_DROP,
+        | Reason::MtuExceeded
+        | Reason::NoNeighbour
+        | Reason::RedirectFailed => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }

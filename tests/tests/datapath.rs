@@ -403,7 +403,7 @@ fn snat_port_collisions_probe_then_give_up() {
 }
 
 #[test]
-fn same_leg_backend_is_sent_with_xdp_tx_and_unknown_neighbour_passes() {
+fn same_leg_backend_is_sent_with_xdp_tx_and_unknown_neighbour_drops() {
     let mut lab = lab_with(&[1], 0);
     lab.backend(1, SAME_LEG_BACKEND, BPORT, state::UP).unwrap();
     let syn = Frame::tcp(CLIENT, 51_040, VIP, 80);
@@ -418,13 +418,23 @@ fn same_leg_backend_is_sent_with_xdp_tx_and_unknown_neighbour_passes() {
     lab.backend(1, lab::NO_NEIGH_BACKEND, BPORT, state::UP)
         .unwrap();
     let syn = Frame::tcp(CLIENT, 51_041, VIP, 80);
-    let (rc, out) = forward(&lab, &syn);
-    assert_eq!(rc, XDP_PASS, "the kernel resolves the neighbour");
-    // Rewritten already (MACs untouched): the kernel forwards it as is.
-    let nat = ports(&out).0;
+    let (rc, _) = forward(&lab, &syn);
     assert_eq!(
-        out,
-        expected_forward(&syn, lab::NO_NEIGH_BACKEND, nat, (syn.src_mac, syn.dst_mac))
+        rc, XDP_DROP,
+        "the kernel would refuse a packet from its own SNAT address"
+    );
+    // No state is kept for a packet that was not sent.
+    assert!(
+        !lab.dp
+            .flows()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == flow_key(&syn, TCP))
+    );
+    assert_eq!(
+        lab.dp.reverse_entries().unwrap().len(),
+        1,
+        "only the first flow's"
     );
     assert_eq!(count(&lab, Reason::NoNeighbour), 1);
 }

@@ -236,7 +236,7 @@ fn type_errors_name_the_nested_field() {
             "expected a duration",
         ),
         (
-            "max: 59999",
+            "max: 32767",
             "max: 99999",
             "node.snat_ports.max",
             "expected u16",
