@@ -1,6 +1,7 @@
 //! The failover agent: decides which backends may take traffic and programs
 //! the XDP data plane accordingly. `main.rs` is a thin CLI over this library.
 
+pub mod agent;
 pub mod audit;
 pub mod config;
 pub mod dataplane;

@@ -1,0 +1,821 @@
+//! Decisions into the data plane.
+//!
+//! Order of writes for one decision, chosen so a packet never meets a
+//! worse state than the one decided:
+//! 1. Backends that went down get `state = DOWN` first, one map write
+//!    each. This alone is the failover: the XDP program resets or moves
+//!    their flows and skips them in the rings on the very next packet.
+//! 2. The affected services are planned again.
+//! 3. Backends that now take traffic get `UP` (or `DRAINING`) before any
+//!    ring holds them.
+//! 4. Each service whose ring or entry changed gets its new ring in the
+//!    inactive slot, then one write of its `SERVICES` entry flips to it.
+//! 5. Other backends leaving service get `DOWN`; ids no longer in the
+//!    config get `UNUSED`, once no ring refers to them.
+//!
+//! Keep-last-good: an agent that starts on pinned state keeps each
+//! recovered service's ring until every backend of its pool has a first
+//! verdict (or a start-up bound passes), so a restart never empties a
+//! ring the previous agent had filled.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use failover_common::{
+    Backend as MapBackend, MAX_BACKENDS, NO_BACKEND, Node, RING_MAX, Ring, SVC_F_RESET,
+    Service as MapService, ServiceKey, state,
+};
+
+use super::{
+    AgentError,
+    ids::{Ids, ServiceEndpoint},
+    journal::Journal,
+    latency::{LatencyWindow, Percentiles},
+};
+use crate::{
+    audit::DecisionRecord,
+    config::{self, Config, ConfigDiff, ConfigError, OnBackendDown},
+    dataplane::{Dataplane, XdpMode},
+    health::{EventSource, HealthEvent, HealthState},
+    planner::{self, BackendHealth, HealthView, Mode, Overrides, ServicePlan},
+};
+
+/// Weight factor of a backend the probes found degraded (slow, or rate
+/// limited): it keeps serving at half its share.
+pub const DEGRADED_WEIGHT_FACTOR: f64 = 0.5;
+
+/// How long a restarted agent keeps recovered rings while waiting for
+/// first verdicts, when the caller does not say.
+pub const DEFAULT_STARTUP_HOLD: Duration = Duration::from_secs(10);
+
+/// What triggers an apply.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    /// When it was decided: the start of the measured apply latency.
+    pub at: Instant,
+    /// Why, for logs and the audit log.
+    pub reason: String,
+    /// Backends whose health or drain state changed.
+    pub backends: Vec<String>,
+    /// Plan every service, not only those with a changed backend.
+    pub all: bool,
+}
+
+impl Decision {
+    pub fn all(reason: impl Into<String>, at: Instant) -> Self {
+        Self {
+            at,
+            reason: reason.into(),
+            backends: Vec::new(),
+            all: true,
+        }
+    }
+}
+
+/// What one apply did.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    /// Services whose ring was switched, with the new generation.
+    pub flipped: Vec<(String, u64)>,
+    /// `BACKENDS` writes.
+    pub state_writes: usize,
+    /// Decision to the last flip, when something flipped.
+    pub latency: Option<Duration>,
+    /// Recovered services still kept as they were (start-up hold).
+    pub held: Vec<String>,
+}
+
+/// A service as it is in the data plane.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Programmed {
+    pub key: ServiceKey,
+    pub entry: MapService,
+    /// The active ring, `entry.ring_size` entries.
+    pub ring: Vec<u32>,
+    /// Backends taking new flows.
+    pub to: Vec<String>,
+    /// Backend ids in the ring because the service fails open: they must
+    /// be `UP` in `BACKENDS` though their health is down.
+    pub open: Vec<u32>,
+}
+
+/// A service's next state, before it is written.
+struct Next {
+    name: String,
+    key: ServiceKey,
+    entry: MapService,
+    plan: ServicePlan,
+    to: Vec<String>,
+    open: Vec<u32>,
+    changed: bool,
+}
+
+pub struct ApplyOptions {
+    pub journal: Option<Journal>,
+    /// Keep-last-good bound for recovered services at start.
+    pub startup_hold: Duration,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        Self {
+            journal: None,
+            startup_hold: DEFAULT_STARTUP_HOLD,
+        }
+    }
+}
+
+/// Owns the data plane and what the agent knows: config, ids, health.
+pub struct Applier {
+    dp: Dataplane,
+    cfg: Config,
+    ids: Ids,
+    /// Last verdict per backend name; absent = no verdict yet.
+    health: BTreeMap<String, HealthState>,
+    draining: BTreeSet<String>,
+    overrides: Overrides,
+    programmed: BTreeMap<String, Programmed>,
+    /// `BACKENDS` entries in use, as written: a state change is then one
+    /// write, no read.
+    backends: BTreeMap<u32, MapBackend>,
+    hold: Option<Instant>,
+    /// Recovered services still waiting for their pool's first verdicts.
+    held: BTreeSet<String>,
+    flips: LatencyWindow,
+    state_writes: LatencyWindow,
+    journal: Option<Journal>,
+    scratch: Box<Ring>,
+}
+
+fn node_of(n: &config::Node) -> Node {
+    Node {
+        snat_be: u32::from(n.snat_address).to_be(),
+        port_min: n.snat_ports.min,
+        port_max: n.snat_ports.max,
+        seed: n.hash_seed,
+        flags: 0,
+    }
+}
+
+fn xdp_mode(m: config::XdpMode) -> XdpMode {
+    match m {
+        config::XdpMode::Native => XdpMode::Native,
+        config::XdpMode::Skb => XdpMode::Skb,
+    }
+}
+
+fn service_flags(s: &config::Service) -> u32 {
+    match s.policy.on_backend_down {
+        OnBackendDown::Reset => SVC_F_RESET,
+        OnBackendDown::Reselect => 0,
+    }
+}
+
+fn state_name(st: u8) -> &'static str {
+    match st {
+        state::UP => "up",
+        state::DOWN => "down",
+        state::DRAINING => "draining",
+        _ => "unused",
+    }
+}
+
+/// Reads the first `len` entries of a ring slot. The map lookup moves the
+/// 256 KiB value through several stack frames (over 1 MiB in debug
+/// builds), more than a tokio worker's or test thread's 2 MiB allows; a
+/// short-lived thread with a large stack does the read.
+pub fn read_ring(dp: &Dataplane, id: u32, slot: u32, len: u32) -> Result<Vec<u32>, AgentError> {
+    let len = (len as usize).min(RING_MAX);
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("ring-read".into())
+            .stack_size(16 << 20)
+            .spawn_scoped(s, || dp.ring(id, slot).map(|r| r.backends[..len].to_vec()))
+            .map_err(AgentError::Thread)?
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            .map_err(AgentError::from)
+    })
+}
+
+impl Applier {
+    /// Takes over the data plane: recovers ids and rings from its pinned
+    /// maps, programs the node, VIPs and backends, and plans every service
+    /// (recovered ones are held, see the module doc). Does not attach.
+    pub fn new(dp: Dataplane, cfg: Config, opts: ApplyOptions) -> Result<Self, AgentError> {
+        let pinned_services = dp.services()?;
+        let mut pinned_backends = Vec::new();
+        for id in 0..MAX_BACKENDS {
+            let b = dp.backend(id)?;
+            if b.state != state::UNUSED {
+                pinned_backends.push((id, b));
+            }
+        }
+        let ids = Ids::recover(&cfg, &pinned_services, &pinned_backends)?;
+        // 256 KiB: built on the heap, never on a (2 MiB, task) stack.
+        // SAFETY: `Ring` is a plain array of u32, valid when zeroed.
+        let mut scratch: Box<Ring> = unsafe { Box::<Ring>::new_zeroed().assume_init() };
+        scratch.backends.fill(NO_BACKEND);
+        let mut a = Self {
+            dp,
+            cfg,
+            ids,
+            health: BTreeMap::new(),
+            draining: BTreeSet::new(),
+            overrides: Overrides::new(),
+            programmed: BTreeMap::new(),
+            backends: pinned_backends.into_iter().collect(),
+            hold: None,
+            held: BTreeSet::new(),
+            flips: LatencyWindow::new(),
+            state_writes: LatencyWindow::new(),
+            journal: opts.journal,
+            scratch,
+        };
+        a.dp.set_node(node_of(&a.cfg.node))?;
+        a.dp.set_vips(a.cfg.services.iter().map(|s| s.vip))?;
+
+        for (key, svc) in &pinned_services {
+            let claimed = a
+                .ids
+                .services()
+                .find(|(_, s)| s.id == svc.id && s.endpoint == ServiceEndpoint::from_key(key))
+                .map(|(n, _)| n.to_owned());
+            let Some(name) = claimed else {
+                // Not in this config any more.
+                a.dp.remove_service(key)?;
+                tracing::info!(service_id = svc.id, "removed service not in the config");
+                continue;
+            };
+            let ring = read_ring(&a.dp, svc.id, svc.active_slot, svc.ring_size)?;
+            let to = a.names_in(&ring);
+            tracing::info!(service = %name, generation = svc.generation, backends = ?to, "recovered pinned service");
+            a.programmed.insert(
+                name.clone(),
+                Programmed {
+                    key: *key,
+                    entry: *svc,
+                    ring,
+                    to,
+                    open: Vec::new(),
+                },
+            );
+            a.held.insert(name);
+        }
+        a.write_new_backends()?;
+        if !a.held.is_empty() {
+            a.hold = Some(Instant::now() + opts.startup_hold);
+        }
+        a.apply(&Decision::all("agent start", Instant::now()))?;
+        Ok(a)
+    }
+
+    /// Attaches the NAT program to the configured interfaces (swapping it
+    /// into pinned links left by an earlier agent).
+    pub fn attach(&mut self) -> Result<(), AgentError> {
+        let mode = xdp_mode(self.cfg.node.xdp_mode);
+        for iface in self.cfg.node.interfaces.clone() {
+            let updated = self.dp.attach(&iface, mode)?;
+            tracing::info!(interface = %iface, %mode, updated, "XDP attached");
+        }
+        Ok(())
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn ids(&self) -> &Ids {
+        &self.ids
+    }
+
+    pub fn programmed(&self, service: &str) -> Option<&Programmed> {
+        self.programmed.get(service)
+    }
+
+    pub fn health(&self, backend: &str) -> HealthState {
+        self.health.get(backend).copied().unwrap_or_default()
+    }
+
+    /// Decision to completed flip, per apply that flipped a ring.
+    pub fn flip_latency(&self) -> Percentiles {
+        self.flips.percentiles()
+    }
+
+    /// Decision to completed `BACKENDS` write, per fast-path state change.
+    pub fn state_latency(&self) -> Percentiles {
+        self.state_writes.percentiles()
+    }
+
+    /// When the start-up hold ends, if one is running.
+    pub fn hold_deadline(&self) -> Option<Instant> {
+        self.hold
+    }
+
+    /// Waits until queued audit records are on disk.
+    pub fn flush_audit(&self) {
+        if let Some(j) = &self.journal {
+            j.flush();
+        }
+    }
+
+    fn names_in(&self, ring: &[u32]) -> Vec<String> {
+        let ids: BTreeSet<u32> = ring.iter().copied().filter(|&i| i != NO_BACKEND).collect();
+        let mut names: Vec<String> = ids
+            .iter()
+            .map(|&id| {
+                self.ids
+                    .backend_name(id)
+                    .map_or_else(|| format!("#{id}"), str::to_owned)
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Gives every config backend without a matching entry one, DOWN
+    /// until its first verdict.
+    fn write_new_backends(&mut self) -> Result<(), AgentError> {
+        let fresh: Vec<(u32, MapBackend)> = self
+            .ids
+            .backends()
+            .filter(|(_, a)| {
+                self.backends.get(&a.id).is_none_or(|b| {
+                    super::ids::BackendEndpoint::from_map(b) != a.endpoint
+                        || b.state == state::UNUSED
+                })
+            })
+            .map(|(_, a)| (a.id, a.endpoint.to_map(state::DOWN)))
+            .collect();
+        for (id, b) in fresh {
+            self.dp.set_backend(id, b)?;
+            self.backends.insert(id, b);
+        }
+        Ok(())
+    }
+
+    /// One `BACKENDS` write from the cached entry.
+    fn write_state(&mut self, id: u32, st: u8) -> Result<bool, AgentError> {
+        let Some(b) = self.backends.get_mut(&id) else {
+            return Ok(false);
+        };
+        if b.state == st {
+            return Ok(false);
+        }
+        let mut next = *b;
+        next.state = st;
+        self.dp.set_backend(id, next)?;
+        *b = next;
+        Ok(true)
+    }
+
+    /// The fast path on its own: takes `backend` out of the data plane
+    /// with one map write, before any planning. Used by passive ejection;
+    /// the health event that follows re-plans the rings. Returns whether
+    /// a write happened (false if it was not serving already).
+    pub fn mark_down(&mut self, backend: &str, at: Instant) -> Result<bool, AgentError> {
+        let Some(a) = self.ids.backend(backend) else {
+            return Ok(false);
+        };
+        let serving = self
+            .backends
+            .get(&a.id)
+            .is_some_and(|b| b.state == state::UP || b.state == state::DRAINING);
+        if !serving {
+            return Ok(false);
+        }
+        self.write_state(a.id, state::DOWN)?;
+        self.state_writes.record(at.elapsed());
+        Ok(true)
+    }
+
+    /// Feeds health state changes (a batch, as they arrived) and applies.
+    pub fn on_health(&mut self, events: &[HealthEvent]) -> Result<ApplyReport, AgentError> {
+        let mut names = Vec::new();
+        let mut reasons = Vec::new();
+        let mut at: Option<Instant> = None;
+        for ev in events {
+            if self.ids.backend(&ev.backend).is_none() {
+                // A prober of a backend removed by a reload, still draining.
+                continue;
+            }
+            if ev.to != HealthState::Unknown {
+                self.health.insert(ev.backend.to_string(), ev.to);
+            }
+            let source = match ev.source {
+                EventSource::Active => "active",
+                EventSource::Passive => "passive",
+            };
+            reasons.push(format!(
+                "{} {} -> {} ({source}: {})",
+                ev.backend, ev.from, ev.to, ev.reason
+            ));
+            names.push(ev.backend.to_string());
+            at = Some(at.map_or(ev.at, |t: Instant| t.min(ev.at)));
+        }
+        let Some(at) = at else {
+            return Ok(ApplyReport::default());
+        };
+        self.apply(&Decision {
+            at,
+            reason: reasons.join("; "),
+            backends: names,
+            all: false,
+        })
+    }
+
+    /// Operator drain: no new flows, existing ones continue.
+    pub fn set_draining(
+        &mut self,
+        backend: &str,
+        on: bool,
+        at: Instant,
+    ) -> Result<ApplyReport, AgentError> {
+        let changed = if on {
+            self.draining.insert(backend.to_owned())
+        } else {
+            self.draining.remove(backend)
+        };
+        if !changed || self.ids.backend(backend).is_none() {
+            return Ok(ApplyReport::default());
+        }
+        let verb = if on { "drain" } else { "undrain" };
+        self.apply(&Decision {
+            at,
+            reason: format!("operator: {verb} {backend}"),
+            backends: vec![backend.to_owned()],
+            all: false,
+        })
+    }
+
+    /// Ends the start-up hold and plans every service with what is known.
+    pub fn end_hold(&mut self, at: Instant) -> Result<ApplyReport, AgentError> {
+        if self.hold.take().is_none() {
+            return Ok(ApplyReport::default());
+        }
+        if !self.held.is_empty() {
+            tracing::warn!(services = ?self.held, "start-up hold expired before every backend had a verdict");
+        }
+        self.held.clear();
+        self.apply(&Decision::all("start-up hold expired", at))
+    }
+
+    fn view(&self) -> HealthView {
+        let mut v = HealthView::new();
+        for b in &self.cfg.backends {
+            if self.draining.contains(&b.name) {
+                v.set(b.name.clone(), BackendHealth::Draining);
+                continue;
+            }
+            match self.health.get(&b.name) {
+                Some(HealthState::Up) => v.set(b.name.clone(), BackendHealth::Up),
+                Some(HealthState::Degraded) => v.set(
+                    b.name.clone(),
+                    BackendHealth::Degraded {
+                        weight_factor: DEGRADED_WEIGHT_FACTOR,
+                    },
+                ),
+                Some(HealthState::Down) => v.set(b.name.clone(), BackendHealth::Down),
+                Some(HealthState::Unknown) | None => {}
+            }
+        }
+        v
+    }
+
+    fn holding(&self) -> bool {
+        self.hold.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Applies one decision; see the module doc for the order of writes.
+    pub fn apply(&mut self, d: &Decision) -> Result<ApplyReport, AgentError> {
+        let mut report = ApplyReport::default();
+        if !self.holding() {
+            self.hold = None;
+            self.held.clear();
+        }
+
+        // 1. The microsecond failover: backends decided down leave first.
+        let mut fast = 0;
+        for name in &d.backends {
+            let down =
+                !self.draining.contains(name) && self.health.get(name) == Some(&HealthState::Down);
+            if let (true, Some(a)) = (down, self.ids.backend(name)) {
+                let serving = self
+                    .backends
+                    .get(&a.id)
+                    .is_some_and(|b| b.state == state::UP || b.state == state::DRAINING);
+                if serving && self.write_state(a.id, state::DOWN)? {
+                    fast += 1;
+                }
+            }
+        }
+        if fast > 0 {
+            self.state_writes.record(d.at.elapsed());
+            report.state_writes += fast;
+        }
+
+        // 2. Plan. A held service waits for every pool backend's verdict.
+        let health = &self.health;
+        self.held.retain(|s| {
+            self.cfg
+                .service(s)
+                .is_some_and(|svc| svc.backends.iter().any(|b| !health.contains_key(b)))
+        });
+        report.held = self.held.iter().cloned().collect();
+        let view = self.view();
+        let bids = self.ids.backend_ids();
+        let mut next: Vec<Next> = Vec::new();
+        for svc in &self.cfg.services {
+            if self.held.contains(&svc.name) {
+                continue;
+            }
+            let known = self.programmed.get(&svc.name);
+            let touched =
+                d.all || known.is_none() || svc.backends.iter().any(|b| d.backends.contains(b));
+            if !touched {
+                continue;
+            }
+            let Some(sid) = self.ids.service(&svc.name) else {
+                continue;
+            };
+            let plan = planner::plan_service(&self.cfg, svc, &view, &bids, &self.overrides);
+            let flags = service_flags(svc);
+            let ring_size = plan.ring.len() as u32;
+            let key = sid.endpoint.key();
+            let changed = known.is_none_or(|p| {
+                p.ring != plan.ring
+                    || p.key != key
+                    || p.entry.id != sid.id
+                    || p.entry.flags != flags
+                    || p.entry.ring_size != ring_size
+            });
+            let (active_slot, generation) = match known {
+                Some(p) if p.key == key && p.entry.id == sid.id => {
+                    (p.entry.active_slot, p.entry.generation)
+                }
+                _ => (1, 0), // flips to slot 0, generation 1
+            };
+            let to: Vec<String> = plan
+                .backends
+                .iter()
+                .filter(|b| b.weight > 0)
+                .map(|b| b.name.clone())
+                .collect();
+            let open = if plan.mode == Mode::PanicFailOpen {
+                plan.backends
+                    .iter()
+                    .filter(|b| b.weight > 0)
+                    .map(|b| b.id)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            next.push(Next {
+                name: svc.name.clone(),
+                key,
+                entry: MapService {
+                    id: sid.id,
+                    flags,
+                    active_slot,
+                    ring_size,
+                    generation,
+                },
+                plan,
+                to,
+                open,
+                changed,
+            });
+        }
+
+        // 3. Target states, from every service's fail-open set.
+        let mut open: BTreeSet<u32> = BTreeSet::new();
+        for (name, p) in &self.programmed {
+            if !next.iter().any(|n| &n.name == name) {
+                open.extend(&p.open);
+            }
+        }
+        for n in &next {
+            open.extend(&n.open);
+        }
+        let holding = self.hold.is_some();
+        let mut raise: Vec<(u32, u8)> = Vec::new();
+        let mut lower: Vec<(u32, u8)> = Vec::new();
+        for (name, a) in self.ids.backends() {
+            let Some(cur) = self.backends.get(&a.id).map(|b| b.state) else {
+                continue;
+            };
+            let want = if self.draining.contains(name) {
+                state::DRAINING
+            } else {
+                match self.health.get(name) {
+                    Some(HealthState::Up | HealthState::Degraded) => state::UP,
+                    _ if open.contains(&a.id) => state::UP,
+                    Some(HealthState::Down) => state::DOWN,
+                    // No verdict yet: a restarted agent keeps what it found.
+                    Some(HealthState::Unknown) | None if holding => cur,
+                    Some(HealthState::Unknown) | None => state::DOWN,
+                }
+            };
+            if want == cur {
+                continue;
+            }
+            if want == state::DOWN {
+                lower.push((a.id, want));
+            } else {
+                raise.push((a.id, want));
+            }
+        }
+        for &(id, st) in &raise {
+            self.write_state(id, st)?;
+            tracing::debug!(backend_id = id, state = state_name(st), "backend state");
+        }
+        report.state_writes += raise.len();
+
+        // 4. Switch the rings that changed.
+        let mut flipped: Vec<(&Next, Vec<String>)> = Vec::new();
+        for n in &next {
+            if !n.changed {
+                continue;
+            }
+            let ring = &n.plan.ring;
+            self.scratch.backends[..ring.len()].copy_from_slice(ring);
+            let slot = n.entry.active_slot ^ 1;
+            self.dp.write_ring(n.entry.id, slot, &self.scratch)?;
+            let entry = MapService {
+                active_slot: slot,
+                generation: n.entry.generation + 1,
+                ..n.entry
+            };
+            // One write: packets see the old ring or the new one.
+            self.dp.put_service(n.key, entry)?;
+            let from = self
+                .programmed
+                .get(&n.name)
+                .map(|p| p.to.clone())
+                .unwrap_or_default();
+            self.programmed.insert(
+                n.name.clone(),
+                Programmed {
+                    key: n.key,
+                    entry,
+                    ring: ring.clone(),
+                    to: n.to.clone(),
+                    open: n.open.clone(),
+                },
+            );
+            report.flipped.push((n.name.clone(), entry.generation));
+            flipped.push((n, from));
+        }
+        if !flipped.is_empty() {
+            let l = d.at.elapsed();
+            self.flips.record(l);
+            report.latency = Some(l);
+        }
+        for n in next.iter().filter(|n| !n.changed) {
+            if let Some(p) = self.programmed.get_mut(&n.name) {
+                p.open.clone_from(&n.open);
+            }
+        }
+
+        // 5. Leave service, then free ids no ring refers to any more.
+        for &(id, st) in &lower {
+            self.write_state(id, st)?;
+        }
+        report.state_writes += lower.len();
+        // A held (recovered) ring may still name a removed backend: its id
+        // is freed only once no ring does, so it is never handed on early.
+        let mut live: BTreeSet<u32> = self.ids.backends().map(|(_, a)| a.id).collect();
+        for p in self.programmed.values() {
+            live.extend(p.ring.iter().copied().filter(|&i| i != NO_BACKEND));
+        }
+        let stale: Vec<u32> = self
+            .backends
+            .keys()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in stale {
+            let mut b = self.backends.remove(&id).unwrap_or_default();
+            b.state = state::UNUSED;
+            self.dp.set_backend(id, b)?;
+            report.state_writes += 1;
+            tracing::info!(backend_id = id, "released backend id");
+        }
+
+        let latency_us = report.latency.map(|l| l.as_secs_f64() * 1e6);
+        for (n, from) in &flipped {
+            tracing::info!(
+                service = %n.name,
+                generation = n.entry.generation + 1,
+                from = ?from,
+                to = ?n.to,
+                mode = ?n.plan.mode,
+                reason = %d.reason,
+                latency_us,
+                "ring switched"
+            );
+            if let Some(j) = &self.journal {
+                let mut r = DecisionRecord::new(n.name.clone(), n.entry.generation + 1);
+                r.from.clone_from(from);
+                r.to.clone_from(&n.to);
+                r.reason = format!("{}: {}", d.reason, n.plan.justification);
+                r.policy_check.clone_from(&n.plan.sovereignty);
+                r.apply_latency_us = latency_us;
+                j.record(r);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Applies a new valid config as a diff: unchanged services keep their
+    /// rings and flows. Returns what changed.
+    pub fn reload(&mut self, new: Config, at: Instant) -> Result<ConfigDiff, AgentError> {
+        let diff = config::diff(&self.cfg, &new);
+        if diff.is_empty() {
+            return Ok(diff);
+        }
+        let ids = self.ids.update(&new)?;
+        if !diff.node.is_empty() {
+            self.dp.set_node(node_of(&new.node))?;
+            if new.node.pin_path != self.cfg.node.pin_path {
+                tracing::warn!(pin_path = %new.node.pin_path.display(), "pin_path changes take effect at the next start");
+            }
+            if new.node.xdp_mode != self.cfg.node.xdp_mode {
+                tracing::warn!(
+                    "xdp_mode changes need `failover-agent detach` and a restart; kept the current mode"
+                );
+            }
+            let mode = xdp_mode(self.cfg.node.xdp_mode);
+            for iface in &new.node.interfaces {
+                if !self.cfg.node.interfaces.contains(iface) {
+                    self.dp.attach(iface, mode)?;
+                    tracing::info!(interface = %iface, "XDP attached");
+                }
+            }
+            for iface in &self.cfg.node.interfaces {
+                if !new.node.interfaces.contains(iface) {
+                    self.dp.detach(iface)?;
+                    tracing::info!(interface = %iface, "XDP detached");
+                }
+            }
+        }
+        // Services gone, or at a new VIP/port (a new id): out first.
+        let gone: Vec<String> = self
+            .programmed
+            .iter()
+            .filter(|(name, p)| {
+                ids.service(name)
+                    .is_none_or(|s| s.id != p.entry.id || s.endpoint.key() != p.key)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(p) = self.programmed.remove(&name) {
+                self.dp.remove_service(&p.key)?;
+                tracing::info!(service = %name, "service removed");
+            }
+            self.held.remove(&name);
+        }
+        self.dp.set_vips(new.services.iter().map(|s| s.vip))?;
+        // Health belongs to an endpoint: a moved or removed backend starts over.
+        let old = std::mem::replace(&mut self.ids, ids);
+        let health = std::mem::take(&mut self.health);
+        self.health = health
+            .into_iter()
+            .filter(|(name, _)| {
+                self.ids
+                    .backend(name)
+                    .zip(old.backend(name))
+                    .is_some_and(|(n, o)| n.id == o.id)
+            })
+            .collect();
+        let ids = &self.ids;
+        self.draining.retain(|n| ids.backend(n).is_some());
+        self.cfg = new;
+        self.write_new_backends()?;
+        if let Some(j) = &self.journal {
+            let mut r = DecisionRecord::new("*", 0);
+            r.reason = format!("config reload applied: {diff}");
+            r.policy_check = "config valid".into();
+            j.record(r);
+        }
+        self.apply(&Decision::all(format!("config reload ({diff})"), at))?;
+        Ok(diff)
+    }
+
+    /// Records a refused reload; the running state is untouched.
+    pub fn refuse_reload(&self, err: &ConfigError) {
+        if let Some(j) = &self.journal {
+            let mut r = DecisionRecord::new("*", 0);
+            r.reason = format!("reload refused: {}", err.to_string().replace('\n', "; "));
+            r.policy_check = "config invalid: running config kept".into();
+            j.record(r);
+        }
+    }
+}

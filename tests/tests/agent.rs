@@ -1,0 +1,706 @@
+//! The agent against the real XDP object: plans become maps, a backend
+//! down writes its state before the ring flips, a restarted agent keeps
+//! ids, rings and flows, reloads change only what changed, and passive
+//! ejection acts on real `BE_STATS` counters.
+//!
+//! Needs root: run through `cargo xtask test`. Each test owns a Lab (a
+//! namespace and a pin directory, removed on drop).
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use etherparse::SlicedPacket;
+use failover_agent::{
+    agent::{
+        Agent, Applier, ApplyOptions, Journal, PassiveMonitor, RunOptions, apply::read_ring,
+        probe_targets,
+    },
+    audit, config,
+    dataplane::Dataplane,
+    health::{
+        self, EventSource, HealthEvent, HealthState, PassiveConfig, Probe, ProbeOutcome, Thresholds,
+    },
+    planner,
+};
+use failover_common::{NO_BACKEND, SVC_F_RESET, state};
+use failover_tests::{
+    lab::{CLIENT, Lab, SNAT, VIP, backend_addr},
+    netns::require_root,
+    packet::{Frame, L4, ports},
+};
+
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+const BPORT: u16 = 8000;
+const RING: u32 = 13;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let d = std::env::temp_dir().join(format!(
+            "failover-agent-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A backend line: name, address, port.
+type B<'a> = (&'a str, Ipv4Addr, u16);
+
+fn lab_backends() -> Vec<(String, Ipv4Addr, u16)> {
+    (1..=3u8)
+        .map(|i| (format!("b{i}"), backend_addr(i), BPORT))
+        .collect()
+}
+
+/// The lab's node, one `web` service on VIP:80 over `web`, plus `extra`
+/// YAML appended under `services:`.
+fn yaml(pin: &Path, web: &[&str], extra: &str, backends: &[B], probe: &str) -> String {
+    let mut y = format!(
+        "node:
+  interfaces: [vc0, va0]
+  xdp_mode: skb
+  snat_address: {SNAT}
+  snat_ports: {{ min: 40000, max: 40999 }}
+  pin_path: {pin}
+  hash_seed: 7
+services:
+  - name: web
+    vip: {VIP}
+    port: 80
+    protocol: tcp
+    backends: [{web}]
+    probe: {probe}
+    policy: {{ ring_size: {RING} }}
+{extra}backends:
+",
+        pin = pin.display(),
+        web = web.join(", "),
+    );
+    for (n, a, p) in backends {
+        y.push_str(&format!(
+            "  - {{ name: {n}, address: {a}, port: {p}, cloud: c, region: r, jurisdiction: EU }}\n"
+        ));
+    }
+    y
+}
+
+fn lab_cfg(pin: &Path, web: &[&str], extra: &str) -> config::Config {
+    let bs = lab_backends();
+    let b: Vec<B> = bs.iter().map(|(n, a, p)| (n.as_str(), *a, *p)).collect();
+    config::parse(&yaml(pin, web, extra, &b, "{ kind: tcp }"), "test").expect("valid config")
+}
+
+const API: &str = "  - name: api
+    vip: 203.0.113.10
+    port: 443
+    protocol: tcp
+    backends: [b2, b3]
+    probe: { kind: tcp }
+    policy: { ring_size: 13 }
+";
+
+fn applier(lab: &Lab, cfg: config::Config, journal: Option<Journal>) -> Applier {
+    let dp = Dataplane::load(lab.pin_dir()).expect("load dataplane");
+    Applier::new(
+        dp,
+        cfg,
+        ApplyOptions {
+            journal,
+            startup_hold: Duration::from_secs(60),
+        },
+    )
+    .expect("applier")
+}
+
+fn ev(backend: &str, from: HealthState, to: HealthState) -> HealthEvent {
+    HealthEvent {
+        backend: backend.into(),
+        from,
+        to,
+        reason: "test".into(),
+        latency: None,
+        source: EventSource::Active,
+        at: Instant::now(),
+    }
+}
+
+fn up(a: &mut Applier, names: &[&str]) {
+    let evs: Vec<HealthEvent> = names
+        .iter()
+        .map(|n| ev(n, HealthState::Unknown, HealthState::Up))
+        .collect();
+    a.on_health(&evs).expect("apply");
+}
+
+fn id(a: &Applier, backend: &str) -> u32 {
+    a.ids().backend(backend).expect("backend id").id
+}
+
+/// (service entry, active ring) as the data plane holds them.
+fn map_service(dp: &Dataplane, port: u16) -> (failover_common::Service, Vec<u32>) {
+    let (_, s) = dp
+        .services()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| u16::from_be(k.port_be) == port)
+        .expect("service in SERVICES");
+    let ring = read_ring(dp, s.id, s.active_slot, s.ring_size).unwrap();
+    (s, ring)
+}
+
+fn ids_in(ring: &[u32]) -> Vec<u32> {
+    let mut v: Vec<u32> = ring.iter().copied().filter(|&i| i != NO_BACKEND).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn dst_of(frame: &[u8]) -> Ipv4Addr {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not ipv4")
+    };
+    ip.header().destination_addr()
+}
+
+/// Opens a flow from `cport`; returns the backend address and NAT port.
+fn open_flow(lab: &Lab, cport: u16) -> (Ipv4Addr, u16) {
+    let (rc, out) = lab
+        .run(lab.vc0, &Frame::tcp(CLIENT, cport, VIP, 80).build())
+        .unwrap();
+    assert_eq!(rc, XDP_REDIRECT, "SYN forwarded");
+    (dst_of(&out), ports(&out).0)
+}
+
+fn data(lab: &Lab, cport: u16) -> (u32, Vec<u8>) {
+    lab.run(
+        lab.vc0,
+        &Frame::tcp(CLIENT, cport, VIP, 80).data(b"x").build(),
+    )
+    .unwrap()
+}
+
+fn name_of(addr: Ipv4Addr) -> String {
+    format!("b{}", addr.octets()[3] - 10)
+}
+
+#[test]
+fn apply_programs_services_backends_and_rings() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let log = dir.0.join("audit.jsonl");
+    let cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], "");
+    let mut a = applier(&lab, cfg.clone(), Some(Journal::open(&log).unwrap()));
+
+    // No verdicts on a fresh node: the service exists and fails closed.
+    let (s, ring) = map_service(&lab.dp, 80);
+    assert_eq!((s.flags, s.ring_size, s.generation), (SVC_F_RESET, RING, 1));
+    assert!(ring.iter().all(|&i| i == NO_BACKEND));
+    for i in 1..=3u8 {
+        let b = lab.dp.backend(id(&a, &format!("b{i}"))).unwrap();
+        assert_eq!(Ipv4Addr::from(u32::from_be(b.addr_be)), backend_addr(i));
+        assert_eq!(u16::from_be(b.port_be), BPORT);
+        assert_eq!(b.state, state::DOWN, "no verdict yet");
+    }
+
+    up(&mut a, &["b1", "b2", "b3"]);
+    let (s, ring) = map_service(&lab.dp, 80);
+    assert_eq!(s.generation, 2);
+    let mut want = vec![id(&a, "b1"), id(&a, "b2"), id(&a, "b3")];
+    want.sort_unstable();
+    assert_eq!(ids_in(&ring), want);
+    // Exactly the planner's ring, in the slot packets read.
+    let view: planner::HealthView = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| (*n, planner::BackendHealth::Up))
+        .collect();
+    let plan = planner::plan(
+        &cfg,
+        &view,
+        &a.ids().backend_ids(),
+        &planner::Overrides::new(),
+    );
+    assert_eq!(ring, plan.services[0].ring);
+    assert_eq!(a.programmed("web").unwrap().ring, ring);
+    for n in ["b1", "b2", "b3"] {
+        assert_eq!(lab.dp.backend(id(&a, n)).unwrap().state, state::UP);
+    }
+    // The VIP filter and the service are live: a SYN reaches a backend.
+    let (be, _) = open_flow(&lab, 52_000);
+    assert!((1..=3).any(|i| backend_addr(i) == be));
+    assert_eq!(a.flip_latency().count, 2);
+
+    // The same health again changes nothing.
+    let r = a
+        .on_health(&[ev("b1", HealthState::Degraded, HealthState::Up)])
+        .unwrap();
+    assert!(r.flipped.is_empty(), "no diff, no flip: {r:?}");
+    assert_eq!(map_service(&lab.dp, 80).0.generation, 2);
+
+    a.flush_audit();
+    drop(a);
+    let report = audit::verify(&log).unwrap();
+    assert_eq!(report.records, 2, "one record per flip");
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["service"], "web");
+    assert_eq!(last["generation"], 2);
+    assert_eq!(last["from"], serde_json::json!([]));
+    assert_eq!(last["to"], serde_json::json!(["b1", "b2", "b3"]));
+    assert!(
+        last["policy_check"]
+            .as_str()
+            .unwrap()
+            .starts_with("sovereignty ok")
+    );
+    assert!(last["apply_latency_us"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn a_backend_down_is_out_with_one_state_write_before_the_ring_flips() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let mut a = applier(&lab, lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], ""), None);
+    up(&mut a, &["b1", "b2", "b3"]);
+    let (be, _) = open_flow(&lab, 52_100);
+    let victim = name_of(be);
+    let vid = id(&a, &victim);
+    let (before, ring_before) = map_service(&lab.dp, 80);
+
+    // The fast path alone: the state write takes the backend out; the
+    // ring is not touched yet, and the pinned flow is reset at once.
+    assert!(a.mark_down(&victim, Instant::now()).unwrap());
+    assert_eq!(lab.dp.backend(vid).unwrap().state, state::DOWN);
+    let (mid, ring_mid) = map_service(&lab.dp, 80);
+    assert_eq!(
+        (mid.generation, &ring_mid),
+        (before.generation, &ring_before)
+    );
+    let (rc, _) = data(&lab, 52_100);
+    assert_eq!(rc, XDP_TX, "flow on the dead backend gets an RST");
+    // New flows skip it although the ring still names it.
+    for p in 0..20 {
+        assert_ne!(open_flow(&lab, 52_200 + p).0, be);
+    }
+
+    // The health event then re-plans: the ring drops it and flips.
+    let r = a
+        .on_health(&[ev(&victim, HealthState::Up, HealthState::Down)])
+        .unwrap();
+    assert_eq!(r.flipped, vec![("web".to_string(), before.generation + 1)]);
+    assert_eq!(r.state_writes, 0, "already DOWN: nothing written twice");
+    let (after, ring) = map_service(&lab.dp, 80);
+    assert_eq!(after.generation, before.generation + 1);
+    assert!(!ring.contains(&vid));
+    assert!(a.state_latency().count >= 1);
+
+    // Through on_health alone, the state write is part of the same apply.
+    let other = ["b1", "b2", "b3"]
+        .into_iter()
+        .find(|n| *n != victim)
+        .unwrap();
+    let r = a
+        .on_health(&[ev(other, HealthState::Up, HealthState::Down)])
+        .unwrap();
+    assert_eq!(r.state_writes, 1);
+    assert_eq!(r.flipped.len(), 1);
+    assert_eq!(lab.dp.backend(id(&a, other)).unwrap().state, state::DOWN);
+    assert!(!map_service(&lab.dp, 80).1.contains(&id(&a, other)));
+    let p = a.state_latency();
+    assert!(p.count >= 2 && p.p99_us > 0.0, "{p:?}");
+
+    // Back up: state UP, then the ring holds it again.
+    a.on_health(&[ev(other, HealthState::Down, HealthState::Up)])
+        .unwrap();
+    assert_eq!(lab.dp.backend(id(&a, other)).unwrap().state, state::UP);
+    assert!(map_service(&lab.dp, 80).1.contains(&id(&a, other)));
+}
+
+#[test]
+fn draining_keeps_existing_flows_and_takes_no_new_ones() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let mut a = applier(&lab, lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], ""), None);
+    up(&mut a, &["b1", "b2", "b3"]);
+    let (be, _) = open_flow(&lab, 52_300);
+    let n = name_of(be);
+    a.set_draining(&n, true, Instant::now()).unwrap();
+    assert_eq!(lab.dp.backend(id(&a, &n)).unwrap().state, state::DRAINING);
+    assert!(!map_service(&lab.dp, 80).1.contains(&id(&a, &n)));
+    let (rc, out) = data(&lab, 52_300);
+    assert_eq!(
+        (rc, dst_of(&out)),
+        (XDP_REDIRECT, be),
+        "existing flow stays"
+    );
+    a.set_draining(&n, false, Instant::now()).unwrap();
+    assert_eq!(lab.dp.backend(id(&a, &n)).unwrap().state, state::UP);
+}
+
+#[test]
+fn a_restarted_agent_keeps_ids_rings_and_flows() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], API);
+    let mut first = applier(&lab, cfg.clone(), None);
+    up(&mut first, &["b1", "b2", "b3"]);
+    let (be, nat) = open_flow(&lab, 52_400);
+    let ids_before = first.ids().clone();
+    let web_before = map_service(&lab.dp, 80);
+    let api_before = map_service(&lab.dp, 443);
+    // The agent exits (or crashes): nothing is flushed.
+    drop(first);
+
+    // A new agent on the same pins, no verdicts yet.
+    let mut second = applier(&lab, cfg.clone(), None);
+    assert_eq!(second.ids().backend_ids(), ids_before.backend_ids());
+    assert_eq!(
+        second.ids().service("web").unwrap().id,
+        ids_before.service("web").unwrap().id
+    );
+    assert_eq!(map_service(&lab.dp, 80), web_before, "ring kept, no flip");
+    assert_eq!(map_service(&lab.dp, 443), api_before);
+    for n in ["b1", "b2", "b3"] {
+        assert_eq!(lab.dp.backend(id(&second, n)).unwrap().state, state::UP);
+    }
+    assert_eq!(lab.dp.flows().unwrap().len(), 1);
+    let (rc, out) = data(&lab, 52_400);
+    assert_eq!((rc, dst_of(&out), ports(&out).0), (XDP_REDIRECT, be, nat));
+
+    // Verdicts for part of web's pool: still held.
+    let r = second
+        .on_health(&[ev("b1", HealthState::Unknown, HealthState::Up)])
+        .unwrap();
+    assert!(r.flipped.is_empty());
+    assert_eq!(r.held, vec!["api".to_string(), "web".to_string()]);
+    // api's pool (b2, b3) completes with b3 down: api re-plans, web is
+    // still waiting for b2.
+    let r = second
+        .on_health(&[
+            ev("b2", HealthState::Unknown, HealthState::Up),
+            ev("b3", HealthState::Unknown, HealthState::Down),
+        ])
+        .unwrap();
+    assert!(r.held.is_empty(), "every pool has verdicts: {r:?}");
+    assert_eq!(
+        lab.dp.backend(id(&second, "b3")).unwrap().state,
+        state::DOWN
+    );
+    let (web, ring) = map_service(&lab.dp, 80);
+    assert_eq!(web.generation, web_before.0.generation + 1);
+    assert!(!ring.contains(&id(&second, "b3")));
+
+    // Without the hold, a restart would have emptied the rings.
+    drop(second);
+    let dp = Dataplane::load(lab.pin_dir()).unwrap();
+    let _third = Applier::new(
+        dp,
+        cfg,
+        ApplyOptions {
+            journal: None,
+            startup_hold: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    assert!(map_service(&lab.dp, 80).1.iter().all(|&i| i == NO_BACKEND));
+}
+
+#[test]
+fn a_reload_changes_only_what_changed() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let log = dir.0.join("audit.jsonl");
+    let pin = lab.pin_dir().to_path_buf();
+    let mut a = applier(
+        &lab,
+        lab_cfg(&pin, &["b1", "b2", "b3"], API),
+        Some(Journal::open(&log).unwrap()),
+    );
+    up(&mut a, &["b1", "b2", "b3"]);
+    let web = map_service(&lab.dp, 80);
+    let api = map_service(&lab.dp, 443);
+    let ids = a.ids().backend_ids();
+
+    // api switches to reselect and loses b3; a backend b4 joins api.
+    let api2 = API
+        .replace("backends: [b2, b3]", "backends: [b2, b4]")
+        .replace("ring_size: 13", "ring_size: 13, on_backend_down: reselect");
+    let mut bs = lab_backends();
+    bs.push(("b4".into(), Ipv4Addr::new(198, 51, 100, 14), BPORT));
+    let b: Vec<B> = bs.iter().map(|(n, a, p)| (n.as_str(), *a, *p)).collect();
+    let y = yaml(&pin, &["b1", "b2", "b3"], &api2, &b, "{ kind: tcp }");
+    let new = config::parse(&y, "test").unwrap();
+    let diff = a.reload(new, Instant::now()).unwrap();
+    assert_eq!(diff.services_changed.len(), 1);
+    assert_eq!(diff.backends_added, vec!["b4".to_string()]);
+
+    assert_eq!(map_service(&lab.dp, 80), web, "web untouched");
+    let (api_entry, api_ring) = map_service(&lab.dp, 443);
+    assert_eq!(api_entry.flags, 0, "reselect: no reset flag");
+    assert_eq!(api_entry.generation, api.0.generation + 1);
+    assert_eq!(ids_in(&api_ring), vec![id(&a, "b2")], "b4 has no verdict");
+    for n in ["b1", "b2", "b3"] {
+        assert_eq!(a.ids().backend(n).unwrap().id, ids[n], "{n} keeps its id");
+        assert_eq!(a.health(n), HealthState::Up, "{n} keeps its health");
+    }
+    let b4 = lab.dp.backend(id(&a, "b4")).unwrap();
+    assert_eq!(b4.state, state::DOWN);
+
+    // Remove api and b4: the SERVICES entry goes, b4's id is released.
+    let b4_id = id(&a, "b4");
+    let new = lab_cfg(&pin, &["b1", "b2", "b3"], "");
+    a.reload(new, Instant::now()).unwrap();
+    assert!(lab.dp.services().unwrap().len() == 1);
+    assert_eq!(lab.dp.backend(b4_id).unwrap().state, state::UNUSED);
+    assert_eq!(map_service(&lab.dp, 80), web, "web still untouched");
+
+    a.flush_audit();
+    drop(a);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("config reload applied").count(),
+        2,
+        "one record per reload"
+    );
+    audit::verify(&log).unwrap();
+}
+
+/// A probe that always answers healthy (the passive test's prober).
+struct Healthy;
+
+impl Probe for Healthy {
+    async fn check(&self) -> ProbeOutcome {
+        ProbeOutcome::Healthy {
+            latency: Duration::from_millis(1),
+        }
+    }
+}
+
+#[tokio::test]
+async fn passive_ejection_from_real_handshake_counters() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let mut a = applier(&lab, lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], ""), None);
+    // Only b1 serves, so every SYN goes to it.
+    up(&mut a, &["b1"]);
+    a.on_health(&[
+        ev("b2", HealthState::Unknown, HealthState::Down),
+        ev("b3", HealthState::Unknown, HealthState::Down),
+    ])
+    .unwrap();
+    let b1 = id(&a, "b1");
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let schedule = health::Schedule {
+        interval: Duration::from_secs(3600),
+        timeout: Duration::from_secs(1),
+        thresholds: Thresholds::new(1, 1, Duration::ZERO),
+    };
+    let prober = health::spawn_with_probe(Arc::from("b1"), Healthy, schedule, tx);
+    // The prober's first (immediate) probe makes it Up.
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.to, HealthState::Up);
+
+    let mut m = PassiveMonitor::new(PassiveConfig::default());
+    m.watch("b1", b1, Some(prober.ejector()));
+    let t0 = Instant::now();
+    assert!(m.poll(t0, |i| a.dataplane().backend_stats(i)).is_empty());
+
+    // Two SYNs, each refused by the backend with an RST.
+    for cport in [52_500u16, 52_501] {
+        let (be, nat) = open_flow(&lab, cport);
+        assert_eq!(be, backend_addr(1));
+        let mut rst = Frame::tcp(be, BPORT, SNAT, nat);
+        rst.l4 = L4::Tcp {
+            seq: 0,
+            ack: Some(1001),
+            syn: false,
+            fin: false,
+            rst: true,
+        };
+        lab.run(lab.va0, &rst.build()).unwrap();
+    }
+    assert_eq!(lab.dp.backend_stats(b1).unwrap().syn_rsts, 2);
+    let now = t0 + Duration::from_millis(5);
+    let ej = m.poll(now, |i| a.dataplane().backend_stats(i));
+    assert_eq!(ej.len(), 1, "{ej:?}");
+    assert_eq!(ej[0].backend, "b1");
+    // The run loop's reaction: DOWN at once, ring untouched so far.
+    let gen_before = map_service(&lab.dp, 80).0.generation;
+    assert!(a.mark_down("b1", now).unwrap());
+    assert_eq!(lab.dp.backend(b1).unwrap().state, state::DOWN);
+    assert_eq!(map_service(&lab.dp, 80).0.generation, gen_before);
+
+    // The prober got the ejection and reports it; applying it re-plans.
+    let down = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (down.to, down.source),
+        (HealthState::Down, EventSource::Passive)
+    );
+    assert!(down.reason.contains("refused"), "{}", down.reason);
+    let r = a.on_health(&[down]).unwrap();
+    assert_eq!(r.flipped.len(), 1);
+    assert!(
+        map_service(&lab.dp, 80).1.iter().all(|&i| i == NO_BACKEND),
+        "nothing healthy left: fail closed"
+    );
+}
+
+/// A TCP "backend" on loopback inside the lab namespace.
+struct Listener {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn listener() -> Listener {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            drop(s);
+        }
+    });
+    Listener { port, task }
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_run_loop_probes_reloads_and_survives_bad_configs() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let cfg_path = dir.0.join("failover.yaml");
+    let log = dir.0.join("audit.jsonl");
+    let (l1, l2, l3) = (listener().await, listener().await, listener().await);
+    let lo = Ipv4Addr::LOCALHOST;
+    let probe = "{ kind: tcp, interval: 20ms, timeout: 200ms, rise: 1, fall: 1 }";
+    let two: Vec<B> = vec![("b1", lo, l1.port), ("b2", lo, l2.port)];
+    let write = |y: &str| std::fs::write(&cfg_path, y).unwrap();
+    write(&yaml(lab.pin_dir(), &["b1", "b2"], "", &two, probe));
+
+    let mut opts = RunOptions::new(&cfg_path);
+    opts.audit_path = Some(log.clone());
+    opts.sighup = false;
+    let agent = Agent::start(opts).await.expect("agent starts");
+    assert!(lab.pin_dir().join("links/vc0").exists(), "attached, pinned");
+    let (b1, b2) = (id(agent.applier(), "b1"), id(agent.applier(), "b2"));
+    let reload = agent.reload_handle();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(agent.run(async {
+        let _ = stopped.await;
+    }));
+
+    wait_for("both backends in the ring", || {
+        ids_in(&map_service(&lab.dp, 80).1) == [b1.min(b2), b1.max(b2)]
+    })
+    .await;
+    let good = map_service(&lab.dp, 80);
+
+    // A bad config is refused; the running state stays.
+    let bad = yaml(lab.pin_dir(), &["b1", "b2"], "", &two, probe)
+        .replace(&format!("vip: {VIP}"), "vip: 203.0.113");
+    write(&bad);
+    assert!(reload.reload());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(map_service(&lab.dp, 80), good);
+    assert_eq!(lab.dp.services().unwrap().len(), 1);
+
+    // A valid one adds b3 to web through the file check alone.
+    let three: Vec<B> = vec![
+        ("b1", lo, l1.port),
+        ("b2", lo, l2.port),
+        ("b3", lo, l3.port),
+    ];
+    write(&yaml(lab.pin_dir(), &["b1", "b2", "b3"], "", &three, probe));
+    wait_for("b3 probed and in the ring", || {
+        ids_in(&map_service(&lab.dp, 80).1).len() == 3
+    })
+    .await;
+
+    // A backend dies: the prober sees it and the ring drops it.
+    l1.task.abort();
+    let _ = l1.task.await;
+    wait_for("b1 out", || {
+        lab.dp.backend(b1).unwrap().state == state::DOWN
+            && !map_service(&lab.dp, 80).1.contains(&b1)
+    })
+    .await;
+
+    // SIGTERM's path: the loop ends, the data plane stays as it was.
+    let before = map_service(&lab.dp, 80);
+    stop.send(()).unwrap();
+    let agent = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("stops in time")
+        .unwrap()
+        .unwrap();
+    let p = agent.applier().flip_latency();
+    assert!(p.count >= 3 && p.p99_us > 0.0, "{p:?}");
+    drop(agent);
+    assert_eq!(map_service(&lab.dp, 80), before, "nothing flushed");
+    assert!(lab.pin_dir().join("links/vc0").exists(), "still attached");
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("reload refused").count(), 1, "{text}");
+    assert!(text.contains("services[0].vip"), "names the field: {text}");
+    assert!(text.contains("b1 up -> down"), "{text}");
+    assert!(audit::verify(&log).unwrap().records >= 4);
+    drop((l2, l3));
+}
+
+#[test]
+fn each_backend_is_probed_with_its_first_service_probe() {
+    let lab_less = PathBuf::from("/sys/fs/bpf/unused");
+    let cfg = lab_cfg(
+        &lab_less,
+        &["b1", "b2"],
+        &API.replace("{ kind: tcp }", "{ kind: http, path: /healthz }"),
+    );
+    let t = probe_targets(&cfg);
+    assert_eq!(t.len(), 3);
+    assert_eq!(t["b2"].1.kind, config::ProbeKind::Tcp, "web lists it first");
+    assert_eq!(t["b3"].1.kind, config::ProbeKind::Http);
+    assert_eq!(t["b3"].0.addr.port(), BPORT);
+}
