@@ -257,13 +257,13 @@ fn bench(args: &[String]) -> Result<()> {
     require_root("benchmarks")?;
     setup()?;
     let Some(which) = args.first() else {
-        bail!("usage: cargo xtask bench datapath [--json] [--calls N]");
+        bail!("usage: cargo xtask bench datapath|apply [--json] [--calls N]");
     };
     match which.as_str() {
-        "datapath" => run(Command::new("cargo")
+        "datapath" | "apply" => run(Command::new("cargo")
             .args(["run", "--quiet", "--release", "-p", "failover-tests"])
             .args(["--bin", "failover-bench", "--"])
             .args(args)),
-        other => bail!("unknown benchmark {other:?}; available: datapath"),
+        other => bail!("unknown benchmark {other:?}; available: datapath, apply"),
     }
 }

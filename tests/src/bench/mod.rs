@@ -1,4 +1,5 @@
 //! Benchmarks run by `cargo xtask bench ...`. Each one is bounded in count
 //! and time and cleans up after itself through the same guards as tests.
 
+pub mod apply;
 pub mod datapath;

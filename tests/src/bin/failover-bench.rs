@@ -19,6 +19,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Decision-to-data-plane latency of the agent's apply path.
+    Apply,
     /// Per-packet cost of the XDP program (BPF_PROG_TEST_RUN, repeat = 1).
     Datapath {
         /// Calls per case (the method needs at least 100,000).
@@ -30,6 +32,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
+        Cmd::Apply => bench::apply::print(&bench::apply::run()?, args.json),
         Cmd::Datapath { calls } => {
             anyhow::ensure!(
                 calls >= 100_000,
