@@ -80,6 +80,10 @@ fn main() -> Result<ExitCode> {
         Cmd::Validate { config, json } => Ok(validate(&config, json)),
         Cmd::Detach { config } => {
             let cfg = config::load(&config)?;
+            if !cfg.node.pin_path.exists() {
+                println!("nothing pinned at {}", cfg.node.pin_path.display());
+                return Ok(ExitCode::SUCCESS);
+            }
             Dataplane::remove_pins(&cfg.node.pin_path)
                 .with_context(|| format!("removing {}", cfg.node.pin_path.display()))?;
             println!(
