@@ -392,7 +392,19 @@ impl Applier {
         }
         self.write_state(a.id, state::DOWN)?;
         self.state_writes.record(at.elapsed());
+        self.nudge(backend, a.id);
         Ok(true)
+    }
+
+    /// After a backend went down: prompt its TCP clients so that flows
+    /// stalled on a silent backend are reset now (see dataplane/nudge.rs).
+    /// Best effort; runs after the state write, outside the measured path.
+    fn nudge(&self, backend: &str, id: u32) {
+        match self.dp.nudge_clients(id) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(backend, clients = n, "nudged clients of a down backend"),
+            Err(e) => tracing::warn!(backend, error = %e, "could not nudge clients"),
+        }
     }
 
     /// Feeds health state changes (a batch, as they arrived) and applies.
@@ -502,6 +514,7 @@ impl Applier {
 
         // 1. The microsecond failover: backends decided down leave first.
         let mut fast = 0;
+        let mut went_down = Vec::new();
         for name in &d.backends {
             let down =
                 !self.draining.contains(name) && self.health.get(name) == Some(&HealthState::Down);
@@ -512,12 +525,16 @@ impl Applier {
                     .is_some_and(|b| b.state == state::UP || b.state == state::DRAINING);
                 if serving && self.write_state(a.id, state::DOWN)? {
                     fast += 1;
+                    went_down.push((name.clone(), a.id));
                 }
             }
         }
         if fast > 0 {
             self.state_writes.record(d.at.elapsed());
             report.state_writes += fast;
+        }
+        for (name, id) in &went_down {
+            self.nudge(name, *id);
         }
 
         // 2. Plan. A held service waits for every pool backend's verdict.

@@ -9,13 +9,35 @@ use failover_common::BackendStats;
 
 use crate::health::{Ejection, Ejector, HandshakeCounters, PassiveConfig, PassiveDetector};
 
-/// Period of the counter reads.
+/// Period of the counter reads for backends with new connections.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+/// Period for idle backends: with no SYNs toward a backend there is nothing
+/// to detect, and reading every backend's per-CPU counters every 5 ms is
+/// most of the agent's CPU at rest.
+pub const IDLE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a backend counts as active after its last new SYN.
+const ACTIVE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Watched {
     id: u32,
     detector: PassiveDetector,
     ejector: Option<Ejector>,
+    last_read: Option<Instant>,
+    last_syns: u64,
+    active_until: Option<Instant>,
+}
+
+impl Watched {
+    fn due(&self, now: Instant) -> bool {
+        let active = self.active_until.is_some_and(|t| now < t);
+        let period = if active {
+            POLL_INTERVAL
+        } else {
+            IDLE_POLL_INTERVAL
+        };
+        self.last_read
+            .is_none_or(|t| now.duration_since(t) >= period)
+    }
 }
 
 /// A passive ejection to act on.
@@ -49,6 +71,9 @@ impl PassiveMonitor {
                 id,
                 detector: PassiveDetector::new(self.cfg),
                 ejector,
+                last_read: None,
+                last_syns: 0,
+                active_until: None,
             },
         );
     }
@@ -79,6 +104,10 @@ impl PassiveMonitor {
     ) -> Vec<PassiveEjection> {
         let mut out = Vec::new();
         for (name, w) in &mut self.watched {
+            if !w.due(now) {
+                continue;
+            }
+            w.last_read = Some(now);
             let stats = match read(w.id) {
                 Ok(s) => s,
                 Err(e) => {
@@ -86,6 +115,10 @@ impl PassiveMonitor {
                     continue;
                 }
             };
+            if stats.syns != w.last_syns {
+                w.last_syns = stats.syns;
+                w.active_until = Some(now + ACTIVE_FOR);
+            }
             let c = HandshakeCounters::from_per_cpu(std::iter::once(&stats));
             if let Some(why) = w.detector.observe(now, c) {
                 if let Some(ej) = &w.ejector
@@ -119,6 +152,13 @@ mod tests {
         let read = |stats: &BTreeMap<u32, BackendStats>, id: u32| {
             Ok::<_, String>(stats.get(&id).copied().unwrap_or_default())
         };
+        // Both backends have live traffic (answered SYNs), so they are
+        // polled at the fast period.
+        for id in [1, 2] {
+            let e = stats.entry(id).or_default();
+            e.syns = 1;
+            e.synacks = 1;
+        }
         assert!(m.poll(t0, |id| read(&stats, id)).is_empty(), "baseline");
         // b answers its SYNs; a's SYNs are refused.
         for step in 1..=3u32 {
@@ -147,6 +187,35 @@ mod tests {
         }
         m.unwatch("a");
         assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn idle_backends_are_read_at_the_slow_period_until_syns_appear() {
+        let mut m = PassiveMonitor::new(PassiveConfig::default());
+        m.watch("a", 1, None);
+        let t0 = Instant::now();
+        let reads = std::cell::Cell::new(0);
+        let syns = std::cell::Cell::new(0u64);
+        let read = |_| {
+            reads.set(reads.get() + 1);
+            Ok::<_, String>(BackendStats {
+                syns: syns.get(),
+                synacks: syns.get(),
+                ..Default::default()
+            })
+        };
+        let ms = |n| t0 + Duration::from_millis(n);
+        m.poll(ms(0), read);
+        m.poll(ms(5), read);
+        m.poll(ms(50), read);
+        assert_eq!(reads.get(), 1, "idle: no read before 100 ms");
+        m.poll(ms(100), read);
+        assert_eq!(reads.get(), 2);
+        syns.set(3);
+        m.poll(ms(200), read);
+        m.poll(ms(205), read);
+        m.poll(ms(210), read);
+        assert_eq!(reads.get(), 5, "active: read every 5 ms");
     }
 
     #[test]
