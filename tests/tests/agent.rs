@@ -553,7 +553,9 @@ async fn passive_ejection_from_real_handshake_counters() {
         lab.run(lab.va0, &rst.build()).unwrap();
     }
     assert_eq!(lab.dp.backend_stats(b1).unwrap().syn_rsts, 2);
-    let now = t0 + Duration::from_millis(5);
+    // The backend was idle at the baseline read, so the next read comes at
+    // the idle period (busy backends are read every 5 ms).
+    let now = t0 + failover_agent::agent::passive::IDLE_POLL_INTERVAL;
     let ej = m.poll(now, |i| a.dataplane().backend_stats(i));
     assert_eq!(ej.len(), 1, "{ej:?}");
     assert_eq!(ej[0].backend, "b1");
