@@ -7,5 +7,8 @@ pub mod client;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod peers;
+pub mod program;
+pub mod rawbpf;
 pub mod topology;
 pub mod traffic;

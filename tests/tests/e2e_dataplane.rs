@@ -12,73 +12,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use failover_agent::{dataplane::Dataplane, maglev};
-use failover_common::{
-    Backend, Node, RING_DEFAULT, RING_MAX, Reason, Ring, SVC_F_RESET, Service, ServiceKey, state,
-};
+use failover_agent::dataplane::Dataplane;
+use failover_common::{Reason, SVC_F_RESET, state};
 use failover_tests::{
     client,
-    topology::{BACKEND_PORT, CLOUD_A, SNAT, Topology, VIP},
+    program::program,
+    topology::{CLOUD_A, Topology, VIP},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Programs one TCP service VIP:80 over `backends` (id, address).
-fn program(dp: &mut Dataplane, backends: &[(u32, std::net::Ipv4Addr)], flags: u32) -> ServiceKey {
-    dp.set_node(Node {
-        snat_be: u32::from(SNAT).to_be(),
-        // Below the kernel's ephemeral range, so replies to the edge's own
-        // sockets on the SNAT address are never mistaken for NAT flows.
-        port_min: 20_000,
-        port_max: 29_999,
-        seed: 1,
-        flags: 0,
-    })
-    .unwrap();
-    let mut members = Vec::new();
-    for &(id, addr) in backends {
-        dp.set_backend(
-            id,
-            Backend {
-                addr_be: u32::from(addr).to_be(),
-                port_be: BACKEND_PORT.to_be(),
-                state: state::UP,
-                _pad: 0,
-            },
-        )
-        .unwrap();
-        members.push(maglev::Member {
-            id,
-            weight: 100,
-            key: maglev::key_hash(&format!("b{id}")),
-        });
-    }
-    let table = maglev::build(&members, RING_DEFAULT).unwrap();
-    let mut ring = Box::new(Ring {
-        backends: [failover_common::NO_BACKEND; RING_MAX],
-    });
-    ring.backends[..table.len()].copy_from_slice(&table);
-    dp.write_ring(0, 0, &ring).unwrap();
-    let key = ServiceKey {
-        vip_be: u32::from(VIP).to_be(),
-        port_be: 80u16.to_be(),
-        proto: 6,
-        _pad: 0,
-    };
-    dp.put_service(
-        key,
-        Service {
-            id: 0,
-            flags,
-            active_slot: 0,
-            ring_size: RING_DEFAULT,
-            generation: 1,
-        },
-    )
-    .unwrap();
-    dp.set_vips([VIP]).unwrap();
-    key
-}
 
 /// Non-zero reason counters, for failure messages.
 fn counters(dp: &Dataplane) -> String {

@@ -54,6 +54,7 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "nftables",
     "haproxy",
+    "wrk",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -257,13 +258,24 @@ fn bench(args: &[String]) -> Result<()> {
     require_root("benchmarks")?;
     setup()?;
     let Some(which) = args.first() else {
-        bail!("usage: cargo xtask bench datapath|apply [--json] [--calls N]");
+        bail!(
+            "usage: cargo xtask bench datapath|apply|forward|http [--json] ... | all --report DIR"
+        );
     };
     match which.as_str() {
-        "datapath" | "apply" => run(Command::new("cargo")
-            .args(["run", "--quiet", "--release", "-p", "failover-tests"])
-            .args(["--bin", "failover-bench", "--"])
-            .args(args)),
-        other => bail!("unknown benchmark {other:?}; available: datapath, apply"),
+        "datapath" | "apply" | "forward" | "http" | "all" => {
+            // forward, http and all start the test backend from beside the
+            // bench binary.
+            run(Command::new("cargo")
+                .args(["build", "--quiet", "--release", "-p", "failover-tests"])
+                .args(["--bin", "failover-testbackend", "--bin", "failover-bench"]))?;
+            run(Command::new("cargo")
+                .args(["run", "--quiet", "--release", "-p", "failover-tests"])
+                .args(["--bin", "failover-bench", "--"])
+                .args(args))
+        }
+        other => {
+            bail!("unknown benchmark {other:?}; available: datapath, apply, forward, http, all")
+        }
     }
 }

@@ -3,3 +3,6 @@
 
 pub mod apply;
 pub mod datapath;
+pub mod forward;
+pub mod http;
+pub mod report;

@@ -27,11 +27,67 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         calls: u64,
     },
+    /// Packets/s forwarded through the edge: xdp vs nftables vs routing.
+    Forward {
+        /// Seconds per system.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Distinct 5-tuples (UDP source ports).
+        #[arg(long, default_value_t = 1024)]
+        flows: u16,
+        /// Live-frames batch size (1..=256).
+        #[arg(long, default_value_t = 64)]
+        batch: u32,
+    },
+    /// HTTP with wrk: direct vs xdp vs nftables vs haproxy, keep-alive and
+    /// new connection per request.
+    Http {
+        /// Seconds per system and mode.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+        /// wrk threads.
+        #[arg(long, default_value_t = 1)]
+        threads: u32,
+    },
+    /// Every benchmark this binary has, then the results page.
+    All {
+        /// Directory for README.md, results.jsonl and the SVG charts.
+        #[arg(long)]
+        report: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
+        Cmd::Forward {
+            seconds,
+            flows,
+            batch,
+        } => {
+            let opts = bench::forward::Opts {
+                seconds,
+                flows,
+                batch,
+            };
+            bench::forward::print(&bench::forward::run(opts)?, args.json)
+        }
+        Cmd::Http {
+            seconds,
+            connections,
+            threads,
+        } => {
+            let opts = bench::http::Opts {
+                seconds,
+                connections,
+                threads,
+            };
+            bench::http::print(&bench::http::run(opts)?, args.json)
+        }
+        Cmd::All { report } => bench::report::all(&report)?,
         Cmd::Apply => bench::apply::print(&bench::apply::run()?, args.json),
         Cmd::Datapath { calls } => {
             anyhow::ensure!(

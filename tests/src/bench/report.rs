@@ -1,0 +1,455 @@
+//! The results page written by `failover-bench all --report DIR`: every
+//! figure, table and chart comes from the JSON lines the benchmarks printed
+//! in the same run. Nothing is typed by hand.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+
+/// One benchmark's outcome in an `all` run.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The JSON lines it printed.
+    Ran(Vec<Value>),
+    /// Not run, and why.
+    Skipped(String),
+}
+
+/// The machine and the run, for the page's header.
+#[derive(Debug, Default)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu: String,
+    pub kernel: String,
+    pub date: String,
+    pub commit: String,
+    pub load: String,
+}
+
+impl Machine {
+    pub fn probe() -> Self {
+        let sh = |c: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", c])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_default()
+        };
+        Self {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu: sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-"),
+            kernel: sh("uname -r"),
+            date: sh("date -u '+%Y-%m-%d %H:%M UTC'"),
+            commit: sh("c=$(git rev-parse --short HEAD 2>/dev/null) && \
+                 { git diff --quiet HEAD 2>/dev/null && echo $c || echo \"$c (with uncommitted changes)\"; }"),
+            load: sh("cut -d' ' -f1-3 /proc/loadavg"),
+        }
+    }
+}
+
+/// Column order for the benchmarks this page knows; others get every key.
+fn columns(bench: &str, rows: &[Value]) -> Vec<String> {
+    let known: &[&str] = match bench {
+        "datapath" => &["case", "raw_ns", "own_ns", "return_code"],
+        "forward" => &[
+            "system",
+            "mpps",
+            "cpu_pct",
+            "softirq_pct",
+            "flows",
+            "sent",
+            "received",
+        ],
+        "http" => &[
+            "system", "mode", "rps", "p50_ms", "p99_ms", "requests", "errors",
+        ],
+        _ => &[],
+    };
+    if !known.is_empty() {
+        return known.iter().map(|s| s.to_string()).collect();
+    }
+    let mut cols: Vec<String> = Vec::new();
+    for r in rows {
+        if let Some(o) = r.as_object() {
+            for k in o.keys() {
+                if !cols.contains(k) {
+                    cols.push(k.clone());
+                }
+            }
+        }
+    }
+    cols
+}
+
+fn cell(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "–".into(),
+        Some(Value::String(s)) => format!("`{s}`"),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(f) if n.is_f64() => {
+                if f.abs() >= 100.0 {
+                    format!("{f:.0}")
+                } else if f.abs() >= 1.0 {
+                    format!("{f:.2}")
+                } else {
+                    format!("{f:.3}")
+                }
+            }
+            _ => n.to_string(),
+        },
+        Some(v) => v.to_string(),
+    }
+}
+
+fn table(bench: &str, rows: &[Value]) -> String {
+    let cols = columns(bench, rows);
+    let mut t = format!("| {} |\n|", cols.join(" | "));
+    for c in &cols {
+        let numeric = rows.iter().any(|r| r.get(c).is_some_and(|v| v.is_number()));
+        t.push_str(if numeric { "---:|" } else { "---|" });
+    }
+    t.push('\n');
+    for r in rows {
+        let cells: Vec<String> = cols.iter().map(|c| cell(r.get(c))).collect();
+        let _ = writeln!(t, "| {} |", cells.join(" | "));
+    }
+    t
+}
+
+fn num(r: &Value, k: &str) -> f64 {
+    r.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+fn text(r: &Value, k: &str) -> String {
+    r.get(k).and_then(Value::as_str).unwrap_or("").to_owned()
+}
+
+/// A bar chart: one group per category, one bar per series in each group.
+pub fn bar_chart(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+) -> Result<()> {
+    let n = categories.len().max(1) as i32;
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.1.iter().copied())
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.2;
+    let root = SVGBackend::new(path, (720, 360)).into_drawing_area();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(70)
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0f64..ymax)?;
+        let label = |v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(i) => categories.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .y_desc(y_desc)
+            .x_label_formatter(&label)
+            .draw()?;
+        let (w, _) = chart.plotting_area().dim_in_pixel();
+        let seg = f64::from(w) / f64::from(n);
+        let m = series.len().max(1) as f64;
+        let slot = seg * 0.8 / m;
+        for (j, (name, vals)) in series.iter().enumerate() {
+            let color = Palette99::pick(j).to_rgba();
+            let left = seg * 0.1 + j as f64 * slot;
+            let right = (seg - left - slot).max(0.0);
+            chart
+                .draw_series(vals.iter().enumerate().map(|(i, v)| {
+                    let mut r = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(i as i32), 0.0),
+                            (SegmentValue::Exact(i as i32 + 1), *v),
+                        ],
+                        color.filled(),
+                    );
+                    r.set_margin(0, 0, left as u32, right as u32);
+                    r
+                }))?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
+        }
+        if series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .border_style(BLACK)
+                .background_style(WHITE.mix(0.8))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("chart {}: {e}", path.display()))
+}
+
+/// Groups `rows` by `group` (categories, in first-seen order) and `series`
+/// (in first-seen order), taking `value`.
+fn grouped(
+    rows: &[Value],
+    group: &str,
+    series: &str,
+    value: &str,
+) -> (Vec<String>, Vec<(String, Vec<f64>)>) {
+    let mut cats: Vec<String> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut vals: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for r in rows {
+        let c = text(r, group);
+        let s = if series.is_empty() {
+            value.to_owned()
+        } else {
+            text(r, series)
+        };
+        if !cats.contains(&c) {
+            cats.push(c.clone());
+        }
+        if !names.contains(&s) {
+            names.push(s.clone());
+        }
+        vals.insert((c, s), num(r, value));
+    }
+    let out = names
+        .iter()
+        .map(|s| {
+            (
+                s.clone(),
+                cats.iter()
+                    .map(|c| vals.get(&(c.clone(), s.clone())).copied().unwrap_or(0.0))
+                    .collect(),
+            )
+        })
+        .collect();
+    (cats, out)
+}
+
+fn find<'a>(rows: &'a [Value], pairs: &[(&str, &str)]) -> Option<&'a Value> {
+    rows.iter()
+        .find(|r| pairs.iter().all(|(k, v)| text(r, k) == *v))
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**not met**" }
+}
+
+/// Writes `dir/README.md`, `dir/results.jsonl` and the charts.
+pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut jsonl = String::new();
+    let mut md = String::new();
+    md.push_str(
+        "# Benchmark results\n\n\
+         Generated by `cargo xtask bench all --report docs/benchmarks` from the JSON the \
+         benchmarks printed in one run; every figure, table and chart below comes from \
+         [`results.jsonl`](results.jsonl). Do not edit by hand: run the command again. The \
+         method of each benchmark is in [../benchmarks.md](../benchmarks.md).\n\n",
+    );
+    let _ = write!(
+        md,
+        "| machine | |\n|---|---|\n| CPUs (nproc) | {} |\n| CPU | {} |\n| kernel | `{}` |\n\
+         | date | {} |\n| commit | {} |\n| load average at start | {} |\n\n\
+         All systems of a benchmark run one after the other in the same run, on the same \
+         topology layout. On a shared machine other work adds noise: compare ratios within \
+         this page, not absolute figures across machines.\n\n",
+        machine.nproc,
+        if machine.cpu.is_empty() {
+            "–"
+        } else {
+            &machine.cpu
+        },
+        machine.kernel,
+        machine.date,
+        if machine.commit.is_empty() {
+            "–"
+        } else {
+            &machine.commit
+        },
+        machine.load,
+    );
+
+    let mut targets = String::new();
+    for (bench, outcome) in results {
+        let _ = writeln!(md, "## `{bench}`\n");
+        let rows = match outcome {
+            Outcome::Skipped(why) => {
+                let _ = writeln!(md, "Not run: {why}.\n");
+                continue;
+            }
+            Outcome::Ran(rows) => rows,
+        };
+        for r in rows {
+            let mut o = r.clone();
+            if let Some(m) = o.as_object_mut() {
+                m.insert("bench".into(), Value::String(bench.clone()));
+            }
+            jsonl.push_str(&o.to_string());
+            jsonl.push('\n');
+        }
+        md.push_str(&table(bench, rows));
+        md.push('\n');
+        match bench.as_str() {
+            "datapath" => {
+                let (cats, series) = grouped(rows, "case", "", "own_ns");
+                bar_chart(
+                    &dir.join("datapath.svg"),
+                    "datapath: own cost per packet (ns, lower is better)",
+                    "ns per packet",
+                    &cats,
+                    &series,
+                )?;
+                md.push_str("![datapath](datapath.svg)\n\n");
+            }
+            "forward" => {
+                let (cats, series) = grouped(rows, "system", "", "mpps");
+                bar_chart(
+                    &dir.join("forward.svg"),
+                    "forward: packets forwarded through the edge (Mpps, higher is better)",
+                    "Mpps",
+                    &cats,
+                    &series,
+                )?;
+                md.push_str("![forward](forward.svg)\n\n");
+                if let (Some(x), Some(n)) = (
+                    find(rows, &[("system", "xdp")]),
+                    find(rows, &[("system", "nftables")]),
+                ) {
+                    let ratio = num(x, "mpps") / num(n, "mpps").max(1e-12);
+                    let _ = writeln!(
+                        targets,
+                        "| forward | xdp ÷ nftables, Mpps | ≥ 3 | {ratio:.2} | {} |",
+                        verdict(ratio >= 3.0)
+                    );
+                }
+            }
+            "http" => {
+                for (value, file, title, y) in [
+                    (
+                        "rps",
+                        "http-rps.svg",
+                        "http: requests per second (higher is better)",
+                        "requests/s",
+                    ),
+                    (
+                        "p99_ms",
+                        "http-p99.svg",
+                        "http: p99 latency (ms, lower is better)",
+                        "ms",
+                    ),
+                ] {
+                    let (cats, series) = grouped(rows, "system", "mode", value);
+                    bar_chart(&dir.join(file), title, y, &cats, &series)?;
+                    let _ = writeln!(md, "![http {value}]({file})\n");
+                }
+                let get = |s: &str, m: &str| find(rows, &[("system", s), ("mode", m)]);
+                if let (Some(x), Some(d), Some(h)) = (
+                    get("xdp", "newconn"),
+                    get("direct", "newconn"),
+                    get("haproxy", "newconn"),
+                ) {
+                    let rd = num(x, "rps") / num(d, "rps").max(1e-12);
+                    let rh = num(x, "rps") / num(h, "rps").max(1e-12);
+                    let _ = writeln!(
+                        targets,
+                        "| http newconn | xdp ÷ direct, rps | ≥ 0.95 | {rd:.2} | {} |",
+                        verdict(rd >= 0.95)
+                    );
+                    let _ = writeln!(
+                        targets,
+                        "| http newconn | xdp ÷ haproxy, rps | ≥ 1.5 | {rh:.2} | {} |",
+                        verdict(rh >= 1.5)
+                    );
+                }
+                for mode in ["keepalive", "newconn"] {
+                    if let (Some(x), Some(n)) = (get("xdp", mode), get("nftables", mode)) {
+                        let (px, pn) = (num(x, "p99_ms"), num(n, "p99_ms"));
+                        let _ = writeln!(
+                            targets,
+                            "| http {mode} | p99 xdp vs nftables (ms) | ≤ nftables | {px:.2} vs {pn:.2} | {} |",
+                            verdict(px <= pn)
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !targets.is_empty() {
+        md.push_str(
+            "## Targets (issue 6)\n\nComputed from the tables above.\n\n\
+             | benchmark | measure | target | measured | |\n|---|---|---|---|---|\n",
+        );
+        md.push_str(&targets);
+        md.push('\n');
+    }
+    std::fs::write(dir.join("results.jsonl"), jsonl)?;
+    std::fs::write(dir.join("README.md"), md)?;
+    Ok(())
+}
+
+/// The benchmarks `all` runs, in order, when this binary has them.
+pub const ALL: [&str; 5] = ["datapath", "apply", "failover", "forward", "http"];
+
+/// Runs every benchmark in [`ALL`] that this binary offers (each as a
+/// child process with `--json`, so one benchmark's state never leaks into
+/// the next), skips the others with a note, and writes the page.
+pub fn all(dir: &Path) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let help = std::process::Command::new(&exe).arg("--help").output()?;
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let offered = |name: &str| {
+        help.lines()
+            .any(|l| l.split_whitespace().next() == Some(name))
+    };
+    let machine = Machine::probe();
+    let mut results = Vec::new();
+    for name in ALL {
+        if !offered(name) {
+            eprintln!("all: skipping `{name}`: this failover-bench has no such benchmark yet");
+            results.push((
+                name.to_owned(),
+                Outcome::Skipped(format!("`failover-bench` has no `{name}` benchmark yet")),
+            ));
+            continue;
+        }
+        eprintln!("all: running `{name}`");
+        let out = std::process::Command::new(&exe)
+            .args([name, "--json"])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("run {name}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "benchmark {name} failed: {}",
+            out.status
+        );
+        let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.trim_start().starts_with('{'))
+            .map(serde_json::from_str)
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| format!("{name} printed a line that is not JSON"))?;
+        for r in &rows {
+            println!("{}", serde_json::json!({ "bench": name, "result": r }));
+        }
+        results.push((name.to_owned(), Outcome::Ran(rows)));
+    }
+    write(dir, &machine, &results)?;
+    eprintln!("all: wrote {}", dir.join("README.md").display());
+    Ok(())
+}
