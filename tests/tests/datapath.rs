@@ -239,6 +239,12 @@ fn ring_flip_moves_only_new_flows() {
     let t = lab.dp.flip_ring(&key, &lab::ring_of(13, &[3])).unwrap();
     assert_eq!(t.generation, 2);
     assert_eq!(lab.dp.service(&key).unwrap().unwrap().active_slot, 1);
+    // Both slots read back as written (the old ring is untouched).
+    assert_eq!(lab.dp.ring(0, 1).unwrap().backends[..13], [3; 13]);
+    assert_eq!(
+        lab.dp.ring(0, 0).unwrap().backends[..13],
+        lab::ring_of(13, &[1, 2]).backends[..13]
+    );
     for (syn, dst) in &before {
         let (_, out) = forward(&lab, &syn.clone().data(b"x"));
         assert_eq!(dst_of(&out), *dst, "existing flow kept its backend");

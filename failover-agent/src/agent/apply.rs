@@ -188,16 +188,7 @@ fn state_name(st: u8) -> &'static str {
 /// short-lived thread with a large stack does the read.
 pub fn read_ring(dp: &Dataplane, id: u32, slot: u32, len: u32) -> Result<Vec<u32>, AgentError> {
     let len = (len as usize).min(RING_MAX);
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("ring-read".into())
-            .stack_size(16 << 20)
-            .spawn_scoped(s, || dp.ring(id, slot).map(|r| r.backends[..len].to_vec()))
-            .map_err(AgentError::Thread)?
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-            .map_err(AgentError::from)
-    })
+    Ok(dp.ring(id, slot)?.backends[..len].to_vec())
 }
 
 impl Applier {

@@ -54,8 +54,6 @@ pub enum AgentError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Ids(#[from] IdError),
-    #[error("spawning a thread: {0}")]
-    Thread(#[source] std::io::Error),
     #[error("installing the SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
 }

@@ -52,11 +52,51 @@ impl Dataplane {
         self.rings.set(idx, ring, 0).map_err(map_err(names::RINGS))
     }
 
+    /// Reads one ring slot straight into the heap. aya's `Array::get`
+    /// returns the 256 KiB value by value, which overflows small thread
+    /// stacks (tokio workers, test threads) in debug builds.
     pub fn ring(&self, service_id: u32, slot: u32) -> Result<Box<Ring>> {
-        let idx = failover_common::Service::ring_index(service_id, slot);
-        self.rings
-            .get(&idx, 0)
-            .map(Box::new)
-            .map_err(map_err(names::RINGS))
+        use aya::maps::IterableMap as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+
+        /// `union bpf_attr` for BPF_MAP_LOOKUP_ELEM.
+        #[repr(C)]
+        struct LookupAttr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+        let key = failover_common::Service::ring_index(service_id, slot);
+        let buf = vec![failover_common::NO_BACKEND; RING_MAX].into_boxed_slice();
+        // SAFETY: Ring is repr(C) holding exactly [u32; RING_MAX], so a
+        // boxed slice of RING_MAX u32s has its size and alignment.
+        let mut ring: Box<Ring> = unsafe { Box::from_raw(Box::into_raw(buf).cast::<Ring>()) };
+        let fd = self.rings.map().fd().as_fd().as_raw_fd();
+        let attr = LookupAttr {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: &key as *const u32 as u64,
+            value: &mut *ring as *mut Ring as u64,
+            flags: 0,
+        };
+        // SAFETY: attr points at a live key and a value buffer of the map's
+        // value size; the kernel writes only within them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &attr as *const LookupAttr,
+                std::mem::size_of::<LookupAttr>(),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(map_err(names::RINGS)(aya::maps::MapError::from(e)));
+        }
+        Ok(ring)
     }
 }
