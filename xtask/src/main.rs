@@ -146,6 +146,19 @@ fn setup() -> Result<()> {
             .args(["--no-default-features", "--features", "llvm-22", "--locked"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    // Offline Kubernetes schema validation and a YAML linter for deploy/.
+    for (tool, package) in [
+        ("kubernetes-validate", "kubernetes-validate"),
+        ("yamllint", "yamllint"),
+    ] {
+        if !Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            run(Command::new("python3").args(["-m", "pip", "install", "-q", package]))?;
+        }
+    }
     // bpffs for pinned maps and links.
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts
@@ -162,6 +175,9 @@ fn test() -> Result<()> {
     require_root("the test suite")?;
     setup()?;
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    // The end-to-end tests run the agent binary from beside the test
+    // executables.
+    run(Command::new("cargo").args(["build", "-p", "failover-agent"]))?;
     run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The eBPF crate only builds for the BPF target, with nightly.
     run(Command::new("cargo").args([
@@ -178,6 +194,7 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    deploy_checks()?;
     let (passed, failed) = cargo_test()?;
     leftovers()?;
     // The plain closing line CI reads, summed over every test binary.
@@ -187,6 +204,38 @@ fn test() -> Result<()> {
         "{failed} failed, {passed} passed"
     );
     Ok(())
+}
+
+/// Every Kubernetes manifest against the schemas of a current release
+/// (offline), and a YAML lint of deploy/.
+fn deploy_checks() -> Result<()> {
+    // Not core resources: kustomize's own file and Prometheus-operator CRDs.
+    const NOT_CORE: &[&str] = &[
+        "kustomization.yaml",
+        "podmonitor.yaml",
+        "prometheusrule.yaml",
+    ];
+    let mut manifests: Vec<String> = std::fs::read_dir("deploy/kubernetes")?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .filter(|p| !NOT_CORE.iter().any(|n| p.ends_with(n)))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    manifests.sort();
+    ensure!(
+        !manifests.is_empty(),
+        "no manifests under deploy/kubernetes"
+    );
+    run(Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .args(&manifests))?;
+    run(Command::new("yamllint").args([
+        "--strict",
+        "-d",
+        "{extends: relaxed, rules: {line-length: {max: 140}}}",
+        "deploy",
+    ]))
 }
 
 /// Runs `cargo test`, echoing its output, and sums the per-binary results.
