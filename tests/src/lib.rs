@@ -1,6 +1,7 @@
 //! Test support for failover: namespaces with guards, a kernel lab for
 //! BPF_PROG_TEST_RUN, frame builders, and the inference test backend.
 
+pub mod agentproc;
 pub mod backend;
 pub mod bench;
 pub mod client;

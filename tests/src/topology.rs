@@ -75,6 +75,29 @@ pub fn testbackend_bin() -> Result<String> {
     Ok(bin.to_string_lossy().into_owned())
 }
 
+/// A binary of another package, built into the same profile directory as
+/// the running executable (`cargo build -p failover-agent` first).
+pub fn sibling_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("exe dir")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("profile dir")?;
+    }
+    let bin = dir.join(name);
+    if !bin.exists() {
+        bail!(
+            "{} not built: run `cargo build{} -p failover-agent` (cargo xtask test/demo/bench do)",
+            bin.display(),
+            if dir.ends_with("release") {
+                " --release"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(bin)
+}
+
 pub struct Topology {
     // Drop order: processes, then pins, then namespaces.
     pub backends: Vec<(String, Proc)>,
@@ -166,9 +189,41 @@ impl Topology {
         Ok(dp)
     }
 
+    /// Attaches only the pass program to the peer ends (c0, a0, b0), for
+    /// tests where the agent attaches the NAT program to the edge's legs.
+    /// The links are pinned under `self.pins`; the returned data plane
+    /// shares the agent's maps when the agent uses the same pin path.
+    pub fn attach_peer_pass(&self) -> Result<Dataplane> {
+        let mut dp = {
+            let _in = self.edge.enter()?;
+            Dataplane::load(&self.pins.0)?
+        };
+        for (ns, l) in [
+            (&self.client, "c0"),
+            (&self.cloud_a, "a0"),
+            (&self.cloud_b, "b0"),
+        ] {
+            let _in = ns.enter()?;
+            dp.attach_pass(l, XdpMode::Native)
+                .with_context(|| format!("attach pass {l}"))?;
+        }
+        Ok(dp)
+    }
+
     /// Starts a test backend `name` on `addr:BACKEND_PORT` in `ns`, and
     /// waits until it answers.
     pub fn start_backend(&mut self, name: &str, in_cloud_b: bool, addr: Ipv4Addr) -> Result<()> {
+        self.start_backend_on(name, in_cloud_b, addr, BACKEND_PORT)
+    }
+
+    /// As [`Self::start_backend`], on `port`.
+    pub fn start_backend_on(
+        &mut self,
+        name: &str,
+        in_cloud_b: bool,
+        addr: Ipv4Addr,
+        port: u16,
+    ) -> Result<()> {
         let ns = if in_cloud_b {
             &self.cloud_b
         } else {
@@ -176,12 +231,7 @@ impl Topology {
         };
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, &testbackend_bin()?])
-            .args([
-                "--name",
-                name,
-                "--listen",
-                &format!("{addr}:{BACKEND_PORT}"),
-            ])
+            .args(["--name", name, "--listen", &format!("{addr}:{port}")])
             .args(["--token-interval-ms", "20"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -194,7 +244,7 @@ impl Topology {
         let deadline = Instant::now() + Duration::from_secs(10);
         let _in = self.edge.enter()?;
         while Instant::now() < deadline {
-            let target = SocketAddr::from((addr, BACKEND_PORT));
+            let target = SocketAddr::from((addr, port));
             if std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
