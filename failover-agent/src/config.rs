@@ -250,10 +250,31 @@ pub struct Node {
     /// all of them send a client tuple to the same backend.
     #[serde(default)]
     pub hash_seed: u32,
+    /// Prometheus metrics, `/healthz` and `/readyz` (read only); `null`
+    /// turns the listener off.
+    #[serde(default = "default_metrics_address")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// Unix socket of the control API (mode 0600).
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
 }
 
 fn default_pin_path() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/failover")
+}
+
+/// Default metrics listener: loopback only.
+pub const DEFAULT_METRICS_ADDRESS: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9108),
+);
+
+#[allow(clippy::unnecessary_wraps)] // serde default of an Option field
+fn default_metrics_address() -> Option<std::net::SocketAddr> {
+    Some(DEFAULT_METRICS_ADDRESS)
+}
+
+fn default_api_socket() -> PathBuf {
+    PathBuf::from("/run/failover/agent.sock")
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -7,4 +7,5 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod planner;

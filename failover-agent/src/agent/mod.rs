@@ -21,7 +21,9 @@ pub mod reload;
 use std::{
     collections::BTreeMap,
     future::Future,
+    net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -35,7 +37,11 @@ use crate::{
     audit::AuditError,
     config::{self, Config, ConfigError},
     dataplane::{Dataplane, DataplaneError},
-    health::{self, BackendTarget, HealthEvent, PassiveConfig, Prober, TlsOptions},
+    health::{
+        self, BackendTarget, EventSource, HealthEvent, HealthState, PassiveConfig, Prober,
+        TlsOptions,
+    },
+    metrics::{self, Liveness, Metrics, Snapshot, SnapshotRequest, Trigger},
 };
 
 pub use apply::{Applier, ApplyOptions, ApplyReport, Decision, Programmed};
@@ -132,6 +138,20 @@ pub struct Agent {
     reload_tx: mpsc::Sender<()>,
     reload_rx: mpsc::Receiver<()>,
     watch: reload::FileWatch,
+    metrics: Arc<Metrics>,
+    live: Arc<Liveness>,
+    snapshot_rx: mpsc::Receiver<SnapshotRequest>,
+    metrics_addr: Option<SocketAddr>,
+    /// Listener tasks (metrics), stopped when the agent is dropped.
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for s in &self.servers {
+            s.abort();
+        }
+    }
 }
 
 /// Health events taken per apply: a region failing at once is one apply.
@@ -159,6 +179,29 @@ impl Agent {
         applier.attach()?;
         let (events_tx, events_rx) = mpsc::channel(1024);
         let (reload_tx, reload_rx) = mpsc::channel(1);
+        let metrics = Arc::new(Metrics::new());
+        let live = Arc::new(Liveness::default());
+        live.beat();
+        let (snapshot_tx, snapshot_rx) = mpsc::channel(16);
+        let mut servers = Vec::new();
+        let mut metrics_addr = None;
+        if let Some(addr) = applier.config().node.metrics_address {
+            let router = metrics::router(metrics.clone(), live.clone(), snapshot_tx);
+            // Metrics are not worth losing the data plane over: a busy
+            // port is logged and the agent runs without them.
+            match metrics::serve(addr, router).await {
+                Ok((local, task)) => {
+                    tracing::info!(address = %local, "metrics, /healthz and /readyz listening");
+                    metrics_addr = Some(local);
+                    servers.push(task);
+                }
+                Err(e) => {
+                    tracing::error!(address = %addr, error = %e, "cannot listen for metrics; running without them");
+                }
+            }
+        }
+        // Attached and the config applied (Applier::new planned it).
+        live.set_ready(true);
         let mut agent = Self {
             applier,
             passive: PassiveMonitor::new(opts.passive),
@@ -169,6 +212,11 @@ impl Agent {
             reload_tx,
             reload_rx,
             watch,
+            metrics,
+            live,
+            snapshot_rx,
+            metrics_addr,
+            servers,
         };
         agent.sync_probers();
         tracing::info!(
@@ -188,6 +236,108 @@ impl Agent {
 
     pub fn applier_mut(&mut self) -> &mut Applier {
         &mut self.applier
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Ring generation of every programmed service.
+    fn generations(&self) -> BTreeMap<String, u64> {
+        self.applier
+            .config()
+            .services
+            .iter()
+            .filter_map(|s| {
+                self.applier
+                    .programmed(&s.name)
+                    .map(|p| (s.name.clone(), p.entry.generation))
+            })
+            .collect()
+    }
+
+    /// Counts the ring switches since `before` (from generations).
+    fn count_switches(&self, before: &BTreeMap<String, u64>, trigger: Trigger) {
+        for (name, generation) in self.generations() {
+            if before.get(&name) != Some(&generation) {
+                self.metrics.ring_switched(&name, trigger);
+            }
+        }
+    }
+
+    /// State and data-plane counters for a scrape.
+    pub fn snapshot(&self) -> Snapshot {
+        let a = &self.applier;
+        let dp = a.dataplane();
+        let cfg = a.config();
+        let ids = a.ids();
+        let backends = cfg
+            .backends
+            .iter()
+            .map(|b| {
+                let id = ids.backend(&b.name).map(|x| x.id);
+                let dataplane = id
+                    .and_then(|id| dp.backend(id).ok())
+                    .map_or("unused", |m| match m.state {
+                        failover_common::state::UP => "up",
+                        failover_common::state::DOWN => "down",
+                        failover_common::state::DRAINING => "draining",
+                        _ => "unused",
+                    });
+                metrics::BackendSnapshot {
+                    name: b.name.clone(),
+                    tier: b.tier,
+                    weight: b.weight,
+                    health: match a.health(&b.name) {
+                        HealthState::Up => "up",
+                        HealthState::Degraded => "degraded",
+                        HealthState::Down => "down",
+                        HealthState::Unknown => "unknown",
+                    },
+                    dataplane,
+                    stats: id.and_then(|id| dp.backend_stats(id).ok()),
+                }
+            })
+            .collect();
+        let services = cfg
+            .services
+            .iter()
+            .map(|s| {
+                let p = a.programmed(&s.name);
+                metrics::ServiceSnapshot {
+                    name: s.name.clone(),
+                    generation: p.map_or(0, |p| p.entry.generation),
+                    active_tier: p.and_then(|p| {
+                        p.to.iter()
+                            .filter_map(|n| cfg.backend(n).map(|b| b.tier))
+                            .min()
+                    }),
+                    stats: ids
+                        .service(&s.name)
+                        .and_then(|x| dp.service_stats(x.id).ok()),
+                }
+            })
+            .collect();
+        let reasons = match dp.reason_counts() {
+            Ok(r) => r
+                .into_iter()
+                .map(|c| (c.reason.as_str(), c.reason.verdict(), c.count))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading verdict counters failed");
+                Vec::new()
+            }
+        };
+        Snapshot {
+            services,
+            backends,
+            reasons,
+        }
     }
 
     pub fn reload_handle(&self) -> ReloadHandle {
@@ -273,6 +423,12 @@ impl Agent {
     /// Reloads the config file: a bad one is refused and logged, and the
     /// running state is kept; a good one is applied as a diff.
     pub fn reload(&mut self) {
+        let before = self.generations();
+        self.reload_config();
+        self.count_switches(&before, Trigger::ConfigReload);
+    }
+
+    fn reload_config(&mut self) {
         self.watch.mark_seen();
         let path = self.opts.config_path.clone();
         match config::load(&path) {
@@ -310,10 +466,30 @@ impl Agent {
                 Err(_) => break,
             }
         }
-        if let Err(e) = self.applier.on_health(&batch) {
-            // The data plane keeps its last good state; the next event
-            // re-plans from scratch.
-            tracing::error!(error = %e, "apply failed");
+        for ev in &batch {
+            if let Some(l) = ev.latency {
+                self.metrics.probe_latency(&ev.backend, l);
+            }
+        }
+        let trigger = if batch.iter().any(|e| e.source == EventSource::Passive) {
+            Trigger::Passive
+        } else {
+            Trigger::Health
+        };
+        match self.applier.on_health(&batch) {
+            Ok(report) => {
+                for (service, _) in &report.flipped {
+                    self.metrics.ring_switched(service, trigger);
+                }
+                if let Some(l) = report.latency {
+                    self.metrics.apply_latency(l);
+                }
+            }
+            Err(e) => {
+                // The data plane keeps its last good state; the next event
+                // re-plans from scratch.
+                tracing::error!(error = %e, "apply failed");
+            }
         }
     }
 
@@ -343,6 +519,7 @@ impl Agent {
         let mut file_tick = tokio::time::interval(reload::POLL_INTERVAL);
         file_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            self.live.beat();
             let hold = self.applier.hold_deadline();
             tokio::select! {
                 biased;
@@ -350,9 +527,18 @@ impl Agent {
                 Some(ev) = self.events_rx.recv() => self.on_events(ev),
                 _ = passive_tick.tick(), if !self.passive.is_empty() => self.on_passive_tick(),
                 () = sleep_until(hold), if hold.is_some() => {
-                    if let Err(e) = self.applier.end_hold(Instant::now()) {
-                        tracing::error!(error = %e, "apply failed");
+                    match self.applier.end_hold(Instant::now()) {
+                        Ok(report) => {
+                            for (service, _) in &report.flipped {
+                                self.metrics.ring_switched(service, Trigger::StartupHold);
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "apply failed"),
                     }
+                }
+                Some(reply) = self.snapshot_rx.recv() => {
+                    // The scrape may have timed out and gone: nothing to do.
+                    let _ = reply.send(self.snapshot());
                 }
                 Some(()) = recv_signal(&mut hup) => {
                     tracing::info!("SIGHUP: reloading config");

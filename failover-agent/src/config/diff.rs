@@ -157,6 +157,8 @@ fn node_fields(a: &Node, b: &Node) -> Vec<&'static str> {
         snat_ports,
         pin_path,
         hash_seed,
+        metrics_address,
+        api_socket,
     } = a;
     differing(&[
         ("interfaces", *interfaces == b.interfaces),
@@ -165,6 +167,8 @@ fn node_fields(a: &Node, b: &Node) -> Vec<&'static str> {
         ("snat_ports", *snat_ports == b.snat_ports),
         ("pin_path", *pin_path == b.pin_path),
         ("hash_seed", *hash_seed == b.hash_seed),
+        ("metrics_address", *metrics_address == b.metrics_address),
+        ("api_socket", *api_socket == b.api_socket),
     ])
 }
 

@@ -79,6 +79,12 @@ fn check_node(c: &mut Checker, node: &Node) {
             format!("max {} is below min {}", ports.max, ports.min),
         );
     }
+    if !node.api_socket.is_absolute() {
+        c.fail(
+            "node.api_socket",
+            format!("{} is not an absolute path", node.api_socket.display()),
+        );
+    }
 }
 
 fn check_backends(c: &mut Checker, backends: &[Backend]) {

@@ -1,0 +1,715 @@
+//! Prometheus metrics and the agent's own health endpoints, served on
+//! `node.metrics_address` (read only: nothing here changes state).
+//!
+//! Two kinds of series:
+//! - Events the control loop sees (ring switches, apply and probe
+//!   durations) live in [`Metrics`], shared with the HTTP task; they are
+//!   atomics, so the loop never waits for a scrape.
+//! - State and data-plane counters (backend state, per-CPU packet
+//!   counters, ring generations) are read at scrape time: the HTTP task
+//!   asks the control loop, which owns the data plane, for a [`Snapshot`].
+//!
+//! `/healthz` answers from a heartbeat the loop bumps on every wake-up
+//! (it wakes at least once a second); `/readyz` from a flag set once the
+//! program is attached and the config applied. Neither goes through the
+//! loop, so a stalled loop shows as unhealthy instead of hanging.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use failover_common::{BackendStats, ServiceStats};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::Registry,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// A control loop that has not woken for this long is reported dead.
+pub const HEALTHZ_STALE: Duration = Duration::from_secs(10);
+
+/// How long a scrape waits for the control loop's snapshot.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    service: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendDir {
+    backend: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceDir {
+    service: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    backend: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+    verdict: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn probe_histogram() -> Histogram {
+    // 0.5 ms .. ~4 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+/// What triggered a ring switch (the `reason` label of
+/// `failover_failover_events_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// Active probe verdicts.
+    Health,
+    /// Passive (data-plane) signals.
+    Passive,
+    /// Drain, undrain or override from the control API.
+    Operator,
+    ConfigReload,
+    StartupHold,
+}
+
+impl Trigger {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Health => "health",
+            Trigger::Passive => "passive",
+            Trigger::Operator => "operator",
+            Trigger::ConfigReload => "config_reload",
+            Trigger::StartupHold => "startup_hold",
+        }
+    }
+}
+
+/// Series fed by the control loop as things happen.
+pub struct Metrics {
+    registry: Registry,
+    events: Family<EventLabels, Counter>,
+    last_event: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
+    apply_seconds: Histogram,
+    probe_seconds: HistogramFamily<BackendLabel>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("failover");
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "failover_events",
+            "Ring switches (failovers and failbacks) by service and trigger",
+            events.clone(),
+        );
+        let last_event = Family::<ServiceLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "last_failover_timestamp_seconds",
+            "Unix time of the service's last ring switch",
+            last_event.clone(),
+        );
+        // 10 us .. ~0.33 s
+        let apply_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
+        registry.register(
+            "apply_duration_seconds",
+            "Decision (health verdict, drain, reload) to completed ring flip",
+            apply_seconds.clone(),
+        );
+        let probe_seconds: HistogramFamily<BackendLabel> =
+            Family::new_with_constructor(probe_histogram);
+        registry.register(
+            "probe_duration_seconds",
+            "Latency of the successful probe behind each health state change",
+            probe_seconds.clone(),
+        );
+        registry.register(
+            "build",
+            "Agent build",
+            Info::new(vec![(
+                "version".to_owned(),
+                env!("CARGO_PKG_VERSION").to_owned(),
+            )]),
+        );
+        Self {
+            registry,
+            events,
+            last_event,
+            apply_seconds,
+            probe_seconds,
+        }
+    }
+
+    /// One ring switch of `service`.
+    pub fn ring_switched(&self, service: &str, trigger: Trigger) {
+        self.events
+            .get_or_create(&EventLabels {
+                service: service.to_owned(),
+                reason: trigger.as_str().to_owned(),
+            })
+            .inc();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_event
+            .get_or_create(&ServiceLabel {
+                service: service.to_owned(),
+            })
+            .set(now);
+    }
+
+    pub fn apply_latency(&self, d: Duration) {
+        self.apply_seconds.observe(d.as_secs_f64());
+    }
+
+    pub fn probe_latency(&self, backend: &str, d: Duration) {
+        self.probe_seconds
+            .get_or_create(&BackendLabel {
+                backend: backend.to_owned(),
+            })
+            .observe(d.as_secs_f64());
+    }
+}
+
+/// A backend as the control loop sees it at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct BackendSnapshot {
+    pub name: String,
+    pub tier: u8,
+    pub weight: u32,
+    /// Probe verdict: `up`, `degraded`, `down`, `unknown`.
+    pub health: &'static str,
+    /// `BACKENDS` state: `up`, `down`, `draining`, `unused`.
+    pub dataplane: &'static str,
+    pub stats: Option<BackendStats>,
+}
+
+/// A service as the control loop sees it at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceSnapshot {
+    pub name: String,
+    /// Generation of the active ring (0 = never programmed).
+    pub generation: u64,
+    /// Lowest tier among the backends taking new flows.
+    pub active_tier: Option<u8>,
+    pub stats: Option<ServiceStats>,
+}
+
+/// State read at scrape time by the control loop.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<ServiceSnapshot>,
+    pub backends: Vec<BackendSnapshot>,
+    /// `(reason, verdict, packets)` from the data plane's `STATS`.
+    pub reasons: Vec<(&'static str, &'static str, u64)>,
+}
+
+pub const HEALTH_STATES: &[&str] = &["up", "degraded", "down", "unknown"];
+pub const DATAPLANE_STATES: &[&str] = &["up", "draining", "down", "unused"];
+
+/// A counter per row and direction (`forward`: toward the backend,
+/// `reverse`: back to the client).
+fn dir_family<L>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    rows: &[(String, u64, u64)],
+    label: fn(&str, &str) -> L,
+) where
+    L: EncodeLabelSet + Clone + std::fmt::Debug + std::hash::Hash + Eq + Send + Sync + 'static,
+{
+    let f = Family::<L, Counter>::default();
+    for (n, fwd, rev) in rows {
+        for (direction, v) in [("forward", fwd), ("reverse", rev)] {
+            f.get_or_create(&label(n, direction)).inc_by(*v);
+        }
+    }
+    registry.register(name, help, f);
+}
+
+fn backend_dir(backend: &str, direction: &str) -> BackendDir {
+    BackendDir {
+        backend: backend.to_owned(),
+        direction: direction.to_owned(),
+    }
+}
+
+fn service_dir(service: &str, direction: &str) -> ServiceDir {
+    ServiceDir {
+        service: service.to_owned(),
+        direction: direction.to_owned(),
+    }
+}
+
+/// The scrape-time series, as a registry of their own.
+fn snapshot_registry(s: &Snapshot) -> Registry {
+    let mut r = Registry::with_prefix("failover");
+
+    let up = Family::<BackendLabel, Gauge>::default();
+    let st = Family::<StateLabels, Gauge>::default();
+    let dps = Family::<StateLabels, Gauge>::default();
+    let tier = Family::<BackendLabel, Gauge>::default();
+    let weight = Family::<BackendLabel, Gauge>::default();
+    let new_flows = Family::<BackendLabel, Counter>::default();
+    let resets = Family::<BackendLabel, Counter>::default();
+    let syns = Family::<BackendLabel, Counter>::default();
+    let syn_rsts = Family::<BackendLabel, Counter>::default();
+    for b in &s.backends {
+        let l = BackendLabel {
+            backend: b.name.clone(),
+        };
+        up.get_or_create(&l)
+            .set(i64::from(matches!(b.health, "up" | "degraded")));
+        for state in HEALTH_STATES {
+            st.get_or_create(&StateLabels {
+                backend: b.name.clone(),
+                state: (*state).to_owned(),
+            })
+            .set(i64::from(b.health == *state));
+        }
+        for state in DATAPLANE_STATES {
+            dps.get_or_create(&StateLabels {
+                backend: b.name.clone(),
+                state: (*state).to_owned(),
+            })
+            .set(i64::from(b.dataplane == *state));
+        }
+        tier.get_or_create(&l).set(i64::from(b.tier));
+        weight.get_or_create(&l).set(i64::from(b.weight));
+        if let Some(x) = &b.stats {
+            new_flows.get_or_create(&l).inc_by(x.new_flows);
+            resets.get_or_create(&l).inc_by(x.resets);
+            syns.get_or_create(&l).inc_by(x.syns);
+            syn_rsts.get_or_create(&l).inc_by(x.syn_rsts);
+        }
+    }
+    r.register(
+        "backend_up",
+        "1 when the probes find the backend up or degraded",
+        up,
+    );
+    r.register(
+        "backend_state",
+        "Probe verdict of the backend: 1 for the current state",
+        st,
+    );
+    r.register(
+        "backend_dataplane_state",
+        "State of the backend in the data plane's BACKENDS map: 1 for the current state",
+        dps,
+    );
+    r.register(
+        "backend_tier",
+        "Configured priority tier (0 = preferred)",
+        tier,
+    );
+    r.register("backend_weight", "Configured weight", weight);
+    let be_rows: Vec<(String, u64, u64)> = s
+        .backends
+        .iter()
+        .filter_map(|b| {
+            b.stats
+                .as_ref()
+                .map(|x| (b.name.clone(), x.fwd_packets, x.rev_packets))
+        })
+        .collect();
+    dir_family(
+        &mut r,
+        "backend_packets",
+        "Packets NATed to (forward) and from (reverse) the backend",
+        &be_rows,
+        backend_dir,
+    );
+    let be_rows: Vec<(String, u64, u64)> = s
+        .backends
+        .iter()
+        .filter_map(|b| {
+            b.stats
+                .as_ref()
+                .map(|x| (b.name.clone(), x.fwd_bytes, x.rev_bytes))
+        })
+        .collect();
+    dir_family(
+        &mut r,
+        "backend_bytes",
+        "Bytes NATed to (forward) and from (reverse) the backend",
+        &be_rows,
+        backend_dir,
+    );
+    r.register(
+        "backend_new_flows",
+        "Flows the data plane assigned to the backend",
+        new_flows,
+    );
+    r.register(
+        "backend_resets",
+        "Flows of the backend the data plane reset",
+        resets,
+    );
+    r.register(
+        "backend_syns",
+        "SYNs forwarded to the backend (passive signal)",
+        syns,
+    );
+    r.register(
+        "backend_syn_resets",
+        "SYNs the backend answered with RST (passive signal)",
+        syn_rsts,
+    );
+
+    let generation = Family::<ServiceLabel, Gauge>::default();
+    let active_tier = Family::<ServiceLabel, Gauge>::default();
+    let svc_new = Family::<ServiceLabel, Counter>::default();
+    let svc_resets = Family::<ServiceLabel, Counter>::default();
+    for v in &s.services {
+        let l = ServiceLabel {
+            service: v.name.clone(),
+        };
+        generation
+            .get_or_create(&l)
+            .set(i64::try_from(v.generation).unwrap_or(i64::MAX));
+        active_tier
+            .get_or_create(&l)
+            .set(v.active_tier.map_or(-1, i64::from));
+        if let Some(x) = &v.stats {
+            svc_new.get_or_create(&l).inc_by(x.new_flows);
+            svc_resets.get_or_create(&l).inc_by(x.resets);
+        }
+    }
+    r.register(
+        "ring_generation",
+        "Generation of the service's active ring; bumps on every switch",
+        generation,
+    );
+    r.register(
+        "service_active_tier",
+        "Lowest tier taking new flows (-1: none)",
+        active_tier,
+    );
+    let rows: Vec<(String, u64, u64)> = s
+        .services
+        .iter()
+        .filter_map(|v| {
+            v.stats
+                .as_ref()
+                .map(|x| (v.name.clone(), x.fwd_packets, x.rev_packets))
+        })
+        .collect();
+    dir_family(
+        &mut r,
+        "service_packets",
+        "Packets of the service, client to backend (forward) and back (reverse)",
+        &rows,
+        service_dir,
+    );
+    let rows: Vec<(String, u64, u64)> = s
+        .services
+        .iter()
+        .filter_map(|v| {
+            v.stats
+                .as_ref()
+                .map(|x| (v.name.clone(), x.fwd_bytes, x.rev_bytes))
+        })
+        .collect();
+    dir_family(
+        &mut r,
+        "service_bytes",
+        "Bytes of the service, client to backend (forward) and back (reverse)",
+        &rows,
+        service_dir,
+    );
+    r.register("service_new_flows", "New flows of the service", svc_new);
+    r.register(
+        "service_resets",
+        "Flows of the service the data plane reset",
+        svc_resets,
+    );
+
+    let reasons = Family::<ReasonLabels, Counter>::default();
+    for (reason, verdict, n) in &s.reasons {
+        reasons
+            .get_or_create(&ReasonLabels {
+                reason: (*reason).to_owned(),
+                verdict: (*verdict).to_owned(),
+            })
+            .inc_by(*n);
+    }
+    r.register(
+        "datapath_packets",
+        "Packets seen by the XDP program by verdict and reason (docs/datapath.md)",
+        reasons,
+    );
+    r
+}
+
+/// The full exposition (OpenMetrics text).
+pub fn render(m: &Metrics, s: &Snapshot) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = text::encode_registry(&mut out, &m.registry);
+    let _ = text::encode_registry(&mut out, &snapshot_registry(s));
+    let _ = text::encode_eof(&mut out);
+    out
+}
+
+/// The control loop's pulse and readiness.
+#[derive(Debug)]
+pub struct Liveness {
+    start: Instant,
+    beat_ms: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Liveness {
+    /// The loop is alive now.
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat.
+    pub fn since_beat(&self) -> Duration {
+        let now = self.start.elapsed();
+        now.saturating_sub(Duration::from_millis(self.beat_ms.load(Ordering::Relaxed)))
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// A scrape's request to the control loop.
+pub type SnapshotRequest = oneshot::Sender<Snapshot>;
+
+#[derive(Clone)]
+struct Http {
+    metrics: Arc<Metrics>,
+    live: Arc<Liveness>,
+    snapshots: mpsc::Sender<SnapshotRequest>,
+}
+
+/// `/metrics`, `/healthz`, `/readyz`.
+pub fn router(
+    metrics: Arc<Metrics>,
+    live: Arc<Liveness>,
+    snapshots: mpsc::Sender<SnapshotRequest>,
+) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Http {
+            metrics,
+            live,
+            snapshots,
+        })
+}
+
+async fn snapshot(tx: &mpsc::Sender<SnapshotRequest>) -> Option<Snapshot> {
+    let (reply, rx) = oneshot::channel();
+    tokio::time::timeout(SNAPSHOT_TIMEOUT, async {
+        tx.send(reply).await.ok()?;
+        rx.await.ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+async fn scrape(State(h): State<Http>) -> Response {
+    let snap = match snapshot(&h.snapshots).await {
+        Some(s) => s,
+        None => {
+            // The event series are still worth having.
+            tracing::warn!(
+                timeout_ms = SNAPSHOT_TIMEOUT.as_millis(),
+                "control loop gave no snapshot; scrape without data-plane series"
+            );
+            Snapshot::default()
+        }
+    };
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        render(&h.metrics, &snap),
+    )
+        .into_response()
+}
+
+async fn healthz(State(h): State<Http>) -> Response {
+    let since = h.live.since_beat();
+    if since > HEALTHZ_STALE {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "control loop silent for {:.1}s (limit {}s)\n",
+                since.as_secs_f64(),
+                HEALTHZ_STALE.as_secs()
+            ),
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn readyz(State(h): State<Http>) -> Response {
+    if h.live.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: program not attached or config not applied\n",
+        )
+            .into_response()
+    }
+}
+
+/// Binds `addr` and serves the router until the task is aborted.
+/// Returns the bound address (useful with port 0) and the task.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            services: vec![ServiceSnapshot {
+                name: "chat".into(),
+                generation: 3,
+                active_tier: Some(1),
+                stats: Some(ServiceStats {
+                    fwd_packets: 10,
+                    fwd_bytes: 1000,
+                    rev_packets: 8,
+                    rev_bytes: 800,
+                    new_flows: 2,
+                    resets: 1,
+                }),
+            }],
+            backends: vec![BackendSnapshot {
+                name: "gpu-a".into(),
+                tier: 1,
+                weight: 100,
+                health: "degraded",
+                dataplane: "up",
+                stats: Some(BackendStats {
+                    fwd_packets: 7,
+                    ..BackendStats::default()
+                }),
+            }],
+            reasons: vec![("no_backend", "drop", 5)],
+        }
+    }
+
+    #[test]
+    fn renders_the_documented_series() {
+        let m = Metrics::new();
+        m.ring_switched("chat", Trigger::Health);
+        m.apply_latency(Duration::from_micros(120));
+        m.probe_latency("gpu-a", Duration::from_millis(3));
+        let out = render(&m, &sample());
+        for want in [
+            "failover_failover_events_total{service=\"chat\",reason=\"health\"} 1",
+            "failover_ring_generation{service=\"chat\"} 3",
+            "failover_service_active_tier{service=\"chat\"} 1",
+            "failover_service_packets_total{service=\"chat\",direction=\"forward\"} 10",
+            "failover_service_bytes_total{service=\"chat\",direction=\"reverse\"} 800",
+            "failover_backend_packets_total{backend=\"gpu-a\",direction=\"forward\"} 7",
+            "failover_backend_up{backend=\"gpu-a\"} 1",
+            "failover_backend_state{backend=\"gpu-a\",state=\"degraded\"} 1",
+            "failover_backend_state{backend=\"gpu-a\",state=\"down\"} 0",
+            "failover_datapath_packets_total{reason=\"no_backend\",verdict=\"drop\"} 5",
+            "failover_apply_duration_seconds_count 1",
+            "failover_probe_duration_seconds_count{backend=\"gpu-a\"} 1",
+            "failover_build_info{version=\"",
+            "# TYPE failover_last_failover_timestamp_seconds gauge",
+        ] {
+            assert!(out.contains(want), "missing {want:?} in\n{out}");
+        }
+        assert!(out.ends_with("# EOF\n"), "{out}");
+        assert_eq!(out.matches("# EOF").count(), 1);
+    }
+
+    #[test]
+    fn liveness_goes_stale_and_ready_is_a_flag() {
+        let l = Liveness::default();
+        l.beat();
+        assert!(l.since_beat() < Duration::from_secs(1));
+        assert!(!l.is_ready());
+        l.set_ready(true);
+        assert!(l.is_ready());
+    }
+}

@@ -1,0 +1,330 @@
+//! The operator surface of a running agent: `/metrics` scraped and parsed
+//! with a real exposition-format parser, `/healthz` and `/readyz`.
+//!
+//! Needs root: run through `cargo xtask test`. Each test owns a Lab (a
+//! namespace and a pin directory, removed on drop); the agent's listeners
+//! live in that namespace's loopback.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use failover_agent::agent::{Agent, RunOptions};
+use failover_tests::{
+    lab::{CLIENT, Lab, SNAT, VIP},
+    netns::require_root,
+    packet::Frame,
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let d = std::env::temp_dir().join(format!(
+            "failover-operator-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A TCP "backend" on loopback inside the lab namespace; aborted on drop.
+struct Listener {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn listener() -> Listener {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            drop(s);
+        }
+    });
+    Listener { port, task }
+}
+
+fn yaml(pin: &Path, dir: &Path, backends: &[(&str, u16)]) -> String {
+    let names: Vec<&str> = backends.iter().map(|(n, _)| *n).collect();
+    let mut y = format!(
+        "node:
+  interfaces: [vc0, va0]
+  xdp_mode: skb
+  snat_address: {SNAT}
+  snat_ports: {{ min: 40000, max: 40999 }}
+  pin_path: {pin}
+  hash_seed: 7
+  metrics_address: 127.0.0.1:0
+  api_socket: {sock}
+services:
+  - name: web
+    vip: {VIP}
+    port: 80
+    protocol: tcp
+    backends: [{names}]
+    probe: {{ kind: tcp, interval: 20ms, timeout: 200ms, rise: 1, fall: 1 }}
+    policy: {{ ring_size: 13 }}
+backends:
+",
+        pin = pin.display(),
+        sock = dir.join("agent.sock").display(),
+        names = names.join(", "),
+    );
+    for (i, (n, p)) in backends.iter().enumerate() {
+        y.push_str(&format!(
+            "  - {{ name: {n}, address: 127.0.0.1, port: {p}, cloud: c, region: r, jurisdiction: EU, tier: {i} }}\n"
+        ));
+    }
+    y
+}
+
+/// The agent running in the background; stopped (and awaited) on drop of
+/// the stop sender, bounded by the test's timeouts.
+struct Running {
+    metrics: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    run: tokio::task::JoinHandle<Result<Agent, failover_agent::agent::AgentError>>,
+}
+
+async fn start(lab: &Lab, dir: &TempDir, backends: &[(&str, u16)]) -> Running {
+    let cfg_path = dir.0.join("failover.yaml");
+    std::fs::write(&cfg_path, yaml(lab.pin_dir(), &dir.0, backends)).unwrap();
+    let mut opts = RunOptions::new(&cfg_path);
+    opts.sighup = false;
+    let agent = Agent::start(opts).await.expect("agent starts");
+    let metrics = agent.metrics_addr().expect("metrics listener bound");
+    assert!(metrics.ip().is_loopback(), "{metrics}");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(agent.run(async {
+        let _ = stopped.await;
+    }));
+    Running {
+        metrics,
+        stop: Some(stop),
+        run,
+    }
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let agent = tokio::time::timeout(Duration::from_secs(5), &mut self.run)
+            .await
+            .expect("agent stops in time")
+            .unwrap()
+            .unwrap();
+        drop(agent);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.run.abort();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let r = client()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = r.status().as_u16();
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, ctype, r.text().await.unwrap())
+}
+
+async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let (status, ctype, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(ctype.contains("openmetrics-text"), "{ctype}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("parses")
+}
+
+/// Value of the sample `metric` with all of `labels`, if there is one.
+fn value(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{metric}: unexpected {other:?}"),
+        })
+}
+
+fn sum(s: &prometheus_parse::Scrape, metric: &str) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == metric)
+        .map(|x| match &x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+async fn wait_for_scrape(
+    addr: SocketAddr,
+    what: &str,
+    mut cond: impl FnMut(&prometheus_parse::Scrape) -> bool,
+) -> prometheus_parse::Scrape {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = scrape(addr).await;
+        if cond(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_and_health_endpoints_of_a_running_agent() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let (l1, l2) = (listener().await, listener().await);
+    let agent = start(&lab, &dir, &[("b1", l1.port), ("b2", l2.port)]).await;
+    let addr = agent.metrics;
+
+    let (st, _, body) = get(addr, "/healthz").await;
+    assert_eq!(st, 200, "{body}");
+    let (st, _, body) = get(addr, "/readyz").await;
+    assert_eq!(st, 200, "{body}");
+
+    let s = wait_for_scrape(addr, "both backends up", |s| {
+        value(s, "failover_backend_up", &[("backend", "b1")]) == Some(1.0)
+            && value(s, "failover_backend_up", &[("backend", "b2")]) == Some(1.0)
+            && value(s, "failover_service_active_tier", &[("service", "web")]) == Some(0.0)
+    })
+    .await;
+    assert!(value(&s, "failover_ring_generation", &[("service", "web")]).unwrap() >= 1.0);
+    assert_eq!(
+        value(
+            &s,
+            "failover_backend_state",
+            &[("backend", "b1"), ("state", "up")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "failover_backend_state",
+            &[("backend", "b1"), ("state", "down")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&s, "failover_backend_tier", &[("backend", "b2")]),
+        Some(1.0)
+    );
+    assert!(
+        value(&s, "failover_build_info", &[]).is_some(),
+        "build info"
+    );
+    assert!(
+        s.docs.contains_key("failover_apply_duration_seconds"),
+        "{:?}",
+        s.docs.keys()
+    );
+
+    // Packets through the program show in the verdict counters, read
+    // from the per-CPU maps at scrape time.
+    let before = sum(&s, "failover_datapath_packets_total");
+    for port in 0..3 {
+        let _ = lab
+            .run(lab.vc0, &Frame::tcp(CLIENT, 50_000 + port, VIP, 80).build())
+            .unwrap();
+    }
+    let s = scrape(addr).await;
+    assert!(
+        sum(&s, "failover_datapath_packets_total") >= before + 3.0,
+        "verdict counters moved"
+    );
+    assert!(
+        value(
+            &s,
+            "failover_service_new_flows_total",
+            &[("service", "web")]
+        )
+        .is_some(),
+        "per-service counters present"
+    );
+
+    // b1 dies: the state and the ring switch show.
+    drop(l1);
+    let s = wait_for_scrape(addr, "b1 down", |s| {
+        value(s, "failover_backend_up", &[("backend", "b1")]) == Some(0.0)
+            && value(s, "failover_service_active_tier", &[("service", "web")]) == Some(1.0)
+    })
+    .await;
+    assert!(
+        value(
+            &s,
+            "failover_failover_events_total",
+            &[("service", "web"), ("reason", "health")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "ring switches counted"
+    );
+    assert!(
+        value(
+            &s,
+            "failover_last_failover_timestamp_seconds",
+            &[("service", "web")]
+        )
+        .unwrap_or(0.0)
+            > 1.0e9
+    );
+
+    agent.stop().await;
+    // The listener goes with the agent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let gone = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect attempt bounded");
+    assert!(gone.is_err(), "metrics listener closed with the agent");
+    drop(l2);
+}
