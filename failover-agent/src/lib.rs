@@ -2,6 +2,7 @@
 //! the XDP data plane accordingly. `main.rs` is a thin CLI over this library.
 
 pub mod agent;
+pub mod api;
 pub mod audit;
 pub mod config;
 pub mod dataplane;

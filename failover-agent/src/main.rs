@@ -3,9 +3,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use failover_agent::{
     agent::{Agent, RunOptions},
+    api::{self, Client, ClientError, table},
     audit, config,
     dataplane::Dataplane,
 };
@@ -56,6 +57,68 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Node, program, config generation, and each service's active tier
+    /// and healthy backends (from the running agent).
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Every backend: probe verdict, data-plane state, tier, weight, probe
+    /// latency, passive signals and flows.
+    Backends {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Flows in the data plane's flow table, oldest first.
+    Flows {
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        backend: Option<String>,
+        /// How many to list.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop sending new flows to BACKEND; its existing flows continue.
+    /// Prints the flows still on it: removal is safe at 0. Refused for
+    /// the last healthy backend of a service.
+    Drain {
+        backend: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Let BACKEND take new flows again.
+    Undrain {
+        backend: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Force a service onto a tier for a while (audited; ends by itself).
+    /// Refused when the service's sovereignty policy forbids the tier.
+    Failover {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        to_tier: u8,
+        /// How long, e.g. 10m, 1h (at most 24h).
+        #[arg(long = "for", value_name = "DURATION")]
+        for_: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// How to reach the running agent.
+#[derive(Args)]
+struct ApiArgs {
+    /// The agent's control socket (`node.api_socket`).
+    #[arg(long, default_value = "/run/failover/agent.sock")]
+    socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -95,6 +158,228 @@ fn main() -> Result<ExitCode> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { file, json },
         } => Ok(verify(&file, json)),
+        Cmd::Status { api } => operator(&api, Op::Status),
+        Cmd::Backends { api } => operator(&api, Op::Backends),
+        Cmd::Flows {
+            service,
+            backend,
+            limit,
+            api,
+        } => operator(
+            &api,
+            Op::Flows(api::FlowQuery {
+                service,
+                backend,
+                limit: Some(limit),
+            }),
+        ),
+        Cmd::Drain { backend, api } => operator(&api, Op::Drain(backend, true)),
+        Cmd::Undrain { backend, api } => operator(&api, Op::Drain(backend, false)),
+        Cmd::Failover {
+            service,
+            to_tier,
+            for_,
+            api,
+        } => operator(&api, Op::Failover(service, to_tier, for_)),
+    }
+}
+
+enum Op {
+    Status,
+    Backends,
+    Flows(api::FlowQuery),
+    Drain(String, bool),
+    Failover(String, u8, String),
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// One control API request, printed as a table or JSON. Refusals and a
+/// missing agent are reported plainly, with exit status 1.
+fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = Client::new(&a.socket);
+    let out: Result<String, ClientError> = rt.block_on(async {
+        Ok(match op {
+            Op::Status => {
+                let s = client.status().await?;
+                if a.json {
+                    serde_json::to_string_pretty(&s).unwrap_or_default()
+                } else {
+                    let rows: Vec<Vec<String>> = s
+                        .services
+                        .iter()
+                        .map(|v| {
+                            vec![
+                                v.name.clone(),
+                                v.endpoint.clone(),
+                                opt(v.active_tier),
+                                format!("{}/{}", v.healthy, v.backends),
+                                v.generation.to_string(),
+                                v.override_.as_ref().map_or_else(
+                                    || "-".to_owned(),
+                                    |o| format!("tier {} ({:.0}s left)", o.tier, o.expires_in_s),
+                                ),
+                                v.serving.join(","),
+                            ]
+                        })
+                        .collect();
+                    format!(
+                        "node {}  interfaces {}  program {}  config generation {} ({})\n\n{}",
+                        s.node,
+                        s.interfaces.join(","),
+                        if s.program_attached {
+                            "attached"
+                        } else {
+                            "NOT attached"
+                        },
+                        s.config_generation,
+                        s.config_path,
+                        table(
+                            &[
+                                "SERVICE", "ENDPOINT", "TIER", "HEALTHY", "GEN", "OVERRIDE",
+                                "SERVING"
+                            ],
+                            &rows
+                        )
+                    )
+                }
+            }
+            Op::Backends => {
+                let bs = client.backends().await?;
+                if a.json {
+                    serde_json::to_string_pretty(&bs).unwrap_or_default()
+                } else {
+                    let rows: Vec<Vec<String>> = bs
+                        .iter()
+                        .map(|b| {
+                            vec![
+                                b.name.clone(),
+                                b.address.clone(),
+                                b.health.clone(),
+                                b.state.clone(),
+                                b.tier.to_string(),
+                                b.weight.to_string(),
+                                opt(b.probe_latency_ms.map(|l| format!("{l:.1}ms"))),
+                                format!(
+                                    "{}/{}/{}",
+                                    b.passive.syns, b.passive.synacks, b.passive.syn_resets
+                                ),
+                                opt(b.passive.rtt_ms.map(|l| format!("{l:.2}ms"))),
+                                b.flows.to_string(),
+                                b.services.join(","),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &[
+                            "BACKEND",
+                            "ADDRESS",
+                            "HEALTH",
+                            "STATE",
+                            "TIER",
+                            "WEIGHT",
+                            "PROBE",
+                            "SYN/ACK/RST",
+                            "RTT",
+                            "FLOWS",
+                            "SERVICES",
+                        ],
+                        &rows,
+                    )
+                }
+            }
+            Op::Flows(q) => {
+                let f = client.flows(&q).await?;
+                if a.json {
+                    serde_json::to_string_pretty(&f).unwrap_or_default()
+                } else {
+                    let rows: Vec<Vec<String>> = f
+                        .flows
+                        .iter()
+                        .map(|x| {
+                            vec![
+                                x.client.clone(),
+                                x.vip.clone(),
+                                x.protocol.clone(),
+                                x.service.clone(),
+                                x.backend.clone(),
+                                x.nat_port.to_string(),
+                                format!("{:.1}s", x.age_s),
+                            ]
+                        })
+                        .collect();
+                    format!(
+                        "{}{} of {} flows\n",
+                        table(
+                            &[
+                                "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "NAT PORT", "AGE"
+                            ],
+                            &rows
+                        ),
+                        f.flows.len(),
+                        f.total
+                    )
+                }
+            }
+            Op::Drain(b, on) => {
+                let r = client.drain(&b, on).await?;
+                if a.json {
+                    serde_json::to_string_pretty(&r).unwrap_or_default()
+                } else {
+                    let what = if on { "draining" } else { "taking new flows" };
+                    let already = if r.changed { "" } else { " (already)" };
+                    format!(
+                        "{}: {what}{already}; {} flows still on it{}\n",
+                        r.backend,
+                        r.in_flight_flows,
+                        if on && r.in_flight_flows == 0 {
+                            ": safe to remove"
+                        } else {
+                            ""
+                        }
+                    )
+                }
+            }
+            Op::Failover(s, tier, d) => {
+                let r = client.failover(&s, tier, &d).await?;
+                if a.json {
+                    serde_json::to_string_pretty(&r).unwrap_or_default()
+                } else {
+                    format!(
+                        "{}: forced to tier {} for {d} (generation {}, serving {})\n",
+                        r.service,
+                        r.tier,
+                        r.generation,
+                        r.serving.join(",")
+                    )
+                }
+            }
+        })
+    });
+    match out {
+        Ok(text) => {
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": false, "error": e.to_string() })
+                );
+            } else {
+                eprintln!("{e}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

@@ -12,7 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use failover_agent::agent::{Agent, RunOptions};
+use failover_agent::{
+    agent::{Agent, RunOptions},
+    api::{Client, ClientError, FlowQuery},
+};
+use failover_common::state;
 use failover_tests::{
     lab::{CLIENT, Lab, SNAT, VIP},
     netns::require_root,
@@ -65,8 +69,11 @@ async fn listener() -> Listener {
     Listener { port, task }
 }
 
-fn yaml(pin: &Path, dir: &Path, backends: &[(&str, u16)]) -> String {
-    let names: Vec<&str> = backends.iter().map(|(n, _)| *n).collect();
+/// A backend: name, port, tier.
+type B<'a> = (&'a str, u16, u8);
+
+fn yaml(pin: &Path, dir: &Path, backends: &[B]) -> String {
+    let names: Vec<&str> = backends.iter().map(|(n, _, _)| *n).collect();
     let mut y = format!(
         "node:
   interfaces: [vc0, va0]
@@ -91,9 +98,9 @@ backends:
         sock = dir.join("agent.sock").display(),
         names = names.join(", "),
     );
-    for (i, (n, p)) in backends.iter().enumerate() {
+    for (n, p, t) in backends {
         y.push_str(&format!(
-            "  - {{ name: {n}, address: 127.0.0.1, port: {p}, cloud: c, region: r, jurisdiction: EU, tier: {i} }}\n"
+            "  - {{ name: {n}, address: 127.0.0.1, port: {p}, cloud: c, region: r, jurisdiction: EU, tier: {t} }}\n"
         ));
     }
     y
@@ -107,7 +114,7 @@ struct Running {
     run: tokio::task::JoinHandle<Result<Agent, failover_agent::agent::AgentError>>,
 }
 
-async fn start(lab: &Lab, dir: &TempDir, backends: &[(&str, u16)]) -> Running {
+async fn start(lab: &Lab, dir: &TempDir, backends: &[B<'_>]) -> Running {
     let cfg_path = dir.0.join("failover.yaml");
     std::fs::write(&cfg_path, yaml(lab.pin_dir(), &dir.0, backends)).unwrap();
     let mut opts = RunOptions::new(&cfg_path);
@@ -224,7 +231,7 @@ async fn metrics_and_health_endpoints_of_a_running_agent() {
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
     let (l1, l2) = (listener().await, listener().await);
-    let agent = start(&lab, &dir, &[("b1", l1.port), ("b2", l2.port)]).await;
+    let agent = start(&lab, &dir, &[("b1", l1.port, 0), ("b2", l2.port, 1)]).await;
     let addr = agent.metrics;
 
     let (st, _, body) = get(addr, "/healthz").await;
@@ -327,4 +334,144 @@ async fn metrics_and_health_endpoints_of_a_running_agent() {
         .expect("connect attempt bounded");
     assert!(gone.is_err(), "metrics listener closed with the agent");
     drop(l2);
+}
+
+async fn wait_status(
+    c: &Client,
+    what: &str,
+    mut cond: impl FnMut(&failover_agent::api::Status) -> bool,
+) -> failover_agent::api::Status {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = c.status().await.expect("status");
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The refusal's HTTP status and message.
+fn refused<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
+    match r {
+        Err(ClientError::Refused(e)) => (e.status, e.error),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn control_api_round_trip_and_refusals() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let (l1, l2, l3) = (listener().await, listener().await, listener().await);
+    let agent = start(
+        &lab,
+        &dir,
+        &[("b1", l1.port, 0), ("b2", l2.port, 0), ("b3", l3.port, 1)],
+    )
+    .await;
+    let sock = dir.0.join("agent.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    let c = Client::new(&sock);
+
+    let s = wait_status(&c, "all healthy", |s| s.services[0].healthy == 3).await;
+    assert!(s.program_attached);
+    assert_eq!(s.config_generation, 1);
+    let web = &s.services[0];
+    assert_eq!((web.name.as_str(), web.active_tier), ("web", Some(0)));
+    assert_eq!(web.serving, ["b1", "b2"]);
+    let gen0 = web.generation;
+
+    let bs = c.backends().await.unwrap();
+    assert_eq!(bs.len(), 3);
+    let b3 = bs.iter().find(|b| b.name == "b3").unwrap();
+    assert_eq!(
+        (b3.tier, b3.health.as_str(), b3.state.as_str()),
+        (1, "up", "up")
+    );
+    assert_eq!(b3.services, ["web"]);
+
+    let f = c.flows(&FlowQuery::default()).await.unwrap();
+    assert!(f.flows.len() <= f.total);
+    let (code, msg) = refused(
+        c.flows(&FlowQuery {
+            service: Some("nope".into()),
+            ..FlowQuery::default()
+        })
+        .await,
+    );
+    assert_eq!(code, 404, "{msg}");
+
+    // Unknown names are refused; nothing changes.
+    let (code, msg) = refused(c.drain("b9", true).await);
+    assert_eq!(code, 404);
+    assert!(msg.contains("b9"), "{msg}");
+
+    // Drain b1, then b2: tier 1 takes over. b3 is then the last one.
+    let r = c.drain("b1", true).await.unwrap();
+    assert!(r.draining && r.changed, "{r:?}");
+    assert_eq!(entry_of(&lab, l1.port).state, state::DRAINING);
+    c.drain("b2", true).await.unwrap();
+    let s = c.status().await.unwrap();
+    assert_eq!(s.services[0].active_tier, Some(1), "{s:?}");
+    assert_eq!(s.services[0].serving, ["b3"]);
+    let (code, msg) = refused(c.drain("b3", true).await);
+    assert_eq!(code, 409, "{msg}");
+    assert!(msg.contains("last healthy backend"), "{msg}");
+    assert_eq!(c.status().await.unwrap().services[0].serving, ["b3"]);
+    assert!(!c.drain("b3", false).await.unwrap().changed, "not drained");
+    for b in ["b1", "b2"] {
+        assert!(c.drain(b, false).await.unwrap().changed);
+    }
+    let s = c.status().await.unwrap();
+    assert_eq!(s.services[0].serving, ["b1", "b2"]);
+
+    // A tier with no allowed backend, a bad duration: refused, no switch.
+    let before = s.services[0].generation;
+    assert!(before > gen0);
+    let (code, msg) = refused(c.failover("web", 5, "1m").await);
+    assert_eq!(code, 403, "{msg}");
+    assert!(msg.contains("tier 5"), "{msg}");
+    let (code, _) = refused(c.failover("web", 1, "0s").await);
+    assert_eq!(code, 400);
+    let (code, _) = refused(c.failover("nope", 1, "1m").await);
+    assert_eq!(code, 404);
+    assert_eq!(c.status().await.unwrap().services[0].generation, before);
+
+    // A manual failover to tier 1 that ends by itself.
+    let r = c.failover("web", 1, "1s").await.unwrap();
+    assert_eq!(r.serving, ["b3"], "{r:?}");
+    let s = c.status().await.unwrap();
+    assert_eq!(s.services[0].override_.as_ref().map(|o| o.tier), Some(1));
+    wait_status(&c, "override expired", |s| {
+        s.services[0].override_.is_none() && s.services[0].serving == ["b1", "b2"]
+    })
+    .await;
+
+    agent.stop().await;
+    assert!(!sock.exists(), "socket removed with the agent");
+    match c.status().await {
+        Err(e @ ClientError::NotRunning(_)) => {
+            let m = e.to_string();
+            assert!(m.contains("no agent is listening on"), "{m}");
+            assert!(m.contains(&sock.display().to_string()), "{m}");
+        }
+        other => panic!("expected NotRunning, got {other:?}"),
+    }
+    drop((l1, l2, l3));
+}
+
+/// The data plane's entry of the backend listening on `port`.
+fn entry_of(lab: &Lab, port: u16) -> failover_common::Backend {
+    (0..failover_common::MAX_BACKENDS)
+        .map(|i| lab.dp.backend(i).unwrap())
+        .find(|b| u16::from_be(b.port_be) == port && b.state != state::UNUSED)
+        .expect("backend entry")
 }

@@ -457,6 +457,36 @@ impl Applier {
         })
     }
 
+    /// Whether `backend` is drained by the operator.
+    pub fn is_draining(&self, backend: &str) -> bool {
+        self.draining.contains(backend)
+    }
+
+    /// The operator override of `service`, if one is set.
+    pub fn override_of(&self, service: &str) -> Option<planner::Override> {
+        self.overrides.get(service).copied()
+    }
+
+    /// Operator override: keeps `service` on a tier (`None` clears it).
+    /// The caller checks it against the policy first
+    /// ([`planner::check_override`]); the switch is audited like any other.
+    pub fn set_override(
+        &mut self,
+        service: &str,
+        ov: Option<planner::Override>,
+        reason: &str,
+        at: Instant,
+    ) -> Result<ApplyReport, AgentError> {
+        let changed = match ov {
+            Some(o) => self.overrides.insert(service.to_owned(), o) != Some(o),
+            None => self.overrides.remove(service).is_some(),
+        };
+        if !changed || self.cfg.service(service).is_none() {
+            return Ok(ApplyReport::default());
+        }
+        self.apply(&Decision::all(format!("operator: {reason}"), at))
+    }
+
     /// Ends the start-up hold and plans every service with what is known.
     pub fn end_hold(&mut self, at: Instant) -> Result<ApplyReport, AgentError> {
         if self.hold.take().is_none() {

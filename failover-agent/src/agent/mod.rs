@@ -34,6 +34,7 @@ use tokio::{
 };
 
 use crate::{
+    api::{self, ApiError, Command},
     audit::AuditError,
     config::{self, Config, ConfigError},
     dataplane::{Dataplane, DataplaneError},
@@ -144,6 +145,15 @@ pub struct Agent {
     metrics_addr: Option<SocketAddr>,
     /// Listener tasks (metrics), stopped when the agent is dropped.
     servers: Vec<tokio::task::JoinHandle<()>>,
+    api_rx: mpsc::Receiver<Command>,
+    /// The control socket; removed when the agent is dropped.
+    socket: Option<api::Socket>,
+    /// 1 at start, +1 per applied config change.
+    config_generation: u64,
+    /// Latency of the probe behind each backend's last state change.
+    probe_latency: BTreeMap<String, Duration>,
+    /// When each operator override ends.
+    override_until: BTreeMap<String, Instant>,
 }
 
 impl Drop for Agent {
@@ -200,6 +210,19 @@ impl Agent {
                 }
             }
         }
+        let (api_tx, api_rx) = mpsc::channel(16);
+        let sock = applier.config().node.api_socket.clone();
+        // Like metrics: a socket in use is logged, the data plane matters more.
+        let socket = match api::serve(&sock, api::router(api_tx)).await {
+            Ok(s) => {
+                tracing::info!(socket = %sock.display(), "control API listening");
+                Some(s)
+            }
+            Err(e) => {
+                tracing::error!(socket = %sock.display(), error = %e, "no control API");
+                None
+            }
+        };
         // Attached and the config applied (Applier::new planned it).
         live.set_ready(true);
         let mut agent = Self {
@@ -217,6 +240,11 @@ impl Agent {
             snapshot_rx,
             metrics_addr,
             servers,
+            api_rx,
+            socket,
+            config_generation: 1,
+            probe_latency: BTreeMap::new(),
+            override_until: BTreeMap::new(),
         };
         agent.sync_probers();
         tracing::info!(
@@ -245,6 +273,11 @@ impl Agent {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The control socket, when it is served.
+    pub fn api_socket(&self) -> Option<&std::path::Path> {
+        self.socket.as_ref().map(api::Socket::path)
     }
 
     /// Ring generation of every programmed service.
@@ -447,6 +480,7 @@ impl Agent {
                     tracing::info!(config = %path.display(), "config unchanged");
                 }
                 Ok(diff) => {
+                    self.config_generation += 1;
                     tracing::info!(config = %path.display(), %diff, "config reloaded");
                     self.sync_probers();
                 }
@@ -469,6 +503,7 @@ impl Agent {
         for ev in &batch {
             if let Some(l) = ev.latency {
                 self.metrics.probe_latency(&ev.backend, l);
+                self.probe_latency.insert(ev.backend.to_string(), l);
             }
         }
         let trigger = if batch.iter().any(|e| e.source == EventSource::Passive) {
@@ -521,6 +556,7 @@ impl Agent {
         loop {
             self.live.beat();
             let hold = self.applier.hold_deadline();
+            let expiry = self.next_expiry();
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -535,6 +571,10 @@ impl Agent {
                         }
                         Err(e) => tracing::error!(error = %e, "apply failed"),
                     }
+                }
+                Some(cmd) = self.api_rx.recv() => self.on_command(cmd),
+                () = sleep_until(expiry), if expiry.is_some() => {
+                    self.expire_overrides(Instant::now());
                 }
                 Some(reply) = self.snapshot_rx.recv() => {
                     // The scrape may have timed out and gone: nothing to do.
@@ -557,6 +597,342 @@ impl Agent {
         tracing::info!("agent stopping; the data plane keeps running on its last state");
         Ok(self)
     }
+}
+
+impl Agent {
+    fn on_command(&mut self, cmd: Command) {
+        // A requester that gave up is no error: send results are ignored.
+        match cmd {
+            Command::Status(r) => {
+                let _ = r.send(Ok(self.api_status()));
+            }
+            Command::Backends(r) => {
+                let _ = r.send(Ok(self.api_backends()));
+            }
+            Command::Flows(q, r) => {
+                let _ = r.send(self.api_flows(&q));
+            }
+            Command::Drain { backend, on, reply } => {
+                let _ = reply.send(self.api_drain(&backend, on));
+            }
+            Command::Failover {
+                service,
+                tier,
+                duration,
+                reply,
+            } => {
+                let _ = reply.send(self.api_failover(&service, tier, duration));
+            }
+        }
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        self.override_until.values().min().copied()
+    }
+
+    fn expire_overrides(&mut self, now: Instant) {
+        let due: Vec<String> = self
+            .override_until
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for service in due {
+            self.override_until.remove(&service);
+            let before = self.generations();
+            let reason = format!("override of {service} expired");
+            tracing::info!(service = %service, "operator override expired");
+            if let Err(e) = self.applier.set_override(&service, None, &reason, now) {
+                tracing::error!(service = %service, error = %e, "clearing the override failed");
+            }
+            self.count_switches(&before, Trigger::Operator);
+        }
+    }
+
+    fn healthy(&self, backend: &str) -> bool {
+        matches!(
+            self.applier.health(backend),
+            HealthState::Up | HealthState::Degraded
+        )
+    }
+
+    /// Flows in the table per backend id.
+    fn flow_counts(&self) -> BTreeMap<u32, usize> {
+        let mut out = BTreeMap::new();
+        match self.applier.dataplane().flows() {
+            Ok(flows) => {
+                for (_, f) in flows {
+                    *out.entry(f.backend_id).or_insert(0) += 1;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the flow table failed"),
+        }
+        out
+    }
+
+    fn api_status(&self) -> api::Status {
+        let cfg = self.applier.config();
+        let now = Instant::now();
+        let links = cfg.node.pin_path.join("links");
+        let services =
+            cfg.services
+                .iter()
+                .map(|s| {
+                    let p = self.applier.programmed(&s.name);
+                    let serving = p.map(|p| p.to.clone()).unwrap_or_default();
+                    api::ServiceStatus {
+                        name: s.name.clone(),
+                        endpoint: format!(
+                            "{}:{}/{}",
+                            s.vip,
+                            s.port,
+                            format!("{:?}", s.protocol).to_lowercase()
+                        ),
+                        active_tier: serving
+                            .iter()
+                            .filter_map(|n| cfg.backend(n).map(|b| b.tier))
+                            .min(),
+                        generation: p.map_or(0, |p| p.entry.generation),
+                        healthy: s.backends.iter().filter(|b| self.healthy(b)).count(),
+                        backends: s.backends.len(),
+                        serving,
+                        override_: self
+                            .applier
+                            .override_of(&s.name)
+                            .map(|o| api::OverrideInfo {
+                                tier: o.to_tier,
+                                expires_in_s: self.override_until.get(&s.name).map_or(0.0, |t| {
+                                    t.saturating_duration_since(now).as_secs_f64()
+                                }),
+                            }),
+                    }
+                })
+                .collect();
+        api::Status {
+            node: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default(),
+            interfaces: cfg.node.interfaces.clone(),
+            program_attached: cfg.node.interfaces.iter().all(|i| links.join(i).exists()),
+            config_path: self.opts.config_path.display().to_string(),
+            config_generation: self.config_generation,
+            services,
+        }
+    }
+
+    fn api_backends(&self) -> Vec<api::BackendInfo> {
+        let snap = self.snapshot();
+        let flows = self.flow_counts();
+        let cfg = self.applier.config();
+        let ids = self.applier.ids();
+        snap.backends
+            .into_iter()
+            .filter_map(|b| {
+                let c = cfg.backend(&b.name)?;
+                let id = ids.backend(&b.name).map(|a| a.id);
+                let st = b.stats.unwrap_or_default();
+                Some(api::BackendInfo {
+                    address: format!("{}:{}", c.address, c.port),
+                    tier: b.tier,
+                    weight: b.weight,
+                    health: b.health.to_owned(),
+                    state: b.dataplane.to_owned(),
+                    draining: self.applier.is_draining(&b.name),
+                    probe_latency_ms: self
+                        .probe_latency
+                        .get(&b.name)
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    passive: api::PassiveSignals {
+                        syns: st.syns,
+                        synacks: st.synacks,
+                        syn_resets: st.syn_rsts,
+                        #[allow(clippy::cast_precision_loss)]
+                        rtt_ms: (st.rtt_at_ns != 0).then(|| st.rtt_last_ns as f64 / 1e6),
+                    },
+                    flows: id.and_then(|i| flows.get(&i).copied()).unwrap_or(0),
+                    new_flows_total: st.new_flows,
+                    services: cfg
+                        .services
+                        .iter()
+                        .filter(|s| s.backends.contains(&b.name))
+                        .map(|s| s.name.clone())
+                        .collect(),
+                    name: b.name,
+                })
+            })
+            .collect()
+    }
+
+    fn api_flows(&self, q: &api::FlowQuery) -> Result<api::Flows, ApiError> {
+        let ids = self.applier.ids();
+        let cfg = self.applier.config();
+        if let Some(s) = &q.service
+            && cfg.service(s).is_none()
+        {
+            return Err(ApiError::not_found(format!("no service named {s:?}")));
+        }
+        if let Some(b) = &q.backend
+            && cfg.backend(b).is_none()
+        {
+            return Err(ApiError::not_found(format!("no backend named {b:?}")));
+        }
+        let want_svc = q
+            .service
+            .as_deref()
+            .and_then(|s| ids.service(s))
+            .map(|a| a.id);
+        let want_be = q
+            .backend
+            .as_deref()
+            .and_then(|b| ids.backend(b))
+            .map(|a| a.id);
+        let flows = self
+            .applier
+            .dataplane()
+            .flows()
+            .map_err(|e| ApiError::new(500, format!("reading the flow table: {e}")))?;
+        let now_ns = monotonic_ns();
+        let mut out: Vec<(u64, api::FlowInfo)> = flows
+            .into_iter()
+            .filter(|(_, f)| want_svc.is_none_or(|i| f.service_id == i))
+            .filter(|(_, f)| want_be.is_none_or(|i| f.backend_id == i))
+            .map(|(k, f)| {
+                let service = cfg
+                    .services
+                    .iter()
+                    .find(|s| ids.service(&s.name).is_some_and(|a| a.id == f.service_id))
+                    .map_or_else(|| format!("#{}", f.service_id), |s| s.name.clone());
+                let backend = ids
+                    .backend_name(f.backend_id)
+                    .map_or_else(|| format!("#{}", f.backend_id), str::to_owned);
+                let ip = |be: u32| std::net::Ipv4Addr::from(u32::from_be(be));
+                #[allow(clippy::cast_precision_loss)]
+                let age_s = now_ns.saturating_sub(f.created_ns) as f64 / 1e9;
+                (
+                    f.created_ns,
+                    api::FlowInfo {
+                        client: format!("{}:{}", ip(k.src_be), u16::from_be(k.sport_be)),
+                        vip: format!("{}:{}", ip(k.dst_be), u16::from_be(k.dport_be)),
+                        protocol: match k.proto {
+                            6 => "tcp".to_owned(),
+                            17 => "udp".to_owned(),
+                            p => p.to_string(),
+                        },
+                        service,
+                        backend,
+                        nat_port: u16::from_be(f.nat_port_be),
+                        age_s,
+                    },
+                )
+            })
+            .collect();
+        let total = out.len();
+        out.sort_by_key(|(created, _)| *created);
+        out.truncate(q.limit.unwrap_or(50));
+        Ok(api::Flows {
+            total,
+            flows: out.into_iter().map(|(_, f)| f).collect(),
+        })
+    }
+
+    fn api_drain(&mut self, backend: &str, on: bool) -> Result<api::DrainReply, ApiError> {
+        let cfg = self.applier.config();
+        if cfg.backend(backend).is_none() {
+            return Err(ApiError::not_found(format!("no backend named {backend:?}")));
+        }
+        let was = self.applier.is_draining(backend);
+        if on && !was && self.healthy(backend) {
+            // Refused if some service would keep no healthy backend.
+            for s in cfg
+                .services
+                .iter()
+                .filter(|s| s.backends.iter().any(|b| b == backend))
+            {
+                let others = s
+                    .backends
+                    .iter()
+                    .filter(|b| *b != backend && self.healthy(b) && !self.applier.is_draining(b))
+                    .count();
+                if others == 0 {
+                    return Err(ApiError::conflict(format!(
+                        "refusing to drain {backend}: it is the last healthy backend of service {}",
+                        s.name
+                    )));
+                }
+            }
+        }
+        let before = self.generations();
+        self.applier
+            .set_draining(backend, on, Instant::now())
+            .map_err(|e| ApiError::new(500, format!("applying: {e}")))?;
+        self.count_switches(&before, Trigger::Operator);
+        let verb = if on { "drain" } else { "undrain" };
+        tracing::info!(backend, changed = was != on, "operator {verb}");
+        let id = self.applier.ids().backend(backend).map(|a| a.id);
+        let in_flight = id
+            .and_then(|i| self.flow_counts().get(&i).copied())
+            .unwrap_or(0);
+        Ok(api::DrainReply {
+            backend: backend.to_owned(),
+            draining: on,
+            changed: was != on,
+            in_flight_flows: in_flight,
+        })
+    }
+
+    fn api_failover(
+        &mut self,
+        service: &str,
+        tier: u8,
+        duration: Duration,
+    ) -> Result<api::FailoverReply, ApiError> {
+        let ov = crate::planner::Override { to_tier: tier };
+        crate::planner::check_override(self.applier.config(), service, ov).map_err(
+            |e| match e {
+                crate::planner::PlanError::UnknownService(_) => {
+                    ApiError::not_found(format!("no service named {service:?}"))
+                }
+                other => ApiError::forbidden(other.to_string()),
+            },
+        )?;
+        let now = Instant::now();
+        let reason = format!(
+            "failover {service} to tier {tier} for {}",
+            humantime::format_duration(duration)
+        );
+        let before = self.generations();
+        self.applier
+            .set_override(service, Some(ov), &reason, now)
+            .map_err(|e| ApiError::new(500, format!("applying: {e}")))?;
+        self.count_switches(&before, Trigger::Operator);
+        self.override_until
+            .insert(service.to_owned(), now + duration);
+        tracing::warn!(
+            service,
+            tier,
+            for_s = duration.as_secs_f64(),
+            "operator override"
+        );
+        let p = self.applier.programmed(service);
+        Ok(api::FailoverReply {
+            service: service.to_owned(),
+            tier,
+            expires_in_s: duration.as_secs_f64(),
+            generation: p.map_or(0, |p| p.entry.generation),
+            serving: p.map(|p| p.to.clone()).unwrap_or_default(),
+        })
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 async fn sleep_until(at: Option<Instant>) {
