@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use failover_agent::{
     agent::{Agent, RunOptions},
     api::{self, Client, ClientError, table},
@@ -108,6 +108,15 @@ enum Cmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+}
+
+/// Print a shell completion script, e.g.
+/// `failover-agent completions bash > /etc/bash_completion.d/failover-agent`.
+#[derive(Args)]
+struct CompletionsArgs {
+    shell: clap_complete::Shell,
 }
 
 /// How to reach the running agent.
@@ -158,6 +167,13 @@ fn main() -> Result<ExitCode> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { file, json },
         } => Ok(verify(&file, json)),
+        Cmd::Completions(CompletionsArgs { shell }) => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "failover-agent", &mut script);
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status { api } => operator(&api, Op::Status),
         Cmd::Backends { api } => operator(&api, Op::Backends),
         Cmd::Flows {
