@@ -7,6 +7,7 @@ pub mod bench;
 pub mod client;
 pub mod lab;
 pub mod netns;
+pub mod pacer;
 pub mod packet;
 pub mod peers;
 pub mod program;

@@ -294,13 +294,18 @@ fn leftovers() -> Result<()> {
 fn demo(keep: bool) -> Result<()> {
     require_root("the demo")?;
     setup()?;
-    let _ = keep;
-    println!(
-        "The end-to-end demo (two clouds in namespaces, live failover) arrives with the \
-         end-to-end issue. Until then, `cargo xtask test` drives the real XDP program and \
-         `cargo xtask bench datapath` measures it."
-    );
-    Ok(())
+    // The demo starts the agent and the test backend from beside itself.
+    run(Command::new("cargo").args(["build", "--quiet", "--release", "-p", "failover-agent"]))?;
+    run(Command::new("cargo")
+        .args(["build", "--quiet", "--release", "-p", "failover-tests"])
+        .args(["--bin", "failover-testbackend", "--bin", "failover-demo"]))?;
+    let mut cmd = Command::new("cargo");
+    cmd.args(["run", "--quiet", "--release", "-p", "failover-tests"])
+        .args(["--bin", "failover-demo", "--"]);
+    if keep {
+        cmd.arg("--keep");
+    }
+    run(&mut cmd)
 }
 
 fn bench(args: &[String]) -> Result<()> {
@@ -308,13 +313,20 @@ fn bench(args: &[String]) -> Result<()> {
     setup()?;
     let Some(which) = args.first() else {
         bail!(
-            "usage: cargo xtask bench datapath|apply|forward|http [--json] ... | all --report DIR"
+            "usage: cargo xtask bench datapath|apply|forward|http|failover [--json] ... | all --report DIR"
         );
     };
     match which.as_str() {
-        "datapath" | "apply" | "forward" | "http" | "all" => {
-            // forward, http and all start the test backend from beside the
-            // bench binary.
+        "datapath" | "apply" | "forward" | "http" | "all" | "failover" => {
+            // forward, http, failover and all start the test backend (and
+            // failover the agent) from beside the bench binary.
+            run(Command::new("cargo").args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "failover-agent",
+            ]))?;
             run(Command::new("cargo")
                 .args(["build", "--quiet", "--release", "-p", "failover-tests"])
                 .args(["--bin", "failover-testbackend", "--bin", "failover-bench"]))?;
@@ -324,7 +336,9 @@ fn bench(args: &[String]) -> Result<()> {
                 .args(args))
         }
         other => {
-            bail!("unknown benchmark {other:?}; available: datapath, apply, forward, http, all")
+            bail!(
+                "unknown benchmark {other:?}; available: datapath, apply, forward, http, failover, all"
+            )
         }
     }
 }

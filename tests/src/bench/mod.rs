@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod datapath;
+pub mod failover;
 pub mod forward;
 pub mod http;
 pub mod report;

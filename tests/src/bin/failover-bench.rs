@@ -52,6 +52,19 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: u32,
     },
+    /// Failover time after a backend crash and a blackholed cloud:
+    /// failover vs haproxy-tuned vs haproxy-default.
+    Failover {
+        /// Trials per system and scenario.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Systems to run (default: all).
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<String>,
+        /// Scenarios to run (default: crash,blackhole).
+        #[arg(long, value_delimiter = ',')]
+        scenarios: Vec<String>,
+    },
     /// Every benchmark this binary has, then the results page.
     All {
         /// Directory for README.md, results.jsonl and the SVG charts.
@@ -86,6 +99,26 @@ fn main() -> Result<()> {
                 threads,
             };
             bench::http::print(&bench::http::run(opts)?, args.json)
+        }
+        Cmd::Failover {
+            trials,
+            systems,
+            scenarios,
+        } => {
+            let or = |v: Vec<String>, d: &[&str]| {
+                if v.is_empty() {
+                    d.iter().map(|s| s.to_string()).collect()
+                } else {
+                    v
+                }
+            };
+            let systems = or(systems, &bench::failover::SYSTEMS);
+            let scenarios = or(scenarios, &bench::failover::SCENARIOS);
+            let opts = bench::failover::Opts { trials };
+            bench::failover::print(
+                &bench::failover::run(opts, &systems, &scenarios)?,
+                args.json,
+            )
         }
         Cmd::All { report } => bench::report::all(&report)?,
         Cmd::Apply => bench::apply::print(&bench::apply::run()?, args.json),

@@ -1,0 +1,155 @@
+//! An open-loop client: one request every `interval`, each on its own new
+//! connection and its own task, whatever the others do. A request that
+//! hangs (a blackholed backend) does not delay the next one, so the
+//! failover time is resolved to the interval. Results can be read live
+//! (for the demo's view) and are complete once `stop` returns.
+//!
+//! The runtime runs on one thread inside the client namespace, so every
+//! socket it opens belongs to that namespace. Bounded by `max` and a
+//! per-request timeout.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{netns, traffic::Sample};
+
+pub struct Pacer {
+    pub started: Instant,
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Pacer {
+    pub fn start(
+        ns: &str,
+        target: SocketAddr,
+        path: &str,
+        interval: Duration,
+        timeout: Duration,
+        max: Duration,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let started = Instant::now();
+        let (ns, path, flag, out) = (
+            ns.to_owned(),
+            Arc::new(path.to_owned()),
+            stop.clone(),
+            samples.clone(),
+        );
+        let handle = std::thread::spawn(move || {
+            let _in = netns::enter(&ns).expect("enter client namespace");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut tasks = tokio::task::JoinSet::new();
+                while !flag.load(Ordering::Relaxed) && started.elapsed() < max {
+                    tick.tick().await;
+                    let (path, out) = (path.clone(), out.clone());
+                    tasks.spawn(async move {
+                        let at = started.elapsed();
+                        let r = tokio::time::timeout(timeout, get(target, &path)).await;
+                        let (ok, backend) = match r {
+                            Ok(Some((200, b))) => (true, b),
+                            Ok(Some((_, b))) => (false, b),
+                            _ => (false, String::new()),
+                        };
+                        out.lock()
+                            .expect("samples")
+                            .push(Sample { at, ok, backend });
+                    });
+                    while tasks.try_join_next().is_some() {}
+                }
+                // Every request started finishes (each bounded by timeout).
+                while tasks.join_next().await.is_some() {}
+            });
+        });
+        Self {
+            started,
+            stop,
+            samples,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Results so far (finished requests only, in completion order).
+    pub fn snapshot(&self) -> Vec<Sample> {
+        self.samples.lock().expect("samples").clone()
+    }
+
+    /// Number of finished requests.
+    pub fn len(&self) -> usize {
+        self.samples.lock().expect("samples").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops sending, waits for the requests in flight, and returns every
+    /// result ordered by start time.
+    pub fn stop(mut self) -> Vec<Sample> {
+        self.finish();
+        let mut v = std::mem::take(&mut *self.samples.lock().expect("samples"));
+        v.sort_by_key(|s| s.at);
+        v
+    }
+
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// `GET path` on a new connection: (status, x-backend), or None.
+async fn get(target: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(target).await.ok()?;
+    let _ = s.set_nodelay(true);
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::with_capacity(512);
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let backend = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-backend")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    Some((status, backend))
+}
