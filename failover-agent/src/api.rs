@@ -205,6 +205,14 @@ pub enum Command {
         duration: Duration,
         reply: Reply<FailoverReply>,
     },
+    /// Starts a drill; replies with the report as it starts.
+    Drill {
+        req: crate::drill::DrillRequest,
+        duration: Duration,
+        reply: Reply<crate::drill::DrillReport>,
+    },
+    /// The running or last drill.
+    DrillReport(Reply<crate::drill::DrillReport>),
 }
 
 async fn ask<T>(
@@ -294,6 +302,32 @@ pub fn router(tx: mpsc::Sender<Command>) -> Router {
                     )
                 },
             ),
+        )
+        .route(
+            "/v1/drill",
+            post(
+                |State(tx): State<mpsc::Sender<Command>>,
+                 Json(req): Json<crate::drill::DrillRequest>| async move {
+                    let duration = match parse_duration(&req.for_) {
+                        Ok(d) if d <= crate::drill::MAX_DRILL => d,
+                        Ok(_) => {
+                            return ApiError::new(400, "a drill lasts at most 5m").into_response();
+                        }
+                        Err(e) => return e.into_response(),
+                    };
+                    respond(
+                        ask(&tx, |reply| Command::Drill {
+                            req,
+                            duration,
+                            reply,
+                        })
+                        .await,
+                    )
+                },
+            )
+            .get(|State(tx): State<mpsc::Sender<Command>>| async move {
+                respond(ask(&tx, Command::DrillReport).await)
+            }),
         )
         .with_state(tx)
 }
@@ -496,6 +530,20 @@ impl Client {
             Some(serde_json::json!({ "tier": tier, "for": duration })),
         )
         .await
+    }
+}
+
+impl Client {
+    pub async fn drill(
+        &self,
+        req: &crate::drill::DrillRequest,
+    ) -> Result<crate::drill::DrillReport, ClientError> {
+        let body = serde_json::to_value(req).map_err(|e| self.protocol(e))?;
+        self.call("POST", "/v1/drill", Some(body)).await
+    }
+
+    pub async fn drill_report(&self) -> Result<crate::drill::DrillReport, ClientError> {
+        self.call("GET", "/v1/drill", None).await
     }
 }
 

@@ -6,6 +6,7 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod dataplane;
+pub mod drill;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

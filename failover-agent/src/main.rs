@@ -108,6 +108,25 @@ enum Cmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Mark a backend (or a service's whole tier) down in the data plane
+    /// for a bounded time while traffic flows, measure the failover from
+    /// the data plane's counters, restore, and print a report.
+    Drill {
+        #[arg(long)]
+        service: String,
+        #[arg(long, conflicts_with = "tier", required_unless_present = "tier")]
+        backend: Option<String>,
+        #[arg(long)]
+        tier: Option<u8>,
+        /// How long the target stays down (at most 5m).
+        #[arg(long = "for", value_name = "DURATION", default_value = "3s")]
+        for_: String,
+        /// Also write a timeline chart (SVG) of traffic per backend.
+        #[arg(long, value_name = "FILE.svg")]
+        report: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
 }
@@ -174,6 +193,25 @@ fn main() -> Result<ExitCode> {
             let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Drill {
+            service,
+            backend,
+            tier,
+            for_,
+            report,
+            api,
+        } => operator(
+            &api,
+            Op::Drill(
+                failover_agent::drill::DrillRequest {
+                    service,
+                    backend,
+                    tier,
+                    for_,
+                },
+                report,
+            ),
+        ),
         Cmd::Status { api } => operator(&api, Op::Status),
         Cmd::Backends { api } => operator(&api, Op::Backends),
         Cmd::Flows {
@@ -206,6 +244,7 @@ enum Op {
     Flows(api::FlowQuery),
     Drain(String, bool),
     Failover(String, u8, String),
+    Drill(failover_agent::drill::DrillRequest, Option<PathBuf>),
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -358,6 +397,44 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                         } else {
                             ""
                         }
+                    )
+                }
+            }
+            Op::Drill(req, svg) => {
+                let started = client.drill(&req).await?;
+                let bound = std::time::Duration::from_secs_f64(started.fault_end_s + 10.0);
+                let t0 = std::time::Instant::now();
+                let r = loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    let r = client.drill_report().await?;
+                    if r.state == "done" || t0.elapsed() > bound {
+                        break r;
+                    }
+                };
+                if let Some(path) = &svg {
+                    std::fs::write(path, failover_agent::drill::svg(&r)).map_err(|e| {
+                        ClientError::Protocol {
+                            path: path.clone(),
+                            message: format!("writing the report: {e}"),
+                        }
+                    })?;
+                }
+                if a.json {
+                    serde_json::to_string_pretty(&r).unwrap_or_default()
+                } else {
+                    format!(
+                        "drill of {} in service {} ({:.1}s down)\n  failover time: {}\n  packets lost (dropped or reset during the fault): {}\n  took over: {}\n  samples: {}{}\n",
+                        r.targets.join(", "),
+                        r.service,
+                        r.fault_end_s - r.fault_start_s,
+                        r.failover_ms.map_or_else(
+                            || "not observed (no traffic moved)".to_owned(),
+                            |m| format!("{m:.0} ms (sampled every 10 ms)")
+                        ),
+                        r.lost_packets,
+                        if r.took_over.is_empty() { "-".to_owned() } else { r.took_over.join(", ") },
+                        r.samples.len(),
+                        svg.as_ref().map_or_else(String::new, |p| format!("\n  chart: {}", p.display())),
                     )
                 }
             }

@@ -475,3 +475,67 @@ fn entry_of(lab: &Lab, port: u16) -> failover_common::Backend {
         .find(|b| u16::from_be(b.port_be) == port && b.state != state::UNUSED)
         .expect("backend entry")
 }
+
+#[tokio::test]
+async fn a_drill_moves_traffic_and_restores() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let (l1, l2) = (listener().await, listener().await);
+    let agent = start(&lab, &dir, &[("b1", l1.port, 0), ("b2", l2.port, 0)]).await;
+    let c = Client::new(dir.0.join("agent.sock"));
+    wait_status(&c, "all healthy", |s| s.services[0].healthy == 2).await;
+    let gen0 = c.status().await.unwrap().services[0].generation;
+
+    // Refusals: nothing would be left; unknown backend; neither target.
+    let req = |backend: Option<&str>, tier: Option<u8>| failover_agent::drill::DrillRequest {
+        service: "web".into(),
+        backend: backend.map(str::to_owned),
+        tier,
+        for_: "1s".into(),
+    };
+    assert_eq!(refused(c.drill(&req(None, Some(0))).await).0, 409);
+    assert_eq!(refused(c.drill(&req(Some("b9"), None)).await).0, 404);
+    assert_eq!(refused(c.drill(&req(None, None)).await).0, 400);
+
+    let started = c.drill(&req(Some("b1"), None)).await.unwrap();
+    assert_eq!(started.targets, ["b1"]);
+    // New flows all the while (BPF_PROG_TEST_RUN through the program).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut port = 20_000u16;
+    let report = loop {
+        for _ in 0..5 {
+            port += 1;
+            let _ = lab
+                .run(lab.vc0, &Frame::tcp(CLIENT, port, VIP, 80).build())
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let r = c.drill_report().await.unwrap();
+        if r.state == "done" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "drill did not end: {r:?}");
+    };
+    eprintln!(
+        "drill: failover {:?} ms, lost {}, took over {:?}, {} samples",
+        report.failover_ms,
+        report.lost_packets,
+        report.took_over,
+        report.samples.len()
+    );
+    assert!(report.samples.len() > 50, "{}", report.samples.len());
+    assert_eq!(report.took_over, ["b2"], "{report:?}");
+    let ms = report.failover_ms.expect("failover observed");
+    assert!(ms < 100.0, "{ms}");
+    let svg = failover_agent::drill::svg(&report);
+    assert!(svg.contains("<polyline"));
+
+    // Restored: b1 back in the data plane and serving.
+    assert_eq!(entry_of(&lab, l1.port).state, state::UP);
+    let s = c.status().await.unwrap();
+    assert_eq!(s.services[0].serving, ["b1", "b2"]);
+    assert!(s.services[0].generation >= gen0 + 2, "out and back in");
+    agent.stop().await;
+    drop((l1, l2));
+}
