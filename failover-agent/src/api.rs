@@ -563,6 +563,22 @@ fn encode(s: &str) -> String {
 
 /// An aligned text table: a header line and rows, columns two spaces apart.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    table_with(header, rows, false)
+}
+
+/// ANSI colour of a state word: green up, yellow degraded or draining,
+/// red down.
+fn colour_of(cell: &str) -> Option<&'static str> {
+    match cell {
+        "up" => Some("32"),
+        "degraded" | "draining" => Some("33"),
+        "down" => Some("31"),
+        _ => None,
+    }
+}
+
+/// [`table`], with state words coloured when `colour` (a terminal).
+pub fn table_with(header: &[&str], rows: &[Vec<String>], colour: bool) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -574,10 +590,18 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let line = |cells: Vec<&str>| {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
+            let cell = if i + 1 == cells.len() {
+                (*c).to_owned()
             } else {
-                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+                format!("{c:<w$}", w = widths[i])
+            };
+            // Escapes around the padded cell keep the columns aligned.
+            match colour_of(c).filter(|_| colour) {
+                Some(code) => s.push_str(&format!("\x1b[{code}m{cell}\x1b[0m")),
+                None => s.push_str(&cell),
+            }
+            if i + 1 != cells.len() {
+                s.push_str("  ");
             }
         }
         s.trim_end().to_owned()
@@ -608,6 +632,17 @@ mod tests {
             t,
             "NAME      STATE     FLOWS\nb1        up        3\ngpu-eu-1  draining  12\n"
         );
+    }
+
+    #[test]
+    fn colour_only_when_asked_and_columns_stay_aligned() {
+        let rows = [vec!["b1".into(), "down".into(), "3".into()]];
+        let plain = table_with(&["NAME", "STATE", "FLOWS"], &rows, false);
+        assert!(!plain.contains('\x1b'));
+        let coloured = table_with(&["NAME", "STATE", "FLOWS"], &rows, true);
+        assert!(coloured.contains("\x1b[31mdown \x1b[0m"), "{coloured:?}");
+        let stripped = coloured.replace("\x1b[31m", "").replace("\x1b[0m", "");
+        assert_eq!(stripped, plain);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use failover_agent::{
     agent::{Agent, RunOptions},
-    api::{self, Client, ClientError, table},
+    api::{self, Client, ClientError, table_with},
     audit, config,
     dataplane::Dataplane,
 };
@@ -258,6 +258,9 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let client = Client::new(&a.socket);
+    // Colour only on a terminal, and never with NO_COLOR set.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none();
     let out: Result<String, ClientError> = rt.block_on(async {
         Ok(match op {
             Op::Status => {
@@ -294,12 +297,13 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                         },
                         s.config_generation,
                         s.config_path,
-                        table(
+                        table_with(
                             &[
                                 "SERVICE", "ENDPOINT", "TIER", "HEALTHY", "GEN", "OVERRIDE",
                                 "SERVING"
                             ],
-                            &rows
+                            &rows,
+                            colour
                         )
                     )
                 }
@@ -330,7 +334,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                             ]
                         })
                         .collect();
-                    table(
+                    table_with(
                         &[
                             "BACKEND",
                             "ADDRESS",
@@ -345,6 +349,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                             "SERVICES",
                         ],
                         &rows,
+                        colour,
                     )
                 }
             }
@@ -370,11 +375,12 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                         .collect();
                     format!(
                         "{}{} of {} flows\n",
-                        table(
+                        table_with(
                             &[
                                 "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "NAT PORT", "AGE"
                             ],
-                            &rows
+                            &rows,
+                            colour
                         ),
                         f.flows.len(),
                         f.total
