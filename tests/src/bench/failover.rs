@@ -113,14 +113,18 @@ impl Sut {
                     .wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))?;
                 Ok(())
             }
-            Sut::Haproxy { topo, .. } => {
+            Sut::Haproxy { topo, _scratch, .. } => {
+                let log = _scratch.0.join("haproxy.log");
                 // Both cloud-a servers answer, and nothing else, in a row.
                 let deadline = Instant::now() + Duration::from_secs(30);
                 let _in = topo.client.enter()?;
                 let mut streak = 0;
                 let mut seen = std::collections::BTreeSet::new();
+                let mut last = String::new();
                 while Instant::now() < deadline {
-                    match crate::client::get(vip(), PATH, Duration::from_millis(500)) {
+                    let r = crate::client::get(vip(), PATH, Duration::from_millis(500));
+                    last = format!("{r:?}");
+                    match r {
                         Ok(a) if a.status == 200 && a.backend.starts_with('a') => {
                             streak += 1;
                             seen.insert(a.backend);
@@ -135,7 +139,10 @@ impl Sut {
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                bail!("haproxy did not return to cloud-a")
+                bail!(
+                    "haproxy did not return to cloud-a (last answer {last}): {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
             }
         }
     }
@@ -143,7 +150,7 @@ impl Sut {
 
 fn haproxy_config(inter_ms: u32, fall: u32, rise: u32) -> String {
     let mut c = String::from(
-        "global\n  maxconn 20000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\n",
+        "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\n",
     );
     let _ = write!(
         c,
@@ -268,12 +275,15 @@ fn trial_once(sut: &mut Sut, scenario: &str) -> Result<(Option<Duration>, usize)
         TRIAL_LIMIT + Duration::from_secs(5),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let fault = p.now();
     match scenario {
         "crash" => World::crash(sut.topo(), "a1")?,
         "blackhole" => World::blackhole_a(sut.topo())?,
         other => bail!("unknown scenario {other:?} (crash, blackhole)"),
     }
+    // Stamped when the fault is in place: the crash request's connection
+    // closed with the process, or `ip link set a0 down` returned. (Before,
+    // requests still succeed while the command starts.)
+    let fault = p.now();
     // Wait until the live results show a recovery that has held for a
     // while (requests still in flight are not in them yet).
     let deadline = Instant::now() + TRIAL_LIMIT;
