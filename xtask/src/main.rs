@@ -195,8 +195,10 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     deploy_checks()?;
+    remove_stale();
+    let before = test_objects();
     let (passed, failed) = cargo_test()?;
-    leftovers()?;
+    leftovers(&before)?;
     // The plain closing line CI reads, summed over every test binary.
     println!("{passed} passed, {failed} failed");
     ensure!(
@@ -272,20 +274,61 @@ fn cargo_test() -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
-/// Tests own their namespaces and pins through guards; check that none
-/// survived, failing test or not.
-fn leftovers() -> Result<()> {
-    let mut left = Vec::new();
+/// Namespaces and pins that tests create: `fo-<tag>-<pid>-<n>` and
+/// `failover-test-[e2e-]<pid>-<n>`, with the pid of the test process.
+fn test_objects() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
     for (dir, prefix) in [("/run/netns", "fo-"), ("/sys/fs/bpf", "failover-test-")] {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(prefix) {
-                    left.push(format!("{dir}/{name}"));
-                }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(prefix) {
+                continue;
             }
+            // The pid is the second-to-last dash-separated field.
+            let pid = name
+                .rsplit('-')
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            out.push((format!("{dir}/{name}"), pid));
         }
     }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes what test processes that no longer exist left behind (a run
+/// killed mid-way cannot run its guards), so one bad run cannot fail the
+/// next one's leftover check.
+fn remove_stale() {
+    for (path, pid) in test_objects() {
+        if pid == 0 || alive(pid) {
+            continue;
+        }
+        eprintln!("removing stale {path} (process {pid} is gone)");
+        if let Some(ns) = path.strip_prefix("/run/netns/") {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        } else {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// Tests own their namespaces and pins through guards; check that none
+/// of this run's survived, failing test or not. (Objects of test processes
+/// still running belong to someone else's run on a shared machine.)
+fn leftovers(before: &[(String, u32)]) -> Result<()> {
+    let left: Vec<String> = test_objects()
+        .into_iter()
+        .filter(|(path, pid)| !alive(*pid) && !before.iter().any(|(p, _)| p == path))
+        .map(|(path, _)| path)
+        .collect();
     ensure!(left.is_empty(), "tests left these behind: {left:?}");
     eprintln!("test: no namespace or pinned object left behind");
     Ok(())
