@@ -114,18 +114,6 @@ fn send(
     be_addr: u32,
     be_port: u16,
 ) -> (u32, Reason) {
-    let bytes = ip.tot_len as u64;
-    if let Some(s) = stats::service(flow.service_id) {
-        s.fwd_packets += 1;
-        s.fwd_bytes += bytes;
-    }
-    if let Some(s) = stats::backend(flow.backend_id) {
-        s.fwd_packets += 1;
-        s.fwd_bytes += bytes;
-        if l4.flags & TCP_SYN != 0 {
-            s.syns += 1;
-        }
-    }
     ipv4::rewrite(ip.hdr, node.snat_be, be_addr);
     if let Err(r) = l4::rewrite(
         ctx,
@@ -147,10 +135,27 @@ fn send(
         tx: Reason::ForwardTx,
         redirect: Reason::ForwardRedirect,
     };
-    match NEXTHOPS.get_ptr_mut(flow.backend_id) {
+    let out = match NEXTHOPS.get_ptr_mut(flow.backend_id) {
         Some(nh) => egress::send(ctx, unsafe { &mut *nh }, &route),
         None => (xdp_action::XDP_DROP, Reason::NoBackend),
+    };
+    // Count only what left: a SYN dropped here (no neighbour yet, no
+    // route) must not look like a SYN the backend failed to answer.
+    if out.0 != xdp_action::XDP_DROP {
+        let bytes = ip.tot_len as u64;
+        if let Some(s) = stats::service(flow.service_id) {
+            s.fwd_packets += 1;
+            s.fwd_bytes += bytes;
+        }
+        if let Some(s) = stats::backend(flow.backend_id) {
+            s.fwd_packets += 1;
+            s.fwd_bytes += bytes;
+            if l4.flags & TCP_SYN != 0 {
+                s.syns += 1;
+            }
+        }
     }
+    out
 }
 
 /// Sends an RST to the client and counts it if one was sent.

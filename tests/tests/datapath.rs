@@ -443,6 +443,9 @@ fn same_leg_backend_is_sent_with_xdp_tx_and_unknown_neighbour_drops() {
         "only the first flow's"
     );
     assert_eq!(count(&lab, Reason::NoNeighbour), 1);
+    // The dropped SYN is not a SYN the backend left unanswered (passive
+    // health would eject the backend for nothing).
+    assert_eq!(lab.dp.backend_stats(1).unwrap().syns, 1);
 }
 
 #[test]
