@@ -139,20 +139,18 @@ fn send(
         Some(nh) => egress::send(ctx, unsafe { &mut *nh }, &route),
         None => (xdp_action::XDP_DROP, Reason::NoBackend),
     };
-    // Count only what left: a SYN dropped here (no neighbour yet, no
-    // route) must not look like a SYN the backend failed to answer.
-    if out.0 != xdp_action::XDP_DROP {
-        let bytes = ip.tot_len as u64;
-        if let Some(s) = stats::service(flow.service_id) {
-            s.fwd_packets += 1;
-            s.fwd_bytes += bytes;
-        }
-        if let Some(s) = stats::backend(flow.backend_id) {
-            s.fwd_packets += 1;
-            s.fwd_bytes += bytes;
-            if l4.flags & TCP_SYN != 0 {
-                s.syns += 1;
-            }
+    let bytes = ip.tot_len as u64;
+    if let Some(s) = stats::service(flow.service_id) {
+        s.fwd_packets += 1;
+        s.fwd_bytes += bytes;
+    }
+    if let Some(s) = stats::backend(flow.backend_id) {
+        s.fwd_packets += 1;
+        s.fwd_bytes += bytes;
+        // Count only SYNs that left: one dropped here (no neighbour yet,
+        // no route) must not look like a SYN the backend left unanswered.
+        if l4.flags & TCP_SYN != 0 && out.0 != xdp_action::XDP_DROP {
+            s.syns += 1;
         }
     }
     out
