@@ -12,5 +12,6 @@ pub mod packet;
 pub mod peers;
 pub mod program;
 pub mod rawbpf;
+pub mod scratch;
 pub mod topology;
 pub mod traffic;

@@ -9,10 +9,7 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -34,35 +31,13 @@ use failover_tests::{
     lab::{CLIENT, Lab, SNAT, VIP, backend_addr},
     netns::require_root,
     packet::{Frame, L4, ports},
+    scratch::TempDir,
 };
 
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const BPORT: u16 = 8000;
 const RING: u32 = 13;
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let d = std::env::temp_dir().join(format!(
-            "failover-agent-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A backend line: name, address, port.
 type B<'a> = (&'a str, Ipv4Addr, u16);

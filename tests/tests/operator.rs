@@ -7,8 +7,7 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -21,30 +20,8 @@ use failover_tests::{
     lab::{CLIENT, Lab, SNAT, VIP},
     netns::require_root,
     packet::Frame,
+    scratch::TempDir,
 };
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let d = std::env::temp_dir().join(format!(
-            "failover-operator-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A TCP "backend" on loopback inside the lab namespace; aborted on drop.
 struct Listener {
