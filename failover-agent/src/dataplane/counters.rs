@@ -17,13 +17,9 @@ impl Dataplane {
         Reason::ALL
             .iter()
             .map(|&reason| {
-                let v = self
-                    .stats
-                    .get(&(reason as u32), 0)
-                    .map_err(map_err(names::STATS))?;
                 Ok(ReasonCount {
                     reason,
-                    count: v.iter().sum(),
+                    count: self.reason_count(reason)?,
                 })
             })
             .collect()
