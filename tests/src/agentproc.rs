@@ -149,6 +149,30 @@ impl AgentProc {
         Ok(me)
     }
 
+    /// Writes `yaml` as the config into `dir` and starts the agent in
+    /// namespace `edge_ns`: for topologies other than [`Topology`] (e.g.
+    /// `twoedge`, one agent per edge).
+    pub fn start_with_config(edge_ns: &str, dir: &Path, yaml: &str) -> Result<Self> {
+        let config = dir.join("agent.yaml");
+        std::fs::write(&config, yaml)?;
+        let mut me = Self {
+            child: None,
+            edge_ns: edge_ns.to_owned(),
+            config,
+            audit: dir.join("audit.jsonl"),
+            log: dir.join("agent.log"),
+            startup_hold_s: 10,
+            print_log: false,
+        };
+        me.spawn()?;
+        Ok(me)
+    }
+
+    /// The running process's id (for leftover checks).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts (or restarts) the process; its log is appended to.
     pub fn spawn(&mut self) -> Result<()> {
         if self.child.is_some() {

@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
     time::Duration,
 };
 
@@ -18,7 +18,38 @@ pub struct Answer {
 }
 
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answer> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
+    let s = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
+    exchange(s, path, timeout)
+}
+
+/// As [`get`], from the fixed source address and port `src`, so that a
+/// test can send the very same 5-tuple more than once (from different
+/// namespaces). The socket is made in the calling thread's namespace.
+pub fn get_from(
+    src: SocketAddrV4,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<Answer> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let s = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.set_reuseaddr(true)?;
+        sock.bind(src.into())
+            .with_context(|| format!("bind {src}"))?;
+        let s = tokio::time::timeout(timeout, sock.connect(addr))
+            .await
+            .context("connect timed out")?
+            .context("connect")?;
+        anyhow::Ok(s.into_std()?)
+    })?;
+    s.set_nonblocking(false)?;
+    exchange(s, path, timeout)
+}
+
+fn exchange(mut s: TcpStream, path: &str, timeout: Duration) -> Result<Answer> {
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     write!(

@@ -15,3 +15,4 @@ pub mod rawbpf;
 pub mod scratch;
 pub mod topology;
 pub mod traffic;
+pub mod twoedge;
