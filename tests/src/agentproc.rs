@@ -134,8 +134,19 @@ pub struct AgentProc {
 impl AgentProc {
     /// Writes the config for `topo` into `dir` and starts the agent.
     pub fn start(topo: &Topology, dir: &Path, timing: ProbeTiming) -> Result<Self> {
-        let config = dir.join("agent.yaml");
-        std::fs::write(&config, config_yaml(&topo.pins.0, timing))?;
+        Self::start_with(topo, dir, timing, write_config)
+    }
+
+    /// Starts the agent with the config for `topo` put in place by `place`
+    /// (given `dir` and the config text; returns the path for `--config`),
+    /// e.g. behind symlinks as a Kubernetes ConfigMap volume has it.
+    pub fn start_with(
+        topo: &Topology,
+        dir: &Path,
+        timing: ProbeTiming,
+        place: impl FnOnce(&Path, &str) -> Result<PathBuf>,
+    ) -> Result<Self> {
+        let config = place(dir, &config_yaml(&topo.pins.0, timing))?;
         let mut me = Self {
             child: None,
             edge_ns: topo.edge.name.clone(),
@@ -274,6 +285,13 @@ impl AgentProc {
     }
 }
 
+/// The default config placement: a plain file, `dir/agent.yaml`.
+pub fn write_config(dir: &Path, yaml: &str) -> Result<PathBuf> {
+    let config = dir.join("agent.yaml");
+    std::fs::write(&config, yaml)?;
+    Ok(config)
+}
+
 /// Parses an audit log (records only; the chain fields are ignored).
 pub fn read_decisions(path: &Path) -> Vec<DecisionRecord> {
     std::fs::read_to_string(path)
@@ -366,10 +384,20 @@ pub const EU_BACKENDS: [(&str, bool, std::net::Ipv4Addr, u16); 2] = [
 impl World {
     /// Everything up, and `chat` served by a1 and a2.
     pub fn start(with_eu: bool, timing: ProbeTiming) -> Result<Self> {
+        Self::start_with(with_eu, timing, write_config)
+    }
+
+    /// As [`World::start`], with the config put in place by `place` (see
+    /// [`AgentProc::start_with`]) in the scratch directory.
+    pub fn start_with(
+        with_eu: bool,
+        timing: ProbeTiming,
+        place: impl FnOnce(&Path, &str) -> Result<PathBuf>,
+    ) -> Result<Self> {
         let topo = Self::backends(with_eu)?;
         let dp = topo.attach_peer_pass()?;
         let scratch = Scratch::new("e2e")?;
-        let mut agent = AgentProc::start(&topo, &scratch.0, timing)?;
+        let mut agent = AgentProc::start_with(&topo, &scratch.0, timing, place)?;
         agent.wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))?;
         Ok(Self {
             agent,

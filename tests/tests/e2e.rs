@@ -8,9 +8,10 @@
 //! at a time: timing is measured, and the machine may have two cores.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -366,4 +367,228 @@ fn an_agent_restart_under_load_fails_no_request() {
         gen_after.iter().map(|s| s.1.generation).collect::<Vec<_>>(),
         "no ring flip across the restart"
     );
+}
+
+/// A config directory laid out as the kubelet lays out a ConfigMap volume:
+/// the data in `..<timestamp>/config.yaml`, `..data -> ..<timestamp>`, and
+/// the path the pod reads, `config.yaml -> ..data/config.yaml`.
+struct ConfigMapVolume {
+    dir: PathBuf,
+    current: String,
+}
+
+impl ConfigMapVolume {
+    fn create(dir: &Path, stamp: &str, yaml: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::symlink;
+        let current = format!("..{stamp}");
+        std::fs::create_dir_all(dir.join(&current))?;
+        std::fs::write(dir.join(&current).join("config.yaml"), yaml)?;
+        symlink(&current, dir.join("..data"))?;
+        symlink("..data/config.yaml", dir.join("config.yaml"))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            current,
+        })
+    }
+
+    /// The path the agent is given.
+    fn path(&self) -> PathBuf {
+        self.dir.join("config.yaml")
+    }
+
+    /// The kubelet's atomic update: the new version in a new timestamped
+    /// directory, `..data_tmp -> it` renamed over `..data` (one rename(2):
+    /// a reader sees the old file or the new one, never neither), then the
+    /// old directory removed.
+    fn update(&mut self, stamp: &str, yaml: &str) -> std::io::Result<()> {
+        let next = format!("..{stamp}");
+        std::fs::create_dir(self.dir.join(&next))?;
+        std::fs::write(self.dir.join(&next).join("config.yaml"), yaml)?;
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&next, &tmp)?;
+        std::fs::rename(&tmp, self.dir.join("..data"))?;
+        std::fs::remove_dir_all(self.dir.join(&self.current))?;
+        self.current = next;
+        Ok(())
+    }
+}
+
+/// `yaml` with `from` replaced by `to` in backend `name`'s line only.
+fn edit_backend(yaml: &str, name: &str, from: &str, to: &str) -> String {
+    let tag = format!("- {{ name: {name},");
+    let mut hits = 0;
+    let out: Vec<String> = yaml
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with(&tag) && l.contains(from) {
+                hits += 1;
+                l.replacen(from, to, 1)
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    assert_eq!(hits, 1, "backend {name} with {from:?} in:\n{yaml}");
+    out.join("\n") + "\n"
+}
+
+/// Ring generation of every service in SERVICES, by port.
+fn generations(w: &World) -> BTreeMap<u16, u64> {
+    w.dp.services()
+        .unwrap()
+        .into_iter()
+        .map(|(k, s)| (u16::from_be(k.port_be), s.generation))
+        .collect()
+}
+
+/// Waits until `needle` occurs `n` times in the agent log; returns how
+/// long that took.
+fn wait_log(w: &mut World, needle: &str, n: usize, timeout: Duration) -> Duration {
+    let t0 = Instant::now();
+    while w.agent.log_text().matches(needle).count() < n {
+        w.agent.check_alive().unwrap();
+        assert!(
+            t0.elapsed() < timeout,
+            "no {needle:?} (x{n}) within {timeout:?}:\n{}",
+            w.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t0.elapsed()
+}
+
+/// Backends that answered requests started in `[from, to)`.
+fn served_between(samples: &[Sample], from: Duration, to: Duration) -> BTreeSet<&str> {
+    samples
+        .iter()
+        .filter(|s| s.ok && s.at >= from && s.at < to)
+        .map(|s| s.backend.as_str())
+        .collect()
+}
+
+/// Issue 7: a ConfigMap edit reaches the running agent (the kubelet swaps
+/// `..data`; the agent's 1 s file check follows the symlinks) with no
+/// restart and no failed request, and an invalid edit is refused with the
+/// last good state kept.
+#[test]
+fn a_configmap_update_reloads_under_load_and_a_bad_one_is_refused() {
+    let _s = serial();
+    let timing = ProbeTiming::default();
+    let mut volume = None;
+    let mut w = World::start_with(false, timing, |dir, yaml| {
+        let v = ConfigMapVolume::create(&dir.join("config"), "2026_11_26_00_00_00.1", yaml)?;
+        let path = v.path();
+        volume = Some(v);
+        Ok(path)
+    })
+    .unwrap();
+    let mut volume = volume.expect("config placed");
+    assert_eq!(w.agent.config, volume.path());
+    let pid = w.agent.pid().expect("running");
+    let v1 = failover_tests::agentproc::config_yaml(&w.topo.pins.0, timing);
+    // v2: b1 (cloud-b) moves into tier 0, so `chat` spreads over a1, a2, b1.
+    let v2 = edit_backend(&v1, "b1", "tier: 1", "tier: 0");
+    // v3: would move b1 back out, but a2's weight 0 is invalid.
+    let v3 = edit_backend(
+        &edit_backend(&v2, "b1", "tier: 0", "tier: 1"),
+        "a2",
+        "tier: 0 }",
+        "tier: 0, weight: 0 }",
+    );
+    let chat = 80;
+    let gen_v1 = generations(&w);
+
+    let d = Driver::start(
+        &w.topo.client.name,
+        vip(),
+        PATH,
+        Duration::from_millis(1),
+        Duration::from_millis(1000),
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+
+    // The valid update.
+    let swap_1 = d.now();
+    volume.update("2026_11_26_00_05_00.2", &v2).unwrap();
+    let reload_delay = wait_log(&mut w, "config reloaded", 1, Duration::from_secs(5));
+    let reloaded = d.now();
+    let dec = w
+        .agent
+        .wait_serving("chat", &["a1", "a2", "b1"], Duration::from_secs(2))
+        .unwrap();
+    assert!(dec.reason.contains("config reload"), "{dec:?}");
+    let gen_v2 = generations(&w);
+    let mut want = gen_v1.clone();
+    *want.get_mut(&chat).unwrap() += 1;
+    assert_eq!(gen_v2, want, "one ring flip, of chat only");
+    assert_eq!(dec.generation, gen_v2[&chat]);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // The invalid update: refused, nothing changes.
+    let swap_2 = d.now();
+    volume.update("2026_11_26_00_10_00.3", &v3).unwrap();
+    let refuse_delay = wait_log(&mut w, "reload refused", 1, Duration::from_secs(5));
+    let refused = d.now();
+    std::thread::sleep(Duration::from_millis(1500));
+    w.agent.check_alive().unwrap();
+    let samples = d.stop();
+    let end = samples.last().expect("samples").at + Duration::from_millis(1);
+
+    let log = w.agent.log_text();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| !s.ok).collect();
+    println!(
+        "configmap: {} requests, {} failed, served {:?}; reload {} ms after the swap, \
+         refusal {} ms after the bad swap; generations {gen_v1:?} -> {gen_v2:?}",
+        samples.len(),
+        failed.len(),
+        by_backend(&samples),
+        reload_delay.as_millis(),
+        refuse_delay.as_millis(),
+    );
+
+    // The same process throughout.
+    assert_eq!(w.agent.pid(), Some(pid), "never restarted");
+    assert_eq!(log.matches("agent started").count(), 1, "{log}");
+    // Noticed within the 1 s poll, plus slack for a loaded machine.
+    assert!(reload_delay < Duration::from_secs(5), "{reload_delay:?}");
+    assert!(refuse_delay < Duration::from_secs(5), "{refuse_delay:?}");
+    // Not a request lost, across both swaps.
+    assert!(samples.len() > 1000, "{} requests", samples.len());
+    assert!(
+        failed.is_empty(),
+        "failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    // What the clients saw: tier 0 before, tier 0 plus b1 after, and
+    // still that after the refused update.
+    let set = |v: &[&'static str]| v.iter().copied().collect::<BTreeSet<&str>>();
+    assert_eq!(
+        served_between(&samples, Duration::ZERO, swap_1),
+        set(&["a1", "a2"])
+    );
+    assert_eq!(
+        served_between(&samples, reloaded, swap_2),
+        set(&["a1", "a2", "b1"])
+    );
+    assert_eq!(
+        served_between(&samples, refused, end),
+        set(&["a1", "a2", "b1"])
+    );
+    assert!(!samples.iter().any(|s| s.backend == "b2"));
+    // The refusal names the field, and the last good state stays.
+    assert_eq!(log.matches("config reloaded").count(), 1, "{log}");
+    assert_eq!(log.matches("reload refused").count(), 1, "{log}");
+    assert!(log.contains("field=backends[1].weight"), "{log}");
+    assert_eq!(generations(&w), gen_v2, "no flip on the refused config");
+    let records: Vec<_> = w.agent.decisions().into_iter().rev().collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.reason.starts_with("reload refused")
+                && r.reason.contains("backends[1].weight")),
+        "audited: {records:?}"
+    );
+    let chat_last = records.iter().find(|r| r.service == "chat").unwrap();
+    assert_eq!(chat_last.generation, gen_v2[&chat]);
 }
