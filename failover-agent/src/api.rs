@@ -413,6 +413,8 @@ pub async fn serve(path: &Path, router: Router) -> Result<Socket, ServeError> {
 pub enum ClientError {
     #[error("no agent is listening on {0} (is `failover-agent run` running?)")]
     NotRunning(PathBuf),
+    #[error("permission denied on {0}: the control socket is for root only (run this as root)")]
+    PermissionDenied(PathBuf),
     #[error("{0}")]
     Refused(ApiError),
     #[error("talking to the agent on {path}: {message}")]
@@ -446,7 +448,17 @@ impl Client {
     ) -> Result<T, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.path)
             .await
-            .map_err(|_| ClientError::NotRunning(self.path.clone()))?;
+            .map_err(|e| match e.kind() {
+                // No socket file, or a stale one a dead agent left.
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    ClientError::NotRunning(self.path.clone())
+                }
+                // An agent may well run: saying it does not would mislead.
+                std::io::ErrorKind::PermissionDenied => {
+                    ClientError::PermissionDenied(self.path.clone())
+                }
+                _ => self.protocol(format!("connecting: {e}")),
+            })?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol(e))?;

@@ -189,6 +189,9 @@ fn main() -> Result<ExitCode> {
         Cmd::Completions(CompletionsArgs { shell }) => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "failover-agent", &mut script);
+            if shell == clap_complete::Shell::Bash {
+                script = fix_bash_completions(&script);
+            }
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
             Ok(ExitCode::SUCCESS)
@@ -236,6 +239,19 @@ fn main() -> Result<ExitCode> {
             api,
         } => operator(&api, Op::Failover(service, to_tier, for_)),
     }
+}
+
+/// clap_complete's bash script spells the states of a hyphenated binary's
+/// subcommands two ways: the loop sets `failover__agent__subcmd__drain`,
+/// the case arm waits for `failover__subcmd__agent__subcmd__drain`, so no
+/// subcommand's options ever complete (clap-rs/clap#6421). One spelling.
+fn fix_bash_completions(script: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(script)
+        .replace(
+            "failover__subcmd__agent__subcmd__",
+            "failover__agent__subcmd__",
+        )
+        .into_bytes()
 }
 
 enum Op {

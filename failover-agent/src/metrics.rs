@@ -2,9 +2,10 @@
 //! `node.metrics_address` (read only: nothing here changes state).
 //!
 //! Two kinds of series:
-//! - Events the control loop sees (ring switches, apply and probe
-//!   durations) live in [`Metrics`], shared with the HTTP task; they are
-//!   atomics, so the loop never waits for a scrape.
+//! - Events (ring switches and apply durations, seen by the control loop;
+//!   probe durations, observed by each prober task) live in [`Metrics`],
+//!   shared with the HTTP task; they are atomics or short uncontended
+//!   locks, so neither the loop nor a prober waits for a scrape.
 //! - State and data-plane counters (backend state, per-CPU packet
 //!   counters, ring generations) are read at scrape time: the HTTP task
 //!   asks the control loop, which owns the data plane, for a [`Snapshot`].
@@ -166,7 +167,7 @@ impl Metrics {
             Family::new_with_constructor(probe_histogram);
         registry.register(
             "probe_duration_seconds",
-            "Latency of the successful probe behind each health state change",
+            "Duration of every active probe: its measured latency when the backend answers, the time to the failure or timeout otherwise",
             probe_seconds.clone(),
         );
         registry.register(
@@ -208,12 +209,33 @@ impl Metrics {
         self.apply_seconds.observe(d.as_secs_f64());
     }
 
+    /// One probe of `backend` took `d`.
     pub fn probe_latency(&self, backend: &str, d: Duration) {
-        self.probe_seconds
-            .get_or_create(&BackendLabel {
-                backend: backend.to_owned(),
-            })
-            .observe(d.as_secs_f64());
+        self.probe_durations(backend).observe(d);
+    }
+
+    /// `backend`'s probe duration histogram, for its prober task to feed
+    /// directly: one lookup (and label allocation) when the prober starts,
+    /// none per probe.
+    pub fn probe_durations(&self, backend: &str) -> ProbeDurations {
+        ProbeDurations(
+            self.probe_seconds
+                .get_or_create(&BackendLabel {
+                    backend: backend.to_owned(),
+                })
+                .clone(),
+        )
+    }
+}
+
+/// One backend's series of `failover_probe_duration_seconds`. Cheap to
+/// clone (shared); observing takes an uncontended lock, no allocation.
+#[derive(Clone, Debug)]
+pub struct ProbeDurations(Histogram);
+
+impl ProbeDurations {
+    pub fn observe(&self, d: Duration) {
+        self.0.observe(d.as_secs_f64());
     }
 }
 

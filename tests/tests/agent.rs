@@ -500,7 +500,7 @@ async fn passive_ejection_from_real_handshake_counters() {
         timeout: Duration::from_secs(1),
         thresholds: Thresholds::new(1, 1, Duration::ZERO),
     };
-    let prober = health::spawn_with_probe(Arc::from("b1"), Healthy, schedule, tx);
+    let prober = health::spawn_with_probe(Arc::from("b1"), Healthy, schedule, tx, None);
     // The prober's first (immediate) probe makes it Up.
     let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await

@@ -6,7 +6,7 @@
 //! live in that namespace's loopback.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -17,7 +17,7 @@ use failover_agent::{
 };
 use failover_common::state;
 use failover_tests::{
-    lab::{CLIENT, Lab, SNAT, VIP},
+    lab::{CLIENT, Lab, SNAT, VIP, backend_addr},
     netns::require_root,
     packet::Frame,
     scratch::TempDir,
@@ -50,7 +50,22 @@ async fn listener() -> Listener {
 type B<'a> = (&'a str, u16, u8);
 
 fn yaml(pin: &Path, dir: &Path, backends: &[B]) -> String {
-    let names: Vec<&str> = backends.iter().map(|(n, _, _)| *n).collect();
+    let at: Vec<_> = backends
+        .iter()
+        .map(|&(n, p, t)| (n, Ipv4Addr::LOCALHOST, p, t))
+        .collect();
+    yaml_at(pin, dir, &at, "")
+}
+
+/// As [`yaml`], each backend at its own address; `probe_extra` is added
+/// to the probe's settings.
+fn yaml_at(
+    pin: &Path,
+    dir: &Path,
+    backends: &[(&str, Ipv4Addr, u16, u8)],
+    probe_extra: &str,
+) -> String {
+    let names: Vec<&str> = backends.iter().map(|(n, _, _, _)| *n).collect();
     let mut y = format!(
         "node:
   interfaces: [vc0, va0]
@@ -67,7 +82,7 @@ services:
     port: 80
     protocol: tcp
     backends: [{names}]
-    probe: {{ kind: tcp, interval: 20ms, timeout: 200ms, rise: 1, fall: 1 }}
+    probe: {{ kind: tcp, interval: 20ms, timeout: 200ms, rise: 1, fall: 1{probe_extra} }}
     policy: {{ ring_size: 13 }}
 backends:
 ",
@@ -75,9 +90,9 @@ backends:
         sock = dir.join("agent.sock").display(),
         names = names.join(", "),
     );
-    for (n, p, t) in backends {
+    for (n, a, p, t) in backends {
         y.push_str(&format!(
-            "  - {{ name: {n}, address: 127.0.0.1, port: {p}, cloud: c, region: r, jurisdiction: EU, tier: {t} }}\n"
+            "  - {{ name: {n}, address: {a}, port: {p}, cloud: c, region: r, jurisdiction: EU, tier: {t} }}\n"
         ));
     }
     y
@@ -92,8 +107,13 @@ struct Running {
 }
 
 async fn start(lab: &Lab, dir: &TempDir, backends: &[B<'_>]) -> Running {
+    start_with(dir, &yaml(lab.pin_dir(), &dir.0, backends)).await
+}
+
+/// Starts the agent on the config `text`.
+async fn start_with(dir: &TempDir, text: &str) -> Running {
     let cfg_path = dir.0.join("failover.yaml");
-    std::fs::write(&cfg_path, yaml(lab.pin_dir(), &dir.0, backends)).unwrap();
+    std::fs::write(&cfg_path, text).unwrap();
     let mut opts = RunOptions::new(&cfg_path);
     opts.sighup = false;
     let agent = Agent::start(opts).await.expect("agent starts");
@@ -253,6 +273,51 @@ async fn metrics_and_health_endpoints_of_a_running_agent() {
         s.docs.keys()
     );
 
+    // Every probe is timed, not only those that change a state: with
+    // nothing changing, the count keeps up with the 20 ms interval.
+    let probes = |s: &prometheus_parse::Scrape, b: &str| {
+        value(
+            s,
+            "failover_probe_duration_seconds_count",
+            &[("backend", b)],
+        )
+        .unwrap_or(0.0)
+    };
+    let switches = |s: &prometheus_parse::Scrape| sum(s, "failover_failover_events_total");
+    let (p1, p2, sw) = (probes(&s, "b1"), probes(&s, "b2"), switches(&s));
+    assert!(p1 >= 1.0 && p2 >= 1.0, "{p1} {p2}");
+    let quiet = Duration::from_millis(600);
+    tokio::time::sleep(quiet).await;
+    let s = scrape(addr).await;
+    // 30 intervals; a loaded machine gets a third of them at least.
+    for (b, before) in [("b1", p1), ("b2", p2)] {
+        let after = probes(&s, b);
+        assert!(
+            after >= before + 10.0,
+            "{b}: {before} -> {after} probes in {quiet:?}"
+        );
+        assert_eq!(
+            value(
+                &s,
+                "failover_backend_state",
+                &[("backend", b), ("state", "up")]
+            ),
+            Some(1.0),
+            "{b} stayed up"
+        );
+    }
+    assert_eq!(switches(&s), sw, "no ring switch meanwhile");
+    assert!(
+        value(
+            &s,
+            "failover_probe_duration_seconds_sum",
+            &[("backend", "b2")]
+        )
+        .unwrap()
+            > 0.0,
+        "durations summed"
+    );
+
     // Packets through the program show in the verdict counters, read
     // from the per-CPU maps at scrape time.
     let before = sum(&s, "failover_datapath_packets_total");
@@ -301,6 +366,17 @@ async fn metrics_and_health_endpoints_of_a_running_agent() {
         )
         .unwrap_or(0.0)
             > 1.0e9
+    );
+
+    // b1's failed probes are timed too.
+    let p1 = probes(&s, "b1");
+    let s = wait_for_scrape(addr, "b1's failed probes counted", |s| {
+        probes(s, "b1") >= p1 + 5.0
+    })
+    .await;
+    assert_eq!(
+        value(&s, "failover_backend_up", &[("backend", "b1")]),
+        Some(0.0)
     );
 
     agent.stop().await;
@@ -515,4 +591,630 @@ async fn a_drill_moves_traffic_and_restores() {
     assert!(s.services[0].generation >= gen0 + 2, "out and back in");
     agent.stop().await;
     drop((l1, l2));
+}
+
+/// What a run of the CLI printed.
+#[derive(Debug)]
+struct CliOut {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl CliOut {
+    fn ok(self) -> Self {
+        assert_eq!(self.code, Some(0), "{self:#?}");
+        self
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:#?}"))
+    }
+}
+
+/// Runs the real `failover-agent` binary with `args`: stdout and stderr
+/// are pipes (not a terminal), `NO_COLOR` is unset and `TERM` says colour
+/// is possible, so only the terminal check can keep colour out. Async: the
+/// agent under test runs on this test's runtime.
+async fn cli_as(args: &[&str], uid: Option<u32>) -> std::io::Result<CliOut> {
+    let bin = failover_tests::topology::sibling_bin("failover-agent").unwrap();
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args)
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .env("TERM", "xterm-256color")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(id) = uid {
+        cmd.uid(id).gid(id);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("failover-agent {args:?} did not end"))?;
+    Ok(CliOut {
+        code: out.status.code(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    })
+}
+
+async fn cli(args: &[&str]) -> CliOut {
+    cli_as(args, None)
+        .await
+        .unwrap_or_else(|e| panic!("running failover-agent {args:?}: {e}"))
+}
+
+/// An operator command against the agent on `sock`.
+async fn op(sock: &Path, args: &[&str]) -> CliOut {
+    let mut a = args.to_vec();
+    a.extend(["--socket", sock.to_str().unwrap()]);
+    cli(&a).await
+}
+
+/// Where each cell of a table line starts: cells are two or more spaces
+/// apart (a cell may hold single spaces).
+fn column_starts(line: &str) -> Vec<usize> {
+    let b = line.as_bytes();
+    (0..b.len())
+        .filter(|&i| b[i] != b' ' && (i == 0 || (i >= 2 && &b[i - 2..i] == b"  ")))
+        .collect()
+}
+
+/// Checks a table: no colour escapes, the header first, and every row's
+/// cells starting where the header's columns do. Returns the rows' cells.
+fn aligned_table(text: &str, header: &[&str]) -> Vec<Vec<String>> {
+    assert!(!text.contains('\x1b'), "colour escapes on a pipe:\n{text}");
+    let mut lines = text.lines();
+    let head = lines.next().expect("header line");
+    let starts = column_starts(head);
+    let names: Vec<&str> = starts
+        .iter()
+        .zip(starts.iter().skip(1).map(Some).chain([None]))
+        .map(|(&a, b)| head[a..b.map_or(head.len(), |&b| b)].trim_end())
+        .collect();
+    assert_eq!(names, header, "header of\n{text}");
+    lines
+        .map(|row| {
+            assert_eq!(
+                column_starts(row),
+                starts,
+                "row {row:?} not aligned with the header in\n{text}"
+            );
+            starts
+                .iter()
+                .zip(starts.iter().skip(1).map(Some).chain([None]))
+                .map(|(&a, b)| row[a..b.map_or(row.len(), |&b| b)].trim_end().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+fn backend_json<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v.as_array()
+        .expect("a list of backends")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {v:#}"))
+}
+
+#[tokio::test]
+async fn the_cli_binary_against_a_running_agent() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let (l1, l2, l3) = (listener().await, listener().await, listener().await);
+    // Backends the program can forward to (static neighbours on va0), so
+    // flows land in the table; the probes reach the loopback listeners
+    // through a DNAT of the namespace's own output. Passive ejection is
+    // off: the program's SYNs get no answer.
+    lab.ns
+        .exec(&format!(
+            "nft add table ip cli && \
+             nft add chain ip cli out '{{ type nat hook output priority -100; }}' && \
+             nft add rule ip cli out ip daddr {{ {}, {}, {} }} dnat to 127.0.0.1",
+            backend_addr(1),
+            backend_addr(2),
+            backend_addr(3)
+        ))
+        .unwrap();
+    let agent = start_with(
+        &dir,
+        &yaml_at(
+            lab.pin_dir(),
+            &dir.0,
+            &[
+                ("b1", backend_addr(1), l1.port, 0),
+                ("b2", backend_addr(2), l2.port, 0),
+                ("b3", backend_addr(3), l3.port, 1),
+            ],
+            ", passive: false",
+        ),
+    )
+    .await;
+    let sock = dir.0.join("agent.sock");
+    let c = Client::new(&sock);
+    let s = wait_status(&c, "all healthy", |s| {
+        s.services[0].healthy == 3 && s.services[0].serving == ["b1", "b2"]
+    })
+    .await;
+    let generation = s.services[0].generation;
+
+    // Flows on both tier-0 backends (BPF_PROG_TEST_RUN through the program).
+    let mut port = 30_000u16;
+    let flows_of = |bs: &[failover_agent::api::BackendInfo], n: &str| {
+        bs.iter().find(|b| b.name == n).map_or(0, |b| b.flows)
+    };
+    let (f1, f2) = loop {
+        for _ in 0..4 {
+            port += 1;
+            let _ = lab
+                .run(lab.vc0, &Frame::tcp(CLIENT, port, VIP, 80).build())
+                .unwrap();
+        }
+        let bs = c.backends().await.unwrap();
+        let (f1, f2) = (flows_of(&bs, "b1"), flows_of(&bs, "b2"));
+        if f1 > 0 && f2 > 0 {
+            break (f1, f2);
+        }
+        assert!(port < 30_200, "no flows on b1 and b2: {bs:?}");
+    };
+
+    // status --json
+    let v = op(&sock, &["status", "--json"]).await.ok().json();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(v["node"], host.trim(), "{v:#}");
+    assert_eq!(v["program_attached"], true, "{v:#}");
+    assert_eq!(v["config_generation"], 1, "{v:#}");
+    assert_eq!(
+        v["config_path"],
+        dir.0.join("failover.yaml").display().to_string()
+    );
+    assert_eq!(v["interfaces"], serde_json::json!(["vc0", "va0"]));
+    let svcs = v["services"].as_array().unwrap();
+    assert_eq!(svcs.len(), 1, "{v:#}");
+    let web = &svcs[0];
+    assert_eq!(web["name"], "web");
+    assert_eq!(web["endpoint"], format!("{VIP}:80/tcp"));
+    assert_eq!(web["active_tier"], 0);
+    assert_eq!(
+        (web["healthy"].as_u64(), web["backends"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(web["serving"], serde_json::json!(["b1", "b2"]));
+    assert_eq!(web["generation"], generation);
+    assert!(web["override"].is_null(), "{web:#}");
+
+    // status: a line about the node, a blank line, an aligned table.
+    let out = op(&sock, &["status"]).await.ok();
+    assert_eq!(out.stderr, "");
+    let (first, table) = out.stdout.split_once("\n\n").expect("node line, table");
+    assert_eq!(
+        first,
+        format!(
+            "node {}  interfaces vc0,va0  program attached  config generation 1 ({})",
+            host.trim(),
+            dir.0.join("failover.yaml").display()
+        )
+    );
+    let rows = aligned_table(
+        table,
+        &[
+            "SERVICE", "ENDPOINT", "TIER", "HEALTHY", "GEN", "OVERRIDE", "SERVING",
+        ],
+    );
+    assert_eq!(
+        rows,
+        [[
+            "web".to_owned(),
+            format!("{VIP}:80/tcp"),
+            "0".into(),
+            "3/3".into(),
+            generation.to_string(),
+            "-".into(),
+            "b1,b2".into()
+        ]]
+    );
+
+    // backends --json
+    let v = op(&sock, &["backends", "--json"]).await.ok().json();
+    assert_eq!(v.as_array().map(Vec::len), Some(3), "{v:#}");
+    for (name, tier, flows, port) in [
+        ("b1", 0, f1, l1.port),
+        ("b2", 0, f2, l2.port),
+        ("b3", 1, 0, l3.port),
+    ] {
+        let i = name[1..].parse().unwrap();
+        let b = backend_json(&v, name);
+        assert_eq!(b["state"], "up", "{b:#}");
+        assert_eq!(b["health"], "up", "{b:#}");
+        assert_eq!(b["tier"], tier, "{b:#}");
+        assert_eq!(b["weight"], 100, "{b:#}");
+        assert_eq!(b["draining"], false, "{b:#}");
+        assert_eq!(b["flows"], flows, "{b:#}");
+        assert_eq!(b["address"], format!("{}:{port}", backend_addr(i)), "{b:#}");
+        assert_eq!(b["services"], serde_json::json!(["web"]), "{b:#}");
+    }
+
+    // backends: aligned, no colour on a pipe.
+    let out = op(&sock, &["backends"]).await.ok();
+    let rows = aligned_table(
+        &out.stdout,
+        &[
+            "BACKEND",
+            "ADDRESS",
+            "HEALTH",
+            "STATE",
+            "TIER",
+            "WEIGHT",
+            "PROBE",
+            "SYN/ACK/RST",
+            "RTT",
+            "FLOWS",
+            "SERVICES",
+        ],
+    );
+    let col = |r: &Vec<String>, i: usize| r[i].clone();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (
+                col(r, 0),
+                col(r, 2),
+                col(r, 3),
+                col(r, 4),
+                col(r, 5),
+                col(r, 9)
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("b1", "up", "up", "0", "100", f1.to_string()),
+            ("b2", "up", "up", "0", "100", f2.to_string()),
+            ("b3", "up", "up", "1", "100", "0".to_owned()),
+        ]
+        .map(|(a, b, c, d, e, f)| (a.into(), b.into(), c.into(), d.into(), e.into(), f))
+    );
+
+    // flows --json, all of them and one backend's.
+    let v = op(&sock, &["flows", "--json", "--limit", "1000"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(v["total"], f1 + f2, "{v:#}");
+    let flows = v["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), f1 + f2);
+    for f in flows {
+        assert_eq!(f["service"], "web", "{f:#}");
+        assert_eq!(f["vip"], format!("{VIP}:80"), "{f:#}");
+        assert_eq!(f["protocol"], "tcp", "{f:#}");
+        assert!(
+            f["client"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{CLIENT}:")),
+            "{f:#}"
+        );
+        assert!(f["backend"] == "b1" || f["backend"] == "b2", "{f:#}");
+    }
+    let v = op(&sock, &["flows", "--backend", "b1", "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(v["total"], f1, "{v:#}");
+    assert!(
+        v["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["backend"] == "b1"),
+        "{v:#}"
+    );
+    let out = op(&sock, &["flows", "--limit", "1"]).await.ok();
+    let (table, tail) = out.stdout.rsplit_once('\n').map_or(("", ""), |x| x);
+    assert_eq!(tail, "", "ends with a newline");
+    let (table, last) = table.rsplit_once('\n').unwrap();
+    assert_eq!(last, format!("1 of {} flows", f1 + f2));
+    let rows = aligned_table(
+        table,
+        &[
+            "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "NAT PORT", "AGE",
+        ],
+    );
+    assert_eq!(rows.len(), 1, "{}", out.stdout);
+    let out = op(&sock, &["flows", "--service", "nope"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(out.stderr, "no service named \"nope\"\n");
+
+    // drain, undrain: the flows still on the backend are printed.
+    let out = op(&sock, &["drain", "b1"]).await.ok();
+    assert_eq!(
+        out.stdout,
+        format!("b1: draining; {f1} flows still on it\n")
+    );
+    let v = op(&sock, &["backends", "--json"]).await.ok().json();
+    let b1 = backend_json(&v, "b1");
+    assert_eq!(
+        (&b1["state"], &b1["draining"]),
+        (&"draining".into(), &true.into())
+    );
+    let v = op(&sock, &["status", "--json"]).await.ok().json();
+    // b2 alone is short of the overprovisioned capacity: tier 1 spills in.
+    assert_eq!(v["services"][0]["serving"], serde_json::json!(["b2", "b3"]));
+    let out = op(&sock, &["drain", "b1"]).await.ok();
+    assert_eq!(
+        out.stdout,
+        format!("b1: draining (already); {f1} flows still on it\n")
+    );
+    let out = op(&sock, &["undrain", "b1"]).await.ok();
+    assert_eq!(
+        out.stdout,
+        format!("b1: taking new flows; {f1} flows still on it\n")
+    );
+    let v = op(&sock, &["drain", "b3", "--json"]).await.ok().json();
+    assert_eq!(
+        v,
+        serde_json::json!({"backend": "b3", "draining": true, "changed": true, "in_flight_flows": 0})
+    );
+    let out = op(&sock, &["undrain", "b3"]).await.ok();
+    assert_eq!(out.stdout, "b3: taking new flows; 0 flows still on it\n");
+    let v = op(&sock, &["status", "--json"]).await.ok().json();
+    assert_eq!(v["services"][0]["serving"], serde_json::json!(["b1", "b2"]));
+
+    // A refused drain: status 1, why on stderr, nothing on stdout.
+    let out = op(&sock, &["drain", "b9"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(
+        (out.stdout.as_str(), out.stderr.as_str()),
+        ("", "no backend named \"b9\"\n")
+    );
+    let out = op(&sock, &["drain", "b9", "--json"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(
+        out.json(),
+        serde_json::json!({"ok": false, "error": "no backend named \"b9\""})
+    );
+
+    // A manual failover, visible in status, ending by itself.
+    let before = c.status().await.unwrap().services[0].generation;
+    let out = op(
+        &sock,
+        &[
+            "failover",
+            "--service",
+            "web",
+            "--to-tier",
+            "1",
+            "--for",
+            "2s",
+        ],
+    )
+    .await
+    .ok();
+    assert!(
+        out.stdout
+            .starts_with("web: forced to tier 1 for 2s (generation "),
+        "{out:#?}"
+    );
+    assert!(out.stdout.ends_with(", serving b3)\n"), "{out:#?}");
+    let v = op(&sock, &["status", "--json"]).await.ok().json();
+    let web = &v["services"][0];
+    assert_eq!(web["override"]["tier"], 1, "{v:#}");
+    let left = web["override"]["expires_in_s"].as_f64().unwrap();
+    assert!(left > 0.0 && left <= 2.0, "{left}");
+    assert_eq!(web["serving"], serde_json::json!(["b3"]), "{v:#}");
+    assert_eq!(web["active_tier"], 1, "{v:#}");
+    let after = web["generation"].as_u64().unwrap();
+    assert!(after > before, "{before} -> {after}");
+    let out = op(&sock, &["status"]).await.ok();
+    let (_, table) = out.stdout.split_once("\n\n").unwrap();
+    let rows = aligned_table(
+        table,
+        &[
+            "SERVICE", "ENDPOINT", "TIER", "HEALTHY", "GEN", "OVERRIDE", "SERVING",
+        ],
+    );
+    assert!(rows[0][5].starts_with("tier 1 ("), "{rows:?}");
+    assert_eq!((rows[0][2].as_str(), rows[0][6].as_str()), ("1", "b3"));
+
+    // Towards a tier the policy allows nothing in: refused, with the reason.
+    let out = op(
+        &sock,
+        &[
+            "failover",
+            "--service",
+            "web",
+            "--to-tier",
+            "5",
+            "--for",
+            "1m",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(out.stdout, "");
+    assert!(out.stderr.contains("tier 5"), "{out:#?}");
+    assert_eq!(c.status().await.unwrap().services[0].generation, after);
+    let out = op(
+        &sock,
+        &[
+            "failover",
+            "--service",
+            "web",
+            "--to-tier",
+            "1",
+            "--for",
+            "25h",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("out of range"), "{out:#?}");
+    wait_status(&c, "override over", |s| {
+        s.services[0].override_.is_none() && s.services[0].serving == ["b1", "b2"]
+    })
+    .await;
+
+    // Not root: told so, not that no agent runs.
+    match cli_as(
+        &["status", "--socket", sock.to_str().unwrap()],
+        Some(65_534),
+    )
+    .await
+    {
+        Ok(out) => {
+            assert_eq!(out.code, Some(1), "{out:#?}");
+            assert_eq!(
+                out.stderr,
+                format!(
+                    "permission denied on {}: the control socket is for root only (run this as root)\n",
+                    sock.display()
+                )
+            );
+        }
+        // The build directory is not open to uid 65534 here.
+        Err(e) => eprintln!("skipping the non-root check: {e}"),
+    }
+
+    // On a terminal: state words coloured, columns still aligned.
+    let out = tokio::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} backends --socket {}",
+            failover_tests::topology::sibling_bin("failover-agent")
+                .unwrap()
+                .display(),
+            sock.display()
+        ))
+        .arg("/dev/null")
+        .env_remove("NO_COLOR")
+        .env("TERM", "xterm-256color")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8(out.stdout).unwrap().replace("\r\n", "\n");
+            assert!(text.contains("\x1b[32mup"), "{text:?}");
+            let plain = text.replace("\x1b[0m", "").replace("\x1b[32m", "");
+            let rows = aligned_table(
+                &plain,
+                &[
+                    "BACKEND",
+                    "ADDRESS",
+                    "HEALTH",
+                    "STATE",
+                    "TIER",
+                    "WEIGHT",
+                    "PROBE",
+                    "SYN/ACK/RST",
+                    "RTT",
+                    "FLOWS",
+                    "SERVICES",
+                ],
+            );
+            assert_eq!(rows.len(), 3, "{plain}");
+        }
+        other => eprintln!("skipping the terminal check (`script` from util-linux): {other:?}"),
+    }
+
+    agent.stop().await;
+    drop((l1, l2, l3));
+
+    // No agent on the socket: status 1 and a plain sentence, nothing else.
+    let gone = format!(
+        "no agent is listening on {} (is `failover-agent run` running?)",
+        sock.display()
+    );
+    assert!(!sock.exists());
+    let out = op(&sock, &["status"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(
+        (out.stdout.as_str(), out.stderr.clone()),
+        ("", format!("{gone}\n"))
+    );
+    let out = op(&sock, &["backends", "--json"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(out.json(), serde_json::json!({"ok": false, "error": gone}));
+    // A socket file a dead agent left behind: the same.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let out = op(&sock, &["drain", "b1"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(out.stderr, format!("{gone}\n"));
+
+    // Completions and help need no agent.
+    let subcommands = [
+        "run",
+        "validate",
+        "detach",
+        "audit",
+        "status",
+        "backends",
+        "flows",
+        "drain",
+        "undrain",
+        "failover",
+        "drill",
+        "completions",
+    ];
+    let out = cli(&["completions", "bash"]).await.ok();
+    assert!(
+        out.stdout.contains("complete -F _failover__agent"),
+        "{}",
+        out.stdout
+    );
+    // The top level offers every subcommand.
+    let top = out
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("opts=\"-h -V"))
+        .expect("top-level options");
+    for sub in subcommands {
+        assert!(
+            top.split(['"', ' ']).any(|w| w == sub),
+            "{sub} not offered: {top}"
+        );
+    }
+    // And bash completes a subcommand's options (a hyphen in the binary's
+    // name used to break that).
+    let script = dir.0.join("completions.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    for (words, want) in [
+        ("drain --", "--socket"),
+        ("failover --service web --t", "--to-tier"),
+        ("audit verify --", "--json"),
+    ] {
+        let n = words.split(' ').count();
+        let cur = words.rsplit(' ').next().unwrap();
+        let prev = words
+            .split(' ')
+            .nth(n.wrapping_sub(2))
+            .unwrap_or("failover-agent");
+        let run = tokio::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=(failover-agent {words}); COMP_CWORD={n}; \
+                 _failover__agent failover-agent '{cur}' '{prev}'; echo \"${{COMPREPLY[*]}}\"",
+                script.display()
+            ))
+            .output()
+            .await
+            .unwrap();
+        let offered = String::from_utf8(run.stdout).unwrap();
+        assert!(
+            offered.split_whitespace().any(|w| w == want),
+            "`failover-agent {words}<TAB>` offers {offered:?}, not {want} ({})",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    for sub in subcommands {
+        let out = cli(&[sub, "--help"]).await.ok();
+        assert!(
+            out.stdout.contains(&format!("Usage: failover-agent {sub}")),
+            "{out:#?}"
+        );
+    }
+    let out = cli(&["audit", "verify", "--help"]).await.ok();
+    assert!(
+        out.stdout.contains("Usage: failover-agent audit verify"),
+        "{out:#?}"
+    );
 }

@@ -238,7 +238,7 @@ async fn http_prober_follows_backend_health() {
         "kind": "http", "path": "/health", "interval": "20ms", "timeout": "500ms", "rise": 2, "fall": 2,
     }));
     let (tx, mut rx) = mpsc::channel(16);
-    let _prober = spawn_prober(target(srv.addr), &cfg, &TlsOptions::default(), tx).unwrap();
+    let _prober = spawn_prober(target(srv.addr), &cfg, &TlsOptions::default(), tx, None).unwrap();
 
     let up = next_event(&mut rx).await;
     assert_eq!(
@@ -401,7 +401,7 @@ async fn inference_prober_degrades_and_times_out() {
         "interval": "30ms", "timeout": "300ms", "rise": 1, "fall": 1,
     }));
     let (tx, mut rx) = mpsc::channel(16);
-    let _prober = spawn_prober(target(srv.addr), &cfg, &TlsOptions::default(), tx).unwrap();
+    let _prober = spawn_prober(target(srv.addr), &cfg, &TlsOptions::default(), tx, None).unwrap();
     assert_eq!(next_event(&mut rx).await.to, HealthState::Up);
 
     srv.faults.set(Fault::TooManyRequests);

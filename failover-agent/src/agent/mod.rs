@@ -434,6 +434,7 @@ impl Agent {
                 &probe,
                 &self.opts.tls,
                 self.events_tx.clone(),
+                Some(self.metrics.probe_durations(&name)),
             ) {
                 Ok(prober) => {
                     if probe.passive {
@@ -520,9 +521,10 @@ impl Agent {
                 Err(_) => break,
             }
         }
+        // Every probe's duration is already in the metrics (the prober
+        // observes it); the API keeps the one behind the last change.
         for ev in &batch {
             if let Some(l) = ev.latency {
-                self.metrics.probe_latency(&ev.backend, l);
                 self.probe_latency.insert(ev.backend.to_string(), l);
             }
         }

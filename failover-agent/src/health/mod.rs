@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::config::{self, ProbeKind};
+use crate::metrics::ProbeDurations;
 
 pub use grpc::GrpcProbe;
 pub use http::HttpProbe;
@@ -319,12 +320,15 @@ impl Drop for Prober {
     }
 }
 
-/// Starts probing `target` as `cfg` says; state changes go to `events`.
+/// Starts probing `target` as `cfg` says; state changes go to `events`,
+/// every probe's duration to `durations` (the task observes it itself:
+/// no message per probe).
 pub fn spawn_prober(
     target: BackendTarget,
     cfg: &config::Probe,
     tls: &TlsOptions,
     events: mpsc::Sender<HealthEvent>,
+    durations: Option<ProbeDurations>,
 ) -> Result<Prober, ProbeError> {
     let probe = build_probe(&target, cfg, tls)?;
     Ok(spawn_with_probe(
@@ -332,6 +336,7 @@ pub fn spawn_prober(
         probe,
         Schedule::from(cfg),
         events,
+        durations,
     ))
 }
 
@@ -341,9 +346,10 @@ pub fn spawn_with_probe<P: Probe>(
     probe: P,
     schedule: Schedule,
     events: mpsc::Sender<HealthEvent>,
+    durations: Option<ProbeDurations>,
 ) -> Prober {
     let (tx, rx) = mpsc::channel(4);
-    let task = tokio::spawn(run(backend.clone(), probe, schedule, events, rx));
+    let task = tokio::spawn(run(backend.clone(), probe, schedule, events, rx, durations));
     Prober {
         backend,
         ejector: Ejector(tx),
@@ -355,6 +361,7 @@ struct Reporter {
     backend: Arc<str>,
     events: mpsc::Sender<HealthEvent>,
     machine: HealthMachine,
+    durations: Option<ProbeDurations>,
 }
 
 impl Reporter {
@@ -368,11 +375,19 @@ impl Reporter {
         }
     }
 
-    async fn observe(&mut self, outcome: &ProbeOutcome) -> bool {
+    /// One probe's outcome; the probe began at `started`.
+    async fn observe(&mut self, outcome: &ProbeOutcome, started: Instant) -> bool {
         if let ProbeOutcome::Failed { reason } | ProbeOutcome::Degraded { reason, .. } = outcome {
             tracing::debug!(backend = %self.backend, %reason, "probe not healthy");
         }
         let now = Instant::now();
+        if let Some(d) = &self.durations {
+            d.observe(
+                outcome
+                    .latency()
+                    .unwrap_or_else(|| now.saturating_duration_since(started)),
+            );
+        }
         match self.machine.observe(now, outcome) {
             Some(t) => {
                 self.send(t, outcome.latency(), EventSource::Active, now)
@@ -413,11 +428,13 @@ async fn run<P: Probe>(
     schedule: Schedule,
     events: mpsc::Sender<HealthEvent>,
     mut ejections: mpsc::Receiver<Ejection>,
+    durations: Option<ProbeDurations>,
 ) {
     let mut rep = Reporter {
         backend,
         events,
         machine: HealthMachine::new(schedule.thresholds),
+        durations,
     };
     let mut ticker = tokio::time::interval(schedule.interval);
     // A slow probe delays the next one instead of bursting to catch up.
@@ -431,6 +448,7 @@ async fn run<P: Probe>(
                 }
             }
             _ = ticker.tick() => {
+                let started = Instant::now();
                 let check = tokio::time::timeout(schedule.timeout, probe.check());
                 tokio::pin!(check);
                 // Ejections are handled while a probe is in flight: a probe
@@ -448,7 +466,7 @@ async fn run<P: Probe>(
                         }),
                     }
                 };
-                if !rep.observe(&outcome).await {
+                if !rep.observe(&outcome, started).await {
                     return;
                 }
             }
@@ -537,7 +555,7 @@ mod tests {
             healthy(),
             healthy(),
         ];
-        let _p = spawn_with_probe("b1".into(), Scripted::new(script), schedule(2, 2), tx);
+        let _p = spawn_with_probe("b1".into(), Scripted::new(script), schedule(2, 2), tx, None);
         let up = next(&mut rx).await;
         assert_eq!(
             (up.from, up.to, up.source),
@@ -564,7 +582,13 @@ mod tests {
             timeout: Duration::from_secs(30),
             thresholds: Thresholds::new(1, 1, Duration::from_secs(60)),
         };
-        let p = spawn_with_probe("b1".into(), Scripted::new(vec![healthy(), None]), sch, tx);
+        let p = spawn_with_probe(
+            "b1".into(),
+            Scripted::new(vec![healthy(), None]),
+            sch,
+            tx,
+            None,
+        );
         assert_eq!(next(&mut rx).await.to, HealthState::Up);
         // The second probe is now hanging for up to 30 s; the ejection
         // still lands at once, despite the 60 s dwell.
@@ -588,6 +612,7 @@ mod tests {
             Scripted::new(vec![healthy()]),
             schedule(1, 1),
             tx,
+            None,
         );
         let ej = p.ejector();
         assert_eq!(next(&mut rx).await.to, HealthState::Up);
@@ -595,6 +620,65 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(rx.recv().await.is_none(), "task gone, sender dropped");
         assert!(!ej.eject(Ejection::Refused { rsts: 1 }));
+    }
+
+    /// `_count` and `_sum` of `backend`'s probe duration histogram.
+    fn probe_histogram(m: &crate::metrics::Metrics, backend: &str) -> (u64, f64) {
+        let out = crate::metrics::render(m, &crate::metrics::Snapshot::default());
+        let field = |suffix: &str| {
+            let key = format!("failover_probe_duration_seconds_{suffix}{{backend=\"{backend}\"}} ");
+            out.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .unwrap_or_else(|| panic!("no {key} in\n{out}"))
+                .to_owned()
+        };
+        (
+            field("count").parse().unwrap(),
+            field("sum").parse().unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn every_probe_is_timed_not_only_state_changes() {
+        let m = crate::metrics::Metrics::new();
+        let (tx, mut rx) = mpsc::channel(16);
+        // Fails at once, then hangs until the 50 ms timeout, again and
+        // again: one state change (to down), many probes.
+        let _p = spawn_with_probe(
+            "b1".into(),
+            Scripted::new(vec![Some(ProbeOutcome::failed("refused")), None]),
+            schedule(1, 1),
+            tx,
+            Some(m.probe_durations("b1")),
+        );
+        assert_eq!(next(&mut rx).await.to, HealthState::Down);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (count, sum) = probe_histogram(&m, "b1");
+        // 60 ms a probe (10 ms interval, 50 ms timeout): ~6 in 400 ms.
+        assert!(count >= 4, "{count}");
+        assert!(
+            sum >= 0.05 * (count - 2) as f64,
+            "timeouts timed: {sum} s over {count}"
+        );
+        assert!(rx.try_recv().is_err(), "no further state change");
+
+        // A healthy backend: its own latency, every time.
+        let (tx, mut rx) = mpsc::channel(16);
+        let _p = spawn_with_probe(
+            "b2".into(),
+            Scripted::new(vec![healthy()]),
+            schedule(1, 1),
+            tx,
+            Some(m.probe_durations("b2")),
+        );
+        assert_eq!(next(&mut rx).await.to, HealthState::Up);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (count, sum) = probe_histogram(&m, "b2");
+        assert!(count >= 5, "{count}");
+        assert!(
+            (sum - 0.001 * count as f64).abs() < 1e-3,
+            "{sum} over {count}"
+        );
     }
 
     #[tokio::test]
