@@ -515,8 +515,7 @@ fn run(config: PathBuf, audit: PathBuf, startup_hold: u64) -> Result<ExitCode> {
     if let Some(dir) = audit.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {

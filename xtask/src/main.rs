@@ -356,11 +356,11 @@ fn bench(args: &[String]) -> Result<()> {
     setup()?;
     let Some(which) = args.first() else {
         bail!(
-            "usage: cargo xtask bench datapath|apply|forward|http|failover [--json] ... | all --report DIR"
+            "usage: cargo xtask bench datapath|apply|rest|forward|http|failover [--json] ... | all --report DIR"
         );
     };
     match which.as_str() {
-        "datapath" | "apply" | "forward" | "http" | "all" | "failover" => {
+        "datapath" | "apply" | "rest" | "forward" | "http" | "all" | "failover" => {
             // forward, http, failover and all start the test backend (and
             // failover the agent) from beside the bench binary.
             run(Command::new("cargo").args([
@@ -380,7 +380,7 @@ fn bench(args: &[String]) -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; available: datapath, apply, forward, http, failover, all"
+                "unknown benchmark {other:?}; available: datapath, apply, rest, forward, http, failover, all"
             )
         }
     }

@@ -571,8 +571,6 @@ impl Agent {
         } else {
             None
         };
-        let mut passive_tick = tokio::time::interval(passive::POLL_INTERVAL);
-        passive_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut drill_tick = tokio::time::interval(crate::drill::SAMPLE_INTERVAL);
         drill_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut file_tick = tokio::time::interval(reload::POLL_INTERVAL);
@@ -581,11 +579,12 @@ impl Agent {
             self.live.beat();
             let hold = self.applier.hold_deadline();
             let expiry = self.next_expiry();
+            let passive_due = self.passive.next_due();
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 Some(ev) = self.events_rx.recv() => self.on_events(ev),
-                _ = passive_tick.tick(), if !self.passive.is_empty() => self.on_passive_tick(),
+                () = sleep_until(passive_due), if passive_due.is_some() => self.on_passive_tick(),
                 () = sleep_until(hold), if hold.is_some() => {
                     match self.applier.end_hold(Instant::now()) {
                         Ok(report) => {

@@ -2,41 +2,40 @@
 //! milliseconds, feed its [`PassiveDetector`], and report ejections. The
 //! run loop then writes the backend DOWN at once (no round trip through
 //! the prober) and tells the prober, whose rise rule brings it back.
+//!
+//! Only backends with new connections are read every [`POLL_INTERVAL`];
+//! idle ones are read together in one sweep every [`IDLE_POLL_INTERVAL`],
+//! and the run loop sleeps until [`PassiveMonitor::next_due`]. With no
+//! traffic the agent wakes ten times a second for this, not two hundred.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use failover_common::BackendStats;
 
 use crate::health::{Ejection, Ejector, HandshakeCounters, PassiveConfig, PassiveDetector};
 
 /// Period of the counter reads for backends with new connections.
-pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
-/// Period for idle backends: with no SYNs toward a backend there is nothing
-/// to detect, and reading every backend's per-CPU counters every 5 ms is
-/// most of the agent's CPU at rest.
-pub const IDLE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// Period of the sweep over idle backends: with no SYNs toward a backend
+/// there is nothing to detect.
+pub const IDLE_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a backend counts as active after its last new SYN.
-const ACTIVE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+const ACTIVE_FOR: Duration = Duration::from_secs(1);
 
 struct Watched {
     id: u32,
     detector: PassiveDetector,
     ejector: Option<Ejector>,
-    last_read: Option<Instant>,
     last_syns: u64,
     active_until: Option<Instant>,
 }
 
 impl Watched {
-    fn due(&self, now: Instant) -> bool {
-        let active = self.active_until.is_some_and(|t| now < t);
-        let period = if active {
-            POLL_INTERVAL
-        } else {
-            IDLE_POLL_INTERVAL
-        };
-        self.last_read
-            .is_none_or(|t| now.duration_since(t) >= period)
+    fn active(&self, now: Instant) -> bool {
+        self.active_until.is_some_and(|t| now < t)
     }
 }
 
@@ -53,6 +52,10 @@ pub struct PassiveEjection {
 pub struct PassiveMonitor {
     cfg: PassiveConfig,
     watched: BTreeMap<String, Watched>,
+    /// When every backend is next read; `None`: at the next poll.
+    next_sweep: Option<Instant>,
+    /// The last poll, which read at least the active backends.
+    last_poll: Option<Instant>,
 }
 
 impl PassiveMonitor {
@@ -60,6 +63,8 @@ impl PassiveMonitor {
         Self {
             cfg,
             watched: BTreeMap::new(),
+            next_sweep: None,
+            last_poll: None,
         }
     }
 
@@ -71,11 +76,12 @@ impl PassiveMonitor {
                 id,
                 detector: PassiveDetector::new(self.cfg),
                 ejector,
-                last_read: None,
                 last_syns: 0,
                 active_until: None,
             },
         );
+        // Its baseline is read at the next poll.
+        self.next_sweep = None;
     }
 
     pub fn unwatch(&mut self, backend: &str) {
@@ -94,20 +100,42 @@ impl PassiveMonitor {
         self.watched.is_empty()
     }
 
-    /// Reads every watched backend's counters through `read` (summed over
-    /// CPUs) and returns the ejections. Each is also handed to the
-    /// backend's prober. A failed read skips that backend this round.
+    /// When [`poll`](Self::poll) has work next: soon while a backend is
+    /// active, else at the next sweep. `None` when nothing is watched.
+    pub fn next_due(&self) -> Option<Instant> {
+        if self.watched.is_empty() {
+            return None;
+        }
+        let (Some(last), Some(sweep)) = (self.last_poll, self.next_sweep) else {
+            return Some(Instant::now());
+        };
+        let any_active = self.watched.values().any(|w| w.active(last));
+        Some(if any_active {
+            sweep.min(last + POLL_INTERVAL)
+        } else {
+            sweep
+        })
+    }
+
+    /// Reads the counters (summed over CPUs) of every active backend, and
+    /// of all of them when a sweep is due, through `read`; returns the
+    /// ejections. Each is also handed to the backend's prober. A failed
+    /// read skips that backend this round.
     pub fn poll<E: std::fmt::Display>(
         &mut self,
         now: Instant,
         mut read: impl FnMut(u32) -> Result<BackendStats, E>,
     ) -> Vec<PassiveEjection> {
+        let sweep = self.next_sweep.is_none_or(|t| now >= t);
+        if sweep {
+            self.next_sweep = Some(now + IDLE_POLL_INTERVAL);
+        }
+        self.last_poll = Some(now);
         let mut out = Vec::new();
         for (name, w) in &mut self.watched {
-            if !w.due(now) {
+            if !sweep && !w.active(now) {
                 continue;
             }
-            w.last_read = Some(now);
             let stats = match read(w.id) {
                 Ok(s) => s,
                 Err(e) => {
@@ -205,7 +233,12 @@ mod tests {
             })
         };
         let ms = |n| t0 + Duration::from_millis(n);
+        assert!(
+            m.next_due().is_some_and(|t| t <= Instant::now()),
+            "baseline due now"
+        );
         m.poll(ms(0), read);
+        assert_eq!(m.next_due(), Some(ms(100)), "idle: sleep until the sweep");
         m.poll(ms(5), read);
         m.poll(ms(50), read);
         assert_eq!(reads.get(), 1, "idle: no read before 100 ms");
@@ -213,9 +246,40 @@ mod tests {
         assert_eq!(reads.get(), 2);
         syns.set(3);
         m.poll(ms(200), read);
+        assert_eq!(m.next_due(), Some(ms(205)), "active: due again in 5 ms");
         m.poll(ms(205), read);
         m.poll(ms(210), read);
         assert_eq!(reads.get(), 5, "active: read every 5 ms");
+    }
+
+    #[test]
+    fn an_idle_backend_waits_for_the_sweep_while_another_is_active() {
+        let mut m = PassiveMonitor::new(PassiveConfig::default());
+        m.watch("busy", 1, None);
+        m.watch("idle", 2, None);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let reads: std::cell::RefCell<Vec<u32>> = Default::default();
+        let syns = std::cell::Cell::new(0u64);
+        let read = |id| {
+            reads.borrow_mut().push(id);
+            let s = if id == 1 { syns.get() } else { 0 };
+            Ok::<_, String>(BackendStats {
+                syns: s,
+                synacks: s,
+                ..Default::default()
+            })
+        };
+        m.poll(ms(0), read);
+        syns.set(1);
+        m.poll(ms(100), read);
+        m.poll(ms(105), read);
+        m.poll(ms(110), read);
+        assert_eq!(*reads.borrow(), vec![1, 2, 1, 2, 1, 1]);
+        assert_eq!(m.next_due(), Some(ms(115)));
+        m.unwatch("busy");
+        m.unwatch("idle");
+        assert_eq!(m.next_due(), None, "nothing watched: never due");
     }
 
     #[test]

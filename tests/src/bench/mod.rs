@@ -7,3 +7,4 @@ pub mod failover;
 pub mod forward;
 pub mod http;
 pub mod report;
+pub mod rest;

@@ -65,6 +65,21 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         scenarios: Vec<String>,
     },
+    /// The agent at rest: CPU and memory while probing healthy backends.
+    Rest {
+        /// Backends probed.
+        #[arg(long, default_value_t = 100)]
+        backends: u16,
+        /// Probe interval, milliseconds.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// Measured seconds per probe kind.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Probe kinds (default: tcp,http,grpc,inference).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+    },
     /// Every benchmark this binary has, then the results page.
     All {
         /// Directory for README.md, results.jsonl and the SVG charts.
@@ -119,6 +134,24 @@ fn main() -> Result<()> {
                 &bench::failover::run(opts, &systems, &scenarios)?,
                 args.json,
             )
+        }
+        Cmd::Rest {
+            backends,
+            interval_ms,
+            seconds,
+            kinds,
+        } => {
+            let kinds = if kinds.is_empty() {
+                bench::rest::KINDS.iter().map(|s| s.to_string()).collect()
+            } else {
+                kinds
+            };
+            let opts = bench::rest::Opts {
+                backends,
+                interval_ms,
+                seconds,
+            };
+            bench::rest::print(&bench::rest::run(&opts, &kinds)?, args.json)
         }
         Cmd::All { report } => bench::report::all(&report)?,
         Cmd::Apply => bench::apply::print(&bench::apply::run()?, args.json),

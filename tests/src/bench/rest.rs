@@ -1,0 +1,392 @@
+//! The agent at rest: the real agent process probing `backends` healthy
+//! backends every `interval`, with nothing changing. Measures its CPU (run
+//! time of all its threads, from `/proc/PID/task/*/schedstat`, over a
+//! window after every backend is up) and its resident memory, per probe
+//! kind, and counts the probes the backends answered in that window so a
+//! stalled prober cannot pass for a cheap one.
+//!
+//! The backends live in this process, on the lab namespace's loopback, on
+//! one thread: their CPU is not the agent's.
+
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use failover_common::state;
+use serde::Serialize;
+
+use crate::{
+    backend::{BackendConfig, Fault, Faults, Stats, serve_grpc_health, serve_http_with_stats},
+    lab::Lab,
+    scratch::TempDir,
+    topology::sibling_bin,
+};
+
+pub const KINDS: [&str; 4] = ["tcp", "http", "grpc", "inference"];
+
+pub struct Opts {
+    pub backends: u16,
+    pub interval_ms: u64,
+    /// Measured window per kind, after every backend is up.
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RestResult {
+    pub kind: String,
+    pub backends: u16,
+    pub interval_ms: u64,
+    /// Share of one core over the window, in percent.
+    pub cpu_pct: f64,
+    /// Resident set at the end of the window, and its high-water mark.
+    pub rss_mib: f64,
+    pub rss_peak_mib: f64,
+    /// Probes the backends answered per second in the window.
+    pub probes_per_s: f64,
+}
+
+const FIRST_PORT: u16 = 21_000;
+
+fn yaml(pin: &Path, sock: &Path, kind: &str, o: &Opts) -> String {
+    let probe = match kind {
+        "tcp" => String::new(),
+        "http" => ", path: /health".into(),
+        "grpc" => String::new(),
+        "inference" => format!(
+            ", model: {}, ttft_budget: 1s",
+            crate::backend::DEFAULT_MODEL
+        ),
+        _ => unreachable!("kinds are checked by run"),
+    };
+    let names: Vec<String> = (0..o.backends).map(|i| format!("b{i}")).collect();
+    let mut y = format!(
+        "node:
+  interfaces: [vc0, va0]
+  xdp_mode: skb
+  snat_address: {snat}
+  snat_ports: {{ min: 40000, max: 40999 }}
+  pin_path: {pin}
+  hash_seed: 7
+  metrics_address: 127.0.0.1:0
+  api_socket: {sock}
+services:
+  - name: rest
+    vip: {vip}
+    port: 80
+    protocol: tcp
+    backends: [{names}]
+    probe: {{ kind: {kind}, interval: {iv}ms, timeout: 1s, rise: 2, fall: 2{probe} }}
+backends:
+",
+        snat = crate::lab::SNAT,
+        vip = crate::lab::VIP,
+        pin = pin.display(),
+        sock = sock.display(),
+        names = names.join(", "),
+        iv = o.interval_ms,
+    );
+    for (i, n) in names.iter().enumerate() {
+        y.push_str(&format!(
+            "  - {{ name: {n}, address: 127.0.0.1, port: {}, cloud: c, region: r, jurisdiction: EU }}\n",
+            FIRST_PORT + i as u16
+        ));
+    }
+    y
+}
+
+/// Probes answered so far, whatever the kind.
+#[derive(Clone, Default)]
+struct Answered {
+    tcp: Arc<AtomicU64>,
+    http: Stats,
+}
+
+impl Answered {
+    fn count(&self, kind: &str) -> Option<u64> {
+        match kind {
+            "tcp" => Some(self.tcp.load(Ordering::Relaxed)),
+            "http" => Some(self.http.snapshot("").health),
+            "inference" => Some(self.http.snapshot("").requests),
+            // tonic's server keeps no count we can read.
+            _ => None,
+        }
+    }
+}
+
+/// Binds every backend's listener in the current (lab) namespace and
+/// serves them on one thread until the returned guard drops.
+struct Backends {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    answered: Answered,
+}
+
+impl Backends {
+    fn start(kind: &str, n: u16) -> Result<Self> {
+        let mut ls = Vec::new();
+        for i in 0..n {
+            let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, FIRST_PORT + i))
+                .with_context(|| format!("bind backend port {}", FIRST_PORT + i))?;
+            l.set_nonblocking(true)?;
+            ls.push(l);
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let answered = Answered::default();
+        let a = answered.clone();
+        let kind = kind.to_string();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("backend runtime");
+            rt.block_on(async move {
+                let mut set = tokio::task::JoinSet::new();
+                for l in ls {
+                    let l = tokio::net::TcpListener::from_std(l).expect("tokio listener");
+                    match kind.as_str() {
+                        "tcp" => {
+                            let n = a.tcp.clone();
+                            set.spawn(async move {
+                                while let Ok((s, _)) = l.accept().await {
+                                    n.fetch_add(1, Ordering::Relaxed);
+                                    drop(s);
+                                }
+                            });
+                        }
+                        "grpc" => {
+                            set.spawn(async move {
+                                let _ = serve_grpc_health(l, Faults::new(Fault::default())).await;
+                            });
+                        }
+                        _ => {
+                            let stats = a.http.clone();
+                            set.spawn(async move {
+                                let _ = serve_http_with_stats(
+                                    l,
+                                    BackendConfig::new("rest"),
+                                    Faults::new(Fault::default()),
+                                    stats,
+                                )
+                                .await;
+                            });
+                        }
+                    }
+                }
+                let _ = stopped.await;
+                set.shutdown().await;
+            });
+        });
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+            answered,
+        })
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The agent process in the lab namespace; killed on drop.
+struct AgentChild(Child);
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is our child.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Run time of every thread of `pid` so far (schedstat's first field, ns).
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let p = t?.path().join("schedstat");
+        // A thread that just exited is gone; its time goes with it.
+        if let Ok(s) = std::fs::read_to_string(&p) {
+            total += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .with_context(|| format!("parse {}", p.display()))?;
+        }
+    }
+    Ok(total)
+}
+
+/// VmRSS and VmHWM of `pid`, in MiB.
+fn rss_mib(pid: u32) -> Result<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| -> Result<f64> {
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(key))
+            .with_context(|| format!("{key} in /proc/{pid}/status"))?;
+        let v: f64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("parse {line:?}"))?;
+        Ok(v / 1024.0)
+    };
+    Ok((kib("VmRSS:")?, kib("VmHWM:")?))
+}
+
+fn one(kind: &str, o: &Opts) -> Result<RestResult> {
+    let lab = Lab::new()?;
+    let dir = TempDir::new();
+    let cfg = dir.0.join("rest.yaml");
+    std::fs::write(&cfg, yaml(lab.pin_dir(), &dir.0.join("api.sock"), kind, o))?;
+    let backends = Backends::start(kind, o.backends)?;
+    let log = std::fs::File::create(dir.0.join("agent.log"))?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.ns.name))
+        .arg(sibling_bin("failover-agent")?)
+        .args(["run", "--startup-hold", "0", "--config"])
+        .arg(&cfg)
+        .arg("--audit")
+        .arg(dir.0.join("audit.jsonl"))
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawn failover-agent via nsenter")?;
+    // nsenter execs the agent: the child's pid is the agent's.
+    let mut agent = AgentChild(child);
+    let pid = agent.0.id();
+
+    // Wait until every backend is UP in the data plane.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = agent.0.try_wait()? {
+            bail!(
+                "agent exited ({st}): {}",
+                std::fs::read_to_string(dir.0.join("agent.log")).unwrap_or_default()
+            );
+        }
+        let up = (0..u32::from(o.backends))
+            .filter(|&id| lab.dp.backend(id).is_ok_and(|b| b.state == state::UP))
+            .count();
+        if up == usize::from(o.backends) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{kind}: {up} of {} backends up after 30 s",
+            o.backends
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Settle: start-up allocations and the first passive-counter reads.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let (c0, p0, t0) = (cpu_ns(pid)?, backends.answered.count(kind), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(o.seconds));
+    let (c1, p1, wall) = (
+        cpu_ns(pid)?,
+        backends.answered.count(kind),
+        t0.elapsed().as_secs_f64(),
+    );
+    let (rss, peak) = rss_mib(pid)?;
+    let probes_per_s = match (p0, p1) {
+        (Some(a), Some(b)) => (b - a) as f64 / wall,
+        _ => f64::NAN,
+    };
+    if probes_per_s.is_finite() {
+        let expected = f64::from(o.backends) * 1000.0 / o.interval_ms as f64;
+        ensure!(
+            probes_per_s > 0.8 * expected,
+            "{kind}: {probes_per_s:.0} probes/s answered, expected about {expected:.0}"
+        );
+    }
+    drop(agent);
+    drop(backends);
+    Ok(RestResult {
+        kind: kind.to_string(),
+        backends: o.backends,
+        interval_ms: o.interval_ms,
+        cpu_pct: (c1 - c0) as f64 / 1e9 / wall * 100.0,
+        rss_mib: rss,
+        rss_peak_mib: peak,
+        probes_per_s,
+    })
+}
+
+pub fn run(o: &Opts, kinds: &[String]) -> Result<Vec<RestResult>> {
+    ensure!(o.backends >= 1 && o.interval_ms >= 1 && o.seconds > 0.0);
+    let mut out = Vec::new();
+    for k in kinds {
+        ensure!(
+            KINDS.contains(&k.as_str()),
+            "unknown probe kind {k:?}; available: {KINDS:?}"
+        );
+        out.push(one(k, o)?);
+    }
+    Ok(out)
+}
+
+pub fn print(results: &[RestResult], json: bool) {
+    if json {
+        for r in results {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "kind": r.kind,
+                    "backends": r.backends,
+                    "interval_ms": r.interval_ms,
+                    "cpu_pct": (r.cpu_pct * 100.0).round() / 100.0,
+                    "rss_mib": (r.rss_mib * 10.0).round() / 10.0,
+                    "rss_peak_mib": (r.rss_peak_mib * 10.0).round() / 10.0,
+                    "probes_per_s": if r.probes_per_s.is_finite() {
+                        serde_json::json!(r.probes_per_s.round())
+                    } else {
+                        serde_json::Value::Null
+                    },
+                })
+            );
+        }
+        return;
+    }
+    println!(
+        "{:<10} {:>8} {:>11} {:>8} {:>8} {:>13} {:>9}",
+        "kind", "backends", "interval_ms", "cpu_pct", "rss_mib", "rss_peak_mib", "probes/s"
+    );
+    for r in results {
+        let probes = if r.probes_per_s.is_finite() {
+            format!("{:.0}", r.probes_per_s)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<10} {:>8} {:>11} {:>8.2} {:>8.1} {:>13.1} {:>9}",
+            r.kind, r.backends, r.interval_ms, r.cpu_pct, r.rss_mib, r.rss_peak_mib, probes
+        );
+    }
+}
