@@ -618,6 +618,20 @@ impl CliOut {
 /// agent under test runs on this test's runtime.
 async fn cli_as(args: &[&str], uid: Option<u32>) -> std::io::Result<CliOut> {
     let bin = failover_tests::topology::sibling_bin("failover-agent").unwrap();
+    // Another user may not reach the build directory: run a copy from a
+    // scratch directory anyone can enter.
+    let scratch = TempDir::new();
+    let bin = if uid.is_some() {
+        use std::os::unix::fs::PermissionsExt;
+        let copy = scratch.0.join("failover-agent");
+        std::fs::copy(&bin, &copy)?;
+        for p in [&scratch.0, &copy] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
+        }
+        copy
+    } else {
+        bin
+    };
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args(args)
         .env_remove("NO_COLOR")
@@ -1053,25 +1067,20 @@ async fn the_cli_binary_against_a_running_agent() {
     .await;
 
     // Not root: told so, not that no agent runs.
-    match cli_as(
+    let out = cli_as(
         &["status", "--socket", sock.to_str().unwrap()],
         Some(65_534),
     )
     .await
-    {
-        Ok(out) => {
-            assert_eq!(out.code, Some(1), "{out:#?}");
-            assert_eq!(
-                out.stderr,
-                format!(
-                    "permission denied on {}: the control socket is for root only (run this as root)\n",
-                    sock.display()
-                )
-            );
-        }
-        // The build directory is not open to uid 65534 here.
-        Err(e) => eprintln!("skipping the non-root check: {e}"),
-    }
+    .expect("run the CLI as uid 65534");
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "permission denied on {}: the control socket is for root only (run this as root)\n",
+            sock.display()
+        )
+    );
 
     // On a terminal: state words coloured, columns still aligned.
     let out = tokio::process::Command::new("script")
@@ -1089,6 +1098,7 @@ async fn the_cli_binary_against_a_running_agent() {
         .stdin(std::process::Stdio::null())
         .output()
         .await;
+    // `script` (util-linux) is part of every Debian system: no skipping.
     match out {
         Ok(out) if out.status.success() => {
             let text = String::from_utf8(out.stdout).unwrap().replace("\r\n", "\n");
@@ -1112,7 +1122,7 @@ async fn the_cli_binary_against_a_running_agent() {
             );
             assert_eq!(rows.len(), 3, "{plain}");
         }
-        other => eprintln!("skipping the terminal check (`script` from util-linux): {other:?}"),
+        other => panic!("`script` could not run the CLI on a terminal: {other:?}"),
     }
 
     agent.stop().await;
