@@ -44,6 +44,17 @@ const INTERVAL: Duration = Duration::from_millis(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Longest a trial waits for recovery.
 const TRIAL_LIMIT: Duration = Duration::from_secs(15);
+/// HAProxy's default checks take up to fall × (inter + check timeout) =
+/// 3 × (2 s + 2 s) to mark a blackholed server down.
+const TRIAL_LIMIT_HAPROXY_DEFAULT: Duration = Duration::from_secs(40);
+
+fn trial_limit(system: &str) -> Duration {
+    if system == "haproxy-default" {
+        TRIAL_LIMIT_HAPROXY_DEFAULT
+    } else {
+        TRIAL_LIMIT
+    }
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Result1 {
@@ -227,7 +238,7 @@ fn run_one(system: &str, scenario: &str, trials: usize) -> Result<Result1> {
     let mut failed_total = 0;
     let mut unrecovered = 0;
     for trial in 0..trials {
-        let (rto, failed) = trial_once(&mut sut, scenario)
+        let (rto, failed) = trial_once(&mut sut, scenario, trial_limit(system))
             .with_context(|| format!("{system} / {scenario} trial {trial}"))?;
         failed_total += failed;
         match rto {
@@ -265,14 +276,14 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn trial_once(sut: &mut Sut, scenario: &str) -> Result<(Option<Duration>, usize)> {
+fn trial_once(sut: &mut Sut, scenario: &str, limit: Duration) -> Result<(Option<Duration>, usize)> {
     let p = Pacer::start(
         &sut.topo().client.name,
         vip(),
         PATH,
         INTERVAL,
         REQUEST_TIMEOUT,
-        TRIAL_LIMIT + Duration::from_secs(5),
+        limit + Duration::from_secs(5),
     );
     std::thread::sleep(Duration::from_millis(300));
     match scenario {
@@ -284,15 +295,17 @@ fn trial_once(sut: &mut Sut, scenario: &str) -> Result<(Option<Duration>, usize)
     // closed with the process, or `ip link set a0 down` returned. (Before,
     // requests still succeed while the command starts.)
     let fault = p.now();
-    // Wait until the live results show a recovery that has held for a
-    // while (requests still in flight are not in them yet).
-    let deadline = Instant::now() + TRIAL_LIMIT;
+    // Wait until the live results show a recovery, and every request sent
+    // before it has ended (answered or timed out): a request stuck on the
+    // dead backend may still fail after later ones succeeded, and would
+    // break the run.
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         let mut s: Vec<Sample> = p.snapshot();
         s.sort_by_key(|x| x.at);
         if let (Some(r), _) = recovery(&s, fault, RUN)
-            && p.now() > fault + r + REQUEST_TIMEOUT / 2
+            && p.now() > fault + r + REQUEST_TIMEOUT + Duration::from_millis(100)
         {
             break;
         }
