@@ -1,4 +1,5 @@
-//! Quick runs of the peer benchmarks (`cargo xtask bench forward|http`):
+//! Quick runs of the peer benchmarks (`cargo xtask bench forward|http`)
+//! and of the agent-at-rest one (`rest`, whose run checks the probe rate):
 //! every system moves traffic to the backend side, and nothing is left
 //! behind. Figures from these short runs mean nothing; the benchmarks
 //! themselves are `cargo xtask bench ...`.
@@ -6,7 +7,7 @@
 //! Needs root, nftables, haproxy and wrk: run through `cargo xtask test`.
 
 use failover_tests::{
-    bench::{forward, http},
+    bench::{forward, http, rest},
     netns,
 };
 
@@ -32,6 +33,7 @@ fn every_system_delivers_traffic_to_the_backends_and_leaves_nothing_behind() {
     }
 
     let opts = http::Opts {
+        rounds: 1,
         seconds: 1,
         ..http::Opts::default()
     };
@@ -40,6 +42,18 @@ fn every_system_delivers_traffic_to_the_backends_and_leaves_nothing_behind() {
     for r in &results {
         assert!(r.requests > 0 && r.rps > 0.0, "{r:?}");
         assert_eq!(r.errors, 0, "{r:?}");
+    }
+
+    let opts = rest::Opts {
+        backends: 10,
+        interval_ms: 100,
+        seconds: 1.0,
+    };
+    let results = rest::run(&opts, &["tcp".to_string(), "http".to_string()]).unwrap();
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert!(r.probes_per_s >= 80.0, "{r:?}");
+        assert!(r.cpu_pct > 0.0 && r.rss_mib > 0.0, "{r:?}");
     }
     assert!(netns::none_left(), "a namespace was left behind");
 }

@@ -30,6 +30,8 @@ pub struct Opts {
     pub seconds: u32,
     pub connections: u32,
     pub threads: u32,
+    /// Rounds over every system; each figure is the median over rounds.
+    pub rounds: u32,
 }
 
 impl Default for Opts {
@@ -38,6 +40,7 @@ impl Default for Opts {
             seconds: 5,
             connections: 16,
             threads: 1,
+            rounds: 3,
         }
     }
 }
@@ -152,14 +155,62 @@ pub fn wrk(ns: &Netns, url: &str, newconn: bool, opts: Opts) -> Result<WrkOutput
     parse_wrk(&out).with_context(|| format!("wrk output:\n{out}{err}"))
 }
 
-/// Runs every system in both modes, in `SYSTEMS` × `MODES` order.
+/// Runs every system in both modes, `opts.rounds` times with the systems
+/// interleaved (so a burst of noise on the shared machine hits one round
+/// of each, not all of one system), and reports the median of each figure
+/// over the rounds, in `SYSTEMS` × `MODES` order. Requests and errors are
+/// summed.
 pub fn run(opts: Opts) -> Result<Vec<HttpResult>> {
     ensure!(opts.seconds >= 1, "--seconds must be at least 1");
-    let mut all = Vec::new();
-    for system in SYSTEMS {
-        all.extend(run_system(system, opts).with_context(|| format!("http: {system}"))?);
+    ensure!(opts.rounds >= 1, "--rounds must be at least 1");
+    let mut rounds: Vec<HttpResult> = Vec::new();
+    for round in 0..opts.rounds {
+        for system in SYSTEMS {
+            rounds.extend(
+                run_system(system, opts)
+                    .with_context(|| format!("http: {system}, round {round}"))?,
+            );
+        }
     }
-    Ok(all)
+    Ok(median_over_rounds(&rounds))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One result per system and mode: the median rps, p50 and p99 of its
+/// rounds; requests and errors summed.
+pub fn median_over_rounds(rounds: &[HttpResult]) -> Vec<HttpResult> {
+    let mut out = Vec::new();
+    for system in SYSTEMS {
+        for mode in MODES {
+            let rs: Vec<&HttpResult> = rounds
+                .iter()
+                .filter(|r| r.system == system && r.mode == mode)
+                .collect();
+            if rs.is_empty() {
+                continue;
+            }
+            let pick = |f: fn(&HttpResult) -> f64| median(rs.iter().map(|r| f(r)).collect());
+            out.push(HttpResult {
+                system,
+                mode,
+                rps: pick(|r| r.rps),
+                p50_ms: pick(|r| r.p50_ms),
+                p99_ms: pick(|r| r.p99_ms),
+                requests: rs.iter().map(|r| r.requests).sum(),
+                errors: rs.iter().map(|r| r.errors).sum(),
+            });
+        }
+    }
+    out
 }
 
 /// One system, both modes, on a fresh topology.
@@ -298,6 +349,30 @@ pub fn print(results: &[HttpResult], json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_are_reduced_to_medians_and_sums() {
+        let r = |system, rps, p99, requests| HttpResult {
+            system,
+            mode: "newconn",
+            rps,
+            p50_ms: 1.0,
+            p99_ms: p99,
+            requests,
+            errors: 1,
+        };
+        let m = median_over_rounds(&[
+            r("xdp", 100.0, 9.0, 10),
+            r("direct", 50.0, 1.0, 5),
+            r("xdp", 300.0, 1.0, 30),
+            r("xdp", 200.0, 5.0, 20),
+        ]);
+        assert_eq!(m.len(), 2);
+        let (d, x) = (&m[0], &m[1]);
+        assert_eq!((d.system, d.rps, d.requests), ("direct", 50.0, 5));
+        assert_eq!((x.system, x.rps, x.p99_ms), ("xdp", 200.0, 5.0));
+        assert_eq!((x.requests, x.errors), (60, 3));
+    }
 
     #[test]
     fn wrk_output_is_parsed() {

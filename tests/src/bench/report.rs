@@ -65,6 +65,15 @@ fn columns(bench: &str, rows: &[Value]) -> Vec<String> {
         "http" => &[
             "system", "mode", "rps", "p50_ms", "p99_ms", "requests", "errors",
         ],
+        "rest" => &[
+            "kind",
+            "backends",
+            "interval_ms",
+            "cpu_pct",
+            "rss_mib",
+            "rss_peak_mib",
+            "probes_per_s",
+        ],
         _ => &[],
     };
     if !known.is_empty() {
@@ -386,12 +395,23 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
                     }
                 }
             }
+            "rest" => {
+                for r in rows {
+                    let (cpu, rss) = (num(r, "cpu_pct"), num(r, "rss_peak_mib"));
+                    let _ = writeln!(
+                        targets,
+                        "| rest ({}) | agent CPU, % of a core / peak RSS, MiB | ≤ 2 / ≤ 32 | {cpu:.1} / {rss:.1} | {} |",
+                        text(r, "kind"),
+                        verdict(cpu <= 2.0 && rss <= 32.0)
+                    );
+                }
+            }
             _ => {}
         }
     }
     if !targets.is_empty() {
         md.push_str(
-            "## Targets (issue 6)\n\nComputed from the tables above.\n\n\
+            "## Targets (issues 3 and 6)\n\nComputed from the tables above.\n\n\
              | benchmark | measure | target | measured | |\n|---|---|---|---|---|\n",
         );
         md.push_str(&targets);
@@ -403,7 +423,7 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
 }
 
 /// The benchmarks `all` runs, in order, when this binary has them.
-pub const ALL: [&str; 5] = ["datapath", "apply", "failover", "forward", "http"];
+pub const ALL: [&str; 6] = ["datapath", "apply", "rest", "failover", "forward", "http"];
 
 /// Runs every benchmark in [`ALL`] that this binary offers (each as a
 /// child process with `--json`, so one benchmark's state never leaks into

@@ -51,6 +51,9 @@ enum Cmd {
         /// wrk threads.
         #[arg(long, default_value_t = 1)]
         threads: u32,
+        /// Rounds over all systems (interleaved); figures are medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
     },
     /// Failover time after a backend crash and a blackholed cloud:
     /// failover vs haproxy-tuned vs haproxy-default.
@@ -107,11 +110,13 @@ fn main() -> Result<()> {
             seconds,
             connections,
             threads,
+            rounds,
         } => {
             let opts = bench::http::Opts {
                 seconds,
                 connections,
                 threads,
+                rounds,
             };
             bench::http::print(&bench::http::run(opts)?, args.json)
         }
