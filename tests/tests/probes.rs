@@ -117,6 +117,74 @@ async fn next_event(rx: &mut mpsc::Receiver<HealthEvent>) -> HealthEvent {
         .expect("prober alive")
 }
 
+/// A TCP proxy to `upstream` that counts the connections it accepts;
+/// [`Proxy::cut`] closes every open one, as a backend restart would.
+struct Proxy {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    conns: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn new(upstream: SocketAddr) -> Self {
+        let (l, addr) = listener().await;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let (count, set) = (accepted.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                set.lock().unwrap().spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            conns,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Closes every open connection, and waits a moment for the close to
+    /// reach the probe.
+    async fn cut(&self) {
+        self.conns.lock().unwrap().abort_all();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.conns.lock().unwrap().abort_all();
+    }
+}
+
+/// Probes of `cfg` through a proxy: several probes share one connection,
+/// and after the connections are cut the next probe dials a new one.
+async fn reuses_and_redials(upstream: SocketAddr, cfg: serde_json::Value, tls: &TlsOptions) {
+    let proxy = Proxy::new(upstream).await;
+    let p = build_probe(&target(proxy.addr), &probe_cfg(cfg.clone()), tls).unwrap();
+    for _ in 0..5 {
+        assert_healthy(&check(&p).await);
+    }
+    assert_eq!(proxy.accepted(), 1, "{cfg}: one connection for five probes");
+    proxy.cut().await;
+    for _ in 0..3 {
+        assert_healthy(&check(&p).await);
+    }
+    assert_eq!(proxy.accepted(), 2, "{cfg}: dialled again after the cut");
+}
+
 // ---- tcp ----
 
 #[tokio::test]
@@ -262,6 +330,25 @@ async fn http_prober_follows_backend_health() {
     assert_eq!((back.from, back.to), (HealthState::Down, HealthState::Up));
 }
 
+#[tokio::test]
+async fn http_and_inference_keep_their_connection_and_redial_after_a_cut() {
+    let srv = http_backend().await;
+    let tls = TlsOptions::default();
+    reuses_and_redials(
+        srv.addr,
+        serde_json::json!({"kind": "http", "path": "/health"}),
+        &tls,
+    )
+    .await;
+    // Both of its requests on the one connection.
+    reuses_and_redials(
+        srv.addr,
+        serde_json::json!({"kind": "inference", "model": "tiny-llm"}),
+        &tls,
+    )
+    .await;
+}
+
 // ---- grpc ----
 
 #[tokio::test]
@@ -321,6 +408,17 @@ async fn grpc_hang_hits_deadline_and_closed_port_fails() {
     )
     .unwrap();
     assert!(matches!(check(&p).await, ProbeOutcome::Failed { .. }));
+}
+
+#[tokio::test]
+async fn grpc_keeps_its_connection_and_redials_after_a_cut() {
+    let srv = grpc_backend().await;
+    reuses_and_redials(
+        srv.addr,
+        serde_json::json!({"kind": "grpc"}),
+        &TlsOptions::default(),
+    )
+    .await;
 }
 
 // ---- inference ----
@@ -539,4 +637,30 @@ async fn https_verifies_with_given_ca() {
     };
     let p = build_probe(&t, &cfg, &skip).unwrap();
     assert_healthy(&check(&p).await);
+}
+
+/// A cut TLS connection is replaced by a new, verified, handshake.
+#[tokio::test]
+async fn https_redials_after_a_cut_and_verifies_again() {
+    let srv = https_backend().await;
+    let trusted = TlsOptions {
+        ca_file: Some(srv.ca_file.clone()),
+        ..TlsOptions::default()
+    };
+    reuses_and_redials(
+        srv.addr,
+        serde_json::json!({"kind": "http", "path": "/health", "tls": true}),
+        &trusted,
+    )
+    .await;
+    assert_eq!(srv.handshakes.load(Ordering::SeqCst), 2);
+
+    // The new connection is verified like the first: an untrusted
+    // certificate fails after the cut too.
+    let proxy = Proxy::new(srv.addr).await;
+    let cfg = probe_cfg(serde_json::json!({"kind": "http", "path": "/health", "tls": true}));
+    let p = build_probe(&target(proxy.addr), &cfg, &TlsOptions::default()).unwrap();
+    assert_failed(&check(&p).await, "certificate");
+    proxy.cut().await;
+    assert_failed(&check(&p).await, "certificate");
 }

@@ -1,25 +1,40 @@
-//! HTTP(S) status probe, and the keep-alive client it shares with the
-//! inference probe: one pooled hyper client per backend, so a probe every
-//! 100 ms reuses one connection instead of a handshake per probe.
+//! HTTP(S) status probe, and the client it shares with the inference
+//! probe: how probe connections are opened ([`Dialer`]: TCP, TLS) and kept.
+//!
+//! Each probe owns one keep-alive connection ([`KeepAlive`]), so a probe
+//! every 100 ms reuses it instead of a TCP (and TLS) handshake per probe.
+//! The connection speaks the small HTTP/1.1 client of [`super::h1`], in the
+//! probe's own future: no connection task, no pool. The pooled `hyper_util`
+//! client this replaces ran each connection in a task of its own, so every
+//! probe bounced between two tasks, and added a pool checkout per request;
+//! a probe has one request in flight at a time, so a pool bought nothing.
+//!
+//! The connection is dropped, and the next request dials a new one, when
+//! the server closed it (seen before the request is written), when a body
+//! was not read to its end (over [`BODY_LIMIT`], or cut by a deadline), when
+//! the answer asked for it (`Connection: close`), and when the prober's
+//! timeout cancels a probe mid-exchange. A request that a kept connection
+//! lost before any answer (the server closed it meanwhile) is sent once more
+//! on a new connection.
 
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::http::uri::{Authority, Scheme};
-use hyper::{Request, StatusCode, Uri, header};
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::{StatusCode, Uri};
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
+use super::h1::{self, Conn, Response};
 use super::tls::{TlsOptions, client_config};
-use super::{BackendTarget, Probe, ProbeError, ProbeOutcome, error_chain};
-
-pub(crate) type Connector = HttpsConnector<HttpConnector>;
-pub(crate) type HttpClient = Client<Connector, Full<Bytes>>;
+use super::{BackendTarget, Probe, ProbeError, ProbeOutcome};
 
 /// Most of a body a probe reads; health answers are tiny, and a larger body
 /// is cut (the connection is then not reused).
@@ -27,94 +42,292 @@ pub(crate) const BODY_LIMIT: usize = 64 * 1024;
 
 pub(crate) const USER_AGENT: &str = concat!("failover-agent/", env!("CARGO_PKG_VERSION"));
 
-/// A TCP(+TLS) connector to one backend; `http2` sets ALPN h2 (gRPC).
-pub(crate) fn connector(
-    tls: Option<&TlsOptions>,
-    connect_timeout: Duration,
-    http2: bool,
-) -> Result<Connector, ProbeError> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let builder = HttpsConnectorBuilder::new()
-        .with_tls_config(client_config(tls.unwrap_or(&TlsOptions::default()))?);
-    let mut builder = if tls.is_some() {
-        builder.https_only()
-    } else {
-        builder.https_or_http()
-    };
-    if let Some(name) = tls.and_then(|t| t.server_name.as_deref()) {
-        let name = ServerName::try_from(name.to_owned())
-            .map_err(|_| ProbeError::ServerName(name.to_owned()))?;
-        builder = builder.with_server_name_resolver(FixedServerNameResolver::new(name));
+/// A probe connection's byte stream: plain TCP, or TLS over TCP.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
     }
-    Ok(if http2 {
-        builder.enable_http2().wrap_connector(http)
-    } else {
-        builder.enable_http1().wrap_connector(http)
-    })
 }
 
-/// A pooled HTTP/1.1 client for one backend.
-pub(crate) fn client(
-    tls: Option<&TlsOptions>,
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens connections to one backend: TCP with `TCP_NODELAY`, then a TLS
+/// handshake when the probe has `tls` (verified as [`TlsOptions`] says,
+/// offering one ALPN protocol).
+pub(crate) struct Dialer {
+    addr: SocketAddr,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     timeout: Duration,
-) -> Result<HttpClient, ProbeError> {
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(2)
-        .build(connector(tls, timeout, false)?))
 }
 
-/// `http(s)://addr:port{path}` for the backend.
-pub(crate) fn backend_uri(
-    target: &BackendTarget,
-    tls: bool,
-    path: &str,
-) -> Result<Uri, ProbeError> {
-    let authority = Authority::try_from(target.addr.to_string()).map_err(|e| ProbeError::Uri {
-        path: target.addr.to_string(),
-        source: e,
-    })?;
+impl fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dialer")
+            .field("addr", &self.addr)
+            .field("tls_name", &self.tls.as_ref().map(|(_, name)| name))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Dialer {
+    /// `alpn` is offered over TLS (`http/1.1`, `h2`); `timeout` bounds the
+    /// TCP and TLS handshakes together.
+    pub(crate) fn new(
+        addr: SocketAddr,
+        tls: Option<&TlsOptions>,
+        alpn: &[u8],
+        timeout: Duration,
+    ) -> Result<Self, ProbeError> {
+        let tls = match tls {
+            None => None,
+            Some(opts) => {
+                let mut cfg = client_config(opts)?;
+                cfg.alpn_protocols = vec![alpn.to_vec()];
+                // Without a configured name, verify the backend's IP address
+                // (and send no SNI, as for any IP).
+                let name = match &opts.server_name {
+                    Some(n) => ServerName::try_from(n.clone())
+                        .map_err(|_| ProbeError::ServerName(n.clone()))?,
+                    None => ServerName::IpAddress(addr.ip().into()),
+                };
+                Some((TlsConnector::from(Arc::new(cfg)), name))
+            }
+        };
+        Ok(Self { addr, tls, timeout })
+    }
+
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// A new connection; the error names what failed (connect, TLS, time).
+    pub(crate) async fn dial(&self) -> Result<Stream, String> {
+        match tokio::time::timeout(self.timeout, self.open()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "connect {}: timed out after {:?}",
+                self.addr, self.timeout
+            )),
+        }
+    }
+
+    async fn open(&self) -> Result<Stream, String> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.addr))?;
+        // Probe requests are one small write each: never hold them back.
+        tcp.set_nodelay(true)
+            .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+        let Some((connector, name)) = &self.tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        // rustls' errors say which check failed ("invalid peer
+        // certificate: UnknownIssuer").
+        let tls = connector
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {}: {e}", name.to_str()))?;
+        Ok(Stream::Tls(Box::new(tls)))
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to a backend, owned by its probe.
+pub(crate) struct KeepAlive {
+    dialer: Dialer,
+    /// `Host` of every request (the backend's address).
+    host: String,
+    /// The connection between probes; a probe takes it out while it runs.
+    idle: Mutex<Option<Conn>>,
+}
+
+impl fmt::Debug for KeepAlive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeepAlive")
+            .field("dialer", &self.dialer)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeepAlive {
+    pub(crate) fn new(
+        target: &BackendTarget,
+        tls: Option<&TlsOptions>,
+        timeout: Duration,
+    ) -> Result<Self, ProbeError> {
+        let dialer = Dialer::new(target.addr, tls, b"http/1.1", timeout)?;
+        Ok(Self {
+            host: host_header(target.addr, dialer.is_tls()),
+            dialer,
+            idle: Mutex::new(None),
+        })
+    }
+
+    /// The bytes of a request for `path` (origin form, from
+    /// [`request_path`]) with the headers every probe sends and `headers`.
+    /// Probes build theirs once.
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &Uri,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Box<[u8]> {
+        let mut all = vec![("User-Agent", USER_AGENT)];
+        all.extend_from_slice(headers);
+        let path = path.path_and_query().map_or("/", |p| p.as_str());
+        h1::encode_request(method, path, &self.host, &all, body).into_boxed_slice()
+    }
+
+    /// Starts using the connection for one probe (one or more requests in
+    /// turn). The connection goes back for the next probe when the session
+    /// drops, if its last exchange left it clean.
+    pub(crate) fn session(&self) -> Session<'_> {
+        let conn = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        Session { owner: self, conn }
+    }
+}
+
+/// `Host`: the address, without the scheme's default port (as browsers and
+/// hyper's client send it).
+fn host_header(addr: SocketAddr, tls: bool) -> String {
+    let default_port = if tls { 443 } else { 80 };
+    match addr {
+        a if a.port() != default_port => a.to_string(),
+        SocketAddr::V4(a) => a.ip().to_string(),
+        SocketAddr::V6(a) => format!("[{}]", a.ip()),
+    }
+}
+
+/// The use of a [`KeepAlive`] connection by one probe.
+pub(crate) struct Session<'a> {
+    owner: &'a KeepAlive,
+    /// The connection between exchanges. An exchange takes it out while the
+    /// request is on its way, so a probe cancelled then leaves none behind.
+    conn: Option<Conn>,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            *self
+                .owner
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(c);
+        }
+    }
+}
+
+impl Session<'_> {
+    /// Sends `req` on the kept connection (or a new one) and returns the
+    /// response with its body still to read. `Err` names the cause:
+    /// connect, TLS, or the connection failing before the response head.
+    pub(crate) async fn send(&mut self, req: &[u8]) -> Result<Response<'_>, String> {
+        // A kept connection the server closed while it sat idle is seen
+        // here, before the request is written.
+        let mut kept = self.conn.take().and_then(|mut c| c.idle_ok().then_some(c));
+        loop {
+            let reused = kept.is_some();
+            let mut conn = match kept.take() {
+                Some(c) => c,
+                None => Conn::new(self.owner.dialer.dial().await?),
+            };
+            match conn.exchange(req).await {
+                Ok(head) => {
+                    self.conn = Some(conn);
+                    return Ok(Response::new(&mut self.conn, head));
+                }
+                // The server closed the kept connection as the request went
+                // out: once more, on a new one.
+                Err(h1::Error::ClosedEarly(_)) if reused => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+/// `path` in origin form (`/health`), as requests on a connection carry it.
+pub(crate) fn request_path(path: &str) -> Result<Uri, ProbeError> {
     let path = if path.starts_with('/') {
         path.to_owned()
     } else {
         format!("/{path}")
     };
     Uri::builder()
-        .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })
-        .authority(authority)
         .path_and_query(path.as_str())
         .build()
         .map_err(|e| ProbeError::Path { path, source: e })
-}
-
-/// Reads at most `limit` bytes of a body. Returns the bytes and whether the
-/// body ended (only then can the connection go back to the pool).
-pub(crate) async fn read_body(mut body: Incoming, limit: usize) -> Result<(Bytes, bool), String> {
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("reading body: {}", error_chain(&e)))?;
-        if let Ok(data) = frame.into_data() {
-            let room = limit - buf.len();
-            if data.len() > room {
-                buf.extend_from_slice(&data[..room]);
-                return Ok((buf.freeze(), false));
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok((buf.freeze(), true))
 }
 
 /// Checks an HTTP(S) endpoint: the status (the expected one, or any 2xx)
 /// and optionally a substring of the body.
 #[derive(Debug)]
 pub struct HttpProbe {
-    client: HttpClient,
-    uri: Uri,
+    client: KeepAlive,
+    path: Uri,
+    /// The request, built once.
+    request: Box<[u8]>,
     expect_status: Option<StatusCode>,
     body_contains: Option<String>,
 }
@@ -131,9 +344,12 @@ impl HttpProbe {
         let expect_status = expect_status
             .map(|s| StatusCode::from_u16(s).map_err(|_| ProbeError::Status(s)))
             .transpose()?;
+        let client = KeepAlive::new(target, tls, timeout)?;
+        let path = request_path(path)?;
         Ok(Self {
-            client: client(tls, timeout)?,
-            uri: backend_uri(target, tls.is_some(), path)?,
+            request: client.request("GET", &path, &[], b""),
+            client,
+            path,
             expect_status,
             body_contains,
         })
@@ -143,38 +359,34 @@ impl HttpProbe {
 impl Probe for HttpProbe {
     async fn check(&self) -> ProbeOutcome {
         let start = Instant::now();
-        let req = Request::get(self.uri.clone())
-            .header(header::USER_AGENT, USER_AGENT)
-            .body(Full::default())
-            .expect("static request parts are valid");
-        let resp = match self.client.request(req).await {
+        let mut session = self.client.session();
+        let mut resp = match session.send(&self.request).await {
             Ok(r) => r,
-            Err(e) => {
-                return ProbeOutcome::failed(format!(
-                    "GET {}: {}",
-                    self.uri.path(),
-                    error_chain(&e)
-                ));
-            }
+            Err(e) => return ProbeOutcome::failed(format!("GET {}: {e}", self.path)),
         };
-        let status = resp.status();
+        // The body is read even when only the status matters, so the
+        // connection can carry the next probe; it is kept only if needed.
+        let (body, _) = match resp
+            .read_body(BODY_LIMIT, self.body_contains.is_some())
+            .await
+        {
+            Ok(b) => b,
+            Err(reason) => return ProbeOutcome::Failed { reason },
+        };
+        let status = resp.status;
+        drop(resp);
+        drop(session);
         let status_ok = match self.expect_status {
             Some(want) => status == want,
             None => status.is_success(),
         };
-        // Read the body even when only the status matters, so the connection
-        // goes back to the pool.
-        let body = match read_body(resp.into_body(), BODY_LIMIT).await {
-            Ok((body, _)) => body,
-            Err(e) => return ProbeOutcome::failed(e),
-        };
         if !status_ok {
-            return ProbeOutcome::failed(format!("GET {} answered {status}", self.uri.path()));
+            return ProbeOutcome::failed(format!("GET {} answered {status}", self.path));
         }
         if let Some(needle) = &self.body_contains
             && !contains(&body, needle.as_bytes())
         {
-            return ProbeOutcome::failed(format!("GET {} body lacks {needle:?}", self.uri.path()));
+            return ProbeOutcome::failed(format!("GET {} body lacks {needle:?}", self.path));
         }
         ProbeOutcome::Healthy {
             latency: start.elapsed(),
@@ -191,17 +403,215 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uri_of_backend() {
-        let t = BackendTarget::new("a", "127.0.0.1:8080".parse().unwrap());
+    fn origin_form_paths() {
+        assert_eq!(request_path("/health").unwrap().to_string(), "/health");
         assert_eq!(
-            backend_uri(&t, false, "/health").unwrap().to_string(),
-            "http://127.0.0.1:8080/health"
+            request_path("v1/models?x=1").unwrap().to_string(),
+            "/v1/models?x=1"
         );
+        assert!(request_path("/bad path").is_err());
+    }
+
+    #[test]
+    fn host_header_omits_default_port() {
+        let h = |a: &str, tls| host_header(a.parse().unwrap(), tls);
+        assert_eq!(h("127.0.0.1:8080", false), "127.0.0.1:8080");
+        assert_eq!(h("127.0.0.1:80", false), "127.0.0.1");
+        assert_eq!(h("127.0.0.1:80", true), "127.0.0.1:80");
+        assert_eq!(h("[::1]:443", true), "[::1]");
+        assert_eq!(h("[::1]:8443", true), "[::1]:8443");
+    }
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// How a [`raw_server`] connection ends after its answers.
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// Close at once, while the client's connection sits idle.
+        Close,
+        /// Read the next request and close without answering.
+        HangUp,
+    }
+
+    /// An HTTP/1.1 server answering `answer` to each of `per_conn` requests
+    /// on a connection, then ending it as `then` says. Counts connections.
+    async fn raw_server(
+        answer: Vec<u8>,
+        per_conn: usize,
+        then: Then,
+    ) -> (BackendTarget, Arc<AtomicUsize>) {
+        async fn read_request(s: &mut TcpStream) -> bool {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            true
+        }
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = BackendTarget::new("b", l.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let answer: Arc<[u8]> = answer.into();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per_conn {
+                        if !read_request(&mut s).await || s.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Then::HangUp = then {
+                        read_request(&mut s).await;
+                    }
+                });
+            }
+        });
+        (target, accepted)
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}";
+
+    fn probe(t: &BackendTarget, body_contains: Option<&str>) -> HttpProbe {
+        HttpProbe::new(
+            t,
+            "/health",
+            None,
+            None,
+            body_contains.map(str::to_owned),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    }
+
+    async fn healthy(p: &HttpProbe) {
+        let o = p.check().await;
+        assert!(matches!(o, ProbeOutcome::Healthy { .. }), "{o:?}");
+    }
+
+    #[tokio::test]
+    async fn one_connection_for_many_probes() {
+        let (t, accepted) = raw_server(OK.to_vec(), usize::MAX, Then::Close).await;
+        let p = probe(&t, Some("\"ok\""));
+        for _ in 0..5 {
+            healthy(&p).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn redials_after_the_server_closed_an_idle_connection() {
+        let (t, accepted) = raw_server(OK.to_vec(), 2, Then::Close).await;
+        let p = probe(&t, None);
+        for _ in 0..5 {
+            healthy(&p).await;
+            // Let the close reach the client while the connection idles.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn request_lost_by_a_kept_connection_goes_again_on_a_new_one() {
+        // Every third request meets a connection closing under it.
+        let (t, accepted) = raw_server(OK.to_vec(), 2, Then::HangUp).await;
+        let p = probe(&t, None);
+        for _ in 0..5 {
+            healthy(&p).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+
+        // A new connection closing without an answer is not retried.
+        let (t, accepted) = raw_server(OK.to_vec(), 0, Then::HangUp).await;
+        let o = probe(&t, None).check().await;
         assert_eq!(
-            backend_uri(&t, true, "v1/models").unwrap().to_string(),
-            "https://127.0.0.1:8080/v1/models"
+            o.reason(),
+            Some("GET /health: connection closed before the response")
         );
-        assert!(backend_uri(&t, false, "/bad path").is_err());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn body_over_the_limit_is_cut_and_its_connection_dropped() {
+        let mut big = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            BODY_LIMIT + 10
+        )
+        .into_bytes();
+        big.resize(big.len() + BODY_LIMIT, b'x');
+        big.extend_from_slice(b"0123456789");
+        let (t, accepted) = raw_server(big, usize::MAX, Then::Close).await;
+        // The status is all that matters: healthy, but the rest of the body
+        // is never read, so the connection is not used again.
+        let p = probe(&t, None);
+        healthy(&p).await;
+        healthy(&p).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Past the limit is not searched.
+        let o = probe(&t, Some("0123")).check().await;
+        assert_eq!(o.reason(), Some("GET /health body lacks \"0123\""));
+    }
+
+    #[tokio::test]
+    async fn connection_close_answer_is_honoured() {
+        let answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        let (t, accepted) = raw_server(answer.to_vec(), usize::MAX, Then::Close).await;
+        let p = probe(&t, None);
+        healthy(&p).await;
+        healthy(&p).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn status_and_cause_in_failures() {
+        let (t, _) = raw_server(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            usize::MAX,
+            Then::Close,
+        )
+        .await;
+        let o = probe(&t, None).check().await;
+        assert_eq!(
+            o.reason(),
+            Some("GET /health answered 503 Service Unavailable")
+        );
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let t = BackendTarget::new("b", l.local_addr().unwrap());
+        drop(l);
+        let o = probe(&t, None).check().await;
+        let reason = o.reason().unwrap();
+        assert!(
+            reason.starts_with(&format!("GET /health: connect {}: ", t.addr))
+                && reason.contains("refused"),
+            "{reason}"
+        );
+    }
+
+    /// A probe cut short by its timeout leaves no half-used connection.
+    #[tokio::test]
+    async fn cancelled_probe_does_not_leave_its_connection() {
+        let (t, accepted) = raw_server(OK.to_vec(), usize::MAX, Then::Close).await;
+        let p = probe(&t, None);
+        healthy(&p).await;
+        {
+            let mut session = p.client.session();
+            let mut fut = std::pin::pin!(session.send(&p.request));
+            // One poll writes the request (this runtime's only thread runs
+            // the server only after); then the probe is cancelled.
+            let pending =
+                std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_pending())).await;
+            assert!(pending, "written, waiting for the answer");
+        }
+        assert!(p.client.idle.lock().unwrap().is_none());
+        healthy(&p).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -1,37 +1,55 @@
 //! OpenAI-compatible inference probe: the model must be listed by
-//! `GET /v1/models`, and a one-token streamed chat completion must produce
-//! its first SSE data chunk within the time-to-first-token budget.
+//! `GET /v1/models`, and a one-token streamed chat completion for it must
+//! produce its first SSE data chunk within the time-to-first-token budget.
 //!
 //! Verdicts: model missing, errors, other non-2xx answers -> failed;
 //! HTTP 429 or a first token later than the budget -> degraded (the backend
 //! still serves, so it keeps a lower weight instead of losing its traffic).
+//!
+//! The generation runs on every probe. The model list is read on the first
+//! probe, on the one after any probe that was not healthy, when the
+//! generation answers 404 (to name the cause), and otherwise once every
+//! [`MODEL_LIST_EVERY`]. Reading it on every probe doubled the requests, and
+//! nearly the CPU, of a probe for a fact the generation already shows: it
+//! names the model, and an OpenAI-compatible server without that model
+//! refuses it (404 `model_not_found`), which fails the probe at once. The
+//! periodic read still catches, within that period, a server that ignores
+//! the requested model. With 100 backends probed every 100 ms that is 1090
+//! requests a second instead of 2000. Both requests share the probe's
+//! keep-alive connection ([`KeepAlive`]).
 
 use std::borrow::Cow;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, StatusCode, Uri, header};
+use hyper::{StatusCode, Uri};
 use serde::Deserialize;
 
-use super::http::{BODY_LIMIT, HttpClient, USER_AGENT, backend_uri, client, contains, read_body};
+use super::h1::Response;
+use super::http::{BODY_LIMIT, KeepAlive, Session, contains, request_path};
 use super::tls::TlsOptions;
-use super::{BackendTarget, Probe, ProbeError, ProbeOutcome, error_chain};
+use super::{BackendTarget, Probe, ProbeError, ProbeOutcome};
 
 /// Most bytes scanned for the first `data:` line of the stream.
 const SSE_SCAN_LIMIT: usize = 4 * 1024;
 
+/// Longest time a healthy backend goes without its model list being read.
+pub(crate) const MODEL_LIST_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 pub struct InferenceProbe {
-    client: HttpClient,
-    models_uri: Uri,
-    chat_uri: Uri,
+    client: KeepAlive,
+    /// The two requests, built once.
+    models_request: Box<[u8]>,
+    chat_request: Box<[u8]>,
+    chat_path: Uri,
     model: String,
-    /// The request body, built once and shared (refcounted) by every probe.
-    chat_body: Bytes,
     ttft_budget: Option<Duration>,
     timeout: Duration,
+    list_every: Duration,
+    /// When the model list last showed the model, if every probe since was
+    /// healthy; `None`: read it on the next probe.
+    listed: Mutex<Option<Instant>>,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +62,14 @@ struct ModelList<'a> {
 struct ModelEntry<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
+}
+
+/// Why a generation did not produce a first token.
+enum NoToken {
+    /// A non-2xx answer, after `latency`.
+    Status(StatusCode, Duration),
+    /// A 2xx answer whose stream failed or carried no data line.
+    Stream(String),
 }
 
 impl InferenceProbe {
@@ -64,49 +90,92 @@ impl InferenceProbe {
             "max_tokens": 1,
             "stream": true,
         });
+        let client = KeepAlive::new(target, tls, timeout)?;
+        let chat_path = request_path(&format!("{base}/v1/chat/completions"))?;
         Ok(Self {
-            client: client(tls, timeout)?,
-            models_uri: backend_uri(target, tls.is_some(), &format!("{base}/v1/models"))?,
-            chat_uri: backend_uri(
-                target,
-                tls.is_some(),
-                &format!("{base}/v1/chat/completions"),
-            )?,
+            models_request: client.request(
+                "GET",
+                &request_path(&format!("{base}/v1/models"))?,
+                &[],
+                b"",
+            ),
+            chat_request: client.request(
+                "POST",
+                &chat_path,
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Accept", "text/event-stream"),
+                ],
+                chat_body.to_string().as_bytes(),
+            ),
+            client,
+            chat_path,
             model: model.to_owned(),
-            chat_body: Bytes::from(chat_body.to_string()),
             ttft_budget,
             timeout,
+            list_every: MODEL_LIST_EVERY,
+            listed: Mutex::new(None),
         })
+    }
+
+    fn listed(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.listed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Probe for InferenceProbe {
     async fn check(&self) -> ProbeOutcome {
         let deadline = Instant::now() + self.timeout;
-        match self.model_loaded().await {
-            Ok(None) => {}
-            Ok(Some(degraded)) => return degraded,
-            Err(reason) => return ProbeOutcome::Failed { reason },
+        let mut session = self.client.session();
+        // Taken, not read: a probe cut short by its timeout leaves the next
+        // one to read the list again.
+        let last = self.listed().take();
+        let due = last.is_none_or(|at| at.elapsed() >= self.list_every);
+        let mut listed_now = None;
+        if due {
+            let at = Instant::now();
+            match self.model_loaded(&mut session).await {
+                Ok(None) => listed_now = Some(at),
+                Ok(Some(degraded)) => return degraded,
+                Err(reason) => return ProbeOutcome::Failed { reason },
+            }
         }
-        self.first_token(deadline).await
+        let outcome = match self.first_token(&mut session, deadline).await {
+            Ok(outcome) => outcome,
+            Err(NoToken::Status(StatusCode::TOO_MANY_REQUESTS, latency)) => rate_limited(latency),
+            // The usual answer of a server without the model: say so, if
+            // the list agrees.
+            Err(NoToken::Status(StatusCode::NOT_FOUND, _)) if !due => {
+                match self.model_loaded(&mut session).await {
+                    Ok(None) => not_ok(StatusCode::NOT_FOUND),
+                    Ok(Some(degraded)) => degraded,
+                    Err(reason) => ProbeOutcome::Failed { reason },
+                }
+            }
+            Err(NoToken::Status(status, _)) => not_ok(status),
+            Err(NoToken::Stream(reason)) => ProbeOutcome::Failed { reason },
+        };
+        if matches!(outcome, ProbeOutcome::Healthy { .. }) {
+            *self.listed() = listed_now.or(last);
+        }
+        outcome
     }
 }
 
 impl InferenceProbe {
     /// `Ok(None)` when the model is listed; `Ok(Some(..))` for a rate limit.
-    async fn model_loaded(&self) -> Result<Option<ProbeOutcome>, String> {
+    async fn model_loaded(
+        &self,
+        session: &mut Session<'_>,
+    ) -> Result<Option<ProbeOutcome>, String> {
         let start = Instant::now();
-        let req = Request::get(self.models_uri.clone())
-            .header(header::USER_AGENT, USER_AGENT)
-            .body(Full::default())
-            .expect("static request parts are valid");
-        let resp = self
-            .client
-            .request(req)
+        let mut resp = session
+            .send(&self.models_request)
             .await
-            .map_err(|e| format!("GET /v1/models: {}", error_chain(&e)))?;
-        let status = resp.status();
-        let (body, complete) = read_body(resp.into_body(), BODY_LIMIT).await?;
+            .map_err(|e| format!("GET /v1/models: {e}"))?;
+        let (body, complete) = resp.read_body(BODY_LIMIT, true).await?;
+        let status = resp.status;
+        drop(resp);
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Ok(Some(rate_limited(start.elapsed())));
         }
@@ -125,47 +194,35 @@ impl InferenceProbe {
         }
     }
 
-    async fn first_token(&self, deadline: Instant) -> ProbeOutcome {
-        let req = Request::post(self.chat_uri.clone())
-            .header(header::USER_AGENT, USER_AGENT)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "text/event-stream")
-            .body(Full::new(self.chat_body.clone()))
-            .expect("static request parts are valid");
+    /// The generation: healthy or degraded by its time to first token.
+    async fn first_token(
+        &self,
+        session: &mut Session<'_>,
+        deadline: Instant,
+    ) -> Result<ProbeOutcome, NoToken> {
         let sent = Instant::now();
-        let resp = match self.client.request(req).await {
-            Ok(r) => r,
-            Err(e) => {
-                return ProbeOutcome::failed(format!(
-                    "POST /v1/chat/completions: {}",
-                    error_chain(&e)
-                ));
-            }
-        };
-        let status = resp.status();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            drain(resp.into_body(), deadline).await;
-            return rate_limited(sent.elapsed());
-        }
+        let mut resp = session
+            .send(&self.chat_request)
+            .await
+            .map_err(|e| NoToken::Stream(format!("POST {}: {e}", self.chat_path)))?;
+        let status = resp.status;
         if !status.is_success() {
-            drain(resp.into_body(), deadline).await;
-            return ProbeOutcome::failed(format!("POST /v1/chat/completions answered {status}"));
+            let latency = sent.elapsed();
+            // Read to its end, the answer leaves the connection reusable.
+            drain(&mut resp, deadline).await;
+            return Err(NoToken::Status(status, latency));
         }
-        let mut body = resp.into_body();
-        let ttft = match first_data(&mut body, sent).await {
-            Ok(ttft) => ttft,
-            Err(reason) => return ProbeOutcome::Failed { reason },
-        };
+        let ttft = first_data(&mut resp, sent).await.map_err(NoToken::Stream)?;
         // max_tokens = 1 ends the stream right away; finishing it keeps the
         // connection for the next probe.
-        drain(body, deadline).await;
-        match self.ttft_budget {
+        drain(&mut resp, deadline).await;
+        Ok(match self.ttft_budget {
             Some(budget) if ttft > budget => ProbeOutcome::Degraded {
                 latency: ttft,
                 reason: format!("time to first token {ttft:?} over budget {budget:?}"),
             },
             _ => ProbeOutcome::Healthy { latency: ttft },
-        }
+        })
     }
 }
 
@@ -176,14 +233,18 @@ fn rate_limited(latency: Duration) -> ProbeOutcome {
     }
 }
 
+fn not_ok(status: StatusCode) -> ProbeOutcome {
+    ProbeOutcome::failed(format!("POST /v1/chat/completions answered {status}"))
+}
+
 /// Time from `sent` to the first SSE `data:` line.
-async fn first_data(body: &mut Incoming, sent: Instant) -> Result<Duration, String> {
-    let mut seen = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("reading stream: {}", error_chain(&e)))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
+async fn first_data(resp: &mut Response<'_>, sent: Instant) -> Result<Duration, String> {
+    let mut seen = Vec::new();
+    while let Some(data) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("reading stream: {e}"))?
+    {
         let at = sent.elapsed();
         seen.extend_from_slice(&data[..data.len().min(SSE_SCAN_LIMIT - seen.len())]);
         if contains(&seen, b"data:") {
@@ -196,11 +257,11 @@ async fn first_data(body: &mut Incoming, sent: Instant) -> Result<Duration, Stri
     Err("stream ended before the first token".to_owned())
 }
 
-/// Reads the rest of a body until it ends or `deadline` passes; a body still
-/// open then is dropped (its connection is closed, not reused).
-async fn drain(mut body: Incoming, deadline: Instant) {
-    let drained = async { while let Some(Ok(_)) = body.frame().await {} };
-    let _ = tokio::time::timeout_at(deadline.into(), drained).await;
+/// Reads the rest of a body until it ends or `deadline` passes; a body
+/// still open then is dropped unread, and its connection with it.
+async fn drain(resp: &mut Response<'_>, deadline: Instant) {
+    let rest = async { while let Ok(Some(_)) = resp.chunk().await {} };
+    let _ = tokio::time::timeout_at(deadline.into(), rest).await;
 }
 
 #[cfg(test)]
@@ -220,13 +281,146 @@ mod tests {
     async fn request_body_asks_for_one_streamed_token() {
         let t = BackendTarget::new("a", "127.0.0.1:1".parse().unwrap());
         let p = InferenceProbe::new(&t, "/", "m", None, None, Duration::from_secs(1)).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&p.chat_body).unwrap();
+        let req = std::str::from_utf8(&p.chat_request).unwrap();
+        let (head, body) = req.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains(&format!("\r\nContent-Length: {}", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["stream"], true);
         assert_eq!(v["max_tokens"], 1);
         assert_eq!(v["model"], "m");
+    }
+
+    /// An OpenAI-compatible server whose model list, handling of unknown
+    /// models and failures the test sets; counts both routes.
+    #[derive(Default)]
+    struct Server {
+        models: Mutex<Vec<String>>,
+        /// Answer 404 for a model not listed (as vLLM and OpenAI do);
+        /// otherwise generate whatever the request names.
+        honour_model: std::sync::atomic::AtomicBool,
+        fail: std::sync::atomic::AtomicBool,
+        lists: std::sync::atomic::AtomicUsize,
+        chats: std::sync::atomic::AtomicUsize,
+    }
+
+    async fn serve(srv: std::sync::Arc<Server>) -> BackendTarget {
+        use axum::extract::State;
+        use axum::http::header::CONTENT_TYPE;
+        use axum::routing::{get, post};
+        use std::sync::atomic::Ordering::SeqCst;
+        type St = State<std::sync::Arc<Server>>;
+
+        async fn list(State(s): St) -> axum::Json<serde_json::Value> {
+            s.lists.fetch_add(1, SeqCst);
+            let ids = s.models.lock().unwrap().clone();
+            let data: Vec<_> = ids.iter().map(|m| serde_json::json!({"id": m})).collect();
+            axum::Json(serde_json::json!({"object": "list", "data": data}))
+        }
+        async fn chat(
+            State(s): St,
+            axum::Json(req): axum::Json<serde_json::Value>,
+        ) -> (
+            StatusCode,
+            [(axum::http::HeaderName, &'static str); 1],
+            &'static str,
+        ) {
+            s.chats.fetch_add(1, SeqCst);
+            let model = req["model"].as_str().unwrap_or_default().to_owned();
+            if s.fail.load(SeqCst) {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(CONTENT_TYPE, "text/plain")],
+                    "",
+                );
+            }
+            if s.honour_model.load(SeqCst) && !s.models.lock().unwrap().contains(&model) {
+                return (
+                    StatusCode::NOT_FOUND,
+                    [(CONTENT_TYPE, "application/json")],
+                    "{}",
+                );
+            }
+            let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\ndata: [DONE]\n\n";
+            (StatusCode::OK, [(CONTENT_TYPE, "text/event-stream")], sse)
+        }
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let t = BackendTarget::new("b", l.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route("/v1/models", get(list))
+            .route("/v1/chat/completions", post(chat))
+            .with_state(srv);
+        tokio::spawn(async move { axum::serve(l, app).await });
+        t
+    }
+
+    fn counts(srv: &Server) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (srv.lists.load(SeqCst), srv.chats.load(SeqCst))
+    }
+
+    async fn setup(honour_model: bool) -> (std::sync::Arc<Server>, InferenceProbe) {
+        let srv = std::sync::Arc::new(Server::default());
+        srv.models.lock().unwrap().push("m".to_owned());
+        srv.honour_model
+            .store(honour_model, std::sync::atomic::Ordering::SeqCst);
+        let t = serve(srv.clone()).await;
+        let mut p = InferenceProbe::new(&t, "", "m", None, None, Duration::from_secs(2)).unwrap();
+        p.list_every = Duration::from_millis(500);
+        (srv, p)
+    }
+
+    fn healthy(o: &ProbeOutcome) {
+        assert!(matches!(o, ProbeOutcome::Healthy { .. }), "{o:?}");
+    }
+
+    #[tokio::test]
+    async fn model_list_read_first_then_periodically_and_after_trouble() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (srv, p) = setup(false).await;
+        healthy(&p.check().await);
+        assert_eq!(counts(&srv), (1, 1));
+        healthy(&p.check().await);
+        healthy(&p.check().await);
+        assert_eq!(counts(&srv), (1, 3), "list not due: generation only");
+
+        srv.fail.store(true, SeqCst);
+        let o = p.check().await;
         assert_eq!(
-            p.chat_uri.to_string(),
-            "http://127.0.0.1:1/v1/chat/completions"
+            o.reason(),
+            Some("POST /v1/chat/completions answered 500 Internal Server Error")
         );
+        srv.fail.store(false, SeqCst);
+        healthy(&p.check().await);
+        assert_eq!(counts(&srv), (2, 5), "list read again after a failure");
+
+        // A server that ignores the requested model: the periodic list
+        // read catches the model gone.
+        srv.models.lock().unwrap().clear();
+        healthy(&p.check().await);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let o = p.check().await;
+        assert_eq!(o.reason(), Some("model m not loaded"));
+        assert_eq!(counts(&srv), (3, 6));
+        // Until it is back, every probe reads the list.
+        assert_eq!(p.check().await.reason(), Some("model m not loaded"));
+        srv.models.lock().unwrap().push("m".to_owned());
+        healthy(&p.check().await);
+        assert_eq!(counts(&srv), (5, 7));
+    }
+
+    #[tokio::test]
+    async fn generation_refused_for_the_model_names_the_cause_at_once() {
+        let (srv, p) = setup(true).await;
+        healthy(&p.check().await);
+        srv.models.lock().unwrap().clear();
+        // Not due, but the 404 sends the probe to the list.
+        let o = p.check().await;
+        assert_eq!(o.reason(), Some("model m not loaded"));
+        assert_eq!(counts(&srv), (2, 2));
     }
 }

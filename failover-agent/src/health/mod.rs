@@ -6,11 +6,20 @@
 //!
 //! Probes follow pingora's `HealthCheck` shape: a small [`Probe`] trait with
 //! one implementation per kind, dispatched through [`AnyProbe`] (an enum, so
-//! no boxed future per probe). Each probe keeps its connection state (HTTP
-//! keep-alive pool, gRPC channel) across checks: 100 backends probed every
-//! 100 ms stay cheap.
+//! no boxed future per probe). Each probe keeps one connection open across
+//! checks (HTTP/1.1 keep-alive, an HTTP/2 connection for gRPC) and drives it
+//! in the prober task itself: no connection tasks, no pool, and no
+//! allocation on the way of a healthy HTTP probe. 100 backends probed every
+//! 100 ms are then mostly the kernel's loopback TCP work (see `http` and
+//! `grpc` for what that replaced and what it saved).
+//!
+//! The prober loop itself costs little per probe (a timer for the timeout,
+//! an `mpsc` poll for ejections, one histogram observation, no allocation
+//! unless the outcome carries a reason); profiles put each under 0.1% of a
+//! core at 1000 probes a second, so it stays as plain as it is.
 
 mod grpc;
+mod h1;
 mod http;
 mod inference;
 pub mod passive;
@@ -123,12 +132,6 @@ pub enum ProbeError {
     EmptyCaFile(PathBuf),
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("gRPC endpoint {uri}: {source}")]
-    Grpc {
-        uri: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
 }
 
 /// What a prober checks: the backend's name (for events and logs) and the
@@ -186,7 +189,7 @@ impl Probe for AnyProbe {
 }
 
 /// Builds the probe `cfg` describes for `target`. `tls` applies when
-/// `cfg.tls` is set. Call inside a tokio runtime (gRPC spawns its channel).
+/// `cfg.tls` is set. Connections are opened by the first check.
 pub fn build_probe(
     target: &BackendTarget,
     cfg: &config::Probe,
@@ -474,8 +477,8 @@ async fn run<P: Probe>(
     }
 }
 
-/// An error with its sources, `a: b: c` (hyper's own text is just "client
-/// error (Connect)"; the cause is further down).
+/// An error with its sources, `a: b: c` (h2's and hyper's own text often
+/// leaves the cause further down).
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
