@@ -528,6 +528,15 @@ async fn passive_ejection_from_real_handshake_counters() {
         lab.run(lab.va0, &rst.build()).unwrap();
     }
     assert_eq!(lab.dp.backend_stats(b1).unwrap().syn_rsts, 2);
+    // The sweep's batched read gives what reads one by one give.
+    let n = b1.max(id(&a, "b3")) + 1;
+    let batch = lab.dp.backend_stats_batch(n).unwrap();
+    assert_eq!(batch.len(), n as usize);
+    for (i, s) in batch.iter().enumerate() {
+        assert_eq!(*s, lab.dp.backend_stats(i as u32).unwrap(), "backend {i}");
+    }
+    assert_eq!(batch[b1 as usize].syns, 2);
+    assert_eq!(batch[b1 as usize].syn_rsts, 2);
     // The backend was idle at the baseline read, so the next read comes at
     // the idle period (busy backends are read every 5 ms).
     let now = t0 + failover_agent::agent::passive::IDLE_POLL_INTERVAL;

@@ -553,7 +553,20 @@ impl Agent {
     fn on_passive_tick(&mut self) {
         let now = Instant::now();
         let dp = self.applier.dataplane();
-        let ejections = self.passive.poll(now, |id| dp.backend_stats(id));
+        // A sweep reads every backend: one batched syscall, not one each.
+        let batch = match self.passive.max_id() {
+            Some(max) if self.passive.sweep_due(now) => dp
+                .backend_stats_batch(max + 1)
+                .inspect_err(|e| tracing::debug!(error = %e, "BE_STATS batch read failed"))
+                .ok(),
+            _ => None,
+        };
+        let ejections = self.passive.poll(now, |id| {
+            match batch.as_ref().and_then(|b| b.get(id as usize)) {
+                Some(s) => Ok(*s),
+                None => dp.backend_stats(id),
+            }
+        });
         for e in ejections {
             tracing::warn!(backend = %e.backend, backend_id = e.id, reason = %e.why, "passive ejection");
             if let Err(err) = self.applier.mark_down(&e.backend, now) {

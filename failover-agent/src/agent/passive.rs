@@ -117,6 +117,17 @@ impl PassiveMonitor {
         })
     }
 
+    /// True when the next [`poll`](Self::poll) at `now` reads every
+    /// backend (the caller may then fetch them all in one batch).
+    pub fn sweep_due(&self, now: Instant) -> bool {
+        self.next_sweep.is_none_or(|t| now >= t)
+    }
+
+    /// The highest backend id watched.
+    pub fn max_id(&self) -> Option<u32> {
+        self.watched.values().map(|w| w.id).max()
+    }
+
     /// Reads the counters (summed over CPUs) of every active backend, and
     /// of all of them when a sweep is due, through `read`; returns the
     /// ejections. Each is also handed to the backend's prober. A failed
@@ -126,7 +137,7 @@ impl PassiveMonitor {
         now: Instant,
         mut read: impl FnMut(u32) -> Result<BackendStats, E>,
     ) -> Vec<PassiveEjection> {
-        let sweep = self.next_sweep.is_none_or(|t| now >= t);
+        let sweep = self.sweep_due(now);
         if sweep {
             self.next_sweep = Some(now + IDLE_POLL_INTERVAL);
         }
