@@ -89,7 +89,7 @@ impl Dataplane {
             .map_err(|(_, e)| map_err(names::BE_STATS)(aya::maps::MapError::from(e)))?;
         // Per-CPU values come back as `cpus` copies per key, each rounded up
         // to 8 bytes; BackendStats is all u64s, so no padding.
-        const _: () = assert!(std::mem::size_of::<BackendStats>() % 8 == 0);
+        const _: () = assert!(std::mem::size_of::<BackendStats>().is_multiple_of(8));
         let mut keys = vec![0u32; n as usize];
         let mut values = vec![BackendStats::default(); n as usize * cpus];
         let mut out_batch = 0u32;
