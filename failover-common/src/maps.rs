@@ -284,6 +284,40 @@ pub struct BackendStats {
     pub rtt_at_ns: u64,
 }
 
+impl ServiceStats {
+    /// Adds another CPU's counters (the agent sums the per-CPU values).
+    pub fn merge(mut self, o: &Self) -> Self {
+        self.fwd_packets += o.fwd_packets;
+        self.fwd_bytes += o.fwd_bytes;
+        self.rev_packets += o.rev_packets;
+        self.rev_bytes += o.rev_bytes;
+        self.new_flows += o.new_flows;
+        self.resets += o.resets;
+        self
+    }
+}
+
+impl BackendStats {
+    /// Adds another CPU's counters; the RTT is the most recently measured
+    /// of the two.
+    pub fn merge(mut self, o: &Self) -> Self {
+        self.fwd_packets += o.fwd_packets;
+        self.fwd_bytes += o.fwd_bytes;
+        self.rev_packets += o.rev_packets;
+        self.rev_bytes += o.rev_bytes;
+        self.new_flows += o.new_flows;
+        self.resets += o.resets;
+        self.syns += o.syns;
+        self.synacks += o.synacks;
+        self.syn_rsts += o.syn_rsts;
+        if o.rtt_at_ns > self.rtt_at_ns {
+            self.rtt_at_ns = o.rtt_at_ns;
+            self.rtt_last_ns = o.rtt_last_ns;
+        }
+        self
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

@@ -219,18 +219,10 @@ impl AgentProc {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        // SAFETY: kill has no memory preconditions; the pid is our child.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if !terminate(&mut child)? {
+            bail!("agent did not stop within 5 s of SIGTERM")
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("agent did not stop within 5 s of SIGTERM")
+        Ok(())
     }
 
     /// Fails when the process has exited.
@@ -283,6 +275,23 @@ impl AgentProc {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// SIGTERM to `child`, then waits up to 5 s before a SIGKILL. True when it
+/// stopped on the SIGTERM (the agent's graceful path).
+pub fn terminate(child: &mut Child) -> Result<bool> {
+    // SAFETY: kill has no memory preconditions; the pid is our child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(false)
 }
 
 /// The default config placement: a plain file, `dir/agent.yaml`.

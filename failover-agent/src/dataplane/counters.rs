@@ -38,15 +38,7 @@ impl Dataplane {
             .svc_stats
             .get(&id, 0)
             .map_err(map_err(names::SVC_STATS))?;
-        Ok(v.iter().fold(ServiceStats::default(), |mut a, s| {
-            a.fwd_packets += s.fwd_packets;
-            a.fwd_bytes += s.fwd_bytes;
-            a.rev_packets += s.rev_packets;
-            a.rev_bytes += s.rev_bytes;
-            a.new_flows += s.new_flows;
-            a.resets += s.resets;
-            a
-        }))
+        Ok(v.iter().fold(ServiceStats::default(), ServiceStats::merge))
     }
 
     /// Summed counters; the RTT fields come from the CPU that saw the most
@@ -56,7 +48,7 @@ impl Dataplane {
             .be_stats
             .get(&id, 0)
             .map_err(map_err(names::BE_STATS))?;
-        Ok(merge_backend(v.iter()))
+        Ok(v.iter().fold(BackendStats::default(), BackendStats::merge))
     }
 
     /// [`backend_stats`](Self::backend_stats) of backends `0..n`, in one
@@ -120,28 +112,7 @@ impl Dataplane {
         let got = attr.count.min(n) as usize;
         Ok(values[..got * cpus]
             .chunks(cpus)
-            .map(|c| merge_backend(c.iter()))
+            .map(|c| c.iter().fold(BackendStats::default(), BackendStats::merge))
             .collect())
     }
-}
-
-/// One backend's per-CPU counters summed; the RTT is the one most recently
-/// measured on any CPU.
-fn merge_backend<'a>(per_cpu: impl Iterator<Item = &'a BackendStats>) -> BackendStats {
-    per_cpu.fold(BackendStats::default(), |mut a, s| {
-        a.fwd_packets += s.fwd_packets;
-        a.fwd_bytes += s.fwd_bytes;
-        a.rev_packets += s.rev_packets;
-        a.rev_bytes += s.rev_bytes;
-        a.new_flows += s.new_flows;
-        a.resets += s.resets;
-        a.syns += s.syns;
-        a.synacks += s.synacks;
-        a.syn_rsts += s.syn_rsts;
-        if s.rtt_at_ns > a.rtt_at_ns {
-            a.rtt_at_ns = s.rtt_at_ns;
-            a.rtt_last_ns = s.rtt_last_ns;
-        }
-        a
-    })
 }

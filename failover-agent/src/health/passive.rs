@@ -38,16 +38,16 @@ impl HandshakeCounters {
     /// Sums the per-CPU values of a backend's stats; the RTT is the one most
     /// recently measured on any CPU.
     pub fn from_per_cpu<'a>(per_cpu: impl IntoIterator<Item = &'a BackendStats>) -> Self {
-        per_cpu.into_iter().fold(Self::default(), |mut acc, s| {
-            acc.syns = acc.syns.wrapping_add(s.syns);
-            acc.synacks = acc.synacks.wrapping_add(s.synacks);
-            acc.syn_rsts = acc.syn_rsts.wrapping_add(s.syn_rsts);
-            if s.rtt_at_ns > acc.rtt_at_ns {
-                acc.rtt_at_ns = s.rtt_at_ns;
-                acc.rtt_last_ns = s.rtt_last_ns;
-            }
-            acc
-        })
+        let s = per_cpu
+            .into_iter()
+            .fold(BackendStats::default(), BackendStats::merge);
+        Self {
+            syns: s.syns,
+            synacks: s.synacks,
+            syn_rsts: s.syn_rsts,
+            rtt_last_ns: s.rtt_last_ns,
+            rtt_at_ns: s.rtt_at_ns,
+        }
     }
 }
 

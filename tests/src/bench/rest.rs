@@ -208,17 +208,7 @@ struct AgentChild(Child);
 
 impl Drop for AgentChild {
     fn drop(&mut self) {
-        // SAFETY: kill has no memory preconditions; the pid is our child.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = crate::agentproc::terminate(&mut self.0);
     }
 }
 
