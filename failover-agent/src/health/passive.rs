@@ -5,8 +5,9 @@
 //! over CPUs), each with the time it was read. Two rules:
 //! - **Refused**: SYNs answered by RST (`syn_rsts` grew by at least
 //!   `rst_threshold` since the last SYN-ACK) while no SYN-ACK came back.
-//! - **Unanswered**: SYNs went out and neither a SYN-ACK nor an RST came back
-//!   for longer than `clamp(rtt_multiplier * srtt, floor, ceiling)`, where
+//! - **Unanswered**: at least `min_unanswered` SYNs went out and neither a
+//!   SYN-ACK nor an RST came back for longer than
+//!   `clamp(rtt_multiplier * srtt, floor, ceiling)`, where
 //!   `srtt` is an EWMA of the handshake RTTs the data plane measured. Before
 //!   any RTT is known the bound is `unknown_rtt_bound`, so the first SYN to a
 //!   distant backend is not mistaken for a dead one.
@@ -56,6 +57,10 @@ impl HandshakeCounters {
 pub struct PassiveConfig {
     /// RSTs to SYNs, with no SYN-ACK in between, that eject.
     pub rst_threshold: u64,
+    /// SYNs left unanswered, with no SYN-ACK in between, needed to eject:
+    /// one SYN lost on the way, just as traffic to the backend stops (its
+    /// ring moved away), is no evidence of a dead backend.
+    pub min_unanswered: u64,
     /// Unanswered bound = `rtt_multiplier` x smoothed handshake RTT ...
     pub rtt_multiplier: u32,
     /// ... but never below this (scheduling noise, delayed accept) ...
@@ -70,6 +75,7 @@ impl Default for PassiveConfig {
     fn default() -> Self {
         Self {
             rst_threshold: 2,
+            min_unanswered: 2,
             rtt_multiplier: 4,
             floor: Duration::from_millis(50),
             ceiling: Duration::from_secs(1),
@@ -108,6 +114,8 @@ pub struct PassiveDetector {
     refused: u64,
     /// When SYNs were first seen outstanding with no answer since.
     unanswered_since: Option<Instant>,
+    /// How many SYNs have gone unanswered since then.
+    unanswered: u64,
 }
 
 impl PassiveDetector {
@@ -118,6 +126,7 @@ impl PassiveDetector {
             srtt_ns: None,
             refused: 0,
             unanswered_since: None,
+            unanswered: 0,
         }
     }
 
@@ -163,7 +172,8 @@ impl PassiveDetector {
             // The backend answers: earlier refusals or silence no longer count.
             // SYNs of this window beyond the answers may still be in flight.
             self.refused = 0;
-            self.unanswered_since = (syns > synacks + rsts).then_some(now);
+            self.unanswered = syns.saturating_sub(synacks + rsts);
+            self.unanswered_since = (self.unanswered > 0).then_some(now);
             return None;
         }
         if rsts > 0 {
@@ -174,13 +184,16 @@ impl PassiveDetector {
                 return Some(Ejection::Refused { rsts });
             }
         }
-        if syns > rsts && self.unanswered_since.is_none() {
-            self.unanswered_since = Some(now);
+        if syns > rsts {
+            self.unanswered += syns - rsts;
+            if self.unanswered_since.is_none() {
+                self.unanswered_since = Some(now);
+            }
         }
         let since = self.unanswered_since?;
         let waited = now.saturating_duration_since(since);
         let bound = self.unanswered_bound();
-        if waited >= bound {
+        if waited >= bound && self.unanswered >= self.cfg.min_unanswered {
             self.clear_evidence();
             return Some(Ejection::Unanswered { waited, bound });
         }
@@ -202,6 +215,7 @@ impl PassiveDetector {
     fn clear_evidence(&mut self) {
         self.refused = 0;
         self.unanswered_since = None;
+        self.unanswered = 0;
     }
 }
 
@@ -377,11 +391,27 @@ mod tests {
         assert_eq!(f.repeat(200, 1, 1, 0, Some(40)), None);
         assert_eq!(f.det.srtt(), Some(Duration::from_millis(40)));
         assert_eq!(f.det.unanswered_bound(), Duration::from_millis(160));
-        // A single unanswered SYN, then silence: 32 samples x 5 ms = 160 ms.
-        assert_eq!(f.step(1, 0, 0, None), None);
+        // Two unanswered SYNs, then silence: 32 samples x 5 ms = 160 ms.
+        assert_eq!(f.step(2, 0, 0, None), None);
         let (k, e) = f.repeat(100, 0, 0, 0, None).expect("ejected");
         assert_eq!(k + 1, 32);
         assert!(matches!(e, Ejection::Unanswered { .. }), "{e}");
+    }
+
+    #[test]
+    fn one_stray_syn_as_traffic_stops_does_not_eject() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(200, 3, 3, 0, Some(1)), None);
+        // The ring moved away: the last window's SYNs are answered but one,
+        // which was lost; then no more SYNs come. Nothing to go on.
+        assert_eq!(f.step(3, 2, 0, None), None);
+        assert_eq!(f.repeat(100, 0, 0, 0, None), None);
+        // A second SYN, unanswered too: now it is evidence, and the wait
+        // counts from the first.
+        assert!(matches!(
+            f.step(1, 0, 0, None),
+            Some(Ejection::Unanswered { .. })
+        ));
     }
 
     #[test]
@@ -399,7 +429,7 @@ mod tests {
     fn unknown_rtt_uses_conservative_bound() {
         let mut f = Feed::new(PassiveConfig::default());
         assert_eq!(f.det.unanswered_bound(), Duration::from_millis(300));
-        assert_eq!(f.step(1, 0, 0, None), None);
+        assert_eq!(f.step(2, 0, 0, None), None);
         let (k, _) = f.repeat(100, 0, 0, 0, None).expect("ejected");
         assert_eq!(k + 1, 60, "300 ms / 5 ms");
     }
