@@ -147,15 +147,7 @@ impl AgentProc {
         place: impl FnOnce(&Path, &str) -> Result<PathBuf>,
     ) -> Result<Self> {
         let config = place(dir, &config_yaml(&topo.pins.0, timing))?;
-        let mut me = Self {
-            child: None,
-            edge_ns: topo.edge.name.clone(),
-            config,
-            audit: dir.join("audit.jsonl"),
-            log: dir.join("agent.log"),
-            startup_hold_s: 10,
-            print_log: false,
-        };
+        let mut me = Self::unspawned(&topo.edge.name, dir, config);
         me.spawn()?;
         Ok(me)
     }
@@ -164,9 +156,19 @@ impl AgentProc {
     /// namespace `edge_ns`: for topologies other than [`Topology`] (e.g.
     /// `twoedge`, one agent per edge).
     pub fn start_with_config(edge_ns: &str, dir: &Path, yaml: &str) -> Result<Self> {
-        let config = dir.join("agent.yaml");
-        std::fs::write(&config, yaml)?;
-        let mut me = Self {
+        let mut me = Self::configured(edge_ns, dir, yaml)?;
+        me.spawn()?;
+        Ok(me)
+    }
+
+    /// Like [`start_with_config`](Self::start_with_config), but not started
+    /// yet: set the public fields, then [`spawn`](Self::spawn).
+    pub fn configured(edge_ns: &str, dir: &Path, yaml: &str) -> Result<Self> {
+        Ok(Self::unspawned(edge_ns, dir, write_config(dir, yaml)?))
+    }
+
+    fn unspawned(edge_ns: &str, dir: &Path, config: PathBuf) -> Self {
+        Self {
             child: None,
             edge_ns: edge_ns.to_owned(),
             config,
@@ -174,9 +176,7 @@ impl AgentProc {
             log: dir.join("agent.log"),
             startup_hold_s: 10,
             print_log: false,
-        };
-        me.spawn()?;
-        Ok(me)
+        }
     }
 
     /// The running process's id (for leftover checks).

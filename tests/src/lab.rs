@@ -169,6 +169,31 @@ impl Lab {
     }
 }
 
+/// The `node:` block of an agent config for this lab (both legs, SKB mode,
+/// the lab's SNAT address and ports, pins under `pin`), with the control
+/// socket at `api_socket` and metrics on an ephemeral loopback port when
+/// given.
+pub fn node_yaml(pin: &std::path::Path, api_socket: Option<&std::path::Path>) -> String {
+    let mut y = format!(
+        "node:
+  interfaces: [vc0, va0]
+  xdp_mode: skb
+  snat_address: {SNAT}
+  snat_ports: {{ min: {PORT_MIN}, max: {PORT_MAX} }}
+  pin_path: {}
+  hash_seed: 7
+",
+        pin.display()
+    );
+    if let Some(sock) = api_socket {
+        y.push_str(&format!(
+            "  metrics_address: 127.0.0.1:0\n  api_socket: {}\n",
+            sock.display()
+        ));
+    }
+    y
+}
+
 /// A ring of `size` slots cycling through `ids`; all NO_BACKEND if empty.
 pub fn ring_of(size: u32, ids: &[u32]) -> Box<Ring> {
     let mut ring = Box::new(Ring {

@@ -52,14 +52,7 @@ fn lab_backends() -> Vec<(String, Ipv4Addr, u16)> {
 /// YAML appended under `services:`.
 fn yaml(pin: &Path, web: &[&str], extra: &str, backends: &[B], probe: &str) -> String {
     let mut y = format!(
-        "node:
-  interfaces: [vc0, va0]
-  xdp_mode: skb
-  snat_address: {SNAT}
-  snat_ports: {{ min: 40000, max: 40999 }}
-  pin_path: {pin}
-  hash_seed: 7
-services:
+        "{node}services:
   - name: web
     vip: {VIP}
     port: 80
@@ -69,7 +62,7 @@ services:
     policy: {{ ring_size: {RING} }}
 {extra}backends:
 ",
-        pin = pin.display(),
+        node = failover_tests::lab::node_yaml(pin, None),
         web = web.join(", "),
     );
     for (n, a, p) in backends {

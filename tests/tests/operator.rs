@@ -17,7 +17,7 @@ use failover_agent::{
 };
 use failover_common::state;
 use failover_tests::{
-    lab::{CLIENT, Lab, SNAT, VIP, backend_addr},
+    lab::{CLIENT, Lab, VIP, backend_addr},
     netns::require_root,
     packet::Frame,
     scratch::TempDir,
@@ -67,16 +67,7 @@ fn yaml_at(
 ) -> String {
     let names: Vec<&str> = backends.iter().map(|(n, _, _, _)| *n).collect();
     let mut y = format!(
-        "node:
-  interfaces: [vc0, va0]
-  xdp_mode: skb
-  snat_address: {SNAT}
-  snat_ports: {{ min: 40000, max: 40999 }}
-  pin_path: {pin}
-  hash_seed: 7
-  metrics_address: 127.0.0.1:0
-  api_socket: {sock}
-services:
+        "{node}services:
   - name: web
     vip: {VIP}
     port: 80
@@ -86,8 +77,7 @@ services:
     policy: {{ ring_size: 13 }}
 backends:
 ",
-        pin = pin.display(),
-        sock = dir.join("agent.sock").display(),
+        node = failover_tests::lab::node_yaml(pin, Some(&dir.join("agent.sock"))),
         names = names.join(", "),
     );
     for (n, a, p, t) in backends {
@@ -612,6 +602,21 @@ impl CliOut {
     }
 }
 
+/// The header of `failover-agent backends`.
+const BACKENDS_HEADER: [&str; 11] = [
+    "BACKEND",
+    "ADDRESS",
+    "HEALTH",
+    "STATE",
+    "TIER",
+    "WEIGHT",
+    "PROBE",
+    "SYN/ACK/RST",
+    "RTT",
+    "FLOWS",
+    "SERVICES",
+];
+
 /// Runs the real `failover-agent` binary with `args`: stdout and stderr
 /// are pipes (not a terminal), `NO_COLOR` is unset and `TERM` says colour
 /// is possible, so only the terminal check can keep colour out. Async: the
@@ -851,22 +856,7 @@ async fn the_cli_binary_against_a_running_agent() {
 
     // backends: aligned, no colour on a pipe.
     let out = op(&sock, &["backends"]).await.ok();
-    let rows = aligned_table(
-        &out.stdout,
-        &[
-            "BACKEND",
-            "ADDRESS",
-            "HEALTH",
-            "STATE",
-            "TIER",
-            "WEIGHT",
-            "PROBE",
-            "SYN/ACK/RST",
-            "RTT",
-            "FLOWS",
-            "SERVICES",
-        ],
-    );
+    let rows = aligned_table(&out.stdout, &BACKENDS_HEADER);
     let col = |r: &Vec<String>, i: usize| r[i].clone();
     assert_eq!(
         rows.iter()
@@ -1104,22 +1094,7 @@ async fn the_cli_binary_against_a_running_agent() {
             let text = String::from_utf8(out.stdout).unwrap().replace("\r\n", "\n");
             assert!(text.contains("\x1b[32mup"), "{text:?}");
             let plain = text.replace("\x1b[0m", "").replace("\x1b[32m", "");
-            let rows = aligned_table(
-                &plain,
-                &[
-                    "BACKEND",
-                    "ADDRESS",
-                    "HEALTH",
-                    "STATE",
-                    "TIER",
-                    "WEIGHT",
-                    "PROBE",
-                    "SYN/ACK/RST",
-                    "RTT",
-                    "FLOWS",
-                    "SERVICES",
-                ],
-            );
+            let rows = aligned_table(&plain, &BACKENDS_HEADER);
             assert_eq!(rows.len(), 3, "{plain}");
         }
         other => panic!("`script` could not run the CLI on a terminal: {other:?}"),

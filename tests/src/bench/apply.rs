@@ -48,14 +48,7 @@ pub const FULL_TRIALS: usize = 200;
 fn cfg(pin: &Path, backends: usize, ring: u32) -> Result<config::Config> {
     let names: Vec<String> = (1..=backends).map(|i| format!("b{i}")).collect();
     let mut y = format!(
-        "node:
-  interfaces: [vc0, va0]
-  xdp_mode: skb
-  snat_address: 198.51.100.1
-  snat_ports: {{ min: 40000, max: 40999 }}
-  pin_path: {}
-  hash_seed: 7
-services:
+        "{}services:
   - name: bench
     vip: 203.0.113.10
     port: 80
@@ -65,7 +58,7 @@ services:
     policy: {{ ring_size: {ring} }}
 backends:
 ",
-        pin.display(),
+        crate::lab::node_yaml(pin, None),
         names.join(", ")
     );
     for (i, n) in names.iter().enumerate() {

@@ -11,7 +11,6 @@
 use std::{
     net::Ipv4Addr,
     path::Path,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -19,15 +18,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use failover_common::state;
 use serde::Serialize;
 
 use crate::{
+    agentproc::AgentProc,
     backend::{BackendConfig, Fault, Faults, Stats, serve_grpc_health, serve_http_with_stats},
     lab::Lab,
     scratch::TempDir,
-    topology::sibling_bin,
 };
 
 pub const KINDS: [&str; 4] = ["tcp", "http", "grpc", "inference"];
@@ -68,16 +67,7 @@ fn yaml(pin: &Path, sock: &Path, kind: &str, o: &Opts) -> String {
     };
     let names: Vec<String> = (0..o.backends).map(|i| format!("b{i}")).collect();
     let mut y = format!(
-        "node:
-  interfaces: [vc0, va0]
-  xdp_mode: skb
-  snat_address: {snat}
-  snat_ports: {{ min: 40000, max: 40999 }}
-  pin_path: {pin}
-  hash_seed: 7
-  metrics_address: 127.0.0.1:0
-  api_socket: {sock}
-services:
+        "{node}services:
   - name: rest
     vip: {vip}
     port: 80
@@ -86,10 +76,8 @@ services:
     probe: {{ kind: {kind}, interval: {iv}ms, timeout: 1s, rise: 2, fall: 2{probe} }}
 backends:
 ",
-        snat = crate::lab::SNAT,
+        node = crate::lab::node_yaml(pin, Some(sock)),
         vip = crate::lab::VIP,
-        pin = pin.display(),
-        sock = sock.display(),
         names = names.join(", "),
         iv = o.interval_ms,
     );
@@ -203,15 +191,6 @@ impl Drop for Backends {
     }
 }
 
-/// The agent process in the lab namespace; killed on drop.
-struct AgentChild(Child);
-
-impl Drop for AgentChild {
-    fn drop(&mut self) {
-        let _ = crate::agentproc::terminate(&mut self.0);
-    }
-}
-
 /// Run time of every thread of `pid` so far (schedstat's first field, ns).
 fn cpu_ns(pid: u32) -> Result<u64> {
     let mut total = 0;
@@ -250,37 +229,21 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
 fn one(kind: &str, o: &Opts) -> Result<RestResult> {
     let lab = Lab::new()?;
     let dir = TempDir::new();
-    let cfg = dir.0.join("rest.yaml");
-    std::fs::write(&cfg, yaml(lab.pin_dir(), &dir.0.join("api.sock"), kind, o))?;
     let backends = Backends::start(kind, o.backends)?;
-    let log = std::fs::File::create(dir.0.join("agent.log"))?;
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.ns.name))
-        .arg(sibling_bin("failover-agent")?)
-        .args(["run", "--startup-hold", "0", "--config"])
-        .arg(&cfg)
-        .arg("--audit")
-        .arg(dir.0.join("audit.jsonl"))
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("spawn failover-agent via nsenter")?;
+    let mut agent = AgentProc::configured(
+        &lab.ns.name,
+        &dir.0,
+        &yaml(lab.pin_dir(), &dir.0.join("api.sock"), kind, o),
+    )?;
+    agent.startup_hold_s = 0;
+    agent.spawn()?;
     // nsenter execs the agent: the child's pid is the agent's.
-    let mut agent = AgentChild(child);
-    let pid = agent.0.id();
+    let pid = agent.pid().context("agent pid")?;
 
     // Wait until every backend is UP in the data plane.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(st) = agent.0.try_wait()? {
-            bail!(
-                "agent exited ({st}): {}",
-                std::fs::read_to_string(dir.0.join("agent.log")).unwrap_or_default()
-            );
-        }
+        agent.check_alive()?;
         let up = (0..u32::from(o.backends))
             .filter(|&id| lab.dp.backend(id).is_ok_and(|b| b.state == state::UP))
             .count();
