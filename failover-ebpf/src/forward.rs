@@ -39,7 +39,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         match BACKENDS.get(flow.backend_id) {
             Some(be) if be.state == state::UP || be.state == state::DRAINING => {
                 let (addr, port) = (be.addr_be, be.port_be);
-                let out = send(ctx, node, ip, l4, &fkey, flow, addr, port);
+                let out = send(ctx, node, ip, l4, &fkey, flow, addr, port, false);
                 if l4.flags & TCP_RST != 0 {
                     // The client ended the flow: free its entries now.
                     let f = *flow;
@@ -69,7 +69,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         // A VIP filter false positive, or a port we do not serve.
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
-    let mut flow = match new_flow(node, svc, &fkey) {
+    let flow = match new_flow(node, svc, &fkey) {
         Ok(f) => f,
         Err(Reason::NoBackend) if l4.tcp => {
             // Fail closed, but tell the client now instead of letting it
@@ -82,26 +82,20 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         return (xdp_action::XDP_DROP, Reason::NoBackend);
     };
     let (addr, port) = (be.addr_be, be.port_be);
-    let out = send(ctx, node, ip, l4, &fkey, &mut flow, addr, port);
-    if out.0 == xdp_action::XDP_DROP {
-        // Not sent (no route, no neighbour, ...): keep no state for it.
-        forget(&fkey, &flow, node);
-        return out;
-    }
     if FLOWS.insert(&fkey, &flow, 0).is_err() {
         forget(&fkey, &flow, node);
         return (xdp_action::XDP_DROP, Reason::FlowTableFull);
     }
-    if let Some(s) = stats::service(svc.id) {
-        s.new_flows += 1;
-    }
-    if let Some(s) = stats::backend(flow.backend_id) {
-        s.new_flows += 1;
+    let out = send(ctx, node, ip, l4, &fkey, &flow, addr, port, true);
+    if out.0 == xdp_action::XDP_DROP {
+        // Not sent (no route, no neighbour, ...): keep no state for it.
+        forget(&fkey, &flow, node);
     }
     out
 }
 
-/// Counts, rewrites toward the backend, and sends.
+/// Counts, rewrites toward the backend, and sends. `new`: the packet opens
+/// `flow`, which is then counted too (with the same counter lookups).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn send(
@@ -110,9 +104,10 @@ fn send(
     ip: &Ipv4,
     l4: &L4,
     k: &FlowKey,
-    flow: &mut Flow,
+    flow: &Flow,
     be_addr: u32,
     be_port: u16,
+    new: bool,
 ) -> (u32, Reason) {
     ipv4::rewrite(ip.hdr, node.snat_be, be_addr);
     if let Err(r) = l4::rewrite(
@@ -140,13 +135,16 @@ fn send(
         None => (xdp_action::XDP_DROP, Reason::NoBackend),
     };
     let bytes = ip.tot_len as u64;
+    let opened = (new && out.0 != xdp_action::XDP_DROP) as u64;
     if let Some(s) = stats::service(flow.service_id) {
         s.fwd_packets += 1;
         s.fwd_bytes += bytes;
+        s.new_flows += opened;
     }
     if let Some(s) = stats::backend(flow.backend_id) {
         s.fwd_packets += 1;
         s.fwd_bytes += bytes;
+        s.new_flows += opened;
         // Count only SYNs that left: one dropped here (no neighbour yet,
         // no route) must not look like a SYN the backend left unanswered.
         if l4.flags & TCP_SYN != 0 && out.0 != xdp_action::XDP_DROP {
