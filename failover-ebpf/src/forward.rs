@@ -16,7 +16,7 @@ use crate::{
     egress::{self, Route},
     ipv4,
     ipv4::Ipv4,
-    l4::{self, L4, TCP_RST, TCP_SYN},
+    l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
     maps::{BACKENDS, FLOWS, NEXTHOPS, REVERSE, SERVICES},
     reset, select, stats,
 };
@@ -39,6 +39,9 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         match BACKENDS.get(flow.backend_id) {
             Some(be) if be.state == state::UP || be.state == state::DRAINING => {
                 let (addr, port) = (be.addr_be, be.port_be);
+                if l4.tcp && l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    restart_handshake(flow, addr, port, node, ip.proto);
+                }
                 let out = send(ctx, node, ip, l4, &fkey, flow, addr, port, false);
                 if l4.flags & TCP_RST != 0 {
                     // The client ended the flow: free its entries now.
@@ -50,11 +53,15 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
             _ => {
                 let f = *flow;
                 forget(&fkey, &f, node);
-                if l4.tcp && f.svc_flags & SVC_F_RESET != 0 {
+                // A bare SYN opens a connection (a reused client port, or a
+                // SYN the dead backend never answered): nothing to reset,
+                // it gets a live backend below.
+                let opening = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                if l4.tcp && f.svc_flags & SVC_F_RESET != 0 && !opening {
                     return reset(ctx, ip, l4, f.service_id, Some(f.backend_id));
                 }
                 // Otherwise re-select below. For TCP the new backend answers
-                // the mid-stream segment with an RST; the client reconnects.
+                // a mid-stream segment with an RST; the client reconnects.
             }
         }
     }
@@ -228,6 +235,28 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
         i += 1;
     }
     Err(Reason::SnatExhausted)
+}
+
+/// A bare SYN on a pinned flow: a retransmitted SYN, or a new connection
+/// on a reused client port (the old one closed with FINs, which leave the
+/// entries to the LRU). Either way the handshake starts over: its SYN-ACK
+/// must count as an answer, or the passive detector would see this SYN as
+/// unanswered and eject a live backend.
+#[inline(always)]
+fn restart_handshake(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) {
+    let rkey = ReverseKey {
+        backend_be: be_addr,
+        snat_be: node.snat_be,
+        bport_be: be_port,
+        nat_port_be: flow.nat_port_be,
+        proto,
+        _pad: [0; 3],
+    };
+    if let Some(rev) = REVERSE.get_ptr_mut(&rkey) {
+        let rev = unsafe { &mut *rev };
+        rev.state = FLOW_SYN_SENT;
+        rev.created_ns = unsafe { bpf_ktime_get_ns() };
+    }
 }
 
 /// Remove a flow's forward and reverse entries.

@@ -71,9 +71,13 @@ impl Pacer {
                             Ok(Some((_, b))) => (false, b),
                             _ => (false, String::new()),
                         };
-                        out.lock()
-                            .expect("samples")
-                            .push(Sample { at, ok, backend });
+                        let done = started.elapsed();
+                        out.lock().expect("samples").push(Sample {
+                            at,
+                            done,
+                            ok,
+                            backend,
+                        });
                     });
                     while tasks.try_join_next().is_some() {}
                 }

@@ -19,6 +19,8 @@ use crate::{client, netns};
 pub struct Sample {
     /// Start of the request, from the driver's start.
     pub at: Duration,
+    /// When it ended (answered, refused or timed out), same clock.
+    pub done: Duration,
     pub ok: bool,
     pub backend: String,
 }
@@ -53,7 +55,13 @@ impl Driver {
                     Ok(a) => (a.status == 200, a.backend),
                     Err(_) => (false, String::new()),
                 };
-                samples.push(Sample { at, ok, backend });
+                let done = started.elapsed();
+                samples.push(Sample {
+                    at,
+                    done,
+                    ok,
+                    backend,
+                });
                 next += interval;
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
@@ -81,9 +89,12 @@ impl Driver {
     }
 }
 
-/// Failover time: from `fault` to the start of the first request of an
-/// unbroken run of `run` successes among requests started after it. Also
-/// returns the number of failed requests started after the fault.
+/// Failover time: from `fault` to the answer of the first request of an
+/// unbroken run of `run` successes among requests started after it (in
+/// start order). The answer, not the start: a request sent into the fault
+/// and rescued later (a SYN retransmitted to the new backend) shows the
+/// service back only when it is answered. Also returns the number of
+/// failed requests started after the fault.
 pub fn recovery(samples: &[Sample], fault: Duration, run: usize) -> (Option<Duration>, usize) {
     let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= fault).collect();
     let failed = after.iter().filter(|s| !s.ok).count();
@@ -92,7 +103,8 @@ pub fn recovery(samples: &[Sample], fault: Duration, run: usize) -> (Option<Dura
         if s.ok {
             streak += 1;
             if streak == run {
-                return (Some(after[i + 1 - run].at - fault), failed);
+                let first = after[i + 1 - run];
+                return (Some(first.done.max(fault) - fault), failed);
             }
         } else {
             streak = 0;
@@ -108,13 +120,14 @@ mod tests {
     fn s(ms: u64, ok: bool) -> Sample {
         Sample {
             at: Duration::from_millis(ms),
+            done: Duration::from_millis(ms + 1),
             ok,
             backend: String::new(),
         }
     }
 
     #[test]
-    fn recovery_is_measured_to_the_start_of_an_unbroken_run() {
+    fn recovery_is_measured_to_the_answer_of_the_first_of_an_unbroken_run() {
         let samples = [
             s(0, true),
             s(10, true),
@@ -125,19 +138,32 @@ mod tests {
             s(21, true),
             s(22, true),
         ];
+        // The run starts with the request sent at 20 ms, answered at 21.
         assert_eq!(
             recovery(&samples, Duration::from_millis(10), 3),
-            (Some(Duration::from_millis(10)), 2)
+            (Some(Duration::from_millis(11)), 2)
         );
         // A run that never completes is no recovery.
         assert_eq!(
             recovery(&samples[..7], Duration::from_millis(10), 3).0,
             None
         );
-        // No failure at all: recovered at once.
+        // No failure at all: back as soon as the first request is answered.
         assert_eq!(
             recovery(&samples[..2], Duration::from_millis(0), 2),
-            (Some(Duration::ZERO), 0)
+            (Some(Duration::from_millis(1)), 0)
+        );
+        // A request sent into the fault and answered late (its SYN rescued
+        // by the new backend) counts from its answer, not its start.
+        let mut rescued = samples[..2].to_vec();
+        rescued.push(Sample {
+            done: Duration::from_millis(80),
+            ..s(12, true)
+        });
+        rescued.push(s(81, true));
+        assert_eq!(
+            recovery(&rescued, Duration::from_millis(11), 2),
+            (Some(Duration::from_millis(69)), 0)
         );
     }
 }

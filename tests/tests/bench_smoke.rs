@@ -37,7 +37,7 @@ fn every_system_delivers_traffic_to_the_backends_and_leaves_nothing_behind() {
         seconds: 1,
         ..http::Opts::default()
     };
-    let results = http::run(opts).unwrap();
+    let results = http::run(opts, &http::SYSTEMS.map(String::from)).unwrap();
     assert_eq!(results.len(), http::SYSTEMS.len() * http::MODES.len());
     for r in &results {
         assert!(r.requests > 0 && r.rps > 0.0, "{r:?}");

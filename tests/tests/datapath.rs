@@ -177,6 +177,39 @@ fn reply_is_restored_to_vip_and_client_and_measures_handshake() {
 }
 
 #[test]
+fn a_new_handshake_on_a_reused_tuple_counts_its_syn_ack() {
+    // A connection closed with FINs leaves its entries to the LRU; the
+    // client then reuses the port. The second SYN-ACK must count, or the
+    // passive detector would see an unanswered SYN from a live backend.
+    let lab = lab_with(&[2], 0);
+    let syn = Frame::tcp(CLIENT, 51_003, VIP, 80);
+    let mut synack = None;
+    for round in 1..=2u64 {
+        let (rc, out) = forward(&lab, &syn);
+        assert_eq!(rc, XDP_REDIRECT);
+        let (nat_port, _) = ports(&out);
+        let mut f = Frame::tcp(backend_addr(2), BPORT, SNAT, nat_port);
+        f.l4 = L4::Tcp {
+            seq: 5000 * round as u32,
+            ack: Some(1001),
+            syn: true,
+            fin: false,
+            rst: false,
+        };
+        let (rc, _) = lab.run(lab.va0, &f.build()).unwrap();
+        assert_eq!(rc, XDP_REDIRECT);
+        let s = lab.dp.backend_stats(2).unwrap();
+        assert_eq!((s.syns, s.synacks), (round, round), "round {round}");
+        synack = Some(f);
+    }
+    // A retransmitted SYN-ACK of an established flow is not a new answer.
+    let (rc, _) = lab.run(lab.va0, &synack.unwrap().build()).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(lab.dp.backend_stats(2).unwrap().synacks, 2);
+    assert_eq!(lab.dp.flows().unwrap().len(), 1, "one flow, reused");
+}
+
+#[test]
 fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
     let lab = lab_with(&[1], 0);
     let syn = Frame::tcp(CLIENT, 51_002, VIP, 80);
@@ -308,6 +341,27 @@ fn flow_on_a_down_backend_is_reset_at_once() {
         lab.dp.flows().unwrap().is_empty(),
         "the dead flow is forgotten"
     );
+}
+
+#[test]
+fn a_syn_on_the_stale_flow_of_a_down_backend_opens_a_new_flow_not_a_reset() {
+    // The client reuses a port whose old flow was pinned to a backend that
+    // has since died: the new connection gets a live backend, no RST.
+    let mut lab = lab_with(&[1, 2], SVC_F_RESET);
+    let syn = (0..64u16)
+        .map(|p| Frame::tcp(CLIENT, 57_000 + p, VIP, 80))
+        .find(|f| dst_of(&forward(&lab, f).1) == backend_addr(1))
+        .expect("some flow lands on backend 1");
+    lab.down(1).unwrap();
+    let (rc, out) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(dst_of(&out), backend_addr(2));
+    assert_checksums_valid(&out);
+    assert_eq!(count(&lab, Reason::ResetSent), 0);
+    let flows = lab.dp.flows().unwrap();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert_eq!(flows[0].1.backend_id, 2, "pinned to the live backend");
+    // (A mid-stream segment on such a flow is reset: see the test above.)
 }
 
 #[test]

@@ -147,6 +147,10 @@ pub struct Applier {
     state_writes: LatencyWindow,
     journal: Option<Journal>,
     scratch: Box<Ring>,
+    /// Backends gone down whose clients are still to be nudged. Nudging
+    /// reads the whole flow table, so it waits until the rings have
+    /// switched: it must never delay a failover.
+    nudges: Vec<(String, u32)>,
 }
 
 fn node_of(n: &config::Node) -> Node {
@@ -224,6 +228,7 @@ impl Applier {
             state_writes: LatencyWindow::new(),
             journal: opts.journal,
             scratch,
+            nudges: Vec::new(),
         };
         a.dp.set_node(node_of(&a.cfg.node))?;
         a.dp.set_vips(a.cfg.services.iter().map(|s| s.vip))?;
@@ -383,18 +388,21 @@ impl Applier {
         }
         self.write_state(a.id, state::DOWN)?;
         self.state_writes.record(at.elapsed());
-        self.nudge(backend, a.id);
+        // Nudged after the re-plan this ejection triggers.
+        self.nudges.push((backend.to_owned(), a.id));
         Ok(true)
     }
 
-    /// After a backend went down: prompt its TCP clients so that flows
-    /// stalled on a silent backend are reset now (see dataplane/nudge.rs).
-    /// Best effort; runs after the state write, outside the measured path.
-    fn nudge(&self, backend: &str, id: u32) {
-        match self.dp.nudge_clients(id) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(backend, clients = n, "nudged clients of a down backend"),
-            Err(e) => tracing::warn!(backend, error = %e, "could not nudge clients"),
+    /// After backends went down and the rings switched: prompt their TCP
+    /// clients so that flows stalled on a silent backend are reset now
+    /// (see dataplane/nudge.rs). Best effort, outside the measured path.
+    fn flush_nudges(&mut self) {
+        for (backend, id) in std::mem::take(&mut self.nudges) {
+            match self.dp.nudge_clients(id) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(backend, clients = n, "nudged clients of a down backend"),
+                Err(e) => tracing::warn!(backend, error = %e, "could not nudge clients"),
+            }
         }
     }
 
@@ -554,9 +562,7 @@ impl Applier {
             self.state_writes.record(d.at.elapsed());
             report.state_writes += fast;
         }
-        for (name, id) in &went_down {
-            self.nudge(name, *id);
-        }
+        self.nudges.extend(went_down);
 
         // 2. Plan. A held service waits for every pool backend's verdict.
         let health = &self.health;
@@ -768,6 +774,7 @@ impl Applier {
                 j.record(r);
             }
         }
+        self.flush_nudges();
         Ok(report)
     }
 

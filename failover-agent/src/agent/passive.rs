@@ -110,11 +110,18 @@ impl PassiveMonitor {
             return Some(Instant::now());
         };
         let any_active = self.watched.values().any(|w| w.active(last));
-        Some(if any_active {
+        let due = if any_active {
             sweep.min(last + POLL_INTERVAL)
         } else {
             sweep
-        })
+        };
+        // A detector whose bound ends sooner is read right then.
+        let deadline = self
+            .watched
+            .values()
+            .filter_map(|w| w.detector.deadline())
+            .min();
+        Some(deadline.map_or(due, |d| due.min(d)))
     }
 
     /// True when the next [`poll`](Self::poll) at `now` reads every
@@ -144,7 +151,8 @@ impl PassiveMonitor {
         self.last_poll = Some(now);
         let mut out = Vec::new();
         for (name, w) in &mut self.watched {
-            if !sweep && !w.active(now) {
+            let deadline_passed = w.detector.deadline().is_some_and(|d| d <= now);
+            if !sweep && !w.active(now) && !deadline_passed {
                 continue;
             }
             let stats = match read(w.id) {
@@ -291,6 +299,40 @@ mod tests {
         m.unwatch("busy");
         m.unwatch("idle");
         assert_eq!(m.next_due(), None, "nothing watched: never due");
+    }
+
+    #[test]
+    fn the_end_of_the_bound_is_read_on_time_not_at_the_next_period() {
+        let mut m = PassiveMonitor::new(PassiveConfig::default());
+        m.watch("a", 1, None);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let syns = std::cell::Cell::new(2u64);
+        let read = |_| {
+            Ok::<_, String>(BackendStats {
+                syns: syns.get(),
+                synacks: 2,
+                rtt_last_ns: 100_000,
+                rtt_at_ns: 1,
+                ..Default::default()
+            })
+        };
+        m.poll(ms(0), read);
+        // The path dies: two SYNs seen unanswered at the read of 3 ms, so
+        // the 30 ms floor ends at 33 ms. The reads meanwhile come late
+        // (a busy loop), off that grid.
+        syns.set(4);
+        assert!(m.poll(ms(3), read).is_empty());
+        assert_eq!(m.next_due(), Some(ms(8)), "regular reads meanwhile");
+        for t in [10, 17, 24, 31] {
+            assert!(m.poll(ms(t), read).is_empty(), "{t} ms");
+        }
+        assert_eq!(m.next_due(), Some(ms(33)), "the deadline, not 31 + 5");
+        let ej = m.poll(ms(33), read);
+        assert!(
+            matches!(&ej[..], [e] if matches!(e.why, Ejection::Unanswered { waited, .. } if waited == Duration::from_millis(30))),
+            "{ej:?}"
+        );
     }
 
     #[test]

@@ -63,7 +63,11 @@ pub struct PassiveConfig {
     pub min_unanswered: u64,
     /// Unanswered bound = `rtt_multiplier` x smoothed handshake RTT ...
     pub rtt_multiplier: u32,
-    /// ... but never below this (scheduling noise, delayed accept) ...
+    /// ... but never below this. A backend's kernel answers SYNs in
+    /// softirq whatever its application is doing, so on a path under
+    /// 7.5 ms RTT, 30 ms of silence with two SYNs waiting means the host
+    /// or the path is gone; the floor covers scheduling noise here and
+    /// a full accept queue there ...
     pub floor: Duration,
     /// ... nor above this (a client retransmits its SYN after 1 s anyway).
     pub ceiling: Duration,
@@ -77,7 +81,7 @@ impl Default for PassiveConfig {
             rst_threshold: 2,
             min_unanswered: 2,
             rtt_multiplier: 4,
-            floor: Duration::from_millis(50),
+            floor: Duration::from_millis(30),
             ceiling: Duration::from_secs(1),
             unknown_rtt_bound: Duration::from_millis(300),
         }
@@ -149,6 +153,14 @@ impl PassiveDetector {
             Some(srtt) => (srtt * self.cfg.rtt_multiplier).clamp(self.cfg.floor, self.cfg.ceiling),
             None => self.cfg.unknown_rtt_bound,
         }
+    }
+
+    /// When the unanswered rule fires if nothing is answered meanwhile:
+    /// the end of the bound, once enough SYNs are outstanding. The monitor
+    /// reads the counters then, instead of at its next regular read.
+    pub fn deadline(&self) -> Option<Instant> {
+        let since = self.unanswered_since?;
+        (self.unanswered >= self.cfg.min_unanswered).then(|| since + self.unanswered_bound())
     }
 
     /// Feeds the snapshot read at `now`. Returns an ejection once per episode:
@@ -371,15 +383,15 @@ mod tests {
         let mut f = Feed::new(PassiveConfig::default());
         assert_eq!(f.repeat(200, 3, 3, 0, Some(1)), None);
         // The link died: SYNs keep coming, nothing comes back. srtt = 1 ms,
-        // so the bound is the 50 ms floor: sample 10 (50 ms after the first
+        // so the bound is the 30 ms floor: sample 6 (30 ms after the first
         // unanswered one) ejects.
         let (k, e) = f.repeat(100, 3, 0, 0, None).expect("ejected");
-        assert_eq!(k, 10);
+        assert_eq!(k, 6);
         assert_eq!(
             e,
             Ejection::Unanswered {
-                waited: Duration::from_millis(50),
-                bound: Duration::from_millis(50)
+                waited: Duration::from_millis(30),
+                bound: Duration::from_millis(30)
             }
         );
     }
@@ -452,10 +464,10 @@ mod tests {
         let mut f = Feed::new(PassiveConfig::default());
         assert_eq!(f.repeat(10, 1, 1, 0, Some(1)), None);
         let (k, _) = f.repeat(100, 1, 0, 0, None).expect("first");
-        assert_eq!(k, 10);
+        assert_eq!(k, 6);
         // Still dead: the next report needs a whole new bound of evidence.
         let (k, _) = f.repeat(100, 1, 0, 0, None).expect("second");
-        assert_eq!(k, 10);
+        assert_eq!(k, 6);
     }
 
     #[test]

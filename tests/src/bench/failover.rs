@@ -24,6 +24,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use failover_agent::dataplane::ReasonCount;
 use serde::Serialize;
 
 use crate::{
@@ -72,6 +73,9 @@ pub struct Result1 {
 #[derive(Clone, Copy, Debug)]
 pub struct Opts {
     pub trials: usize,
+    /// Print each trial's outcomes and, for the agent, its decisions and
+    /// the XDP verdicts counted during the trial.
+    pub trace: bool,
 }
 
 pub fn run(opts: Opts, systems: &[String], scenarios: &[String]) -> Result<Vec<Result1>> {
@@ -82,7 +86,7 @@ pub fn run(opts: Opts, systems: &[String], scenarios: &[String]) -> Result<Vec<R
                 "failover bench: {system} / {scenario}, {} trials",
                 opts.trials
             );
-            out.push(run_one(system, scenario, opts.trials)?);
+            out.push(run_one(system, scenario, opts)?);
         }
     }
     Ok(out)
@@ -232,13 +236,14 @@ fn spawn_haproxy(ns: &Netns, cfg: &std::path::Path, log: &std::path::Path) -> Re
     Ok(Proc(child))
 }
 
-fn run_one(system: &str, scenario: &str, trials: usize) -> Result<Result1> {
+fn run_one(system: &str, scenario: &str, opts: Opts) -> Result<Result1> {
+    let trials = opts.trials;
     let mut sut = start(system)?;
     let mut rtos = Vec::new();
     let mut failed_total = 0;
     let mut unrecovered = 0;
     for trial in 0..trials {
-        let (rto, failed) = trial_once(&mut sut, scenario, trial_limit(system))
+        let (rto, failed) = trial_once(&mut sut, scenario, trial_limit(system), opts.trace)
             .with_context(|| format!("{system} / {scenario} trial {trial}"))?;
         failed_total += failed;
         match rto {
@@ -276,7 +281,12 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn trial_once(sut: &mut Sut, scenario: &str, limit: Duration) -> Result<(Option<Duration>, usize)> {
+fn trial_once(
+    sut: &mut Sut,
+    scenario: &str,
+    limit: Duration,
+    trace: bool,
+) -> Result<(Option<Duration>, usize)> {
     let p = Pacer::start(
         &sut.topo().client.name,
         vip(),
@@ -286,6 +296,10 @@ fn trial_once(sut: &mut Sut, scenario: &str, limit: Duration) -> Result<(Option<
         limit + Duration::from_secs(5),
     );
     std::thread::sleep(Duration::from_millis(300));
+    let reasons_before = match sut {
+        Sut::Agent(w) if trace => w.dp.reason_counts().ok(),
+        _ => None,
+    };
     match scenario {
         "crash" => World::crash(sut.topo(), "a1")?,
         "blackhole" => World::blackhole_a(sut.topo())?,
@@ -312,6 +326,9 @@ fn trial_once(sut: &mut Sut, scenario: &str, limit: Duration) -> Result<(Option<
     }
     let samples = p.stop();
     let (rto, failed) = recovery(&samples, fault, RUN);
+    if trace {
+        print_trace(sut, &samples, fault, reasons_before.as_deref());
+    }
     // Put the fault right for the next trial.
     match scenario {
         "crash" => {
@@ -322,6 +339,52 @@ fn trial_once(sut: &mut Sut, scenario: &str, limit: Duration) -> Result<(Option<
     }
     sut.wait_home()?;
     Ok((rto, failed))
+}
+
+/// One trial, compactly: runs of outcomes in start order from the fault
+/// (`+12.3ms a1x40` = from 12.3 ms, 40 answered by a1; `!` refused or
+/// reset, `~` timed out), then the agent's decisions and verdict counts.
+fn print_trace(
+    sut: &Sut,
+    samples: &[Sample],
+    fault: Duration,
+    reasons_before: Option<&[ReasonCount]>,
+) {
+    let mut runs: Vec<(Duration, String, usize)> = Vec::new();
+    for s in samples.iter().filter(|s| s.at >= fault) {
+        let what = match (s.ok, s.backend.is_empty()) {
+            (true, _) | (false, false) => s.backend.clone(),
+            (false, true) if s.done - s.at >= REQUEST_TIMEOUT => "~".into(),
+            (false, true) => "!".into(),
+        };
+        match runs.last_mut() {
+            Some(r) if r.1 == what => r.2 += 1,
+            _ => runs.push((s.at - fault, what, 1)),
+        }
+    }
+    let line: Vec<String> = runs
+        .iter()
+        .take(30)
+        .map(|(t, w, n)| format!("+{:.1}ms {w}x{n}", t.as_secs_f64() * 1e3))
+        .collect();
+    eprintln!("    outcomes: {}", line.join(" "));
+    if let Sut::Agent(w) = sut {
+        for d in w.agent.decisions().iter().rev().take(3).rev() {
+            eprintln!(
+                "    decision {} {}: {:?} -> {:?}: {}",
+                d.time, d.service, d.from, d.to, d.reason
+            );
+        }
+        if let (Some(before), Ok(after)) = (reasons_before, w.dp.reason_counts()) {
+            let grew: Vec<String> = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| a.count > b.count)
+                .map(|(b, a)| format!("{} +{}", a.reason.as_str(), a.count - b.count))
+                .collect();
+            eprintln!("    verdicts: {}", grew.join(", "));
+        }
+    }
 }
 
 pub fn print(results: &[Result1], json: bool) {

@@ -160,12 +160,21 @@ pub fn wrk(ns: &Netns, url: &str, newconn: bool, opts: Opts) -> Result<WrkOutput
 /// of each, not all of one system), and reports the median of each figure
 /// over the rounds, in `SYSTEMS` × `MODES` order. Requests and errors are
 /// summed.
-pub fn run(opts: Opts) -> Result<Vec<HttpResult>> {
+pub fn run(opts: Opts, systems: &[String]) -> Result<Vec<HttpResult>> {
     ensure!(opts.seconds >= 1, "--seconds must be at least 1");
     ensure!(opts.rounds >= 1, "--rounds must be at least 1");
+    let systems: Vec<&'static str> = systems
+        .iter()
+        .map(|s| {
+            SYSTEMS
+                .into_iter()
+                .find(|k| k == s)
+                .with_context(|| format!("unknown system {s} (one of {})", SYSTEMS.join(",")))
+        })
+        .collect::<Result<_>>()?;
     let mut rounds: Vec<HttpResult> = Vec::new();
     for round in 0..opts.rounds {
-        for system in SYSTEMS {
+        for &system in &systems {
             rounds.extend(
                 run_system(system, opts)
                     .with_context(|| format!("http: {system}, round {round}"))?,

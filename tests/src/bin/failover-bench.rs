@@ -54,6 +54,9 @@ enum Cmd {
         /// Rounds over all systems (interleaved); figures are medians.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Systems to run (default: all).
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<String>,
     },
     /// Failover time after a backend crash and a blackholed cloud:
     /// failover vs haproxy-tuned vs haproxy-default.
@@ -67,6 +70,10 @@ enum Cmd {
         /// Scenarios to run (default: crash,blackhole).
         #[arg(long, value_delimiter = ',')]
         scenarios: Vec<String>,
+        /// Print each trial's outcomes, the agent's decisions and the XDP
+        /// verdicts counted meanwhile (to stderr).
+        #[arg(long)]
+        trace: bool,
     },
     /// The agent at rest: CPU and memory while probing healthy backends.
     Rest {
@@ -93,6 +100,14 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // A list flag left empty means every choice.
+    let or = |v: Vec<String>, d: &[&str]| -> Vec<String> {
+        if v.is_empty() {
+            d.iter().map(|s| s.to_string()).collect()
+        } else {
+            v
+        }
+    };
     match args.cmd {
         Cmd::Forward {
             seconds,
@@ -111,6 +126,7 @@ fn main() -> Result<()> {
             connections,
             threads,
             rounds,
+            systems,
         } => {
             let opts = bench::http::Opts {
                 seconds,
@@ -118,23 +134,18 @@ fn main() -> Result<()> {
                 threads,
                 rounds,
             };
-            bench::http::print(&bench::http::run(opts)?, args.json)
+            let systems = or(systems, &bench::http::SYSTEMS);
+            bench::http::print(&bench::http::run(opts, &systems)?, args.json)
         }
         Cmd::Failover {
             trials,
             systems,
             scenarios,
+            trace,
         } => {
-            let or = |v: Vec<String>, d: &[&str]| {
-                if v.is_empty() {
-                    d.iter().map(|s| s.to_string()).collect()
-                } else {
-                    v
-                }
-            };
             let systems = or(systems, &bench::failover::SYSTEMS);
             let scenarios = or(scenarios, &bench::failover::SCENARIOS);
-            let opts = bench::failover::Opts { trials };
+            let opts = bench::failover::Opts { trials, trace };
             bench::failover::print(
                 &bench::failover::run(opts, &systems, &scenarios)?,
                 args.json,
@@ -146,11 +157,7 @@ fn main() -> Result<()> {
             seconds,
             kinds,
         } => {
-            let kinds = if kinds.is_empty() {
-                bench::rest::KINDS.iter().map(|s| s.to_string()).collect()
-            } else {
-                kinds
-            };
+            let kinds = or(kinds, &bench::rest::KINDS);
             let opts = bench::rest::Opts {
                 backends,
                 interval_ms,
