@@ -36,32 +36,38 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     // Fast path: a pinned flow whose backend still takes traffic.
     if let Some(flow) = FLOWS.get_ptr_mut(&fkey) {
         let flow = unsafe { &mut *flow };
+        // A bare SYN opens a connection: a retransmitted SYN keeps its pin,
+        // a new connection on a reused client port is a new flow.
+        let opening = l4.tcp && l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         match BACKENDS.get(flow.backend_id) {
             Some(be) if be.state == state::UP || be.state == state::DRAINING => {
                 let (addr, port) = (be.addr_be, be.port_be);
-                if l4.tcp && l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                    restart_handshake(flow, addr, port, node, ip.proto);
-                }
-                let out = send(ctx, node, ip, l4, &fkey, flow, addr, port, false);
-                if l4.flags & TCP_RST != 0 {
-                    // The client ended the flow: free its entries now.
+                if opening && !handshake_pending(flow, addr, port, node, ip.proto) {
+                    // The old connection closed with FINs, which leave the
+                    // entries to the LRU. The new one follows the ring as
+                    // any new flow: after a failback it goes home, and its
+                    // SYN-ACK counts for the passive signals.
                     let f = *flow;
                     forget(&fkey, &f, node);
+                } else {
+                    let out = send(ctx, node, ip, l4, &fkey, flow, addr, port, false);
+                    if l4.flags & TCP_RST != 0 {
+                        // The client ended the flow: free its entries now.
+                        let f = *flow;
+                        forget(&fkey, &f, node);
+                    }
+                    return out;
                 }
-                return out;
             }
             _ => {
                 let f = *flow;
                 forget(&fkey, &f, node);
-                // A bare SYN opens a connection (a reused client port, or a
-                // SYN the dead backend never answered): nothing to reset,
-                // it gets a live backend below.
-                let opening = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
                 if l4.tcp && f.svc_flags & SVC_F_RESET != 0 && !opening {
                     return reset(ctx, ip, l4, f.service_id, Some(f.backend_id));
                 }
-                // Otherwise re-select below. For TCP the new backend answers
-                // a mid-stream segment with an RST; the client reconnects.
+                // Otherwise re-select below: a SYN gets a live backend; for
+                // a mid-stream TCP segment the new backend answers with an
+                // RST and the client reconnects.
             }
         }
     }
@@ -237,13 +243,10 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
     Err(Reason::SnatExhausted)
 }
 
-/// A bare SYN on a pinned flow: a retransmitted SYN, or a new connection
-/// on a reused client port (the old one closed with FINs, which leave the
-/// entries to the LRU). Either way the handshake starts over: its SYN-ACK
-/// must count as an answer, or the passive detector would see this SYN as
-/// unanswered and eject a live backend.
+/// True while the flow's handshake is unanswered: a bare SYN on it is
+/// then the client's retransmission, which must reach the same backend.
 #[inline(always)]
-fn restart_handshake(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) {
+fn handshake_pending(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) -> bool {
     let rkey = ReverseKey {
         backend_be: be_addr,
         snat_be: node.snat_be,
@@ -252,11 +255,7 @@ fn restart_handshake(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto
         proto,
         _pad: [0; 3],
     };
-    if let Some(rev) = REVERSE.get_ptr_mut(&rkey) {
-        let rev = unsafe { &mut *rev };
-        rev.state = FLOW_SYN_SENT;
-        rev.created_ns = unsafe { bpf_ktime_get_ns() };
-    }
+    matches!(unsafe { REVERSE.get(&rkey) }, Some(r) if r.state == FLOW_SYN_SENT)
 }
 
 /// Remove a flow's forward and reverse entries.

@@ -89,12 +89,13 @@ impl Driver {
     }
 }
 
-/// Failover time: from `fault` to the answer of the first request of an
-/// unbroken run of `run` successes among requests started after it (in
-/// start order). The answer, not the start: a request sent into the fault
-/// and rescued later (a SYN retransmitted to the new backend) shows the
-/// service back only when it is answered. Also returns the number of
-/// failed requests started after the fault.
+/// Failover time: from `fault` to the first answer within the first
+/// unbroken run of `run` successes among requests started after it (runs
+/// in start order). The answer, not the start: a request sent into the
+/// fault and rescued later (its SYN retransmitted to the new backend) shows
+/// the service back only when it is answered, and a request sent after the
+/// switch may be answered before it. Also returns the number of failed
+/// requests started after the fault.
 pub fn recovery(samples: &[Sample], fault: Duration, run: usize) -> (Option<Duration>, usize) {
     let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= fault).collect();
     let failed = after.iter().filter(|s| !s.ok).count();
@@ -103,8 +104,12 @@ pub fn recovery(samples: &[Sample], fault: Duration, run: usize) -> (Option<Dura
         if s.ok {
             streak += 1;
             if streak == run {
-                let first = after[i + 1 - run];
-                return (Some(first.done.max(fault) - fault), failed);
+                let back = after[i + 1 - run..=i]
+                    .iter()
+                    .map(|s| s.done)
+                    .min()
+                    .unwrap_or(fault);
+                return (Some(back.max(fault) - fault), failed);
             }
         } else {
             streak = 0;
@@ -153,17 +158,19 @@ mod tests {
             recovery(&samples[..2], Duration::from_millis(0), 2),
             (Some(Duration::from_millis(1)), 0)
         );
-        // A request sent into the fault and answered late (its SYN rescued
-        // by the new backend) counts from its answer, not its start.
+        // Requests sent into the fault and answered late (their SYNs rescued
+        // by the new backend) count from their answers, not their starts;
+        // the service is back at the run's first answer.
         let mut rescued = samples[..2].to_vec();
-        rescued.push(Sample {
-            done: Duration::from_millis(80),
-            ..s(12, true)
-        });
-        rescued.push(s(81, true));
+        for (sent, answered) in [(12, 80), (13, 79), (70, 71), (72, 73)] {
+            rescued.push(Sample {
+                done: Duration::from_millis(answered),
+                ..s(sent, true)
+            });
+        }
         assert_eq!(
-            recovery(&rescued, Duration::from_millis(11), 2),
-            (Some(Duration::from_millis(69)), 0)
+            recovery(&rescued, Duration::from_millis(11), 3),
+            (Some(Duration::from_millis(60)), 0)
         );
     }
 }

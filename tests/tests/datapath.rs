@@ -209,6 +209,60 @@ fn a_new_handshake_on_a_reused_tuple_counts_its_syn_ack() {
     assert_eq!(lab.dp.flows().unwrap().len(), 1, "one flow, reused");
 }
 
+/// The SYN-ACK a backend sends for a flow whose SYN left as `out`.
+fn synack_for(out: &[u8], backend: u8, seq: u32) -> Vec<u8> {
+    let (nat_port, _) = ports(out);
+    let mut f = Frame::tcp(backend_addr(backend), BPORT, SNAT, nat_port);
+    f.l4 = L4::Tcp {
+        seq,
+        ack: Some(1001),
+        syn: true,
+        fin: false,
+        rst: false,
+    };
+    f.build()
+}
+
+#[test]
+fn a_new_connection_on_a_reused_tuple_follows_the_ring_a_retransmitted_syn_keeps_its_pin() {
+    let mut lab = lab_with(&[1], 0);
+    let (old, retx) = (
+        Frame::tcp(CLIENT, 51_004, VIP, 80),
+        Frame::tcp(CLIENT, 51_005, VIP, 80),
+    );
+    // `old` completes its handshake with backend 1; `retx` is still
+    // waiting for its SYN-ACK.
+    let (_, out) = forward(&lab, &old);
+    assert_eq!(dst_of(&out), backend_addr(1));
+    lab.run(lab.va0, &synack_for(&out, 1, 5000)).unwrap();
+    assert_eq!(dst_of(&forward(&lab, &retx).1), backend_addr(1));
+    // The traffic moves to backend 2 (a failback, say); 1 stays up.
+    lab.service(0, 80, TCP, 0, 13, &[2]).unwrap();
+    let (rc, out) = forward(&lab, &old);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(dst_of(&out), backend_addr(2), "a new connection: the ring");
+    assert_checksums_valid(&out);
+    assert_eq!(
+        dst_of(&forward(&lab, &retx).1),
+        backend_addr(1),
+        "a retransmitted SYN: its pin"
+    );
+    let by_backend: Vec<u32> = lab
+        .dp
+        .flows()
+        .unwrap()
+        .iter()
+        .map(|(_, f)| f.backend_id)
+        .collect();
+    assert_eq!(by_backend.len(), 2, "{by_backend:?}");
+    assert!(by_backend.contains(&1) && by_backend.contains(&2));
+    assert_eq!(
+        lab.dp.reverse_entries().unwrap().len(),
+        2,
+        "the old reverse entry went with it"
+    );
+}
+
 #[test]
 fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
     let lab = lab_with(&[1], 0);
