@@ -264,6 +264,39 @@ fn a_new_connection_on_a_reused_tuple_follows_the_ring_a_retransmitted_syn_keeps
 }
 
 #[test]
+fn the_nat_tables_are_read_whole_in_batches() {
+    // More entries than one batch call returns (4,096): every one comes
+    // back once, as written. (`flows()` reads `FLOWS` the same way.)
+    let mut lab = lab_with(&[1], 0);
+    let n = 5_000u32;
+    for i in 0..n {
+        let key = ReverseKey {
+            backend_be: u32::from(backend_addr(1)).to_be(),
+            snat_be: u32::from(SNAT).to_be(),
+            bport_be: BPORT.to_be(),
+            nat_port_be: (i as u16).to_be(),
+            proto: TCP,
+            _pad: [0; 3],
+        };
+        let value = Reverse {
+            backend_id: i,
+            ..Reverse::default()
+        };
+        lab.dp.insert_reverse(key, value).unwrap();
+    }
+    let entries = lab.dp.reverse_entries().unwrap();
+    assert_eq!(entries.len(), n as usize);
+    let ids: std::collections::BTreeSet<u32> = entries
+        .iter()
+        .map(|(k, v)| {
+            assert_eq!(u32::from(u16::from_be(k.nat_port_be)), v.backend_id);
+            v.backend_id
+        })
+        .collect();
+    assert_eq!(ids.len(), n as usize, "no entry twice");
+}
+
+#[test]
 fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
     let lab = lab_with(&[1], 0);
     let syn = Frame::tcp(CLIENT, 51_002, VIP, 80);

@@ -176,7 +176,7 @@ fn a_stream_from_a_blackholed_cloud_is_reset_promptly() {
     let t0 = Instant::now();
     let nudged = {
         let _in = topo.edge.enter().unwrap();
-        dp.nudge_clients(1).unwrap()
+        dp.nudge_clients(&[1]).unwrap()
     };
     assert_eq!(nudged, 1);
     let mut buf = [0u8; 4096];

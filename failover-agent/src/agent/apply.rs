@@ -148,8 +148,9 @@ pub struct Applier {
     journal: Option<Journal>,
     scratch: Box<Ring>,
     /// Backends gone down whose clients are still to be nudged. Nudging
-    /// reads the whole flow table, so it waits until the rings have
-    /// switched: it must never delay a failover.
+    /// reads the whole flow table, so the run loop does it a little after
+    /// the rings switched, for every such backend at once: it must never
+    /// delay a failover (see [`Applier::flush_nudges`]).
     nudges: Vec<(String, u32)>,
 }
 
@@ -393,16 +394,26 @@ impl Applier {
         Ok(true)
     }
 
-    /// After backends went down and the rings switched: prompt their TCP
+    /// True when backends went down whose clients are not nudged yet.
+    pub fn has_nudges(&self) -> bool {
+        !self.nudges.is_empty()
+    }
+
+    /// After backends went down and the rings switched: prompts their TCP
     /// clients so that flows stalled on a silent backend are reset now
-    /// (see dataplane/nudge.rs). Best effort, outside the measured path.
-    fn flush_nudges(&mut self) {
-        for (backend, id) in std::mem::take(&mut self.nudges) {
-            match self.dp.nudge_clients(id) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(backend, clients = n, "nudged clients of a down backend"),
-                Err(e) => tracing::warn!(backend, error = %e, "could not nudge clients"),
-            }
+    /// (see dataplane/nudge.rs), with one read of the flow table for all
+    /// of them. Best effort, outside the measured path.
+    pub fn flush_nudges(&mut self) {
+        let pending = std::mem::take(&mut self.nudges);
+        if pending.is_empty() {
+            return;
+        }
+        let ids: Vec<u32> = pending.iter().map(|(_, id)| *id).collect();
+        let backends: Vec<&str> = pending.iter().map(|(b, _)| b.as_str()).collect();
+        match self.dp.nudge_clients(&ids) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(?backends, clients = n, "nudged clients of down backends"),
+            Err(e) => tracing::warn!(?backends, error = %e, "could not nudge clients"),
         }
     }
 
@@ -774,7 +785,6 @@ impl Applier {
                 j.record(r);
             }
         }
-        self.flush_nudges();
         Ok(report)
     }
 

@@ -185,6 +185,12 @@ impl Drop for Agent {
 /// Health events taken per apply: a region failing at once is one apply.
 const EVENT_BATCH: usize = 256;
 
+/// How long nudges wait after a backend went down. Nudging reads the whole
+/// flow table; backends lost together (a cloud) are ejected within a few
+/// milliseconds of each other, and none of their switches may wait for it.
+/// A stalled client is still reset well under a second.
+const NUDGE_DELAY: Duration = Duration::from_millis(5);
+
 impl Agent {
     /// Loads and validates the config (refusing to start on a bad one),
     /// takes over the data plane at `node.pin_path`, programs it, attaches
@@ -528,12 +534,17 @@ impl Agent {
                 self.probe_latency.insert(ev.backend.to_string(), l);
             }
         }
+        self.apply_health(&batch);
+    }
+
+    /// Plans and applies a batch of health changes, with their metrics.
+    fn apply_health(&mut self, batch: &[HealthEvent]) {
         let trigger = if batch.iter().any(|e| e.source == EventSource::Passive) {
             Trigger::Passive
         } else {
             Trigger::Health
         };
-        match self.applier.on_health(&batch) {
+        match self.applier.on_health(batch) {
             Ok(report) => {
                 for (service, _) in &report.flipped {
                     self.metrics.ring_switched(service, trigger);
@@ -567,12 +578,29 @@ impl Agent {
                 None => dp.backend_stats(id),
             }
         });
+        if ejections.is_empty() {
+            return;
+        }
+        let mut events = Vec::with_capacity(ejections.len());
         for e in ejections {
             tracing::warn!(backend = %e.backend, backend_id = e.id, reason = %e.why, "passive ejection");
             if let Err(err) = self.applier.mark_down(&e.backend, now) {
                 tracing::error!(backend = %e.backend, error = %err, "writing DOWN failed");
             }
+            events.push(HealthEvent {
+                backend: e.backend.as_str().into(),
+                from: self.applier.health(&e.backend),
+                to: HealthState::Down,
+                reason: format!("passive: {}", e.why),
+                latency: None,
+                source: EventSource::Passive,
+                at: now,
+            });
         }
+        // Re-plan now rather than after the round trip through the probers
+        // (their own Down event follows and changes nothing): several
+        // backends lost together leave the rings in one switch.
+        self.apply_health(&events);
     }
 
     /// Runs until `shutdown` completes, then returns, leaving the data
@@ -588,8 +616,13 @@ impl Agent {
         drill_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut file_tick = tokio::time::interval(reload::POLL_INTERVAL);
         file_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Nudges wait a little after a switch (see `Applier::flush_nudges`).
+        let mut nudge_at: Option<Instant> = None;
         loop {
             self.live.beat();
+            if nudge_at.is_none() && self.applier.has_nudges() {
+                nudge_at = Some(Instant::now() + NUDGE_DELAY);
+            }
             let hold = self.applier.hold_deadline();
             let expiry = self.next_expiry();
             let passive_due = self.passive.next_due();
@@ -598,6 +631,10 @@ impl Agent {
                 () = &mut shutdown => break,
                 Some(ev) = self.events_rx.recv() => self.on_events(ev),
                 () = sleep_until(passive_due), if passive_due.is_some() => self.on_passive_tick(),
+                () = sleep_until(nudge_at), if nudge_at.is_some() => {
+                    nudge_at = None;
+                    self.applier.flush_nudges();
+                }
                 () = sleep_until(hold), if hold.is_some() => {
                     match self.applier.end_hold(Instant::now()) {
                         Ok(report) => {

@@ -7,6 +7,7 @@
 //! one `bpf_link_update`, so there is never a moment without a program.
 
 mod attach;
+mod batch;
 mod bpffs;
 mod counters;
 mod nudge;
@@ -274,19 +275,18 @@ impl Dataplane {
             .map_err(|e| ErrorKind::Devmap(e).into())
     }
 
-    /// All pinned flows (client tuple -> backend).
+    /// All pinned flows (client tuple -> backend), read in batches.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
-        self.flows
-            .iter()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(names::FLOWS))
+        use aya::maps::IterableMap as _;
+        batch::entries(self.flows.map())
+            .map_err(|e| map_err(names::FLOWS)(aya::maps::MapError::from(e)))
     }
 
+    /// All SNAT entries (backend side -> client), read in batches.
     pub fn reverse_entries(&self) -> Result<Vec<(ReverseKey, Reverse)>> {
-        self.reverse
-            .iter()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(names::REVERSE))
+        use aya::maps::IterableMap as _;
+        batch::entries(self.reverse.map())
+            .map_err(|e| map_err(names::REVERSE)(aya::maps::MapError::from(e)))
     }
 
     /// Inserts a reverse entry directly: lets tests fill the SNAT port

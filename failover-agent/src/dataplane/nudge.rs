@@ -19,13 +19,14 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_ACK: u8 = 0x10;
 
 impl Dataplane {
-    /// Nudges every TCP client pinned to `backend_id`; returns how many.
-    /// Call after marking the backend down, from the edge's namespace.
-    pub fn nudge_clients(&self, backend_id: u32) -> Result<usize> {
+    /// Nudges every TCP client pinned to one of `backend_ids`, in one read
+    /// of the flow table; returns how many. Call after marking the backends
+    /// down, from the edge's namespace.
+    pub fn nudge_clients(&self, backend_ids: &[u32]) -> Result<usize> {
         let flows: Vec<FlowKey> = self
             .flows()?
             .into_iter()
-            .filter(|(k, f)| f.backend_id == backend_id && k.proto == IPPROTO_TCP)
+            .filter(|(k, f)| backend_ids.contains(&f.backend_id) && k.proto == IPPROTO_TCP)
             .map(|(k, _)| k)
             .collect();
         if flows.is_empty() {
