@@ -63,9 +63,17 @@ pub mod state {
     pub const DRAINING: u8 = 3;
 }
 
-/// Flow state bits in `Reverse::state`.
-pub const FLOW_SYN_SENT: u32 = 0;
-pub const FLOW_ESTABLISHED: u32 = 1;
+/// Handshake progress in `Reverse::state`.
+pub const FLOW_SYN_SENT: u8 = 0;
+pub const FLOW_ESTABLISHED: u8 = 1;
+
+/// `Flow::fins` and `Reverse::fins`: the sides that have sent a FIN. Once
+/// both have, the next segment without FIN (the last ACK) frees both
+/// entries: a closed connection does not wait for the LRU, and long-lived
+/// flows are not evicted for dead ones.
+pub const FIN_CLIENT: u8 = 1;
+pub const FIN_BACKEND: u8 = 2;
+pub const FIN_BOTH: u8 = FIN_CLIENT | FIN_BACKEND;
 
 /// `NODE[0]`: this edge node's settings, written by the agent.
 #[repr(C)]
@@ -213,7 +221,9 @@ pub struct Flow {
     pub backend_id: u32,
     pub service_id: u32,
     pub nat_port_be: u16,
-    pub _pad: [u8; 2],
+    /// `FIN_*` bits seen so far.
+    pub fins: u8,
+    pub _pad: u8,
     /// Service flags at creation (so the fast path needs no service lookup).
     pub svc_flags: u32,
     /// `bpf_ktime_get_ns` when the flow was created.
@@ -243,7 +253,10 @@ pub struct Reverse {
     pub backend_id: u32,
     pub service_id: u32,
     /// `FLOW_SYN_SENT` until the backend's SYN-ACK is seen.
-    pub state: u32,
+    pub state: u8,
+    /// `FIN_*` bits seen so far.
+    pub fins: u8,
+    pub _pad: [u8; 2],
     pub created_ns: u64,
     /// Next hop toward the client.
     pub nh: NextHop,

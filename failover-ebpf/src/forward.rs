@@ -8,15 +8,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey, SNAT_PROBES,
-    SVC_F_RESET, Service, ServiceKey, hash, state,
+    FIN_BOTH, FIN_CLIENT, FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey,
+    SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
 };
 
 use crate::{
     egress::{self, Route},
     ipv4,
     ipv4::Ipv4,
-    l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
+    l4::{self, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{BACKENDS, FLOWS, NEXTHOPS, REVERSE, SERVICES},
     reset, select, stats,
 };
@@ -43,18 +43,25 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
             Some(be) if be.state == state::UP || be.state == state::DRAINING => {
                 let (addr, port) = (be.addr_be, be.port_be);
                 if opening && !handshake_pending(flow, addr, port, node, ip.proto) {
-                    // The old connection closed with FINs, which leave the
-                    // entries to the LRU. The new one follows the ring as
-                    // any new flow: after a failback it goes home, and its
+                    // The old connection's entries outlived it (its last
+                    // ACK was missed). The new one follows the ring as any
+                    // new flow: after a failback it goes home, and its
                     // SYN-ACK counts for the passive signals.
                     let f = *flow;
                     forget(&fkey, &f, node);
                 } else {
                     let out = send(ctx, node, ip, l4, &fkey, flow, addr, port, false);
-                    if l4.flags & TCP_RST != 0 {
-                        // The client ended the flow: free its entries now.
-                        let f = *flow;
-                        forget(&fkey, &f, node);
+                    if l4.tcp {
+                        if l4.flags & TCP_RST != 0
+                            || (l4.flags & TCP_FIN == 0 && flow.fins == FIN_BOTH)
+                        {
+                            // The client reset the flow, or this is its last
+                            // ACK after both FINs: free its entries now.
+                            let f = *flow;
+                            forget(&fkey, &f, node);
+                        } else if l4.flags & TCP_FIN != 0 {
+                            client_fin(flow, addr, port, node, ip.proto);
+                        }
                     }
                     return out;
                 }
@@ -209,6 +216,8 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
         backend_id: chosen.id,
         service_id: svc.id,
         state: FLOW_SYN_SENT,
+        fins: 0,
+        _pad: [0; 2],
         created_ns: now,
         nh: NextHop::default(),
     };
@@ -233,7 +242,8 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
                 backend_id: chosen.id,
                 service_id: svc.id,
                 nat_port_be: rkey.nat_port_be,
-                _pad: [0; 2],
+                fins: 0,
+                _pad: 0,
                 svc_flags: svc.flags,
                 created_ns: now,
             });
@@ -243,18 +253,35 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
     Err(Reason::SnatExhausted)
 }
 
-/// True while the flow's handshake is unanswered: a bare SYN on it is
-/// then the client's retransmission, which must reach the same backend.
+/// The client sent a FIN: noted on both entries (the reverse path notes
+/// the backend's), so whichever side sends the last ACK frees them.
 #[inline(always)]
-fn handshake_pending(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) -> bool {
-    let rkey = ReverseKey {
+fn client_fin(flow: &mut Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) {
+    flow.fins |= FIN_CLIENT;
+    if let Some(rev) = REVERSE.get_ptr_mut(&reverse_key(flow, be_addr, be_port, node, proto)) {
+        let rev = unsafe { &mut *rev };
+        rev.fins |= FIN_CLIENT;
+        flow.fins |= rev.fins;
+    }
+}
+
+#[inline(always)]
+fn reverse_key(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) -> ReverseKey {
+    ReverseKey {
         backend_be: be_addr,
         snat_be: node.snat_be,
         bport_be: be_port,
         nat_port_be: flow.nat_port_be,
         proto,
         _pad: [0; 3],
-    };
+    }
+}
+
+/// True while the flow's handshake is unanswered: a bare SYN on it is
+/// then the client's retransmission, which must reach the same backend.
+#[inline(always)]
+fn handshake_pending(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) -> bool {
+    let rkey = reverse_key(flow, be_addr, be_port, node, proto);
     matches!(unsafe { REVERSE.get(&rkey) }, Some(r) if r.state == FLOW_SYN_SENT)
 }
 
@@ -262,15 +289,7 @@ fn handshake_pending(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto
 #[inline(always)]
 fn forget(k: &FlowKey, flow: &Flow, node: &Node) {
     if let Some(be) = BACKENDS.get(flow.backend_id) {
-        let rkey = ReverseKey {
-            backend_be: be.addr_be,
-            snat_be: node.snat_be,
-            bport_be: be.port_be,
-            nat_port_be: flow.nat_port_be,
-            proto: k.proto,
-            _pad: [0; 3],
-        };
-        let _ = REVERSE.remove(&rkey);
+        let _ = REVERSE.remove(&reverse_key(flow, be.addr_be, be.port_be, node, k.proto));
     }
     let _ = FLOWS.remove(k);
 }

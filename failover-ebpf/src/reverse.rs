@@ -2,13 +2,16 @@
 //! handshake for the passive health signals.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use failover_common::{FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, ReverseKey};
+use failover_common::{
+    FIN_BACKEND, FIN_BOTH, FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, Reverse,
+    ReverseKey,
+};
 
 use crate::{
     egress::{self, Route},
     ipv4,
     ipv4::Ipv4,
-    l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
+    l4::{self, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{FLOWS, REVERSE},
     stats,
 };
@@ -75,18 +78,36 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         redirect: Reason::ReverseRedirect,
     };
     let out = egress::send(ctx, &mut rev.nh, &route);
-    if l4.flags & TCP_RST != 0 {
-        // The backend ended the flow (or refused it): free both entries.
-        let fkey = FlowKey {
-            src_be: r.client_be,
-            dst_be: r.vip_be,
-            sport_be: r.cport_be,
-            dport_be: r.vport_be,
-            proto: ip.proto,
-            _pad: [0; 3],
-        };
-        let _ = FLOWS.remove(&fkey);
+    if !l4.tcp {
+        return out;
+    }
+    if l4.flags & TCP_RST != 0 || (l4.flags & TCP_FIN == 0 && r.fins == FIN_BOTH) {
+        // The backend ended the flow (or refused it), or this is its last
+        // ACK after both FINs: free both entries.
+        let _ = FLOWS.remove(&flow_key(&r, ip.proto));
         let _ = REVERSE.remove(&rkey);
+    } else if l4.flags & TCP_FIN != 0 {
+        // Noted on both entries: whichever side sends the last ACK frees
+        // them (see forward.rs).
+        rev.fins |= FIN_BACKEND;
+        if let Some(f) = FLOWS.get_ptr_mut(&flow_key(&r, ip.proto)) {
+            let f = unsafe { &mut *f };
+            f.fins |= FIN_BACKEND;
+            rev.fins |= f.fins;
+        }
     }
     out
+}
+
+/// The client's tuple of the flow `r` belongs to: its `FLOWS` key.
+#[inline(always)]
+fn flow_key(r: &Reverse, proto: u8) -> FlowKey {
+    FlowKey {
+        src_be: r.client_be,
+        dst_be: r.vip_be,
+        sport_be: r.cport_be,
+        dport_be: r.vport_be,
+        proto,
+        _pad: [0; 3],
+    }
 }

@@ -296,6 +296,100 @@ fn the_nat_tables_are_read_whole_in_batches() {
     assert_eq!(ids.len(), n as usize, "no entry twice");
 }
 
+/// A TCP segment with these flags (ACK always set).
+fn seg(mut f: Frame, seq: u32, ack: u32, fin: bool) -> Frame {
+    f.l4 = L4::Tcp {
+        seq,
+        ack: Some(ack),
+        syn: false,
+        fin,
+        rst: false,
+    };
+    f
+}
+
+/// A flow through backend 2 up to its handshake; returns the client's and
+/// the backend's frame templates (addresses and ports as each side sends).
+fn established(lab: &Lab, cport: u16) -> (Frame, Frame) {
+    let client = Frame::tcp(CLIENT, cport, VIP, 80);
+    let (_, out) = forward(lab, &client);
+    let (nat_port, _) = ports(&out);
+    let mut backend = Frame::tcp(backend_addr(2), BPORT, SNAT, nat_port);
+    backend.src_mac = BACKEND_MAC;
+    backend.dst_mac = VA0_MAC;
+    lab.run(lab.va0, &synack_for(&out, 2, 5000)).unwrap();
+    forward(lab, &seg(client.clone(), 1001, 5001, false));
+    (client, backend)
+}
+
+fn nat_entries(lab: &Lab) -> (usize, usize) {
+    (
+        lab.dp.flows().unwrap().len(),
+        lab.dp.reverse_entries().unwrap().len(),
+    )
+}
+
+#[test]
+fn a_closed_connection_frees_its_entries_at_the_last_ack_backend_closing_first() {
+    let lab = lab_with(&[2], 0);
+    let (client, backend) = established(&lab, 51_200);
+    // The backend closes (HTTP `Connection: close`); the client ACKs, then
+    // sends its own FIN: the entries stay for the backend's last ACK.
+    lab.run(lab.va0, &seg(backend.clone(), 5001, 1001, true).build())
+        .unwrap();
+    forward(&lab, &seg(client.clone(), 1001, 5002, false));
+    assert_eq!(nat_entries(&lab), (1, 1), "half closed");
+    let (rc, _) = forward(&lab, &seg(client.clone(), 1001, 5002, true));
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(nat_entries(&lab), (1, 1), "both FINs, the last ACK to come");
+    // The last ACK is translated as ever, then both entries go.
+    let last = seg(backend, 5002, 1002, false);
+    let (rc, out) = lab.run(lab.va0, &last.build()).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    let expected = Frame {
+        src_mac: VC0_MAC,
+        dst_mac: CLIENT_MAC,
+        src: VIP,
+        dst: CLIENT,
+        sport: 80,
+        dport: 51_200,
+        ttl: 63,
+        ..last
+    }
+    .build();
+    assert_eq!(out, expected);
+    assert_checksums_valid(&out);
+    assert_eq!(nat_entries(&lab), (0, 0), "closed: freed");
+}
+
+#[test]
+fn a_half_closed_connection_keeps_flowing_until_the_last_ack_client_closing_first() {
+    let lab = lab_with(&[2], 0);
+    let (client, backend) = established(&lab, 51_201);
+    forward(&lab, &seg(client.clone(), 1001, 5001, true));
+    // The backend still streams its answer after the client's FIN.
+    let data = Frame {
+        payload: b"data: token\n\n".to_vec(),
+        ..seg(backend.clone(), 5001, 1002, false)
+    };
+    let (rc, out) = lab.run(lab.va0, &data.build()).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(dst_of(&out), CLIENT);
+    assert_eq!(nat_entries(&lab), (1, 1), "half closed: still translated");
+    lab.run(lab.va0, &seg(backend, 5014, 1002, true).build())
+        .unwrap();
+    assert_eq!(nat_entries(&lab), (1, 1));
+    let (rc, out) = forward(&lab, &seg(client, 1002, 5015, false));
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(dst_of(&out), backend_addr(2));
+    assert_checksums_valid(&out);
+    assert_eq!(
+        nat_entries(&lab),
+        (0, 0),
+        "the client's last ACK freed both"
+    );
+}
+
 #[test]
 fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
     let lab = lab_with(&[1], 0);
