@@ -395,6 +395,47 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
                     }
                 }
             }
+            "apply" => {
+                for (case, bound, what) in [
+                    ("backend_state", 10.0, "one backend state change, p99 µs"),
+                    (
+                        "full_rebuild",
+                        5000.0,
+                        "full ring rebuild (M = 65537), p99 µs",
+                    ),
+                ] {
+                    if let Some(r) = find(rows, &[("case", case)]) {
+                        let p99 = num(r, "p99_us");
+                        let _ = writeln!(
+                            targets,
+                            "| apply | {what} | ≤ {bound} | {p99:.1} | {} |",
+                            verdict(p99 <= bound)
+                        );
+                    }
+                }
+            }
+            "failover" => {
+                for (scenario, bound) in [("crash", 100.0), ("blackhole", 300.0)] {
+                    let get = |system| find(rows, &[("system", system), ("scenario", scenario)]);
+                    let Some(f) = get("failover") else {
+                        continue;
+                    };
+                    let p99 = num(f, "rto_ms_p99");
+                    let _ = writeln!(
+                        targets,
+                        "| failover {scenario} | failover time p99, ms | ≤ {bound} | {p99:.1} | {} |",
+                        verdict(p99 <= bound)
+                    );
+                    if let Some(h) = get("haproxy-tuned") {
+                        let ratio = num(h, "rto_ms_p99") / p99.max(1e-12);
+                        let _ = writeln!(
+                            targets,
+                            "| failover {scenario} | haproxy-tuned ÷ failover, p99 | ≥ 5 | {ratio:.1} | {} |",
+                            verdict(ratio >= 5.0)
+                        );
+                    }
+                }
+            }
             "rest" => {
                 for r in rows {
                     let (cpu, rss) = (num(r, "cpu_pct"), num(r, "rss_peak_mib"));
@@ -411,7 +452,7 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
     }
     if !targets.is_empty() {
         md.push_str(
-            "## Targets (issues 3 and 6)\n\nComputed from the tables above.\n\n\
+            "## Targets (issues 3, 4 and 6)\n\nComputed from the tables above.\n\n\
              | benchmark | measure | target | measured | |\n|---|---|---|---|---|\n",
         );
         md.push_str(&targets);
@@ -484,4 +525,58 @@ pub fn all(dir: &Path) -> Result<()> {
     eprintln!("all: wrote {}", dir.join("README.md").display());
     anyhow::ensure!(failed.is_empty(), "these benchmarks failed: {failed:?}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn targets_of_issues_3_and_4_are_computed_from_the_rows() {
+        let dir = std::env::temp_dir().join(format!("failover-report-{}", std::process::id()));
+        let machine = Machine {
+            nproc: 2,
+            cpu: "test".into(),
+            kernel: "k".into(),
+            date: "d".into(),
+            commit: "c".into(),
+            load: "0".into(),
+        };
+        let fo = |system: &str, scenario: &str, p99: f64| {
+            json!({"system": system, "scenario": scenario, "rto_ms_p50": p99 / 2.0,
+                   "rto_ms_p99": p99, "failed_requests": 1, "trials": 20})
+        };
+        let results = vec![
+            (
+                "apply".to_owned(),
+                Outcome::Ran(vec![
+                    json!({"case": "backend_state", "p50_us": 2.0, "p99_us": 4.5, "max_us": 9.0, "trials": 10}),
+                    json!({"case": "full_rebuild", "p50_us": 3000.0, "p99_us": 5200.0, "max_us": 6000.0, "trials": 10}),
+                ]),
+            ),
+            (
+                "failover".to_owned(),
+                Outcome::Ran(vec![
+                    fo("failover", "crash", 20.0),
+                    fo("failover", "blackhole", 80.0),
+                    fo("haproxy-tuned", "crash", 200.0),
+                    fo("haproxy-tuned", "blackhole", 380.0),
+                ]),
+            ),
+        ];
+        write(&dir, &machine, &results).unwrap();
+        let md = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        for row in [
+            "| apply | one backend state change, p99 µs | ≤ 10 | 4.5 | met |",
+            "| apply | full ring rebuild (M = 65537), p99 µs | ≤ 5000 | 5200.0 | **not met** |",
+            "| failover crash | failover time p99, ms | ≤ 100 | 20.0 | met |",
+            "| failover crash | haproxy-tuned ÷ failover, p99 | ≥ 5 | 10.0 | met |",
+            "| failover blackhole | failover time p99, ms | ≤ 300 | 80.0 | met |",
+            "| failover blackhole | haproxy-tuned ÷ failover, p99 | ≥ 5 | 4.8 | **not met** |",
+        ] {
+            assert!(md.contains(row), "missing {row:?} in:\n{md}");
+        }
+    }
 }
