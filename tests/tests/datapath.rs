@@ -135,6 +135,23 @@ fn new_flow_is_pinned_source_natted_and_redirected() {
     assert_eq!(lab.dp.service_stats(0).unwrap().new_flows, 1);
 }
 
+/// The frame the program must deliver to the client (port `cport`) for a
+/// backend's segment `f`: VIP:80 -> client, client leg MACs, TTL - 1,
+/// checksums computed from scratch.
+fn to_client(f: &Frame, cport: u16) -> Vec<u8> {
+    Frame {
+        src_mac: VC0_MAC,
+        dst_mac: CLIENT_MAC,
+        src: VIP,
+        dst: CLIENT,
+        sport: 80,
+        dport: cport,
+        ttl: 63,
+        ..f.clone()
+    }
+    .build()
+}
+
 #[test]
 fn reply_is_restored_to_vip_and_client_and_measures_handshake() {
     let lab = lab_with(&[2], 0);
@@ -154,18 +171,7 @@ fn reply_is_restored_to_vip_and_client_and_measures_handshake() {
     };
     let (rc, out) = lab.run(lab.va0, &synack.build()).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
-    let expected = Frame {
-        src_mac: VC0_MAC,
-        dst_mac: CLIENT_MAC,
-        src: VIP,
-        dst: CLIENT,
-        sport: 80,
-        dport: 51_001,
-        ttl: 63,
-        ..synack.clone()
-    }
-    .build();
-    assert_eq!(out, expected);
+    assert_eq!(out, to_client(&synack, 51_001));
     assert_checksums_valid(&out);
     assert_eq!(count(&lab, Reason::ReverseRedirect), 1);
     let s = lab.dp.backend_stats(2).unwrap();
@@ -346,18 +352,7 @@ fn a_closed_connection_frees_its_entries_at_the_last_ack_backend_closing_first()
     let last = seg(backend, 5002, 1002, false);
     let (rc, out) = lab.run(lab.va0, &last.build()).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
-    let expected = Frame {
-        src_mac: VC0_MAC,
-        dst_mac: CLIENT_MAC,
-        src: VIP,
-        dst: CLIENT,
-        sport: 80,
-        dport: 51_200,
-        ttl: 63,
-        ..last
-    }
-    .build();
-    assert_eq!(out, expected);
+    assert_eq!(out, to_client(&last, 51_200));
     assert_checksums_valid(&out);
     assert_eq!(nat_entries(&lab), (0, 0), "closed: freed");
 }
