@@ -374,23 +374,31 @@ impl Applier {
 
     /// The fast path on its own: takes `backend` out of the data plane
     /// with one map write, before any planning. Used by passive ejection;
-    /// the health event that follows re-plans the rings. Returns whether
-    /// a write happened (false if it was not serving already).
+    /// the re-plan follows. Returns whether a write happened (false if it
+    /// was not serving already).
     pub fn mark_down(&mut self, backend: &str, at: Instant) -> Result<bool, AgentError> {
-        let Some(a) = self.ids.backend(backend) else {
+        let Some(id) = self.ids.backend(backend).map(|a| a.id) else {
             return Ok(false);
         };
+        let written = self.take_out(backend, id)?;
+        if written {
+            self.state_writes.record(at.elapsed());
+        }
+        Ok(written)
+    }
+
+    /// Writes a serving backend DOWN (one map write: new flows skip it, its
+    /// pinned flows are reset or moved) and queues the nudge of its clients
+    /// for after the switch. Returns whether a write happened.
+    fn take_out(&mut self, backend: &str, id: u32) -> Result<bool, AgentError> {
         let serving = self
             .backends
-            .get(&a.id)
+            .get(&id)
             .is_some_and(|b| b.state == state::UP || b.state == state::DRAINING);
-        if !serving {
+        if !serving || !self.write_state(id, state::DOWN)? {
             return Ok(false);
         }
-        self.write_state(a.id, state::DOWN)?;
-        self.state_writes.record(at.elapsed());
-        // Nudged after the re-plan this ejection triggers.
-        self.nudges.push((backend.to_owned(), a.id));
+        self.nudges.push((backend.to_owned(), id));
         Ok(true)
     }
 
@@ -554,26 +562,19 @@ impl Applier {
 
         // 1. The microsecond failover: backends decided down leave first.
         let mut fast = 0;
-        let mut went_down = Vec::new();
         for name in &d.backends {
             let down =
                 !self.draining.contains(name) && self.health.get(name) == Some(&HealthState::Down);
-            if let (true, Some(a)) = (down, self.ids.backend(name)) {
-                let serving = self
-                    .backends
-                    .get(&a.id)
-                    .is_some_and(|b| b.state == state::UP || b.state == state::DRAINING);
-                if serving && self.write_state(a.id, state::DOWN)? {
-                    fast += 1;
-                    went_down.push((name.clone(), a.id));
-                }
+            if let (true, Some(id)) = (down, self.ids.backend(name).map(|a| a.id))
+                && self.take_out(name, id)?
+            {
+                fast += 1;
             }
         }
         if fast > 0 {
             self.state_writes.record(d.at.elapsed());
             report.state_writes += fast;
         }
-        self.nudges.extend(went_down);
 
         // 2. Plan. A held service waits for every pool backend's verdict.
         let health = &self.health;
