@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    FIN_BOTH, FIN_CLIENT, FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey,
+    FIN_CLIENT, FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey,
     SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
 };
 
@@ -16,7 +16,7 @@ use crate::{
     egress::{self, Route},
     ipv4,
     ipv4::Ipv4,
-    l4::{self, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    l4::{self, Closing, L4, TCP_ACK, TCP_SYN},
     maps::{BACKENDS, FLOWS, NEXTHOPS, REVERSE, SERVICES},
     reset, select, stats,
 };
@@ -52,15 +52,13 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
                 } else {
                     let out = send(ctx, node, ip, l4, &fkey, flow, addr, port, false);
                     if l4.tcp {
-                        if l4.flags & TCP_RST != 0
-                            || (l4.flags & TCP_FIN == 0 && flow.fins == FIN_BOTH)
-                        {
-                            // The client reset the flow, or this is its last
-                            // ACK after both FINs: free its entries now.
-                            let f = *flow;
-                            forget(&fkey, &f, node);
-                        } else if l4.flags & TCP_FIN != 0 {
-                            client_fin(flow, addr, port, node, ip.proto);
+                        match l4::closing(l4.flags, flow.fins) {
+                            Closing::Free => {
+                                let f = *flow;
+                                forget(&fkey, &f, node);
+                            }
+                            Closing::Fin => client_fin(flow, addr, port, node, ip.proto),
+                            Closing::Keep => {}
                         }
                     }
                     return out;

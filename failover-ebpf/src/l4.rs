@@ -12,6 +12,29 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// What a TCP segment does to its flow's NAT entries, in either direction.
+pub enum Closing {
+    /// Nothing: the flow goes on.
+    Keep,
+    /// A FIN: note its side on both entries.
+    Fin,
+    /// An RST, or the last ACK once both sides sent a FIN: free both.
+    Free,
+}
+
+/// The closing rule, given the segment's flags and the FINs seen so far
+/// (`FIN_*` bits of the entry at hand).
+#[inline(always)]
+pub fn closing(flags: u8, fins: u8) -> Closing {
+    if flags & TCP_RST != 0 || (flags & TCP_FIN == 0 && fins == failover_common::FIN_BOTH) {
+        Closing::Free
+    } else if flags & TCP_FIN != 0 {
+        Closing::Fin
+    } else {
+        Closing::Keep
+    }
+}
+
 /// Where the ports and checksum of a TCP or UDP header sit.
 pub struct L4 {
     pub off: usize,

@@ -3,15 +3,14 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use failover_common::{
-    FIN_BACKEND, FIN_BOTH, FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, Reverse,
-    ReverseKey,
+    FIN_BACKEND, FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, Reverse, ReverseKey,
 };
 
 use crate::{
     egress::{self, Route},
     ipv4,
     ipv4::Ipv4,
-    l4::{self, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    l4::{self, Closing, L4, TCP_ACK, TCP_RST, TCP_SYN},
     maps::{FLOWS, REVERSE},
     stats,
 };
@@ -81,20 +80,22 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     if !l4.tcp {
         return out;
     }
-    if l4.flags & TCP_RST != 0 || (l4.flags & TCP_FIN == 0 && r.fins == FIN_BOTH) {
-        // The backend ended the flow (or refused it), or this is its last
-        // ACK after both FINs: free both entries.
-        let _ = FLOWS.remove(&flow_key(&r, ip.proto));
-        let _ = REVERSE.remove(&rkey);
-    } else if l4.flags & TCP_FIN != 0 {
-        // Noted on both entries: whichever side sends the last ACK frees
-        // them (see forward.rs).
-        rev.fins |= FIN_BACKEND;
-        if let Some(f) = FLOWS.get_ptr_mut(&flow_key(&r, ip.proto)) {
-            let f = unsafe { &mut *f };
-            f.fins |= FIN_BACKEND;
-            rev.fins |= f.fins;
+    match l4::closing(l4.flags, r.fins) {
+        Closing::Free => {
+            let _ = FLOWS.remove(&flow_key(&r, ip.proto));
+            let _ = REVERSE.remove(&rkey);
         }
+        Closing::Fin => {
+            // Noted on both entries: whichever side sends the last ACK
+            // frees them (see forward.rs).
+            rev.fins |= FIN_BACKEND;
+            if let Some(f) = FLOWS.get_ptr_mut(&flow_key(&r, ip.proto)) {
+                let f = unsafe { &mut *f };
+                f.fins |= FIN_BACKEND;
+                rev.fins |= f.fins;
+            }
+        }
+        Closing::Keep => {}
     }
     out
 }
