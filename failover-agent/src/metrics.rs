@@ -345,8 +345,8 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         tier.get_or_create(&l).set(i64::from(b.tier));
         weight.get_or_create(&l).set(i64::from(b.weight));
         if let Some(x) = &b.stats {
-            new_flows.get_or_create(&l).inc_by(x.new_flows);
-            resets.get_or_create(&l).inc_by(x.resets);
+            new_flows.get_or_create(&l).inc_by(x.traffic.new_flows);
+            resets.get_or_create(&l).inc_by(x.traffic.resets);
             syns.get_or_create(&l).inc_by(x.syns);
             syn_rsts.get_or_create(&l).inc_by(x.syn_rsts);
         }
@@ -378,7 +378,7 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         .filter_map(|b| {
             b.stats
                 .as_ref()
-                .map(|x| (b.name.clone(), x.fwd_packets, x.rev_packets))
+                .map(|x| (b.name.clone(), x.traffic.fwd_packets, x.traffic.rev_packets))
         })
         .collect();
     dir_family(
@@ -394,7 +394,7 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         .filter_map(|b| {
             b.stats
                 .as_ref()
-                .map(|x| (b.name.clone(), x.fwd_bytes, x.rev_bytes))
+                .map(|x| (b.name.clone(), x.traffic.fwd_bytes, x.traffic.rev_bytes))
         })
         .collect();
     dir_family(
@@ -688,7 +688,10 @@ mod tests {
                 health: "degraded",
                 dataplane: "up",
                 stats: Some(BackendStats {
-                    fwd_packets: 7,
+                    traffic: failover_common::Traffic {
+                        fwd_packets: 7,
+                        ..Default::default()
+                    },
                     ..BackendStats::default()
                 }),
             }],

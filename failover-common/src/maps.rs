@@ -262,30 +262,30 @@ pub struct Reverse {
     pub nh: NextHop,
 }
 
-/// `SVC_STATS[service_id]`, per CPU.
+/// Traffic counters, per CPU: `SVC_STATS[service_id]` is exactly this,
+/// and every `BE_STATS` entry starts with it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceStats {
+pub struct Traffic {
     pub fwd_packets: u64,
     pub fwd_bytes: u64,
     pub rev_packets: u64,
     pub rev_bytes: u64,
     pub new_flows: u64,
+    /// RSTs the edge sent to clients (of this service, or of this backend
+    /// after it went down).
     pub resets: u64,
 }
+
+/// `SVC_STATS[service_id]`, per CPU.
+pub type ServiceStats = Traffic;
 
 /// `BE_STATS[backend_id]`, per CPU: traffic plus the handshake signals the
 /// passive health detector reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendStats {
-    pub fwd_packets: u64,
-    pub fwd_bytes: u64,
-    pub rev_packets: u64,
-    pub rev_bytes: u64,
-    pub new_flows: u64,
-    /// RSTs the edge sent to clients of this backend after it went down.
-    pub resets: u64,
+    pub traffic: Traffic,
     /// SYNs forwarded to the backend.
     pub syns: u64,
     /// SYN-ACKs seen coming back.
@@ -297,7 +297,7 @@ pub struct BackendStats {
     pub rtt_at_ns: u64,
 }
 
-impl ServiceStats {
+impl Traffic {
     /// Adds another CPU's counters (the agent sums the per-CPU values).
     pub fn merge(mut self, o: &Self) -> Self {
         self.fwd_packets += o.fwd_packets;
@@ -314,12 +314,7 @@ impl BackendStats {
     /// Adds another CPU's counters; the RTT is the most recently measured
     /// of the two.
     pub fn merge(mut self, o: &Self) -> Self {
-        self.fwd_packets += o.fwd_packets;
-        self.fwd_bytes += o.fwd_bytes;
-        self.rev_packets += o.rev_packets;
-        self.rev_bytes += o.rev_bytes;
-        self.new_flows += o.new_flows;
-        self.resets += o.resets;
+        self.traffic = self.traffic.merge(&o.traffic);
         self.syns += o.syns;
         self.synacks += o.synacks;
         self.syn_rsts += o.syn_rsts;
@@ -346,7 +341,7 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for Reverse {}
-    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendStats {}
 }
 

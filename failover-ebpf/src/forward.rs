@@ -160,9 +160,9 @@ fn send(
         s.new_flows += opened;
     }
     if let Some(s) = stats::backend(flow.backend_id) {
-        s.fwd_packets += 1;
-        s.fwd_bytes += bytes;
-        s.new_flows += opened;
+        s.traffic.fwd_packets += 1;
+        s.traffic.fwd_bytes += bytes;
+        s.traffic.new_flows += opened;
         // Count only SYNs that left: one dropped here (no neighbour yet,
         // no route) must not look like a SYN the backend left unanswered.
         if l4.flags & TCP_SYN != 0 && out.0 != xdp_action::XDP_DROP {
@@ -191,7 +191,7 @@ fn reset(
     if let Some(id) = backend_id
         && let Some(s) = stats::backend(id)
     {
-        s.resets += 1;
+        s.traffic.resets += 1;
     }
     out
 }

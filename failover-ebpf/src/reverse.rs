@@ -36,8 +36,8 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     let r = *rev;
 
     if let Some(s) = stats::backend(r.backend_id) {
-        s.rev_packets += 1;
-        s.rev_bytes += ip.tot_len as u64;
+        s.traffic.rev_packets += 1;
+        s.traffic.rev_bytes += ip.tot_len as u64;
         if l4.tcp && r.state == FLOW_SYN_SENT {
             if l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
                 let now = unsafe { bpf_ktime_get_ns() };

@@ -131,7 +131,10 @@ fn new_flow_is_pinned_source_natted_and_redirected() {
 
     assert_eq!(count(&lab, Reason::ForwardRedirect), 1);
     let s = lab.dp.backend_stats(flow.backend_id).unwrap();
-    assert_eq!((s.new_flows, s.syns, s.fwd_packets), (1, 1, 1));
+    assert_eq!(
+        (s.traffic.new_flows, s.syns, s.traffic.fwd_packets),
+        (1, 1, 1)
+    );
     assert_eq!(lab.dp.service_stats(0).unwrap().new_flows, 1);
 }
 
@@ -512,7 +515,7 @@ fn flow_on_a_down_backend_is_reset_at_once() {
     // The segment carried ACK 5001: the RST takes it as its sequence number.
     assert_rst(&out, 51_010, 5001, None);
     assert_eq!(count(&lab, Reason::ResetSent), 1);
-    assert_eq!(lab.dp.backend_stats(1).unwrap().resets, 1);
+    assert_eq!(lab.dp.backend_stats(1).unwrap().traffic.resets, 1);
     assert!(
         lab.dp.flows().unwrap().is_empty(),
         "the dead flow is forgotten"

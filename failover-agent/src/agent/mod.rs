@@ -854,7 +854,7 @@ impl Agent {
             .map(|(n, id)| {
                 (
                     n.clone(),
-                    dp.backend_stats(*id).map_or(0, |s| s.fwd_packets),
+                    dp.backend_stats(*id).map_or(0, |s| s.traffic.fwd_packets),
                 )
             })
             .collect();
@@ -1013,7 +1013,7 @@ impl Agent {
                         rtt_ms: (st.rtt_at_ns != 0).then(|| st.rtt_last_ns as f64 / 1e6),
                     },
                     flows: id.and_then(|i| flows.get(&i).copied()).unwrap_or(0),
-                    new_flows_total: st.new_flows,
+                    new_flows_total: st.traffic.new_flows,
                     services: cfg
                         .services
                         .iter()
