@@ -227,10 +227,15 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
         proto: k.proto,
         _pad: [0; 3],
     };
-    // Derive the port from the hash; on a collision with another flow to
-    // the same backend, try the next ports (a linear probe covers
-    // SNAT_PROBES distinct ports whatever the hash).
-    let start = hash::mix32(fh ^ 0x5eed) % range;
+    // The client's port shifted by a per-client offset, so one client's
+    // ports map one to one onto SNAT ports and a backend sees each client
+    // port's connections on one SNAT port, in order. Linux gives every
+    // 4-tuple its own TCP timestamp offset: a port derived from the whole
+    // tuple's hash would hand a port still in the backend's TIME_WAIT to
+    // another client tuple, whose SYN then fails PAWS and stalls. On a
+    // collision with a live flow to the same backend, try the next ports.
+    let cport = u16::from_be(k.sport_be) as u32;
+    let start = cport.wrapping_add(hash::mix32(k.src_be ^ node.seed)) % range;
     let mut i = 0;
     while i < SNAT_PROBES {
         let port = node.port_min as u32 + (start + i) % range;

@@ -168,15 +168,24 @@ impl Topology {
     /// Loads the data plane in the edge and attaches it to the edge's legs,
     /// with the pass program on every peer.
     pub fn load_dataplane(&self) -> Result<Dataplane> {
+        self.load_dataplane_in(XdpMode::Native)
+    }
+
+    /// As [`Self::load_dataplane`], attached in `mode`. In generic (skb)
+    /// mode the peers need no program: redirected frames leave through the
+    /// stack's transmit path.
+    pub fn load_dataplane_in(&self, mode: XdpMode) -> Result<Dataplane> {
         let mut dp = {
             let _in = self.edge.enter()?;
             let mut dp = Dataplane::load(&self.pins.0)?;
             for l in ["ec", "ea", "eb"] {
-                dp.attach(l, XdpMode::Native)
-                    .with_context(|| format!("attach {l}"))?;
+                dp.attach(l, mode).with_context(|| format!("attach {l}"))?;
             }
             dp
         };
+        if mode == XdpMode::Skb {
+            return Ok(dp);
+        }
         for (ns, l) in [
             (&self.client, "c0"),
             (&self.cloud_a, "a0"),

@@ -641,6 +641,48 @@ fn snat_port_collisions_probe_then_give_up() {
     );
 }
 
+/// Sends a client RST on `syn`'s tuple, which frees its entries.
+fn close_by_rst(lab: &Lab, syn: &Frame) {
+    let mut rst = syn.clone();
+    rst.l4 = L4::Tcp {
+        seq: 1001,
+        ack: Some(5001),
+        syn: false,
+        fin: false,
+        rst: true,
+    };
+    forward(lab, &rst);
+}
+
+#[test]
+fn one_clients_ports_map_one_to_one_onto_snat_ports_and_keep_them() {
+    // Linux gives each 4-tuple its own TCP timestamp offset, so a backend's
+    // TIME_WAIT on a SNAT port must see the next connection from the same
+    // client port, or PAWS drops the SYN. A client's ports are therefore
+    // shifted by one per-client offset, not hashed one by one.
+    let lab = lab_with(&[1], 0);
+    let range = u32::from(lab::PORT_MAX - lab::PORT_MIN) + 1;
+    let nat = |client: Ipv4Addr, cport: u16| {
+        let syn = Frame::tcp(client, cport, VIP, 80);
+        let (rc, out) = forward(&lab, &syn);
+        assert_eq!(rc, XDP_REDIRECT);
+        let port = ports(&out).0;
+        assert!((lab::PORT_MIN..=lab::PORT_MAX).contains(&port));
+        (syn, u32::from(port - lab::PORT_MIN))
+    };
+    let (first_syn, first) = nat(CLIENT, 50_000);
+    for i in 1..300u16 {
+        let (_, p) = nat(CLIENT, 50_000 + i);
+        assert_eq!(p, (first + u32::from(i)) % range, "client port 50000+{i}");
+    }
+    // Closed and opened again from the same client port: the same SNAT port.
+    close_by_rst(&lab, &first_syn);
+    assert_eq!(nat(CLIENT, 50_000).1, first);
+    // Another client on the same port has its own offset.
+    let other = Ipv4Addr::new(192, 0, 2, 101);
+    assert_ne!(nat(other, 50_000).1, first);
+}
+
 #[test]
 fn same_leg_backend_is_sent_with_xdp_tx_and_unknown_neighbour_drops() {
     let mut lab = lab_with(&[1], 0);

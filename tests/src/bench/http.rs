@@ -14,6 +14,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
+use failover_agent::dataplane::XdpMode;
+
 use crate::{
     netns::Netns,
     peers::{Checks, Haproxy, HaproxySpec, NatService, Nft},
@@ -21,7 +23,7 @@ use crate::{
     topology::{BACKEND_PORT, CLOUD_A, SNAT, Topology, VIP},
 };
 
-pub const SYSTEMS: [&str; 4] = ["direct", "xdp", "nftables", "haproxy"];
+pub const SYSTEMS: [&str; 5] = ["direct", "xdp", "xdp-skb", "nftables", "haproxy"];
 pub const MODES: [&str; 2] = ["keepalive", "newconn"];
 pub const PATH: &str = "/health";
 
@@ -236,8 +238,13 @@ pub fn run_system(system: &'static str, opts: Opts) -> Result<Vec<HttpResult>> {
     let mut _haproxy = None;
     let target = match system {
         "direct" => direct,
-        "xdp" => {
-            let mut dp = topo.load_dataplane()?;
+        "xdp" | "xdp-skb" => {
+            let mode = if system == "xdp" {
+                XdpMode::Native
+            } else {
+                XdpMode::Skb
+            };
+            let mut dp = topo.load_dataplane_in(mode)?;
             // No socket of the edge's own uses the SNAT address during the
             // run, so the whole port space is the NAT's.
             program_service(
