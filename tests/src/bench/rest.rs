@@ -50,6 +50,10 @@ pub struct RestResult {
     pub rss_peak_mib: f64,
     /// Probes the backends answered per second in the window.
     pub probes_per_s: f64,
+    /// The same probes at the same rate from one plain thread with blocking
+    /// sockets (see [`floor`]): what any prober pays on this machine. `tcp`
+    /// and `http` only.
+    pub floor_cpu_pct: Option<f64>,
 }
 
 const FIRST_PORT: u16 = 21_000;
@@ -226,6 +230,103 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
     Ok((kib("VmRSS:")?, kib("VmHWM:")?))
 }
 
+/// This thread's run time so far (schedstat's first field, ns).
+fn thread_cpu_ns() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat")?;
+    s.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .context("parse /proc/thread-self/schedstat")
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length from `s` into `buf`.
+fn read_response(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Result<()> {
+    use std::io::Read;
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk)?;
+        ensure!(n > 0, "backend closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut r = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = r.parse(buf)? {
+            ensure!(r.code == Some(200), "status {:?}", r.code);
+            let len: usize = r
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                .context("no Content-Length")?;
+            if buf.len() >= head + len {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The floor under any prober: the agent's probes of `kind` at the agent's
+/// rate, from one thread with blocking sockets and nothing else: no
+/// runtime, no timers, no metrics, no state machine. Every interval it
+/// probes all backends back to back (as the agent's probe tasks, started
+/// together, also tick together), then sleeps once. `tcp`: connect, then
+/// close with RST. `http`: `GET /health` written on every backend's
+/// kept-alive connection, then every answer read. On loopback the prober
+/// is also charged for the backend's side of each exchange, as the agent
+/// is. Returns the thread's CPU in percent of a core.
+fn floor(kind: &str, o: &Opts) -> Result<Option<f64>> {
+    if kind != "tcp" && kind != "http" {
+        return Ok(None);
+    }
+    let addrs: Vec<std::net::SocketAddr> = (0..o.backends)
+        .map(|i| (Ipv4Addr::LOCALHOST, FIRST_PORT + i).into())
+        .collect();
+    let interval = Duration::from_millis(o.interval_ms);
+    let (kind, seconds) = (kind.to_string(), o.seconds);
+    // Spawned from this thread, so in the lab namespace with the backends.
+    let t = std::thread::spawn(move || -> Result<f64> {
+        use std::io::Write;
+        let mut conns = Vec::new();
+        if kind == "http" {
+            for a in &addrs {
+                let s = std::net::TcpStream::connect(a)?;
+                s.set_nodelay(true)?;
+                conns.push(s);
+            }
+        }
+        let req = b"GET /health HTTP/1.1\r\nHost: backend\r\n\r\n";
+        let mut buf = Vec::with_capacity(4096);
+        let (c0, t0) = (thread_cpu_ns()?, Instant::now());
+        let mut rounds = 0u32;
+        while t0.elapsed().as_secs_f64() < seconds {
+            if kind == "tcp" {
+                for a in &addrs {
+                    let s = std::net::TcpStream::connect(a)?;
+                    // As the agent's TCP probe: close with RST, no TIME_WAIT.
+                    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+                }
+            } else {
+                for s in &mut conns {
+                    s.write_all(req)?;
+                }
+                for s in &mut conns {
+                    read_response(s, &mut buf)?;
+                }
+            }
+            rounds += 1;
+            if let Some(wait) = (interval * rounds).checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        Ok((thread_cpu_ns()? - c0) as f64 / 1e9 / wall * 100.0)
+    });
+    let pct = t
+        .join()
+        .map_err(|_| anyhow::anyhow!("floor thread panicked"))??;
+    Ok(Some(pct))
+}
+
 fn one(kind: &str, o: &Opts) -> Result<RestResult> {
     let lab = Lab::new()?;
     let dir = TempDir::new();
@@ -280,6 +381,7 @@ fn one(kind: &str, o: &Opts) -> Result<RestResult> {
         );
     }
     drop(agent);
+    let floor_cpu_pct = floor(kind, o)?;
     drop(backends);
     Ok(RestResult {
         kind: kind.to_string(),
@@ -289,6 +391,7 @@ fn one(kind: &str, o: &Opts) -> Result<RestResult> {
         rss_mib: rss,
         rss_peak_mib: peak,
         probes_per_s,
+        floor_cpu_pct,
     })
 }
 
@@ -322,14 +425,22 @@ pub fn print(results: &[RestResult], json: bool) {
                     } else {
                         serde_json::Value::Null
                     },
+                    "floor_cpu_pct": r.floor_cpu_pct.map(|f| (f * 100.0).round() / 100.0),
                 })
             );
         }
         return;
     }
     println!(
-        "{:<10} {:>8} {:>11} {:>8} {:>8} {:>13} {:>9}",
-        "kind", "backends", "interval_ms", "cpu_pct", "rss_mib", "rss_peak_mib", "probes/s"
+        "{:<10} {:>8} {:>11} {:>8} {:>8} {:>13} {:>9} {:>9}",
+        "kind",
+        "backends",
+        "interval_ms",
+        "cpu_pct",
+        "rss_mib",
+        "rss_peak_mib",
+        "probes/s",
+        "floor_pct"
     );
     for r in results {
         let probes = if r.probes_per_s.is_finite() {
@@ -337,9 +448,12 @@ pub fn print(results: &[RestResult], json: bool) {
         } else {
             "-".into()
         };
+        let floor = r
+            .floor_cpu_pct
+            .map_or_else(|| "-".into(), |f| format!("{f:.2}"));
         println!(
-            "{:<10} {:>8} {:>11} {:>8.2} {:>8.1} {:>13.1} {:>9}",
-            r.kind, r.backends, r.interval_ms, r.cpu_pct, r.rss_mib, r.rss_peak_mib, probes
+            "{:<10} {:>8} {:>11} {:>8.2} {:>8.1} {:>13.1} {:>9} {:>9}",
+            r.kind, r.backends, r.interval_ms, r.cpu_pct, r.rss_mib, r.rss_peak_mib, probes, floor
         );
     }
 }
