@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    FIN_CLIENT, FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey,
-    SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
+    FIN_CLIENT, FLOW_ESTABLISHED, FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse,
+    ReverseKey, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
 };
 
 use crate::{
@@ -33,12 +33,13 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         _pad: [0; 3],
     };
 
+    // A bare SYN opens a connection: a retransmitted SYN keeps its pin, a
+    // new connection on a reused client port is a new flow.
+    let opening = l4.tcp && l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+
     // Fast path: a pinned flow whose backend still takes traffic.
     if let Some(flow) = FLOWS.get_ptr_mut(&fkey) {
         let flow = unsafe { &mut *flow };
-        // A bare SYN opens a connection: a retransmitted SYN keeps its pin,
-        // a new connection on a reused client port is a new flow.
-        let opening = l4.tcp && l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         match BACKENDS.get(flow.backend_id) {
             Some(be) if be.state == state::UP || be.state == state::DRAINING => {
                 let (addr, port) = (be.addr_be, be.port_be);
@@ -87,7 +88,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         // A VIP filter false positive, or a port we do not serve.
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
-    let flow = match new_flow(node, svc, &fkey) {
+    let flow = match new_flow(node, svc, &fkey, opening) {
         Ok(f) => f,
         Err(Reason::NoBackend) if l4.tcp => {
             // Fail closed, but tell the client now instead of letting it
@@ -198,8 +199,12 @@ fn reset(
 
 /// Select a backend and claim a SNAT port (the reverse entry). The flow
 /// entry itself is inserted by the caller once the packet is on its way.
+/// `opening`: the packet is a bare SYN. A flow picked up mid-stream (its
+/// entries were lost or freed early) has no handshake to watch: the
+/// backend's RST to such a segment is no refused SYN, and must not count
+/// toward a passive ejection.
 #[inline(always)]
-fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
+fn new_flow(node: &Node, svc: &Service, k: &FlowKey, opening: bool) -> Result<Flow, Reason> {
     let fh = hash::flow_hash(
         k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto, node.seed,
     );
@@ -213,7 +218,11 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey) -> Result<Flow, Reason> {
         vport_be: k.dport_be,
         backend_id: chosen.id,
         service_id: svc.id,
-        state: FLOW_SYN_SENT,
+        state: if opening {
+            FLOW_SYN_SENT
+        } else {
+            FLOW_ESTABLISHED
+        },
         fins: 0,
         _pad: [0; 2],
         created_ns: now,

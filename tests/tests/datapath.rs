@@ -414,6 +414,37 @@ fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
 }
 
 #[test]
+fn a_mid_stream_segment_is_picked_up_and_its_rst_is_no_refused_syn() {
+    // The entries of a connection can be gone while it still sends (freed
+    // at one side's last ACK in a simultaneous close, evicted by the LRU):
+    // the segment is forwarded on a new flow, and the backend's RST to it
+    // says nothing about the backend's health.
+    let lab = lab_with(&[1], 0);
+    let late = seg(Frame::tcp(CLIENT, 51_003, VIP, 80), 1001, 5001, true);
+    let (rc, out) = forward(&lab, &late);
+    assert_eq!(rc, XDP_REDIRECT);
+    let (nat_port, _) = ports(&out);
+    assert_eq!(
+        out,
+        expected_forward(&late, backend_addr(1), nat_port, (VA0_MAC, BACKEND_MAC))
+    );
+    let mut rst = Frame::tcp(backend_addr(1), BPORT, SNAT, nat_port);
+    rst.l4 = L4::Tcp {
+        seq: 5001,
+        ack: None,
+        syn: false,
+        fin: false,
+        rst: true,
+    };
+    let (rc, out) = lab.run(lab.va0, &rst.build()).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(out, to_client(&rst, 51_003));
+    let s = lab.dp.backend_stats(1).unwrap();
+    assert_eq!((s.syns, s.syn_rsts, s.traffic.resets), (0, 0, 0));
+    assert_eq!(nat_entries(&lab), (0, 0), "the RST freed both entries");
+}
+
+#[test]
 fn flows_stick_to_their_backend_and_spread_over_the_ring() {
     let lab = lab_with(&[1, 2, 3], 0);
     let mut seen = std::collections::BTreeSet::new();
