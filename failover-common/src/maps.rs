@@ -67,13 +67,19 @@ pub mod state {
 pub const FLOW_SYN_SENT: u8 = 0;
 pub const FLOW_ESTABLISHED: u8 = 1;
 
-/// `Flow::fins` and `Reverse::fins`: the sides that have sent a FIN. Once
-/// both have, the next segment without FIN (the last ACK) frees both
-/// entries: a closed connection does not wait for the LRU, and long-lived
-/// flows are not evicted for dead ones.
+/// `Flow::fins` and `Reverse::fins`, kept the same on both entries: the
+/// sides that have sent a FIN, and the FINs the other side has ACKed. The
+/// segment that ACKs the second FIN (the last ACK, from either side, also
+/// when both sides closed at once) is translated and frees both entries: a
+/// closed connection does not wait for the LRU, and long-lived flows are
+/// not evicted for dead ones.
 pub const FIN_CLIENT: u8 = 1;
 pub const FIN_BACKEND: u8 = 2;
-pub const FIN_BOTH: u8 = FIN_CLIENT | FIN_BACKEND;
+/// The backend ACKed the client's FIN.
+pub const ACKED_CLIENT: u8 = 4;
+/// The client ACKed the backend's FIN.
+pub const ACKED_BACKEND: u8 = 8;
+pub const ACKED_BOTH: u8 = ACKED_CLIENT | ACKED_BACKEND;
 
 /// `NODE[0]`: this edge node's settings, written by the agent.
 #[repr(C)]
@@ -221,11 +227,15 @@ pub struct Flow {
     pub backend_id: u32,
     pub service_id: u32,
     pub nat_port_be: u16,
-    /// `FIN_*` bits seen so far.
+    /// `FIN_*` and `ACKED_*` bits seen so far.
     pub fins: u8,
     pub _pad: u8,
     /// Service flags at creation (so the fast path needs no service lookup).
     pub svc_flags: u32,
+    /// Once the backend sent a FIN: the acknowledgment number (host order)
+    /// with which the client ACKs it.
+    pub fin_ack: u32,
+    pub _pad2: u32,
     /// `bpf_ktime_get_ns` when the flow was created.
     pub created_ns: u64,
 }
@@ -254,9 +264,13 @@ pub struct Reverse {
     pub service_id: u32,
     /// `FLOW_SYN_SENT` until the backend's SYN-ACK is seen.
     pub state: u8,
-    /// `FIN_*` bits seen so far.
+    /// `FIN_*` and `ACKED_*` bits seen so far.
     pub fins: u8,
     pub _pad: [u8; 2],
+    /// Once the client sent a FIN: the acknowledgment number (host order)
+    /// with which the backend ACKs it.
+    pub fin_ack: u32,
+    pub _pad2: u32,
     pub created_ns: u64,
     /// Next hop toward the client.
     pub nh: NextHop,
@@ -354,9 +368,9 @@ const _: () = {
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<NextHop>() == 32);
-    assert!(size_of::<Flow>() == 24);
+    assert!(size_of::<Flow>() == 32);
     assert!(size_of::<ReverseKey>() == 16);
-    assert!(size_of::<Reverse>() == 64);
+    assert!(size_of::<Reverse>() == 72);
     assert!(size_of::<ServiceStats>() == 48);
     assert!(size_of::<BackendStats>() == 88);
 };

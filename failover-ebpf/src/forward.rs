@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    FIN_CLIENT, FLOW_ESTABLISHED, FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse,
-    ReverseKey, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
+    FLOW_ESTABLISHED, FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey,
+    SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
 };
 
 use crate::{
@@ -53,12 +53,14 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
                 } else {
                     let out = send(ctx, node, ip, l4, &fkey, flow, addr, port, false);
                     if l4.tcp {
-                        match l4::closing(l4.flags, flow.fins) {
+                        match l4::closing(l4, flow.fins, flow.fin_ack, l4::CLIENT) {
                             Closing::Free => {
                                 let f = *flow;
                                 forget(&fkey, &f, node);
                             }
-                            Closing::Fin => client_fin(flow, addr, port, node, ip.proto),
+                            Closing::Note { bits, fin_ack } => {
+                                note(flow, bits, fin_ack, addr, port, node, ip.proto)
+                            }
                             Closing::Keep => {}
                         }
                     }
@@ -225,6 +227,8 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey, opening: bool) -> Result<Fl
         },
         fins: 0,
         _pad: [0; 2],
+        fin_ack: 0,
+        _pad2: 0,
         created_ns: now,
         nh: NextHop::default(),
     };
@@ -257,6 +261,8 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey, opening: bool) -> Result<Fl
                 fins: 0,
                 _pad: 0,
                 svc_flags: svc.flags,
+                fin_ack: 0,
+                _pad2: 0,
                 created_ns: now,
             });
         }
@@ -265,14 +271,28 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey, opening: bool) -> Result<Fl
     Err(Reason::SnatExhausted)
 }
 
-/// The client sent a FIN: noted on both entries (the reverse path notes
-/// the backend's), so whichever side sends the last ACK frees them.
+/// A client segment closed something: noted on both entries (the reverse
+/// path does the same for the backend's), so whichever side sends the last
+/// ACK frees them. The client's FIN is ACKed by the backend, whose
+/// segments read the reverse entry: its number goes there.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn client_fin(flow: &mut Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) {
-    flow.fins |= FIN_CLIENT;
+fn note(
+    flow: &mut Flow,
+    bits: u8,
+    fin_ack: Option<u32>,
+    be_addr: u32,
+    be_port: u16,
+    node: &Node,
+    proto: u8,
+) {
+    flow.fins |= bits;
     if let Some(rev) = REVERSE.get_ptr_mut(&reverse_key(flow, be_addr, be_port, node, proto)) {
         let rev = unsafe { &mut *rev };
-        rev.fins |= FIN_CLIENT;
+        rev.fins |= bits;
+        if let Some(n) = fin_ack {
+            rev.fin_ack = n;
+        }
         flow.fins |= rev.fins;
     }
 }

@@ -2,7 +2,9 @@
 //! that goes with a NAT rewrite.
 
 use aya_ebpf::programs::XdpContext;
-use failover_common::{Reason, checksum};
+use failover_common::{
+    ACKED_BACKEND, ACKED_BOTH, ACKED_CLIENT, FIN_BACKEND, FIN_CLIENT, Reason, checksum,
+};
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 
 use crate::parse::{IPPROTO_TCP, ptr_at};
@@ -16,24 +18,67 @@ pub const TCP_ACK: u8 = 0x10;
 pub enum Closing {
     /// Nothing: the flow goes on.
     Keep,
-    /// A FIN: note its side on both entries.
-    Fin,
-    /// An RST, or the last ACK once both sides sent a FIN: free both.
+    /// Note `bits` (`FIN_*`, `ACKED_*`) on both entries; `fin_ack`: the
+    /// segment is a FIN, which the other side ACKs with this number (kept
+    /// in the entry the other side's segments read).
+    Note { bits: u8, fin_ack: Option<u32> },
+    /// An RST, or the segment that ACKs the second FIN: free both.
     Free,
 }
 
-/// The closing rule, given the segment's flags and the FINs seen so far
-/// (`FIN_*` bits of the entry at hand).
+/// Which side sent the segment: its `FIN_*` bit, and the other side's
+/// `FIN_*` and `ACKED_*` bits.
+pub struct Side {
+    pub fin: u8,
+    pub peer_fin: u8,
+    pub peer_acked: u8,
+}
+
+/// The closing rule, for both directions. `fins`: the entry's bits so far;
+/// `peer_fin_ack`: the number that ACKs the other side's FIN, once it sent
+/// one. Sequence numbers, not just flags, decide what a FIN's ACK is: when
+/// both sides close at once each ACKs the other's FIN, and an ACK of data
+/// sent before a FIN is not its ACK.
 #[inline(always)]
-pub fn closing(flags: u8, fins: u8) -> Closing {
-    if flags & TCP_RST != 0 || (flags & TCP_FIN == 0 && fins == failover_common::FIN_BOTH) {
+pub fn closing(l4: &L4, fins: u8, peer_fin_ack: u32, side: Side) -> Closing {
+    if l4.flags & TCP_RST != 0 {
+        return Closing::Free;
+    }
+    if l4.flags & TCP_FIN == 0 && fins == 0 {
+        return Closing::Keep;
+    }
+    let mut bits = 0;
+    let mut fin_ack = None;
+    if l4.flags & TCP_FIN != 0 {
+        bits |= side.fin;
+        // The FIN takes the sequence number after the segment's data.
+        fin_ack = Some(l4.seq.wrapping_add(l4.payload as u32).wrapping_add(1));
+    }
+    if l4.flags & TCP_ACK != 0
+        && fins & side.peer_fin != 0
+        && l4.ack.wrapping_sub(peer_fin_ack) as i32 >= 0
+    {
+        bits |= side.peer_acked;
+    }
+    if (fins | bits) & ACKED_BOTH == ACKED_BOTH {
         Closing::Free
-    } else if flags & TCP_FIN != 0 {
-        Closing::Fin
+    } else if bits & !fins != 0 || fin_ack.is_some() {
+        Closing::Note { bits, fin_ack }
     } else {
         Closing::Keep
     }
 }
+
+pub const CLIENT: Side = Side {
+    fin: FIN_CLIENT,
+    peer_fin: FIN_BACKEND,
+    peer_acked: ACKED_BACKEND,
+};
+pub const BACKEND: Side = Side {
+    fin: FIN_BACKEND,
+    peer_fin: FIN_CLIENT,
+    peer_acked: ACKED_CLIENT,
+};
 
 /// Where the ports and checksum of a TCP or UDP header sit.
 pub struct L4 {
@@ -43,16 +88,23 @@ pub struct L4 {
     pub dport_be: u16,
     /// TCP flags byte; 0 for UDP.
     pub flags: u8,
+    /// TCP sequence and acknowledgment numbers (host order) and the
+    /// segment's data length; 0 for UDP.
+    pub seq: u32,
+    pub ack: u32,
+    pub payload: u16,
 }
 
+/// `l4_len`: the IP payload's length (the IP total length less its header).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, off: usize, proto: u8) -> Result<L4, Reason> {
+pub fn parse(ctx: &XdpContext, off: usize, proto: u8, l4_len: u16) -> Result<L4, Reason> {
     if proto == IPPROTO_TCP {
         let t: *mut TcpHdr = ptr_at(ctx, off).ok_or(Reason::TruncatedL4)?;
         let t = unsafe { &*t };
         let raw: &[u8; TcpHdr::LEN] = unsafe { &*(t as *const TcpHdr).cast() };
         // Data offset below 5 words cannot hold the header itself.
-        if raw[12] >> 4 < 5 {
+        let doff = raw[12] >> 4;
+        if doff < 5 {
             return Err(Reason::TruncatedL4);
         }
         Ok(L4 {
@@ -61,6 +113,9 @@ pub fn parse(ctx: &XdpContext, off: usize, proto: u8) -> Result<L4, Reason> {
             sport_be: u16::from_ne_bytes(t.source),
             dport_be: u16::from_ne_bytes(t.dest),
             flags: raw[13],
+            seq: u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]),
+            ack: u32::from_be_bytes([raw[8], raw[9], raw[10], raw[11]]),
+            payload: l4_len.saturating_sub(doff as u16 * 4),
         })
     } else {
         let u: *mut UdpHdr = ptr_at(ctx, off).ok_or(Reason::TruncatedL4)?;
@@ -71,6 +126,9 @@ pub fn parse(ctx: &XdpContext, off: usize, proto: u8) -> Result<L4, Reason> {
             sport_be: u16::from_ne_bytes(u.src),
             dport_be: u16::from_ne_bytes(u.dst),
             flags: 0,
+            seq: 0,
+            ack: 0,
+            payload: 0,
         })
     }
 }

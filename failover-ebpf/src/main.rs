@@ -25,6 +25,7 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use failover_common::Reason;
+use network_types::ip::Ipv4Hdr;
 
 use crate::maps::{NODE, VIP_FILTER};
 
@@ -80,7 +81,8 @@ fn try_failover(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         }
     }
     let ip = ipv4::validate(ctx, hdr, l2.l3_off)?;
-    let l4 = l4::parse(ctx, ip.l4_off, ip.proto)?;
+    // No IP options get here (validate passes them to the kernel).
+    let l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.tot_len - Ipv4Hdr::LEN as u16)?;
     Ok(if is_reverse {
         reverse::handle(ctx, node, &ip, &l4)
     } else {

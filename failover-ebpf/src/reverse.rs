@@ -3,7 +3,7 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use failover_common::{
-    FIN_BACKEND, FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, Reverse, ReverseKey,
+    FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, Reverse, ReverseKey,
 };
 
 use crate::{
@@ -80,18 +80,22 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     if !l4.tcp {
         return out;
     }
-    match l4::closing(l4.flags, r.fins) {
+    match l4::closing(l4, r.fins, r.fin_ack, l4::BACKEND) {
         Closing::Free => {
             let _ = FLOWS.remove(&flow_key(&r, ip.proto));
             let _ = REVERSE.remove(&rkey);
         }
-        Closing::Fin => {
+        Closing::Note { bits, fin_ack } => {
             // Noted on both entries: whichever side sends the last ACK
-            // frees them (see forward.rs).
-            rev.fins |= FIN_BACKEND;
+            // frees them (see forward.rs). The client ACKs the backend's
+            // FIN, and its segments read the flow entry.
+            rev.fins |= bits;
             if let Some(f) = FLOWS.get_ptr_mut(&flow_key(&r, ip.proto)) {
                 let f = unsafe { &mut *f };
-                f.fins |= FIN_BACKEND;
+                f.fins |= bits;
+                if let Some(n) = fin_ack {
+                    f.fin_ack = n;
+                }
                 rev.fins |= f.fins;
             }
         }

@@ -389,6 +389,79 @@ fn a_half_closed_connection_keeps_flowing_until_the_last_ack_client_closing_firs
 }
 
 #[test]
+fn when_both_sides_close_at_once_both_last_acks_are_translated() {
+    // The FINs cross (neither ACKs the other's), then each side ACKs the
+    // other's FIN: the entries stay for the first of those ACKs and go with
+    // the second, whichever side sends it.
+    for backend_acks_first in [true, false] {
+        let lab = lab_with(&[2], 0);
+        let cport = if backend_acks_first { 51_210 } else { 51_211 };
+        let (client, backend) = established(&lab, cport);
+        lab.run(lab.va0, &seg(backend.clone(), 5001, 1001, true).build())
+            .unwrap();
+        forward(&lab, &seg(client.clone(), 1001, 5001, true));
+        assert_eq!(nat_entries(&lab), (1, 1), "two FINs, none ACKed");
+        let backend_ack = seg(backend.clone(), 5002, 1002, false);
+        let client_ack = seg(client.clone(), 1002, 5002, false);
+        let (first, second) = if backend_acks_first {
+            ((lab.va0, &backend_ack), (lab.vc0, &client_ack))
+        } else {
+            ((lab.vc0, &client_ack), (lab.va0, &backend_ack))
+        };
+        for (i, (leg, f)) in [first, second].into_iter().enumerate() {
+            let (rc, out) = lab.run(leg, &f.build()).unwrap();
+            assert_eq!(
+                rc, XDP_REDIRECT,
+                "ACK {i}, backend first: {backend_acks_first}"
+            );
+            assert_checksums_valid(&out);
+            if leg == lab.va0 {
+                assert_eq!(out, to_client(f, cport));
+            } else {
+                assert_eq!(dst_of(&out), backend_addr(2));
+            }
+            let left = if i == 0 { (1, 1) } else { (0, 0) };
+            assert_eq!(nat_entries(&lab), left, "after ACK {i}");
+        }
+    }
+}
+
+#[test]
+fn an_ack_of_data_sent_before_a_fin_is_not_the_fins_ack() {
+    // The backend sends its answer and its FIN; the client's ACK of the
+    // answer (sent before the FIN reached it) comes after the FIN passed
+    // the edge, then the client's FIN, and the backend's ACK of that: the
+    // backend's FIN is still unACKed, so the entries wait for the client's
+    // last ACK.
+    let lab = lab_with(&[2], 0);
+    let (client, backend) = established(&lab, 51_212);
+    let data = Frame {
+        payload: b"{\"ok\":true}".to_vec(),
+        ..seg(backend.clone(), 5001, 1001, false)
+    };
+    lab.run(lab.va0, &data.build()).unwrap();
+    lab.run(lab.va0, &seg(backend.clone(), 5012, 1001, true).build())
+        .unwrap();
+    forward(&lab, &seg(client.clone(), 1001, 5012, false));
+    forward(&lab, &seg(client.clone(), 1001, 5012, true));
+    lab.run(lab.va0, &seg(backend.clone(), 5013, 1002, false).build())
+        .unwrap();
+    assert_eq!(
+        nat_entries(&lab),
+        (1, 1),
+        "the backend's FIN is not ACKed yet"
+    );
+    let (rc, out) = forward(&lab, &seg(client, 1002, 5013, false));
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(dst_of(&out), backend_addr(2));
+    assert_eq!(
+        nat_entries(&lab),
+        (0, 0),
+        "the client's last ACK freed both"
+    );
+}
+
+#[test]
 fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
     let lab = lab_with(&[1], 0);
     let syn = Frame::tcp(CLIENT, 51_002, VIP, 80);
