@@ -61,6 +61,28 @@ impl Frame {
         }
     }
 
+    /// This frame as a TCP segment with these numbers and flags.
+    pub fn segment(mut self, seq: u32, ack: Option<u32>, syn: bool, fin: bool, rst: bool) -> Self {
+        self.l4 = L4::Tcp {
+            seq,
+            ack,
+            syn,
+            fin,
+            rst,
+        };
+        self
+    }
+
+    /// A SYN-ACK acknowledging the client's SYN of sequence 1000.
+    pub fn synack(self, seq: u32) -> Self {
+        self.segment(seq, Some(1001), true, false, false)
+    }
+
+    /// An RST, with an acknowledgment number when `ack` is given.
+    pub fn rst(self, seq: u32, ack: Option<u32>) -> Self {
+        self.segment(seq, ack, false, false, true)
+    }
+
     /// An established-flow data segment (ACK, no SYN).
     pub fn data(mut self, payload: &[u8]) -> Self {
         self.l4 = L4::Tcp {

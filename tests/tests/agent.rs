@@ -30,7 +30,7 @@ use failover_common::{NO_BACKEND, SVC_F_RESET, state};
 use failover_tests::{
     lab::{CLIENT, Lab, SNAT, VIP, backend_addr},
     netns::require_root,
-    packet::{Frame, L4, ports},
+    packet::{Frame, ports},
     scratch::TempDir,
 };
 
@@ -510,14 +510,7 @@ async fn passive_ejection_from_real_handshake_counters() {
     for cport in [52_500u16, 52_501] {
         let (be, nat) = open_flow(&lab, cport);
         assert_eq!(be, backend_addr(1));
-        let mut rst = Frame::tcp(be, BPORT, SNAT, nat);
-        rst.l4 = L4::Tcp {
-            seq: 0,
-            ack: Some(1001),
-            syn: false,
-            fin: false,
-            rst: true,
-        };
+        let rst = Frame::tcp(be, BPORT, SNAT, nat).rst(0, Some(1001));
         lab.run(lab.va0, &rst.build()).unwrap();
     }
     assert_eq!(lab.dp.backend_stats(b1).unwrap().syn_rsts, 2);

@@ -13,7 +13,7 @@ use failover_tests::{
         self, BACKEND_MAC, CLIENT, CLIENT_MAC, Lab, SAME_LEG_BACKEND, SNAT, VA0_MAC, VC0_MAC, VIP,
         backend_addr,
     },
-    packet::{Frame, L4, assert_checksums_valid, ports},
+    packet::{Frame, assert_checksums_valid, ports},
 };
 
 const XDP_DROP: u32 = 1;
@@ -162,16 +162,9 @@ fn reply_is_restored_to_vip_and_client_and_measures_handshake() {
     let (_, out) = forward(&lab, &syn);
     let (nat_port, _) = ports(&out);
 
-    let mut synack = Frame::tcp(backend_addr(2), BPORT, SNAT, nat_port);
+    let mut synack = Frame::tcp(backend_addr(2), BPORT, SNAT, nat_port).synack(5000);
     synack.src_mac = BACKEND_MAC;
     synack.dst_mac = VA0_MAC;
-    synack.l4 = L4::Tcp {
-        seq: 5000,
-        ack: Some(1001),
-        syn: true,
-        fin: false,
-        rst: false,
-    };
     let (rc, out) = lab.run(lab.va0, &synack.build()).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     assert_eq!(out, to_client(&synack, 51_001));
@@ -197,14 +190,7 @@ fn a_new_handshake_on_a_reused_tuple_counts_its_syn_ack() {
         let (rc, out) = forward(&lab, &syn);
         assert_eq!(rc, XDP_REDIRECT);
         let (nat_port, _) = ports(&out);
-        let mut f = Frame::tcp(backend_addr(2), BPORT, SNAT, nat_port);
-        f.l4 = L4::Tcp {
-            seq: 5000 * round as u32,
-            ack: Some(1001),
-            syn: true,
-            fin: false,
-            rst: false,
-        };
+        let f = Frame::tcp(backend_addr(2), BPORT, SNAT, nat_port).synack(5000 * round as u32);
         let (rc, _) = lab.run(lab.va0, &f.build()).unwrap();
         assert_eq!(rc, XDP_REDIRECT);
         let s = lab.dp.backend_stats(2).unwrap();
@@ -221,15 +207,9 @@ fn a_new_handshake_on_a_reused_tuple_counts_its_syn_ack() {
 /// The SYN-ACK a backend sends for a flow whose SYN left as `out`.
 fn synack_for(out: &[u8], backend: u8, seq: u32) -> Vec<u8> {
     let (nat_port, _) = ports(out);
-    let mut f = Frame::tcp(backend_addr(backend), BPORT, SNAT, nat_port);
-    f.l4 = L4::Tcp {
-        seq,
-        ack: Some(1001),
-        syn: true,
-        fin: false,
-        rst: false,
-    };
-    f.build()
+    Frame::tcp(backend_addr(backend), BPORT, SNAT, nat_port)
+        .synack(seq)
+        .build()
 }
 
 #[test]
@@ -306,15 +286,8 @@ fn the_nat_tables_are_read_whole_in_batches() {
 }
 
 /// A TCP segment with these flags (ACK always set).
-fn seg(mut f: Frame, seq: u32, ack: u32, fin: bool) -> Frame {
-    f.l4 = L4::Tcp {
-        seq,
-        ack: Some(ack),
-        syn: false,
-        fin,
-        rst: false,
-    };
-    f
+fn seg(f: Frame, seq: u32, ack: u32, fin: bool) -> Frame {
+    f.segment(seq, Some(ack), false, fin, false)
 }
 
 /// A flow through backend 2 up to its handshake; returns the client's and
@@ -467,14 +440,7 @@ fn backend_rst_to_a_syn_is_counted_and_frees_the_flow() {
     let syn = Frame::tcp(CLIENT, 51_002, VIP, 80);
     let (_, out) = forward(&lab, &syn);
     let (nat_port, _) = ports(&out);
-    let mut rst = Frame::tcp(backend_addr(1), BPORT, SNAT, nat_port);
-    rst.l4 = L4::Tcp {
-        seq: 0,
-        ack: Some(1001),
-        syn: false,
-        fin: false,
-        rst: true,
-    };
+    let rst = Frame::tcp(backend_addr(1), BPORT, SNAT, nat_port).rst(0, Some(1001));
     let (rc, out) = lab.run(lab.va0, &rst.build()).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     assert_checksums_valid(&out);
@@ -501,14 +467,7 @@ fn a_mid_stream_segment_is_picked_up_and_its_rst_is_no_refused_syn() {
         out,
         expected_forward(&late, backend_addr(1), nat_port, (VA0_MAC, BACKEND_MAC))
     );
-    let mut rst = Frame::tcp(backend_addr(1), BPORT, SNAT, nat_port);
-    rst.l4 = L4::Tcp {
-        seq: 5001,
-        ack: None,
-        syn: false,
-        fin: false,
-        rst: true,
-    };
+    let rst = Frame::tcp(backend_addr(1), BPORT, SNAT, nat_port).rst(5001, None);
     let (rc, out) = lab.run(lab.va0, &rst.build()).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     assert_eq!(out, to_client(&rst, 51_003));
@@ -746,16 +705,8 @@ fn snat_port_collisions_probe_then_give_up() {
 }
 
 /// Sends a client RST on `syn`'s tuple, which frees its entries.
-fn close_by_rst(lab: &Lab, syn: &Frame) {
-    let mut rst = syn.clone();
-    rst.l4 = L4::Tcp {
-        seq: 1001,
-        ack: Some(5001),
-        syn: false,
-        fin: false,
-        rst: true,
-    };
-    forward(lab, &rst);
+fn close_by_rst(lab: &Lab, syn: &Frame) -> (u32, Vec<u8>) {
+    forward(lab, &syn.clone().rst(1001, Some(5001)))
 }
 
 #[test]
@@ -832,15 +783,7 @@ fn client_rst_frees_flow_entries() {
     let lab = lab_with(&[1], 0);
     let syn = Frame::tcp(CLIENT, 51_050, VIP, 80);
     forward(&lab, &syn);
-    let mut rst = syn.clone();
-    rst.l4 = L4::Tcp {
-        seq: 1001,
-        ack: Some(5001),
-        syn: false,
-        fin: false,
-        rst: true,
-    };
-    let (rc, out) = forward(&lab, &rst);
+    let (rc, out) = close_by_rst(&lab, &syn);
     assert_eq!(rc, XDP_REDIRECT);
     assert_checksums_valid(&out);
     assert!(lab.dp.flows().unwrap().is_empty());
