@@ -65,16 +65,7 @@ fn columns(bench: &str, rows: &[Value]) -> Vec<String> {
         "http" => &[
             "system", "mode", "rps", "p50_ms", "p99_ms", "requests", "errors",
         ],
-        "rest" => &[
-            "kind",
-            "backends",
-            "interval_ms",
-            "cpu_pct",
-            "rss_mib",
-            "rss_peak_mib",
-            "probes_per_s",
-            "floor_cpu_pct",
-        ],
+        "rest" => &super::rest::COLUMNS,
         _ => &[],
     };
     if !known.is_empty() {

@@ -58,6 +58,19 @@ pub struct RestResult {
 
 const FIRST_PORT: u16 = 21_000;
 
+/// A result's `--json` keys, in table order: the table header and the
+/// results page's columns.
+pub const COLUMNS: [&str; 8] = [
+    "kind",
+    "backends",
+    "interval_ms",
+    "cpu_pct",
+    "rss_mib",
+    "rss_peak_mib",
+    "probes_per_s",
+    "floor_cpu_pct",
+];
+
 fn yaml(pin: &Path, sock: &Path, kind: &str, o: &Opts) -> String {
     let probe = match kind {
         "tcp" => String::new(),
@@ -431,16 +444,9 @@ pub fn print(results: &[RestResult], json: bool) {
         }
         return;
     }
+    let [kind, backends, interval, cpu, rss, peak, probes, floor] = COLUMNS;
     println!(
-        "{:<10} {:>8} {:>11} {:>8} {:>8} {:>13} {:>9} {:>9}",
-        "kind",
-        "backends",
-        "interval_ms",
-        "cpu_pct",
-        "rss_mib",
-        "rss_peak_mib",
-        "probes/s",
-        "floor_pct"
+        "{kind:<10} {backends:>8} {interval:>11} {cpu:>8} {rss:>8} {peak:>13} {probes:>12} {floor:>13}"
     );
     for r in results {
         let probes = if r.probes_per_s.is_finite() {
@@ -452,7 +458,7 @@ pub fn print(results: &[RestResult], json: bool) {
             .floor_cpu_pct
             .map_or_else(|| "-".into(), |f| format!("{f:.2}"));
         println!(
-            "{:<10} {:>8} {:>11} {:>8.2} {:>8.1} {:>13.1} {:>9} {:>9}",
+            "{:<10} {:>8} {:>11} {:>8.2} {:>8.1} {:>13.1} {:>12} {:>13}",
             r.kind, r.backends, r.interval_ms, r.cpu_pct, r.rss_mib, r.rss_peak_mib, probes, floor
         );
     }
