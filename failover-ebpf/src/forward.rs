@@ -59,7 +59,14 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
                                 forget(&fkey, &f, node);
                             }
                             Closing::Note { bits, fin_ack } => {
-                                note(flow, bits, fin_ack, addr, port, node, ip.proto)
+                                let rkey = reverse_key(flow, addr, port, node, ip.proto);
+                                let rev = REVERSE.get_ptr_mut(&rkey).map(|r| unsafe { &mut *r });
+                                l4::note(
+                                    &mut flow.fins,
+                                    rev.map(|r| (&mut r.fins, &mut r.fin_ack)),
+                                    bits,
+                                    fin_ack,
+                                );
                             }
                             Closing::Keep => {}
                         }
@@ -269,32 +276,6 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey, opening: bool) -> Result<Fl
         i += 1;
     }
     Err(Reason::SnatExhausted)
-}
-
-/// A client segment closed something: noted on both entries (the reverse
-/// path does the same for the backend's), so whichever side sends the last
-/// ACK frees them. The client's FIN is ACKed by the backend, whose
-/// segments read the reverse entry: its number goes there.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn note(
-    flow: &mut Flow,
-    bits: u8,
-    fin_ack: Option<u32>,
-    be_addr: u32,
-    be_port: u16,
-    node: &Node,
-    proto: u8,
-) {
-    flow.fins |= bits;
-    if let Some(rev) = REVERSE.get_ptr_mut(&reverse_key(flow, be_addr, be_port, node, proto)) {
-        let rev = unsafe { &mut *rev };
-        rev.fins |= bits;
-        if let Some(n) = fin_ack {
-            rev.fin_ack = n;
-        }
-        flow.fins |= rev.fins;
-    }
 }
 
 #[inline(always)]

@@ -69,6 +69,22 @@ pub fn closing(l4: &L4, fins: u8, peer_fin_ack: u32, side: Side) -> Closing {
     }
 }
 
+/// Carries out a `Closing::Note` on the entry at hand (`fins`) and, when it
+/// is found, on the other side's entry (its bits and its `fin_ack`: the
+/// other side ACKs this FIN, and its segments read that entry). Both
+/// entries end with the same bits, so either side's last ACK frees them.
+#[inline(always)]
+pub fn note(fins: &mut u8, other: Option<(&mut u8, &mut u32)>, bits: u8, fin_ack: Option<u32>) {
+    *fins |= bits;
+    if let Some((other_fins, other_fin_ack)) = other {
+        *other_fins |= bits;
+        if let Some(n) = fin_ack {
+            *other_fin_ack = n;
+        }
+        *fins |= *other_fins;
+    }
+}
+
 pub const CLIENT: Side = Side {
     fin: FIN_CLIENT,
     peer_fin: FIN_BACKEND,

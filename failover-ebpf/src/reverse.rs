@@ -86,18 +86,15 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
             let _ = REVERSE.remove(&rkey);
         }
         Closing::Note { bits, fin_ack } => {
-            // Noted on both entries: whichever side sends the last ACK
-            // frees them (see forward.rs). The client ACKs the backend's
-            // FIN, and its segments read the flow entry.
-            rev.fins |= bits;
-            if let Some(f) = FLOWS.get_ptr_mut(&flow_key(&r, ip.proto)) {
-                let f = unsafe { &mut *f };
-                f.fins |= bits;
-                if let Some(n) = fin_ack {
-                    f.fin_ack = n;
-                }
-                rev.fins |= f.fins;
-            }
+            let flow = FLOWS
+                .get_ptr_mut(&flow_key(&r, ip.proto))
+                .map(|f| unsafe { &mut *f });
+            l4::note(
+                &mut rev.fins,
+                flow.map(|f| (&mut f.fins, &mut f.fin_ack)),
+                bits,
+                fin_ack,
+            );
         }
         Closing::Keep => {}
     }
