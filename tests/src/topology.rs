@@ -183,17 +183,8 @@ impl Topology {
             }
             dp
         };
-        if mode == XdpMode::Skb {
-            return Ok(dp);
-        }
-        for (ns, l) in [
-            (&self.client, "c0"),
-            (&self.cloud_a, "a0"),
-            (&self.cloud_b, "b0"),
-        ] {
-            let _in = ns.enter()?;
-            dp.attach_pass(l, XdpMode::Native)
-                .with_context(|| format!("attach pass {l}"))?;
+        if mode == XdpMode::Native {
+            self.pass_on_peers(&mut dp)?;
         }
         Ok(dp)
     }
@@ -207,6 +198,13 @@ impl Topology {
             let _in = self.edge.enter()?;
             Dataplane::load(&self.pins.0)?
         };
+        self.pass_on_peers(&mut dp)?;
+        Ok(dp)
+    }
+
+    /// The pass program on c0, a0 and b0, so that frames the edge
+    /// redirects or sends with XDP_TX into a veth are delivered.
+    fn pass_on_peers(&self, dp: &mut Dataplane) -> Result<()> {
         for (ns, l) in [
             (&self.client, "c0"),
             (&self.cloud_a, "a0"),
@@ -216,7 +214,7 @@ impl Topology {
             dp.attach_pass(l, XdpMode::Native)
                 .with_context(|| format!("attach pass {l}"))?;
         }
-        Ok(dp)
+        Ok(())
     }
 
     /// Starts a test backend `name` on `addr:BACKEND_PORT` in `ns`, and

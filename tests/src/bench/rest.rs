@@ -215,14 +215,15 @@ fn cpu_ns(pid: u32) -> Result<u64> {
         let p = t?.path().join("schedstat");
         // A thread that just exited is gone; its time goes with it.
         if let Ok(s) = std::fs::read_to_string(&p) {
-            total += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .with_context(|| format!("parse {}", p.display()))?;
+            total += run_ns(&s).with_context(|| format!("parse {}", p.display()))?;
         }
     }
     Ok(total)
+}
+
+/// A schedstat file's first field: run time so far, in ns.
+fn run_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().next()?.parse().ok()
 }
 
 /// VmRSS and VmHWM of `pid`, in MiB.
@@ -245,10 +246,7 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
 
 /// This thread's run time so far (schedstat's first field, ns).
 fn thread_cpu_ns() -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat")?;
-    s.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
+    run_ns(&std::fs::read_to_string("/proc/thread-self/schedstat")?)
         .context("parse /proc/thread-self/schedstat")
 }
 
