@@ -280,8 +280,11 @@ fn default_api_socket() -> PathBuf {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// Native (driver) mode; fails with a hint when the driver lacks it.
+    /// Generic on veths (faster there), else native where the driver has
+    /// it and generic where it does not.
     #[default]
+    Auto,
+    /// Native (driver) mode; fails with a hint when the driver lacks it.
     Native,
     /// Generic mode, for drivers without native XDP.
     Skb,

@@ -172,34 +172,32 @@ impl Topology {
     }
 
     /// As [`Self::load_dataplane`], attached in `mode`. In generic (skb)
-    /// mode the peers need no program: redirected frames leave through the
-    /// stack's transmit path.
+    /// mode, which `Auto` is on these veths, the peers need no program:
+    /// redirected frames leave through the stack's transmit path.
     pub fn load_dataplane_in(&self, mode: XdpMode) -> Result<Dataplane> {
-        let mut dp = {
+        let (mut dp, mode) = {
             let _in = self.edge.enter()?;
+            let mode = mode.resolve("ec");
             let mut dp = Dataplane::load(&self.pins.0)?;
             for l in ["ec", "ea", "eb"] {
                 dp.attach(l, mode).with_context(|| format!("attach {l}"))?;
             }
-            dp
+            (dp, mode)
         };
-        if mode == XdpMode::Native {
+        if mode != XdpMode::Skb {
             self.pass_on_peers(&mut dp)?;
         }
         Ok(dp)
     }
 
-    /// Attaches only the pass program to the peer ends (c0, a0, b0), for
-    /// tests where the agent attaches the NAT program to the edge's legs.
-    /// The links are pinned under `self.pins`; the returned data plane
-    /// shares the agent's maps when the agent uses the same pin path.
-    pub fn attach_peer_pass(&self) -> Result<Dataplane> {
-        let mut dp = {
-            let _in = self.edge.enter()?;
-            Dataplane::load(&self.pins.0)?
-        };
-        self.pass_on_peers(&mut dp)?;
-        Ok(dp)
+    /// The data plane's object loaded against `self.pins` and attached
+    /// nowhere, for tests where the agent attaches it: it shares the
+    /// agent's maps when the agent uses the same pin path. The agent's
+    /// `xdp_mode: auto` is generic mode on these veths, so the peers need
+    /// no program.
+    pub fn open_dataplane(&self) -> Result<Dataplane> {
+        let _in = self.edge.enter()?;
+        Ok(Dataplane::load(&self.pins.0)?)
     }
 
     /// The pass program on c0, a0 and b0, so that frames the edge

@@ -988,6 +988,31 @@ fn attaching_without_native_xdp_names_the_interface_and_suggests_skb() {
 }
 
 #[test]
+fn auto_mode_is_generic_on_a_veth_and_the_kernels_choice_elsewhere() {
+    use failover_agent::dataplane::{XdpMode, driver};
+    let mut lab = lab_with(&[1], 0);
+    assert_eq!(driver("vc1").as_deref(), Some("veth"));
+    assert_eq!(XdpMode::Auto.resolve("vc1"), XdpMode::Skb);
+    // Loopback answers no driver query: the kernel picks (generic there).
+    assert_eq!(driver("lo"), None);
+    assert_eq!(XdpMode::Auto.resolve("lo"), XdpMode::Auto);
+    // A mode set in the config is kept as it is.
+    assert_eq!(XdpMode::Native.resolve("vc1"), XdpMode::Native);
+    let shown = |iface: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-d", "link", "show", iface])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for iface in ["vc1", "lo"] {
+        lab.dp.attach(iface, XdpMode::Auto).unwrap();
+        let link = shown(iface);
+        assert!(link.contains("xdpgeneric"), "{iface}: {link}");
+    }
+}
+
+#[test]
 fn an_8021q_tagged_frame_is_natted_with_its_tag_kept() {
     let lab = lab_with(&[1], 0);
     let tagged = |src_mac, dst_mac, src: Ipv4Addr, dst: Ipv4Addr, ttl, sport, dport| {

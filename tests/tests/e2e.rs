@@ -54,6 +54,11 @@ fn served(w: &World, name: &str) -> u64 {
 fn steady_state_spreads_over_tier_0_and_every_request_succeeds() {
     let _s = serial();
     let w = World::start(false, ProbeTiming::default()).unwrap();
+    // The agent's xdp_mode is auto: generic mode on the edge's veths.
+    for leg in ["ec", "ea", "eb"] {
+        let link = w.topo.edge.exec(&format!("ip -d link show {leg}")).unwrap();
+        assert!(link.contains("xdpgeneric"), "{leg}: {link}");
+    }
     let mut seen = BTreeMap::new();
     {
         let _in = w.topo.client.enter().unwrap();

@@ -166,6 +166,7 @@ fn node_of(n: &config::Node) -> Node {
 
 fn xdp_mode(m: config::XdpMode) -> XdpMode {
     match m {
+        config::XdpMode::Auto => XdpMode::Auto,
         config::XdpMode::Native => XdpMode::Native,
         config::XdpMode::Skb => XdpMode::Skb,
     }
@@ -274,6 +275,7 @@ impl Applier {
     pub fn attach(&mut self) -> Result<(), AgentError> {
         let mode = xdp_mode(self.cfg.node.xdp_mode);
         for iface in self.cfg.node.interfaces.clone() {
+            let mode = mode.resolve(&iface);
             let updated = self.dp.attach(&iface, mode)?;
             tracing::info!(interface = %iface, %mode, updated, "XDP attached");
         }

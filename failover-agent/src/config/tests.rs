@@ -103,7 +103,7 @@ fn examples_use_only_documentation_addresses() {
 #[test]
 fn minimal_example_takes_defaults() {
     let config = load(&examples_dir().join("minimal.yaml")).unwrap();
-    assert_eq!(config.node.xdp_mode, XdpMode::Native);
+    assert_eq!(config.node.xdp_mode, XdpMode::Auto);
     assert_eq!(config.node.pin_path, Path::new("/sys/fs/bpf/failover"));
     let web = &config.services[0];
     assert_eq!(web.policy, Policy::default());

@@ -14,16 +14,20 @@ use super::{Dataplane, ErrorKind, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum XdpMode {
-    /// In the driver: the fast path.
+    /// Generic on a veth, else the kernel's choice: native where the
+    /// driver has it, generic where it does not. See [`XdpMode::resolve`].
     #[default]
+    Auto,
+    /// In the driver: the fast path on a NIC.
     Native,
-    /// Generic, in the stack: works on any interface, slower.
+    /// Generic, in the stack: works on any interface.
     Skb,
 }
 
 impl fmt::Display for XdpMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::Native => "native",
             Self::Skb => "skb",
         })
@@ -33,10 +37,74 @@ impl fmt::Display for XdpMode {
 impl From<XdpMode> for aya::programs::XdpMode {
     fn from(m: XdpMode) -> Self {
         match m {
+            XdpMode::Auto => Self::Default,
             XdpMode::Native => Self::Driver,
             XdpMode::Skb => Self::Skb,
         }
     }
+}
+
+impl XdpMode {
+    /// The mode to attach `iface` in. `Auto` becomes `Skb` on a veth: its
+    /// frames come from a local stack as cloned skbs, which native XDP on a
+    /// veth copies into a new buffer and rebuilds on the far side, while
+    /// generic XDP works on the skb in place (measured in `cargo xtask
+    /// bench http`, docs/benchmarks.md). Elsewhere `Auto` stays, and the
+    /// kernel attaches natively when the driver can.
+    #[must_use]
+    pub fn resolve(self, iface: &str) -> Self {
+        match self {
+            Self::Auto if driver(iface).as_deref() == Some("veth") => Self::Skb,
+            m => m,
+        }
+    }
+}
+
+/// The interface's driver name, as `ethtool -i` prints it (SIOCETHTOOL,
+/// ETHTOOL_GDRVINFO), in the calling thread's network namespace. None when
+/// the device answers no ethtool request.
+pub fn driver(iface: &str) -> Option<String> {
+    // linux/sockios.h and linux/ethtool.h; libc has neither.
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    /// `struct ethtool_drvinfo`, up to its driver name and padded to size.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: a zeroed ifreq is valid; the name fits with its NUL, and
+    // ifru_data points at `info`, which outlives the call.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: plain socket and ioctl calls on valid arguments; the fd is
+    // closed by OwnedFd.
+    let ok = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let _fd = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        libc::ioctl(fd, SIOCETHTOOL, &raw mut req) == 0
+    };
+    if !ok {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 pub fn ifindex(iface: &str) -> Result<u32> {
@@ -71,6 +139,7 @@ impl Dataplane {
     }
 
     fn attach_prog(&mut self, prog: &'static str, iface: &str, mode: XdpMode) -> Result<bool> {
+        let mode = mode.resolve(iface);
         let path = self.link_path(iface);
         let attach_err = |source: ProgramError| ErrorKind::Attach {
             iface: iface.to_owned(),
@@ -79,7 +148,7 @@ impl Dataplane {
                 XdpMode::Native => format!(
                     " (the driver of {iface} may not support native XDP; try xdp_mode: skb)"
                 ),
-                XdpMode::Skb => String::new(),
+                XdpMode::Auto | XdpMode::Skb => String::new(),
             },
             source,
         };

@@ -1,6 +1,7 @@
 //! HTTP through the edge with wrk, in one run: `direct` (client → backend
-//! address, routed by the edge, no NAT), `xdp` and `xdp-skb` (the VIP
-//! through failover's program, attached natively and in generic mode),
+//! address, routed by the edge, no NAT), `xdp` and `xdp-native` (the VIP
+//! through failover's program, attached as the agent does by default and
+//! forced native),
 //! `nftables` (the VIP through DNAT+SNAT with conntrack) and
 //! `haproxy` (TCP mode on the edge). Each system gets a fresh topology
 //! with one test backend; each is measured with keep-alive connections and
@@ -24,14 +25,15 @@ use crate::{
     topology::{BACKEND_PORT, CLOUD_A, SNAT, Topology, VIP},
 };
 
-pub const SYSTEMS: [&str; 5] = ["direct", "xdp", "xdp-skb", "nftables", "haproxy"];
-/// failover's program, attached natively (`xdp`) and in generic mode
-/// (`xdp-skb`, `node.xdp_mode: skb`). On a veth, native XDP turns every
-/// skb from a local stack into an XDP buffer (a copy, as TCP's segments
-/// are clones), runs in the veth's NAPI poll, and the peer builds a new
-/// skb from the frame; generic XDP runs on the skb the stack already has
-/// and sends it on through the stack. Both are measured.
-pub const XDP_SYSTEMS: [&str; 2] = ["xdp", "xdp-skb"];
+pub const SYSTEMS: [&str; 5] = ["direct", "xdp", "xdp-native", "nftables", "haproxy"];
+/// failover's program as the agent attaches it by default (`xdp`,
+/// `node.xdp_mode: auto`, which is generic mode on these veths), and forced
+/// native (`xdp-native`). On a veth, native XDP turns every skb from a
+/// local stack into an XDP buffer (a copy, as TCP's segments are clones),
+/// runs in the veth's NAPI poll, and the peer builds a new skb from the
+/// frame; generic XDP runs on the skb the stack already has and sends it
+/// on through the stack. Both are measured and held to the targets.
+pub const XDP_SYSTEMS: [&str; 2] = ["xdp", "xdp-native"];
 pub const MODES: [&str; 2] = ["keepalive", "newconn"];
 pub const PATH: &str = "/health";
 
@@ -246,11 +248,11 @@ pub fn run_system(system: &'static str, opts: Opts) -> Result<Vec<HttpResult>> {
     let mut _haproxy = None;
     let target = match system {
         "direct" => direct,
-        "xdp" | "xdp-skb" => {
+        "xdp" | "xdp-native" => {
             let mode = if system == "xdp" {
-                XdpMode::Native
+                XdpMode::Auto
             } else {
-                XdpMode::Skb
+                XdpMode::Native
             };
             let mut dp = topo.load_dataplane_in(mode)?;
             // No socket of the edge's own uses the SNAT address during the

@@ -564,7 +564,7 @@ mod tests {
                 Outcome::Ran(vec![
                     http("direct", "newconn", 10_000.0, 1.5),
                     http("xdp", "newconn", 9_000.0, 1.9),
-                    http("xdp-skb", "newconn", 9_600.0, 1.6),
+                    http("xdp-native", "newconn", 9_600.0, 1.6),
                     http("nftables", "newconn", 8_000.0, 1.8),
                     http("haproxy", "newconn", 6_000.0, 3.0),
                 ]),
@@ -601,9 +601,9 @@ mod tests {
             "| http newconn | xdp ÷ direct, rps | ≥ 0.95 | 0.90 | **not met** |",
             "| http newconn | xdp ÷ haproxy, rps | ≥ 1.5 | 1.50 | met |",
             "| http newconn | p99 xdp vs nftables (ms) | ≤ nftables | 1.90 vs 1.80 | **not met** |",
-            "| http newconn | xdp-skb ÷ direct, rps | ≥ 0.95 | 0.96 | met |",
-            "| http newconn | xdp-skb ÷ haproxy, rps | ≥ 1.5 | 1.60 | met |",
-            "| http newconn | p99 xdp-skb vs nftables (ms) | ≤ nftables | 1.60 vs 1.80 | met |",
+            "| http newconn | xdp-native ÷ direct, rps | ≥ 0.95 | 0.96 | met |",
+            "| http newconn | xdp-native ÷ haproxy, rps | ≥ 1.5 | 1.60 | met |",
+            "| http newconn | p99 xdp-native vs nftables (ms) | ≤ nftables | 1.60 vs 1.80 | met |",
         ] {
             assert!(md.contains(row), "missing {row:?} in:\n{md}");
         }
