@@ -52,7 +52,7 @@ impl Default for Opts {
             seconds: 5,
             connections: 16,
             threads: 1,
-            rounds: 3,
+            rounds: 5,
         }
     }
 }

@@ -52,7 +52,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: u32,
         /// Rounds over all systems (interleaved); figures are medians.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: u32,
         /// Systems to run (default: all).
         #[arg(long, value_delimiter = ',')]
