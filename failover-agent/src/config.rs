@@ -280,8 +280,8 @@ fn default_api_socket() -> PathBuf {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// Generic on veths (faster there), else native where the driver has
-    /// it and generic where it does not.
+    /// Generic on veths (faster there); elsewhere native, or generic with
+    /// a warning where the driver refuses native XDP.
     #[default]
     Auto,
     /// Native (driver) mode; fails with a hint when the driver lacks it.

@@ -14,8 +14,8 @@ use super::{Dataplane, ErrorKind, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum XdpMode {
-    /// Generic on a veth, else the kernel's choice: native where the
-    /// driver has it, generic where it does not. See [`XdpMode::resolve`].
+    /// Generic on a veth; elsewhere native, or generic (with a warning)
+    /// where the driver refuses native XDP. See [`XdpMode::resolve`].
     #[default]
     Auto,
     /// In the driver: the fast path on a NIC.
@@ -37,6 +37,8 @@ impl fmt::Display for XdpMode {
 impl From<XdpMode> for aya::programs::XdpMode {
     fn from(m: XdpMode) -> Self {
         match m {
+            // attach_prog resolves Auto itself; the kernel's choice is the
+            // nearest meaning.
             XdpMode::Auto => Self::Default,
             XdpMode::Native => Self::Driver,
             XdpMode::Skb => Self::Skb,
@@ -49,8 +51,8 @@ impl XdpMode {
     /// frames come from a local stack as cloned skbs, which native XDP on a
     /// veth copies into a new buffer and rebuilds on the far side, while
     /// generic XDP works on the skb in place (measured in `cargo xtask
-    /// bench http`, docs/benchmarks.md). Elsewhere `Auto` stays, and the
-    /// kernel attaches natively when the driver can.
+    /// bench http`, docs/benchmarks.md). Elsewhere `Auto` stays: attach
+    /// tries native, then generic with a warning.
     #[must_use]
     pub fn resolve(self, iface: &str) -> Self {
         match self {
@@ -83,24 +85,23 @@ pub fn driver(iface: &str) -> Option<String> {
         driver: [0; 32],
         rest: [0; 160],
     };
-    // SAFETY: a zeroed ifreq is valid; the name fits with its NUL, and
-    // ifru_data points at `info`, which outlives the call.
+    // SAFETY: ifreq is plain data, valid all zeros.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req.ifr_name.iter_mut().zip(name) {
         *d = *s as libc::c_char;
     }
     req.ifr_ifru.ifru_data = (&raw mut info).cast();
-    // SAFETY: plain socket and ioctl calls on valid arguments; the fd is
-    // closed by OwnedFd.
-    let ok = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return None;
-        }
-        let _fd = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
-        libc::ioctl(fd, SIOCETHTOOL, &raw mut req) == 0
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).ok()?;
+    // SAFETY: an open socket; the name fits with its NUL, and ifru_data
+    // points at `info`, which outlives the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            SIOCETHTOOL,
+            &raw mut req,
+        )
     };
-    if !ok {
+    if rc != 0 {
         return None;
     }
     let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
@@ -171,7 +172,18 @@ impl Dataplane {
         }
         let idx = ifindex(iface)?;
         let p: &mut Xdp = self.xdp_mut(prog);
-        let id = p.attach_to_if_index(idx, mode.into()).map_err(attach_err)?;
+        let id = match mode {
+            // Native where the driver takes it, else generic, said loudly.
+            XdpMode::Auto => match p.attach_to_if_index(idx, XdpMode::Native.into()) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(interface = iface, error = %e, "native XDP refused; attaching in generic (skb) mode");
+                    p.attach_to_if_index(idx, XdpMode::Skb.into())
+                        .map_err(attach_err)?
+                }
+            },
+            m => p.attach_to_if_index(idx, m.into()).map_err(attach_err)?,
+        };
         let link = p.take_link(id).map_err(ErrorKind::Program)?;
         let fd = FdLink::try_from(link).map_err(|source| ErrorKind::Link {
             path: path.clone(),
