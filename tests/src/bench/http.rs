@@ -62,6 +62,10 @@ pub struct HttpResult {
     pub system: &'static str,
     pub mode: &'static str,
     pub rps: f64,
+    /// The lowest and highest rps of the rounds: the spread behind the
+    /// median.
+    pub rps_min: f64,
+    pub rps_max: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub requests: u64,
@@ -207,7 +211,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// One result per system and mode: the median rps, p50 and p99 of its
-/// rounds; requests and errors summed.
+/// rounds, the lowest and highest rps; requests and errors summed.
 pub fn median_over_rounds(rounds: &[HttpResult]) -> Vec<HttpResult> {
     let mut out = Vec::new();
     for system in SYSTEMS {
@@ -224,6 +228,8 @@ pub fn median_over_rounds(rounds: &[HttpResult]) -> Vec<HttpResult> {
                 system,
                 mode,
                 rps: pick(|r| r.rps),
+                rps_min: rs.iter().map(|r| r.rps_min).fold(f64::INFINITY, f64::min),
+                rps_max: rs.iter().map(|r| r.rps_max).fold(0.0, f64::max),
                 p50_ms: pick(|r| r.p50_ms),
                 p99_ms: pick(|r| r.p99_ms),
                 requests: rs.iter().map(|r| r.requests).sum(),
@@ -307,6 +313,8 @@ pub fn run_system(system: &'static str, opts: Opts) -> Result<Vec<HttpResult>> {
             system,
             mode,
             rps: w.rps,
+            rps_min: w.rps,
+            rps_max: w.rps,
             p50_ms: w.p50_ms,
             p99_ms: w.p99_ms,
             requests: w.requests,
@@ -326,6 +334,8 @@ pub fn print(results: &[HttpResult], json: bool) {
                     "system": r.system,
                     "mode": r.mode,
                     "rps": (r.rps * 10.0).round() / 10.0,
+                    "rps_min": (r.rps_min * 10.0).round() / 10.0,
+                    "rps_max": (r.rps_max * 10.0).round() / 10.0,
                     "p50_ms": (r.p50_ms * 1000.0).round() / 1000.0,
                     "p99_ms": (r.p99_ms * 1000.0).round() / 1000.0,
                     "requests": r.requests,
@@ -336,13 +346,13 @@ pub fn print(results: &[HttpResult], json: bool) {
         return;
     }
     println!(
-        "{:<10} {:<10} {:>10} {:>9} {:>9} {:>9} {:>7}",
-        "system", "mode", "rps", "p50_ms", "p99_ms", "requests", "errors"
+        "{:<10} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "system", "mode", "rps", "rps_min", "rps_max", "p50_ms", "p99_ms", "requests", "errors"
     );
     for r in results {
         println!(
-            "{:<10} {:<10} {:>10.1} {:>9.3} {:>9.3} {:>9} {:>7}",
-            r.system, r.mode, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors
+            "{:<10} {:<10} {:>10.1} {:>10.1} {:>10.1} {:>9.3} {:>9.3} {:>9} {:>7}",
+            r.system, r.mode, r.rps, r.rps_min, r.rps_max, r.p50_ms, r.p99_ms, r.requests, r.errors
         );
     }
     let get = |s: &str, m: &str| {
@@ -384,6 +394,8 @@ mod tests {
             system,
             mode: "newconn",
             rps,
+            rps_min: rps,
+            rps_max: rps,
             p50_ms: 1.0,
             p99_ms: p99,
             requests,
@@ -399,6 +411,7 @@ mod tests {
         let (d, x) = (&m[0], &m[1]);
         assert_eq!((d.system, d.rps, d.requests), ("direct", 50.0, 5));
         assert_eq!((x.system, x.rps, x.p99_ms), ("xdp", 200.0, 5.0));
+        assert_eq!((x.rps_min, x.rps_max), (100.0, 300.0));
         assert_eq!((x.requests, x.errors), (60, 3));
     }
 

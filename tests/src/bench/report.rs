@@ -63,7 +63,7 @@ fn columns(bench: &str, rows: &[Value]) -> Vec<String> {
             "received",
         ],
         "http" => &[
-            "system", "mode", "rps", "p50_ms", "p99_ms", "requests", "errors",
+            "system", "mode", "rps", "rps_min", "rps_max", "p50_ms", "p99_ms", "requests", "errors",
         ],
         "rest" => &super::rest::COLUMNS,
         _ => &[],
