@@ -988,12 +988,13 @@ fn attaching_without_native_xdp_names_the_interface_and_suggests_skb() {
 }
 
 #[test]
-fn auto_mode_is_generic_on_a_veth_and_the_kernels_choice_elsewhere() {
+fn auto_mode_is_generic_on_a_veth_and_falls_back_to_generic_where_native_is_refused() {
     use failover_agent::dataplane::{XdpMode, driver};
     let mut lab = lab_with(&[1], 0);
     assert_eq!(driver("vc1").as_deref(), Some("veth"));
     assert_eq!(XdpMode::Auto.resolve("vc1"), XdpMode::Skb);
-    // Loopback answers no driver query: the kernel picks (generic there).
+    // Loopback answers no driver query and refuses native XDP: auto tries
+    // native there, then attaches generic.
     assert_eq!(driver("lo"), None);
     assert_eq!(XdpMode::Auto.resolve("lo"), XdpMode::Auto);
     // A mode set in the config is kept as it is.
