@@ -175,16 +175,17 @@ impl Topology {
     /// mode, which `Auto` is on these veths, the peers need no program:
     /// redirected frames leave through the stack's transmit path.
     pub fn load_dataplane_in(&self, mode: XdpMode) -> Result<Dataplane> {
-        let (mut dp, mode) = {
+        let (mut dp, native) = {
             let _in = self.edge.enter()?;
-            let mode = mode.resolve("ec");
             let mut dp = Dataplane::load(&self.pins.0)?;
+            let mut native = false;
             for l in ["ec", "ea", "eb"] {
-                dp.attach(l, mode).with_context(|| format!("attach {l}"))?;
+                let a = dp.attach(l, mode).with_context(|| format!("attach {l}"))?;
+                native |= a.mode != XdpMode::Skb;
             }
-            (dp, mode)
+            (dp, native)
         };
-        if mode != XdpMode::Skb {
+        if native {
             self.pass_on_peers(&mut dp)?;
         }
         Ok(dp)

@@ -1007,7 +1007,8 @@ fn auto_mode_is_generic_on_a_veth_and_falls_back_to_generic_where_native_is_refu
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     for iface in ["vc1", "lo"] {
-        lab.dp.attach(iface, XdpMode::Auto).unwrap();
+        let a = lab.dp.attach(iface, XdpMode::Auto).unwrap();
+        assert_eq!((a.mode, a.updated), (XdpMode::Skb, false), "{iface}");
         let link = shown(iface);
         assert!(link.contains("xdpgeneric"), "{iface}: {link}");
     }

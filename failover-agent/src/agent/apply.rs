@@ -275,9 +275,8 @@ impl Applier {
     pub fn attach(&mut self) -> Result<(), AgentError> {
         let mode = xdp_mode(self.cfg.node.xdp_mode);
         for iface in self.cfg.node.interfaces.clone() {
-            let mode = mode.resolve(&iface);
-            let updated = self.dp.attach(&iface, mode)?;
-            tracing::info!(interface = %iface, %mode, updated, "XDP attached");
+            let a = self.dp.attach(&iface, mode)?;
+            tracing::info!(interface = %iface, mode = %a.mode, updated = a.updated, "XDP attached");
         }
         Ok(())
     }
@@ -812,8 +811,8 @@ impl Applier {
             let mode = xdp_mode(self.cfg.node.xdp_mode);
             for iface in &new.node.interfaces {
                 if !self.cfg.node.interfaces.contains(iface) {
-                    self.dp.attach(iface, mode)?;
-                    tracing::info!(interface = %iface, "XDP attached");
+                    let a = self.dp.attach(iface, mode)?;
+                    tracing::info!(interface = %iface, mode = %a.mode, "XDP attached");
                 }
             }
             for iface in &self.cfg.node.interfaces {

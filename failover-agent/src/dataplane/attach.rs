@@ -117,6 +117,17 @@ pub fn ifindex(iface: &str) -> Result<u32> {
     }
 }
 
+/// How [`Dataplane::attach`] left an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// A pinned link from an earlier agent got the new program, in the
+    /// mode it was made with.
+    pub updated: bool,
+    /// The mode: for a new link the one the kernel took (`Native` or
+    /// `Skb`); for an updated link the configured one, resolved.
+    pub mode: XdpMode,
+}
+
 impl Dataplane {
     fn link_path(&self, iface: &str) -> PathBuf {
         self.pin_dir.join("links").join(iface)
@@ -125,21 +136,20 @@ impl Dataplane {
     /// Attaches the NAT program to `iface` (and allows redirects to it).
     /// If a pinned link from an earlier agent exists, the program inside it
     /// is replaced atomically instead: traffic never sees a gap.
-    /// Returns true when an existing link was updated.
-    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<bool> {
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<Attached> {
         let idx = ifindex(iface)?;
-        let updated = self.attach_prog(super::names::PROGRAM, iface, mode)?;
+        let attached = self.attach_prog(super::names::PROGRAM, iface, mode)?;
         self.add_egress(idx)?;
-        Ok(updated)
+        Ok(attached)
     }
 
     /// Attaches the trivial XDP_PASS program: a veth only delivers frames
     /// that were sent with XDP_TX or redirected when its peer has a program.
-    pub fn attach_pass(&mut self, iface: &str, mode: XdpMode) -> Result<bool> {
+    pub fn attach_pass(&mut self, iface: &str, mode: XdpMode) -> Result<Attached> {
         self.attach_prog(super::names::PASS_PROGRAM, iface, mode)
     }
 
-    fn attach_prog(&mut self, prog: &'static str, iface: &str, mode: XdpMode) -> Result<bool> {
+    fn attach_prog(&mut self, prog: &'static str, iface: &str, mode: XdpMode) -> Result<Attached> {
         let mode = mode.resolve(iface);
         let path = self.link_path(iface);
         let attach_err = |source: ProgramError| ErrorKind::Attach {
@@ -168,21 +178,26 @@ impl Dataplane {
             let id = p.attach_to_link(link).map_err(attach_err)?;
             // The pin keeps the link; our handle can go.
             let _ = p.take_link(id).map_err(ErrorKind::Program)?;
-            return Ok(true);
+            return Ok(Attached {
+                updated: true,
+                mode,
+            });
         }
         let idx = ifindex(iface)?;
         let p: &mut Xdp = self.xdp_mut(prog);
-        let id = match mode {
+        let (id, mode) = match mode {
             // Native where the driver takes it, else generic, said loudly.
             XdpMode::Auto => match p.attach_to_if_index(idx, XdpMode::Native.into()) {
-                Ok(id) => id,
+                Ok(id) => (id, XdpMode::Native),
                 Err(e) => {
                     tracing::warn!(interface = iface, error = %e, "native XDP refused; attaching in generic (skb) mode");
-                    p.attach_to_if_index(idx, XdpMode::Skb.into())
-                        .map_err(attach_err)?
+                    let id = p
+                        .attach_to_if_index(idx, XdpMode::Skb.into())
+                        .map_err(attach_err)?;
+                    (id, XdpMode::Skb)
                 }
             },
-            m => p.attach_to_if_index(idx, m.into()).map_err(attach_err)?,
+            m => (p.attach_to_if_index(idx, m.into()).map_err(attach_err)?, m),
         };
         let link = p.take_link(id).map_err(ErrorKind::Program)?;
         let fd = FdLink::try_from(link).map_err(|source| ErrorKind::Link {
@@ -200,7 +215,10 @@ impl Dataplane {
             path: path.clone(),
             source,
         })?;
-        Ok(false)
+        Ok(Attached {
+            updated: false,
+            mode,
+        })
     }
 
     /// Detaches from `iface` by removing the pinned link.

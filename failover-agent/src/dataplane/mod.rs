@@ -28,7 +28,7 @@ use failover_common::{
     ServiceStats, VipFilter, names,
 };
 
-pub use attach::{XdpMode, driver, ifindex};
+pub use attach::{Attached, XdpMode, driver, ifindex};
 pub use counters::ReasonCount;
 pub use rings::FlipTiming;
 
