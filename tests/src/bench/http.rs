@@ -35,6 +35,11 @@ pub const SYSTEMS: [&str; 5] = ["direct", "xdp", "xdp-native", "nftables", "hapr
 /// on through the stack. Both are measured and held to the targets.
 pub const XDP_SYSTEMS: [&str; 2] = ["xdp", "xdp-native"];
 pub const MODES: [&str; 2] = ["keepalive", "newconn"];
+/// A result's `--json` keys, in table order: the table header and the
+/// results page's columns.
+pub const COLUMNS: [&str; 9] = [
+    "system", "mode", "rps", "rps_min", "rps_max", "p50_ms", "p99_ms", "requests", "errors",
+];
 pub const PATH: &str = "/health";
 
 #[derive(Clone, Copy, Debug)]
@@ -228,8 +233,8 @@ pub fn median_over_rounds(rounds: &[HttpResult]) -> Vec<HttpResult> {
                 system,
                 mode,
                 rps: pick(|r| r.rps),
-                rps_min: rs.iter().map(|r| r.rps_min).fold(f64::INFINITY, f64::min),
-                rps_max: rs.iter().map(|r| r.rps_max).fold(0.0, f64::max),
+                rps_min: rs.iter().map(|r| r.rps).fold(f64::INFINITY, f64::min),
+                rps_max: rs.iter().map(|r| r.rps).fold(0.0, f64::max),
                 p50_ms: pick(|r| r.p50_ms),
                 p99_ms: pick(|r| r.p99_ms),
                 requests: rs.iter().map(|r| r.requests).sum(),
@@ -345,9 +350,19 @@ pub fn print(results: &[HttpResult], json: bool) {
         }
         return;
     }
+    let [
+        system,
+        mode,
+        rps,
+        rps_min,
+        rps_max,
+        p50,
+        p99,
+        requests,
+        errors,
+    ] = COLUMNS;
     println!(
-        "{:<10} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7}",
-        "system", "mode", "rps", "rps_min", "rps_max", "p50_ms", "p99_ms", "requests", "errors"
+        "{system:<10} {mode:<10} {rps:>10} {rps_min:>10} {rps_max:>10} {p50:>9} {p99:>9} {requests:>9} {errors:>7}"
     );
     for r in results {
         println!(

@@ -62,9 +62,7 @@ fn columns(bench: &str, rows: &[Value]) -> Vec<String> {
             "sent",
             "received",
         ],
-        "http" => &[
-            "system", "mode", "rps", "rps_min", "rps_max", "p50_ms", "p99_ms", "requests", "errors",
-        ],
+        "http" => &super::http::COLUMNS,
         "rest" => &super::rest::COLUMNS,
         _ => &[],
     };
