@@ -13,6 +13,7 @@ pub mod checksum;
 pub mod hash;
 pub mod maps;
 pub mod reason;
+pub mod tcp;
 
 pub use maps::*;
-pub use reason::Reason;
+pub use reason::{Reason, Verdict};

@@ -212,7 +212,10 @@ pub struct NextHop {
     pub dst_be: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad: [u8; 4],
+    /// The egress interface's MTU: a packet longer than this is dropped on
+    /// the cached path as on a lookup.
+    pub mtu: u16,
+    pub _pad: [u8; 2],
     /// `bpf_jiffies64` when looked up.
     pub at_jiffies: u64,
 }
@@ -270,7 +273,10 @@ pub struct Reverse {
     /// Once the client sent a FIN: the acknowledgment number (host order)
     /// with which the backend ACKs it.
     pub fin_ack: u32,
-    pub _pad2: u32,
+    /// While `FLOW_SYN_SENT`: the acknowledgment number (host order) that
+    /// answers the client's SYN. A SYN-ACK or RST counts for passive
+    /// health only if it carries it: an off-path forger does not know it.
+    pub syn_ack: u32,
     pub created_ns: u64,
     /// Next hop toward the client.
     pub nh: NextHop,
@@ -300,12 +306,19 @@ pub type ServiceStats = Traffic;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendStats {
     pub traffic: Traffic,
-    /// SYNs forwarded to the backend.
+    /// SYNs forwarded to the backend that any live backend must answer
+    /// (`tcp::SynWorth::Evidence`): the passive detector's input.
     pub syns: u64,
-    /// SYN-ACKs seen coming back.
+    /// Answers to those SYNs: a SYN-ACK that ACKs the SYN, or any other
+    /// segment but an RST from the backend while the handshake is open (a
+    /// challenge ACK to a SYN on a tuple in TIME_WAIT proves it alive too).
     pub synacks: u64,
-    /// RSTs the backend sent in answer to a SYN (port closed, process dead).
+    /// RSTs the backend sent in answer to a SYN (port closed, process dead),
+    /// carrying the SYN's acknowledgment number.
     pub syn_rsts: u64,
+    /// SYNs forwarded without counting as evidence (data, PSH/URG, options
+    /// beyond the vanilla set): a live backend may leave them unanswered.
+    pub syns_ignored: u64,
     /// Handshake RTT of the last SYN-ACK seen on this CPU, and when.
     pub rtt_last_ns: u64,
     pub rtt_at_ns: u64,
@@ -332,6 +345,7 @@ impl BackendStats {
         self.syns += o.syns;
         self.synacks += o.synacks;
         self.syn_rsts += o.syn_rsts;
+        self.syns_ignored += o.syns_ignored;
         if o.rtt_at_ns > self.rtt_at_ns {
             self.rtt_at_ns = o.rtt_at_ns;
             self.rtt_last_ns = o.rtt_last_ns;
@@ -372,5 +386,5 @@ const _: () = {
     assert!(size_of::<ReverseKey>() == 16);
     assert!(size_of::<Reverse>() == 72);
     assert!(size_of::<ServiceStats>() == 48);
-    assert!(size_of::<BackendStats>() == 88);
+    assert!(size_of::<BackendStats>() == 96);
 };

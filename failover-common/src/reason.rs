@@ -3,7 +3,7 @@
 //! here is the documented verdict table (docs/datapath.md).
 
 macro_rules! reasons {
-    ($($variant:ident = $n:literal, $name:literal, $verdict:literal;)*) => {
+    ($($variant:ident = $n:literal, $name:literal, $verdict:ident;)*) => {
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Reason { $($variant = $n,)* }
@@ -18,44 +18,94 @@ macro_rules! reasons {
                 match self { $(Reason::$variant => $name,)* }
             }
 
-            /// The XDP verdict this reason leads to, as documented.
+            /// The XDP verdict this reason leads to, as documented. The
+            /// program takes its action from here, so a new reason cannot
+            /// silently default to one.
             #[must_use]
-            pub const fn verdict(self) -> &'static str {
-                match self { $(Reason::$variant => $verdict,)* }
+            pub const fn verdict(self) -> Verdict {
+                match self { $(Reason::$variant => Verdict::$verdict,)* }
             }
         }
     };
 }
 
+/// What the program does with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Drop,
+    Pass,
+    Tx,
+    Redirect,
+}
+
+impl Verdict {
+    /// The `xdp_action` value.
+    #[must_use]
+    pub const fn action(self) -> u32 {
+        match self {
+            Verdict::Drop => 1,
+            Verdict::Pass => 2,
+            Verdict::Tx => 3,
+            Verdict::Redirect => 4,
+        }
+    }
+
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Drop => "drop",
+            Verdict::Pass => "pass",
+            Verdict::Tx => "tx",
+            Verdict::Redirect => "redirect",
+        }
+    }
+
+    /// The packet leaves toward another host (rewritten or answered).
+    #[must_use]
+    pub const fn sends(self) -> bool {
+        matches!(self, Verdict::Tx | Verdict::Redirect)
+    }
+}
+
 reasons! {
     // Outcomes of handled packets.
-    ForwardTx = 0, "forward_tx", "tx";
-    ForwardRedirect = 1, "forward_redirect", "redirect";
-    ReverseTx = 2, "reverse_tx", "tx";
-    ReverseRedirect = 3, "reverse_redirect", "redirect";
-    ResetSent = 4, "reset_sent", "tx";
+    ForwardTx = 0, "forward_tx", Tx;
+    ForwardRedirect = 1, "forward_redirect", Redirect;
+    ReverseTx = 2, "reverse_tx", Tx;
+    ReverseRedirect = 3, "reverse_redirect", Redirect;
+    ResetSent = 4, "reset_sent", Tx;
     // The next hop's MAC is not known yet (see egress.rs).
-    NoNeighbour = 5, "no_neighbour", "drop";
+    NoNeighbour = 5, "no_neighbour", Drop;
     // Not ours: the kernel's stack handles it.
-    NotIpv4 = 6, "not_ipv4", "pass";
-    NotTcpUdp = 7, "not_tcp_udp", "pass";
-    NotVip = 8, "not_vip", "pass";
-    Fragment = 9, "fragment", "pass";
-    IpOptions = 10, "ip_options", "pass";
-    TtlExpired = 11, "ttl_expired", "pass";
+    NotIpv4 = 6, "not_ipv4", Pass;
+    NotTcpUdp = 7, "not_tcp_udp", Pass;
+    NotVip = 8, "not_vip", Pass;
+    Fragment = 9, "fragment", Pass;
+    IpOptions = 10, "ip_options", Pass;
+    TtlExpired = 11, "ttl_expired", Pass;
     // Malformed: never forwarded.
-    TruncatedEth = 12, "truncated_eth", "drop";
-    MalformedIpv4 = 13, "malformed_ipv4", "drop";
-    BadIpv4Checksum = 14, "bad_ipv4_checksum", "drop";
-    TruncatedL4 = 15, "truncated_l4", "drop";
+    TruncatedEth = 12, "truncated_eth", Drop;
+    MalformedIpv4 = 13, "malformed_ipv4", Drop;
+    BadIpv4Checksum = 14, "bad_ipv4_checksum", Drop;
+    // The L4 header, or a length it carries (TCP data offset, UDP
+    // length), does not fit the IP packet (its total length, not the frame).
+    TruncatedL4 = 15, "truncated_l4", Drop;
     // Ours, but cannot be served.
-    NoBackend = 16, "no_backend", "drop";
-    FlowTableFull = 17, "flow_table_full", "drop";
-    SnatExhausted = 18, "snat_ports_exhausted", "drop";
-    NoRoute = 19, "no_route", "drop";
-    NotConfigured = 20, "not_configured", "pass";
-    RedirectFailed = 21, "redirect_failed", "drop";
-    MtuExceeded = 22, "mtu_exceeded", "drop";
+    NoBackend = 16, "no_backend", Drop;
+    FlowTableFull = 17, "flow_table_full", Drop;
+    SnatExhausted = 18, "snat_ports_exhausted", Drop;
+    NoRoute = 19, "no_route", Drop;
+    NotConfigured = 20, "not_configured", Pass;
+    RedirectFailed = 21, "redirect_failed", Drop;
+    MtuExceeded = 22, "mtu_exceeded", Drop;
+    // TCP flags no connection can carry (SYN+FIN, SYN+RST, none of SYN,
+    // ACK, RST): no backend answers them, so they are never forwarded.
+    BadTcpFlags = 23, "bad_tcp_flags", Drop;
+    // A bare SYN whose TCP checksum is wrong: the backend would ignore it,
+    // and an unanswered SYN is passive-health evidence.
+    BadL4Checksum = 24, "bad_l4_checksum", Drop;
+    // No flow, and the segment cannot open one (an RST, a SYN-ACK).
+    NotOpening = 25, "not_opening", Drop;
 }
 
 #[cfg(test)]
@@ -67,7 +117,7 @@ mod tests {
     fn discriminants_are_dense_and_names_unique() {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
-            assert!(matches!(r.verdict(), "tx" | "redirect" | "pass" | "drop"));
+            assert!(r.verdict().action() >= 1 && r.verdict().action() <= 4);
             for other in &Reason::ALL[i + 1..] {
                 assert_ne!(r.as_str(), other.as_str());
             }

@@ -74,7 +74,12 @@ pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
         nh.dst_be = r.dst_be;
         nh.smac = p.smac;
         nh.dmac = p.dmac;
+        // On success the kernel leaves the egress MTU where tot_len was.
+        nh.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
         nh.at_jiffies = now;
+    } else if r.tot_len > nh.mtu {
+        // The lookup checks the length against the MTU; the cache must too.
+        return (xdp_action::XDP_DROP, Reason::MtuExceeded);
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, Reason::TruncatedEth);

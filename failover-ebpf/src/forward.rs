@@ -10,19 +10,20 @@ use aya_ebpf::{
 use failover_common::{
     FLOW_ESTABLISHED, FLOW_SYN_SENT, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey,
     SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
+    tcp::{self, SynWorth},
 };
 
 use crate::{
     egress::{self, Route},
     ipv4,
     ipv4::Ipv4,
-    l4::{self, Closing, L4, TCP_ACK, TCP_SYN},
+    l4::{self, Closing, L4},
     maps::{BACKENDS, FLOWS, NEXTHOPS, REVERSE, SERVICES},
     reset, select, stats,
 };
 
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason) {
+pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Reason) {
     let h = unsafe { &*ip.hdr };
     let fkey = FlowKey {
         src_be: u32::from_ne_bytes(h.src_addr),
@@ -35,7 +36,16 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
 
     // A bare SYN opens a connection: a retransmitted SYN keeps its pin, a
     // new connection on a reused client port is a new flow.
-    let opening = l4.tcp && l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let opening = l4.tcp && tcp::opening(l4.flags);
+    // Only a SYN every live backend must answer is passive-health
+    // evidence; one with a wrong checksum goes nowhere (tcp.rs).
+    if opening && l4.payload == 0 {
+        match l4::syn_worth(ctx, ip.hdr, l4) {
+            SynWorth::Evidence => l4.evidence = true,
+            SynWorth::Ignored => {}
+            SynWorth::BadChecksum => return (xdp_action::XDP_DROP, Reason::BadL4Checksum),
+        }
+    }
 
     // Fast path: a pinned flow whose backend still takes traffic.
     if let Some(flow) = FLOWS.get_ptr_mut(&fkey) {
@@ -43,7 +53,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         match BACKENDS.get(flow.backend_id) {
             Some(be) if be.state == state::UP || be.state == state::DRAINING => {
                 let (addr, port) = (be.addr_be, be.port_be);
-                if opening && !handshake_pending(flow, addr, port, node, ip.proto) {
+                if opening && !handshake_pending(flow, addr, port, node, ip.proto, l4) {
                     // The old connection's entries outlived it (its last
                     // ACK was missed). The new one follows the ring as any
                     // new flow: after a failback it goes home, and its
@@ -97,7 +107,12 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         // A VIP filter false positive, or a port we do not serve.
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
-    let flow = match new_flow(node, svc, &fkey, opening) {
+    if l4.tcp && !tcp::may_create(l4.flags) {
+        // An RST or a SYN-ACK with no flow: nothing to forward it to, and
+        // it must not leave entries behind.
+        return (xdp_action::XDP_DROP, Reason::NotOpening);
+    }
+    let flow = match new_flow(node, svc, &fkey, l4, opening) {
         Ok(f) => f,
         Err(Reason::NoBackend) if l4.tcp => {
             // Fail closed, but tell the client now instead of letting it
@@ -175,8 +190,12 @@ fn send(
         s.traffic.new_flows += opened;
         // Count only SYNs that left: one dropped here (no neighbour yet,
         // no route) must not look like a SYN the backend left unanswered.
-        if l4.flags & TCP_SYN != 0 && out.0 != xdp_action::XDP_DROP {
-            s.syns += 1;
+        if l4.tcp && tcp::opening(l4.flags) && out.0 != xdp_action::XDP_DROP {
+            if l4.evidence {
+                s.syns += 1;
+            } else {
+                s.syns_ignored += 1;
+            }
         }
     }
     out
@@ -213,7 +232,13 @@ fn reset(
 /// backend's RST to such a segment is no refused SYN, and must not count
 /// toward a passive ejection.
 #[inline(always)]
-fn new_flow(node: &Node, svc: &Service, k: &FlowKey, opening: bool) -> Result<Flow, Reason> {
+fn new_flow(
+    node: &Node,
+    svc: &Service,
+    k: &FlowKey,
+    l4: &L4,
+    opening: bool,
+) -> Result<Flow, Reason> {
     let fh = hash::flow_hash(
         k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto, node.seed,
     );
@@ -235,7 +260,7 @@ fn new_flow(node: &Node, svc: &Service, k: &FlowKey, opening: bool) -> Result<Fl
         fins: 0,
         _pad: [0; 2],
         fin_ack: 0,
-        _pad2: 0,
+        syn_ack: l4.seq.wrapping_add(1),
         created_ns: now,
         nh: NextHop::default(),
     };
@@ -292,10 +317,24 @@ fn reverse_key(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) 
 
 /// True while the flow's handshake is unanswered: a bare SYN on it is
 /// then the client's retransmission, which must reach the same backend.
+/// The backend answers the latest SYN, so its ISN is the one to match.
 #[inline(always)]
-fn handshake_pending(flow: &Flow, be_addr: u32, be_port: u16, node: &Node, proto: u8) -> bool {
+fn handshake_pending(
+    flow: &Flow,
+    be_addr: u32,
+    be_port: u16,
+    node: &Node,
+    proto: u8,
+    syn: &L4,
+) -> bool {
     let rkey = reverse_key(flow, be_addr, be_port, node, proto);
-    matches!(unsafe { REVERSE.get(&rkey) }, Some(r) if r.state == FLOW_SYN_SENT)
+    match REVERSE.get_ptr_mut(&rkey) {
+        Some(r) if unsafe { (*r).state } == FLOW_SYN_SENT => {
+            unsafe { (*r).syn_ack = syn.seq.wrapping_add(1) };
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Remove a flow's forward and reverse entries.

@@ -4,15 +4,13 @@
 use aya_ebpf::programs::XdpContext;
 use failover_common::{
     ACKED_BACKEND, ACKED_BOTH, ACKED_CLIENT, FIN_BACKEND, FIN_CLIENT, Reason, checksum,
+    tcp::{self, SynWorth},
 };
-use network_types::{tcp::TcpHdr, udp::UdpHdr};
+use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::parse::{IPPROTO_TCP, ptr_at};
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use failover_common::tcp::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN};
 
 /// What a TCP segment does to its flow's NAT entries, in either direction.
 pub enum Closing {
@@ -104,49 +102,103 @@ pub struct L4 {
     pub dport_be: u16,
     /// TCP flags byte; 0 for UDP.
     pub flags: u8,
+    /// TCP header length in bytes (20..=60); 0 for UDP.
+    pub hlen: u8,
     /// TCP sequence and acknowledgment numbers (host order) and the
     /// segment's data length; 0 for UDP.
     pub seq: u32,
     pub ack: u32,
     pub payload: u16,
+    /// A forwarded SYN counts as passive-health evidence (set by the
+    /// forward path after `syn_worth`).
+    pub evidence: bool,
 }
 
-/// `l4_len`: the IP payload's length (the IP total length less its header).
+/// `l4_len`: the IP payload's length (the IP total length less its
+/// header). Every length the header carries must fit inside it.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext, off: usize, proto: u8, l4_len: u16) -> Result<L4, Reason> {
     if proto == IPPROTO_TCP {
+        if (l4_len as usize) < TcpHdr::LEN {
+            return Err(Reason::TruncatedL4);
+        }
         let t: *mut TcpHdr = ptr_at(ctx, off).ok_or(Reason::TruncatedL4)?;
         let t = unsafe { &*t };
         let raw: &[u8; TcpHdr::LEN] = unsafe { &*(t as *const TcpHdr).cast() };
-        // Data offset below 5 words cannot hold the header itself.
-        let doff = raw[12] >> 4;
-        if doff < 5 {
+        // The data offset must hold the header itself and fit the segment.
+        let hlen = (raw[12] >> 4) as u16 * 4;
+        if (hlen as usize) < TcpHdr::LEN || hlen > l4_len {
             return Err(Reason::TruncatedL4);
+        }
+        let flags = raw[13];
+        if !tcp::flags_valid(flags) {
+            return Err(Reason::BadTcpFlags);
         }
         Ok(L4 {
             off,
             tcp: true,
             sport_be: u16::from_ne_bytes(t.source),
             dport_be: u16::from_ne_bytes(t.dest),
-            flags: raw[13],
+            flags,
+            hlen: hlen as u8,
             seq: u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]),
             ack: u32::from_be_bytes([raw[8], raw[9], raw[10], raw[11]]),
-            payload: l4_len.saturating_sub(doff as u16 * 4),
+            payload: l4_len - hlen,
+            evidence: false,
         })
     } else {
+        if (l4_len as usize) < UdpHdr::LEN {
+            return Err(Reason::TruncatedL4);
+        }
         let u: *mut UdpHdr = ptr_at(ctx, off).ok_or(Reason::TruncatedL4)?;
         let u = unsafe { &*u };
+        let len = u16::from_be_bytes(u.len);
+        if (len as usize) < UdpHdr::LEN || len > l4_len {
+            return Err(Reason::TruncatedL4);
+        }
         Ok(L4 {
             off,
             tcp: false,
             sport_be: u16::from_ne_bytes(u.src),
             dport_be: u16::from_ne_bytes(u.dst),
             flags: 0,
+            hlen: 0,
             seq: 0,
             ack: 0,
             payload: 0,
+            evidence: false,
         })
     }
+}
+
+/// Judges a bare SYN without data (`tcp::judge_syn`): its header is
+/// copied to the stack, checksummed and its options walked. This runs only
+/// for opening SYNs, never per established packet.
+#[inline(always)]
+pub fn syn_worth(ctx: &XdpContext, ip: *const Ipv4Hdr, l4: &L4) -> SynWorth {
+    let mut buf = [0u8; tcp::MAX_HEADER];
+    let hlen = l4.hlen as usize;
+    let mut i = 0;
+    while i < tcp::MAX_HEADER / 4 {
+        if i * 4 >= hlen {
+            break;
+        }
+        // parse() checked the header against the IP length, which
+        // validate() checked against the frame; this keeps the verifier
+        // satisfied.
+        let Some(w) = ptr_at::<[u8; 4]>(ctx, l4.off + i * 4) else {
+            return SynWorth::BadChecksum;
+        };
+        buf[i * 4..i * 4 + 4].copy_from_slice(unsafe { &*w });
+        i += 1;
+    }
+    let h = unsafe { &*ip };
+    tcp::judge_syn(
+        u32::from_ne_bytes(h.src_addr),
+        u32::from_ne_bytes(h.dst_addr),
+        &buf,
+        hlen,
+    )
 }
 
 /// Rewrites ports and folds the address change into the L4 checksum, which

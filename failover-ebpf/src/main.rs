@@ -39,23 +39,11 @@ pub fn failover_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
-/// The action for a packet that ended early with `r`.
+/// The action for a packet that ended early with `r`: its documented
+/// verdict, from the one table in `failover_common::reason`.
 #[inline(always)]
 fn verdict(r: Reason) -> u32 {
-    match r {
-        Reason::TruncatedEth
-        | Reason::MalformedIpv4
-        | Reason::BadIpv4Checksum
-        | Reason::TruncatedL4
-        | Reason::NoBackend
-        | Reason::FlowTableFull
-        | Reason::SnatExhausted
-        | Reason::NoRoute
-        | Reason::MtuExceeded
-        | Reason::NoNeighbour
-        | Reason::RedirectFailed => xdp_action::XDP_DROP,
-        _ => xdp_action::XDP_PASS,
-    }
+    r.verdict().action()
 }
 
 #[inline(always)]
@@ -82,11 +70,13 @@ fn try_failover(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     }
     let ip = ipv4::validate(ctx, hdr, l2.l3_off)?;
     // No IP options get here (validate passes them to the kernel).
-    let l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.tot_len - Ipv4Hdr::LEN as u16)?;
+    // L4 is bounded by the IP packet, not by the frame (which may carry
+    // Ethernet padding or bytes a forger appended).
+    let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.tot_len - Ipv4Hdr::LEN as u16)?;
     Ok(if is_reverse {
         reverse::handle(ctx, node, &ip, &l4)
     } else {
-        forward::handle(ctx, node, &ip, &l4)
+        forward::handle(ctx, node, &ip, &mut l4)
     })
 }
 

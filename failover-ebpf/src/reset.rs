@@ -22,21 +22,11 @@ pub fn send(ctx: &XdpContext, ip: &Ipv4, l4: &L4) -> (u32, Reason) {
         return (xdp_action::XDP_DROP, Reason::NoBackend);
     }
     let l3_off = ip.l4_off - Ipv4Hdr::LEN;
-    let (client, vip, seq, ack, doff) = {
+    let (client, vip) = {
         let h = unsafe { &*ip.hdr };
-        let Some(t) = ptr_at::<[u8; TcpHdr::LEN]>(ctx, ip.l4_off) else {
-            return (xdp_action::XDP_DROP, Reason::TruncatedL4);
-        };
-        let t = unsafe { &*t };
-        (
-            h.src_addr,
-            h.dst_addr,
-            u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-            u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
-            (t[12] >> 4) as u32 * 4,
-        )
+        (h.src_addr, h.dst_addr)
     };
-    let payload = (ip.tot_len as u32).saturating_sub(Ipv4Hdr::LEN as u32 + doff);
+    let (seq, ack, payload) = (l4.seq, l4.ack, l4.payload as u32);
     // RFC 793 reset generation: if the segment has an ACK, the RST takes
     // its sequence number from it; otherwise it ACKs what the segment used.
     let (rst_seq, rst_ack, rst_flags) = if l4.flags & TCP_ACK != 0 {

@@ -39,14 +39,25 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         s.traffic.rev_packets += 1;
         s.traffic.rev_bytes += ip.tot_len as u64;
         if l4.tcp && r.state == FLOW_SYN_SENT {
-            if l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-                let now = unsafe { bpf_ktime_get_ns() };
+            // A SYN-ACK or an RST answers the SYN only if it ACKs it: an
+            // off-path forger of the backend's address does not know the
+            // client's ISN. Anything else from the backend (a challenge
+            // ACK to a SYN on a tuple it still holds) proves it alive.
+            let acks_syn = l4.flags & TCP_ACK != 0 && l4.ack == r.syn_ack;
+            if l4.flags & TCP_RST != 0 {
+                if acks_syn {
+                    s.syn_rsts += 1;
+                }
+            } else if l4.flags & TCP_SYN != 0 {
+                if acks_syn {
+                    let now = unsafe { bpf_ktime_get_ns() };
+                    s.synacks += 1;
+                    s.rtt_last_ns = now.saturating_sub(r.created_ns);
+                    s.rtt_at_ns = now;
+                    rev.state = FLOW_ESTABLISHED;
+                }
+            } else {
                 s.synacks += 1;
-                s.rtt_last_ns = now.saturating_sub(r.created_ns);
-                s.rtt_at_ns = now;
-                rev.state = FLOW_ESTABLISHED;
-            } else if l4.flags & TCP_RST != 0 {
-                s.syn_rsts += 1;
             }
         }
     }

@@ -385,7 +385,7 @@ impl Agent {
         let reasons = match dp.reason_counts() {
             Ok(r) => r
                 .into_iter()
-                .map(|c| (c.reason.as_str(), c.reason.verdict(), c.count))
+                .map(|c| (c.reason.as_str(), c.reason.verdict().as_str(), c.count))
                 .collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "reading verdict counters failed");
@@ -860,7 +860,7 @@ impl Agent {
             .collect();
         let drops: u64 = dp.reason_counts().map_or(0, |r| {
             r.iter()
-                .filter(|c| c.reason.verdict() == "drop")
+                .filter(|c| c.reason.verdict() == failover_common::Verdict::Drop)
                 .map(|c| c.count)
                 .sum()
         });

@@ -1,0 +1,255 @@
+//! TCP rules of the data plane, pure so the host tests them: which flag
+//! sets are valid, which segments may create state, and which SYNs count
+//! as passive-health evidence.
+//!
+//! Passive health ejects a backend whose SYNs go unanswered or refused. A
+//! client shapes every byte of a SYN, so only a SYN that any live backend
+//! is obliged to answer counts (docs/datapath.md, "What a client can
+//! send"): a bare SYN (ECN's ECE and CWR allowed), no data, a valid
+//! checksum, and only the options every stack answers without condition.
+//! A Linux backend silently drops a SYN with a wrong checksum, SYN+FIN,
+//! SYN+RST, or an MD5 or TCP-AO option it has no key for, and answers an
+//! MPTCP join for an unknown token with an RST.
+
+use crate::checksum;
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+pub const URG: u8 = 0x20;
+pub const ECE: u8 = 0x40;
+pub const CWR: u8 = 0x80;
+
+/// Longest TCP header (data offset 15).
+pub const MAX_HEADER: usize = 60;
+/// Shortest TCP header (data offset 5).
+pub const MIN_HEADER: usize = 20;
+
+/// False for flag sets no connection carries: SYN with FIN or RST, and a
+/// segment with none of SYN, ACK and RST (every segment after the first
+/// SYN carries an ACK, RFC 9293 3.10.7). Such a segment is dropped.
+#[inline(always)]
+#[must_use]
+pub const fn flags_valid(flags: u8) -> bool {
+    if flags & SYN != 0 && flags & (FIN | RST) != 0 {
+        return false;
+    }
+    flags & (SYN | ACK | RST) != 0
+}
+
+/// A bare SYN: the client opens a connection.
+#[inline(always)]
+#[must_use]
+pub const fn opening(flags: u8) -> bool {
+    flags & (SYN | ACK | FIN | RST) == SYN
+}
+
+/// Whether a segment with no flow may create one: a bare SYN opens it, and
+/// a segment with ACK but neither SYN nor RST picks up a flow whose state
+/// was lost (an agent restart with new maps, an evicted entry). An RST or
+/// a SYN-ACK never creates state.
+#[inline(always)]
+#[must_use]
+pub const fn may_create(flags: u8) -> bool {
+    opening(flags) || flags & (SYN | ACK | RST) == ACK
+}
+
+/// What a forwarded SYN is worth to passive health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynWorth {
+    /// Any live backend answers it: it counts.
+    Evidence,
+    /// Forwarded, but a live backend may leave it unanswered or refuse it
+    /// (data, PSH/URG, options beyond the vanilla set): it does not count.
+    Ignored,
+    /// The checksum is wrong: the backend drops it, and so does the edge.
+    BadChecksum,
+}
+
+/// Judges a bare SYN without data. `header` holds the TCP header's first
+/// `hlen` bytes (`MIN_HEADER..=MAX_HEADER`, the whole segment); `src_be`
+/// and `dst_be` are the IPv4 addresses as they sit in the packet.
+#[inline(always)]
+#[must_use]
+pub fn judge_syn(src_be: u32, dst_be: u32, header: &[u8; MAX_HEADER], hlen: usize) -> SynWorth {
+    if !(MIN_HEADER..=MAX_HEADER).contains(&hlen) {
+        return SynWorth::BadChecksum;
+    }
+    if !checksum_ok(src_be, dst_be, header, hlen) {
+        return SynWorth::BadChecksum;
+    }
+    if header[13] & !(ECE | CWR) != SYN || !vanilla_options(header, hlen) {
+        return SynWorth::Ignored;
+    }
+    SynWorth::Evidence
+}
+
+/// The segment's checksum over the IPv4 pseudo-header: words read in
+/// native order, as the one's-complement sum does not depend on it.
+#[inline(always)]
+fn checksum_ok(src_be: u32, dst_be: u32, header: &[u8; MAX_HEADER], hlen: usize) -> bool {
+    let mut sum = (src_be & 0xffff) + (src_be >> 16) + (dst_be & 0xffff) + (dst_be >> 16);
+    sum += u32::from(u16::from_ne_bytes([0, 6]));
+    sum += u32::from(u16::from_ne_bytes((hlen as u16).to_be_bytes()));
+    let mut i = 0;
+    while i + 1 < hlen && i + 1 < MAX_HEADER {
+        sum += u32::from(u16::from_ne_bytes([header[i], header[i + 1]]));
+        i += 2;
+    }
+    checksum::fold(sum) == 0xffff
+}
+
+/// True when every option is one every stack answers a SYN with: EOL, NOP,
+/// MSS (4 bytes), window scale (3), SACK permitted (2), timestamps (10).
+#[inline(always)]
+fn vanilla_options(header: &[u8; MAX_HEADER], hlen: usize) -> bool {
+    let mut i = MIN_HEADER;
+    while i < hlen && i < MAX_HEADER {
+        let kind = header[i];
+        if kind == 0 {
+            // End of options: the rest is padding.
+            return true;
+        }
+        if kind == 1 {
+            i += 1;
+            continue;
+        }
+        if i + 1 >= hlen || i + 1 >= MAX_HEADER {
+            return false;
+        }
+        let want = match kind {
+            2 => 4,
+            3 => 3,
+            4 => 2,
+            8 => 10,
+            _ => return false,
+        };
+        if header[i + 1] as usize != want || i + want > hlen {
+            return false;
+        }
+        i += want;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+
+    const SRC: [u8; 4] = [192, 0, 2, 100];
+    const DST: [u8; 4] = [203, 0, 113, 10];
+
+    /// A SYN header with `opts` (padded to a word) and a correct checksum.
+    fn syn(flags: u8, opts: &[u8]) -> ([u8; MAX_HEADER], usize) {
+        let mut h = Vec::from([0u8; 20]);
+        h[0..2].copy_from_slice(&51_000u16.to_be_bytes());
+        h[2..4].copy_from_slice(&80u16.to_be_bytes());
+        h[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        h.extend_from_slice(opts);
+        while h.len() % 4 != 0 {
+            h.push(0);
+        }
+        h[12] = ((h.len() / 4) as u8) << 4;
+        h[13] = flags;
+        h[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+        let c = checksum::ipv4_l4(SRC, DST, 6, &h);
+        h[16..18].copy_from_slice(&c.to_be_bytes());
+        let mut out = [0u8; MAX_HEADER];
+        out[..h.len()].copy_from_slice(&h);
+        (out, h.len())
+    }
+
+    fn judge(h: &([u8; MAX_HEADER], usize)) -> SynWorth {
+        judge_syn(u32::from_ne_bytes(SRC), u32::from_ne_bytes(DST), &h.0, h.1)
+    }
+
+    /// Linux's own SYN: MSS, SACK permitted, timestamps, NOP, window scale.
+    const LINUX_OPTS: [u8; 20] = [
+        2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+    ];
+
+    #[test]
+    fn flag_sets() {
+        assert!(flags_valid(SYN));
+        assert!(flags_valid(SYN | ECE | CWR));
+        assert!(flags_valid(SYN | ACK));
+        assert!(flags_valid(ACK | FIN | PSH));
+        assert!(flags_valid(RST));
+        assert!(flags_valid(RST | ACK));
+        for bad in [
+            SYN | FIN,
+            SYN | RST,
+            SYN | FIN | RST | ACK,
+            0,
+            FIN,
+            FIN | PSH | URG,
+            PSH,
+        ] {
+            assert!(!flags_valid(bad), "{bad:#x}");
+        }
+        assert!(opening(SYN) && opening(SYN | ECE | CWR) && opening(SYN | PSH));
+        assert!(!opening(SYN | ACK));
+        assert!(may_create(SYN) && may_create(ACK) && may_create(ACK | FIN | PSH));
+        for no in [RST, RST | ACK, SYN | ACK] {
+            assert!(!may_create(no), "{no:#x}");
+        }
+    }
+
+    #[test]
+    fn vanilla_syns_count() {
+        assert_eq!(judge(&syn(SYN, &[])), SynWorth::Evidence);
+        assert_eq!(judge(&syn(SYN, &LINUX_OPTS)), SynWorth::Evidence);
+        assert_eq!(
+            judge(&syn(SYN | ECE | CWR, &LINUX_OPTS)),
+            SynWorth::Evidence
+        );
+        // NOP padding and an early end of options.
+        assert_eq!(
+            judge(&syn(SYN, &[1, 1, 2, 4, 5, 0xb4, 0])),
+            SynWorth::Evidence
+        );
+    }
+
+    #[test]
+    fn a_wrong_checksum_is_caught_anywhere_in_the_header() {
+        let good = syn(SYN, &LINUX_OPTS);
+        for byte in 0..good.1 {
+            let mut bad = good;
+            bad.0[byte] ^= 0x01;
+            // Flipping a flag bit may also make it a non-SYN; the checksum
+            // is judged first.
+            assert_eq!(judge(&bad), SynWorth::BadChecksum, "byte {byte}");
+        }
+        assert_eq!(judge(&(good.0, 19)), SynWorth::BadChecksum);
+        assert_eq!(judge(&(good.0, 61)), SynWorth::BadChecksum);
+    }
+
+    #[test]
+    fn syns_a_backend_may_ignore_do_not_count() {
+        for flags in [SYN | PSH, SYN | URG] {
+            assert_eq!(judge(&syn(flags, &[])), SynWorth::Ignored, "{flags:#x}");
+        }
+        let md5 = {
+            let mut o = Vec::from([19u8, 18]);
+            o.extend_from_slice(&[0xaa; 16]);
+            o
+        };
+        let cases: [&[u8]; 7] = [
+            &md5,                                       // TCP MD5 signature
+            &[29, 4, 1, 1],                             // TCP-AO
+            &[30, 12, 0x10, 0, 0, 0, 0, 1, 0, 0, 0, 2], // MPTCP join
+            &[2, 5, 5, 0xb4, 0],                        // MSS of the wrong length
+            &[1, 1, 1, 1, 1, 1, 8, 10, 0, 0, 0, 1],     // timestamps cut by the header's end
+            &[2, 4, 5, 0xb4, 4],                        // SACK permitted without its length
+            &[1, 1, 1, 2],                              // MSS without a length byte
+        ];
+        for opts in cases {
+            assert_eq!(judge(&syn(SYN, opts)), SynWorth::Ignored, "{opts:?}");
+        }
+    }
+}
