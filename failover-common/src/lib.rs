@@ -12,6 +12,9 @@
 pub mod checksum;
 pub mod hash;
 pub mod maps;
+/// Host-side only: the reference model of the verdict for fuzzing.
+#[cfg(not(target_arch = "bpf"))]
+pub mod model;
 pub mod reason;
 pub mod tcp;
 

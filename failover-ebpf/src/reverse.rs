@@ -34,16 +34,17 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     };
     let rev = unsafe { &mut *rev };
     let r = *rev;
+    // A SYN-ACK or an RST answers the SYN only if it ACKs it: an off-path
+    // forger of the backend's address does not know the client's ISN.
+    let handshake = l4.tcp && r.state == FLOW_SYN_SENT;
+    let acks_syn = l4.flags & TCP_ACK != 0 && l4.ack == r.syn_ack;
 
     if let Some(s) = stats::backend(r.backend_id) {
         s.traffic.rev_packets += 1;
         s.traffic.rev_bytes += ip.tot_len as u64;
-        if l4.tcp && r.state == FLOW_SYN_SENT {
-            // A SYN-ACK or an RST answers the SYN only if it ACKs it: an
-            // off-path forger of the backend's address does not know the
-            // client's ISN. Anything else from the backend (a challenge
-            // ACK to a SYN on a tuple it still holds) proves it alive.
-            let acks_syn = l4.flags & TCP_ACK != 0 && l4.ack == r.syn_ack;
+        if handshake {
+            // Anything else from the backend (a challenge ACK to a SYN on
+            // a tuple it still holds) proves it alive.
             if l4.flags & TCP_RST != 0 {
                 if acks_syn {
                     s.syn_rsts += 1;
@@ -88,7 +89,9 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         redirect: Reason::ReverseRedirect,
     };
     let out = egress::send(ctx, &mut rev.nh, &route);
-    if !l4.tcp {
+    if !l4.tcp || (handshake && l4.flags & TCP_RST != 0 && !acks_syn) {
+        // The client ignores an RST that does not ACK its SYN (RFC 9293
+        // 3.10.7.3), so the flow's entries must outlive it too.
         return out;
     }
     match l4::closing(l4, r.fins, r.fin_ack, l4::BACKEND) {

@@ -16,7 +16,9 @@ use std::{
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use failover_agent::dataplane::Dataplane;
-use failover_common::{Backend, NO_BACKEND, Node, RING_MAX, Ring, Service, ServiceKey, state};
+use failover_common::{
+    Backend, NO_BACKEND, Node, RING_MAX, Reason, Ring, Service, ServiceKey, state,
+};
 
 use crate::netns::{Entered, Netns};
 
@@ -31,6 +33,8 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const NO_NEIGH_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
 pub const PORT_MIN: u16 = 40_000;
 pub const PORT_MAX: u16 = 40_999;
+/// The backends' port in labs made by [`Lab::with_tcp_service`].
+pub const BPORT: u16 = 8000;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -99,6 +103,32 @@ impl Lab {
             vc0,
             va0,
         })
+    }
+
+    /// A lab with backends 1..=3 up on the backend leg (port [`BPORT`])
+    /// and a TCP service 0 on VIP:80 whose ring of 13 slots holds `ids`.
+    pub fn with_tcp_service(ids: &[u32], flags: u32) -> Result<Self> {
+        let mut lab = Self::new()?;
+        for id in 1..=3u32 {
+            lab.backend(id, backend_addr(id as u8), BPORT, state::UP)?;
+        }
+        lab.service(0, 80, 6, flags, 13, ids)?;
+        Ok(lab)
+    }
+
+    /// The program's count of `r`.
+    pub fn count(&self, r: Reason) -> u64 {
+        self.dp.reason_count(r).expect("read STATS")
+    }
+
+    /// Runs `frame` from the client leg and checks that it got `reason`'s
+    /// documented verdict, left untouched, with exactly one count of it.
+    pub fn assert_verdict(&self, frame: &[u8], reason: Reason) {
+        let before = self.count(reason);
+        let (got, out) = self.run(self.vc0, frame).expect("test run");
+        assert_eq!(got, reason.verdict().action(), "verdict for {reason:?}");
+        assert_eq!(out, frame, "{reason:?}: frame untouched");
+        assert_eq!(self.count(reason), before + 1, "{reason:?} counted");
     }
 
     pub fn pin_dir(&self) -> &std::path::Path {

@@ -177,3 +177,83 @@ pub fn ports(frame: &[u8]) -> (u16, u16) {
         _ => panic!("no ports"),
     }
 }
+
+/// Recomputes the IPv4 header checksum of an untagged frame in place.
+pub fn set_ip_checksum(frame: &mut [u8]) {
+    frame[24] = 0;
+    frame[25] = 0;
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    let c = failover_common::checksum::ipv4_header(&frame[14..14 + ihl]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Recomputes the TCP or UDP checksum of an untagged IPv4 frame in place,
+/// over the segment its IP total length bounds. A UDP checksum of 0 (none)
+/// stays 0.
+pub fn set_l4_checksum(frame: &mut [u8]) {
+    let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let proto = frame[23];
+    let (src, dst) = (
+        <[u8; 4]>::try_from(&frame[26..30]).unwrap(),
+        <[u8; 4]>::try_from(&frame[30..34]).unwrap(),
+    );
+    let at = 34 + if proto == 6 { 16 } else { 6 };
+    if proto == 17 && frame[at] == 0 && frame[at + 1] == 0 {
+        return;
+    }
+    frame[at] = 0;
+    frame[at + 1] = 0;
+    let mut c = failover_common::checksum::ipv4_l4(src, dst, proto, &frame[34..14 + tot]);
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Whether an untagged IPv4 frame's L4 checksum is right (a UDP checksum
+/// of 0 means none, and counts as right).
+pub fn l4_checksum_ok(frame: &[u8]) -> bool {
+    let mut fixed = frame.to_vec();
+    set_l4_checksum(&mut fixed);
+    fixed == frame
+}
+
+/// `frame` (untagged IPv4, TCP or UDP) as a NAT must rewrite it: these
+/// MACs, addresses and ports, the TTL one lower, and both checksums
+/// computed from scratch.
+pub fn nat(
+    frame: &[u8],
+    macs: ([u8; 6], [u8; 6]),
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[6..12].copy_from_slice(&macs.0);
+    f[0..6].copy_from_slice(&macs.1);
+    f[22] -= 1;
+    f[26..30].copy_from_slice(&src.octets());
+    f[30..34].copy_from_slice(&dst.octets());
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    f[36..38].copy_from_slice(&dport.to_be_bytes());
+    set_ip_checksum(&mut f);
+    set_l4_checksum(&mut f);
+    f
+}
+
+/// Inserts TCP options after the 20-byte header of an untagged IPv4 TCP
+/// frame (padded to a word with EOL), with lengths and checksums fixed.
+pub fn with_tcp_options(frame: &[u8], opts: &[u8]) -> Vec<u8> {
+    let mut o = opts.to_vec();
+    while o.len() % 4 != 0 {
+        o.push(0);
+    }
+    let mut f = frame[..54].to_vec();
+    f.extend_from_slice(&o);
+    f.extend_from_slice(&frame[54..]);
+    f[46] = (((20 + o.len()) / 4) as u8) << 4;
+    let tot = (f.len() - 14) as u16;
+    f[16..18].copy_from_slice(&tot.to_be_bytes());
+    set_ip_checksum(&mut f);
+    set_l4_checksum(&mut f);
+    f
+}

@@ -10,10 +10,10 @@ use etherparse::{IpNumber, Ipv4Header, SlicedPacket, TransportSlice};
 use failover_common::{FlowKey, Reason, Reverse, ReverseKey, SVC_F_RESET, state};
 use failover_tests::{
     lab::{
-        self, BACKEND_MAC, CLIENT, CLIENT_MAC, Lab, SAME_LEG_BACKEND, SNAT, VA0_MAC, VC0_MAC, VIP,
-        backend_addr,
+        self, BACKEND_MAC, BPORT, CLIENT, CLIENT_MAC, Lab, SAME_LEG_BACKEND, SNAT, VA0_MAC,
+        VC0_MAC, VIP, backend_addr,
     },
-    packet::{Frame, assert_checksums_valid, ports},
+    packet::{Frame, assert_checksums_valid, ports, set_ip_checksum},
 };
 
 const XDP_DROP: u32 = 1;
@@ -22,22 +22,13 @@ const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
-const BPORT: u16 = 8000;
 
-/// A lab with backends 1..=3 on the backend leg and a TCP service on
-/// VIP:80 whose ring holds `ids`.
 fn lab_with(ids: &[u32], flags: u32) -> Lab {
-    let mut lab = Lab::new().expect("lab");
-    for id in 1..=3u32 {
-        lab.backend(id, backend_addr(id as u8), BPORT, state::UP)
-            .unwrap();
-    }
-    lab.service(0, 80, TCP, flags, 13, ids).unwrap();
-    lab
+    Lab::with_tcp_service(ids, flags).expect("lab")
 }
 
 fn count(lab: &Lab, r: Reason) -> u64 {
-    lab.dp.reason_count(r).unwrap()
+    lab.count(r)
 }
 
 fn flow_key(f: &Frame, proto: u8) -> FlowKey {
@@ -790,27 +781,13 @@ fn client_rst_frees_flow_entries() {
     assert!(lab.dp.reverse_entries().unwrap().is_empty());
 }
 
-/// Runs `frame` from the client leg and checks it left unchanged with the
-/// verdict and exactly one count of `reason`.
 fn assert_verdict(lab: &Lab, frame: &[u8], rc: u32, reason: Reason) {
-    let before = count(lab, reason);
-    let (got, out) = lab.run(lab.vc0, frame).unwrap();
-    assert_eq!(got, rc, "verdict for {reason:?}");
-    assert_eq!(out, frame, "{reason:?}: frame untouched");
-    assert_eq!(count(lab, reason), before + 1, "{reason:?} counted");
     assert_eq!(
         reason.verdict().action(),
         rc,
-        "documented verdict"
+        "documented verdict of {reason:?}"
     );
-}
-
-fn set_ip_checksum(frame: &mut [u8]) {
-    frame[24] = 0;
-    frame[25] = 0;
-    let ihl = (frame[14] & 0x0f) as usize * 4;
-    let c = failover_common::checksum::ipv4_header(&frame[14..14 + ihl]);
-    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    lab.assert_verdict(frame, reason);
 }
 
 #[test]
