@@ -124,6 +124,12 @@ pub struct BackendInfo {
     /// State in the data plane: up, draining, down, unused.
     pub state: String,
     pub draining: bool,
+    /// Falls not yet forgotten (flap damping, see `health::state`).
+    #[serde(default)]
+    pub flaps: u32,
+    /// Time left before a recovery is allowed; 0 when not held down.
+    #[serde(default)]
+    pub hold_down_s: f64,
     /// Latency of the probe behind the last state change.
     pub probe_latency_ms: Option<f64>,
     pub passive: PassiveSignals,

@@ -334,6 +334,15 @@ pub struct Probe {
     /// Minimum time in a state before the next change: damps flapping.
     #[serde(with = "humantime_serde", default)]
     pub min_dwell: Duration,
+    /// Flap damping (`health::state`): hold before recovering from the
+    /// second fall in a row, doubling per further fall up to
+    /// `hold_down_max`; one fall is forgotten per `hold_down_decay` served.
+    #[serde(with = "humantime_serde", default = "default_hold_down")]
+    pub hold_down: Duration,
+    #[serde(with = "humantime_serde", default = "default_hold_down_max")]
+    pub hold_down_max: Duration,
+    #[serde(with = "humantime_serde", default = "default_hold_down_decay")]
+    pub hold_down_decay: Duration,
     /// HTTP path (http, inference health check).
     #[serde(default)]
     pub path: Option<String>,
@@ -464,6 +473,15 @@ fn default_rise() -> u32 {
 }
 fn default_fall() -> u32 {
     2
+}
+fn default_hold_down() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_hold_down_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_hold_down_decay() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_true() -> bool {
     true

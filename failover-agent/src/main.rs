@@ -336,6 +336,12 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                                 b.name.clone(),
                                 b.address.clone(),
                                 b.health.clone(),
+                                b.flaps.to_string(),
+                                if b.hold_down_s > 0.0 {
+                                    format!("{:.1}s", b.hold_down_s)
+                                } else {
+                                    "-".to_owned()
+                                },
                                 b.state.clone(),
                                 b.tier.to_string(),
                                 b.weight.to_string(),
@@ -355,6 +361,8 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                             "BACKEND",
                             "ADDRESS",
                             "HEALTH",
+                            "FLAPS",
+                            "HOLD",
                             "STATE",
                             "TIER",
                             "WEIGHT",

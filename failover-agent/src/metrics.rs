@@ -249,6 +249,10 @@ pub struct BackendSnapshot {
     pub health: &'static str,
     /// `BACKENDS` state: `up`, `down`, `draining`, `unused`.
     pub dataplane: &'static str,
+    /// Falls not yet forgotten (flap damping).
+    pub flaps: u32,
+    /// Time left before a recovery is allowed.
+    pub hold_down: Duration,
     pub stats: Option<BackendStats>,
 }
 
@@ -318,6 +322,8 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
     let dps = Family::<StateLabels, Gauge>::default();
     let tier = Family::<BackendLabel, Gauge>::default();
     let weight = Family::<BackendLabel, Gauge>::default();
+    let flaps = Family::<BackendLabel, Gauge>::default();
+    let hold_down = Family::<BackendLabel, Gauge<f64, AtomicU64>>::default();
     let new_flows = Family::<BackendLabel, Counter>::default();
     let resets = Family::<BackendLabel, Counter>::default();
     let syns = Family::<BackendLabel, Counter>::default();
@@ -344,6 +350,8 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         }
         tier.get_or_create(&l).set(i64::from(b.tier));
         weight.get_or_create(&l).set(i64::from(b.weight));
+        flaps.get_or_create(&l).set(i64::from(b.flaps));
+        hold_down.get_or_create(&l).set(b.hold_down.as_secs_f64());
         if let Some(x) = &b.stats {
             new_flows.get_or_create(&l).inc_by(x.traffic.new_flows);
             resets.get_or_create(&l).inc_by(x.traffic.resets);
@@ -372,6 +380,16 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         tier,
     );
     r.register("backend_weight", "Configured weight", weight);
+    r.register(
+        "backend_flaps",
+        "Falls (serving to down) not yet forgotten; from the second, recovery is held down",
+        flaps,
+    );
+    r.register(
+        "backend_hold_down_seconds",
+        "Time left before the backend may recover (0: not held down)",
+        hold_down,
+    );
     let be_rows: Vec<(String, u64, u64)> = s
         .backends
         .iter()
@@ -687,6 +705,8 @@ mod tests {
                 weight: 100,
                 health: "degraded",
                 dataplane: "up",
+                flaps: 3,
+                hold_down: Duration::from_millis(1500),
                 stats: Some(BackendStats {
                     traffic: failover_common::Traffic {
                         fwd_packets: 7,
@@ -716,6 +736,8 @@ mod tests {
             "failover_backend_up{backend=\"gpu-a\"} 1",
             "failover_backend_state{backend=\"gpu-a\",state=\"degraded\"} 1",
             "failover_backend_state{backend=\"gpu-a\",state=\"down\"} 0",
+            "failover_backend_flaps{backend=\"gpu-a\"} 3",
+            "failover_backend_hold_down_seconds{backend=\"gpu-a\"} 1.5",
             "failover_datapath_packets_total{reason=\"no_backend\",verdict=\"drop\"} 5",
             "failover_apply_duration_seconds_count 1",
             "failover_probe_duration_seconds_count{backend=\"gpu-a\"} 1",

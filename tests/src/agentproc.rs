@@ -34,6 +34,10 @@ pub struct ProbeTiming {
     pub timeout_ms: u32,
     pub rise: u32,
     pub fall: u32,
+    /// `hold_down` in ms; `None` keeps the agent's default. The failover
+    /// benchmark fails the same backend trial after trial, and measures
+    /// each failover, not the damping of the ones before.
+    pub hold_down_ms: Option<u32>,
 }
 
 impl Default for ProbeTiming {
@@ -43,6 +47,7 @@ impl Default for ProbeTiming {
             timeout_ms: 200,
             rise: 2,
             fall: 2,
+            hold_down_ms: None,
         }
     }
 }
@@ -54,8 +59,12 @@ impl Default for ProbeTiming {
 /// - `eu-only` (VIP:8443): a1-eu (EU) and b1-us (US) on port 8001; only EU
 ///   is allowed, and with no EU backend healthy it fails closed.
 pub fn config_yaml(pin: &Path, t: ProbeTiming) -> String {
+    let hold = t
+        .hold_down_ms
+        .map(|ms| format!(", hold_down: {ms}ms"))
+        .unwrap_or_default();
     let probe = format!(
-        "{{ kind: http, path: /health, expect_status: 200, interval: {}ms, timeout: {}ms, rise: {}, fall: {} }}",
+        "{{ kind: http, path: /health, expect_status: 200, interval: {}ms, timeout: {}ms, rise: {}, fall: {}{hold} }}",
         t.interval_ms, t.timeout_ms, t.rise, t.fall
     );
     let [a1, a2] = CLOUD_A;

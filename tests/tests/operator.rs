@@ -603,10 +603,12 @@ impl CliOut {
 }
 
 /// The header of `failover-agent backends`.
-const BACKENDS_HEADER: [&str; 11] = [
+const BACKENDS_HEADER: [&str; 13] = [
     "BACKEND",
     "ADDRESS",
     "HEALTH",
+    "FLAPS",
+    "HOLD",
     "STATE",
     "TIER",
     "WEIGHT",
@@ -863,10 +865,10 @@ async fn the_cli_binary_against_a_running_agent() {
             .map(|r| (
                 col(r, 0),
                 col(r, 2),
-                col(r, 3),
-                col(r, 4),
                 col(r, 5),
-                col(r, 9)
+                col(r, 6),
+                col(r, 7),
+                col(r, 11)
             ))
             .collect::<Vec<_>>(),
         [

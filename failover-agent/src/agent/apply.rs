@@ -866,6 +866,17 @@ impl Applier {
         Ok(diff)
     }
 
+    /// Records a damped health decision about `backend`: it changes no
+    /// ring by itself, so no flip record carries it.
+    pub fn record_damping(&self, backend: &str, reason: &str) {
+        if let Some(j) = &self.journal {
+            let mut r = DecisionRecord::new("*", 0);
+            r.reason = format!("{backend}: {reason}");
+            r.policy_check = "hold-down: no ring change".into();
+            j.record(r);
+        }
+    }
+
     /// Records a refused reload; the running state is untouched.
     pub fn refuse_reload(&self, err: &ConfigError) {
         if let Some(j) = &self.journal {

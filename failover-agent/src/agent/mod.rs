@@ -331,6 +331,7 @@ impl Agent {
 
     /// State and data-plane counters for a scrape.
     pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
         let a = &self.applier;
         let dp = a.dataplane();
         let cfg = a.config();
@@ -348,6 +349,11 @@ impl Agent {
                         failover_common::state::DRAINING => "draining",
                         _ => "unused",
                     });
+                let damping = self
+                    .probers
+                    .get(&b.name)
+                    .map(|s| s.prober.flap_state())
+                    .unwrap_or_default();
                 metrics::BackendSnapshot {
                     name: b.name.clone(),
                     tier: b.tier,
@@ -359,6 +365,10 @@ impl Agent {
                         HealthState::Unknown => "unknown",
                     },
                     dataplane,
+                    flaps: damping.flaps,
+                    hold_down: damping
+                        .held_until
+                        .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
                     stats: id.and_then(|id| dp.backend_stats(id).ok()),
                 }
             })
@@ -535,6 +545,20 @@ impl Agent {
             }
         }
         self.apply_health(&batch);
+        for ev in &batch {
+            self.audit_hold_down(ev);
+        }
+    }
+
+    /// Audits the hold-down a prober's fall starts (it publishes its flap
+    /// state before sending the event, and logs both).
+    fn audit_hold_down(&self, ev: &HealthEvent) {
+        let Some(slot) = self.probers.get(&*ev.backend) else {
+            return;
+        };
+        if let Some(reason) = hold_down_note(ev, slot.prober.flap_state()) {
+            self.applier.record_damping(&ev.backend, &reason);
+        }
     }
 
     /// Plans and applies a batch of health changes, with their metrics.
@@ -1001,6 +1025,8 @@ impl Agent {
                     health: b.health.to_owned(),
                     state: b.dataplane.to_owned(),
                     draining: self.applier.is_draining(&b.name),
+                    flaps: b.flaps,
+                    hold_down_s: b.hold_down.as_secs_f64(),
                     probe_latency_ms: self
                         .probe_latency
                         .get(&b.name)
@@ -1187,6 +1213,23 @@ impl Agent {
     }
 }
 
+/// The audit reason for a fall that holds the backend's recovery down;
+/// `None` for any other event. A hold starts only with a fall (or is
+/// restarted while down, which reports nothing): one record per episode.
+fn hold_down_note(ev: &HealthEvent, f: health::FlapState) -> Option<String> {
+    if ev.to != HealthState::Down || !ev.from.is_serving() {
+        return None;
+    }
+    let hold = f.held_until?.saturating_duration_since(ev.at);
+    let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+    Some(format!(
+        "recovery held down for {} (flap {} in a row; {})",
+        humantime::format_duration(Duration::from_millis(ms)),
+        f.flaps,
+        ev.reason
+    ))
+}
+
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -1209,5 +1252,44 @@ async fn recv_signal(s: &mut Option<Signal>) -> Option<()> {
     match s {
         Some(s) => s.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_fall_into_a_hold_down_is_audited() {
+        let at = Instant::now();
+        let ev = |from, to| HealthEvent {
+            backend: "b1".into(),
+            from,
+            to,
+            reason: "passive: 2 SYNs refused with RST".into(),
+            latency: None,
+            source: EventSource::Passive,
+            at,
+        };
+        let held = health::FlapState {
+            flaps: 3,
+            held_until: Some(at + Duration::from_secs(2)),
+        };
+        assert_eq!(
+            hold_down_note(&ev(HealthState::Up, HealthState::Down), held).as_deref(),
+            Some("recovery held down for 2s (flap 3 in a row; passive: 2 SYNs refused with RST)")
+        );
+        let first = health::FlapState {
+            flaps: 1,
+            held_until: None,
+        };
+        for (from, to, f) in [
+            (HealthState::Degraded, HealthState::Down, first),
+            (HealthState::Down, HealthState::Up, held),
+            (HealthState::Unknown, HealthState::Down, held),
+            (HealthState::Up, HealthState::Degraded, held),
+        ] {
+            assert_eq!(hold_down_note(&ev(from, to), f), None, "{from} -> {to}");
+        }
     }
 }

@@ -52,6 +52,18 @@ fn two_clouds_example_has_the_documented_shape() {
     assert_eq!((chat.port, chat.protocol), (80, Protocol::Tcp));
     assert_eq!(chat.probe.kind, ProbeKind::Inference);
     assert_eq!(chat.probe.ttft_budget, Some(Duration::from_millis(800)));
+    assert_eq!(
+        (
+            chat.probe.hold_down,
+            chat.probe.hold_down_max,
+            chat.probe.hold_down_decay
+        ),
+        (
+            Duration::from_secs(2),
+            Duration::from_secs(120),
+            Duration::from_secs(60)
+        )
+    );
     assert_eq!(chat.policy.panic, PanicMode::FailOpen);
     let tiers: Vec<(String, u8)> = chat
         .backends
@@ -343,6 +355,64 @@ fn value_limits() {
             "services[0].policy.standby_share",
             "services[0].probe.fall",
             "services[0].probe.interval",
+        ]
+    );
+}
+
+#[test]
+fn hold_down_limits() {
+    let secs = Duration::from_secs;
+    let mut config = minimal();
+    let probe = &config.services[0].probe;
+    assert_eq!(
+        (probe.hold_down, probe.hold_down_max, probe.hold_down_decay),
+        (secs(1), secs(60), secs(30)),
+        "defaults"
+    );
+    let probe = &mut config.services[0].probe;
+    probe.hold_down = Duration::ZERO; // damping off
+    probe.hold_down_max = secs(3600);
+    probe.hold_down_decay = secs(3600);
+    assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
+    let probe = &mut config.services[0].probe;
+    probe.hold_down = secs(60);
+    probe.hold_down_max = secs(59);
+    probe.hold_down_decay = Duration::ZERO;
+    assert_eq!(
+        fields_of(&config),
+        [
+            "services[0].probe.hold_down_max",
+            "services[0].probe.hold_down_decay"
+        ]
+    );
+    let probe = &mut config.services[0].probe;
+    probe.hold_down_max = secs(3601);
+    probe.hold_down_decay = secs(3601);
+    assert_eq!(
+        fields_of(&config),
+        [
+            "services[0].probe.hold_down_max",
+            "services[0].probe.hold_down_decay"
+        ]
+    );
+
+    // As an operator sees them: file, line, field, message.
+    let base = std::fs::read_to_string(examples_dir().join("minimal.yaml")).unwrap();
+    let text = base.replacen(
+        "kind: tcp",
+        "kind: tcp\n      hold_down: 2m\n      hold_down_max: 90s\n      hold_down_decay: 0s",
+        1,
+    );
+    let lines: Vec<String> = parse_err(&text)
+        .to_string()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "test.yaml:17: services[0].probe.hold_down_max: hold_down_max 1m 30s is below hold_down 2m",
+            "test.yaml:18: services[0].probe.hold_down_decay: hold_down_decay 0s must be greater than 0 and at most 1h",
         ]
     );
 }

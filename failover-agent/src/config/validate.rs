@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
+    time::Duration,
 };
 
 use failover_common::{MAX_BACKENDS, MAX_SERVICES, RING_MAX};
@@ -19,6 +20,10 @@ const IFNAME_MAX: usize = 15;
 
 /// Names appear in metrics labels, audit records and CLI arguments.
 const NAME_MAX: usize = 63;
+
+/// Longest `hold_down_max` and `hold_down_decay`: longer holds a backend
+/// out, or remembers its flaps, past what an operator would look for.
+const HOLD_DOWN_LIMIT: Duration = Duration::from_secs(3600);
 
 pub(super) struct Issue {
     pub(super) path: String,
@@ -244,6 +249,7 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
     if probe.fall == 0 {
         c.fail(format!("{path}.fall"), "fall must be at least 1");
     }
+    check_hold_down(c, path, probe);
 
     let kind = probe.kind;
     // (field, set?, the kinds that use it)
@@ -322,6 +328,38 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
                 "ttft_budget must be greater than 0",
             );
         }
+    }
+}
+
+fn check_hold_down(c: &mut Checker, path: &str, probe: &Probe) {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let limit = show(HOLD_DOWN_LIMIT);
+    if probe.hold_down_max > HOLD_DOWN_LIMIT {
+        c.fail(
+            format!("{path}.hold_down_max"),
+            format!(
+                "hold_down_max {} is above the limit of {limit}",
+                show(probe.hold_down_max)
+            ),
+        );
+    } else if probe.hold_down > probe.hold_down_max {
+        c.fail(
+            format!("{path}.hold_down_max"),
+            format!(
+                "hold_down_max {} is below hold_down {}",
+                show(probe.hold_down_max),
+                show(probe.hold_down)
+            ),
+        );
+    }
+    if probe.hold_down_decay.is_zero() || probe.hold_down_decay > HOLD_DOWN_LIMIT {
+        c.fail(
+            format!("{path}.hold_down_decay"),
+            format!(
+                "hold_down_decay {} must be greater than 0 and at most {limit}",
+                show(probe.hold_down_decay)
+            ),
+        );
     }
 }
 

@@ -34,8 +34,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
@@ -46,7 +46,7 @@ pub use grpc::GrpcProbe;
 pub use http::HttpProbe;
 pub use inference::InferenceProbe;
 pub use passive::{Ejection, HandshakeCounters, PassiveConfig, PassiveDetector};
-pub use state::{HealthMachine, HealthState, Thresholds, Transition};
+pub use state::{FlapState, HealthMachine, HealthState, HoldDown, Thresholds, Transition};
 pub use tcp::TcpProbe;
 pub use tls::TlsOptions;
 
@@ -294,12 +294,20 @@ impl Ejector {
 pub struct Prober {
     backend: Arc<str>,
     ejector: Ejector,
+    /// The state machine's flap damping, published by the task after
+    /// every probe and ejection (before any event they cause is sent).
+    flaps: watch::Receiver<FlapState>,
     task: JoinHandle<()>,
 }
 
 impl Prober {
     pub fn backend(&self) -> &str {
         &self.backend
+    }
+
+    /// The backend's flap count and hold-down, as of its last probe.
+    pub fn flap_state(&self) -> FlapState {
+        *self.flaps.borrow()
     }
 
     pub fn ejector(&self) -> Ejector {
@@ -352,10 +360,19 @@ pub fn spawn_with_probe<P: Probe>(
     durations: Option<ProbeDurations>,
 ) -> Prober {
     let (tx, rx) = mpsc::channel(4);
-    let task = tokio::spawn(run(backend.clone(), probe, schedule, events, rx, durations));
+    let (flaps_tx, flaps) = watch::channel(FlapState::default());
+    let rep = Reporter {
+        backend: backend.clone(),
+        events,
+        machine: HealthMachine::new(schedule.thresholds),
+        durations,
+        flaps: flaps_tx,
+    };
+    let task = tokio::spawn(run(rep, probe, schedule, rx));
     Prober {
         backend,
         ejector: Ejector(tx),
+        flaps,
         task,
     }
 }
@@ -365,6 +382,7 @@ struct Reporter {
     events: mpsc::Sender<HealthEvent>,
     machine: HealthMachine,
     durations: Option<ProbeDurations>,
+    flaps: watch::Sender<FlapState>,
 }
 
 impl Reporter {
@@ -372,10 +390,18 @@ impl Reporter {
     async fn eject(&mut self, why: &Ejection) -> bool {
         let now = Instant::now();
         let reason = why.to_string();
-        match self.machine.eject(now, &reason) {
+        let t = self.machine.eject(now, &reason);
+        self.publish(now);
+        match t {
             Some(t) => self.send(t, None, EventSource::Passive, now).await,
             None => true,
         }
+    }
+
+    fn publish(&self, now: Instant) {
+        let new = self.machine.flap_state(now);
+        self.flaps
+            .send_if_modified(|s| std::mem::replace(s, new) != new);
     }
 
     /// One probe's outcome; the probe began at `started`.
@@ -391,7 +417,9 @@ impl Reporter {
                     .unwrap_or_else(|| now.saturating_duration_since(started)),
             );
         }
-        match self.machine.observe(now, outcome) {
+        let t = self.machine.observe(now, outcome);
+        self.publish(now);
+        match t {
             Some(t) => {
                 self.send(t, outcome.latency(), EventSource::Active, now)
                     .await
@@ -408,7 +436,11 @@ impl Reporter {
         at: Instant,
     ) -> bool {
         if t.to == HealthState::Down {
-            tracing::warn!(backend = %self.backend, from = %t.from, to = %t.to, ?source, reason = %t.reason, "backend health changed");
+            let f = self.machine.flap_state(at);
+            let hold_s = f
+                .held_until
+                .map_or(0.0, |u| u.saturating_duration_since(at).as_secs_f64());
+            tracing::warn!(backend = %self.backend, from = %t.from, to = %t.to, ?source, reason = %t.reason, flaps = f.flaps, hold_s, "backend health changed");
         } else {
             tracing::info!(backend = %self.backend, from = %t.from, to = %t.to, ?source, reason = %t.reason, "backend health changed");
         }
@@ -426,19 +458,11 @@ impl Reporter {
 }
 
 async fn run<P: Probe>(
-    backend: Arc<str>,
+    mut rep: Reporter,
     probe: P,
     schedule: Schedule,
-    events: mpsc::Sender<HealthEvent>,
     mut ejections: mpsc::Receiver<Ejection>,
-    durations: Option<ProbeDurations>,
 ) {
-    let mut rep = Reporter {
-        backend,
-        events,
-        machine: HealthMachine::new(schedule.thresholds),
-        durations,
-    };
     let mut ticker = tokio::time::interval(schedule.interval);
     // A slow probe delays the next one instead of bursting to catch up.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -605,6 +629,37 @@ mod tests {
         );
         assert_eq!(ev.reason, "passive: 2 SYNs refused with RST");
         assert!(ev.at.duration_since(sent) < Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn the_flap_state_is_published_before_the_fall_is_reported() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let hold = Duration::from_secs(1);
+        let sch = Schedule {
+            thresholds: schedule(1, 1).thresholds.with_hold_down(HoldDown {
+                base: hold,
+                max: hold,
+                decay: Duration::from_secs(30),
+            }),
+            ..schedule(1, 1)
+        };
+        let p = spawn_with_probe("b1".into(), Scripted::new(vec![healthy()]), sch, tx, None);
+        assert_eq!(next(&mut rx).await.to, HealthState::Up);
+        assert_eq!(p.flap_state(), FlapState::default());
+        // The first fall fails back on the next probe.
+        assert!(p.eject(Ejection::Refused { rsts: 2 }));
+        assert_eq!(next(&mut rx).await.to, HealthState::Down);
+        assert_eq!(p.flap_state().flaps, 1);
+        assert_eq!(p.flap_state().held_until, None);
+        assert_eq!(next(&mut rx).await.to, HealthState::Up);
+        // The second is held down for `base`, though probes pass every 10 ms.
+        assert!(p.eject(Ejection::Refused { rsts: 2 }));
+        let down = next(&mut rx).await;
+        assert_eq!(down.to, HealthState::Down);
+        let f = p.flap_state();
+        assert_eq!((f.flaps, f.held_until), (2, Some(down.at + hold)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "no recovery while held");
     }
 
     #[tokio::test]

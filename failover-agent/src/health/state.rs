@@ -19,7 +19,34 @@
 //! - A passive ejection forces `Down` at once, bypassing `fall` and the dwell
 //!   (the data plane already sees SYNs refused or unanswered; waiting costs
 //!   client connections). It is undone only by the active probe's rise rule,
-//!   and the dwell counts from the ejection, so eject/recover cannot flap.
+//!   and the dwell counts from the ejection.
+//!
+//! Flap damping (hold-down, after Envoy's outlier detection, with the
+//! ejection time doubling instead of growing linearly):
+//! - Every serving (`Up`/`Degraded`) -> `Down` change, by probe fall or
+//!   passive ejection, is one flap. While the backend keeps serving, the
+//!   count drops by one per full `decay` without a fall.
+//! - After flap `n`, recovery waits until `hold(n)` has passed since the
+//!   fall: `hold(1) = 0` (an ordinary failure fails back by the rise rule
+//!   alone), `hold(n) = min(base * 2^(n-2), max)`. The rise rule must hold
+//!   too; the runs keep counting meanwhile, as with the dwell. The count
+//!   stops growing once the hold reaches `max`.
+//! - A passive ejection while down restarts the hold from the new
+//!   evidence: a backend that keeps failing its traffic stays out.
+//! - Going down is never delayed by a hold: leaving the rings is the safe
+//!   direction, and a tier that goes dark must fail over at once.
+//!
+//! The bound this gives: a backend re-enters service at most once per
+//! current hold, and from a count of 0 the `k`-th recovery in a row comes
+//! `base * (2^(k-1) - 1)` after the first fall at the earliest. In a window
+//! `T` shorter than `decay` it therefore recovers at most
+//! `k = 1 + floor(log2(T / base + 1))` times and changes between serving
+//! and down at most `2k + 1` times, each of which switches a service's
+//! ring at most once. With the defaults (`base` 1 s, `max` 60 s, `decay`
+//! 30 s) a backend ejected every 200 ms while its probes pass makes at
+//! most 7 changes in 5 s (3 recoveries, after holds of 0, 1 and 2 s),
+//! where it made about 50 undamped, and at most one recovery a minute
+//! once the hold reaches `max`.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -63,30 +90,82 @@ impl fmt::Display for HealthState {
     }
 }
 
+/// Flap damping settings (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldDown {
+    /// Hold after the second flap; it doubles with each further one.
+    pub base: Duration,
+    pub max: Duration,
+    /// Serving this long without a fall forgets one flap.
+    pub decay: Duration,
+}
+
+impl HoldDown {
+    /// No damping: every recovery follows the rise rule alone.
+    pub const OFF: Self = Self {
+        base: Duration::ZERO,
+        max: Duration::ZERO,
+        decay: Duration::MAX,
+    };
+
+    /// How long recovery waits after flap `n`.
+    pub fn hold(&self, n: u32) -> Duration {
+        if n < 2 {
+            return Duration::ZERO;
+        }
+        self.base.saturating_mul(1 << (n - 2).min(31)).min(self.max)
+    }
+
+    /// The count where the hold reaches `max`: counting further would only
+    /// make the count slower to decay, not the hold longer.
+    fn cap(&self) -> u32 {
+        (2..=33).find(|&n| self.hold(n) >= self.max).unwrap_or(33)
+    }
+}
+
 /// Hysteresis settings of one backend's state machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Thresholds {
     pub rise: u32,
     pub fall: u32,
     pub min_dwell: Duration,
+    pub hold_down: HoldDown,
 }
 
 impl Thresholds {
     /// `rise` and `fall` below 1 are taken as 1 (zero would mean "change on
-    /// no evidence").
+    /// no evidence"). No flap damping: see [`Thresholds::with_hold_down`].
     pub fn new(rise: u32, fall: u32, min_dwell: Duration) -> Self {
         Self {
             rise: rise.max(1),
             fall: fall.max(1),
             min_dwell,
+            hold_down: HoldDown::OFF,
         }
+    }
+
+    pub fn with_hold_down(self, hold_down: HoldDown) -> Self {
+        Self { hold_down, ..self }
     }
 }
 
 impl From<&crate::config::Probe> for Thresholds {
     fn from(p: &crate::config::Probe) -> Self {
-        Self::new(p.rise, p.fall, p.min_dwell)
+        Self::new(p.rise, p.fall, p.min_dwell).with_hold_down(HoldDown {
+            base: p.hold_down,
+            max: p.hold_down_max,
+            decay: p.hold_down_decay,
+        })
     }
+}
+
+/// A backend's flap damping at one moment, for the API and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlapState {
+    /// Flaps not decayed yet.
+    pub flaps: u32,
+    /// No recovery before this; `None` when not held.
+    pub held_until: Option<Instant>,
 }
 
 /// One state change, with the evidence that caused it.
@@ -110,6 +189,12 @@ pub struct HealthMachine {
     degraded: u32,
     failures: u32,
     ejected: bool,
+    /// Flaps not decayed yet.
+    flaps: u32,
+    /// Start of the current decay period: the recovery or the last decay.
+    decay_from: Option<Instant>,
+    /// The current hold-down: no recovery before this.
+    held_until: Option<Instant>,
 }
 
 impl HealthMachine {
@@ -123,6 +208,9 @@ impl HealthMachine {
             degraded: 0,
             failures: 0,
             ejected: false,
+            flaps: 0,
+            decay_from: None,
+            held_until: None,
         }
     }
 
@@ -144,8 +232,17 @@ impl HealthMachine {
         self.ejected
     }
 
+    /// Flap count and hold-down as of `now`.
+    pub fn flap_state(&self, now: Instant) -> FlapState {
+        FlapState {
+            flaps: self.decayed(now).0,
+            held_until: self.held_until,
+        }
+    }
+
     /// Feeds one active probe outcome observed at `now`.
     pub fn observe(&mut self, now: Instant, outcome: &ProbeOutcome) -> Option<Transition> {
+        self.decay(now);
         match outcome {
             ProbeOutcome::Healthy { .. } => {
                 self.successes = self.successes.saturating_add(1);
@@ -167,22 +264,26 @@ impl HealthMachine {
             }
         }
         let to = self.target();
-        if to == self.state || !self.dwell_elapsed(now) {
+        let held = to.is_serving() && self.held_until.is_some_and(|t| now < t);
+        if to == self.state || !self.dwell_elapsed(now) || held {
             return None;
         }
         let reason = self.reason(to, outcome);
         Some(self.change(now, to, reason))
     }
 
-    /// A passive ejection: `Down` now, whatever the runs and the dwell say.
-    /// Returns `None` when already down (the success run still restarts, so
-    /// recovery needs `rise` successes after the latest evidence).
+    /// A passive ejection: `Down` now, whatever the runs, the dwell and the
+    /// hold say. Returns `None` when already down (the success run and the
+    /// hold still restart, so recovery needs `rise` successes and the hold
+    /// after the latest evidence).
     pub fn eject(&mut self, now: Instant, reason: &str) -> Option<Transition> {
+        self.decay(now);
         self.successes = 0;
         self.healthy = 0;
         self.degraded = 0;
         self.ejected = true;
         if self.state == HealthState::Down {
+            self.hold(now);
             return None;
         }
         Some(self.change(now, HealthState::Down, format!("passive: {reason}")))
@@ -231,10 +332,47 @@ impl HealthMachine {
         let from = self.state;
         self.state = to;
         self.changed_at = Some(now);
+        if from.is_serving() && to == HealthState::Down {
+            self.flaps = (self.flaps + 1).min(self.th.hold_down.cap());
+            self.hold(now);
+        }
         if to.is_serving() {
             self.ejected = false;
+            self.held_until = None;
+            if !from.is_serving() {
+                self.decay_from = Some(now);
+            }
         }
         Transition { from, to, reason }
+    }
+
+    /// Starts the hold of the current flap count at `now`.
+    fn hold(&mut self, now: Instant) {
+        let hold = self.th.hold_down.hold(self.flaps);
+        self.held_until = (!hold.is_zero()).then(|| now + hold);
+    }
+
+    fn decay(&mut self, now: Instant) {
+        (self.flaps, self.decay_from) = self.decayed(now);
+    }
+
+    /// The flap count and decay start after the full decay periods served
+    /// by `now`.
+    fn decayed(&self, now: Instant) -> (u32, Option<Instant>) {
+        let decay = self.th.hold_down.decay;
+        match self.decay_from {
+            Some(from) if self.state.is_serving() && self.flaps > 0 => {
+                let periods = now
+                    .saturating_duration_since(from)
+                    .as_nanos()
+                    .checked_div(decay.as_nanos())
+                    .unwrap_or(0);
+                let n = u32::try_from(periods).unwrap_or(u32::MAX).min(self.flaps);
+                // n periods fit in the time served: no overflow.
+                (self.flaps - n, Some(from + decay * n))
+            }
+            _ => (self.flaps, self.decay_from),
+        }
     }
 }
 
@@ -376,6 +514,143 @@ mod tests {
             let got = run(Thresholds::new(rise, fall, dwell), steps);
             assert_eq!(got, want, "case {name:?}: steps {steps}");
         }
+    }
+
+    #[test]
+    fn hold_down_table() {
+        let ms = Duration::from_millis;
+        // rise = fall = 1, so a hold shows as the steps a recovery waits;
+        // base 200 ms, max 800 ms, one flap forgotten per 500 ms served.
+        let hold = HoldDown {
+            base: ms(200),
+            max: ms(800),
+            decay: ms(500),
+        };
+        // (name, dwell, steps, expected states)
+        let cases: &[(&str, Duration, &str, &str)] = &[
+            ("first failure recovers normally", ms(0), "hehh", "UDUU"),
+            ("first verdict is no flap", ms(0), "eheh", "DUDU"),
+            ("second flap held base", ms(0), "hehehhh", "UDUDDUU"),
+            (
+                "hold doubles and caps at max",
+                ms(0),
+                "hehehhehhhhehhhhhhhhehhhhhhhh",
+                "UDUDDUDDDDUDDDDDDDDUDDDDDDDDU",
+            ),
+            (
+                "decay restores normal recovery",
+                ms(0),
+                "hehehhhhhhhhhhhheh",
+                "UDUDDUUUUUUUUUUUDU",
+            ),
+            (
+                "one decay forgets one flap",
+                ms(0),
+                "hehehhhhhhhehh",
+                "UDUDDUUUUUUDDU",
+            ),
+            (
+                "ejection while held restarts it",
+                ms(0),
+                "hehehehh",
+                "UDUDDDDU",
+            ),
+            // Each fall is at once, held or not; the probe fall counts too.
+            (
+                "going down is never delayed",
+                ms(0),
+                "hehehhfhhhh",
+                "UDUDDUDDDDU",
+            ),
+            (
+                "dwell and hold both apply",
+                ms(300),
+                "hehhhehhh",
+                "UDDDUDDDU",
+            ),
+        ];
+        for &(name, dwell, steps, want) in cases {
+            let got = run(Thresholds::new(1, 1, dwell).with_hold_down(hold), steps);
+            assert_eq!(got, want, "case {name:?}: steps {steps}");
+        }
+    }
+
+    /// The probe settings a config gets by default.
+    fn default_probe() -> crate::config::Probe {
+        serde_json::from_value(serde_json::json!({"kind": "tcp"})).unwrap()
+    }
+
+    #[test]
+    fn default_holds_double_from_one_second_to_a_minute() {
+        let th = Thresholds::from(&default_probe());
+        let h = th.hold_down;
+        let secs: Vec<u64> = (0..=9).map(|n| h.hold(n).as_secs()).collect();
+        assert_eq!(secs, [0, 0, 1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(h.cap(), 8);
+
+        // The count stops at the cap and is forgotten at one per 30 s served.
+        let t0 = Instant::now();
+        let mut m = HealthMachine::new(th);
+        let mut now = t0;
+        for _ in 0..12 {
+            m.observe(now, &outcome('h'));
+            now += Duration::from_millis(100);
+            m.observe(now, &outcome('h'));
+            m.eject(now, "x").unwrap();
+            now = m.flap_state(now).held_until.unwrap_or(now);
+        }
+        let f = m.flap_state(now);
+        assert_eq!(f.flaps, 8);
+        assert_eq!(f.held_until, Some(now));
+        m.observe(now, &outcome('h'));
+        let up = m
+            .observe(now, &outcome('h'))
+            .expect("recovers at the end of the hold");
+        assert_eq!(up.to, HealthState::Up);
+        assert_eq!(m.flap_state(now).held_until, None);
+        let served = |s: u64| now + Duration::from_secs(s);
+        assert_eq!(m.flap_state(served(29)).flaps, 8);
+        assert_eq!(m.flap_state(served(30)).flaps, 7);
+        assert_eq!(m.flap_state(served(95)).flaps, 5);
+        assert_eq!(m.flap_state(served(240)).flaps, 0);
+    }
+
+    /// Serving <-> down changes of a backend ejected every 200 ms while it
+    /// serves (its traffic fails) and its probes pass, for 5 s from Up.
+    fn flap_for_5s(th: Thresholds) -> usize {
+        let t0 = Instant::now();
+        let mut m = HealthMachine::new(th);
+        m.observe(t0, &outcome('h'));
+        m.observe(t0, &outcome('h'));
+        assert_eq!(m.state(), HealthState::Up);
+        let mut changes = 0;
+        for step in 1..=500u32 {
+            let now = t0 + Duration::from_millis(10) * step;
+            let t = if step % 10 == 0 {
+                m.observe(now, &outcome('h'))
+            } else {
+                None
+            };
+            let e = if step % 20 == 0 && m.state().is_serving() {
+                m.eject(now, "SYNs unanswered")
+            } else {
+                None
+            };
+            changes += usize::from(t.is_some()) + usize::from(e.is_some());
+        }
+        changes
+    }
+
+    #[test]
+    fn a_flapping_backend_changes_state_within_the_documented_bound() {
+        let th = Thresholds::from(&default_probe());
+        // The module doc's bound with the defaults: 3 recoveries (holds of
+        // 0, 1 and 2 s) and 4 falls in 5 s.
+        let changes = flap_for_5s(th);
+        assert!(changes <= 7, "{changes} changes");
+        assert_eq!(changes, 7, "the bound is reached");
+        let undamped = flap_for_5s(th.with_hold_down(HoldDown::OFF));
+        assert!(undamped >= 40, "{undamped} changes undamped");
     }
 
     #[test]

@@ -186,7 +186,10 @@ fn start(system: &str) -> Result<Sut> {
     match system {
         "failover" => Ok(Sut::Agent(Box::new(World::start(
             false,
-            ProbeTiming::default(),
+            ProbeTiming {
+                hold_down_ms: Some(0),
+                ..ProbeTiming::default()
+            },
         )?))),
         "haproxy-tuned" | "haproxy-default" => {
             let topo = World::backends(false)?;
