@@ -108,6 +108,10 @@ pub struct PassiveSignals {
     pub syns: u64,
     pub synacks: u64,
     pub syn_resets: u64,
+    /// SYNs forwarded that were no evidence (data, PSH/URG, options a
+    /// backend may ignore).
+    #[serde(default)]
+    pub syns_ignored: u64,
     /// Last handshake RTT the data plane measured.
     pub rtt_ms: Option<f64>,
 }

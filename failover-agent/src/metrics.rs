@@ -31,7 +31,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use failover_common::{BackendStats, ServiceStats};
+use failover_common::{BackendStats, Reason, ServiceStats};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text},
     metrics::{
@@ -92,6 +92,15 @@ struct ReasonLabels {
     reason: String,
     verdict: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// Data-plane reasons of SYN-shaped segments that never reach the passive
+/// detector (dropped before they are counted as SYNs).
+const EVIDENCE_DROPS: [Reason; 2] = [Reason::BadTcpFlags, Reason::BadL4Checksum];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -525,6 +534,36 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         "Packets seen by the XDP program by verdict and reason (docs/datapath.md)",
         reasons,
     );
+
+    // What a client sent that passive health did not take as evidence:
+    // SYNs dropped for their flags or checksum, and SYNs forwarded that a
+    // live backend may leave unanswered (docs/datapath.md, threats).
+    let ignored = Family::<ReasonLabel, Counter>::default();
+    for (reason, _, n) in &s.reasons {
+        if EVIDENCE_DROPS.iter().any(|r| r.as_str() == *reason) {
+            ignored
+                .get_or_create(&ReasonLabel {
+                    reason: (*reason).to_owned(),
+                })
+                .inc_by(*n);
+        }
+    }
+    let syns_ignored: u64 = s
+        .backends
+        .iter()
+        .filter_map(|b| b.stats.as_ref())
+        .map(|x| x.syns_ignored)
+        .sum();
+    ignored
+        .get_or_create(&ReasonLabel {
+            reason: "syn_not_vanilla".to_owned(),
+        })
+        .inc_by(syns_ignored);
+    r.register(
+        "passive_evidence_ignored",
+        "SYN-shaped segments passive health did not count, by reason",
+        ignored,
+    );
     r
 }
 
@@ -712,10 +751,11 @@ mod tests {
                         fwd_packets: 7,
                         ..Default::default()
                     },
+                    syns_ignored: 2,
                     ..BackendStats::default()
                 }),
             }],
-            reasons: vec![("no_backend", "drop", 5)],
+            reasons: vec![("no_backend", "drop", 5), ("bad_l4_checksum", "drop", 4)],
         }
     }
 
@@ -739,6 +779,8 @@ mod tests {
             "failover_backend_flaps{backend=\"gpu-a\"} 3",
             "failover_backend_hold_down_seconds{backend=\"gpu-a\"} 1.5",
             "failover_datapath_packets_total{reason=\"no_backend\",verdict=\"drop\"} 5",
+            "failover_passive_evidence_ignored_total{reason=\"bad_l4_checksum\"} 4",
+            "failover_passive_evidence_ignored_total{reason=\"syn_not_vanilla\"} 2",
             "failover_apply_duration_seconds_count 1",
             "failover_probe_duration_seconds_count{backend=\"gpu-a\"} 1",
             "failover_build_info{version=\"",

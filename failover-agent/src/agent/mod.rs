@@ -1035,6 +1035,7 @@ impl Agent {
                         syns: st.syns,
                         synacks: st.synacks,
                         syn_resets: st.syn_rsts,
+                        syns_ignored: st.syns_ignored,
                         #[allow(clippy::cast_precision_loss)]
                         rtt_ms: (st.rtt_at_ns != 0).then(|| st.rtt_last_ns as f64 / 1e6),
                     },
