@@ -5,6 +5,8 @@ pub mod agentproc;
 pub mod backend;
 pub mod bench;
 pub mod client;
+pub mod flood;
+pub mod generator;
 pub mod lab;
 pub mod netns;
 pub mod pacer;

@@ -67,6 +67,20 @@ impl Netns {
         ))
     }
 
+    /// The MAC address of device `dev` in the namespace.
+    pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
+        let s = self.exec(&format!("cat /sys/class/net/{dev}/address"))?;
+        let bytes: Vec<u8> = s
+            .trim()
+            .split(':')
+            .map(|p| u8::from_str_radix(p, 16))
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| format!("MAC of {dev}: {s:?}"))?;
+        bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("MAC of {dev}: {s:?}"))
+    }
+
     /// Moves the calling thread into the namespace until the guard drops.
     /// BPF_PROG_TEST_RUN's FIB lookups and ifindex lookups then see this
     /// namespace's devices and routes.

@@ -111,6 +111,18 @@ impl Pacer {
         self.len() == 0
     }
 
+    /// Waits until `n` requests have finished; false after `timeout`.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.len() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
     /// Stops sending, waits for the requests in flight, and returns every
     /// result ordered by start time.
     pub fn stop(mut self) -> Vec<Sample> {
@@ -132,6 +144,28 @@ impl Drop for Pacer {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// Calls `f(i)` at `start + i * interval` for every tick before `start +
+/// total`. Each tick waits for its own deadline, so a slow call delays
+/// only the ticks it overruns, not the schedule after them.
+pub fn every(
+    interval: Duration,
+    total: Duration,
+    mut f: impl FnMut(u32) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    for i in 0u32.. {
+        let at = start + interval * i;
+        if at >= start + total {
+            break;
+        }
+        if let Some(wait) = at.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        f(i)?;
+    }
+    Ok(())
 }
 
 /// `GET path` on a new connection: (status, x-backend), or None.

@@ -244,7 +244,7 @@ pub fn nat(
 /// frame (padded to a word with EOL), with lengths and checksums fixed.
 pub fn with_tcp_options(frame: &[u8], opts: &[u8]) -> Vec<u8> {
     let mut o = opts.to_vec();
-    while o.len() % 4 != 0 {
+    while !o.len().is_multiple_of(4) {
         o.push(0);
     }
     let mut f = frame[..54].to_vec();

@@ -18,7 +18,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, bail};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -244,7 +244,15 @@ impl Prog {
     /// Runs the program `repeat` times on copies of `frame` in live-frames
     /// mode, as if received on `ifindex` (in the calling thread's
     /// namespace), `batch` frames at a time. Returns the kernel's duration.
-    pub fn run_live(&self, frame: &[u8], ifindex: u32, repeat: u32, batch: u32) -> Result<u32> {
+    /// The error is the bare errno, so callers can tell a refusal
+    /// (`generator::live_frames_refusal`) from a failure.
+    pub fn run_live(
+        &self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+        batch: u32,
+    ) -> std::io::Result<u32> {
         let ctx = crate::lab::xdp_md(frame.len() as u32, ifindex);
         let mut attr = TestAttr {
             prog_fd: self.fd.as_raw_fd() as u32,
@@ -257,12 +265,9 @@ impl Prog {
             batch_size: batch,
             ..Default::default()
         };
-        let rc = bpf(BPF_PROG_TEST_RUN, &mut attr);
-        ensure!(
-            rc == 0,
-            "live-frames test run: {}",
-            std::io::Error::last_os_error()
-        );
+        if bpf(BPF_PROG_TEST_RUN, &mut attr) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(attr.duration)
     }
 }

@@ -271,12 +271,12 @@ fn run_one(system: &str, scenario: &str, opts: Opts) -> Result<Result1> {
     })
 }
 
-fn round1(x: f64) -> f64 {
+pub fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
 /// Nearest-rank percentile of sorted values (NaN when empty).
-fn pct(sorted: &[f64], q: f64) -> f64 {
+pub fn pct(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -2,12 +2,17 @@
 //! (full NAT), the kernel's nftables DNAT+SNAT with conntrack, and plain
 //! kernel routing, one after the other in one run.
 //!
-//! Every system gets the same traffic: an in-kernel generator (a raw XDP
-//! program run in live-frames mode by BPF_PROG_TEST_RUN on the client's
-//! `c0`) sends UDP frames with `flows` distinct source ports out of `c0`,
-//! so the edge receives real frames on `ec`. The backend leg `a0` carries
-//! an XDP_DROP program; its rx counter is the count of packets that made
-//! it through the edge. CPU use is the /proc/stat delta over the run.
+//! Every system gets the same traffic: a generator (`crate::generator`)
+//! sends UDP frames with `flows` distinct source ports out of the client's
+//! `c0`, so the edge receives real frames on `ec`. The generator is `live`
+//! (a raw XDP program run in live-frames mode by BPF_PROG_TEST_RUN) where
+//! the kernel allows that mode, else `socket` (AF_PACKET with `sendmmsg`);
+//! `Opts::generator` chooses, one generator serves every system of a run,
+//! and each result names it: with `socket` every frame reaches the edge as
+//! an skb, `xdp` included, so the systems' figures sit closer together.
+//! The backend leg `a0` carries an XDP_DROP program; its rx counter is the
+//! count of packets that made it through the edge. CPU use is the
+//! /proc/stat delta over the run.
 //!
 //! Each system gets a fresh topology (its own namespaces), so no state of
 //! one system (conntrack, XDP attachments, flow tables) reaches the next.
@@ -22,6 +27,7 @@ use failover_agent::dataplane::{Dataplane, XdpMode, ifindex};
 use serde::Serialize;
 
 use crate::{
+    generator::{Choice, Generator, Kind},
     netns::Netns,
     packet::Frame,
     peers::{NatService, Nft},
@@ -35,8 +41,8 @@ pub const SYSTEMS: [&str; 3] = ["xdp", "nftables", "routing"];
 pub const UDP_PORT: u16 = 9000;
 /// First generated source port.
 const BASE_PORT: u16 = 10_000;
-/// Frames per BPF_PROG_TEST_RUN call (the run is checked for its deadline
-/// between calls).
+/// Frames per generator call (the run is checked for its deadline between
+/// calls).
 const REPEAT: u32 = 1 << 17;
 
 #[derive(Clone, Copy, Debug)]
@@ -44,8 +50,10 @@ pub struct Opts {
     pub seconds: f64,
     /// Distinct 5-tuples (UDP source ports).
     pub flows: u16,
-    /// Live-frames batch size (the kernel's maximum is 256).
+    /// Frames per kernel batch: the live-frames batch (the kernel's
+    /// maximum is 256), or the `sendmmsg` vector.
     pub batch: u32,
+    pub generator: Choice,
 }
 
 impl Default for Opts {
@@ -54,6 +62,7 @@ impl Default for Opts {
             seconds: 5.0,
             flows: 1024,
             batch: 64,
+            generator: Choice::Auto,
         }
     }
 }
@@ -61,6 +70,8 @@ impl Default for Opts {
 #[derive(Clone, Debug, Serialize)]
 pub struct ForwardResult {
     pub system: &'static str,
+    /// "live" or "socket" (`crate::generator::Kind`).
+    pub generator: &'static str,
     /// Million packets per second received on the backend leg.
     pub mpps: f64,
     /// Busy share of all cores over the run (100 = every core busy).
@@ -130,18 +141,19 @@ pub fn rx_packets(ns: &Netns, dev: &str) -> Result<u64> {
         .parse()?)
 }
 
-/// Runs every system, in `SYSTEMS` order.
+/// Runs every system, in `SYSTEMS` order, with one generator.
 pub fn run(opts: Opts) -> Result<Vec<ForwardResult>> {
     ensure!(opts.flows >= 1, "--flows must be at least 1");
     ensure!((1..=256).contains(&opts.batch), "--batch must be 1..=256");
+    let generator = opts.generator.resolve()?;
     SYSTEMS
         .iter()
-        .map(|s| run_system(s, opts).with_context(|| format!("forward: {s}")))
+        .map(|s| run_system(s, generator, opts).with_context(|| format!("forward: {s}")))
         .collect()
 }
 
 /// One system on a fresh topology.
-pub fn run_system(system: &'static str, opts: Opts) -> Result<ForwardResult> {
+pub fn run_system(system: &'static str, generator: Kind, opts: Opts) -> Result<ForwardResult> {
     let topo = Topology::new()?;
     let backends = [(1u32, CLOUD_A[0]), (2, CLOUD_A[1])];
     // Static neighbours for the backends, so no system waits on ARP.
@@ -216,8 +228,8 @@ pub fn run_system(system: &'static str, opts: Opts) -> Result<ForwardResult> {
     };
 
     // The generator's frame: client → dst:UDP_PORT, addressed to the edge's
-    // MAC, UDP checksum 0 (none) so the generator can rewrite the source
-    // port without touching checksums.
+    // MAC, UDP checksum 0 (none) so the source port can vary without
+    // touching checksums.
     let mut f = Frame::udp(CLIENT, BASE_PORT, dst, UDP_PORT);
     f.src_mac = mac_of(&topo.client, "c0")?;
     f.dst_mac = mac_of(&topo.edge, "ec")?;
@@ -225,18 +237,20 @@ pub fn run_system(system: &'static str, opts: Opts) -> Result<ForwardResult> {
     let mut frame = f.build();
     frame[14 + 20 + 6] = 0;
     frame[14 + 20 + 7] = 0;
-    let header: [u8; rawbpf::GEN_HEADER_LEN] = frame[..rawbpf::GEN_HEADER_LEN].try_into()?;
-    let generator = Prog::load_xdp(
-        "bench_gen",
-        &rawbpf::generator(&header, opts.flows, BASE_PORT),
+    let mut traffic = Generator::udp_flows(
+        generator,
+        &topo.client,
+        "c0",
+        &frame,
+        opts.flows,
+        BASE_PORT,
+        opts.batch,
     )?;
 
-    let _in = topo.client.enter()?;
-    let c0 = ifindex("c0")?;
     // Warm-up: every flow is created (conntrack entries, NAT flows).
     let warm_until = Instant::now() + Duration::from_millis(300);
     while Instant::now() < warm_until {
-        generator.run_live(&frame, c0, 1 << 14, opts.batch)?;
+        traffic.send(1 << 14)?;
     }
     let rx0 = rx_packets(&topo.cloud_a, "a0")?;
     ensure!(rx0 > 0, "no packet reached the backend leg during warm-up");
@@ -245,8 +259,7 @@ pub fn run_system(system: &'static str, opts: Opts) -> Result<ForwardResult> {
     let deadline = t0 + Duration::from_secs_f64(opts.seconds);
     let mut sent = 0u64;
     while Instant::now() < deadline {
-        generator.run_live(&frame, c0, REPEAT, opts.batch)?;
-        sent += u64::from(REPEAT);
+        sent += traffic.send(REPEAT)?;
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu1 = CpuTimes::now()?;
@@ -254,6 +267,7 @@ pub fn run_system(system: &'static str, opts: Opts) -> Result<ForwardResult> {
     let (cpu_pct, softirq_pct) = cpu0.pct_until(&cpu1);
     Ok(ForwardResult {
         system,
+        generator: generator.name(),
         mpps: received as f64 / secs / 1e6,
         cpu_pct,
         softirq_pct,
@@ -272,6 +286,7 @@ pub fn print(results: &[ForwardResult], json: bool) {
                 "{}",
                 serde_json::json!({
                     "system": r.system,
+                    "generator": r.generator,
                     "mpps": (r.mpps * 1000.0).round() / 1000.0,
                     "cpu_pct": (r.cpu_pct * 10.0).round() / 10.0,
                     "softirq_pct": (r.softirq_pct * 10.0).round() / 10.0,
@@ -284,18 +299,22 @@ pub fn print(results: &[ForwardResult], json: bool) {
         return;
     }
     println!(
-        "{:<10} {:>8} {:>8} {:>12} {:>7} {:>12} {:>12}",
-        "system", "mpps", "cpu_pct", "softirq_pct", "flows", "sent", "received"
+        "{:<10} {:<9} {:>8} {:>8} {:>12} {:>7} {:>12} {:>12}",
+        "system", "generator", "mpps", "cpu_pct", "softirq_pct", "flows", "sent", "received"
     );
     for r in results {
         println!(
-            "{:<10} {:>8.3} {:>8.1} {:>12.1} {:>7} {:>12} {:>12}",
-            r.system, r.mpps, r.cpu_pct, r.softirq_pct, r.flows, r.sent, r.received
+            "{:<10} {:<9} {:>8.3} {:>8.1} {:>12.1} {:>7} {:>12} {:>12}",
+            r.system, r.generator, r.mpps, r.cpu_pct, r.softirq_pct, r.flows, r.sent, r.received
         );
     }
-    let get = |s: &str| results.iter().find(|r| r.system == s).map(|r| r.mpps);
+    let get = |s: &str| results.iter().find(|r| r.system == s);
     if let (Some(x), Some(n)) = (get("xdp"), get("nftables")) {
-        println!("xdp / nftables = {:.2}x (target >= 3x)", x / n.max(1e-12));
+        println!(
+            "xdp / nftables = {:.2}x (target >= 3x; {} generator)",
+            x.mpps / n.mpps.max(1e-12),
+            x.generator
+        );
     }
     println!(
         "mpps: packets received on the backend leg per second; cpu_pct/softirq_pct: share of all cores (/proc/stat), generator included"

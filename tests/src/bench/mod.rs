@@ -2,6 +2,7 @@
 //! and time and cleans up after itself through the same guards as tests.
 
 pub mod apply;
+pub mod attack;
 pub mod datapath;
 pub mod failover;
 pub mod forward;

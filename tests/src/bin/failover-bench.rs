@@ -21,6 +21,18 @@ struct Args {
 enum Cmd {
     /// Decision-to-data-plane latency of the agent's apply path.
     Apply,
+    /// Real traffic through the VIP with the real agent while a client
+    /// floods the edge with bad SYNs: success, p99, ring switches and
+    /// passive ejections per flood rate and source.
+    Attack {
+        /// Seconds per row.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Flood rates in bad SYNs per second, each from one spoofed
+        /// source and from many.
+        #[arg(long, value_delimiter = ',', default_values_t = [100, 1_000, 10_000])]
+        pps: Vec<u32>,
+    },
     /// Per-packet cost of the XDP program (BPF_PROG_TEST_RUN, repeat = 1).
     Datapath {
         /// Calls per case (the method needs at least 100,000).
@@ -35,9 +47,14 @@ enum Cmd {
         /// Distinct 5-tuples (UDP source ports).
         #[arg(long, default_value_t = 1024)]
         flows: u16,
-        /// Live-frames batch size (1..=256).
+        /// Frames per kernel batch (1..=256): the live-frames batch, or
+        /// the sendmmsg vector.
         #[arg(long, default_value_t = 64)]
         batch: u32,
+        /// Traffic generator: live (XDP live-frames), socket (AF_PACKET
+        /// sendmmsg), or auto (live when the kernel allows it).
+        #[arg(long, default_value = "auto")]
+        generator: failover_tests::generator::Choice,
     },
     /// HTTP with wrk: direct vs xdp vs nftables vs haproxy, keep-alive and
     /// new connection per request.
@@ -113,11 +130,13 @@ fn main() -> Result<()> {
             seconds,
             flows,
             batch,
+            generator,
         } => {
             let opts = bench::forward::Opts {
                 seconds,
                 flows,
                 batch,
+                generator,
             };
             bench::forward::print(&bench::forward::run(opts)?, args.json)
         }
@@ -167,6 +186,10 @@ fn main() -> Result<()> {
         }
         Cmd::All { report } => bench::report::all(&report)?,
         Cmd::Apply => bench::apply::print(&bench::apply::run()?, args.json),
+        Cmd::Attack { seconds, pps } => {
+            let opts = bench::attack::Opts { seconds, pps };
+            bench::attack::print(&bench::attack::run(&opts)?, args.json)
+        }
         Cmd::Datapath { calls } => {
             anyhow::ensure!(
                 calls >= 100_000,
