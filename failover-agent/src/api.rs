@@ -134,6 +134,10 @@ pub struct BackendInfo {
     /// Time left before a recovery is allowed; 0 when not held down.
     #[serde(default)]
     pub hold_down_s: f64,
+    /// Time left of its slow grace (down as slow or failing, `DRAINING`
+    /// so its streams in progress finish); 0 when none runs.
+    #[serde(default)]
+    pub grace_s: f64,
     /// Latency of the probe behind the last state change.
     pub probe_latency_ms: Option<f64>,
     pub passive: PassiveSignals,
@@ -177,6 +181,18 @@ pub struct DrainReply {
     pub changed: bool,
     /// Flows still pinned to it: removal is safe at 0.
     pub in_flight_flows: usize,
+    /// Done past a refusal of the floor check (`"force": true`).
+    #[serde(default)]
+    pub forced: bool,
+}
+
+/// Optional body of drain and undrain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Drain even when a service would be left below its floor.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +201,10 @@ pub struct FailoverRequest {
     /// How long the override lasts, e.g. "10m".
     #[serde(rename = "for")]
     pub for_: String,
+    /// Fail over even when the service would be left below its floor
+    /// (never past its sovereignty policy).
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -192,6 +212,19 @@ pub struct FailoverReply {
     pub service: String,
     pub tier: u8,
     pub expires_in_s: f64,
+    pub generation: u64,
+    pub serving: Vec<String>,
+    /// Done past a refusal of the floor check (`"force": true`).
+    #[serde(default)]
+    pub forced: bool,
+}
+
+/// Reply of `DELETE /v1/services/{name}/failover`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CancelReply {
+    pub service: String,
+    /// False when no override was set.
+    pub cancelled: bool,
     pub generation: u64,
     pub serving: Vec<String>,
 }
@@ -207,13 +240,20 @@ pub enum Command {
     Drain {
         backend: String,
         on: bool,
+        force: bool,
         reply: Reply<DrainReply>,
     },
     Failover {
         service: String,
         tier: u8,
         duration: Duration,
+        force: bool,
         reply: Reply<FailoverReply>,
+    },
+    /// Ends a service's manual override now.
+    CancelFailover {
+        service: String,
+        reply: Reply<CancelReply>,
     },
     /// Starts a drill; replies with the report as it starts.
     Drill {
@@ -278,17 +318,17 @@ pub fn router(tx: mpsc::Sender<Command>) -> Router {
         .route(
             "/v1/backends/{name}/drain",
             post(
-                |State(tx): State<mpsc::Sender<Command>>, UrlPath(name): UrlPath<String>| async move {
-                    respond(ask(&tx, |reply| Command::Drain { backend: name, on: true, reply }).await)
-                },
+                |State(tx): State<mpsc::Sender<Command>>,
+                 UrlPath(name): UrlPath<String>,
+                 body: bytes::Bytes| async move { drain(&tx, name, true, &body).await },
             ),
         )
         .route(
             "/v1/backends/{name}/undrain",
             post(
-                |State(tx): State<mpsc::Sender<Command>>, UrlPath(name): UrlPath<String>| async move {
-                    respond(ask(&tx, |reply| Command::Drain { backend: name, on: false, reply }).await)
-                },
+                |State(tx): State<mpsc::Sender<Command>>,
+                 UrlPath(name): UrlPath<String>,
+                 body: bytes::Bytes| async move { drain(&tx, name, false, &body).await },
             ),
         )
         .route(
@@ -306,10 +346,16 @@ pub fn router(tx: mpsc::Sender<Command>) -> Router {
                             service: name,
                             tier: req.tier,
                             duration,
+                            force: req.force,
                             reply,
                         })
                         .await,
                     )
+                },
+            )
+            .delete(
+                |State(tx): State<mpsc::Sender<Command>>, UrlPath(name): UrlPath<String>| async move {
+                    respond(ask(&tx, |reply| Command::CancelFailover { service: name, reply }).await)
                 },
             ),
         )
@@ -340,6 +386,27 @@ pub fn router(tx: mpsc::Sender<Command>) -> Router {
             }),
         )
         .with_state(tx)
+}
+
+/// Drain or undrain, with an optional JSON body ([`DrainRequest`]).
+async fn drain(tx: &mpsc::Sender<Command>, backend: String, on: bool, body: &[u8]) -> Response {
+    let req: DrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        DrainRequest::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return ApiError::new(400, format!("body: {e}")).into_response(),
+        }
+    };
+    respond(
+        ask(tx, |reply| Command::Drain {
+            backend,
+            on,
+            force: req.force,
+            reply,
+        })
+        .await,
+    )
 }
 
 /// An override duration: humantime, above zero, at most [`MAX_OVERRIDE`].
@@ -531,11 +598,21 @@ impl Client {
     }
 
     pub async fn drain(&self, backend: &str, on: bool) -> Result<DrainReply, ClientError> {
+        self.drain_with(backend, on, false).await
+    }
+
+    /// Drain or undrain; `force` drains past a refusal of the floor check.
+    pub async fn drain_with(
+        &self,
+        backend: &str,
+        on: bool,
+        force: bool,
+    ) -> Result<DrainReply, ClientError> {
         let verb = if on { "drain" } else { "undrain" };
         self.call(
             "POST",
             &format!("/v1/backends/{}/{verb}", encode(backend)),
-            None,
+            force.then(|| serde_json::json!({ "force": true })),
         )
         .await
     }
@@ -546,10 +623,32 @@ impl Client {
         tier: u8,
         duration: &str,
     ) -> Result<FailoverReply, ClientError> {
+        self.failover_with(service, tier, duration, false).await
+    }
+
+    /// A manual failover; `force` passes a refusal of the floor check
+    /// (never the sovereignty policy).
+    pub async fn failover_with(
+        &self,
+        service: &str,
+        tier: u8,
+        duration: &str,
+        force: bool,
+    ) -> Result<FailoverReply, ClientError> {
         self.call(
             "POST",
             &format!("/v1/services/{}/failover", encode(service)),
-            Some(serde_json::json!({ "tier": tier, "for": duration })),
+            Some(serde_json::json!({ "tier": tier, "for": duration, "force": force })),
+        )
+        .await
+    }
+
+    /// Ends `service`'s manual override now.
+    pub async fn cancel_failover(&self, service: &str) -> Result<CancelReply, ClientError> {
+        self.call(
+            "DELETE",
+            &format!("/v1/services/{}/failover", encode(service)),
+            None,
         )
         .await
     }

@@ -5,6 +5,7 @@
 //! semantic checks in `validate` run on the typed config and are all
 //! reported at once, so an operator fixes a file in one pass.
 
+mod bytes;
 mod diff;
 mod lines;
 mod validate;
@@ -19,8 +20,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use bytes::Bytes;
 pub use diff::{BackendChange, ConfigDiff, ServiceChange, diff};
-pub use validate::MAX_WEIGHT;
+pub use validate::{MAX_UDP_PAYLOAD, MAX_WEIGHT};
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -257,7 +259,29 @@ pub struct Node {
     /// Unix socket of the control API (mode 0600).
     #[serde(default = "default_api_socket")]
     pub api_socket: PathBuf,
+    /// Where operator drains and overrides are kept across restarts;
+    /// unset: [`Node::state_file`]'s default, one file per pin path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
 }
+
+impl Node {
+    /// The operator state file: `state_file`, or
+    /// `/var/lib/failover/<last component of pin_path>.state.json`
+    /// (bpffs, where the pins live, holds no regular files).
+    pub fn state_file(&self) -> PathBuf {
+        self.state_file.clone().unwrap_or_else(|| {
+            let name = self
+                .pin_path
+                .file_name()
+                .map_or_else(|| "failover".into(), |n| n.to_string_lossy());
+            PathBuf::from(STATE_DIR).join(format!("{name}.state.json"))
+        })
+    }
+}
+
+/// Where state files go by default.
+pub const STATE_DIR: &str = "/var/lib/failover";
 
 fn default_pin_path() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/failover")
@@ -317,6 +341,53 @@ pub struct Service {
     pub probe: Probe,
     #[serde(default)]
     pub policy: Policy,
+    /// How long flows of this service may stay idle (docs/datapath.md).
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+/// Flow timeouts of a service. Half-open flows expire in the data plane
+/// (their `PENDING` slot is free again); idle established flows are removed
+/// by the agent's sweep.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// A TCP flow whose handshake has not completed.
+    #[serde(with = "humantime_serde", default = "default_tcp_half_open")]
+    pub tcp_half_open: Duration,
+    /// An established TCP flow with no packet either way.
+    #[serde(with = "humantime_serde", default = "default_tcp_idle")]
+    pub tcp_idle: Duration,
+    /// A UDP flow with no packet either way.
+    #[serde(with = "humantime_serde", default = "default_udp_idle")]
+    pub udp_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_half_open: default_tcp_half_open(),
+            tcp_idle: default_tcp_idle(),
+            udp_idle: default_udp_idle(),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Bounds of every timeout: below it, a sweep could remove live flows
+    /// between two packets; above it, a flow outlives any client.
+    pub const MIN: Duration = Duration::from_secs(1);
+    pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+}
+
+fn default_tcp_half_open() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_tcp_idle() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_udp_idle() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -367,6 +438,15 @@ pub struct Probe {
     /// Passive ejection from the data plane's handshake signals.
     #[serde(default = "default_true")]
     pub passive: bool,
+    /// Datagram a UDP probe sends (udp; required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Bytes>,
+    /// The whole answer a UDP probe expects (udp); unset: any answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Bytes>,
+    /// What a UDP probe's answer must start with (udp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_prefix: Option<Bytes>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -376,6 +456,7 @@ pub enum ProbeKind {
     Http,
     Grpc,
     Inference,
+    Udp,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -406,6 +487,14 @@ pub struct Policy {
     /// Maglev ring size (prime).
     #[serde(default = "default_ring_size")]
     pub ring_size: u32,
+    /// Fewest healthy backends taking new flows an operator action (drain,
+    /// failover, drill) may leave the service with, unless forced.
+    #[serde(default = "default_min_healthy")]
+    pub min_healthy: u32,
+    /// How long a backend that went down slow or failing (not dead) stays
+    /// `DRAINING`, so its streams in progress can finish, before `DOWN`.
+    #[serde(with = "humantime_serde", default = "default_slow_grace")]
+    pub slow_grace: Duration,
 }
 
 impl Default for Policy {
@@ -419,6 +508,8 @@ impl Default for Policy {
             panic: PanicMode::default(),
             on_backend_down: OnBackendDown::default(),
             ring_size: default_ring_size(),
+            min_healthy: default_min_healthy(),
+            slow_grace: default_slow_grace(),
         }
     }
 }
@@ -488,6 +579,12 @@ fn default_true() -> bool {
 }
 fn default_overprovisioning() -> f64 {
     1.4
+}
+fn default_min_healthy() -> u32 {
+    1
+}
+fn default_slow_grace() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_ring_size() -> u32 {
     failover_common::RING_DEFAULT

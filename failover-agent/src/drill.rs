@@ -23,6 +23,9 @@ pub struct DrillRequest {
     /// How long the target stays down, e.g. "5s".
     #[serde(rename = "for")]
     pub for_: String,
+    /// Drill even when the service would be left below its floor.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// One sample: time since the drill began, cumulative forwarded packets

@@ -82,10 +82,13 @@ enum Cmd {
         api: ApiArgs,
     },
     /// Stop sending new flows to BACKEND; its existing flows continue.
-    /// Prints the flows still on it: removal is safe at 0. Refused for
-    /// the last healthy backend of a service.
+    /// Prints the flows still on it: removal is safe at 0. Refused when a
+    /// service would be left below its floor (`policy.min_healthy`).
     Drain {
         backend: String,
+        /// Drain even below a service's floor (audited as forced).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -95,16 +98,29 @@ enum Cmd {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Force a service onto a tier for a while (audited; ends by itself).
-    /// Refused when the service's sovereignty policy forbids the tier.
+    /// Force a service onto a tier for a while (audited; ends by itself;
+    /// kept across agent restarts). Refused when the service's
+    /// sovereignty policy forbids the tier, or when it would leave the
+    /// service below its floor (`policy.min_healthy`).
     Failover {
         #[arg(long)]
         service: String,
-        #[arg(long)]
-        to_tier: u8,
+        #[arg(long, required_unless_present = "cancel")]
+        to_tier: Option<u8>,
         /// How long, e.g. 10m, 1h (at most 24h).
-        #[arg(long = "for", value_name = "DURATION")]
-        for_: String,
+        #[arg(
+            long = "for",
+            value_name = "DURATION",
+            required_unless_present = "cancel"
+        )]
+        for_: Option<String>,
+        /// End the service's override now instead.
+        #[arg(long, conflicts_with_all = ["to_tier", "for_", "force"])]
+        cancel: bool,
+        /// Fail over even below the floor (audited as forced; never past
+        /// the sovereignty policy).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -124,6 +140,9 @@ enum Cmd {
         /// Also write a timeline chart (SVG) of traffic per backend.
         #[arg(long, value_name = "FILE.svg")]
         report: Option<PathBuf>,
+        /// Drill even when the service would be left below its floor.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -202,6 +221,7 @@ fn main() -> Result<ExitCode> {
             tier,
             for_,
             report,
+            force,
             api,
         } => operator(
             &api,
@@ -211,6 +231,7 @@ fn main() -> Result<ExitCode> {
                     backend,
                     tier,
                     for_,
+                    force,
                 },
                 report,
             ),
@@ -230,14 +251,25 @@ fn main() -> Result<ExitCode> {
                 limit: Some(limit),
             }),
         ),
-        Cmd::Drain { backend, api } => operator(&api, Op::Drain(backend, true)),
-        Cmd::Undrain { backend, api } => operator(&api, Op::Drain(backend, false)),
+        Cmd::Drain {
+            backend,
+            force,
+            api,
+        } => operator(&api, Op::Drain(backend, true, force)),
+        Cmd::Undrain { backend, api } => operator(&api, Op::Drain(backend, false, false)),
         Cmd::Failover {
             service,
             to_tier,
             for_,
+            cancel,
+            force,
             api,
-        } => operator(&api, Op::Failover(service, to_tier, for_)),
+        } => match (to_tier, for_) {
+            (Some(tier), Some(d)) if !cancel => {
+                operator(&api, Op::Failover(service, tier, d, force))
+            }
+            _ => operator(&api, Op::CancelFailover(service)),
+        },
     }
 }
 
@@ -258,8 +290,11 @@ enum Op {
     Status,
     Backends,
     Flows(api::FlowQuery),
-    Drain(String, bool),
-    Failover(String, u8, String),
+    /// Backend, drain (or undrain), force.
+    Drain(String, bool, bool),
+    /// Service, tier, duration, force.
+    Failover(String, u8, String, bool),
+    CancelFailover(String),
     Drill(failover_agent::drill::DrillRequest, Option<PathBuf>),
 }
 
@@ -343,6 +378,11 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                                     "-".to_owned()
                                 },
                                 b.state.clone(),
+                                if b.grace_s > 0.0 {
+                                    format!("{:.1}s", b.grace_s)
+                                } else {
+                                    "-".to_owned()
+                                },
                                 b.tier.to_string(),
                                 b.weight.to_string(),
                                 opt(b.probe_latency_ms.map(|l| format!("{l:.1}ms"))),
@@ -364,6 +404,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                             "FLAPS",
                             "HOLD",
                             "STATE",
+                            "GRACE",
                             "TIER",
                             "WEIGHT",
                             "PROBE",
@@ -411,15 +452,16 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                     )
                 }
             }
-            Op::Drain(b, on) => {
-                let r = client.drain(&b, on).await?;
+            Op::Drain(b, on, force) => {
+                let r = client.drain_with(&b, on, force).await?;
                 if a.json {
                     serde_json::to_string_pretty(&r).unwrap_or_default()
                 } else {
                     let what = if on { "draining" } else { "taking new flows" };
                     let already = if r.changed { "" } else { " (already)" };
+                    let forced = if r.forced { " (forced)" } else { "" };
                     format!(
-                        "{}: {what}{already}; {} flows still on it{}\n",
+                        "{}: {what}{already}{forced}; {} flows still on it{}\n",
                         r.backend,
                         r.in_flight_flows,
                         if on && r.in_flight_flows == 0 {
@@ -468,15 +510,31 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                     )
                 }
             }
-            Op::Failover(s, tier, d) => {
-                let r = client.failover(&s, tier, &d).await?;
+            Op::CancelFailover(s) => {
+                let r = client.cancel_failover(&s).await?;
+                if a.json {
+                    serde_json::to_string_pretty(&r).unwrap_or_default()
+                } else if r.cancelled {
+                    format!(
+                        "{}: override cancelled (generation {}, serving {})\n",
+                        r.service,
+                        r.generation,
+                        r.serving.join(",")
+                    )
+                } else {
+                    format!("{}: no override to cancel\n", r.service)
+                }
+            }
+            Op::Failover(s, tier, d, force) => {
+                let r = client.failover_with(&s, tier, &d, force).await?;
                 if a.json {
                     serde_json::to_string_pretty(&r).unwrap_or_default()
                 } else {
                     format!(
-                        "{}: forced to tier {} for {d} (generation {}, serving {})\n",
+                        "{}: forced to tier {} for {d}{} (generation {}, serving {})\n",
                         r.service,
                         r.tier,
+                        if r.forced { ", past the floor check" } else { "" },
                         r.generation,
                         r.serving.join(",")
                     )

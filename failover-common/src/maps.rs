@@ -15,6 +15,7 @@ pub mod names {
     pub const SVC_STATS: &str = "SVC_STATS";
     pub const BE_STATS: &str = "BE_STATS";
     pub const NEXTHOPS: &str = "NEXTHOPS";
+    pub const PENDING: &str = "PENDING";
     /// The program's name in the object file.
     pub const PROGRAM: &str = "failover_xdp";
     /// The trivial pass-through program attached to veth peers and used as
@@ -31,6 +32,11 @@ pub const RING_DEFAULT: u32 = 65_537;
 /// Ring slots per service: the active one and the one being written.
 pub const RING_SLOTS: u32 = 2;
 pub const FLOWS_MAX: u32 = 262_144;
+/// `PENDING` has one slot per NAT port: as many half-open flows fit at once
+/// as the SNAT port range holds.
+pub const PENDING_MAX: u32 = 1 << 16;
+/// `Service::half_open_ms` when it is 0: the agent's default.
+pub const HALF_OPEN_MS_DEFAULT: u32 = 10_000;
 pub const DEVMAP_MAX: u32 = 64;
 /// Ring entry meaning "no backend" (an empty, fail-closed ring).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -63,9 +69,16 @@ pub mod state {
     pub const DRAINING: u8 = 3;
 }
 
-/// Handshake progress in `Reverse::state`.
+/// Handshake progress: `Pending::state` (`FLOW_SYN_SENT`, `FLOW_ANSWERED`,
+/// `FLOW_PICKUP`) until the flow is promoted to `FLOWS`/`REVERSE`, whose
+/// entries are `FLOW_ESTABLISHED`.
 pub const FLOW_SYN_SENT: u8 = 0;
 pub const FLOW_ESTABLISHED: u8 = 1;
+/// The backend's SYN-ACK came back; the client's ACK of it promotes.
+pub const FLOW_ANSWERED: u8 = 2;
+/// A segment with ACK and no flow (its entries were lost); the backend's
+/// first answer that is not an RST promotes.
+pub const FLOW_PICKUP: u8 = 3;
 
 /// `Flow::fins` and `Reverse::fins`, kept the same on both entries: the
 /// sides that have sent a FIN, and the FINs the other side has ACKed. The
@@ -156,6 +169,10 @@ pub struct Service {
     pub ring_size: u32,
     /// Bumped by the agent on every flip; reported, not used per packet.
     pub generation: u64,
+    /// How long a TCP flow may stay half-open (`PENDING`) before its slot
+    /// is free again, in ms; 0: `HALF_OPEN_MS_DEFAULT`.
+    pub half_open_ms: u32,
+    pub _pad: u32,
 }
 
 impl Service {
@@ -200,7 +217,7 @@ pub struct FlowKey {
 /// A cached FIB result. A FIB lookup costs several times the rest of the
 /// per-packet work, so the result is kept per backend and CPU (`NEXTHOPS`,
 /// toward backends) and per flow (`Reverse::nh`, toward clients) and
-/// refreshed after `NEXTHOP_TTL_JIFFIES`: neighbour changes are picked up
+/// refreshed after `NEXTHOP_TTL_NS`: neighbour changes are picked up
 /// within that time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -216,12 +233,19 @@ pub struct NextHop {
     /// the cached path as on a lookup.
     pub mtu: u16,
     pub _pad: [u8; 2],
-    /// `bpf_jiffies64` when looked up.
-    pub at_jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns` when looked up.
+    pub at_ns: u64,
 }
 
-/// Jiffies a cached next hop stays valid (0.25 s at HZ=1000, 1 s at 250).
-pub const NEXTHOP_TTL_JIFFIES: u64 = 250;
+/// How long a cached next hop stays valid.
+pub const NEXTHOP_TTL_NS: u64 = 250_000_000;
+
+/// `Flow::seen` and `Reverse::seen` hold `bpf_ktime_get_coarse_ns() >>
+/// SEEN_SHIFT`: units of about a millisecond (2^20 ns), which wrap after
+/// 52 days in 32 bits. The coarse clock costs one read of a cached value
+/// per packet, and the agent reads the same clock
+/// (`CLOCK_MONOTONIC_COARSE`).
+pub const SEEN_SHIFT: u32 = 20;
 
 /// `FLOWS` value: where the flow is pinned.
 #[repr(C)]
@@ -238,7 +262,9 @@ pub struct Flow {
     /// Once the backend sent a FIN: the acknowledgment number (host order)
     /// with which the client ACKs it.
     pub fin_ack: u32,
-    pub _pad2: u32,
+    /// When the client's last packet came (`SEEN_SHIFT`): the agent
+    /// expires idle flows from it and `Reverse::seen`.
+    pub seen: u32,
     /// `bpf_ktime_get_ns` when the flow was created.
     pub created_ns: u64,
 }
@@ -265,7 +291,7 @@ pub struct Reverse {
     pub vport_be: u16,
     pub backend_id: u32,
     pub service_id: u32,
-    /// `FLOW_SYN_SENT` until the backend's SYN-ACK is seen.
+    /// `FLOW_ESTABLISHED` (half-open flows live in `PENDING`).
     pub state: u8,
     /// `FIN_*` and `ACKED_*` bits seen so far.
     pub fins: u8,
@@ -273,13 +299,48 @@ pub struct Reverse {
     /// Once the client sent a FIN: the acknowledgment number (host order)
     /// with which the backend ACKs it.
     pub fin_ack: u32,
-    /// While `FLOW_SYN_SENT`: the acknowledgment number (host order) that
-    /// answers the client's SYN. A SYN-ACK or RST counts for passive
-    /// health only if it carries it: an off-path forger does not know it.
-    pub syn_ack: u32,
+    /// When the backend's last packet came (`SEEN_SHIFT`).
+    pub seen: u32,
     pub created_ns: u64,
     /// Next hop toward the client.
     pub nh: NextHop,
+}
+
+/// `PENDING[nat_port]` (host order): a flow the edge
+/// forwarded whose handshake is not complete (a SYN, or a segment picked up
+/// mid-stream). Half-open state lives here, apart from `FLOWS`/`REVERSE`, so
+/// a SYN flood never evicts an established flow; a slot is free again once
+/// `expires_ns` passes, and when every probed slot is taken a new flow takes
+/// the one that expires first, so no flood holds the SNAT ports. Claiming a
+/// slot is two stores into an array, with no allocation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// `bpf_ktime_get_ns` from which the slot is free (0: never used).
+    pub expires_ns: u64,
+    /// When the opening segment was forwarded: the base of the handshake
+    /// RTT.
+    pub created_ns: u64,
+    pub client_be: u32,
+    pub vip_be: u32,
+    pub cport_be: u16,
+    pub vport_be: u16,
+    pub backend_be: u32,
+    pub bport_be: u16,
+    pub proto: u8,
+    /// `FLOW_SYN_SENT`, `FLOW_ANSWERED` or `FLOW_PICKUP`.
+    pub state: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub svc_flags: u32,
+    /// The acknowledgment number (host order) that answers the client's
+    /// latest SYN (its ISN + 1). A SYN-ACK or RST counts for passive health
+    /// only if it carries it: an off-path forger does not know it.
+    pub syn_ack: u32,
+    /// Once answered: the acknowledgment number with which the client
+    /// ACKs the backend's SYN-ACK. Only that ACK promotes the flow, so a
+    /// spoofed SYN, which never sees the SYN-ACK, never reaches `FLOWS`.
+    pub synack_ack: u32,
 }
 
 /// Traffic counters, per CPU: `SVC_STATS[service_id]` is exactly this,
@@ -319,6 +380,10 @@ pub struct BackendStats {
     /// SYNs forwarded without counting as evidence (data, PSH/URG, options
     /// beyond the vanilla set): a live backend may leave them unanswered.
     pub syns_ignored: u64,
+    /// Half-open flows toward this backend whose `PENDING` slot a new flow
+    /// took because every probed slot was in use (a SYN flood, or more
+    /// half-open flows than the port range holds).
+    pub pending_evicted: u64,
     /// Handshake RTT of the last SYN-ACK seen on this CPU, and when.
     pub rtt_last_ns: u64,
     pub rtt_at_ns: u64,
@@ -346,6 +411,7 @@ impl BackendStats {
         self.synacks += o.synacks;
         self.syn_rsts += o.syn_rsts;
         self.syns_ignored += o.syns_ignored;
+        self.pending_evicted += o.pending_evicted;
         if o.rtt_at_ns > self.rtt_at_ns {
             self.rtt_at_ns = o.rtt_at_ns;
             self.rtt_last_ns = o.rtt_last_ns;
@@ -369,6 +435,7 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for Reverse {}
+    unsafe impl aya::Pod for Pending {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendStats {}
 }
@@ -378,7 +445,8 @@ const _: () = {
     use core::mem::size_of;
     assert!(size_of::<Node>() == 16);
     assert!(size_of::<ServiceKey>() == 8);
-    assert!(size_of::<Service>() == 24);
+    assert!(size_of::<Service>() == 32);
+    assert!(size_of::<Pending>() == 56);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<NextHop>() == 32);
@@ -386,5 +454,5 @@ const _: () = {
     assert!(size_of::<ReverseKey>() == 16);
     assert!(size_of::<Reverse>() == 72);
     assert!(size_of::<ServiceStats>() == 48);
-    assert!(size_of::<BackendStats>() == 96);
+    assert!(size_of::<BackendStats>() == 104);
 };

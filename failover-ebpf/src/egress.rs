@@ -6,16 +6,16 @@
 //! resolved, and a client's is learned from its own ARP request.
 //!
 //! The FIB result is cached in the flow entry (`NextHop`) and refreshed
-//! after `NEXTHOP_TTL_JIFFIES`: a lookup costs several times the rest of
+//! after `NEXTHOP_TTL_NS`: a lookup costs several times the rest of
 //! the per-packet work.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_jiffies64},
+    helpers::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
 use core::mem::{size_of, zeroed};
-use failover_common::{NEXTHOP_TTL_JIFFIES, NextHop, Reason};
+use failover_common::{NEXTHOP_TTL_NS, NextHop, Reason};
 use network_types::eth::EthHdr;
 
 use crate::{maps::DEVMAP, parse::ptr_at};
@@ -34,15 +34,14 @@ pub struct Route {
     pub tot_len: u16,
     pub tx: Reason,
     pub redirect: Reason,
+    /// `bpf_ktime_get_coarse_ns`, read once per packet by the caller.
+    pub now: u64,
 }
 
 #[inline(always)]
 pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
-    let now = unsafe { bpf_jiffies64() };
-    if nh.ifindex == 0
-        || nh.dst_be != r.dst_be
-        || now.wrapping_sub(nh.at_jiffies) > NEXTHOP_TTL_JIFFIES
-    {
+    let now = r.now;
+    if nh.ifindex == 0 || nh.dst_be != r.dst_be || now.wrapping_sub(nh.at_ns) > NEXTHOP_TTL_NS {
         let mut p: bpf_fib_lookup = unsafe { zeroed() };
         p.family = AF_INET;
         p.l4_protocol = r.proto;
@@ -76,7 +75,7 @@ pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
         nh.dmac = p.dmac;
         // On success the kernel leaves the egress MTU where tot_len was.
         nh.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
-        nh.at_jiffies = now;
+        nh.at_ns = now;
     } else if r.tot_len > nh.mtu {
         // The lookup checks the length against the MTU; the cache must too.
         return (xdp_action::XDP_DROP, Reason::MtuExceeded);

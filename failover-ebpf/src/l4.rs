@@ -1,7 +1,7 @@
 //! TCP and UDP: ports, flags, and the port/pseudo-header checksum update
 //! that goes with a NAT rewrite.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 use failover_common::{
     ACKED_BACKEND, ACKED_BOTH, ACKED_CLIENT, FIN_BACKEND, FIN_CLIENT, Reason, checksum,
     tcp::{self, SynWorth},
@@ -172,25 +172,23 @@ pub fn parse(ctx: &XdpContext, off: usize, proto: u8, l4_len: u16) -> Result<L4,
 }
 
 /// Judges a bare SYN without data (`tcp::judge_syn`): its header is
-/// copied to the stack, checksummed and its options walked. This runs only
-/// for opening SYNs, never per established packet.
+/// copied to the stack with `bpf_xdp_load_bytes`, checksummed and its
+/// options walked. This runs only for opening SYNs, never per established
+/// packet. (A helper copy, not a loop of checked reads: the verifier then
+/// sees one buffer of unknown bytes whatever the header's length.)
 #[inline(always)]
 pub fn syn_worth(ctx: &XdpContext, ip: *const Ipv4Hdr, l4: &L4) -> SynWorth {
     let mut buf = [0u8; tcp::MAX_HEADER];
     let hlen = l4.hlen as usize;
-    let mut i = 0;
-    while i < tcp::MAX_HEADER / 4 {
-        if i * 4 >= hlen {
-            break;
-        }
-        // parse() checked the header against the IP length, which
-        // validate() checked against the frame; this keeps the verifier
-        // satisfied.
-        let Some(w) = ptr_at::<[u8; 4]>(ctx, l4.off + i * 4) else {
-            return SynWorth::BadChecksum;
-        };
-        buf[i * 4..i * 4 + 4].copy_from_slice(unsafe { &*w });
-        i += 1;
+    if !(tcp::MIN_HEADER..=tcp::MAX_HEADER).contains(&hlen) {
+        return SynWorth::BadChecksum;
+    }
+    // parse() checked the header against the IP length, which validate()
+    // checked against the frame.
+    let rc =
+        unsafe { bpf_xdp_load_bytes(ctx.ctx, l4.off as u32, buf.as_mut_ptr().cast(), hlen as u32) };
+    if rc != 0 {
+        return SynWorth::BadChecksum;
     }
     let h = unsafe { &*ip };
     tcp::judge_syn(

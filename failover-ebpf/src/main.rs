@@ -18,6 +18,7 @@ mod ipv4;
 mod l4;
 mod maps;
 mod parse;
+mod pending;
 mod reset;
 mod reverse;
 mod select;

@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use failover_common::{
     Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, LRU_FLAGS, MAX_BACKENDS,
-    MAX_SERVICES, NextHop, Node, RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service,
-    ServiceKey, ServiceStats, VipFilter,
+    MAX_SERVICES, NextHop, Node, PENDING_MAX, Pending, RING_SLOTS, Reverse, ReverseKey, Ring,
+    STATS_SLOTS, Service, ServiceKey, ServiceStats, VipFilter,
 };
 
 #[map(name = "NODE")]
@@ -34,6 +34,10 @@ pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(FLOWS_MAX, LRU_
 
 #[map(name = "REVERSE")]
 pub static REVERSE: LruHashMap<ReverseKey, Reverse> = LruHashMap::pinned(FLOWS_MAX, LRU_FLAGS);
+
+/// Half-open flows, by backend lane and NAT port (see `Pending`).
+#[map(name = "PENDING")]
+pub static PENDING: Array<Pending> = Array::pinned(PENDING_MAX, 0);
 
 #[map(name = "DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::pinned(DEVMAP_MAX, 0);

@@ -1,18 +1,19 @@
-//! Backend -> SNAT address: restore VIP:port -> client, and read the TCP
-//! handshake for the passive health signals.
+//! Backend -> SNAT address: restore VIP:port -> client for an established
+//! flow; a TCP segment without one may answer a half-open flow
+//! (pending.rs), where the handshake is read for the passive signals.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use failover_common::{
-    FLOW_ESTABLISHED, FLOW_SYN_SENT, FlowKey, Node, Reason, Reverse, ReverseKey,
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
+use failover_common::{FlowKey, Node, Reason, Reverse, ReverseKey, SEEN_SHIFT};
 
 use crate::{
     egress::{self, Route},
     ipv4,
     ipv4::Ipv4,
-    l4::{self, Closing, L4, TCP_ACK, TCP_RST, TCP_SYN},
+    l4::{self, Closing, L4},
     maps::{FLOWS, REVERSE},
-    stats,
+    pending, stats,
 };
 
 #[inline(always)]
@@ -27,40 +28,22 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         proto: ip.proto,
         _pad: [0; 3],
     };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(rev) = REVERSE.get_ptr_mut(&rkey) else {
+        if l4.tcp {
+            return pending::reverse(ctx, node, ip, l4, &rkey, now);
+        }
         // Traffic to the node's own sockets on the SNAT address (the
         // agent's probes, for one) is the kernel's.
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
     let rev = unsafe { &mut *rev };
+    rev.seen = (now >> SEEN_SHIFT) as u32;
     let r = *rev;
-    // A SYN-ACK or an RST answers the SYN only if it ACKs it: an off-path
-    // forger of the backend's address does not know the client's ISN.
-    let handshake = l4.tcp && r.state == FLOW_SYN_SENT;
-    let acks_syn = l4.flags & TCP_ACK != 0 && l4.ack == r.syn_ack;
 
     if let Some(s) = stats::backend(r.backend_id) {
         s.traffic.rev_packets += 1;
         s.traffic.rev_bytes += ip.tot_len as u64;
-        if handshake {
-            // Anything else from the backend (a challenge ACK to a SYN on
-            // a tuple it still holds) proves it alive.
-            if l4.flags & TCP_RST != 0 {
-                if acks_syn {
-                    s.syn_rsts += 1;
-                }
-            } else if l4.flags & TCP_SYN != 0 {
-                if acks_syn {
-                    let now = unsafe { bpf_ktime_get_ns() };
-                    s.synacks += 1;
-                    s.rtt_last_ns = now.saturating_sub(r.created_ns);
-                    s.rtt_at_ns = now;
-                    rev.state = FLOW_ESTABLISHED;
-                }
-            } else {
-                s.synacks += 1;
-            }
-        }
     }
     if let Some(s) = stats::service(r.service_id) {
         s.rev_packets += 1;
@@ -87,11 +70,10 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         tot_len: ip.tot_len,
         tx: Reason::ReverseTx,
         redirect: Reason::ReverseRedirect,
+        now,
     };
     let out = egress::send(ctx, &mut rev.nh, &route);
-    if !l4.tcp || (handshake && l4.flags & TCP_RST != 0 && !acks_syn) {
-        // The client ignores an RST that does not ACK its SYN (RFC 9293
-        // 3.10.7.3), so the flow's entries must outlive it too.
+    if !l4.tcp {
         return out;
     }
     match l4::closing(l4, r.fins, r.fin_ack, l4::BACKEND) {

@@ -14,10 +14,25 @@ pub struct Chosen {
 
 #[inline(always)]
 pub fn select(svc: &Service, flow_hash: u32) -> Option<Chosen> {
-    let ring = RINGS.get(Service::ring_index(svc.id, svc.active_slot))?;
-    let size = svc.ring_size;
-    if size == 0 || size as usize > RING_MAX {
+    let id = ring_lookup(svc.id, svc.active_slot, svc.ring_size, flow_hash);
+    if id == NO_BACKEND {
         return None;
+    }
+    let backend = *BACKENDS.get(id)?;
+    Some(Chosen { id, backend })
+}
+
+/// The backend for `flow_hash` in a service's active ring, or
+/// `NO_BACKEND`. A BPF subprogram, not inlined: the verifier walks its
+/// probes once, and its callers see one scalar instead of every way out of
+/// the loop (the new-flow path has loops of its own).
+#[inline(never)]
+fn ring_lookup(service_id: u32, active_slot: u32, size: u32, flow_hash: u32) -> u32 {
+    let Some(ring) = RINGS.get(Service::ring_index(service_id, active_slot)) else {
+        return NO_BACKEND;
+    };
+    if size == 0 || size as usize > RING_MAX {
+        return NO_BACKEND;
     }
     // Linear probing from the hashed slot: Maglev spreads each backend's
     // slots evenly, so the next slots belong to random other backends and
@@ -33,15 +48,15 @@ pub fn select(svc: &Service, flow_hash: u32) -> Option<Chosen> {
             let id = ring.backends[idx];
             if id == NO_BACKEND {
                 // An empty ring: the service fails closed.
-                return None;
+                return NO_BACKEND;
             }
             if let Some(be) = BACKENDS.get(id)
                 && be.state == state::UP
             {
-                return Some(Chosen { id, backend: *be });
+                return id;
             }
         }
         i += 1;
     }
-    None
+    NO_BACKEND
 }

@@ -176,6 +176,8 @@ impl Lab {
                 active_slot: 0,
                 ring_size,
                 generation: 1,
+                half_open_ms: 10_000,
+                _pad: 0,
             },
         )?;
         let vips: Vec<Ipv4Addr> = self

@@ -97,6 +97,7 @@ pub fn program_service(dp: &mut Dataplane, spec: &ServiceSpec<'_>) -> Result<Ser
             active_slot: 0,
             ring_size: RING_DEFAULT,
             generation: 1,
+            ..Service::default()
         },
     )?;
     dp.set_vips([spec.vip])?;

@@ -96,6 +96,7 @@ fn applier(lab: &Lab, cfg: config::Config, journal: Option<Journal>) -> Applier 
         ApplyOptions {
             journal,
             startup_hold: Duration::from_secs(60),
+            ..ApplyOptions::default()
         },
     )
     .expect("applier")
@@ -395,6 +396,7 @@ fn a_restarted_agent_keeps_ids_rings_and_flows() {
         ApplyOptions {
             journal: None,
             startup_hold: Duration::ZERO,
+            ..ApplyOptions::default()
         },
     )
     .unwrap();
@@ -544,7 +546,8 @@ async fn passive_ejection_from_real_handshake_counters() {
         (down.to, down.source),
         (HealthState::Down, EventSource::Passive)
     );
-    assert!(down.reason.contains("refused"), "{}", down.reason);
+    assert!(down.reason.as_str().contains("refused"), "{}", down.reason);
+    assert_eq!(down.reason.failure(), Some(health::Failure::Refused));
     let r = a.on_health(&[down]).unwrap();
     assert_eq!(r.flipped.len(), 1);
     assert!(
@@ -663,16 +666,250 @@ async fn the_run_loop_probes_reloads_and_survives_bad_configs() {
 }
 
 #[test]
-fn each_backend_is_probed_with_its_first_service_probe() {
+fn each_backend_is_probed_with_its_services_one_probe() {
     let lab_less = PathBuf::from("/sys/fs/bpf/unused");
-    let cfg = lab_cfg(
-        &lab_less,
-        &["b1", "b2"],
-        &API.replace("{ kind: tcp }", "{ kind: http, path: /healthz }"),
-    );
+    let bs = lab_backends();
+    let b: Vec<B> = bs.iter().map(|(n, a, p)| (n.as_str(), *a, *p)).collect();
+    let http = API.replace("{ kind: tcp }", "{ kind: http, path: /healthz }");
+    // b2 in web (tcp) and api (http): one of the probes would never run.
+    let text = yaml(&lab_less, &["b1", "b2"], &http, &b, "{ kind: tcp }");
+    let e = config::parse(&text, "test").unwrap_err();
+    assert_eq!(e.errors()[0].field, "services[1].probe", "{e}");
+
+    let cfg = lab_cfg(&lab_less, &["b1", "b2"], API);
     let t = probe_targets(&cfg);
     assert_eq!(t.len(), 3);
-    assert_eq!(t["b2"].1.kind, config::ProbeKind::Tcp, "web lists it first");
+    assert_eq!(t["b2"].1.kind, config::ProbeKind::Tcp, "one probe for both");
+    let cfg = lab_cfg(&lab_less, &["b1"], &http);
+    let t = probe_targets(&cfg);
+    assert_eq!(t["b1"].1.kind, config::ProbeKind::Tcp);
     assert_eq!(t["b3"].1.kind, config::ProbeKind::Http);
     assert_eq!(t["b3"].0.addr.port(), BPORT);
+}
+
+/// `backend` down at `at` for a failure of class `f` (dead or sick).
+fn fell(backend: &str, from: HealthState, f: health::Failure, at: Instant) -> HealthEvent {
+    HealthEvent {
+        reason: health::Reason::new(format!("2 consecutive failures: {f}"), Some(f)),
+        at,
+        ..ev(backend, from, HealthState::Down)
+    }
+}
+
+fn dp_state(lab: &Lab, a: &Applier, backend: &str) -> u8 {
+    lab.dp.backend(id(a, backend)).unwrap().state
+}
+
+/// [`open_flow`], and the backend's SYN-ACK back: an established flow.
+fn open_established(lab: &Lab, cport: u16) -> Ipv4Addr {
+    let (be, nat) = open_flow(lab, cport);
+    let (rc, _) = lab
+        .run(
+            lab.va0,
+            &Frame::tcp(be, BPORT, SNAT, nat).synack(5000).build(),
+        )
+        .unwrap();
+    assert_eq!(rc, XDP_REDIRECT, "SYN-ACK back to the client");
+    be
+}
+
+#[test]
+fn a_slow_backend_drains_for_its_grace_and_a_dead_one_goes_down_at_once() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let log = dir.0.join("audit.jsonl");
+    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], "");
+    let grace = Duration::from_secs(20);
+    cfg.services[0].policy.slow_grace = grace;
+    let mut a = applier(&lab, cfg, Some(Journal::open(&log).unwrap()));
+    up(&mut a, &["b1", "b2", "b3"]);
+    let be = open_established(&lab, 52_600);
+    let n = name_of(be);
+    let t0 = Instant::now();
+
+    // Sick (a timeout after connecting): out of the ring, DRAINING, and
+    // its flow in progress keeps going.
+    a.on_health(&[fell(&n, HealthState::Up, health::Failure::Timeout, t0)])
+        .unwrap();
+    assert_eq!(dp_state(&lab, &a, &n), state::DRAINING);
+    assert!(!map_service(&lab.dp, 80).1.contains(&id(&a, &n)));
+    let (rc, out) = data(&lab, 52_600);
+    assert_eq!((rc, dst_of(&out)), (XDP_REDIRECT, be), "stream continues");
+    assert_eq!(a.grace_left(&n, t0), Some(grace));
+    assert_eq!(a.grace_deadline(), Some(t0 + grace));
+    assert!(a.end_graces(t0 + grace / 2).unwrap().state_writes == 0);
+    // The grace over: DOWN, and what is left of the flow is reset.
+    a.end_graces(t0 + grace).unwrap();
+    assert_eq!(dp_state(&lab, &a, &n), state::DOWN);
+    assert_eq!(a.grace_deadline(), None);
+    assert_eq!(data(&lab, 52_600).0, XDP_TX, "RST at the end of the grace");
+
+    // Sick, then found dead (the prober's Down -> Down): DOWN at once.
+    a.on_health(&[ev(&n, HealthState::Down, HealthState::Up)])
+        .unwrap();
+    let be = open_established(&lab, 52_601);
+    let n = name_of(be);
+    a.on_health(&[fell(
+        &n,
+        HealthState::Up,
+        health::Failure::BadAnswer,
+        Instant::now(),
+    )])
+    .unwrap();
+    assert_eq!(dp_state(&lab, &a, &n), state::DRAINING);
+    a.on_health(&[fell(
+        &n,
+        HealthState::Down,
+        health::Failure::Refused,
+        Instant::now(),
+    )])
+    .unwrap();
+    assert_eq!(dp_state(&lab, &a, &n), state::DOWN);
+    assert_eq!(a.grace_left(&n, Instant::now()), None);
+    assert_eq!(data(&lab, 52_601).0, XDP_TX);
+
+    // Dead from the start: DOWN at once, no grace. An operator's drain
+    // does not keep a dead backend's flows waiting either.
+    a.on_health(&[ev(&n, HealthState::Down, HealthState::Up)])
+        .unwrap();
+    let be = open_established(&lab, 52_602);
+    let n = name_of(be);
+    a.set_draining(&n, true, Instant::now()).unwrap();
+    assert_eq!(dp_state(&lab, &a, &n), state::DRAINING);
+    a.on_health(&[fell(
+        &n,
+        HealthState::Up,
+        health::Failure::Unanswered,
+        Instant::now(),
+    )])
+    .unwrap();
+    assert_eq!(dp_state(&lab, &a, &n), state::DOWN);
+    assert_eq!(data(&lab, 52_602).0, XDP_TX);
+    // It comes back drained.
+    a.on_health(&[ev(&n, HealthState::Down, HealthState::Up)])
+        .unwrap();
+    assert_eq!(dp_state(&lab, &a, &n), state::DRAINING);
+
+    a.flush_audit();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("down as slow or failing (2 consecutive failures: timeout): draining 20s"),
+        "{text}"
+    );
+    assert!(text.contains(": slow grace over: down"), "{text}");
+    assert!(text.contains("found dead during its slow grace"), "{text}");
+    assert!(audit::verify(&log).is_ok());
+}
+
+#[test]
+fn drains_and_overrides_are_restored_before_the_first_plan() {
+    use failover_agent::agent::operator_state::{self, Deadline};
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let file = dir.0.join("state").join("lab.state.json");
+    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], "");
+    cfg.backends[2].tier = 1;
+    cfg.node.state_file = Some(file.clone());
+    assert_eq!(cfg.node.state_file(), file);
+    let opts = |operator| ApplyOptions {
+        startup_hold: Duration::from_secs(60),
+        operator,
+        state_file: Some(file.clone()),
+        ..ApplyOptions::default()
+    };
+    let dp = Dataplane::load(lab.pin_dir()).unwrap();
+    let mut first = Applier::new(dp, cfg.clone(), opts(Default::default())).unwrap();
+    up(&mut first, &["b1", "b2", "b3"]);
+    first.set_draining("b1", true, Instant::now()).unwrap();
+    assert!(file.exists(), "written at the drain");
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let until = Deadline::after(now, wall, Duration::from_secs(600));
+    first
+        .set_override("web", planner::Override { to_tier: 1 }, until, now, None)
+        .unwrap();
+    assert_eq!(ids_in(&map_service(&lab.dp, 80).1), [id(&first, "b3")]);
+    drop(first);
+
+    // A new agent: what the file holds is in force from the first plan.
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let loaded = operator_state::restore(&file, &cfg, now, wall)
+        .unwrap()
+        .unwrap();
+    assert!(loaded.dropped.is_empty(), "{:?}", loaded.dropped);
+    let dp = Dataplane::load(lab.pin_dir()).unwrap();
+    let mut second = Applier::new(dp, cfg.clone(), opts(loaded.state)).unwrap();
+    assert!(second.is_draining("b1"));
+    let ov = second.override_of("web").unwrap();
+    assert_eq!(ov.ov.to_tier, 1);
+    assert!(ov.until.remaining(now) > Duration::from_secs(590));
+    assert_eq!(second.next_expiry(), Some(ov.until.at()));
+    up(&mut second, &["b1", "b2", "b3"]);
+    assert_eq!(dp_state(&lab, &second, "b1"), state::DRAINING);
+    assert_eq!(ids_in(&map_service(&lab.dp, 80).1), [id(&second, "b3")]);
+
+    // Its end: the override expires and the undrain returns b1; the file
+    // goes with the last of the operator state.
+    second.expire_overrides(ov.until.at()).unwrap();
+    assert!(second.override_of("web").is_none());
+    // b2 alone is short of tier 0's capacity: tier 1 spills in.
+    assert_eq!(
+        ids_in(&map_service(&lab.dp, 80).1),
+        [id(&second, "b2"), id(&second, "b3")]
+    );
+    assert!(file.exists(), "the drain is still there");
+    second.set_draining("b1", false, Instant::now()).unwrap();
+    assert!(!file.exists());
+    let mut ring = vec![id(&second, "b1"), id(&second, "b2")];
+    ring.sort_unstable();
+    assert_eq!(ids_in(&map_service(&lab.dp, 80).1), ring);
+}
+
+#[test]
+fn operator_actions_are_checked_by_the_planner_and_forced_ones_audited() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let log = dir.0.join("audit.jsonl");
+    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], API);
+    cfg.services[0].policy.min_healthy = 2;
+    let mut a = applier(&lab, cfg, Some(Journal::open(&log).unwrap()));
+    up(&mut a, &["b1", "b2", "b3"]);
+    let drain = |b| planner::Action::Drain { backend: b };
+    // web keeps two of three: fine; then b2 would leave web one (floor 2).
+    assert_eq!(a.check(drain("b1")), Ok(()));
+    a.set_draining("b1", true, Instant::now()).unwrap();
+    let r = a.check(drain("b2")).unwrap_err();
+    assert_eq!(
+        r.to_string(),
+        "drain b2 would leave service web with 1 healthy backend taking new flows \
+         (now 2; policy.min_healthy 2)"
+    );
+    // Forced: done, and audited as forced.
+    a.operator_drain("b2", true, Instant::now(), Some(&r))
+        .unwrap();
+    assert!(a.is_draining("b2"));
+    // api (floor 1) keeps b3; b3 itself would leave both short.
+    let r = a.check(drain("b3")).unwrap_err();
+    let short: Vec<&str> = r.short.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(short, ["web", "api"]);
+
+    a.flush_audit();
+    let recs = failover_tests::agentproc::read_decisions(&log);
+    let forced = recs
+        .iter()
+        .find(|d| d.reason == "operator (forced): drain b2")
+        .expect("forced record");
+    assert!(
+        forced
+            .policy_check
+            .starts_with("forced past the floor check: drain b2 would leave"),
+        "{forced:?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|d| d.service == "web" && d.reason.starts_with("operator (forced): drain b2: ")),
+        "the ring switch says so too: {recs:?}"
+    );
 }

@@ -188,7 +188,10 @@ fn a_new_handshake_on_a_reused_tuple_counts_its_syn_ack() {
         assert_eq!((s.syns, s.synacks), (round, round), "round {round}");
         synack = Some(f);
     }
-    // A retransmitted SYN-ACK of an established flow is not a new answer.
+    // The client's ACK completes the handshake; a retransmitted SYN-ACK of
+    // the established flow is then no new answer.
+    let ack = syn.clone().segment(1001, Some(10_001), false, false, false);
+    assert_eq!(forward(&lab, &ack).0, XDP_REDIRECT);
     let (rc, _) = lab.run(lab.va0, &synack.unwrap().build()).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     assert_eq!(lab.dp.backend_stats(2).unwrap().synacks, 2);
@@ -215,6 +218,8 @@ fn a_new_connection_on_a_reused_tuple_follows_the_ring_a_retransmitted_syn_keeps
     let (_, out) = forward(&lab, &old);
     assert_eq!(dst_of(&out), backend_addr(1));
     lab.run(lab.va0, &synack_for(&out, 1, 5000)).unwrap();
+    let ack = old.clone().segment(1001, Some(5001), false, false, false);
+    assert_eq!(forward(&lab, &ack).0, XDP_REDIRECT);
     assert_eq!(dst_of(&forward(&lab, &retx).1), backend_addr(1));
     // The traffic moves to backend 2 (a failback, say); 1 stays up.
     lab.service(0, 80, TCP, 0, 13, &[2]).unwrap();
@@ -676,11 +681,17 @@ fn snat_port_collisions_probe_then_give_up() {
     for p in 41_000..41_003 {
         lab.dp.insert_reverse(taken(p), Reverse::default()).unwrap();
     }
-    let (rc, out) = forward(&lab, &Frame::tcp(CLIENT, 51_030, VIP, 80));
+    let first = Frame::tcp(CLIENT, 51_030, VIP, 80);
+    let (rc, out) = forward(&lab, &first);
     assert_eq!(rc, XDP_REDIRECT);
     assert_eq!(ports(&out).0, 41_003);
-    // Now all four are taken: the next flow is dropped and counted, and no
-    // half-made flow entry is left.
+    // Its handshake completes (a half-open flow's port is taken over when
+    // every other is in use: see tests/syn_flood.rs).
+    lab.run(lab.va0, &synack_for(&out, 1, 5000)).unwrap();
+    let ack = first.segment(1001, Some(5001), false, false, false);
+    assert_eq!(forward(&lab, &ack).0, XDP_REDIRECT);
+    // Now all four are held by established flows: the next flow is dropped
+    // and counted, and no half-made flow entry is left.
     let syn = Frame::tcp(CLIENT, 51_031, VIP, 80);
     let input = syn.build();
     let (rc, out) = lab.run(lab.vc0, &input).unwrap();

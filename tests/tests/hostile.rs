@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use failover_common::{
-    FLOW_ESTABLISHED, FLOW_SYN_SENT, Reason, VipFilter,
+    FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_SYN_SENT, Reason, VipFilter,
     model::{self, Expected},
     tcp,
 };
@@ -220,13 +220,17 @@ fn backend_answers_count_only_when_they_ack_the_syn() {
     assert_eq!(stats(), (1, 0));
     assert_eq!(state(), FLOW_SYN_SENT);
 
-    // The real SYN-ACK completes the handshake.
+    // The real SYN-ACK answers; the client's ACK of it completes the
+    // handshake.
     let (rc, out) = lab
         .run(lab.va0, &from_backend.clone().synack(5000).build())
         .unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     assert_checksums_valid(&out);
     assert_eq!(stats(), (2, 0));
+    assert_eq!(state(), FLOW_ANSWERED);
+    let ack = syn.clone().segment(1001, Some(5001), false, false, false);
+    assert_eq!(lab.run(lab.vc0, &ack.build()).unwrap().0, XDP_REDIRECT);
     assert_eq!(state(), FLOW_ESTABLISHED);
 
     // A refusal that ACKs a retransmitted SYN's ISN counts, and frees.

@@ -467,7 +467,11 @@ async fn control_api_round_trip_and_refusals() {
     assert_eq!(s.services[0].serving, ["b3"]);
     let (code, msg) = refused(c.drain("b3", true).await);
     assert_eq!(code, 409, "{msg}");
-    assert!(msg.contains("last healthy backend"), "{msg}");
+    assert_eq!(
+        msg,
+        "refused: drain b3 would leave service web with 0 healthy backends taking new flows \
+         (now 1; policy.min_healthy 1); force it with --force (\"force\": true)"
+    );
     assert_eq!(c.status().await.unwrap().services[0].serving, ["b3"]);
     assert!(!c.drain("b3", false).await.unwrap().changed, "not drained");
     for b in ["b1", "b2"] {
@@ -536,6 +540,7 @@ async fn a_drill_moves_traffic_and_restores() {
         backend: backend.map(str::to_owned),
         tier,
         for_: "1s".into(),
+        force: false,
     };
     assert_eq!(refused(c.drill(&req(None, Some(0))).await).0, 409);
     assert_eq!(refused(c.drill(&req(Some("b9"), None)).await).0, 404);
@@ -603,13 +608,14 @@ impl CliOut {
 }
 
 /// The header of `failover-agent backends`.
-const BACKENDS_HEADER: [&str; 13] = [
+const BACKENDS_HEADER: [&str; 14] = [
     "BACKEND",
     "ADDRESS",
     "HEALTH",
     "FLAPS",
     "HOLD",
     "STATE",
+    "GRACE",
     "TIER",
     "WEIGHT",
     "PROBE",
@@ -868,15 +874,26 @@ async fn the_cli_binary_against_a_running_agent() {
                 col(r, 5),
                 col(r, 6),
                 col(r, 7),
-                col(r, 11)
+                col(r, 8),
+                col(r, 12)
             ))
             .collect::<Vec<_>>(),
         [
-            ("b1", "up", "up", "0", "100", f1.to_string()),
-            ("b2", "up", "up", "0", "100", f2.to_string()),
-            ("b3", "up", "up", "1", "100", "0".to_owned()),
+            ("b1", "up", "up", "-", "0", "100", f1.to_string()),
+            ("b2", "up", "up", "-", "0", "100", f2.to_string()),
+            ("b3", "up", "up", "-", "1", "100", "0".to_owned()),
         ]
-        .map(|(a, b, c, d, e, f)| (a.into(), b.into(), c.into(), d.into(), e.into(), f))
+        .map(|(a, b, c, g, d, e, f)| {
+            (
+                a.into(),
+                b.into(),
+                c.into(),
+                g.into(),
+                d.into(),
+                e.into(),
+                f,
+            )
+        })
     );
 
     // flows --json, all of them and one backend's.
@@ -957,7 +974,7 @@ async fn the_cli_binary_against_a_running_agent() {
     let v = op(&sock, &["drain", "b3", "--json"]).await.ok().json();
     assert_eq!(
         v,
-        serde_json::json!({"backend": "b3", "draining": true, "changed": true, "in_flight_flows": 0})
+        serde_json::json!({"backend": "b3", "draining": true, "changed": true, "in_flight_flows": 0, "forced": false})
     );
     let out = op(&sock, &["undrain", "b3"]).await.ok();
     assert_eq!(out.stdout, "b3: taking new flows; 0 flows still on it\n");
@@ -1204,4 +1221,169 @@ async fn the_cli_binary_against_a_running_agent() {
         out.stdout.contains("Usage: failover-agent audit verify"),
         "{out:#?}"
     );
+}
+
+/// Starts the agent on `text` with its audit log at `dir/audit.jsonl`.
+async fn start_audited(dir: &TempDir, text: &str) -> Running {
+    let cfg_path = dir.0.join("failover.yaml");
+    std::fs::write(&cfg_path, text).unwrap();
+    let mut opts = RunOptions::new(&cfg_path);
+    opts.sighup = false;
+    opts.audit_path = Some(dir.0.join("audit.jsonl"));
+    let agent = Agent::start(opts).await.expect("agent starts");
+    let metrics = agent.metrics_addr().expect("metrics listener bound");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(agent.run(async {
+        let _ = stopped.await;
+    }));
+    Running {
+        metrics,
+        stop: Some(stop),
+        run,
+    }
+}
+
+#[tokio::test]
+async fn the_floor_check_force_and_a_restart_that_keeps_drains_and_overrides() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let (l1, l2, l3) = (listener().await, listener().await, listener().await);
+    let state_file = dir.0.join("state").join("agent.state.json");
+    // web: b1, b2 (tier 0), b3 (tier 1); at least two healthy backends.
+    let text = yaml(
+        lab.pin_dir(),
+        &dir.0,
+        &[("b1", l1.port, 0), ("b2", l2.port, 0), ("b3", l3.port, 1)],
+    )
+    .replace(
+        "policy: { ring_size: 13 }",
+        "policy: { ring_size: 13, min_healthy: 2 }",
+    )
+    .replace(
+        "services:\n",
+        &format!("  state_file: {}\nservices:\n", state_file.display()),
+    );
+    let agent = start_audited(&dir, &text).await;
+    let sock = dir.0.join("agent.sock");
+    let c = Client::new(&sock);
+    let s = wait_status(&c, "all healthy", |s| {
+        s.services[0].healthy == 3 && s.services[0].serving == ["b1", "b2"]
+    })
+    .await;
+    let generation = s.services[0].generation;
+
+    // Tier 1 is one backend: a failover there is below the floor of 2,
+    // refused (409), and nothing changes.
+    let (code, msg) = refused(c.failover("web", 1, "10m").await);
+    assert_eq!(code, 409, "{msg}");
+    assert_eq!(
+        msg,
+        "refused: failover web to tier 1 would leave service web with 1 healthy backend \
+         taking new flows (now 2; policy.min_healthy 2); force it with --force (\"force\": true)"
+    );
+    assert_eq!(c.status().await.unwrap().services[0].generation, generation);
+    assert!(!state_file.exists(), "a refusal changes nothing");
+
+    // Draining b1 leaves b2 and the spill to b3: two. Then b2 would leave
+    // one: refused by the CLI, done with --force, audited as forced.
+    op(&sock, &["drain", "b1"]).await.ok();
+    assert!(state_file.exists(), "kept for a restart");
+    let s = c.status().await.unwrap();
+    assert_eq!(s.services[0].serving, ["b2", "b3"]);
+    let out = op(&sock, &["drain", "b2"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stderr
+            .starts_with("refused: drain b2 would leave service web with 1 healthy backend"),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains("--force"), "{out:#?}");
+    let out = op(&sock, &["drain", "b2", "--force"]).await.ok();
+    assert_eq!(
+        out.stdout,
+        "b2: draining (forced); 0 flows still on it: safe to remove\n"
+    );
+    assert_eq!(c.status().await.unwrap().services[0].serving, ["b3"]);
+    // A failover that loses nothing now needs no force.
+    let r = c.failover("web", 1, "10m").await.unwrap();
+    assert!(!r.forced, "{r:?}");
+    assert_eq!(r.serving, ["b3"]);
+
+    // A restart: the new agent starts with both drains and the override,
+    // before its first plan; nothing ever puts b1 or b2 back in a ring.
+    agent.stop().await;
+    let agent = start_audited(&dir, &text).await;
+    let s = c.status().await.unwrap();
+    let ov = s.services[0].override_.clone().expect("override restored");
+    assert_eq!(ov.tier, 1);
+    assert!(
+        ov.expires_in_s > 590.0 && ov.expires_in_s <= 600.0,
+        "{ov:?}"
+    );
+    assert_eq!(s.services[0].serving, ["b3"]);
+    let bs = c.backends().await.unwrap();
+    for (b, port) in [("b1", l1.port), ("b2", l2.port)] {
+        assert!(bs.iter().find(|x| x.name == b).unwrap().draining, "{b}");
+        assert_eq!(entry_of(&lab, port).state, state::DRAINING, "{b}");
+    }
+    let s = wait_status(&c, "all healthy again", |s| s.services[0].healthy == 3).await;
+    assert_eq!(s.services[0].serving, ["b3"]);
+    for port in [l1.port, l2.port] {
+        assert_eq!(entry_of(&lab, port).state, state::DRAINING);
+    }
+    // The override ends when the operator says so; the drains stay, and
+    // the file goes with the last of them.
+    let out = op(&sock, &["failover", "--service", "web", "--cancel"])
+        .await
+        .ok();
+    assert!(
+        out.stdout
+            .starts_with("web: override cancelled (generation "),
+        "{out:#?}"
+    );
+    let out = op(&sock, &["failover", "--service", "web", "--cancel"])
+        .await
+        .ok();
+    assert_eq!(out.stdout, "web: no override to cancel\n");
+    assert!(c.status().await.unwrap().services[0].override_.is_none());
+    assert!(state_file.exists());
+    for b in ["b1", "b2"] {
+        op(&sock, &["undrain", b]).await.ok();
+    }
+    assert!(!state_file.exists(), "no operator state, no file");
+    wait_status(&c, "tier 0 back", |s| s.services[0].serving == ["b1", "b2"]).await;
+    agent.stop().await;
+
+    let recs = failover_tests::agentproc::read_decisions(&dir.0.join("audit.jsonl"));
+    let reasons: Vec<&str> = recs.iter().map(|r| r.reason.as_str()).collect();
+    let forced = recs
+        .iter()
+        .find(|r| r.reason == "operator (forced): drain b2")
+        .unwrap_or_else(|| panic!("{reasons:#?}"));
+    assert!(
+        forced
+            .policy_check
+            .starts_with("forced past the floor check: drain b2 would leave service web"),
+        "{forced:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .all(|r| !r.starts_with("operator (forced): drain b1")),
+        "{reasons:#?}"
+    );
+    let restored = recs
+        .iter()
+        .find(|r| r.reason.starts_with("operator state restored from "))
+        .unwrap_or_else(|| panic!("{reasons:#?}"));
+    assert!(
+        restored
+            .reason
+            .ends_with(": drained [b1, b2]; overrides [web to tier 1 for 10m]"),
+        "{restored:?}"
+    );
+    assert_eq!(restored.policy_check, "restored before the first plan");
+    failover_agent::audit::verify(&dir.0.join("audit.jsonl")).unwrap();
+    drop((l1, l2, l3));
 }

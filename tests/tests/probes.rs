@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use failover_agent::config;
 use failover_agent::health::{
-    BackendTarget, EventSource, HealthEvent, HealthState, Probe, ProbeOutcome, TlsOptions,
-    build_probe, spawn_prober,
+    BackendTarget, DownCause, EventSource, Failure, HealthEvent, HealthState, Probe, ProbeOutcome,
+    TlsOptions, build_probe, spawn_prober,
 };
 use failover_tests::backend::{BackendConfig, Fault, Faults, serve_grpc_health, serve_http};
 use tokio::net::TcpListener;
@@ -82,7 +82,7 @@ async fn check(p: &impl Probe) -> ProbeOutcome {
 
 fn assert_failed(o: &ProbeOutcome, needle: &str) {
     match o {
-        ProbeOutcome::Failed { reason } => {
+        ProbeOutcome::Failed { reason, .. } => {
             assert!(
                 reason.contains(needle),
                 "reason {reason:?} lacks {needle:?}"
@@ -320,7 +320,8 @@ async fn http_prober_follows_backend_health() {
     let down = next_event(&mut rx).await;
     assert_eq!((down.from, down.to), (HealthState::Up, HealthState::Down));
     assert!(
-        down.reason.contains("2 consecutive failures") && down.reason.contains("503"),
+        down.reason.as_str().contains("2 consecutive failures")
+            && down.reason.as_str().contains("503"),
         "{}",
         down.reason
     );
@@ -505,12 +506,19 @@ async fn inference_prober_degrades_and_times_out() {
     srv.faults.set(Fault::TooManyRequests);
     let ev = next_event(&mut rx).await;
     assert_eq!((ev.from, ev.to), (HealthState::Up, HealthState::Degraded));
-    assert!(ev.reason.contains("429"), "{}", ev.reason);
+    assert!(ev.reason.as_str().contains("429"), "{}", ev.reason);
 
     srv.faults.set(Fault::Hang);
     let ev = next_event(&mut rx).await;
     assert_eq!((ev.from, ev.to), (HealthState::Degraded, HealthState::Down));
-    assert!(ev.reason.contains("timeout after 300ms"), "{}", ev.reason);
+    assert!(
+        ev.reason.as_str().contains("timeout after 300ms"),
+        "{}",
+        ev.reason
+    );
+    // Connected, no answer: slow, not gone.
+    assert_eq!(ev.reason.failure(), Some(Failure::Timeout));
+    assert_eq!(ev.reason.down_cause(), DownCause::Sick);
 
     srv.faults.set(Fault::None);
     assert_eq!(next_event(&mut rx).await.to, HealthState::Up);
@@ -663,4 +671,168 @@ async fn https_redials_after_a_cut_and_verifies_again() {
     assert_failed(&check(&p).await, "certificate");
     proxy.cut().await;
     assert_failed(&check(&p).await, "certificate");
+}
+
+// ---- gone or failing: the class of each failure ----
+
+/// A TCP listener whose accept queue is full: the kernel drops further
+/// SYNs, so a connect is never answered (a blackholed backend, without
+/// privileges). The held connection keeps the queue full.
+fn unanswering() -> (std::net::TcpListener, std::net::TcpStream, SocketAddr) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let l: std::net::TcpListener = sock.into();
+    let addr = l.local_addr().unwrap();
+    let held = std::net::TcpStream::connect(addr).unwrap();
+    (l, held, addr)
+}
+
+/// Each kind's failures carry their class: a backend that refuses or never
+/// answers the handshake is dead; one that answers wrongly or too slowly
+/// after connecting is sick (its streams in progress may finish).
+#[tokio::test]
+async fn failures_are_classed_dead_or_sick() {
+    let tls = TlsOptions::default();
+    let closed = {
+        let (l, addr) = listener().await;
+        drop(l);
+        addr
+    };
+    let fail = |kind: &str| {
+        let extra = match kind {
+            "http" => serde_json::json!({"kind": "http", "path": "/health"}),
+            "inference" => serde_json::json!({"kind": "inference", "model": "tiny-llm"}),
+            "udp" => serde_json::json!({"kind": "udp", "payload": "ping"}),
+            k => serde_json::json!({ "kind": k }),
+        };
+        probe_cfg(extra)
+    };
+    // Refused: dead, for every kind.
+    for kind in ["tcp", "http", "grpc", "inference", "udp"] {
+        let p = build_probe(&target(closed), &fail(kind), &tls).unwrap();
+        let o = check(&p).await;
+        assert_eq!(o.failure(), Some(Failure::Refused), "{kind}: {o:?}");
+        assert_eq!(Failure::Refused.cause(), DownCause::Dead);
+    }
+    // Answered, but not healthy: sick.
+    let http = http_backend().await;
+    http.faults.set(Fault::Unhealthy);
+    let p = build_probe(&target(http.addr), &fail("http"), &tls).unwrap();
+    assert_eq!(check(&p).await.failure(), Some(Failure::BadAnswer));
+    let grpc = grpc_backend().await;
+    grpc.faults.set(Fault::Unhealthy);
+    let p = build_probe(&target(grpc.addr), &fail("grpc"), &tls).unwrap();
+    let o = check(&p).await;
+    assert_eq!(o.failure(), Some(Failure::BadAnswer), "{o:?}");
+    assert_failed(&o, "NOT_SERVING");
+    let p = build_probe(
+        &target(http.addr),
+        &inference_cfg("other-model", 1000),
+        &tls,
+    )
+    .unwrap();
+    http.faults.set(Fault::None);
+    assert_eq!(check(&p).await.failure(), Some(Failure::BadAnswer));
+}
+
+/// Through the prober, where the timeout is: a handshake left unanswered
+/// is dead; a connected backend that does not answer in time is sick.
+#[tokio::test]
+async fn a_timeout_in_the_handshake_is_dead_after_it_sick() {
+    let (_l, _held, blackhole) = unanswering();
+    let srv = http_backend().await;
+    srv.faults.set(Fault::Hang);
+    for (kind, addr, failure) in [
+        ("tcp", blackhole, Failure::Unanswered),
+        ("http", blackhole, Failure::Unanswered),
+        ("grpc", blackhole, Failure::Unanswered),
+        ("inference", blackhole, Failure::Unanswered),
+        ("http", srv.addr, Failure::Timeout),
+        ("inference", srv.addr, Failure::Timeout),
+    ] {
+        let mut cfg = serde_json::json!({
+            "kind": kind, "interval": "20ms", "timeout": "200ms", "rise": 1, "fall": 1,
+        });
+        match kind {
+            "http" => cfg["path"] = "/health".into(),
+            "inference" => cfg["model"] = "tiny-llm".into(),
+            _ => {}
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        let _p = spawn_prober(
+            target(addr),
+            &probe_cfg(cfg),
+            &TlsOptions::default(),
+            tx,
+            None,
+        )
+        .unwrap();
+        let ev = next_event(&mut rx).await;
+        assert_eq!(ev.to, HealthState::Down, "{kind} {addr}: {ev:?}");
+        assert_eq!(
+            ev.reason.failure(),
+            Some(failure),
+            "{kind} {addr}: {}",
+            ev.reason
+        );
+        if failure == Failure::Unanswered {
+            assert!(
+                ev.reason.as_str().contains("handshake unanswered"),
+                "{kind}: {}",
+                ev.reason
+            );
+        }
+    }
+}
+
+/// The UDP probe against a UDP server on loopback: the answer, a wrong
+/// answer, and a server gone (ICMP port unreachable: refused).
+#[tokio::test]
+async fn udp_prober_follows_the_udp_server() {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let reply = Arc::new(std::sync::Mutex::new(b"pong b1".to_vec()));
+    let r = reply.clone();
+    let server = tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            if &buf[..n] == b"ping" {
+                let out = r.lock().unwrap().clone();
+                let _ = sock.send_to(&out, from).await;
+            }
+        }
+    });
+    let cfg = probe_cfg(serde_json::json!({
+        "kind": "udp", "payload": "ping", "expect_prefix": "pong",
+        "interval": "20ms", "timeout": "200ms", "rise": 1, "fall": 1,
+    }));
+    let (tx, mut rx) = mpsc::channel(16);
+    let _p = spawn_prober(target(addr), &cfg, &TlsOptions::default(), tx, None).unwrap();
+    assert_eq!(next_event(&mut rx).await.to, HealthState::Up);
+    *reply.lock().unwrap() = b"busy".to_vec();
+    let ev = next_event(&mut rx).await;
+    assert_eq!(ev.to, HealthState::Down);
+    assert_eq!(
+        ev.reason.failure(),
+        Some(Failure::BadAnswer),
+        "{}",
+        ev.reason
+    );
+    assert!(
+        ev.reason
+            .as_str()
+            .contains("does not start with \"pong\" (got \"busy\")"),
+        "{}",
+        ev.reason
+    );
+    *reply.lock().unwrap() = b"pong".to_vec();
+    assert_eq!(next_event(&mut rx).await.to, HealthState::Up);
+    server.abort();
+    let _ = server.await;
+    let ev = next_event(&mut rx).await;
+    assert_eq!(ev.to, HealthState::Down);
+    assert_eq!(ev.reason.failure(), Some(Failure::Refused), "{}", ev.reason);
+    assert_eq!(ev.reason.down_cause(), DownCause::Dead);
 }

@@ -16,10 +16,17 @@
 //! Keep-last-good: an agent that starts on pinned state keeps each
 //! recovered service's ring until every backend of its pool has a first
 //! verdict (or a start-up bound passes), so a restart never empties a
-//! ring the previous agent had filled.
+//! ring the previous agent had filled. Operator drains and overrides are
+//! restored before the first plan ([`super::operator_state`]).
+//!
+//! Dead or slow ([`super::grace`]): a backend that went down dead is
+//! written `DOWN` in step 1; one that went down sick stays `DRAINING` for
+//! its grace (its streams in progress finish), and `DOWN` once the grace
+//! ends ([`Applier::end_graces`]) or it is found dead.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -30,16 +37,18 @@ use failover_common::{
 
 use super::{
     AgentError,
+    grace::{self, Exit, Graces},
     ids::{Ids, ServiceEndpoint},
     journal::Journal,
     latency::{LatencyWindow, Percentiles},
+    operator_state::{self, Deadline, OperatorState, TimedOverride},
 };
 use crate::{
     audit::DecisionRecord,
     config::{self, Config, ConfigDiff, ConfigError, OnBackendDown},
     dataplane::{Dataplane, XdpMode},
     health::{EventSource, HealthEvent, HealthState},
-    planner::{self, BackendHealth, HealthView, Mode, Overrides, ServicePlan},
+    planner::{self, BackendHealth, HealthView, Mode, ServicePlan},
 };
 
 /// Weight factor of a backend the probes found degraded (slow, or rate
@@ -116,6 +125,12 @@ pub struct ApplyOptions {
     pub journal: Option<Journal>,
     /// Keep-last-good bound for recovered services at start.
     pub startup_hold: Duration,
+    /// Drains and overrides to start with (restored from the state file),
+    /// in force from the first plan.
+    pub operator: OperatorState,
+    /// Where every change of the operator state is written
+    /// ([`operator_state::save`]); none: kept in memory only.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for ApplyOptions {
@@ -123,6 +138,8 @@ impl Default for ApplyOptions {
         Self {
             journal: None,
             startup_hold: DEFAULT_STARTUP_HOLD,
+            operator: OperatorState::default(),
+            state_file: None,
         }
     }
 }
@@ -134,8 +151,11 @@ pub struct Applier {
     ids: Ids,
     /// Last verdict per backend name; absent = no verdict yet.
     health: BTreeMap<String, HealthState>,
-    draining: BTreeSet<String>,
-    overrides: Overrides,
+    /// Drains and overrides (with their expiry), as the operator set them.
+    operator: OperatorState,
+    state_file: Option<PathBuf>,
+    /// Backends down as sick, `DRAINING` until their grace ends.
+    graces: Graces,
     programmed: BTreeMap<String, Programmed>,
     /// `BACKENDS` entries in use, as written: a state change is then one
     /// write, no read.
@@ -176,6 +196,14 @@ fn service_flags(s: &config::Service) -> u32 {
     match s.policy.on_backend_down {
         OnBackendDown::Reset => SVC_F_RESET,
         OnBackendDown::Reselect => 0,
+    }
+}
+
+/// The reason of an operator's decision in logs and the audit log.
+fn operator_reason(what: &str, forced: Option<&planner::Refusal>) -> String {
+    match forced {
+        Some(_) => format!("operator (forced): {what}"),
+        None => format!("operator: {what}"),
     }
 }
 
@@ -220,8 +248,9 @@ impl Applier {
             cfg,
             ids,
             health: BTreeMap::new(),
-            draining: BTreeSet::new(),
-            overrides: Overrides::new(),
+            operator: opts.operator,
+            state_file: opts.state_file,
+            graces: Graces::default(),
             programmed: BTreeMap::new(),
             backends: pinned_backends.into_iter().collect(),
             hold: None,
@@ -439,6 +468,7 @@ impl Applier {
             if ev.to != HealthState::Unknown {
                 self.health.insert(ev.backend.to_string(), ev.to);
             }
+            self.grace_on(ev);
             let source = match ev.source {
                 EventSource::Active => "active",
                 EventSource::Passive => "passive",
@@ -461,6 +491,75 @@ impl Applier {
         })
     }
 
+    /// What a health event means for `ev.backend`'s grace (module doc).
+    fn grace_on(&mut self, ev: &HealthEvent) {
+        let b = &*ev.backend;
+        if ev.to.is_serving() {
+            if self.graces.end(b) {
+                self.note(b, "recovered during its slow grace", "grace ended");
+            }
+            return;
+        }
+        if ev.to != HealthState::Down {
+            return;
+        }
+        let serving = self.ids.backend(b).is_some_and(|a| {
+            self.backends
+                .get(&a.id)
+                .is_some_and(|m| m.state == state::UP || m.state == state::DRAINING)
+        });
+        let cause = ev.reason.down_cause();
+        match grace::exit(cause, serving, grace::grace_of(&self.cfg, b), ev.at) {
+            Exit::Now => {
+                if self.graces.end(b) {
+                    tracing::warn!(backend = b, reason = %ev.reason, "found dead during its slow grace: down now");
+                    let why = format!("found dead during its slow grace ({}): down now", ev.reason);
+                    self.note(b, &why, "grace ended: dead");
+                }
+            }
+            Exit::Drain { until } => {
+                if self.graces.start(b, until) {
+                    let left = until.saturating_duration_since(ev.at);
+                    tracing::warn!(backend = b, reason = %ev.reason, grace_s = left.as_secs_f64(), "down as slow or failing: draining for its grace");
+                    let why = format!(
+                        "down as slow or failing ({}): draining {} for its streams in progress, then down",
+                        ev.reason,
+                        humantime::format_duration(left)
+                    );
+                    self.note(b, &why, "slow grace: no new flows, existing ones continue");
+                }
+            }
+        }
+    }
+
+    /// When the next slow grace ends.
+    pub fn grace_deadline(&self) -> Option<Instant> {
+        self.graces.next_deadline()
+    }
+
+    /// Time left of `backend`'s slow grace, if one runs.
+    pub fn grace_left(&self, backend: &str, now: Instant) -> Option<Duration> {
+        self.graces.remaining(backend, now)
+    }
+
+    /// Ends the slow graces over by `at`: their backends go `DOWN`.
+    pub fn end_graces(&mut self, at: Instant) -> Result<ApplyReport, AgentError> {
+        let due = self.graces.take_due(at);
+        if due.is_empty() {
+            return Ok(ApplyReport::default());
+        }
+        for b in &due {
+            tracing::warn!(backend = %b, "slow grace over: down");
+            self.note(b, "slow grace over: down", "grace ended");
+        }
+        self.apply(&Decision {
+            at,
+            reason: format!("slow grace over: {}", due.join(", ")),
+            backends: due,
+            all: false,
+        })
+    }
+
     /// Operator drain: no new flows, existing ones continue.
     pub fn set_draining(
         &mut self,
@@ -468,18 +567,28 @@ impl Applier {
         on: bool,
         at: Instant,
     ) -> Result<ApplyReport, AgentError> {
-        let changed = if on {
-            self.draining.insert(backend.to_owned())
-        } else {
-            self.draining.remove(backend)
-        };
-        if !changed || self.ids.backend(backend).is_none() {
+        self.operator_drain(backend, on, at, None)
+    }
+
+    /// [`Self::set_draining`], `forced` past the operator check
+    /// ([`Self::check`]) with the refusal it overrode: audited as forced.
+    pub fn operator_drain(
+        &mut self,
+        backend: &str,
+        on: bool,
+        at: Instant,
+        forced: Option<&planner::Refusal>,
+    ) -> Result<ApplyReport, AgentError> {
+        let verb = if on { "drain" } else { "undrain" };
+        let what = format!("{verb} {backend}");
+        self.audit_forced(&what, forced);
+        if self.ids.backend(backend).is_none() || !self.operator.set_drain(backend, on) {
             return Ok(ApplyReport::default());
         }
-        let verb = if on { "drain" } else { "undrain" };
+        self.persist();
         self.apply(&Decision {
             at,
-            reason: format!("operator: {verb} {backend}"),
+            reason: operator_reason(&what, forced),
             backends: vec![backend.to_owned()],
             all: false,
         })
@@ -487,32 +596,136 @@ impl Applier {
 
     /// Whether `backend` is drained by the operator.
     pub fn is_draining(&self, backend: &str) -> bool {
-        self.draining.contains(backend)
+        self.operator.is_drained(backend)
     }
 
-    /// The operator override of `service`, if one is set.
-    pub fn override_of(&self, service: &str) -> Option<planner::Override> {
-        self.overrides.get(service).copied()
+    /// The operator override of `service` and when it ends, if one is set.
+    pub fn override_of(&self, service: &str) -> Option<TimedOverride> {
+        self.operator.override_of(service).copied()
     }
 
-    /// Operator override: keeps `service` on a tier (`None` clears it).
-    /// The caller checks it against the policy first
-    /// ([`planner::check_override`]); the switch is audited like any other.
+    /// When the next operator override ends.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.operator.next_expiry()
+    }
+
+    /// The operator's drains and overrides.
+    pub fn operator_state(&self) -> &OperatorState {
+        &self.operator
+    }
+
+    /// Operator override: keeps `service` on a tier until `until`. The
+    /// caller checks it against the policy first
+    /// ([`planner::check_override`]) and the floor ([`Self::check`]);
+    /// the switch is audited like any other, a forced one as forced.
     pub fn set_override(
         &mut self,
         service: &str,
-        ov: Option<planner::Override>,
-        reason: &str,
+        ov: planner::Override,
+        until: Deadline,
         at: Instant,
+        forced: Option<&planner::Refusal>,
     ) -> Result<ApplyReport, AgentError> {
-        let changed = match ov {
-            Some(o) => self.overrides.insert(service.to_owned(), o) != Some(o),
-            None => self.overrides.remove(service).is_some(),
-        };
-        if !changed || self.cfg.service(service).is_none() {
+        let what = format!(
+            "failover {service} to tier {} for {}",
+            ov.to_tier,
+            humantime::format_duration(Duration::from_secs(until.remaining(at).as_secs()))
+        );
+        self.audit_forced(&what, forced);
+        if self.cfg.service(service).is_none() {
             return Ok(ApplyReport::default());
         }
-        self.apply(&Decision::all(format!("operator: {reason}"), at))
+        let changed = self.operator.set_override(service, ov, until);
+        self.persist();
+        if !changed {
+            return Ok(ApplyReport::default());
+        }
+        self.apply(&Decision::all(operator_reason(&what, forced), at))
+    }
+
+    /// Ends `service`'s override now (the operator's cancel); returns
+    /// whether one was set.
+    pub fn cancel_override(&mut self, service: &str, at: Instant) -> Result<bool, AgentError> {
+        if !self.operator.clear_override(service) {
+            return Ok(false);
+        }
+        self.persist();
+        self.apply(&Decision::all(
+            format!("operator: override of {service} cancelled"),
+            at,
+        ))?;
+        Ok(true)
+    }
+
+    /// Ends the overrides over by `at`; the planner's own choice returns.
+    pub fn expire_overrides(&mut self, at: Instant) -> Result<ApplyReport, AgentError> {
+        let due = self.operator.expired(at);
+        if due.is_empty() {
+            return Ok(ApplyReport::default());
+        }
+        for s in &due {
+            self.operator.clear_override(s);
+            tracing::info!(service = %s, "operator override expired");
+        }
+        self.persist();
+        let names: Vec<String> = due.iter().map(|s| format!("override of {s}")).collect();
+        self.apply(&Decision::all(
+            format!("operator: {} expired", names.join(", ")),
+            at,
+        ))
+    }
+
+    /// Plans `action` as if applied and refuses it when a service would be
+    /// left below its floor ([`planner::check_action`]), from what this
+    /// applier knows now.
+    pub fn check(&self, action: planner::Action<'_>) -> Result<(), planner::Refusal> {
+        planner::check_action(
+            &self.cfg,
+            &self.view(),
+            &self.ids.backend_ids(),
+            &self.operator.overrides(),
+            action,
+        )
+    }
+
+    /// Writes the operator state to the state file. A failure is logged:
+    /// the decision stands, only its survival of a restart is at risk.
+    fn persist(&self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        if let Err(e) = operator_state::save(path, &self.operator) {
+            tracing::error!(error = %e, "writing the operator state failed; a restart would forget it");
+        }
+    }
+
+    fn audit_forced(&self, what: &str, forced: Option<&planner::Refusal>) {
+        if let Some(r) = forced {
+            self.record_forced(what, r);
+        }
+    }
+
+    /// Audits an operator action forced past the refusal `r`, whether or
+    /// not it changes a ring.
+    pub fn record_forced(&self, what: &str, r: &planner::Refusal) {
+        tracing::warn!(action = what, refusal = %r, "operator action forced");
+        if let Some(j) = &self.journal {
+            let mut rec = DecisionRecord::new("*", 0);
+            rec.reason = format!("operator (forced): {what}");
+            rec.policy_check = format!("forced past the floor check: {r}");
+            j.record(rec);
+        }
+    }
+
+    /// An audit record of a decision about `backend` that switches no ring
+    /// by itself.
+    fn note(&self, backend: &str, reason: &str, check: &str) {
+        if let Some(j) = &self.journal {
+            let mut r = DecisionRecord::new("*", 0);
+            r.reason = format!("{backend}: {reason}");
+            r.policy_check = check.to_owned();
+            j.record(r);
+        }
     }
 
     /// Ends the start-up hold and plans every service with what is known.
@@ -530,7 +743,7 @@ impl Applier {
     fn view(&self) -> HealthView {
         let mut v = HealthView::new();
         for b in &self.cfg.backends {
-            if self.draining.contains(&b.name) {
+            if self.operator.is_drained(&b.name) {
                 v.set(b.name.clone(), BackendHealth::Draining);
                 continue;
             }
@@ -564,8 +777,10 @@ impl Applier {
         // 1. The microsecond failover: backends decided down leave first.
         let mut fast = 0;
         for name in &d.backends {
+            // Down for good: dead, or its slow grace over. An operator's
+            // drain does not keep a dead backend's flows waiting.
             let down =
-                !self.draining.contains(name) && self.health.get(name) == Some(&HealthState::Down);
+                self.health.get(name) == Some(&HealthState::Down) && !self.graces.contains(name);
             if let (true, Some(id)) = (down, self.ids.backend(name).map(|a| a.id))
                 && self.take_out(name, id)?
             {
@@ -587,6 +802,7 @@ impl Applier {
         report.held = self.held.iter().cloned().collect();
         let view = self.view();
         let bids = self.ids.backend_ids();
+        let overrides = self.operator.overrides();
         let mut next: Vec<Next> = Vec::new();
         for svc in &self.cfg.services {
             if self.held.contains(&svc.name) {
@@ -601,7 +817,7 @@ impl Applier {
             let Some(sid) = self.ids.service(&svc.name) else {
                 continue;
             };
-            let plan = planner::plan_service(&self.cfg, svc, &view, &bids, &self.overrides);
+            let plan = planner::plan_service(&self.cfg, svc, &view, &bids, &overrides);
             let flags = service_flags(svc);
             let ring_size = plan.ring.len() as u32;
             let key = sid.endpoint.key();
@@ -642,6 +858,9 @@ impl Applier {
                     active_slot,
                     ring_size,
                     generation,
+                    half_open_ms: u32::try_from(svc.timeouts.tcp_half_open.as_millis())
+                        .unwrap_or(u32::MAX),
+                    _pad: 0,
                 },
                 plan,
                 to,
@@ -667,17 +886,18 @@ impl Applier {
             let Some(cur) = self.backends.get(&a.id).map(|b| b.state) else {
                 continue;
             };
-            let want = if self.draining.contains(name) {
-                state::DRAINING
-            } else {
-                match self.health.get(name) {
-                    Some(HealthState::Up | HealthState::Degraded) => state::UP,
-                    _ if open.contains(&a.id) => state::UP,
-                    Some(HealthState::Down) => state::DOWN,
-                    // No verdict yet: a restarted agent keeps what it found.
-                    Some(HealthState::Unknown) | None if holding => cur,
-                    Some(HealthState::Unknown) | None => state::DOWN,
-                }
+            let grace = self.graces.contains(name);
+            let want = match self.health.get(name) {
+                // Dead, or its slow grace over: its flows go, drained or not.
+                Some(HealthState::Down) if !grace && !open.contains(&a.id) => state::DOWN,
+                _ if self.operator.is_drained(name) => state::DRAINING,
+                Some(HealthState::Up | HealthState::Degraded) => state::UP,
+                _ if open.contains(&a.id) => state::UP,
+                // Down as sick: its streams in progress finish first.
+                Some(HealthState::Down) => state::DRAINING,
+                // No verdict yet: a restarted agent keeps what it found.
+                Some(HealthState::Unknown) | None if holding => cur,
+                Some(HealthState::Unknown) | None => state::DOWN,
             };
             if want == cur {
                 continue;
@@ -853,7 +1073,22 @@ impl Applier {
             })
             .collect();
         let ids = &self.ids;
-        self.draining.retain(|n| ids.backend(n).is_some());
+        self.graces.retain(|n| ids.backend(n).is_some());
+        let dropped = self.operator.retain_valid(&new);
+        for d in &dropped {
+            tracing::warn!(dropped = %d, "operator state no longer fits the config");
+        }
+        let new_file = new.node.state_file();
+        let moved = self.state_file.as_ref().is_some_and(|f| *f != new_file);
+        if moved {
+            tracing::info!(state_file = %new_file.display(), "operator state moves to a new file");
+            if let Some(old) = self.state_file.replace(new_file) {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        if moved || !dropped.is_empty() {
+            self.persist();
+        }
         self.cfg = new;
         self.write_new_backends()?;
         if let Some(j) = &self.journal {

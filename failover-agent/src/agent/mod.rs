@@ -12,9 +12,12 @@
 //! removes it, deliberately.
 
 pub mod apply;
+pub mod grace;
 pub mod ids;
 pub mod journal;
 pub mod latency;
+mod operator;
+pub mod operator_state;
 pub mod passive;
 pub mod reload;
 
@@ -152,8 +155,6 @@ pub struct Agent {
     config_generation: u64,
     /// Latency of the probe behind each backend's last state change.
     probe_latency: BTreeMap<String, Duration>,
-    /// When each operator override ends.
-    override_until: BTreeMap<String, Instant>,
     drill: Option<ActiveDrill>,
     last_drill: Option<crate::drill::DrillReport>,
 }
@@ -200,6 +201,9 @@ impl Agent {
         let watch = reload::FileWatch::new(&opts.config_path);
         let cfg = config::load(&opts.config_path)?;
         let journal = opts.audit_path.as_deref().map(Journal::open).transpose()?;
+        let state_file = cfg.node.state_file();
+        // Before the first plan: a drained backend never takes a flow.
+        let operator = operator_state::restore_logged(&state_file, &cfg, journal.as_ref());
         let dp = Dataplane::load(&cfg.node.pin_path)?;
         let mut applier = Applier::new(
             dp,
@@ -207,6 +211,8 @@ impl Agent {
             ApplyOptions {
                 journal,
                 startup_hold: opts.startup_hold,
+                operator,
+                state_file: Some(state_file),
             },
         )?;
         // Maps first, then the program: it starts on a coherent state.
@@ -268,7 +274,6 @@ impl Agent {
             socket,
             config_generation: 1,
             probe_latency: BTreeMap::new(),
-            override_until: BTreeMap::new(),
             drill: None,
             last_drill: None,
         };
@@ -615,7 +620,7 @@ impl Agent {
                 backend: e.backend.as_str().into(),
                 from: self.applier.health(&e.backend),
                 to: HealthState::Down,
-                reason: format!("passive: {}", e.why),
+                reason: health::Reason::new(format!("passive: {}", e.why), Some(e.why.failure())),
                 latency: None,
                 source: EventSource::Passive,
                 at: now,
@@ -648,7 +653,8 @@ impl Agent {
                 nudge_at = Some(Instant::now() + NUDGE_DELAY);
             }
             let hold = self.applier.hold_deadline();
-            let expiry = self.next_expiry();
+            let expiry = self.applier.next_expiry();
+            let grace = self.applier.grace_deadline();
             let passive_due = self.passive.next_due();
             tokio::select! {
                 biased;
@@ -672,7 +678,18 @@ impl Agent {
                 Some(cmd) = self.api_rx.recv() => self.on_command(cmd),
                 _ = drill_tick.tick(), if self.drill.is_some() => self.on_drill_tick(),
                 () = sleep_until(expiry), if expiry.is_some() => {
-                    self.expire_overrides(Instant::now());
+                    let before = self.generations();
+                    if let Err(e) = self.applier.expire_overrides(Instant::now()) {
+                        tracing::error!(error = %e, "clearing an override failed");
+                    }
+                    self.count_switches(&before, Trigger::Operator);
+                }
+                () = sleep_until(grace), if grace.is_some() => {
+                    let before = self.generations();
+                    if let Err(e) = self.applier.end_graces(Instant::now()) {
+                        tracing::error!(error = %e, "ending a slow grace failed");
+                    }
+                    self.count_switches(&before, Trigger::Health);
                 }
                 Some(reply) = self.snapshot_rx.recv() => {
                     // The scrape may have timed out and gone: nothing to do.
@@ -710,16 +727,25 @@ impl Agent {
             Command::Flows(q, r) => {
                 let _ = r.send(self.api_flows(&q));
             }
-            Command::Drain { backend, on, reply } => {
-                let _ = reply.send(self.api_drain(&backend, on));
+            Command::Drain {
+                backend,
+                on,
+                force,
+                reply,
+            } => {
+                let _ = reply.send(self.api_drain(&backend, on, force));
             }
             Command::Failover {
                 service,
                 tier,
                 duration,
+                force,
                 reply,
             } => {
-                let _ = reply.send(self.api_failover(&service, tier, duration));
+                let _ = reply.send(self.api_failover(&service, tier, duration, force));
+            }
+            Command::CancelFailover { service, reply } => {
+                let _ = reply.send(self.api_cancel_failover(&service));
             }
             Command::Drill {
                 req,
@@ -777,15 +803,18 @@ impl Agent {
                 "nothing to drill: no healthy backend matches",
             ));
         }
-        if !svc
-            .backends
-            .iter()
-            .any(|b| !targets.contains(b) && self.healthy(b) && !self.applier.is_draining(b))
-        {
-            return Err(ApiError::conflict(format!(
-                "refusing to drill: service {} would have no healthy backend left",
-                svc.name
-            )));
+        let forced = self.check_action(
+            crate::planner::Action::MarkDown {
+                service: &svc.name,
+                backends: &targets,
+            },
+            req.force,
+        )?;
+        if let Some(r) = &forced {
+            self.applier.record_forced(
+                &format!("drill of {} in {}", targets.join(", "), svc.name),
+                r,
+            );
         }
         let ids = self.applier.ids();
         let pool: Vec<(String, u32)> = svc
@@ -839,7 +868,7 @@ impl Agent {
                 backend: b.as_str().into(),
                 from,
                 to: *st,
-                reason: why.to_owned(),
+                reason: why.into(),
                 latency: None,
                 source: EventSource::Active,
                 at: now,
@@ -913,29 +942,6 @@ impl Agent {
         }
     }
 
-    fn next_expiry(&self) -> Option<Instant> {
-        self.override_until.values().min().copied()
-    }
-
-    fn expire_overrides(&mut self, now: Instant) {
-        let due: Vec<String> = self
-            .override_until
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(s, _)| s.clone())
-            .collect();
-        for service in due {
-            self.override_until.remove(&service);
-            let before = self.generations();
-            let reason = format!("override of {service} expired");
-            tracing::info!(service = %service, "operator override expired");
-            if let Err(e) = self.applier.set_override(&service, None, &reason, now) {
-                tracing::error!(service = %service, error = %e, "clearing the override failed");
-            }
-            self.count_switches(&before, Trigger::Operator);
-        }
-    }
-
     fn healthy(&self, backend: &str) -> bool {
         matches!(
             self.applier.health(backend),
@@ -961,40 +967,38 @@ impl Agent {
         let cfg = self.applier.config();
         let now = Instant::now();
         let links = cfg.node.pin_path.join("links");
-        let services =
-            cfg.services
-                .iter()
-                .map(|s| {
-                    let p = self.applier.programmed(&s.name);
-                    let serving = p.map(|p| p.to.clone()).unwrap_or_default();
-                    api::ServiceStatus {
-                        name: s.name.clone(),
-                        endpoint: format!(
-                            "{}:{}/{}",
-                            s.vip,
-                            s.port,
-                            format!("{:?}", s.protocol).to_lowercase()
-                        ),
-                        active_tier: serving
-                            .iter()
-                            .filter_map(|n| cfg.backend(n).map(|b| b.tier))
-                            .min(),
-                        generation: p.map_or(0, |p| p.entry.generation),
-                        healthy: s.backends.iter().filter(|b| self.healthy(b)).count(),
-                        backends: s.backends.len(),
-                        serving,
-                        override_: self
-                            .applier
-                            .override_of(&s.name)
-                            .map(|o| api::OverrideInfo {
-                                tier: o.to_tier,
-                                expires_in_s: self.override_until.get(&s.name).map_or(0.0, |t| {
-                                    t.saturating_duration_since(now).as_secs_f64()
-                                }),
-                            }),
-                    }
-                })
-                .collect();
+        let services = cfg
+            .services
+            .iter()
+            .map(|s| {
+                let p = self.applier.programmed(&s.name);
+                let serving = p.map(|p| p.to.clone()).unwrap_or_default();
+                api::ServiceStatus {
+                    name: s.name.clone(),
+                    endpoint: format!(
+                        "{}:{}/{}",
+                        s.vip,
+                        s.port,
+                        format!("{:?}", s.protocol).to_lowercase()
+                    ),
+                    active_tier: serving
+                        .iter()
+                        .filter_map(|n| cfg.backend(n).map(|b| b.tier))
+                        .min(),
+                    generation: p.map_or(0, |p| p.entry.generation),
+                    healthy: s.backends.iter().filter(|b| self.healthy(b)).count(),
+                    backends: s.backends.len(),
+                    serving,
+                    override_: self
+                        .applier
+                        .override_of(&s.name)
+                        .map(|o| api::OverrideInfo {
+                            tier: o.ov.to_tier,
+                            expires_in_s: o.until.remaining(now).as_secs_f64(),
+                        }),
+                }
+            })
+            .collect();
         api::Status {
             node: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -1027,6 +1031,10 @@ impl Agent {
                     draining: self.applier.is_draining(&b.name),
                     flaps: b.flaps,
                     hold_down_s: b.hold_down.as_secs_f64(),
+                    grace_s: self
+                        .applier
+                        .grace_left(&b.name, Instant::now())
+                        .map_or(0.0, |d| d.as_secs_f64()),
                     probe_latency_ms: self
                         .probe_latency
                         .get(&b.name)
@@ -1122,94 +1130,6 @@ impl Agent {
         Ok(api::Flows {
             total,
             flows: out.into_iter().map(|(_, f)| f).collect(),
-        })
-    }
-
-    fn api_drain(&mut self, backend: &str, on: bool) -> Result<api::DrainReply, ApiError> {
-        let cfg = self.applier.config();
-        if cfg.backend(backend).is_none() {
-            return Err(ApiError::not_found(format!("no backend named {backend:?}")));
-        }
-        let was = self.applier.is_draining(backend);
-        if on && !was && self.healthy(backend) {
-            // Refused if some service would keep no healthy backend.
-            for s in cfg
-                .services
-                .iter()
-                .filter(|s| s.backends.iter().any(|b| b == backend))
-            {
-                let others = s
-                    .backends
-                    .iter()
-                    .filter(|b| *b != backend && self.healthy(b) && !self.applier.is_draining(b))
-                    .count();
-                if others == 0 {
-                    return Err(ApiError::conflict(format!(
-                        "refusing to drain {backend}: it is the last healthy backend of service {}",
-                        s.name
-                    )));
-                }
-            }
-        }
-        let before = self.generations();
-        self.applier
-            .set_draining(backend, on, Instant::now())
-            .map_err(|e| ApiError::new(500, format!("applying: {e}")))?;
-        self.count_switches(&before, Trigger::Operator);
-        let verb = if on { "drain" } else { "undrain" };
-        tracing::info!(backend, changed = was != on, "operator {verb}");
-        let id = self.applier.ids().backend(backend).map(|a| a.id);
-        let in_flight = id
-            .and_then(|i| self.flow_counts().get(&i).copied())
-            .unwrap_or(0);
-        Ok(api::DrainReply {
-            backend: backend.to_owned(),
-            draining: on,
-            changed: was != on,
-            in_flight_flows: in_flight,
-        })
-    }
-
-    fn api_failover(
-        &mut self,
-        service: &str,
-        tier: u8,
-        duration: Duration,
-    ) -> Result<api::FailoverReply, ApiError> {
-        let ov = crate::planner::Override { to_tier: tier };
-        crate::planner::check_override(self.applier.config(), service, ov).map_err(
-            |e| match e {
-                crate::planner::PlanError::UnknownService(_) => {
-                    ApiError::not_found(format!("no service named {service:?}"))
-                }
-                other => ApiError::forbidden(other.to_string()),
-            },
-        )?;
-        let now = Instant::now();
-        let reason = format!(
-            "failover {service} to tier {tier} for {}",
-            humantime::format_duration(duration)
-        );
-        let before = self.generations();
-        self.applier
-            .set_override(service, Some(ov), &reason, now)
-            .map_err(|e| ApiError::new(500, format!("applying: {e}")))?;
-        self.count_switches(&before, Trigger::Operator);
-        self.override_until
-            .insert(service.to_owned(), now + duration);
-        tracing::warn!(
-            service,
-            tier,
-            for_s = duration.as_secs_f64(),
-            "operator override"
-        );
-        let p = self.applier.programmed(service);
-        Ok(api::FailoverReply {
-            service: service.to_owned(),
-            tier,
-            expires_in_s: duration.as_secs_f64(),
-            generation: p.map_or(0, |p| p.entry.generation),
-            serving: p.map(|p| p.to.clone()).unwrap_or_default(),
         })
     }
 }

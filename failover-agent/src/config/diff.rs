@@ -159,6 +159,7 @@ fn node_fields(a: &Node, b: &Node) -> Vec<&'static str> {
         hash_seed,
         metrics_address,
         api_socket,
+        state_file,
     } = a;
     differing(&[
         ("interfaces", *interfaces == b.interfaces),
@@ -169,6 +170,7 @@ fn node_fields(a: &Node, b: &Node) -> Vec<&'static str> {
         ("hash_seed", *hash_seed == b.hash_seed),
         ("metrics_address", *metrics_address == b.metrics_address),
         ("api_socket", *api_socket == b.api_socket),
+        ("state_file", *state_file == b.state_file),
     ])
 }
 
@@ -181,6 +183,7 @@ fn service_fields(a: &Service, b: &Service) -> Vec<&'static str> {
         backends,
         probe,
         policy,
+        timeouts,
     } = a;
     differing(&[
         ("vip", *vip == b.vip),
@@ -189,6 +192,7 @@ fn service_fields(a: &Service, b: &Service) -> Vec<&'static str> {
         ("backends", *backends == b.backends),
         ("probe", *probe == b.probe),
         ("policy", *policy == b.policy),
+        ("timeouts", *timeouts == b.timeouts),
     ])
 }
 

@@ -144,6 +144,7 @@ fn semantic_errors_are_all_reported_with_field_and_line() {
             (19, "services[0].policy.ring_size"),
             (20, "services[1].name"),
             (21, "services[1].vip"),
+            (25, "services[1].probe"),
             (27, "services[1].probe.path"),
             (28, "services[1].policy"),
             (37, "backends[0].weight"),
@@ -164,7 +165,7 @@ fn semantic_errors_are_all_reported_with_field_and_line() {
     let shown = error.to_string();
     let origin = fixture("semantic.yaml").display().to_string();
     let lines: Vec<&str> = shown.lines().collect();
-    assert_eq!(lines.len(), 15);
+    assert_eq!(lines.len(), 16);
     assert_eq!(
         lines[2],
         format!(
@@ -183,7 +184,14 @@ fn semantic_errors_are_all_reported_with_field_and_line() {
             "{origin}:21: services[1].vip: 192.0.2.10:80/tcp is already served by service \"chat\" (services[0])"
         )
     );
-    assert!(lines[12].contains("services[1].policy: sovereignty policy (allowed_jurisdictions [CH]) admits none of the service's backends (a1, us1)"), "{}", lines[12]);
+    assert!(
+        lines[11].contains(
+            "services[1].probe: backend \"a1\" is also in service \"chat\" (services[0]), whose probe differs"
+        ),
+        "{}",
+        lines[11]
+    );
+    assert!(lines[13].contains("services[1].policy: sovereignty policy (allowed_jurisdictions [CH]) admits none of the service's backends (a1, us1)"), "{}", lines[13]);
 }
 
 #[test]
@@ -595,4 +603,168 @@ fn diff_reports_changes_by_name() {
     reordered.services.reverse();
     reordered.backends.reverse();
     assert!(diff(&old, &reordered).is_empty());
+}
+
+#[test]
+fn operator_floor_grace_and_state_file_defaults_and_limits() {
+    let mut config = minimal();
+    let policy = &config.services[0].policy;
+    assert_eq!(
+        (policy.min_healthy, policy.slow_grace),
+        (1, Duration::from_secs(30)),
+        "defaults"
+    );
+    assert_eq!(config.node.state_file, None);
+    assert_eq!(
+        config.node.state_file(),
+        Path::new("/var/lib/failover/failover.state.json"),
+        "derived from pin_path"
+    );
+    config.node.pin_path = PathBuf::from("/sys/fs/bpf/edge-2");
+    assert_eq!(
+        config.node.state_file(),
+        Path::new("/var/lib/failover/edge-2.state.json")
+    );
+
+    // Two admitted backends: a floor of 2 is the most.
+    let policy = &mut config.services[0].policy;
+    policy.min_healthy = 2;
+    policy.slow_grace = Duration::from_secs(3600);
+    config.node.state_file = Some(PathBuf::from("/srv/failover/state.json"));
+    assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
+    assert_eq!(
+        config.node.state_file(),
+        Path::new("/srv/failover/state.json")
+    );
+
+    let policy = &mut config.services[0].policy;
+    policy.min_healthy = 3;
+    policy.slow_grace = Duration::from_secs(3601);
+    config.node.state_file = Some(PathBuf::from("state.json"));
+    assert_eq!(
+        fields_of(&config),
+        [
+            "node.state_file",
+            "services[0].policy.min_healthy",
+            "services[0].policy.slow_grace",
+        ]
+    );
+    config.services[0].policy.min_healthy = 0;
+    assert!(fields_of(&config).contains(&"services[0].policy.min_healthy".to_owned()));
+
+    // As an operator sees them: file, line, field, message.
+    let base = std::fs::read_to_string(examples_dir().join("minimal.yaml")).unwrap();
+    let text = base
+        .replacen(
+            "kind: tcp",
+            "kind: tcp\n    policy:\n      min_healthy: 3\n      slow_grace: 2h",
+            1,
+        )
+        .replacen(
+            "snat_ports: { min: 10000, max: 32767 }",
+            "snat_ports: { min: 10000, max: 32767 }\n  state_file: relative/state.json",
+            1,
+        );
+    let lines: Vec<String> = parse_err(&text)
+        .to_string()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "test.yaml:7: node.state_file: relative/state.json is not an absolute file path",
+            "test.yaml:18: services[0].policy.min_healthy: min_healthy 3 is more than the 2 backends the policy admits",
+            "test.yaml:19: services[0].policy.slow_grace: slow_grace 2h is above the limit of 1h",
+        ]
+    );
+}
+
+#[test]
+fn udp_probe_fields() {
+    let mut config = minimal();
+    config.services[0].protocol = Protocol::Udp;
+    let probe = &mut config.services[0].probe;
+    probe.kind = ProbeKind::Udp;
+    assert_eq!(
+        fields_of(&config),
+        ["services[0].probe.payload"],
+        "required"
+    );
+
+    let probe = &mut config.services[0].probe;
+    probe.payload = Some(Bytes::Text("ping".into()));
+    probe.expect_prefix = Some(Bytes::Hex("706f6e67".into()));
+    assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
+
+    let probe = &mut config.services[0].probe;
+    probe.payload = Some(Bytes::Hex("0g".into()));
+    probe.expect = Some(Bytes::Text("pong".into()));
+    probe.tls = true;
+    assert_eq!(
+        fields_of(&config),
+        [
+            "services[0].probe.tls",
+            "services[0].probe.payload",
+            "services[0].probe.expect_prefix",
+        ]
+    );
+
+    let probe = &mut config.services[0].probe;
+    probe.tls = false;
+    probe.payload = Some(Bytes::Text("x".repeat(MAX_UDP_PAYLOAD + 1)));
+    probe.expect_prefix = Some(Bytes::Text(String::new()));
+    probe.expect = None;
+    assert_eq!(
+        fields_of(&config),
+        [
+            "services[0].probe.payload",
+            "services[0].probe.expect_prefix"
+        ]
+    );
+
+    // UDP fields on another kind.
+    let probe = &mut config.services[0].probe;
+    probe.kind = ProbeKind::Tcp;
+    probe.payload = Some(Bytes::Text("ping".into()));
+    probe.expect_prefix = None;
+    probe.expect = Some(Bytes::Text("pong".into()));
+    assert_eq!(
+        fields_of(&config),
+        ["services[0].probe.payload", "services[0].probe.expect"]
+    );
+
+    // As an operator sees them.
+    let base = std::fs::read_to_string(examples_dir().join("minimal.yaml")).unwrap();
+    let text = base.replacen(
+        "kind: tcp",
+        "kind: udp\n      payload: { hex: \"zz\" }\n      expect: pong\n      expect_prefix: po",
+        1,
+    );
+    let lines: Vec<String> = parse_err(&text)
+        .to_string()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "test.yaml:16: services[0].probe.payload: payload hex must be pairs of hex digits (0-9, a-f), nothing else",
+            "test.yaml:18: services[0].probe.expect_prefix: set expect (the whole answer) or expect_prefix (its start), not both",
+        ]
+    );
+}
+
+#[test]
+fn a_backend_is_probed_by_one_probe() {
+    let mut config = minimal();
+    let other = Service {
+        name: "web-udp".into(),
+        protocol: Protocol::Udp,
+        ..config.services[0].clone()
+    };
+    config.services.push(other);
+    assert!(fields_of(&config).is_empty(), "the same probe: fine");
+    config.services[1].probe.interval = Duration::from_millis(500);
+    assert_eq!(fields_of(&config), ["services[1].probe"]);
 }

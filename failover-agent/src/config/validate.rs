@@ -9,7 +9,7 @@ use std::{
 
 use failover_common::{MAX_BACKENDS, MAX_SERVICES, RING_MAX};
 
-use super::{Backend, Config, Node, Policy, Probe, ProbeKind, Service};
+use super::{Backend, Bytes, Config, Node, Policy, Probe, ProbeKind, Service};
 
 /// Largest backend weight: keeps the Maglev permutation fill loop (which
 /// runs in proportion to the weights) bounded.
@@ -24,6 +24,17 @@ const NAME_MAX: usize = 63;
 /// Longest `hold_down_max` and `hold_down_decay`: longer holds a backend
 /// out, or remembers its flaps, past what an operator would look for.
 const HOLD_DOWN_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Longest `slow_grace`: a stream still running after an hour on a
+/// backend its probes call down is not one to wait for.
+const SLOW_GRACE_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Largest UDP probe payload: one datagram in a 1500-byte frame, never
+/// fragmented (1500 - 20 IPv4 - 8 UDP).
+pub const MAX_UDP_PAYLOAD: usize = 1472;
+
+/// Largest expected UDP answer: the largest datagram over IPv4.
+const MAX_UDP_ANSWER: usize = 65_507;
 
 pub(super) struct Issue {
     pub(super) path: String,
@@ -88,6 +99,14 @@ fn check_node(c: &mut Checker, node: &Node) {
         c.fail(
             "node.api_socket",
             format!("{} is not an absolute path", node.api_socket.display()),
+        );
+    }
+    if let Some(file) = &node.state_file
+        && (!file.is_absolute() || file.file_name().is_none())
+    {
+        c.fail(
+            "node.state_file",
+            format!("{} is not an absolute file path", file.display()),
         );
     }
 }
@@ -196,6 +215,39 @@ fn check_services(c: &mut Checker, config: &Config) {
         check_probe(c, &format!("{path}.probe"), &service.probe);
         check_policy(c, &format!("{path}.policy"), &service.policy, &pool);
     }
+    check_one_probe_per_backend(c, services);
+}
+
+/// A backend has one prober, with the probe of the first service listing
+/// it: another service's different probe would silently never run (a UDP
+/// service behind a TCP service's probe would then go unchecked).
+fn check_one_probe_per_backend(c: &mut Checker, services: &[Service]) {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, service) in services.iter().enumerate() {
+        let mut clash: Option<(&str, usize)> = None;
+        for name in &service.backends {
+            match first.get(name.as_str()) {
+                None => {
+                    first.insert(name, i);
+                }
+                Some(&j) if clash.is_none() && services[j].probe != service.probe => {
+                    clash = Some((name, j));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some((name, j)) = clash {
+            c.fail(
+                format!("services[{i}].probe"),
+                format!(
+                    "backend {name:?} is also in service {:?} (services[{j}]), whose probe differs; \
+                     a backend is probed once, so this probe would never run for it \
+                     (give this service its own backend entries, at the same address if need be)",
+                    services[j].name
+                ),
+            );
+        }
+    }
 }
 
 fn protocol_name(service: &Service) -> &'static str {
@@ -285,6 +337,13 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
             probe.ttft_budget.is_some(),
             &[ProbeKind::Inference],
         ),
+        ("payload", probe.payload.is_some(), &[ProbeKind::Udp]),
+        ("expect", probe.expect.is_some(), &[ProbeKind::Udp]),
+        (
+            "expect_prefix",
+            probe.expect_prefix.is_some(),
+            &[ProbeKind::Udp],
+        ),
     ];
     for (field, set, kinds) in optional {
         if set && !kinds.contains(&kind) {
@@ -329,6 +388,46 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
             );
         }
     }
+    if kind == ProbeKind::Udp {
+        check_udp(c, path, probe);
+    }
+}
+
+fn check_bytes(c: &mut Checker, path: &str, field: &str, value: &Bytes, len: (usize, usize)) {
+    let (min, max) = len;
+    match value.to_vec() {
+        None => c.fail(
+            format!("{path}.{field}"),
+            format!("{field} hex must be pairs of hex digits (0-9, a-f), nothing else"),
+        ),
+        Some(b) if b.len() < min || b.len() > max => c.fail(
+            format!("{path}.{field}"),
+            format!("{field} is {} bytes; {min} to {max} allowed", b.len()),
+        ),
+        Some(_) => {}
+    }
+}
+
+fn check_udp(c: &mut Checker, path: &str, probe: &Probe) {
+    match &probe.payload {
+        None => c.fail(
+            format!("{path}.payload"),
+            "a udp probe needs the payload it sends",
+        ),
+        Some(p) => check_bytes(c, path, "payload", p, (1, MAX_UDP_PAYLOAD)),
+    }
+    if let Some(e) = &probe.expect {
+        check_bytes(c, path, "expect", e, (0, MAX_UDP_ANSWER));
+    }
+    if let Some(e) = &probe.expect_prefix {
+        check_bytes(c, path, "expect_prefix", e, (1, MAX_UDP_ANSWER));
+    }
+    if probe.expect.is_some() && probe.expect_prefix.is_some() {
+        c.fail(
+            format!("{path}.expect_prefix"),
+            "set expect (the whole answer) or expect_prefix (its start), not both",
+        );
+    }
 }
 
 fn check_hold_down(c: &mut Checker, path: &str, probe: &Probe) {
@@ -369,6 +468,7 @@ fn kind_name(kind: ProbeKind) -> &'static str {
         ProbeKind::Http => "http",
         ProbeKind::Grpc => "grpc",
         ProbeKind::Inference => "inference",
+        ProbeKind::Udp => "udp",
     }
 }
 
@@ -414,7 +514,32 @@ fn check_policy(c: &mut Checker, path: &str, policy: &Policy, pool: &[&Backend])
             }
         }
     }
-    if !pool.is_empty() && !pool.iter().any(|backend| policy.admits(backend)) {
+    if policy.slow_grace > SLOW_GRACE_LIMIT {
+        c.fail(
+            format!("{path}.slow_grace"),
+            format!(
+                "slow_grace {} is above the limit of {}",
+                humantime::format_duration(policy.slow_grace),
+                humantime::format_duration(SLOW_GRACE_LIMIT)
+            ),
+        );
+    }
+    let admitted = pool.iter().filter(|backend| policy.admits(backend)).count();
+    if policy.min_healthy == 0 {
+        c.fail(
+            format!("{path}.min_healthy"),
+            "min_healthy must be at least 1",
+        );
+    } else if admitted > 0 && policy.min_healthy as usize > admitted {
+        c.fail(
+            format!("{path}.min_healthy"),
+            format!(
+                "min_healthy {} is more than the {admitted} backends the policy admits",
+                policy.min_healthy
+            ),
+        );
+    }
+    if !pool.is_empty() && admitted == 0 {
         let names: Vec<&str> = pool.iter().map(|backend| backend.name.as_str()).collect();
         c.fail(
             path.to_owned(),

@@ -10,6 +10,7 @@ mod attach;
 mod batch;
 mod bpffs;
 mod counters;
+mod expire;
 mod nudge;
 mod rings;
 
@@ -24,12 +25,13 @@ use aya::{
     programs::{ProgramError, Xdp},
 };
 use failover_common::{
-    Backend, BackendStats, Flow, FlowKey, Node, Reverse, ReverseKey, Ring, Service, ServiceKey,
-    ServiceStats, VipFilter, names,
+    Backend, BackendStats, Flow, FlowKey, NextHop, Node, Pending, Reverse, ReverseKey, Ring,
+    Service, ServiceKey, ServiceStats, VipFilter, names,
 };
 
 pub use attach::{Attached, XdpMode, driver, ifindex};
 pub use counters::ReasonCount;
+pub use expire::{Expired, now_stamp};
 pub use rings::FlipTiming;
 
 /// The compiled XDP object, built by this crate's build script.
@@ -110,6 +112,38 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| ErrorKind::Map { map, source }.into()
 }
 
+/// A live `PENDING` slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingFlow {
+    pub slot: u32,
+    pub entry: Pending,
+}
+
+impl std::ops::Deref for PendingFlow {
+    type Target = Pending;
+    fn deref(&self) -> &Pending {
+        &self.entry
+    }
+}
+
+impl PendingFlow {
+    /// The NAT port, which the slot index holds (network order).
+    pub fn nat_port_be(&self) -> u16 {
+        ((self.slot & 0xffff) as u16).to_be()
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// Loaded program plus typed handles on every map.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -121,6 +155,7 @@ pub struct Dataplane {
     rings: Array<MapData, Ring>,
     flows: HashMap<MapData, FlowKey, Flow>,
     reverse: HashMap<MapData, ReverseKey, Reverse>,
+    pending: Array<MapData, Pending>,
     devmap: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
@@ -165,6 +200,7 @@ impl Dataplane {
             rings: take!(ebpf, names::RINGS),
             flows: take!(ebpf, names::FLOWS),
             reverse: take!(ebpf, names::REVERSE),
+            pending: take!(ebpf, names::PENDING),
             devmap: take!(ebpf, names::DEVMAP),
             stats: take!(ebpf, names::STATS),
             svc_stats: take!(ebpf, names::SVC_STATS),
@@ -275,18 +311,132 @@ impl Dataplane {
             .map_err(|e| ErrorKind::Devmap(e).into())
     }
 
-    /// All pinned flows (client tuple -> backend), read in batches.
+    /// Every flow (client tuple -> backend): the established ones, then
+    /// the half-open ones, read in batches.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        let mut out = self.established_flows()?;
+        out.extend(self.pending()?.iter().map(|p| {
+            (
+                FlowKey {
+                    src_be: p.client_be,
+                    dst_be: p.vip_be,
+                    sport_be: p.cport_be,
+                    dport_be: p.vport_be,
+                    proto: p.proto,
+                    _pad: [0; 3],
+                },
+                Flow {
+                    backend_id: p.backend_id,
+                    service_id: p.service_id,
+                    nat_port_be: p.nat_port_be(),
+                    svc_flags: p.svc_flags,
+                    created_ns: p.created_ns,
+                    ..Flow::default()
+                },
+            )
+        }));
+        Ok(out)
+    }
+
+    /// The established flows (`FLOWS`).
+    pub fn established_flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
         use aya::maps::IterableMap as _;
         batch::entries(self.flows.map())
             .map_err(|e| map_err(names::FLOWS)(aya::maps::MapError::from(e)))
     }
 
-    /// All SNAT entries (backend side -> client), read in batches.
+    /// Every SNAT entry (backend side -> client): the established ones
+    /// (`REVERSE`), then the half-open ones in their handshake state.
     pub fn reverse_entries(&self) -> Result<Vec<(ReverseKey, Reverse)>> {
         use aya::maps::IterableMap as _;
-        batch::entries(self.reverse.map())
-            .map_err(|e| map_err(names::REVERSE)(aya::maps::MapError::from(e)))
+        let mut out: Vec<(ReverseKey, Reverse)> = batch::entries(self.reverse.map())
+            .map_err(|e| map_err(names::REVERSE)(aya::maps::MapError::from(e)))?;
+        out.extend(self.pending()?.iter().map(|p| {
+            (
+                ReverseKey {
+                    backend_be: p.backend_be,
+                    snat_be: self.node().map_or(0, |n| n.snat_be),
+                    bport_be: p.bport_be,
+                    nat_port_be: p.nat_port_be(),
+                    proto: p.proto,
+                    _pad: [0; 3],
+                },
+                Reverse {
+                    client_be: p.client_be,
+                    vip_be: p.vip_be,
+                    cport_be: p.cport_be,
+                    vport_be: p.vport_be,
+                    backend_id: p.backend_id,
+                    service_id: p.service_id,
+                    state: p.state,
+                    fins: 0,
+                    _pad: [0; 2],
+                    fin_ack: 0,
+                    seen: 0,
+                    created_ns: p.created_ns,
+                    nh: NextHop::default(),
+                },
+            )
+        }));
+        Ok(out)
+    }
+
+    /// Removes the established flows idle in both directions for longer
+    /// than `timeout(service_id, proto)` (`None`: never), at stamp `now`
+    /// ([`now_stamp`]). Returns how many went.
+    pub fn expire_idle(
+        &mut self,
+        now: u32,
+        timeout: impl Fn(u32, u8) -> Option<std::time::Duration>,
+    ) -> Result<usize> {
+        use aya::maps::IterableMap as _;
+        let flows = self.established_flows()?;
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        let reverse: Vec<(ReverseKey, Reverse)> = batch::entries(self.reverse.map())
+            .map_err(|e| map_err(names::REVERSE)(aya::maps::MapError::from(e)))?;
+        let snat = self.node()?.snat_be;
+        let mut backends = std::collections::HashMap::new();
+        for (_, f) in &flows {
+            if let std::collections::hash_map::Entry::Vacant(e) = backends.entry(f.backend_id) {
+                e.insert(self.backend(f.backend_id).ok());
+            }
+        }
+        let gone = expire::expired(
+            &flows,
+            &reverse,
+            now,
+            snat,
+            |id| {
+                backends
+                    .get(&id)
+                    .copied()
+                    .flatten()
+                    .map(|b| (b.addr_be, b.port_be))
+            },
+            timeout,
+        );
+        for e in &gone {
+            if let Some(r) = &e.reverse {
+                let _ = self.reverse.remove(r);
+            }
+            let _ = self.flows.remove(&e.flow);
+        }
+        Ok(gone.len())
+    }
+
+    /// The half-open flows (`PENDING` slots that have not expired).
+    pub fn pending(&self) -> Result<Vec<PendingFlow>> {
+        use aya::maps::IterableMap as _;
+        let now = monotonic_ns();
+        let all: Vec<(u32, Pending)> = batch::entries(self.pending.map())
+            .map_err(|e| map_err(names::PENDING)(aya::maps::MapError::from(e)))?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, p)| p.expires_ns > now)
+            .map(|(slot, p)| PendingFlow { slot, entry: p })
+            .collect())
     }
 
     /// Inserts a reverse entry directly: lets tests fill the SNAT port
@@ -316,6 +466,11 @@ impl Dataplane {
             .map_err(map_err(names::REVERSE))?;
         for k in keys {
             let _ = self.reverse.remove(&k);
+        }
+        for p in self.pending()? {
+            self.pending
+                .set(p.slot, Pending::default(), 0)
+                .map_err(map_err(names::PENDING))?;
         }
         Ok(())
     }

@@ -28,9 +28,10 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
+use super::failure::Fault;
 use super::http::{Dialer, Stream, USER_AGENT};
 use super::tls::TlsOptions;
-use super::{BackendTarget, Probe, ProbeError, ProbeOutcome, error_chain};
+use super::{BackendTarget, Failure, Probe, ProbeError, ProbeOutcome, error_chain};
 
 const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 /// Largest answer read; a `HealthCheckResponse` is a few bytes.
@@ -123,14 +124,14 @@ impl GrpcProbe {
     async fn call(
         &self,
         mut kept: Option<Box<H2>>,
-    ) -> (Result<ServingStatus, String>, Option<Box<H2>>) {
+    ) -> (Result<ServingStatus, Fault>, Option<Box<H2>>) {
         loop {
             let reused = kept.is_some();
             let mut h2 = match kept.take() {
                 Some(h2) => h2,
                 None => match self.connect().await {
                     Ok(h2) => h2,
-                    Err(e) => return (Err(format!("Unavailable: {e}")), None),
+                    Err(e) => return (Err(e.context("Unavailable")), None),
                 },
             };
             match self.exchange(&mut h2).await {
@@ -140,21 +141,27 @@ impl GrpcProbe {
                 }
                 Err(CallError::Status(e)) => {
                     let open = h2.conn.is_some();
-                    return (Err(e), open.then_some(h2));
+                    return (Err(Fault::new(Failure::BadAnswer, e)), open.then_some(h2));
                 }
                 Err(CallError::BeforeAnswer(_)) if reused => {}
                 Err(CallError::BeforeAnswer(e) | CallError::Transport(e)) => {
-                    return (Err(format!("Unavailable: {e}")), None);
+                    return (
+                        Err(Fault::new(Failure::Broken, format!("Unavailable: {e}"))),
+                        None,
+                    );
                 }
             }
         }
     }
 
-    async fn connect(&self) -> Result<Box<H2>, String> {
+    async fn connect(&self) -> Result<Box<H2>, Fault> {
         let io = self.dialer.dial().await?;
-        let (sender, conn) = h2::client::handshake(io)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake: {}", error_chain(&e)))?;
+        let (sender, conn) = h2::client::handshake(io).await.map_err(|e| {
+            Fault::new(
+                Failure::Broken,
+                format!("HTTP/2 handshake: {}", error_chain(&e)),
+            )
+        })?;
         Ok(Box::new(H2 {
             sender,
             conn: Some(conn),
@@ -214,9 +221,9 @@ impl Probe for GrpcProbe {
         let (result, conn) = match tokio::time::timeout(self.timeout, self.call(kept)).await {
             Ok(done) => done,
             Err(_) => (
-                Err(format!(
-                    "DeadlineExceeded: no answer within {:?}",
-                    self.timeout
+                Err(Fault::new(
+                    self.dialer.timed_out(),
+                    format!("DeadlineExceeded: no answer within {:?}", self.timeout),
                 )),
                 None,
             ),
@@ -228,9 +235,16 @@ impl Probe for GrpcProbe {
             Ok(ServingStatus::Serving) => ProbeOutcome::Healthy {
                 latency: start.elapsed(),
             },
-            Ok(other) => ProbeOutcome::failed(format!("grpc health: {}", other.as_str_name())),
-            Err(e) => ProbeOutcome::failed(format!("grpc health: {e}")),
+            Ok(other) => ProbeOutcome::failed(
+                Failure::BadAnswer,
+                format!("grpc health: {}", other.as_str_name()),
+            ),
+            Err(e) => e.context("grpc health").into(),
         }
+    }
+
+    fn timed_out(&self) -> Failure {
+        self.dialer.timed_out()
     }
 }
 

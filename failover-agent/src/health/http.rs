@@ -21,6 +21,7 @@ use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -32,9 +33,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::failure::Fault;
 use super::h1::{self, Conn, Response};
 use super::tls::{TlsOptions, client_config};
-use super::{BackendTarget, Probe, ProbeError, ProbeOutcome};
+use super::{BackendTarget, Failure, Probe, ProbeError, ProbeOutcome};
 
 /// Most of a body a probe reads; health answers are tiny, and a larger body
 /// is cut (the connection is then not reused).
@@ -113,6 +115,9 @@ pub(crate) struct Dialer {
     addr: SocketAddr,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     timeout: Duration,
+    /// True from the start of a TCP handshake to its end: a probe cut
+    /// short meanwhile found the backend not answering its SYN.
+    connecting: AtomicBool,
 }
 
 impl fmt::Debug for Dialer {
@@ -149,40 +154,70 @@ impl Dialer {
                 Some((TlsConnector::from(Arc::new(cfg)), name))
             }
         };
-        Ok(Self { addr, tls, timeout })
+        Ok(Self {
+            addr,
+            tls,
+            timeout,
+            connecting: AtomicBool::new(false),
+        })
     }
 
     pub(crate) fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
 
-    /// A new connection; the error names what failed (connect, TLS, time).
-    pub(crate) async fn dial(&self) -> Result<Stream, String> {
-        match tokio::time::timeout(self.timeout, self.open()).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "connect {}: timed out after {:?}",
-                self.addr, self.timeout
-            )),
+    /// The class of a probe its timeout cut short: unanswered while its
+    /// TCP handshake was still on, a slow answer otherwise.
+    pub(crate) fn timed_out(&self) -> Failure {
+        if self.connecting.load(Ordering::Relaxed) {
+            Failure::Unanswered
+        } else {
+            Failure::Timeout
         }
     }
 
-    async fn open(&self) -> Result<Stream, String> {
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| format!("connect {}: {e}", self.addr))?;
+    /// A new connection; the error names what failed (connect, TLS, time).
+    pub(crate) async fn dial(&self) -> Result<Stream, Fault> {
+        match tokio::time::timeout(self.timeout, self.open()).await {
+            Ok(r) => r,
+            Err(_) => {
+                let failure = self.timed_out();
+                let phase = match failure {
+                    Failure::Unanswered => "handshake unanswered",
+                    _ => "TLS handshake",
+                };
+                Err(Fault::new(
+                    failure,
+                    format!(
+                        "connect {}: timed out after {:?} ({phase})",
+                        self.addr, self.timeout
+                    ),
+                ))
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Stream, Fault> {
+        self.connecting.store(true, Ordering::Relaxed);
+        let tcp = TcpStream::connect(self.addr).await;
+        self.connecting.store(false, Ordering::Relaxed);
+        let tcp =
+            tcp.map_err(|e| Fault::new(Failure::of_io(&e), format!("connect {}: {e}", self.addr)))?;
         // Probe requests are one small write each: never hold them back.
         tcp.set_nodelay(true)
-            .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+            .map_err(|e| Fault::new(Failure::Local, format!("TCP_NODELAY: {e}")))?;
         let Some((connector, name)) = &self.tls else {
             return Ok(Stream::Plain(tcp));
         };
         // rustls' errors say which check failed ("invalid peer
-        // certificate: UnknownIssuer").
-        let tls = connector
-            .connect(name.clone(), tcp)
-            .await
-            .map_err(|e| format!("TLS handshake with {}: {e}", name.to_str()))?;
+        // certificate: UnknownIssuer"). The backend answered the TCP
+        // handshake: it is there, but not right.
+        let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+            Fault::new(
+                Failure::Broken,
+                format!("TLS handshake with {}: {e}", name.to_str()),
+            )
+        })?;
         Ok(Stream::Tls(Box::new(tls)))
     }
 }
@@ -235,6 +270,11 @@ impl KeepAlive {
         h1::encode_request(method, path, &self.host, &all, body).into_boxed_slice()
     }
 
+    /// See [`Dialer::timed_out`].
+    pub(crate) fn timed_out(&self) -> Failure {
+        self.dialer.timed_out()
+    }
+
     /// Starts using the connection for one probe (one or more requests in
     /// turn). The connection goes back for the next probe when the session
     /// drops, if its last exchange left it clean.
@@ -283,7 +323,7 @@ impl Session<'_> {
     /// Sends `req` on the kept connection (or a new one) and returns the
     /// response with its body still to read. `Err` names the cause:
     /// connect, TLS, or the connection failing before the response head.
-    pub(crate) async fn send(&mut self, req: &[u8]) -> Result<Response<'_>, String> {
+    pub(crate) async fn send(&mut self, req: &[u8]) -> Result<Response<'_>, Fault> {
         // A kept connection the server closed while it sat idle is seen
         // here, before the request is written.
         let mut kept = self.conn.take().and_then(|mut c| c.idle_ok().then_some(c));
@@ -301,7 +341,7 @@ impl Session<'_> {
                 // The server closed the kept connection as the request went
                 // out: once more, on a new one.
                 Err(h1::Error::ClosedEarly(_)) if reused => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(Fault::new(Failure::Broken, e.to_string())),
             }
         }
     }
@@ -362,7 +402,7 @@ impl Probe for HttpProbe {
         let mut session = self.client.session();
         let mut resp = match session.send(&self.request).await {
             Ok(r) => r,
-            Err(e) => return ProbeOutcome::failed(format!("GET {}: {e}", self.path)),
+            Err(e) => return e.context(format_args!("GET {}", self.path)).into(),
         };
         // The body is read even when only the status matters, so the
         // connection can carry the next probe; it is kept only if needed.
@@ -371,7 +411,7 @@ impl Probe for HttpProbe {
             .await
         {
             Ok(b) => b,
-            Err(reason) => return ProbeOutcome::Failed { reason },
+            Err(reason) => return ProbeOutcome::failed(Failure::Broken, reason),
         };
         let status = resp.status;
         drop(resp);
@@ -381,16 +421,26 @@ impl Probe for HttpProbe {
             None => status.is_success(),
         };
         if !status_ok {
-            return ProbeOutcome::failed(format!("GET {} answered {status}", self.path));
+            return ProbeOutcome::failed(
+                Failure::BadAnswer,
+                format!("GET {} answered {status}", self.path),
+            );
         }
         if let Some(needle) = &self.body_contains
             && !contains(&body, needle.as_bytes())
         {
-            return ProbeOutcome::failed(format!("GET {} body lacks {needle:?}", self.path));
+            return ProbeOutcome::failed(
+                Failure::BadAnswer,
+                format!("GET {} body lacks {needle:?}", self.path),
+            );
         }
         ProbeOutcome::Healthy {
             latency: start.elapsed(),
         }
+    }
+
+    fn timed_out(&self) -> Failure {
+        self.client.timed_out()
     }
 }
 

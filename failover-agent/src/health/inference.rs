@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 use hyper::{StatusCode, Uri};
 use serde::Deserialize;
 
+use super::failure::Fault;
 use super::h1::Response;
 use super::http::{BODY_LIMIT, KeepAlive, Session, contains, request_path};
 use super::tls::TlsOptions;
-use super::{BackendTarget, Probe, ProbeError, ProbeOutcome};
+use super::{BackendTarget, Failure, Probe, ProbeError, ProbeOutcome};
 
 /// Most bytes scanned for the first `data:` line of the stream.
 const SSE_SCAN_LIMIT: usize = 4 * 1024;
@@ -68,8 +69,9 @@ struct ModelEntry<'a> {
 enum NoToken {
     /// A non-2xx answer, after `latency`.
     Status(StatusCode, Duration),
-    /// A 2xx answer whose stream failed or carried no data line.
-    Stream(String),
+    /// The request failed, or a 2xx answer whose stream failed or carried
+    /// no data line.
+    Stream(Fault),
 }
 
 impl InferenceProbe {
@@ -137,7 +139,7 @@ impl Probe for InferenceProbe {
             match self.model_loaded(&mut session).await {
                 Ok(None) => listed_now = Some(at),
                 Ok(Some(degraded)) => return degraded,
-                Err(reason) => return ProbeOutcome::Failed { reason },
+                Err(fault) => return fault.into(),
             }
         }
         let outcome = match self.first_token(&mut session, deadline).await {
@@ -149,48 +151,53 @@ impl Probe for InferenceProbe {
                 match self.model_loaded(&mut session).await {
                     Ok(None) => not_ok(StatusCode::NOT_FOUND),
                     Ok(Some(degraded)) => degraded,
-                    Err(reason) => ProbeOutcome::Failed { reason },
+                    Err(fault) => fault.into(),
                 }
             }
             Err(NoToken::Status(status, _)) => not_ok(status),
-            Err(NoToken::Stream(reason)) => ProbeOutcome::Failed { reason },
+            Err(NoToken::Stream(fault)) => fault.into(),
         };
         if matches!(outcome, ProbeOutcome::Healthy { .. }) {
             *self.listed() = listed_now.or(last);
         }
         outcome
     }
+
+    fn timed_out(&self) -> Failure {
+        self.client.timed_out()
+    }
 }
 
 impl InferenceProbe {
     /// `Ok(None)` when the model is listed; `Ok(Some(..))` for a rate limit.
-    async fn model_loaded(
-        &self,
-        session: &mut Session<'_>,
-    ) -> Result<Option<ProbeOutcome>, String> {
+    async fn model_loaded(&self, session: &mut Session<'_>) -> Result<Option<ProbeOutcome>, Fault> {
         let start = Instant::now();
+        let bad = |reason: String| Fault::new(Failure::BadAnswer, reason);
         let mut resp = session
             .send(&self.models_request)
             .await
-            .map_err(|e| format!("GET /v1/models: {e}"))?;
-        let (body, complete) = resp.read_body(BODY_LIMIT, true).await?;
+            .map_err(|e| e.context("GET /v1/models"))?;
+        let (body, complete) = resp
+            .read_body(BODY_LIMIT, true)
+            .await
+            .map_err(|e| Fault::new(Failure::Broken, e))?;
         let status = resp.status;
         drop(resp);
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Ok(Some(rate_limited(start.elapsed())));
         }
         if !status.is_success() {
-            return Err(format!("GET /v1/models answered {status}"));
+            return Err(bad(format!("GET /v1/models answered {status}")));
         }
         if !complete {
-            return Err(format!("GET /v1/models: list over {BODY_LIMIT} bytes"));
+            return Err(bad(format!("GET /v1/models: list over {BODY_LIMIT} bytes")));
         }
-        let list: ModelList<'_> =
-            serde_json::from_slice(&body).map_err(|e| format!("GET /v1/models: bad JSON: {e}"))?;
+        let list: ModelList<'_> = serde_json::from_slice(&body)
+            .map_err(|e| bad(format!("GET /v1/models: bad JSON: {e}")))?;
         if list.data.iter().any(|m| m.id == self.model) {
             Ok(None)
         } else {
-            Err(format!("model {} not loaded", self.model))
+            Err(bad(format!("model {} not loaded", self.model)))
         }
     }
 
@@ -204,7 +211,7 @@ impl InferenceProbe {
         let mut resp = session
             .send(&self.chat_request)
             .await
-            .map_err(|e| NoToken::Stream(format!("POST {}: {e}", self.chat_path)))?;
+            .map_err(|e| NoToken::Stream(e.context(format_args!("POST {}", self.chat_path))))?;
         let status = resp.status;
         if !status.is_success() {
             let latency = sent.elapsed();
@@ -234,16 +241,19 @@ fn rate_limited(latency: Duration) -> ProbeOutcome {
 }
 
 fn not_ok(status: StatusCode) -> ProbeOutcome {
-    ProbeOutcome::failed(format!("POST /v1/chat/completions answered {status}"))
+    ProbeOutcome::failed(
+        Failure::BadAnswer,
+        format!("POST /v1/chat/completions answered {status}"),
+    )
 }
 
 /// Time from `sent` to the first SSE `data:` line.
-async fn first_data(resp: &mut Response<'_>, sent: Instant) -> Result<Duration, String> {
+async fn first_data(resp: &mut Response<'_>, sent: Instant) -> Result<Duration, Fault> {
     let mut seen = Vec::new();
     while let Some(data) = resp
         .chunk()
         .await
-        .map_err(|e| format!("reading stream: {e}"))?
+        .map_err(|e| Fault::new(Failure::Broken, format!("reading stream: {e}")))?
     {
         let at = sent.elapsed();
         seen.extend_from_slice(&data[..data.len().min(SSE_SCAN_LIMIT - seen.len())]);
@@ -251,10 +261,16 @@ async fn first_data(resp: &mut Response<'_>, sent: Instant) -> Result<Duration, 
             return Ok(at);
         }
         if seen.len() >= SSE_SCAN_LIMIT {
-            return Err("stream has no SSE data line".to_owned());
+            return Err(Fault::new(
+                Failure::BadAnswer,
+                "stream has no SSE data line",
+            ));
         }
     }
-    Err("stream ended before the first token".to_owned())
+    Err(Fault::new(
+        Failure::Broken,
+        "stream ended before the first token",
+    ))
 }
 
 /// Reads the rest of a body until it ends or `deadline` passes; a body

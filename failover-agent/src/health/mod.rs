@@ -5,8 +5,11 @@
 //! backend through its task's [`Ejector`] within milliseconds.
 //!
 //! Probes follow pingora's `HealthCheck` shape: a small [`Probe`] trait with
-//! one implementation per kind, dispatched through [`AnyProbe`] (an enum, so
-//! no boxed future per probe). Each probe keeps one connection open across
+//! one implementation per kind (tcp, http, grpc, inference, udp), dispatched
+//! through [`AnyProbe`] (an enum, so no boxed future per probe). Every
+//! failure carries its class ([`failure`]: dead or sick), set where it is
+//! seen; a check its timeout cuts short is classed by the probe
+//! ([`Probe::timed_out`]: still in its handshake, or answering too slowly). Each probe keeps one connection open across
 //! checks (HTTP/1.1 keep-alive, an HTTP/2 connection for gRPC) and drives it
 //! in the prober task itself: no connection tasks, no pool, and no
 //! allocation on the way of a healthy HTTP probe. 100 backends probed every
@@ -18,6 +21,7 @@
 //! unless the outcome carries a reason); profiles put each under 0.1% of a
 //! core at 1000 probes a second, so it stays as plain as it is.
 
+pub mod failure;
 mod grpc;
 mod h1;
 mod http;
@@ -26,6 +30,7 @@ pub mod passive;
 pub mod state;
 mod tcp;
 mod tls;
+mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,6 +47,7 @@ use tokio::time::MissedTickBehavior;
 use crate::config::{self, ProbeKind};
 use crate::metrics::ProbeDurations;
 
+pub use failure::{DownCause, Failure, Reason};
 pub use grpc::GrpcProbe;
 pub use http::HttpProbe;
 pub use inference::InferenceProbe;
@@ -49,6 +55,7 @@ pub use passive::{Ejection, HandshakeCounters, PassiveConfig, PassiveDetector};
 pub use state::{FlapState, HealthMachine, HealthState, HoldDown, Thresholds, Transition};
 pub use tcp::TcpProbe;
 pub use tls::TlsOptions;
+pub use udp::{UdpExpect, UdpProbe};
 
 /// The result of one probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,14 +69,25 @@ pub enum ProbeOutcome {
         reason: String,
     },
     Failed {
+        /// What the failure says about the backend (gone or failing).
+        failure: Failure,
         reason: String,
     },
 }
 
 impl ProbeOutcome {
-    pub fn failed(reason: impl Into<String>) -> Self {
+    pub fn failed(failure: Failure, reason: impl Into<String>) -> Self {
         ProbeOutcome::Failed {
+            failure,
             reason: reason.into(),
+        }
+    }
+
+    /// The class of a failure; `None` unless failed.
+    pub fn failure(&self) -> Option<Failure> {
+        match self {
+            ProbeOutcome::Failed { failure, .. } => Some(*failure),
+            ProbeOutcome::Healthy { .. } | ProbeOutcome::Degraded { .. } => None,
         }
     }
 
@@ -85,7 +103,18 @@ impl ProbeOutcome {
     pub fn reason(&self) -> Option<&str> {
         match self {
             ProbeOutcome::Healthy { .. } => None,
-            ProbeOutcome::Degraded { reason, .. } | ProbeOutcome::Failed { reason } => Some(reason),
+            ProbeOutcome::Degraded { reason, .. } | ProbeOutcome::Failed { reason, .. } => {
+                Some(reason)
+            }
+        }
+    }
+}
+
+impl From<failure::Fault> for ProbeOutcome {
+    fn from(f: failure::Fault) -> Self {
+        ProbeOutcome::Failed {
+            failure: f.failure,
+            reason: f.reason,
         }
     }
 }
@@ -94,6 +123,13 @@ impl ProbeOutcome {
 /// itself: the prober task applies the probe's timeout around it.
 pub trait Probe: Send + Sync + 'static {
     fn check(&self) -> impl Future<Output = ProbeOutcome> + Send;
+
+    /// The class of a check the timeout cut short, asked right after it
+    /// was dropped: by default the backend answered too slowly; a probe
+    /// still in its handshake then says [`Failure::Unanswered`].
+    fn timed_out(&self) -> Failure {
+        Failure::Timeout
+    }
 }
 
 /// Errors building a probe from its configuration.
@@ -106,6 +142,8 @@ pub enum ProbeError {
     },
     #[error("`tls` is not supported by a {0} probe")]
     TlsUnsupported(&'static str),
+    #[error("`{0}` is not valid hex")]
+    BadBytes(&'static str),
     #[error("backend address {path}: {source}")]
     Uri {
         path: String,
@@ -164,6 +202,7 @@ pub enum AnyProbe {
     Http(HttpProbe),
     Grpc(GrpcProbe),
     Inference(InferenceProbe),
+    Udp(UdpProbe),
 }
 
 impl AnyProbe {
@@ -173,6 +212,7 @@ impl AnyProbe {
             AnyProbe::Http(_) => ProbeKind::Http,
             AnyProbe::Grpc(_) => ProbeKind::Grpc,
             AnyProbe::Inference(_) => ProbeKind::Inference,
+            AnyProbe::Udp(_) => ProbeKind::Udp,
         }
     }
 }
@@ -184,6 +224,17 @@ impl Probe for AnyProbe {
             AnyProbe::Http(p) => p.check().await,
             AnyProbe::Grpc(p) => p.check().await,
             AnyProbe::Inference(p) => p.check().await,
+            AnyProbe::Udp(p) => p.check().await,
+        }
+    }
+
+    fn timed_out(&self) -> Failure {
+        match self {
+            AnyProbe::Tcp(p) => p.timed_out(),
+            AnyProbe::Http(p) => p.timed_out(),
+            AnyProbe::Grpc(p) => p.timed_out(),
+            AnyProbe::Inference(p) => p.timed_out(),
+            AnyProbe::Udp(p) => p.timed_out(),
         }
     }
 }
@@ -232,6 +283,29 @@ pub fn build_probe(
                 cfg.timeout,
             )?)
         }
+        ProbeKind::Udp => {
+            if tls.is_some() {
+                return Err(ProbeError::TlsUnsupported("udp"));
+            }
+            let missing = ProbeError::MissingField {
+                kind: "udp",
+                field: "payload",
+            };
+            let payload = cfg
+                .payload
+                .as_ref()
+                .and_then(config::Bytes::to_vec)
+                .ok_or(missing)?;
+            let bytes = |b: &config::Bytes, field: &'static str| {
+                b.to_vec().ok_or(ProbeError::BadBytes(field))
+            };
+            let expect = match (&cfg.expect, &cfg.expect_prefix) {
+                (Some(b), _) => UdpExpect::Exact(bytes(b, "expect")?.into()),
+                (None, Some(b)) => UdpExpect::Prefix(bytes(b, "expect_prefix")?.into()),
+                (None, None) => UdpExpect::Any,
+            };
+            AnyProbe::Udp(UdpProbe::new(target.addr, payload, expect))
+        }
     })
 }
 
@@ -266,8 +340,11 @@ pub enum EventSource {
 pub struct HealthEvent {
     pub backend: Arc<str>,
     pub from: HealthState,
+    /// `Down` with `from` `Down` too: the backend was down as sick, and
+    /// new evidence shows it dead ([`Transition`]).
     pub to: HealthState,
-    pub reason: String,
+    /// The evidence; for a fall, also its class ([`Reason::down_cause`]).
+    pub reason: Reason,
     /// Latency of the probe that caused it (none for failures and passive).
     pub latency: Option<Duration>,
     pub source: EventSource,
@@ -389,8 +466,7 @@ impl Reporter {
     /// Returns false when nobody listens any more.
     async fn eject(&mut self, why: &Ejection) -> bool {
         let now = Instant::now();
-        let reason = why.to_string();
-        let t = self.machine.eject(now, &reason);
+        let t = self.machine.eject(now, why);
         self.publish(now);
         match t {
             Some(t) => self.send(t, None, EventSource::Passive, now).await,
@@ -406,7 +482,8 @@ impl Reporter {
 
     /// One probe's outcome; the probe began at `started`.
     async fn observe(&mut self, outcome: &ProbeOutcome, started: Instant) -> bool {
-        if let ProbeOutcome::Failed { reason } | ProbeOutcome::Degraded { reason, .. } = outcome {
+        if let ProbeOutcome::Failed { reason, .. } | ProbeOutcome::Degraded { reason, .. } = outcome
+        {
             tracing::debug!(backend = %self.backend, %reason, "probe not healthy");
         }
         let now = Instant::now();
@@ -435,12 +512,15 @@ impl Reporter {
         source: EventSource,
         at: Instant,
     ) -> bool {
-        if t.to == HealthState::Down {
+        if t.from == t.to {
+            tracing::warn!(backend = %self.backend, state = %t.to, ?source, reason = %t.reason, "down backend found dead");
+        } else if t.to == HealthState::Down {
             let f = self.machine.flap_state(at);
             let hold_s = f
                 .held_until
                 .map_or(0.0, |u| u.saturating_duration_since(at).as_secs_f64());
-            tracing::warn!(backend = %self.backend, from = %t.from, to = %t.to, ?source, reason = %t.reason, flaps = f.flaps, hold_s, "backend health changed");
+            let cause = t.reason.down_cause();
+            tracing::warn!(backend = %self.backend, from = %t.from, to = %t.to, ?source, reason = %t.reason, %cause, flaps = f.flaps, hold_s, "backend health changed");
         } else {
             tracing::info!(backend = %self.backend, from = %t.from, to = %t.to, ?source, reason = %t.reason, "backend health changed");
         }
@@ -489,7 +569,7 @@ async fn run<P: Probe>(
                             }
                         }
                         res = &mut check => break res.unwrap_or_else(|_| {
-                            ProbeOutcome::failed(format!("timeout after {:?}", schedule.timeout))
+                            timeout_outcome(probe.timed_out(), schedule.timeout)
                         }),
                     }
                 };
@@ -499,6 +579,15 @@ async fn run<P: Probe>(
             }
         }
     }
+}
+
+/// The outcome of a check its timeout cut short, classed by the probe.
+fn timeout_outcome(failure: Failure, timeout: Duration) -> ProbeOutcome {
+    let phase = match failure {
+        Failure::Unanswered => " (handshake unanswered)",
+        _ => "",
+    };
+    ProbeOutcome::failed(failure, format!("timeout after {timeout:?}{phase}"))
 }
 
 /// An error with its sources, `a: b: c` (h2's and hyper's own text often
@@ -577,7 +666,7 @@ mod tests {
         let script = vec![
             healthy(),
             healthy(),
-            Some(ProbeOutcome::failed("refused")),
+            Some(ProbeOutcome::failed(Failure::Refused, "refused")),
             None,
             healthy(),
             healthy(),
@@ -593,7 +682,7 @@ mod tests {
         let down = next(&mut rx).await;
         assert_eq!(down.to, HealthState::Down);
         assert!(
-            down.reason.contains("timeout after 50ms"),
+            down.reason.as_str().contains("timeout after 50ms"),
             "{}",
             down.reason
         );
@@ -704,7 +793,10 @@ mod tests {
         // again: one state change (to down), many probes.
         let _p = spawn_with_probe(
             "b1".into(),
-            Scripted::new(vec![Some(ProbeOutcome::failed("refused")), None]),
+            Scripted::new(vec![
+                Some(ProbeOutcome::failed(Failure::Refused, "refused")),
+                None,
+            ]),
             schedule(1, 1),
             tx,
             Some(m.probe_durations("b1")),

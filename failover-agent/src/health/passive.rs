@@ -97,6 +97,16 @@ pub enum Ejection {
     Unanswered { waited: Duration, bound: Duration },
 }
 
+impl Ejection {
+    /// Its class: passive evidence is always of a gone backend.
+    pub fn failure(&self) -> super::Failure {
+        match self {
+            Ejection::Refused { .. } => super::Failure::Refused,
+            Ejection::Unanswered { .. } => super::Failure::Unanswered,
+        }
+    }
+}
+
 impl fmt::Display for Ejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -36,6 +36,15 @@
 //! - Going down is never delayed by a hold: leaving the rings is the safe
 //!   direction, and a tier that goes dark must fail over at once.
 //!
+//! Dead or sick: a fall carries the class of the failure that completed
+//! the run ([`super::Failure`], in the transition's [`Reason`]), which says
+//! whether the backend is gone or only slow or failing. A backend down as
+//! sick that then shows itself dead (one probe refused, unreachable or
+//! unanswered, or a passive ejection) reports `Down -> Down` once, with
+//! the dead evidence: its flows are dead too, and must not wait out a
+//! grace meant for streams in progress. Neither the dwell nor a hold
+//! delays it.
+//!
 //! The bound this gives: a backend re-enters service at most once per
 //! current hold, and from a count of 0 the `k`-th recovery in a row comes
 //! `base * (2^(k-1) - 1)` after the first fall at the earliest. In a window
@@ -53,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::ProbeOutcome;
+use super::{DownCause, Ejection, Failure, ProbeOutcome, Reason};
 
 /// Health of one backend as the planner sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
@@ -168,12 +177,13 @@ pub struct FlapState {
     pub held_until: Option<Instant>,
 }
 
-/// One state change, with the evidence that caused it.
+/// One state change, with the evidence that caused it. `Down -> Down` is
+/// the one change of a down backend's cause, from sick to dead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub from: HealthState,
     pub to: HealthState,
-    pub reason: String,
+    pub reason: Reason,
 }
 
 /// The state machine of one backend.
@@ -188,6 +198,10 @@ pub struct HealthMachine {
     healthy: u32,
     degraded: u32,
     failures: u32,
+    /// Class of the latest failure of the current failure run.
+    failure: Option<Failure>,
+    /// Why it is down, while `Down`.
+    down_cause: Option<DownCause>,
     ejected: bool,
     /// Flaps not decayed yet.
     flaps: u32,
@@ -207,6 +221,8 @@ impl HealthMachine {
             healthy: 0,
             degraded: 0,
             failures: 0,
+            failure: None,
+            down_cause: None,
             ejected: false,
             flaps: 0,
             decay_from: None,
@@ -230,6 +246,11 @@ impl HealthMachine {
     /// Down because of a passive ejection that no rise has undone yet.
     pub fn is_ejected(&self) -> bool {
         self.ejected
+    }
+
+    /// Why it is down (`None` unless `Down`).
+    pub fn down_cause(&self) -> Option<DownCause> {
+        self.down_cause
     }
 
     /// Flap count and hold-down as of `now`.
@@ -256,14 +277,18 @@ impl HealthMachine {
                 self.healthy = 0;
                 self.failures = 0;
             }
-            ProbeOutcome::Failed { .. } => {
+            ProbeOutcome::Failed { failure, .. } => {
                 self.failures = self.failures.saturating_add(1);
+                self.failure = Some(*failure);
                 self.successes = 0;
                 self.healthy = 0;
                 self.degraded = 0;
             }
         }
         let to = self.target();
+        if let Some(t) = self.escalate(outcome.failure(), || Self::detail(outcome)) {
+            return Some(t);
+        }
         let held = to.is_serving() && self.held_until.is_some_and(|t| now < t);
         if to == self.state || !self.dwell_elapsed(now) || held {
             return None;
@@ -275,18 +300,41 @@ impl HealthMachine {
     /// A passive ejection: `Down` now, whatever the runs, the dwell and the
     /// hold say. Returns `None` when already down (the success run and the
     /// hold still restart, so recovery needs `rise` successes and the hold
-    /// after the latest evidence).
-    pub fn eject(&mut self, now: Instant, reason: &str) -> Option<Transition> {
+    /// after the latest evidence), unless it was down as sick: then the
+    /// `Down -> Down` of a backend found dead.
+    pub fn eject(&mut self, now: Instant, why: &Ejection) -> Option<Transition> {
         self.decay(now);
         self.successes = 0;
         self.healthy = 0;
         self.degraded = 0;
         self.ejected = true;
+        let text = || format!("passive: {why}");
         if self.state == HealthState::Down {
             self.hold(now);
+            return self.escalate(Some(why.failure()), text);
+        }
+        self.failure = Some(why.failure());
+        let reason = Reason::new(text(), Some(why.failure()));
+        Some(self.change(now, HealthState::Down, reason))
+    }
+
+    /// The `Down -> Down` of a backend down as sick that `failure` shows
+    /// dead; `None` otherwise.
+    fn escalate(
+        &mut self,
+        failure: Option<Failure>,
+        text: impl FnOnce() -> String,
+    ) -> Option<Transition> {
+        let failure = failure.filter(|f| f.cause() == DownCause::Dead)?;
+        if self.state != HealthState::Down || self.down_cause != Some(DownCause::Sick) {
             return None;
         }
-        Some(self.change(now, HealthState::Down, format!("passive: {reason}")))
+        self.down_cause = Some(DownCause::Dead);
+        Some(Transition {
+            from: HealthState::Down,
+            to: HealthState::Down,
+            reason: Reason::new(format!("found dead: {}", text()), Some(failure)),
+        })
     }
 
     fn target(&self) -> HealthState {
@@ -312,26 +360,32 @@ impl HealthMachine {
             .is_none_or(|at| now.saturating_duration_since(at) >= self.th.min_dwell)
     }
 
-    fn reason(&self, to: HealthState, outcome: &ProbeOutcome) -> String {
-        let detail = match outcome {
+    fn detail(outcome: &ProbeOutcome) -> String {
+        match outcome {
             ProbeOutcome::Healthy { latency } => format!("latency {latency:?}"),
-            ProbeOutcome::Degraded { reason, .. } | ProbeOutcome::Failed { reason } => {
+            ProbeOutcome::Degraded { reason, .. } | ProbeOutcome::Failed { reason, .. } => {
                 reason.clone()
             }
-        };
+        }
+    }
+
+    fn reason(&self, to: HealthState, outcome: &ProbeOutcome) -> Reason {
+        let detail = Self::detail(outcome);
         let (run, what) = match (self.state, to) {
             (_, HealthState::Down) => (self.failures, "failures"),
             (HealthState::Up, HealthState::Degraded) => (self.degraded, "degraded answers"),
             (HealthState::Degraded, HealthState::Up) => (self.healthy, "healthy answers"),
             _ => (self.successes, "successes"),
         };
-        format!("{run} consecutive {what}: {detail}")
+        let failure = (to == HealthState::Down).then_some(self.failure).flatten();
+        Reason::new(format!("{run} consecutive {what}: {detail}"), failure)
     }
 
-    fn change(&mut self, now: Instant, to: HealthState, reason: String) -> Transition {
+    fn change(&mut self, now: Instant, to: HealthState, reason: Reason) -> Transition {
         let from = self.state;
         self.state = to;
         self.changed_at = Some(now);
+        self.down_cause = (to == HealthState::Down).then(|| reason.down_cause());
         if from.is_serving() && to == HealthState::Down {
             self.flaps = (self.flaps + 1).min(self.th.hold_down.cap());
             self.hold(now);
@@ -392,15 +446,25 @@ mod tests {
                 reason: "slow".into(),
             },
             'f' => ProbeOutcome::Failed {
+                failure: Failure::Refused,
                 reason: "refused".into(),
+            },
+            't' => ProbeOutcome::Failed {
+                failure: Failure::Timeout,
+                reason: "timeout".into(),
             },
             _ => unreachable!("outcome letter {c}"),
         }
     }
 
+    fn refused(rsts: u64) -> Ejection {
+        Ejection::Refused { rsts }
+    }
+
     /// Runs `steps` (one letter per probe interval: h healthy, s slow/degraded,
-    /// f failed, e passive ejection) and returns the state after each step as
-    /// letters (? unknown, U up, G degraded, D down).
+    /// f failed (refused: dead), t timed out (sick), e passive ejection) and
+    /// returns the state after each step as letters (? unknown, U up, G
+    /// degraded, D down).
     fn run(th: Thresholds, steps: &str) -> String {
         let t0 = Instant::now();
         let mut m = HealthMachine::new(th);
@@ -409,7 +473,7 @@ mod tests {
             let now = t0 + TICK * u32::try_from(i).unwrap();
             let before = m.state();
             let t = if c == 'e' {
-                m.eject(now, "syn refused")
+                m.eject(now, &refused(2))
             } else {
                 m.observe(now, &outcome(c))
             };
@@ -417,7 +481,11 @@ mod tests {
                 Some(t) => {
                     assert_eq!(t.from, before);
                     assert_eq!(t.to, m.state());
-                    assert_ne!(t.from, t.to);
+                    // Only a sick -> dead change keeps the state.
+                    assert!(
+                        t.from != t.to || t.reason.down_cause() == DownCause::Dead,
+                        "{t:?}"
+                    );
                 }
                 None => assert_eq!(m.state(), before),
             }
@@ -596,7 +664,7 @@ mod tests {
             m.observe(now, &outcome('h'));
             now += Duration::from_millis(100);
             m.observe(now, &outcome('h'));
-            m.eject(now, "x").unwrap();
+            m.eject(now, &refused(1)).unwrap();
             now = m.flap_state(now).held_until.unwrap_or(now);
         }
         let f = m.flap_state(now);
@@ -632,7 +700,13 @@ mod tests {
                 None
             };
             let e = if step % 20 == 0 && m.state().is_serving() {
-                m.eject(now, "SYNs unanswered")
+                m.eject(
+                    now,
+                    &Ejection::Unanswered {
+                        waited: Duration::from_millis(50),
+                        bound: Duration::from_millis(30),
+                    },
+                )
             } else {
                 None
             };
@@ -682,21 +756,101 @@ mod tests {
         let up = m.observe(t0, &outcome('h')).unwrap();
         assert_eq!((up.from, up.to), (HealthState::Unknown, HealthState::Up));
         assert!(
-            up.reason.starts_with("1 consecutive successes"),
+            up.reason.as_str().starts_with("1 consecutive successes"),
             "{}",
             up.reason
         );
         assert!(m.observe(t0 + TICK, &outcome('f')).is_none());
         let down = m.observe(t0 + TICK * 2, &outcome('f')).unwrap();
         assert_eq!(down.reason, "2 consecutive failures: refused");
+        assert_eq!(down.reason.failure(), Some(Failure::Refused));
         assert!(!m.is_ejected());
         m.observe(t0 + TICK * 3, &outcome('h')).unwrap();
-        let ej = m.eject(t0 + TICK * 4, "3 SYNs refused").unwrap();
-        assert_eq!(ej.reason, "passive: 3 SYNs refused");
+        let ej = m.eject(t0 + TICK * 4, &refused(3)).unwrap();
+        assert_eq!(ej.reason, "passive: 3 SYNs refused with RST");
+        assert_eq!(ej.reason.failure(), Some(Failure::Refused));
         assert!(m.is_ejected());
         assert_eq!(m.changed_at(), Some(t0 + TICK * 4));
         m.observe(t0 + TICK * 5, &outcome('h')).unwrap();
         assert!(!m.is_ejected());
+    }
+
+    #[test]
+    fn a_fall_carries_the_class_of_its_last_failure() {
+        let t0 = Instant::now();
+        let at = |i: u32| t0 + TICK * i;
+        let mut m = HealthMachine::new(Thresholds::new(1, 2, Duration::ZERO));
+        m.observe(at(0), &outcome('h')).unwrap();
+        // Refused, then timed out: the run ends sick.
+        assert!(m.observe(at(1), &outcome('f')).is_none());
+        let down = m.observe(at(2), &outcome('t')).unwrap();
+        assert_eq!(
+            (down.to, down.reason.down_cause()),
+            (HealthState::Down, DownCause::Sick)
+        );
+        assert_eq!(m.down_cause(), Some(DownCause::Sick));
+        // More sick evidence changes nothing; one dead probe escalates once.
+        assert!(m.observe(at(3), &outcome('t')).is_none());
+        let dead = m.observe(at(4), &outcome('f')).unwrap();
+        assert_eq!((dead.from, dead.to), (HealthState::Down, HealthState::Down));
+        assert_eq!(dead.reason, "found dead: refused");
+        assert_eq!(dead.reason.down_cause(), DownCause::Dead);
+        assert!(m.observe(at(5), &outcome('f')).is_none());
+        // Recovery forgets the cause.
+        let up = m.observe(at(6), &outcome('h')).unwrap();
+        assert_eq!(up.reason.failure(), None);
+        assert_eq!(m.down_cause(), None);
+
+        // A passive ejection of a backend down as sick escalates too.
+        m.observe(at(7), &outcome('t'));
+        assert_eq!(
+            m.observe(at(8), &outcome('t')).unwrap().to,
+            HealthState::Down
+        );
+        let dead = m.eject(at(9), &refused(2)).unwrap();
+        assert_eq!((dead.from, dead.to), (HealthState::Down, HealthState::Down));
+        assert_eq!(dead.reason, "found dead: passive: 2 SYNs refused with RST");
+        assert!(m.eject(at(10), &refused(2)).is_none(), "once");
+
+        // Dead from the start: nothing to escalate.
+        let mut m = HealthMachine::new(Thresholds::new(1, 1, Duration::ZERO));
+        m.observe(at(0), &outcome('h')).unwrap();
+        let down = m.eject(at(1), &refused(1)).unwrap();
+        assert_eq!(down.reason.down_cause(), DownCause::Dead);
+        assert!(m.observe(at(2), &outcome('f')).is_none());
+    }
+
+    #[test]
+    fn sick_and_dead_table() {
+        // rise = 1, fall = 2; the escalation shows as a step where the
+        // state stays D but the machine reported a change ('!').
+        let t0 = Instant::now();
+        let cases: &[(&str, &str, &str)] = &[
+            ("slow run is sick", "htt", "UUD"),
+            ("dead run is dead", "hff", "UUD"),
+            ("sick then dead escalates once", "htttff", "UUDD!D"),
+            ("dead never escalates", "hfftf", "UUDDD"),
+            ("ejection is dead", "hehf", "UDUU"),
+        ];
+        for &(name, steps, want) in cases {
+            let mut m = HealthMachine::new(Thresholds::new(1, 2, Duration::ZERO));
+            let mut got = String::new();
+            for (i, c) in steps.chars().enumerate() {
+                let now = t0 + TICK * u32::try_from(i).unwrap();
+                let t = if c == 'e' {
+                    m.eject(now, &refused(1))
+                } else {
+                    m.observe(now, &outcome(c))
+                };
+                got.push(match (&t, m.state()) {
+                    (Some(t), _) if t.from == t.to => '!',
+                    (_, HealthState::Up) => 'U',
+                    (_, HealthState::Down) => 'D',
+                    (_, s) => panic!("{s}"),
+                });
+            }
+            assert_eq!(got, want, "case {name:?}: steps {steps}");
+        }
     }
 
     #[test]

@@ -16,8 +16,11 @@
 //! Damping flaps is the health state machine's job: the same inputs always
 //! give the same plan, on every node.
 
+pub mod check;
 pub mod policy;
 pub mod tiers;
+
+pub use check::{Action, Refusal, Shortfall, check_action, healthy_serving};
 
 #[cfg(test)]
 mod tests;

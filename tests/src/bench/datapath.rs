@@ -80,6 +80,18 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
     let mut reply = Frame::tcp(be, 8000, SNAT, nat_port);
     reply.src_mac = BACKEND_MAC;
     reply.dst_mac = VA0_MAC;
+    // The backend's SYN-ACK and the client's ACK complete the handshake,
+    // so the flow is established (half-open flows live apart).
+    let synack = reply.clone().synack(5000).build();
+    let complete = |lab: &Lab| -> Result<()> {
+        let (rc, _) = lab.run(lab.va0, &synack)?;
+        anyhow::ensure!(rc == XDP_REDIRECT, "SYN-ACK: {rc}");
+        let ack = syn.clone().segment(1001, Some(5001), false, false, false);
+        let (rc, _) = lab.run(lab.vc0, &ack.build())?;
+        anyhow::ensure!(rc == XDP_REDIRECT, "ACK: {rc}");
+        Ok(())
+    };
+    complete(&lab)?;
     // `data` makes it an ACK segment with 18 bytes.
     let reply = reply.data(&[0u8; 18]).build();
     let passthrough = Frame::tcp(CLIENT, 50_001, Ipv4Addr::new(203, 0, 113, 200), 80).build();
@@ -130,6 +142,7 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
             ports(&again).0 == nat_port,
             "the established flow got its port back"
         );
+        complete(&lab)?;
         let nat = lab.dp.program();
         let empty = lab.dp.pass_program();
         for case in &mut cases {

@@ -1,0 +1,411 @@
+//! Half-open TCP flows (`PENDING`, see `failover_common::Pending`): a SYN,
+//! or a segment picked up mid-stream, claims a slot; the backend's answer
+//! is read there for passive health; the flow is promoted to
+//! `FLOWS`/`REVERSE` when its handshake completes (the client ACKs the
+//! backend's SYN-ACK) or, picked up, when the backend answers without an
+//! RST. A spoofed SYN never sees the SYN-ACK, so it never reaches the
+//! established tables, and its slot is free again when it expires.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use failover_common::{
+    FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_PICKUP, FLOW_SYN_SENT, Flow, FlowKey,
+    HALF_OPEN_MS_DEFAULT, NextHop, Node, Pending, Reason, Reverse, ReverseKey, SEEN_SHIFT,
+    SNAT_PROBES, SVC_F_RESET, Service, state, tcp,
+};
+
+use crate::{
+    egress::{self, Route},
+    forward::{self, Target},
+    ipv4,
+    ipv4::Ipv4,
+    l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
+    maps::{BACKENDS, FLOWS, PENDING, REVERSE},
+    select::{self, Chosen},
+    stats,
+};
+
+/// A client's TCP segment with no established flow: its own pending slot
+/// if it has one (a retransmitted SYN keeps its backend, the ACK that
+/// completes the handshake promotes), else a new one toward the ring's
+/// choice for `fh`: the first free slot, or when every probed slot is taken,
+/// the first. So no flood holds the SNAT ports, and a flood's slots, being
+/// most of them, are the ones taken most. (Taking the oldest instead would
+/// make the verifier walk every order of the 32 slots.)
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    node: &Node,
+    ip: &Ipv4,
+    l4: &L4,
+    k: &FlowKey,
+    svc: &Service,
+    fh: u32,
+    now_c: u64,
+) -> (u32, Reason) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let chosen = select::select(svc, fh);
+    // The first slot that is this flow's or free ends the search: a
+    // retransmitted SYN finds its own before any that freed up since. The
+    // loop only looks: what is done with the slot comes after it, so the
+    // verifier walks the sending code once, not once per probe.
+    let (addr_be, port_be) = chosen
+        .as_ref()
+        .map_or((0, 0), |c| (c.backend.addr_be, c.backend.port_be));
+    let found = scan(k, node, addr_be, port_be, now);
+    let port = found as u16;
+    let (mut mine, mut claim, mut steal) = (None, None, None);
+    match found >> 16 {
+        MINE => mine = Some(port),
+        FREE => claim = Some(port),
+        STEAL => steal = Some(port),
+        _ => {}
+    }
+    if let Some(port) = mine
+        && let Some(p) = PENDING.get_ptr_mut(port as u32)
+    {
+        let p = unsafe { &mut *p };
+        // A SYN with another ISN after the backend answered: the client
+        // gave up on that handshake and opens a new connection, which
+        // follows the ring.
+        let reopened = tcp::opening(l4.flags)
+            && p.state == FLOW_ANSWERED
+            && l4.seq.wrapping_add(1) != p.syn_ack;
+        match BACKENDS.get(p.backend_id) {
+            Some(be) if !reopened && (be.state == state::UP || be.state == state::DRAINING) => {
+                let t = Target {
+                    backend_id: p.backend_id,
+                    service_id: p.service_id,
+                    addr_be: be.addr_be,
+                    port_be: be.port_be,
+                    nat_port_be: port.to_be(),
+                };
+                return ours(ctx, node, ip, l4, k, p, &t, now_c);
+            }
+            _ => {
+                // Reopened, or its backend went down during the handshake.
+                p.expires_ns = 0;
+                if !reopened && p.svc_flags & SVC_F_RESET != 0 && !tcp::opening(l4.flags) {
+                    return forward::reset(ctx, ip, l4, p.service_id, Some(p.backend_id));
+                }
+                // A SYN starts again on the ring, in this slot if it
+                // serves the new choice.
+                if let Some(c) = &chosen
+                    && !established(c, port, node, k.proto)
+                {
+                    claim = Some(port);
+                }
+            }
+        }
+    }
+    if !tcp::may_create(l4.flags) {
+        // An RST or a SYN-ACK with no flow: nothing to forward it to, and
+        // it must not leave state behind.
+        return (xdp_action::XDP_DROP, Reason::NotOpening);
+    }
+    let Some(chosen) = chosen else {
+        // Fail closed, but tell the client now instead of letting it
+        // retransmit into silence.
+        return forward::reset(ctx, ip, l4, svc.id, None);
+    };
+    let port = match (claim, steal) {
+        (Some(port), _) => port,
+        (None, Some(port)) => {
+            if let Some(s) = stats::backend(chosen.id) {
+                s.pending_evicted += 1;
+            }
+            port
+        }
+        // Every probed port is held by an established flow.
+        (None, None) => return (xdp_action::XDP_DROP, Reason::SnatExhausted),
+    };
+    let Some(p) = PENDING.get_ptr_mut(port as u32) else {
+        return (xdp_action::XDP_DROP, Reason::SnatExhausted);
+    };
+    let p = unsafe { &mut *p };
+    let half_open_ms = if svc.half_open_ms == 0 {
+        HALF_OPEN_MS_DEFAULT
+    } else {
+        svc.half_open_ms
+    };
+    *p = Pending {
+        expires_ns: now + half_open_ms as u64 * 1_000_000,
+        created_ns: now,
+        client_be: k.src_be,
+        vip_be: k.dst_be,
+        cport_be: k.sport_be,
+        vport_be: k.dport_be,
+        backend_be: chosen.backend.addr_be,
+        bport_be: chosen.backend.port_be,
+        proto: k.proto,
+        state: if tcp::opening(l4.flags) {
+            FLOW_SYN_SENT
+        } else {
+            FLOW_PICKUP
+        },
+        backend_id: chosen.id,
+        service_id: svc.id,
+        svc_flags: svc.flags,
+        syn_ack: l4.seq.wrapping_add(1),
+        synack_ack: 0,
+    };
+    let t = Target {
+        backend_id: chosen.id,
+        service_id: svc.id,
+        addr_be: chosen.backend.addr_be,
+        port_be: chosen.backend.port_be,
+        nat_port_be: port.to_be(),
+    };
+    let out = forward::send(ctx, node, ip, l4, k, &t, true, now_c);
+    if out.0 == xdp_action::XDP_DROP {
+        // Not sent (no route, no neighbour, ...): keep no state for it.
+        p.expires_ns = 0;
+    }
+    out
+}
+
+const NONE: u32 = 0;
+const MINE: u32 = 1;
+const FREE: u32 = 2;
+const STEAL: u32 = 3;
+
+/// Looks for `k`'s own slot, or the first free one (expired, and no
+/// established flow holds its port toward `addr_be:port_be`; 0: no backend
+/// to claim for). Returns `MINE`, `FREE`, `STEAL` (no free one: the first
+/// half-open slot whose port no established flow holds) or `NONE`, << 16 |
+/// the port. What is done with the slot comes after the loop, so the
+/// verifier walks the sending code once, not once per probe.
+#[inline(always)]
+fn scan(k: &FlowKey, node: &Node, addr_be: u32, port_be: u16, now: u64) -> u32 {
+    let mut steal = NONE << 16;
+    let mut i = 0;
+    while i < SNAT_PROBES {
+        let port = forward::snat_port(node, k, i) as u16;
+        if let Some(p) = PENDING.get(port as u32) {
+            let live = p.expires_ns > now;
+            if live && is_of(p, k) {
+                return MINE << 16 | port as u32;
+            }
+            let free = !live;
+            if addr_be != 0
+                && (free || steal == NONE << 16)
+                && !held(addr_be, port_be, port, node, k.proto)
+            {
+                if free {
+                    return FREE << 16 | port as u32;
+                }
+                steal = STEAL << 16 | port as u32;
+            }
+        }
+        i += 1;
+    }
+    steal
+}
+
+/// An established flow holds `port` toward `addr_be:port_be`.
+#[inline(always)]
+fn held(addr_be: u32, port_be: u16, port: u16, node: &Node, proto: u8) -> bool {
+    let key = ReverseKey {
+        backend_be: addr_be,
+        snat_be: node.snat_be,
+        bport_be: port_be,
+        nat_port_be: port.to_be(),
+        proto,
+        _pad: [0; 3],
+    };
+    REVERSE.get_ptr(&key).is_some()
+}
+
+/// An established flow holds `port` toward `c`'s backend.
+#[inline(always)]
+fn established(c: &Chosen, port: u16, node: &Node, proto: u8) -> bool {
+    held(c.backend.addr_be, c.backend.port_be, port, node, proto)
+}
+
+#[inline(always)]
+fn is_of(p: &Pending, k: &FlowKey) -> bool {
+    p.client_be == k.src_be
+        && p.cport_be == k.sport_be
+        && p.vip_be == k.dst_be
+        && p.vport_be == k.dport_be
+}
+
+/// The client's segments while its handshake is open.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn ours(
+    ctx: &XdpContext,
+    node: &Node,
+    ip: &Ipv4,
+    l4: &L4,
+    k: &FlowKey,
+    p: &mut Pending,
+    t: &Target,
+    now_c: u64,
+) -> (u32, Reason) {
+    if tcp::opening(l4.flags) {
+        // A retransmitted SYN, or a new ISN on the same tuple: the
+        // backend answers the latest.
+        p.syn_ack = l4.seq.wrapping_add(1);
+    } else if p.state == FLOW_ANSWERED && l4.flags & TCP_ACK != 0 && l4.ack == p.synack_ack {
+        // The client ACKs the backend's SYN-ACK: the handshake is done.
+        if let Err(r) = promote(p, t, node, now_c) {
+            p.expires_ns = 0;
+            return (xdp_action::XDP_DROP, r);
+        }
+        p.expires_ns = 0;
+    } else if l4.flags & TCP_RST != 0 {
+        p.expires_ns = 0;
+    }
+    forward::send(ctx, node, ip, l4, k, t, false, now_c)
+}
+
+/// Moves a pending flow to `FLOWS`/`REVERSE`.
+#[inline(always)]
+fn promote(p: &Pending, t: &Target, node: &Node, now_c: u64) -> Result<(), Reason> {
+    let k = FlowKey {
+        src_be: p.client_be,
+        dst_be: p.vip_be,
+        sport_be: p.cport_be,
+        dport_be: p.vport_be,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let rkey = forward::reverse_key(t, node, p.proto);
+    let rval = Reverse {
+        client_be: p.client_be,
+        vip_be: p.vip_be,
+        cport_be: p.cport_be,
+        vport_be: p.vport_be,
+        backend_id: p.backend_id,
+        service_id: p.service_id,
+        state: FLOW_ESTABLISHED,
+        fins: 0,
+        _pad: [0; 2],
+        fin_ack: 0,
+        seen: (now_c >> SEEN_SHIFT) as u32,
+        created_ns: p.created_ns,
+        nh: NextHop::default(),
+    };
+    if REVERSE.insert(&rkey, &rval, 0).is_err() {
+        return Err(Reason::FlowTableFull);
+    }
+    let flow = Flow {
+        backend_id: p.backend_id,
+        service_id: p.service_id,
+        nat_port_be: t.nat_port_be,
+        fins: 0,
+        _pad: 0,
+        svc_flags: p.svc_flags,
+        fin_ack: 0,
+        seen: (now_c >> SEEN_SHIFT) as u32,
+        created_ns: p.created_ns,
+    };
+    if FLOWS.insert(&k, &flow, 0).is_err() {
+        let _ = REVERSE.remove(&rkey);
+        return Err(Reason::FlowTableFull);
+    }
+    Ok(())
+}
+
+/// A backend's TCP segment to the SNAT address with no established flow:
+/// the answer to a pending one, read for passive health, or not ours.
+#[inline(always)]
+pub fn reverse(
+    ctx: &XdpContext,
+    node: &Node,
+    ip: &Ipv4,
+    l4: &L4,
+    rkey: &ReverseKey,
+    now_c: u64,
+) -> (u32, Reason) {
+    let Some(p) = PENDING.get_ptr_mut(u16::from_be(rkey.nat_port_be) as u32) else {
+        return (xdp_action::XDP_PASS, Reason::NotVip);
+    };
+    let p = unsafe { &mut *p };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !l4.tcp
+        || p.expires_ns <= now
+        || p.backend_be != rkey.backend_be
+        || p.bport_be != rkey.bport_be
+        || p.proto != rkey.proto
+    {
+        // Traffic to the node's own sockets on the SNAT address (the
+        // agent's probes, for one) is the kernel's.
+        return (xdp_action::XDP_PASS, Reason::NotVip);
+    }
+    let t = Target {
+        backend_id: p.backend_id,
+        service_id: p.service_id,
+        addr_be: p.backend_be,
+        port_be: p.bport_be,
+        nat_port_be: rkey.nat_port_be,
+    };
+    // A SYN-ACK or an RST answers the SYN only if it ACKs it: an off-path
+    // forger of the backend's address does not know the client's ISN.
+    let acks_syn = l4.flags & TCP_ACK != 0 && l4.ack == p.syn_ack;
+    if let Some(s) = stats::backend(p.backend_id) {
+        s.traffic.rev_packets += 1;
+        s.traffic.rev_bytes += ip.tot_len as u64;
+        if p.state == FLOW_PICKUP {
+            // No handshake to watch: the backend either knows the flow
+            // (it answers, and the flow is promoted) or resets it.
+            if l4.flags & TCP_RST == 0 {
+                if promote(p, &t, node, now_c).is_err() {
+                    return (xdp_action::XDP_DROP, Reason::FlowTableFull);
+                }
+            }
+            p.expires_ns = 0;
+        } else if l4.flags & TCP_RST != 0 {
+            if acks_syn {
+                s.syn_rsts += 1;
+                p.expires_ns = 0;
+            }
+        } else if l4.flags & TCP_SYN != 0 {
+            if acks_syn {
+                s.synacks += 1;
+                if p.state == FLOW_SYN_SENT {
+                    s.rtt_last_ns = now.saturating_sub(p.created_ns);
+                    s.rtt_at_ns = now;
+                }
+                p.state = FLOW_ANSWERED;
+                p.synack_ack = l4.seq.wrapping_add(1);
+            }
+        } else {
+            // Anything else from the backend (a challenge ACK to a SYN on a
+            // tuple it still holds) proves it alive.
+            s.synacks += 1;
+        }
+    }
+    if let Some(s) = stats::service(p.service_id) {
+        s.rev_packets += 1;
+        s.rev_bytes += ip.tot_len as u64;
+    }
+    let src = rkey.backend_be;
+    ipv4::rewrite(ip.hdr, p.vip_be, p.client_be);
+    if let Err(e) = l4::rewrite(
+        ctx,
+        l4,
+        src,
+        node.snat_be,
+        p.vip_be,
+        p.client_be,
+        p.vport_be,
+        p.cport_be,
+    ) {
+        return (xdp_action::XDP_DROP, e);
+    }
+    let route = Route {
+        proto: ip.proto,
+        src_be: p.vip_be,
+        dst_be: p.client_be,
+        tot_len: ip.tot_len,
+        tx: Reason::ReverseTx,
+        redirect: Reason::ReverseRedirect,
+        now: now_c,
+    };
+    // A handshake's few replies look the client's next hop up each time;
+    // the established entry caches it.
+    let mut nh = NextHop::default();
+    egress::send(ctx, &mut nh, &route)
+}

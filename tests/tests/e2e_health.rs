@@ -1,0 +1,417 @@
+//! Dead or slow, end to end: the real agent process in the edge namespace,
+//! real backends in two "clouds", real client traffic through the VIP.
+//!
+//! - A backend whose answers turn slow (time to first token 1.5 s, over
+//!   the probe's 1 s timeout) is marked down as *sick*: it takes no new
+//!   flow, but stays `DRAINING` for `policy.slow_grace`, so a stream in
+//!   progress on it finishes; then `DOWN`. A backend that dies is `DOWN`
+//!   at once.
+//! - A UDP service probed over UDP fails over when a backend's UDP server
+//!   dies while its TCP side still answers (a TCP probe would keep it).
+//!
+//! Needs root: run through `cargo xtask test` (which builds the agent
+//! binary first). Configs are the agent's own types, serialized.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use failover_agent::{
+    config::{self, Config},
+    health::{Probe, ProbeOutcome, TcpProbe},
+};
+use failover_common::state;
+use failover_tests::{
+    agentproc::{AgentProc, ProbeTiming, Scratch, World, admin, config_yaml},
+    netns::{Netns, require_root},
+    topology::{CLOUD_A, CLOUD_B, Topology, VIP},
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The topology's config (`chat` over a1, a2, b1, b2), with the control
+/// socket and the state file in `dir`, as the agent's own types.
+fn base_config(topo: &Topology, dir: &Path) -> Config {
+    let mut cfg = config::parse(&config_yaml(&topo.pins.0, ProbeTiming::default()), "e2e")
+        .expect("topology config");
+    cfg.services.retain(|s| s.name == "chat");
+    cfg.backends
+        .retain(|b| ["a1", "a2", "b1", "b2"].contains(&b.name.as_str()));
+    cfg.node.api_socket = dir.join("agent.sock");
+    cfg.node.state_file = Some(dir.join("state.json"));
+    cfg
+}
+
+fn start(topo: &Topology, dir: &Path, cfg: &Config) -> AgentProc {
+    let yaml = serde_norway::to_string(cfg).expect("serialize config");
+    // The serialized config is one the agent accepts.
+    config::parse(&yaml, "serialized").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    AgentProc::start_with_config(&topo.edge.name, dir, &yaml).expect("agent starts")
+}
+
+/// The data-plane state of the backend at `addr`.
+fn dp_state(dp: &failover_agent::dataplane::Dataplane, addr: SocketAddr) -> Option<u8> {
+    (0..failover_common::MAX_BACKENDS)
+        .map(|i| dp.backend(i).unwrap())
+        .find(|b| {
+            let at = (
+                Ipv4Addr::from(u32::from_be(b.addr_be)),
+                u16::from_be(b.port_be),
+            );
+            b.state != state::UNUSED && SocketAddr::from(at) == addr
+        })
+        .map(|b| b.state)
+}
+
+fn wait_until(what: &str, bound: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a streamed chat completion delivered.
+#[derive(Debug)]
+struct Streamed {
+    backend: String,
+    tokens: usize,
+    done: bool,
+    took: Duration,
+}
+
+/// Starts a streamed chat completion of `tokens` tokens through the VIP
+/// from the client namespace; returns the backend serving it (from the
+/// response head) and the rest of the stream to wait for.
+fn start_stream(
+    client: &Netns,
+    tokens: usize,
+) -> (String, std::thread::JoinHandle<std::io::Result<Streamed>>) {
+    let ns = client.name.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let _in =
+            failover_tests::netns::enter(&ns).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let t0 = Instant::now();
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let body = format!(
+            r#"{{"model":"tiny-llm","stream":true,"max_tokens":{tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut backend: Option<String> = None;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if backend.is_none()
+                && let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n")
+            {
+                let head = String::from_utf8_lossy(&seen[..end]).to_string();
+                let b = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("x-backend")
+                            .then(|| v.trim().to_owned())
+                    })
+                    .unwrap_or_default();
+                let _ = tx.send(b.clone());
+                backend = Some(b);
+            }
+        }
+        let text = String::from_utf8_lossy(&seen);
+        Ok(Streamed {
+            backend: backend.unwrap_or_default(),
+            // The role chunk, one per token, the finish chunk, [DONE].
+            tokens: text.matches("data: {").count().saturating_sub(2),
+            done: text.contains("data: [DONE]"),
+            took: t0.elapsed(),
+        })
+    });
+    let backend = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the stream started");
+    (backend, t)
+}
+
+#[test]
+fn a_slow_backend_finishes_its_streams_before_it_goes_down_and_a_dead_one_goes_at_once() {
+    require_root();
+    let _s = serial();
+    let topo = World::backends(false).unwrap();
+    let dp = topo.open_dataplane().unwrap();
+    let scratch = Scratch::new("slow").unwrap();
+    let mut cfg = base_config(&topo, &scratch.0);
+    let chat = &mut cfg.services[0];
+    chat.probe = serde_json::from_value(serde_json::json!({
+        "kind": "inference", "model": "tiny-llm",
+        "interval": "200ms", "timeout": "1s", "rise": 2, "fall": 2,
+    }))
+    .unwrap();
+    chat.policy.slow_grace = Duration::from_secs(10);
+    let mut agent = start(&topo, &scratch.0, &cfg);
+    agent
+        .wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))
+        .unwrap();
+
+    // A long stream (400 tokens, 20 ms apart: 8 s) on one of them.
+    let (victim, stream) = start_stream(&topo.client, 400);
+    assert!(victim == "a1" || victim == "a2", "{victim}");
+    let other = if victim == "a1" { "a2" } else { "a1" };
+    let (addr, ns) = World::backend(&topo, &victim);
+    // Its answers turn slow: 1.5 s to the first byte, over the 1 s probe
+    // timeout. The stream in progress is not slowed.
+    admin(
+        ns,
+        addr,
+        "/admin/fault",
+        Some(r#"{"fault":"slow","delay_ms":1500}"#),
+    )
+    .unwrap();
+    let slow_at = Instant::now();
+    agent
+        .wait_serving("chat", &[other], Duration::from_secs(10))
+        .unwrap();
+    let detected = slow_at.elapsed();
+    // Out of the ring, but DRAINING: no new flows, its flows continue.
+    assert_eq!(dp_state(&dp, addr), Some(state::DRAINING));
+    {
+        let _in = topo.client.enter().unwrap();
+        for i in 0..20 {
+            let a = failover_tests::client::get(
+                SocketAddr::from((VIP, 80)),
+                "/health",
+                Duration::from_secs(2),
+            )
+            .unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+            assert_eq!((a.status, a.backend.as_str()), (200, other), "request {i}");
+        }
+    }
+    let s = stream.join().unwrap().expect("the stream completes");
+    eprintln!("slow backend detected after {detected:?}; stream: {s:?}");
+    assert_eq!(s.backend, victim);
+    assert!(s.done, "the stream in progress finished: {s:?}");
+    assert_eq!(s.tokens, 400, "{s:?}");
+    assert!(s.took > detected, "the stream outlived the failover: {s:?}");
+    // The grace (10 s from the fall) ends: DOWN.
+    wait_until("the end of the slow grace", Duration::from_secs(15), || {
+        dp_state(&dp, addr) == Some(state::DOWN)
+    });
+    let decisions = agent.decisions();
+    let note = |b: &str, what: &str| {
+        decisions
+            .iter()
+            .any(|d| d.reason.starts_with(&format!("{b}: {what}")))
+    };
+    assert!(note(&victim, "down as slow or failing ("), "{decisions:#?}");
+    assert!(note(&victim, "slow grace over: down"), "{decisions:#?}");
+
+    // A backend that dies is DOWN at once: no grace.
+    let (addr, _) = World::backend(&topo, other);
+    World::crash(&topo, other).unwrap();
+    let died = Instant::now();
+    wait_until("the dead backend down", Duration::from_secs(5), || {
+        dp_state(&dp, addr) == Some(state::DOWN)
+    });
+    eprintln!("dead backend down after {:?}", died.elapsed());
+    // Tier 1 takes over; the switch says why.
+    let fell = agent
+        .wait_serving("chat", &["b1", "b2"], Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        fell.reason.contains(&format!("{other} up -> down")),
+        "{fell:?}"
+    );
+    assert!(
+        fell.reason.contains("refused") || fell.reason.contains("passive"),
+        "{fell:?}"
+    );
+    let decisions = agent.decisions();
+    assert!(
+        !decisions
+            .iter()
+            .any(|d| d.reason.starts_with(&format!("{other}: down as slow"))),
+        "{decisions:#?}"
+    );
+}
+
+/// A UDP server answering `ping` with `pong NAME` on `addr` in `ns`, and
+/// a TCP listener on the same address and port; [`UdpBackend::kill_udp`]
+/// stops the UDP side only.
+struct UdpBackend {
+    stop: Arc<AtomicBool>,
+    udp: Option<std::thread::JoinHandle<()>>,
+    _tcp: std::net::TcpListener,
+}
+
+impl UdpBackend {
+    fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Self {
+        let _in = ns.enter().unwrap();
+        let sock = UdpSocket::bind(addr).unwrap();
+        let tcp = std::net::TcpListener::bind(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let answer = format!("pong {name}");
+        let udp = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !halt.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf)
+                    && buf[..n].starts_with(b"ping")
+                {
+                    let _ = sock.send_to(answer.as_bytes(), from);
+                }
+            }
+        });
+        Self {
+            stop,
+            udp: Some(udp),
+            _tcp: tcp,
+        }
+    }
+
+    /// The UDP server exits (its port is closed); TCP keeps listening.
+    fn kill_udp(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.udp.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        self.kill_udp();
+    }
+}
+
+const UDP_PORT: u16 = 9000;
+
+/// One datagram to the VIP's UDP port from `sock` (in the client
+/// namespace); the answer, if one came.
+fn ask(sock: &UdpSocket) -> Option<String> {
+    sock.send(b"ping").ok()?;
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn a_udp_dead_backend_fails_over_while_its_tcp_side_lives() {
+    require_root();
+    let _s = serial();
+    let topo = Topology::new().unwrap();
+    let dp = topo.open_dataplane().unwrap();
+    let u1 = SocketAddr::from((CLOUD_A[0], UDP_PORT));
+    let u2 = SocketAddr::from((CLOUD_B[0], UDP_PORT));
+    let mut b1 = UdpBackend::start(&topo.cloud_a, "u1", u1);
+    let _b2 = UdpBackend::start(&topo.cloud_b, "u2", u2);
+    let scratch = Scratch::new("udp").unwrap();
+    let mut cfg = base_config(&topo, &scratch.0);
+    let mut embed = cfg.services[0].clone();
+    embed.name = "embed".into();
+    embed.port = UDP_PORT;
+    embed.protocol = config::Protocol::Udp;
+    embed.backends = vec!["u1".into(), "u2".into()];
+    embed.probe = serde_json::from_value(serde_json::json!({
+        "kind": "udp", "payload": "ping", "expect_prefix": "pong",
+        "interval": "100ms", "timeout": "300ms", "rise": 2, "fall": 2,
+    }))
+    .unwrap();
+    embed.policy.on_backend_down = config::OnBackendDown::Reselect;
+    embed.policy.slow_grace = Duration::ZERO;
+    cfg.services = vec![embed];
+    let be = |name: &str, addr: SocketAddr, tier: u8| {
+        let mut b = cfg.backends[0].clone();
+        b.name = name.into();
+        b.address = match addr.ip() {
+            std::net::IpAddr::V4(a) => a,
+            std::net::IpAddr::V6(_) => unreachable!(),
+        };
+        b.port = addr.port();
+        b.tier = tier;
+        b
+    };
+    let backends = vec![be("u1", u1, 0), be("u2", u2, 1)];
+    cfg.backends = backends;
+    let mut agent = start(&topo, &scratch.0, &cfg);
+    agent
+        .wait_serving("embed", &["u1"], Duration::from_secs(20))
+        .unwrap();
+
+    // The client's flow: every datagram answered by u1.
+    let sock = {
+        let _in = topo.client.enter().unwrap();
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect((VIP, UDP_PORT)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s
+    };
+    for i in 0..10 {
+        assert_eq!(ask(&sock).as_deref(), Some("pong u1"), "datagram {i}");
+    }
+
+    // u1's UDP server dies; its TCP side still answers.
+    b1.kill_udp();
+    let killed = Instant::now();
+    agent
+        .wait_serving("embed", &["u2"], Duration::from_secs(10))
+        .unwrap();
+    eprintln!("UDP failover decided after {:?}", killed.elapsed());
+    assert_eq!(dp_state(&dp, u1), Some(state::DOWN));
+    let tcp = {
+        let _in = topo.edge.enter().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(TcpProbe::new(u1).check())
+    };
+    assert!(
+        matches!(tcp, ProbeOutcome::Healthy { .. }),
+        "a TCP probe would have kept u1: {tcp:?}"
+    );
+    // The same client flow moves to u2 (reselect), datagram after datagram.
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        answers.push(ask(&sock));
+    }
+    assert!(
+        answers.iter().all(|a| a.as_deref() == Some("pong u2")),
+        "{answers:?}"
+    );
+    let decisions = agent.decisions();
+    let fell = decisions
+        .iter()
+        .find(|d| d.service == "embed" && d.reason.contains("u1 up -> down"))
+        .unwrap_or_else(|| panic!("{decisions:#?}"));
+    assert!(
+        fell.reason.contains("UDP answer from") || fell.reason.contains("timeout after"),
+        "{fell:?}"
+    );
+    agent.check_alive().unwrap();
+}
