@@ -322,6 +322,24 @@ impl Applier {
         &self.ids
     }
 
+    /// Removes the established flows idle for longer than their service's
+    /// `timeouts` (docs/datapath.md, idle timeouts). Returns how many went.
+    pub fn expire_idle(&mut self) -> Result<usize, crate::dataplane::DataplaneError> {
+        let by_id: std::collections::HashMap<u32, config::Timeouts> = self
+            .cfg
+            .services
+            .iter()
+            .filter_map(|s| self.ids.service(&s.name).map(|a| (a.id, s.timeouts)))
+            .collect();
+        let now = crate::dataplane::now_stamp();
+        self.dp.expire_idle(now, |service_id, proto| {
+            by_id.get(&service_id).map(|t| match proto {
+                6 => t.tcp_idle,
+                _ => t.udp_idle,
+            })
+        })
+    }
+
     pub fn programmed(&self, service: &str) -> Option<&Programmed> {
         self.programmed.get(service)
     }

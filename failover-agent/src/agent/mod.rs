@@ -68,6 +68,11 @@ pub enum AgentError {
     Signal(#[source] std::io::Error),
 }
 
+/// How often idle flows are swept (docs/datapath.md). Idle timeouts are
+/// therefore kept to within this; one sweep reads both flow tables in
+/// batches.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How to run the agent.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -645,6 +650,8 @@ impl Agent {
         drill_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut file_tick = tokio::time::interval(reload::POLL_INTERVAL);
         file_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
+        sweep_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // Nudges wait a little after a switch (see `Applier::flush_nudges`).
         let mut nudge_at: Option<Instant> = None;
         loop {
@@ -700,6 +707,11 @@ impl Agent {
                     self.reload();
                 }
                 Some(()) = self.reload_rx.recv() => self.reload(),
+                _ = sweep_tick.tick() => match self.applier.expire_idle() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(flows = n, "idle flows expired"),
+                    Err(e) => tracing::warn!(error = %e, "idle flow sweep failed"),
+                },
                 _ = file_tick.tick() => {
                     if self.watch.changed() {
                         tracing::info!(config = %self.watch.path().display(), "config file changed");

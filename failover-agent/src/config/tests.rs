@@ -768,3 +768,26 @@ fn a_backend_is_probed_by_one_probe() {
     config.services[1].probe.interval = Duration::from_millis(500);
     assert_eq!(fields_of(&config), ["services[1].probe"]);
 }
+
+#[test]
+fn timeouts_default_and_bounds_name_the_field() {
+    let mut config = minimal();
+    let t = config.services[0].timeouts;
+    assert_eq!(
+        (t.tcp_half_open, t.tcp_idle, t.udp_idle),
+        (
+            Duration::from_secs(10),
+            Duration::from_secs(3600),
+            Duration::from_secs(30)
+        )
+    );
+    config.services[0].timeouts.tcp_half_open = Duration::from_millis(10);
+    config.services[0].timeouts.udp_idle = Duration::from_secs(30 * 24 * 3600);
+    assert_eq!(
+        fields_of(&config),
+        [
+            "services[0].timeouts.tcp_half_open",
+            "services[0].timeouts.udp_idle"
+        ]
+    );
+}

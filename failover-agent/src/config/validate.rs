@@ -214,8 +214,31 @@ fn check_services(c: &mut Checker, config: &Config) {
         let pool = check_pool(c, &path, service, config);
         check_probe(c, &format!("{path}.probe"), &service.probe);
         check_policy(c, &format!("{path}.policy"), &service.policy, &pool);
+        check_timeouts(c, &format!("{path}.timeouts"), &service.timeouts);
     }
     check_one_probe_per_backend(c, services);
+}
+
+fn check_timeouts(c: &mut Checker, path: &str, t: &crate::config::Timeouts) {
+    use crate::config::Timeouts;
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    for (field, value) in [
+        ("tcp_half_open", t.tcp_half_open),
+        ("tcp_idle", t.tcp_idle),
+        ("udp_idle", t.udp_idle),
+    ] {
+        if !(Timeouts::MIN..=Timeouts::MAX).contains(&value) {
+            c.fail(
+                format!("{path}.{field}"),
+                format!(
+                    "{field} {} must be from {} to {}",
+                    show(value),
+                    show(Timeouts::MIN),
+                    show(Timeouts::MAX)
+                ),
+            );
+        }
+    }
 }
 
 /// A backend has one prober, with the probe of the first service listing
