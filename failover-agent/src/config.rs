@@ -248,6 +248,9 @@ pub struct Node {
     pub snat_ports: PortRange,
     #[serde(default = "default_pin_path")]
     pub pin_path: PathBuf,
+    /// Entries in each established flow table (`FLOWS`, `REVERSE`).
+    #[serde(default = "default_flow_capacity")]
+    pub flow_capacity: u32,
     /// Seed of the flow hash. Equal on every edge node of a fleet, so that
     /// all of them send a client tuple to the same backend.
     #[serde(default)]
@@ -282,6 +285,15 @@ impl Node {
 
 /// Where state files go by default.
 pub const STATE_DIR: &str = "/var/lib/failover";
+
+fn default_flow_capacity() -> u32 {
+    failover_common::FLOWS_MAX
+}
+
+impl Node {
+    /// Limits of `flow_capacity`: at 4M flows the tables take about 1 GiB.
+    pub const FLOW_CAPACITY: std::ops::RangeInclusive<u32> = 4_096..=4_194_304;
+}
 
 fn default_pin_path() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/failover")

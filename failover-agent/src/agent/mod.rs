@@ -209,7 +209,23 @@ impl Agent {
         let state_file = cfg.node.state_file();
         // Before the first plan: a drained backend never takes a flow.
         let operator = operator_state::restore_logged(&state_file, &cfg, journal.as_ref());
-        let dp = Dataplane::load(&cfg.node.pin_path)?;
+        let dp = Dataplane::load_sized(&cfg.node.pin_path, cfg.node.flow_capacity)?;
+        let maps = crate::dataplane::memory_estimate(
+            cfg.node.flow_capacity,
+            crate::dataplane::possible_cpus(),
+        );
+        let total: u64 = maps.iter().map(|(_, b)| b).sum();
+        tracing::info!(
+            flow_capacity = cfg.node.flow_capacity,
+            total_mib = total >> 20,
+            flows_mib = maps
+                .iter()
+                .filter(|(n, _)| matches!(*n, "FLOWS" | "REVERSE"))
+                .map(|(_, b)| b)
+                .sum::<u64>()
+                >> 20,
+            "maps' kernel memory (estimate)"
+        );
         let mut applier = Applier::new(
             dp,
             cfg,

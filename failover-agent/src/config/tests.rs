@@ -791,3 +791,13 @@ fn timeouts_default_and_bounds_name_the_field() {
         ]
     );
 }
+
+#[test]
+fn flow_capacity_defaults_and_bounds() {
+    let mut config = minimal();
+    assert_eq!(config.node.flow_capacity, failover_common::FLOWS_MAX);
+    config.node.flow_capacity = 100;
+    assert_eq!(fields_of(&config), ["node.flow_capacity"]);
+    config.node.flow_capacity = 1 << 23;
+    assert_eq!(fields_of(&config), ["node.flow_capacity"]);
+}

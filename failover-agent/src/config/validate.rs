@@ -67,6 +67,17 @@ fn check_node(c: &mut Checker, node: &Node) {
     if node.interfaces.is_empty() {
         c.fail("node.interfaces", "at least one interface is required");
     }
+    if !Node::FLOW_CAPACITY.contains(&node.flow_capacity) {
+        c.fail(
+            "node.flow_capacity",
+            format!(
+                "flow_capacity {} must be from {} to {}",
+                node.flow_capacity,
+                Node::FLOW_CAPACITY.start(),
+                Node::FLOW_CAPACITY.end()
+            ),
+        );
+    }
     let mut seen = BTreeSet::new();
     for (i, name) in node.interfaces.iter().enumerate() {
         let path = format!("node.interfaces[{i}]");

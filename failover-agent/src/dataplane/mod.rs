@@ -11,6 +11,7 @@ mod batch;
 mod bpffs;
 mod counters;
 mod expire;
+mod memory;
 mod nudge;
 mod rings;
 
@@ -32,6 +33,7 @@ use failover_common::{
 pub use attach::{Attached, XdpMode, driver, ifindex};
 pub use counters::ReasonCount;
 pub use expire::{Expired, now_stamp};
+pub use memory::{estimate as memory_estimate, possible_cpus};
 pub use rings::FlipTiming;
 
 /// The compiled XDP object, built by this crate's build script.
@@ -173,6 +175,13 @@ impl Dataplane {
     /// Loads the program, re-using maps already pinned under `pin_dir`
     /// (state survives a restart) or creating and pinning them.
     pub fn load(pin_dir: &Path) -> Result<Self> {
+        Self::load_sized(pin_dir, failover_common::FLOWS_MAX)
+    }
+
+    /// As [`load`](Self::load), with `flow_capacity` entries in `FLOWS` and
+    /// `REVERSE` when they are created. Maps already pinned keep their
+    /// size: a new capacity takes effect once the pins are removed.
+    pub fn load_sized(pin_dir: &Path, flow_capacity: u32) -> Result<Self> {
         bpffs::ensure_mounted(pin_dir)?;
         let map_dir = pin_dir.join("maps");
         std::fs::create_dir_all(&map_dir).map_err(|source| ErrorKind::Io {
@@ -182,6 +191,8 @@ impl Dataplane {
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
+            .map_max_entries(names::FLOWS, flow_capacity)
+            .map_max_entries(names::REVERSE, flow_capacity)
             .load(OBJECT)
             .map_err(ErrorKind::Load)?;
         for name in [names::PROGRAM, names::PASS_PROGRAM] {
