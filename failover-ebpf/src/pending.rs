@@ -350,10 +350,8 @@ pub fn reverse(
         if p.state == FLOW_PICKUP {
             // No handshake to watch: the backend either knows the flow
             // (it answers, and the flow is promoted) or resets it.
-            if l4.flags & TCP_RST == 0 {
-                if promote(p, &t, node, now_c).is_err() {
-                    return (xdp_action::XDP_DROP, Reason::FlowTableFull);
-                }
+            if l4.flags & TCP_RST == 0 && promote(p, &t, node, now_c).is_err() {
+                return (xdp_action::XDP_DROP, Reason::FlowTableFull);
             }
             p.expires_ns = 0;
         } else if l4.flags & TCP_RST != 0 {

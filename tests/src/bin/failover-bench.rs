@@ -198,30 +198,51 @@ fn main() -> Result<()> {
             let results = bench::datapath::run(calls)?;
             if args.json {
                 for r in &results {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "case": r.case,
-                            "raw_ns": (r.raw_ns * 10.0).round() / 10.0,
-                            "own_ns": (r.own_ns * 10.0).round() / 10.0,
-                            "return_code": r.return_code,
-                        })
-                    );
+                    let mut o = serde_json::json!({
+                        "case": r.case,
+                        "raw_ns": (r.raw_ns * 10.0).round() / 10.0,
+                        "own_ns": (r.own_ns * 10.0).round() / 10.0,
+                        "x_empty": (r.x_empty * 100.0).round() / 100.0,
+                        "return_code": r.return_code,
+                    });
+                    if let (Some(load), Some(m)) = (&r.load, o.as_object_mut()) {
+                        for (k, v) in [
+                            ("flows", serde_json::json!(load.flows)),
+                            ("pending", serde_json::json!(load.pending)),
+                            ("fill_s", serde_json::json!(load.fill_s)),
+                            ("took_over_pct", serde_json::json!(load.took_over_pct)),
+                        ] {
+                            m.insert(k.into(), v);
+                        }
+                    }
+                    println!("{o}");
                 }
             } else {
                 println!(
-                    "{:<12} {:>10} {:>10} {:>6} {:>9}",
-                    "case", "raw_ns", "own_ns", "rc", "calls"
+                    "{:<16} {:>10} {:>10} {:>8} {:>6} {:>9}",
+                    "case", "raw_ns", "own_ns", "x_empty", "rc", "calls"
                 );
                 for r in &results {
                     println!(
-                        "{:<12} {:>10.1} {:>10.1} {:>6} {:>9}",
-                        r.case, r.raw_ns, r.own_ns, r.return_code, r.calls
+                        "{:<16} {:>10.1} {:>10.1} {:>8.2} {:>6} {:>9}",
+                        r.case, r.raw_ns, r.own_ns, r.x_empty, r.return_code, r.calls
                     );
                 }
                 println!(
-                    "own_ns = raw_ns - empty raw_ns; BPF_PROG_TEST_RUN, one packet per call, kernel-timed"
+                    "own_ns = raw_ns - empty raw_ns; x_empty = own_ns / empty raw_ns; BPF_PROG_TEST_RUN, one packet per call, kernel-timed"
                 );
+                if let Some(load) = results.iter().find_map(|r| r.load.as_ref()) {
+                    println!(
+                        "new_flow_loaded: {} established flows in FLOWS/REVERSE, {} live half-open slots, filled in {:.1} s; {:.1} % of its SYNs took a half-open slot over",
+                        load.flows, load.pending, load.fill_s, load.took_over_pct
+                    );
+                }
+                for (case, bound, x, met) in bench::datapath::targets(&results) {
+                    println!(
+                        "target (issue 16): {case} <= {bound} x empty: {x:.2} x, {}",
+                        if met { "met" } else { "NOT met" }
+                    );
+                }
             }
         }
     }
