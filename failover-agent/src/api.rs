@@ -82,9 +82,14 @@ pub struct ServiceStatus {
     /// Lowest tier taking new flows; none when nothing does.
     pub active_tier: Option<u8>,
     pub generation: u64,
-    /// Backends the probes find up or degraded, of `backends`.
+    /// Of `backends`, those the probes find up or degraded.
     pub healthy: usize,
+    /// Backends of the pool the sovereignty policy admits: the only ones
+    /// the service may ever use.
     pub backends: usize,
+    /// Backends of the pool the policy excludes (not in `backends`).
+    #[serde(default)]
+    pub excluded: usize,
     /// Backends taking new flows.
     pub serving: Vec<String>,
     #[serde(rename = "override")]
@@ -122,7 +127,13 @@ pub struct BackendInfo {
     /// `address:port`
     pub address: String,
     pub tier: u8,
+    /// Configured weight.
     pub weight: u32,
+    /// The weight it takes new flows with: `weight` scaled by its health
+    /// (0 when down, drained or unknown; a degraded backend's by its
+    /// probe's `degraded_weight`); in a fail-open ring, `weight`.
+    #[serde(default)]
+    pub effective_weight: u32,
     /// Probe verdict: up, degraded, down, unknown.
     pub health: String,
     /// State in the data plane: up, draining, down, unused.

@@ -38,12 +38,26 @@ pub struct DecisionRecord {
     pub from: Vec<String>,
     /// Backends that take traffic after.
     pub to: Vec<String>,
+    /// Backends in both lists whose effective weight changed (a degraded
+    /// backend's, scaled by its probe's `degraded_weight`): a switch that
+    /// only reweights shows here, `from` and `to` being the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<WeightChange>,
     pub reason: String,
     /// Result of the sovereignty check, e.g.
     /// `ok: 2 of 4 backends allowed by jurisdictions [EU]` or `fail_closed`.
     pub policy_check: String,
     /// Decision to data-plane flip, when the change was applied.
     pub apply_latency_us: Option<f64>,
+}
+
+/// One backend's effective weight before and after a decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightChange {
+    pub backend: String,
+    pub from: u32,
+    pub to: u32,
 }
 
 impl DecisionRecord {
@@ -55,6 +69,7 @@ impl DecisionRecord {
             generation,
             from: Vec::new(),
             to: Vec::new(),
+            weights: Vec::new(),
             reason: String::new(),
             policy_check: String::new(),
             apply_latency_us: None,
@@ -77,6 +92,10 @@ struct Line {
     generation: u64,
     from: Vec<String>,
     to: Vec<String>,
+    // Absent from records without weight changes (and from logs written
+    // before it existed), so their bytes and hashes are unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    weights: Vec<WeightChange>,
     reason: String,
     policy_check: String,
     apply_latency_us: Option<f64>,
@@ -93,6 +112,7 @@ impl Line {
             generation,
             from,
             to,
+            weights,
             reason,
             policy_check,
             apply_latency_us,
@@ -103,6 +123,7 @@ impl Line {
             generation,
             from,
             to,
+            weights,
             reason,
             policy_check,
             apply_latency_us,
@@ -702,6 +723,36 @@ mod tests {
         let _first = AuditLog::open(dir.file()).unwrap();
         let second = AuditLog::open(dir.file()).unwrap_err();
         assert!(matches!(second, AuditError::Locked { .. }), "{second}");
+    }
+
+    #[test]
+    fn weight_changes_are_kept_and_absent_when_none() {
+        let dir = TempDir::new();
+        let mut log = AuditLog::open(dir.file()).unwrap();
+        log.append(record(1)).unwrap();
+        log.append(DecisionRecord {
+            from: vec!["a1".into(), "a2".into()],
+            to: vec!["a1".into(), "a2".into()],
+            weights: vec![WeightChange {
+                backend: "a1".into(),
+                from: 100,
+                to: 50,
+            }],
+            ..record(2)
+        })
+        .unwrap();
+        drop(log);
+        assert_eq!(verify(&dir.file()).unwrap().records, 2);
+        let lines = read_lines(&dir.file());
+        // A record without weight changes is as it always was.
+        assert!(!lines[0].contains("weights"), "{}", lines[0]);
+        let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(
+            second["weights"],
+            serde_json::json!([{"backend": "a1", "from": 100, "to": 50}])
+        );
+        let back: DecisionRecord = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(back.weights[0].to, 50);
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! The agent's YAML configuration: types, loading, validation and diffs.
 //!
 //! Every error names the field path (`services[1].policy.overprovisioning`)
-//! and its line. Syntax and type errors come from the deserializer; the
-//! semantic checks in `validate` run on the typed config and are all
-//! reported at once, so an operator fixes a file in one pass.
+//! and its line. Syntax and type errors come from the deserializer (a
+//! syntax error alone, type errors of every part together); the semantic
+//! checks in `validate` run on the typed config and are all reported at
+//! once, so an operator fixes a file in as few passes as the YAML allows
+//! ([`parse_on`]). Some checks only warn ([`Loaded::warnings`]): `validate`
+//! prints the warnings, `run` logs them.
 
 mod bytes;
 mod diff;
@@ -22,63 +25,296 @@ use serde::{Deserialize, Serialize};
 
 pub use bytes::Bytes;
 pub use diff::{BackendChange, ConfigDiff, ServiceChange, diff};
-pub use validate::{MAX_UDP_PAYLOAD, MAX_WEIGHT};
+pub use validate::{Host, MAX_UDP_PAYLOAD, MAX_WEIGHT};
 
-/// Reads and validates the config file at `path`.
+/// Reads and validates the config file at `path`; warnings are dropped
+/// (see [`load_checked`]).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_checked(path).map(|loaded| loaded.config)
+}
+
+/// Reads and validates the config file at `path`, with what validation
+/// warns about: `failover-agent validate` prints the warnings, `run` logs
+/// them.
+pub fn load_checked(path: &Path) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse(&text, &path.display().to_string())
+    parse_checked(&text, &path.display().to_string())
 }
 
-/// Parses and validates `text`; `origin` names the source in error messages.
+/// Parses and validates `text`; `origin` names the source in error
+/// messages. Warnings are dropped (see [`parse_checked`]).
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    let deserializer = serde_norway::Deserializer::from_str(text);
-    let config: Config = serde_path_to_error::deserialize(deserializer)
-        .map_err(|error| ConfigError::Invalid(vec![syntax_error(error, text, origin)]))?;
-    let issues = validate::check(&config);
-    if issues.is_empty() {
-        return Ok(config);
-    }
+    parse_checked(text, origin).map(|loaded| loaded.config)
+}
+
+/// Parses and validates `text` against this host ([`Host::current`]).
+pub fn parse_checked(text: &str, origin: &str) -> Result<Loaded, ConfigError> {
+    parse_on(text, origin, &Host::current())
+}
+
+/// A valid config and the warnings its validation gave.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Things that work but are likely mistakes, in line order.
+    pub warnings: Vec<FieldError>,
+}
+
+/// Parses and validates `text` as if on `host`. Every problem is reported
+/// at once, as far as the file can be read:
+///
+/// 1. YAML syntax. The parser cannot go on past a syntax error (what
+///    follows cannot be told apart from the broken construct), so a
+///    syntax error is reported alone, with its line, and says so. The
+///    config is the first YAML document: later documents are reported,
+///    not read, and one with a syntax error does not hide the first's
+///    errors.
+/// 2. Types (a value of the wrong kind, an unknown or missing field),
+///    checked for `node`, each service and each backend apart, so every
+///    part's first such error is reported together.
+/// 3. Values and their relations ([`validate`]), once the types are
+///    sound: every error and warning.
+pub fn parse_on(text: &str, origin: &str, host: &Host) -> Result<Loaded, ConfigError> {
     let index = lines::LineIndex::build(text);
-    let mut errors: Vec<FieldError> = issues
-        .into_iter()
-        .map(|issue| FieldError {
+    let at = |path: String, message: String| FieldError {
+        origin: origin.to_owned(),
+        line: index.line(&path),
+        field: path,
+        message,
+    };
+    let mut documents = serde_norway::Deserializer::from_str(text);
+    let value: serde_norway::Value = match documents.next() {
+        None => serde_norway::Value::Null,
+        Some(document) => serde_path_to_error::deserialize(document)
+            .map_err(|error| ConfigError::invalid(unreadable(error, &index, origin)))?,
+    };
+    // Errors about later documents: they do not stop the first's checks.
+    let mut later = Vec::new();
+    if let Some(next) = documents.next() {
+        let line = index.document_line(1);
+        let message = match serde_path_to_error::deserialize::<_, serde_norway::Value>(next) {
+            Ok(_) => "a second YAML document: the config is the first one, and this one is not read (remove the `---` and what follows, or merge it into the first)".to_owned(),
+            Err(error) => format!(
+                "a second YAML document, not read: the config is the first one (and this one has a syntax error: {})",
+                without_location(error.inner())
+            ),
+        };
+        later.push(FieldError {
             origin: origin.to_owned(),
-            line: index.line(&issue.path),
-            field: issue.path,
-            message: issue.message,
-        })
-        .collect();
+            line: line.unwrap_or_else(|| text.lines().count().max(1)),
+            field: String::new(),
+            message,
+        });
+    }
+    let mut errors = Vec::new();
+    let config = typed(value, &mut |path, message| errors.push(at(path, message)));
+    let Some(config) = config.filter(|_| errors.is_empty()) else {
+        errors.extend(later);
+        errors.sort_by_key(|error| error.line);
+        return Err(ConfigError::invalid(errors));
+    };
+    let (mut errors, mut warnings): (Vec<FieldError>, Vec<FieldError>) = {
+        let (errs, warns): (Vec<validate::Issue>, Vec<validate::Issue>) =
+            validate::check(&config, host)
+                .into_iter()
+                .partition(|issue| !issue.warning);
+        let place = |issues: Vec<validate::Issue>| -> Vec<FieldError> {
+            issues
+                .into_iter()
+                .map(|issue| at(issue.path, issue.message))
+                .collect()
+        };
+        (place(errs), place(warns))
+    };
+    errors.extend(later);
     // Stable: issues on one line keep the order the checks found them in.
     errors.sort_by_key(|error| error.line);
-    Err(ConfigError::Invalid(errors))
+    warnings.sort_by_key(|warning| warning.line);
+    if errors.is_empty() {
+        Ok(Loaded { config, warnings })
+    } else {
+        Err(ConfigError::Invalid { errors, warnings })
+    }
+}
+
+/// The typed config from a document that is valid YAML: `node`, each
+/// service and each backend are deserialized apart, and each failure is
+/// reported (`path`, `message`); `None` when any failed.
+fn typed(value: serde_norway::Value, report: &mut dyn FnMut(String, String)) -> Option<Config> {
+    use serde_norway::Value;
+    const FIELDS: [&str; 3] = ["node", "services", "backends"];
+    let root = match value {
+        // An empty file: every field is missing.
+        Value::Null => serde_norway::Mapping::new(),
+        Value::Mapping(root) => root,
+        other => {
+            let (path, message) = type_error::<Config>(other, "");
+            report(path, message);
+            return None;
+        }
+    };
+    let (mut node, mut services, mut backends) = (None, None, None);
+    for (key, value) in root {
+        match key.as_str() {
+            Some("node") => node = Some(value),
+            Some("services") => services = Some(value),
+            Some("backends") => backends = Some(value),
+            _ => {
+                let name = key
+                    .as_str()
+                    .map_or_else(|| format!("{key:?}"), str::to_owned);
+                report(
+                    name.clone(),
+                    format!(
+                        "unknown field `{name}`, expected one of {}",
+                        FIELDS.map(|f| format!("`{f}`")).join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    for (field, value) in FIELDS.iter().zip([&node, &services, &backends]) {
+        if value.is_none() {
+            report(String::new(), format!("missing field `{field}`"));
+        }
+    }
+    let node = node.and_then(|v| part::<Node>(v, "node", report));
+    let services = services.and_then(|v| list::<Service>(v, "services", report));
+    let backends = backends.and_then(|v| list::<Backend>(v, "backends", report));
+    Some(Config {
+        node: node?,
+        services: services?,
+        backends: backends?,
+    })
+}
+
+/// Each item of a sequence apart; a value that is no sequence is one error.
+fn list<T: serde::de::DeserializeOwned>(
+    value: serde_norway::Value,
+    path: &str,
+    report: &mut dyn FnMut(String, String),
+) -> Option<Vec<T>> {
+    let serde_norway::Value::Sequence(items) = value else {
+        return part::<Vec<T>>(value, path, report);
+    };
+    let mut out = Some(Vec::with_capacity(items.len()));
+    for (i, item) in items.into_iter().enumerate() {
+        let item = part::<T>(item, &format!("{path}[{i}]"), report);
+        out = out.zip(item).map(|(mut out, item)| {
+            out.push(item);
+            out
+        });
+    }
+    out
+}
+
+fn part<T: serde::de::DeserializeOwned>(
+    value: serde_norway::Value,
+    path: &str,
+    report: &mut dyn FnMut(String, String),
+) -> Option<T> {
+    match serde_path_to_error::deserialize(value) {
+        Ok(typed) => Some(typed),
+        Err(error) => {
+            let (path, message) = located_error(error, path);
+            report(path, message);
+            None
+        }
+    }
+}
+
+fn type_error<T: serde::de::DeserializeOwned>(
+    value: serde_norway::Value,
+    path: &str,
+) -> (String, String) {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(_) => (path.to_owned(), "invalid value".to_owned()),
+        Err(error) => located_error(error, path),
+    }
+}
+
+/// The full field path of an error inside the part at `prefix`, and its
+/// message.
+fn located_error(
+    error: serde_path_to_error::Error<serde_norway::Error>,
+    prefix: &str,
+) -> (String, String) {
+    let inner = error.path().to_string();
+    let path = match (prefix, inner.as_str()) {
+        (_, ".") => prefix.to_owned(),
+        ("", inner) => inner.to_owned(),
+        (prefix, inner) if inner.starts_with('[') => format!("{prefix}{inner}"),
+        (prefix, inner) => format!("{prefix}.{inner}"),
+    };
+    let message = without_location(error.inner());
+    (path.clone(), strip_path_prefix(&message, &path).to_owned())
+}
+
+/// serde_norway's message without the location it appends (we print the
+/// line in front instead).
+fn without_location(error: &serde_norway::Error) -> String {
+    let mut message = error.to_string();
+    if let Some(location) = error.location() {
+        let at = format!(" at line {} column {}", location.line(), location.column());
+        message = message.replacen(&at, "", 1);
+    }
+    message
+}
+
+/// Why nothing past a YAML syntax error is checked, appended to its message.
+pub const SYNTAX_STOPS: &str =
+    "YAML syntax error: the parser cannot go on past it, so the rest of the file was not checked";
+
+/// Why the first document could not be read: a syntax error, or keys
+/// given twice in a mapping (each reported at its repeat).
+fn unreadable(
+    error: serde_path_to_error::Error<serde_norway::Error>,
+    index: &lines::LineIndex,
+    origin: &str,
+) -> Vec<FieldError> {
+    if error
+        .inner()
+        .to_string()
+        .contains("duplicate entry with key")
+    {
+        let repeats: Vec<FieldError> = index
+            .duplicates()
+            .map(|(path, line, first)| FieldError {
+                origin: origin.to_owned(),
+                line,
+                field: path.to_owned(),
+                message: format!(
+                    "given twice in one mapping (first at line {first}); the YAML loader \
+                     refuses the mapping, so the rest of the file was not checked"
+                ),
+            })
+            .collect();
+        if !repeats.is_empty() {
+            return repeats;
+        }
+    }
+    vec![syntax_error(error, index, origin)]
 }
 
 fn syntax_error(
     error: serde_path_to_error::Error<serde_norway::Error>,
-    text: &str,
+    index: &lines::LineIndex,
     origin: &str,
 ) -> FieldError {
     let path = error.path().to_string();
     let field = if path == "." { String::new() } else { path };
     let inner = error.into_inner();
-    let mut message = inner.to_string();
-    let line = match inner.location() {
-        Some(location) => {
-            // serde_norway appends the location; we print it in front instead.
-            let at = format!(" at line {} column {}", location.line(), location.column());
-            message = message.replacen(&at, "", 1);
-            location.line()
-        }
-        None => lines::LineIndex::build(text).line(&field),
-    };
+    let message = without_location(&inner);
+    let line = inner
+        .location()
+        .map_or_else(|| index.line(&field), |location| location.line());
     FieldError {
         origin: origin.to_owned(),
         line,
-        message: strip_path_prefix(&message, &field).to_owned(),
+        message: format!("{} ({SYNTAX_STOPS})", strip_path_prefix(&message, &field)),
         field,
     }
 }
@@ -110,17 +346,37 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// One entry per problem, in line order; never empty.
-    #[error("{}", DisplayList(.0))]
-    Invalid(Vec<FieldError>),
+    /// One entry per problem, in line order; never empty. The warnings
+    /// the checks also found go along (not in the message).
+    #[error("{}", DisplayList(errors))]
+    Invalid {
+        errors: Vec<FieldError>,
+        warnings: Vec<FieldError>,
+    },
 }
 
 impl ConfigError {
+    fn invalid(errors: Vec<FieldError>) -> Self {
+        Self::Invalid {
+            errors,
+            warnings: Vec::new(),
+        }
+    }
+
     /// The field errors, or none when the file could not be read.
     pub fn errors(&self) -> &[FieldError] {
         match self {
             Self::Read { .. } => &[],
-            Self::Invalid(errors) => errors,
+            Self::Invalid { errors, .. } => errors,
+        }
+    }
+
+    /// Warnings found along with the errors (none when the checks of
+    /// values did not run: the file could not be read or typed).
+    pub fn warnings(&self) -> &[FieldError] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid { warnings, .. } => warnings,
         }
     }
 }
@@ -164,6 +420,24 @@ impl fmt::Display for FieldError {
 
 impl std::error::Error for FieldError {}
 
+impl FieldError {
+    /// This entry as a warning: `origin:line: warning: field: message`.
+    pub fn as_warning(&self) -> impl fmt::Display + '_ {
+        struct Warning<'a>(&'a FieldError);
+        impl fmt::Display for Warning<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let w = self.0;
+                write!(f, "{}:{}: warning: ", w.origin, w.line)?;
+                if !w.field.is_empty() {
+                    write!(f, "{}: ", w.field)?;
+                }
+                f.write_str(&w.message)
+            }
+        }
+        Warning(self)
+    }
+}
+
 impl Config {
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|service| service.name == name)
@@ -171,6 +445,16 @@ impl Config {
 
     pub fn backend(&self, name: &str) -> Option<&Backend> {
         self.backends.iter().find(|backend| backend.name == name)
+    }
+
+    /// The probe `backend` gets: that of the first service (in config
+    /// order) listing it (validation makes every listing service's probe
+    /// the same); `None` for a backend in no service.
+    pub fn probe_of(&self, backend: &str) -> Option<&Probe> {
+        self.services
+            .iter()
+            .find(|service| service.backends.iter().any(|b| b == backend))
+            .map(|service| &service.probe)
     }
 }
 
@@ -447,6 +731,11 @@ pub struct Probe {
     /// Time-to-first-token budget (inference); slower = degraded.
     #[serde(with = "humantime_serde", default)]
     pub ttft_budget: Option<Duration>,
+    /// Share of its weight a degraded backend keeps (inference: rate
+    /// limited with HTTP 429, or over `ttft_budget`); unset:
+    /// [`Probe::DEFAULT_DEGRADED_WEIGHT`]. See [`Probe::degraded_weight`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_weight: Option<f64>,
     /// Passive ejection from the data plane's handshake signals.
     #[serde(default = "default_true")]
     pub passive: bool,
@@ -459,6 +748,18 @@ pub struct Probe {
     /// What a UDP probe's answer must start with (udp).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_prefix: Option<Bytes>,
+}
+
+impl Probe {
+    /// Weight factor of a degraded backend when `degraded_weight` is unset.
+    pub const DEFAULT_DEGRADED_WEIGHT: f64 = 0.5;
+
+    /// The factor on the configured weight of a backend this probe finds
+    /// degraded: it keeps serving, with fewer new flows.
+    pub fn degraded_weight(&self) -> f64 {
+        self.degraded_weight
+            .unwrap_or(Self::DEFAULT_DEGRADED_WEIGHT)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -58,13 +58,15 @@ enum Cmd {
         cmd: AuditCmd,
     },
     /// Node, program, config generation, and each service's active tier
-    /// and healthy backends (from the running agent).
+    /// and healthy backends, of those its policy admits (from the running
+    /// agent).
     Status {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Every backend: probe verdict, data-plane state, tier, weight, probe
-    /// latency, passive signals and flows.
+    /// Every backend: probe verdict, data-plane state, tier, effective
+    /// weight (with the configured one when they differ), probe latency,
+    /// passive signals and flows.
     Backends {
         #[command(flatten)]
         api: ApiArgs,
@@ -99,9 +101,10 @@ enum Cmd {
         api: ApiArgs,
     },
     /// Force a service onto a tier for a while (audited; ends by itself;
-    /// kept across agent restarts). Refused when the service's
-    /// sovereignty policy forbids the tier, or when it would leave the
-    /// service below its floor (`policy.min_healthy`).
+    /// kept across agent restarts). Refused when the service has no
+    /// backend in the tier or its sovereignty policy forbids the tier, or
+    /// when it would leave the service below its floor
+    /// (`policy.min_healthy`).
     Failover {
         #[arg(long)]
         service: String,
@@ -298,6 +301,24 @@ enum Op {
     Drill(failover_agent::drill::DrillRequest, Option<PathBuf>),
 }
 
+/// `HEALTHY`: healthy of the backends the policy admits, and how many
+/// more of the pool it excludes.
+fn healthy_cell(s: &api::ServiceStatus) -> String {
+    match s.excluded {
+        0 => format!("{}/{}", s.healthy, s.backends),
+        n => format!("{}/{} ({n} excluded)", s.healthy, s.backends),
+    }
+}
+
+/// `WEIGHT`: the effective weight, with the configured one when they differ.
+fn weight_cell(b: &api::BackendInfo) -> String {
+    if b.effective_weight == b.weight {
+        b.weight.to_string()
+    } else {
+        format!("{} of {}", b.effective_weight, b.weight)
+    }
+}
+
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
@@ -327,7 +348,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                                 v.name.clone(),
                                 v.endpoint.clone(),
                                 opt(v.active_tier),
-                                format!("{}/{}", v.healthy, v.backends),
+                                healthy_cell(v),
                                 v.generation.to_string(),
                                 v.override_.as_ref().map_or_else(
                                     || "-".to_owned(),
@@ -384,7 +405,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                                     "-".to_owned()
                                 },
                                 b.tier.to_string(),
-                                b.weight.to_string(),
+                                weight_cell(b),
                                 opt(b.probe_latency_ms.map(|l| format!("{l:.1}ms"))),
                                 format!(
                                     "{}/{}/{}",
@@ -592,6 +613,9 @@ fn run(config: PathBuf, audit: PathBuf, startup_hold: u64) -> Result<ExitCode> {
             Ok(a) => a,
             Err(failover_agent::agent::AgentError::Config(e)) => {
                 eprintln!("{e}");
+                for w in e.warnings() {
+                    eprintln!("{}", w.as_warning());
+                }
                 eprintln!("refusing to start: fix the config above");
                 return Ok(ExitCode::FAILURE);
             }
@@ -617,57 +641,88 @@ fn run(config: PathBuf, audit: PathBuf, startup_hold: u64) -> Result<ExitCode> {
 }
 
 fn validate(path: &std::path::Path, json: bool) -> ExitCode {
-    match config::load(path) {
-        Ok(cfg) => {
+    let (ok, out, err) = validation_report(&config::load_checked(path), path, json);
+    print!("{out}");
+    eprint!("{err}");
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn field_json(fe: &config::FieldError) -> serde_json::Value {
+    serde_json::json!({
+        "origin": fe.origin,
+        "line": fe.line,
+        "field": fe.field,
+        "message": fe.message,
+    })
+}
+
+/// What `validate` prints: whether the file is valid, stdout and stderr.
+/// Errors and warnings go to stderr (`file:line: warning: field: ...`);
+/// with `--json`, one object on stdout with both lists.
+fn validation_report(
+    result: &Result<config::Loaded, config::ConfigError>,
+    path: &std::path::Path,
+    json: bool,
+) -> (bool, String, String) {
+    let file = path.display().to_string();
+    let warnings = match result {
+        Ok(loaded) => &loaded.warnings[..],
+        Err(e) => e.warnings(),
+    };
+    let warning_lines: String = warnings
+        .iter()
+        .map(|w| format!("{}\n", w.as_warning()))
+        .collect();
+    match result {
+        Ok(loaded) => {
+            let cfg = &loaded.config;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "ok": true,
-                        "file": path.display().to_string(),
-                        "services": cfg.services.len(),
-                        "backends": cfg.backends.len(),
-                    })
-                );
+                let out = serde_json::json!({
+                    "ok": true,
+                    "file": file,
+                    "services": cfg.services.len(),
+                    "backends": cfg.backends.len(),
+                    "warnings": warnings.iter().map(field_json).collect::<Vec<_>>(),
+                });
+                (true, format!("{out}\n"), String::new())
             } else {
-                println!(
-                    "{}: ok ({} services, {} backends)",
-                    path.display(),
-                    cfg.services.len(),
-                    cfg.backends.len()
-                );
+                let noted = match warnings.len() {
+                    0 => String::new(),
+                    1 => "; 1 warning".to_owned(),
+                    n => format!("; {n} warnings"),
+                };
+                (
+                    true,
+                    format!(
+                        "{file}: ok ({} services, {} backends{noted})\n",
+                        cfg.services.len(),
+                        cfg.backends.len()
+                    ),
+                    warning_lines,
+                )
             }
-            ExitCode::SUCCESS
         }
         Err(e) => {
             if json {
                 let errors: Vec<serde_json::Value> = if e.errors().is_empty() {
                     vec![serde_json::json!({ "message": e.to_string() })]
                 } else {
-                    e.errors()
-                        .iter()
-                        .map(|fe| {
-                            serde_json::json!({
-                                "origin": fe.origin,
-                                "line": fe.line,
-                                "field": fe.field,
-                                "message": fe.message,
-                            })
-                        })
-                        .collect()
+                    e.errors().iter().map(field_json).collect()
                 };
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "ok": false,
-                        "file": path.display().to_string(),
-                        "errors": errors,
-                    })
-                );
+                let out = serde_json::json!({
+                    "ok": false,
+                    "file": file,
+                    "errors": errors,
+                    "warnings": warnings.iter().map(field_json).collect::<Vec<_>>(),
+                });
+                (false, format!("{out}\n"), String::new())
             } else {
-                eprintln!("{e}");
+                (false, String::new(), format!("{e}\n{warning_lines}"))
             }
-            ExitCode::FAILURE
         }
     }
 }
@@ -705,5 +760,97 @@ fn verify(path: &std::path::Path, json: bool) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = include_str!("../../deploy/examples/minimal.yaml");
+
+    fn report(text: &str, json: bool) -> (bool, String, String) {
+        let parsed = config::parse_on(text, "f.yaml", &config::Host::defaults());
+        validation_report(&parsed, std::path::Path::new("f.yaml"), json)
+    }
+
+    #[test]
+    fn status_and_backends_cells_say_what_the_numbers_mean() {
+        let svc: api::ServiceStatus = serde_json::from_value(serde_json::json!({
+            "name": "fraud", "endpoint": "192.0.2.20:443/tcp", "active_tier": null,
+            "generation": 3, "healthy": 0, "backends": 2, "excluded": 3,
+            "serving": [], "override": null,
+        }))
+        .unwrap();
+        assert_eq!(healthy_cell(&svc), "0/2 (3 excluded)");
+        let svc = api::ServiceStatus {
+            healthy: 2,
+            excluded: 0,
+            ..svc
+        };
+        assert_eq!(healthy_cell(&svc), "2/2");
+
+        let b: api::BackendInfo = serde_json::from_value(serde_json::json!({
+            "name": "a1", "address": "203.0.113.11:8000", "tier": 0, "weight": 100,
+            "effective_weight": 50, "health": "degraded", "state": "up",
+            "draining": false, "probe_latency_ms": null,
+            "passive": {"syns": 0, "synacks": 0, "syn_resets": 0, "rtt_ms": null},
+            "flows": 0, "new_flows_total": 0, "services": ["chat"],
+        }))
+        .unwrap();
+        assert_eq!(weight_cell(&b), "50 of 100");
+        let b = api::BackendInfo {
+            effective_weight: 100,
+            ..b
+        };
+        assert_eq!(weight_cell(&b), "100");
+    }
+
+    #[test]
+    fn validate_prints_warnings_and_errors() {
+        let (ok, out, err) = report(MINIMAL, false);
+        assert!(ok);
+        assert_eq!(
+            (out.as_str(), err.as_str()),
+            ("f.yaml: ok (1 services, 2 backends)\n", "")
+        );
+
+        let warned = MINIMAL.replacen("min: 10000, max: 32767", "min: 40000, max: 40999", 1);
+        let (ok, out, err) = report(&warned, false);
+        assert!(ok, "a warning is no error");
+        assert_eq!(out, "f.yaml: ok (1 services, 2 backends; 1 warning)\n");
+        assert!(
+            err.starts_with("f.yaml:6: warning: node.snat_ports: snat_ports 40000-40999: "),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1);
+        let (_, out, _) = report(&warned, true);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["warnings"][0]["field"], "node.snat_ports");
+        assert_eq!(v["warnings"][0]["line"], 6);
+
+        // Errors first, then the warnings found with them.
+        let bad = warned.replacen("port: 80\n", "port: 0\n", 1);
+        let (ok, out, err) = report(&bad, false);
+        assert!(!ok);
+        assert_eq!(out, "");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{err}");
+        assert_eq!(
+            lines[0],
+            "f.yaml:11: services[0].port: port must be 1 to 65535"
+        );
+        assert!(
+            lines[1].starts_with("f.yaml:6: warning: node.snat_ports:"),
+            "{err}"
+        );
+        let (_, out, _) = report(&bad, true);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (v["ok"].as_bool(), v["errors"][0]["line"].as_u64()),
+            (Some(false), Some(11))
+        );
+        assert_eq!(v["warnings"].as_array().map(Vec::len), Some(1));
     }
 }

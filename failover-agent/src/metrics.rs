@@ -254,6 +254,9 @@ pub struct BackendSnapshot {
     pub name: String,
     pub tier: u8,
     pub weight: u32,
+    /// The weight it takes new flows with: `weight` scaled by its health
+    /// (0 down or drained; a degraded backend's by `degraded_weight`).
+    pub effective_weight: u32,
     /// Probe verdict: `up`, `degraded`, `down`, `unknown`.
     pub health: &'static str,
     /// `BACKENDS` state: `up`, `down`, `draining`, `unused`.
@@ -331,6 +334,7 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
     let dps = Family::<StateLabels, Gauge>::default();
     let tier = Family::<BackendLabel, Gauge>::default();
     let weight = Family::<BackendLabel, Gauge>::default();
+    let effective_weight = Family::<BackendLabel, Gauge>::default();
     let flaps = Family::<BackendLabel, Gauge>::default();
     let hold_down = Family::<BackendLabel, Gauge<f64, AtomicU64>>::default();
     let new_flows = Family::<BackendLabel, Counter>::default();
@@ -359,6 +363,9 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         }
         tier.get_or_create(&l).set(i64::from(b.tier));
         weight.get_or_create(&l).set(i64::from(b.weight));
+        effective_weight
+            .get_or_create(&l)
+            .set(i64::from(b.effective_weight));
         flaps.get_or_create(&l).set(i64::from(b.flaps));
         hold_down.get_or_create(&l).set(b.hold_down.as_secs_f64());
         if let Some(x) = &b.stats {
@@ -389,6 +396,11 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         tier,
     );
     r.register("backend_weight", "Configured weight", weight);
+    r.register(
+        "backend_effective_weight",
+        "Weight the backend takes new flows with: configured, scaled by health (0 down or drained; degraded: by degraded_weight)",
+        effective_weight,
+    );
     r.register(
         "backend_flaps",
         "Falls (serving to down) not yet forgotten; from the second, recovery is held down",
@@ -742,6 +754,7 @@ mod tests {
                 name: "gpu-a".into(),
                 tier: 1,
                 weight: 100,
+                effective_weight: 50,
                 health: "degraded",
                 dataplane: "up",
                 flaps: 3,
@@ -777,6 +790,8 @@ mod tests {
             "failover_backend_state{backend=\"gpu-a\",state=\"degraded\"} 1",
             "failover_backend_state{backend=\"gpu-a\",state=\"down\"} 0",
             "failover_backend_flaps{backend=\"gpu-a\"} 3",
+            "failover_backend_weight{backend=\"gpu-a\"} 100",
+            "failover_backend_effective_weight{backend=\"gpu-a\"} 50",
             "failover_backend_hold_down_seconds{backend=\"gpu-a\"} 1.5",
             "failover_datapath_packets_total{reason=\"no_backend\",verdict=\"drop\"} 5",
             "failover_passive_evidence_ignored_total{reason=\"bad_l4_checksum\"} 4",

@@ -10,8 +10,14 @@ fn the_kubernetes_configmap_carries_a_valid_config() {
     let config = doc["data"]["config.yaml"]
         .as_str()
         .expect("data.config.yaml");
-    let cfg = failover_agent::config::parse(config, "configmap.yaml:data.config.yaml")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let loaded = failover_agent::config::parse_on(
+        config,
+        "configmap.yaml:data.config.yaml",
+        &failover_agent::config::Host::defaults(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let cfg = loaded.config;
     assert_eq!(cfg.node.pin_path, Path::new("/sys/fs/bpf/failover"));
     assert!(
         cfg.node.snat_ports.max < 32_768,

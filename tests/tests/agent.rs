@@ -314,6 +314,68 @@ fn a_backend_down_is_out_with_one_state_write_before_the_ring_flips() {
 }
 
 #[test]
+fn a_degraded_backend_takes_its_probes_degraded_weight_and_the_audit_shows_it() {
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let log = dir.0.join("audit.jsonl");
+    let bs = lab_backends();
+    let b: Vec<B> = bs.iter().map(|(n, a, p)| (n.as_str(), *a, *p)).collect();
+    // Never probed here: only its degraded_weight matters.
+    let probe = "{ kind: inference, model: m, degraded_weight: 0.25 }";
+    let cfg = config::parse(&yaml(lab.pin_dir(), &["b1", "b2"], "", &b, probe), "test").unwrap();
+    let mut a = applier(&lab, cfg, Some(Journal::open(&log).unwrap()));
+    up(&mut a, &["b1", "b2"]);
+    let w = a.effective_weights();
+    assert_eq!(
+        (w["b1"], w["b2"], w["b3"]),
+        (100, 100, 0),
+        "b3: in no service, no verdict"
+    );
+
+    // Rate limited (HTTP 429): still serving, with a quarter of its weight.
+    let mut degraded = ev("b1", HealthState::Up, HealthState::Degraded);
+    degraded.reason = "rate limited (HTTP 429)".into();
+    let r = a.on_health(&[degraded]).unwrap();
+    assert_eq!(r.flipped.len(), 1, "reweighted: a new ring");
+    assert_eq!(a.effective_weights()["b1"], 25);
+    assert_eq!(a.programmed("web").unwrap().to, ["b1", "b2"]);
+
+    a.flush_audit();
+    drop(a);
+    let last = failover_tests::agentproc::read_decisions(&log)
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (last.from.clone(), last.to.clone()),
+        (
+            vec!["b1".to_owned(), "b2".to_owned()],
+            vec!["b1".to_owned(), "b2".to_owned()]
+        )
+    );
+    assert_eq!(
+        last.weights,
+        [audit::WeightChange {
+            backend: "b1".into(),
+            from: 100,
+            to: 25
+        }],
+        "{last:?}"
+    );
+    assert!(
+        last.reason
+            .starts_with("b1 up -> degraded (active: rate limited (HTTP 429))"),
+        "{}",
+        last.reason
+    );
+    assert_eq!(
+        audit::verify(&log).unwrap().records,
+        3,
+        "start, up, reweight"
+    );
+}
+
+#[test]
 fn draining_keeps_existing_flows_and_takes_no_new_ones() {
     require_root();
     let lab = Lab::new().unwrap();

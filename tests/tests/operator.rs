@@ -480,12 +480,16 @@ async fn control_api_round_trip_and_refusals() {
     let s = c.status().await.unwrap();
     assert_eq!(s.services[0].serving, ["b1", "b2"]);
 
-    // A tier with no allowed backend, a bad duration: refused, no switch.
+    // A tier with no backend at all, a bad duration: refused, no switch.
+    // (Not the sovereignty policy's doing: 404, not 403.)
     let before = s.services[0].generation;
     assert!(before > gen0);
     let (code, msg) = refused(c.failover("web", 5, "1m").await);
-    assert_eq!(code, 403, "{msg}");
-    assert!(msg.contains("tier 5"), "{msg}");
+    assert_eq!(code, 404, "{msg}");
+    assert_eq!(
+        msg,
+        "service \"web\" has no backend in tier 5 (its pool's tiers: 0, 1)"
+    );
     let (code, _) = refused(c.failover("web", 1, "0s").await);
     assert_eq!(code, 400);
     let (code, _) = refused(c.failover("nope", 1, "1m").await);
@@ -1037,7 +1041,7 @@ async fn the_cli_binary_against_a_running_agent() {
     assert!(rows[0][5].starts_with("tier 1 ("), "{rows:?}");
     assert_eq!((rows[0][2].as_str(), rows[0][6].as_str()), ("1", "b3"));
 
-    // Towards a tier the policy allows nothing in: refused, with the reason.
+    // Towards a tier with no backend: refused, with the reason.
     let out = op(
         &sock,
         &[
@@ -1053,7 +1057,10 @@ async fn the_cli_binary_against_a_running_agent() {
     .await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert_eq!(out.stdout, "");
-    assert!(out.stderr.contains("tier 5"), "{out:#?}");
+    assert_eq!(
+        out.stderr, "service \"web\" has no backend in tier 5 (its pool's tiers: 0, 1)\n",
+        "{out:#?}"
+    );
     assert_eq!(c.status().await.unwrap().services[0].generation, after);
     let out = op(
         &sock,

@@ -44,16 +44,12 @@ use super::{
     operator_state::{self, Deadline, OperatorState, TimedOverride},
 };
 use crate::{
-    audit::DecisionRecord,
+    audit::{DecisionRecord, WeightChange},
     config::{self, Config, ConfigDiff, ConfigError, OnBackendDown},
     dataplane::{Dataplane, XdpMode},
     health::{EventSource, HealthEvent, HealthState},
     planner::{self, BackendHealth, HealthView, Mode, ServicePlan},
 };
-
-/// Weight factor of a backend the probes found degraded (slow, or rate
-/// limited): it keeps serving at half its share.
-pub const DEGRADED_WEIGHT_FACTOR: f64 = 0.5;
 
 /// How long a restarted agent keeps recovered rings while waiting for
 /// first verdicts, when the caller does not say.
@@ -108,6 +104,10 @@ pub struct Programmed {
     /// Backend ids in the ring because the service fails open: they must
     /// be `UP` in `BACKENDS` though their health is down.
     pub open: Vec<u32>,
+    /// Effective weight of each backend in `to` (the plan's
+    /// [`planner::BackendPlan::effective_weight`]); empty for a ring
+    /// recovered from the pins, until it is planned.
+    pub weights: BTreeMap<String, u32>,
 }
 
 /// A service's next state, before it is written.
@@ -207,6 +207,67 @@ fn operator_reason(what: &str, forced: Option<&planner::Refusal>) -> String {
     }
 }
 
+/// A health event in a decision's reason: `b1 up -> down (active: ...)`.
+fn event_reason(ev: &HealthEvent) -> String {
+    let source = match ev.source {
+        EventSource::Active => "active",
+        EventSource::Passive => "passive",
+    };
+    format!(
+        "{} {} -> {} ({})",
+        ev.backend,
+        ev.from,
+        ev.to,
+        with_source(source, ev.reason.as_str())
+    )
+}
+
+/// The audit note of a backend in its slow grace found dead; the
+/// evidence's own `found dead: ` is not repeated.
+fn found_dead_note(reason: &str) -> String {
+    let evidence = reason.strip_prefix("found dead: ").unwrap_or(reason);
+    format!("found dead during its slow grace ({evidence}): down now")
+}
+
+/// `source: reason`, unless the reason names its source already (a
+/// passive ejection's reads `passive: ...`, or `found dead: passive:
+/// ...`): one label, never `passive: passive: ...`.
+fn with_source(source: &str, reason: &str) -> String {
+    if reason.split(": ").any(|part| part == source) {
+        reason.to_owned()
+    } else {
+        format!("{source}: {reason}")
+    }
+}
+
+/// Effective weight of each backend a plan gives new flows to.
+fn weights_of(plan: &ServicePlan) -> BTreeMap<String, u32> {
+    plan.backends
+        .iter()
+        .filter(|b| b.weight > 0)
+        .map(|b| (b.name.clone(), b.effective_weight))
+        .collect()
+}
+
+/// Backends taking new flows before and after whose effective weight
+/// changed (one only in `after` or `before` shows in `to` or `from`).
+fn weight_changes(
+    before: &BTreeMap<String, u32>,
+    after: &BTreeMap<String, u32>,
+) -> Vec<WeightChange> {
+    after
+        .iter()
+        .filter_map(|(name, &to)| {
+            let &from = before.get(name)?;
+            (from != to).then(|| WeightChange {
+                backend: name.clone(),
+                from,
+                to,
+            })
+        })
+        .collect()
+}
+
 fn state_name(st: u8) -> &'static str {
     match st {
         state::UP => "up",
@@ -287,6 +348,7 @@ impl Applier {
                     ring,
                     to,
                     open: Vec::new(),
+                    weights: BTreeMap::new(),
                 },
             );
             a.held.insert(name);
@@ -487,14 +549,7 @@ impl Applier {
                 self.health.insert(ev.backend.to_string(), ev.to);
             }
             self.grace_on(ev);
-            let source = match ev.source {
-                EventSource::Active => "active",
-                EventSource::Passive => "passive",
-            };
-            reasons.push(format!(
-                "{} {} -> {} ({source}: {})",
-                ev.backend, ev.from, ev.to, ev.reason
-            ));
+            reasons.push(event_reason(ev));
             names.push(ev.backend.to_string());
             at = Some(at.map_or(ev.at, |t: Instant| t.min(ev.at)));
         }
@@ -531,7 +586,7 @@ impl Applier {
             Exit::Now => {
                 if self.graces.end(b) {
                     tracing::warn!(backend = b, reason = %ev.reason, "found dead during its slow grace: down now");
-                    let why = format!("found dead during its slow grace ({}): down now", ev.reason);
+                    let why = found_dead_note(ev.reason.as_str());
                     self.note(b, &why, "grace ended: dead");
                 }
             }
@@ -610,6 +665,30 @@ impl Applier {
             backends: vec![backend.to_owned()],
             all: false,
         })
+    }
+
+    /// The weight each backend takes new flows with: the effective
+    /// weight its rings give it ([`Programmed::weights`], the largest
+    /// when several do), or else its configured weight scaled by its
+    /// health (0 when down, drained or without a verdict; a degraded
+    /// backend's by its probe's `degraded_weight`).
+    pub fn effective_weights(&self) -> BTreeMap<String, u32> {
+        let view = self.view();
+        self.cfg
+            .backends
+            .iter()
+            .map(|b| {
+                let planned = self
+                    .programmed
+                    .values()
+                    .filter_map(|p| p.weights.get(&b.name))
+                    .max()
+                    .copied();
+                let weight =
+                    planned.unwrap_or_else(|| view.get(&b.name).effective_weight(b.weight));
+                (b.name.clone(), weight)
+            })
+            .collect()
     }
 
     /// Whether `backend` is drained by the operator.
@@ -770,7 +849,10 @@ impl Applier {
                 Some(HealthState::Degraded) => v.set(
                     b.name.clone(),
                     BackendHealth::Degraded {
-                        weight_factor: DEGRADED_WEIGHT_FACTOR,
+                        weight_factor: self.cfg.probe_of(&b.name).map_or(
+                            config::Probe::DEFAULT_DEGRADED_WEIGHT,
+                            config::Probe::degraded_weight,
+                        ),
                     },
                 ),
                 Some(HealthState::Down) => v.set(b.name.clone(), BackendHealth::Down),
@@ -933,7 +1015,7 @@ impl Applier {
         report.state_writes += raise.len();
 
         // 4. Switch the rings that changed.
-        let mut flipped: Vec<(&Next, Vec<String>)> = Vec::new();
+        let mut flipped: Vec<(&Next, Vec<String>, Vec<WeightChange>)> = Vec::new();
         for n in &next {
             if !n.changed {
                 continue;
@@ -949,11 +1031,13 @@ impl Applier {
             };
             // One write: packets see the old ring or the new one.
             self.dp.put_service(n.key, entry)?;
-            let from = self
+            let (from, from_weights) = self
                 .programmed
                 .get(&n.name)
-                .map(|p| p.to.clone())
+                .map(|p| (p.to.clone(), p.weights.clone()))
                 .unwrap_or_default();
+            let weights = weights_of(&n.plan);
+            let changes = weight_changes(&from_weights, &weights);
             self.programmed.insert(
                 n.name.clone(),
                 Programmed {
@@ -962,10 +1046,11 @@ impl Applier {
                     ring: ring.clone(),
                     to: n.to.clone(),
                     open: n.open.clone(),
+                    weights,
                 },
             );
             report.flipped.push((n.name.clone(), entry.generation));
-            flipped.push((n, from));
+            flipped.push((n, from, changes));
         }
         if !flipped.is_empty() {
             let l = d.at.elapsed();
@@ -975,6 +1060,9 @@ impl Applier {
         for n in next.iter().filter(|n| !n.changed) {
             if let Some(p) = self.programmed.get_mut(&n.name) {
                 p.open.clone_from(&n.open);
+                // A ring kept as it was (start-up hold over, same ring):
+                // its weights are known from now on.
+                p.weights = weights_of(&n.plan);
             }
         }
 
@@ -1004,12 +1092,13 @@ impl Applier {
         }
 
         let latency_us = report.latency.map(|l| l.as_secs_f64() * 1e6);
-        for (n, from) in &flipped {
+        for (n, from, weights) in &flipped {
             tracing::info!(
                 service = %n.name,
                 generation = n.entry.generation + 1,
                 from = ?from,
                 to = ?n.to,
+                weights = ?weights,
                 mode = ?n.plan.mode,
                 reason = %d.reason,
                 latency_us,
@@ -1019,6 +1108,7 @@ impl Applier {
                 let mut r = DecisionRecord::new(n.name.clone(), n.entry.generation + 1);
                 r.from.clone_from(from);
                 r.to.clone_from(&n.to);
+                r.weights.clone_from(weights);
                 r.reason = format!("{}: {}", d.reason, n.plan.justification);
                 r.policy_check.clone_from(&n.plan.sovereignty);
                 r.apply_latency_us = latency_us;
@@ -1138,5 +1228,95 @@ impl Applier {
             r.policy_check = "config invalid: running config kept".into();
             j.record(r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::{Ejection, HealthMachine, ProbeOutcome, Thresholds};
+
+    fn event(from: HealthState, to: HealthState, reason: &str, source: EventSource) -> HealthEvent {
+        HealthEvent {
+            backend: "b1".into(),
+            from,
+            to,
+            reason: reason.into(),
+            latency: None,
+            source,
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn reasons_name_their_source_once() {
+        let now = Instant::now();
+        let mut m = HealthMachine::new(Thresholds::new(1, 1, Duration::ZERO));
+        let healthy = ProbeOutcome::Healthy {
+            latency: Duration::from_millis(1),
+        };
+        m.observe(now, &healthy).unwrap();
+        // The state machine's own passive reason, as the prober sends it
+        // (and as the agent builds it for its own re-plan).
+        let fall = m.eject(now, &Ejection::Refused { rsts: 2 }).unwrap();
+        let ev = HealthEvent {
+            reason: fall.reason,
+            ..event(HealthState::Up, HealthState::Down, "", EventSource::Passive)
+        };
+        assert_eq!(
+            event_reason(&ev),
+            "b1 up -> down (passive: 2 SYNs refused with RST)"
+        );
+        // Escalated: "found dead: passive: ...", still one label.
+        let ev = event(
+            HealthState::Down,
+            HealthState::Down,
+            "found dead: passive: 2 SYNs refused with RST",
+            EventSource::Passive,
+        );
+        assert_eq!(
+            event_reason(&ev),
+            "b1 down -> down (found dead: passive: 2 SYNs refused with RST)"
+        );
+        // An active probe's reason gets its label.
+        let ev = event(
+            HealthState::Up,
+            HealthState::Down,
+            "refused",
+            EventSource::Active,
+        );
+        assert_eq!(event_reason(&ev), "b1 up -> down (active: refused)");
+        // A reason that merely mentions the word keeps the label.
+        assert_eq!(
+            with_source("passive", "passive ejection disabled"),
+            "passive: passive ejection disabled"
+        );
+        assert_eq!(
+            found_dead_note("found dead: passive: 2 SYNs refused with RST"),
+            "found dead during its slow grace (passive: 2 SYNs refused with RST): down now"
+        );
+        assert_eq!(
+            found_dead_note("refused"),
+            "found dead during its slow grace (refused): down now"
+        );
+    }
+
+    #[test]
+    fn a_reweight_is_a_weight_change_and_new_or_gone_backends_are_not() {
+        let w = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            pairs.iter().map(|(n, w)| ((*n).to_owned(), *w)).collect()
+        };
+        assert_eq!(
+            weight_changes(
+                &w(&[("a1", 100), ("a2", 100), ("b1", 50)]),
+                &w(&[("a1", 50), ("a2", 100), ("c1", 10)])
+            ),
+            [WeightChange {
+                backend: "a1".into(),
+                from: 100,
+                to: 50
+            }]
+        );
+        assert!(weight_changes(&BTreeMap::new(), &w(&[("a1", 100)])).is_empty());
     }
 }

@@ -204,7 +204,7 @@ impl Agent {
     /// runtime.
     pub async fn start(opts: RunOptions) -> Result<Self, AgentError> {
         let watch = reload::FileWatch::new(&opts.config_path);
-        let cfg = config::load(&opts.config_path)?;
+        let cfg = load_logged(&opts.config_path)?;
         let journal = opts.audit_path.as_deref().map(Journal::open).transpose()?;
         let state_file = cfg.node.state_file();
         // Before the first plan: a drained backend never takes a flow.
@@ -362,6 +362,7 @@ impl Agent {
         let dp = a.dataplane();
         let cfg = a.config();
         let ids = a.ids();
+        let effective = a.effective_weights();
         let backends = cfg
             .backends
             .iter()
@@ -384,6 +385,7 @@ impl Agent {
                     name: b.name.clone(),
                     tier: b.tier,
                     weight: b.weight,
+                    effective_weight: effective.get(&b.name).copied().unwrap_or(0),
                     health: match a.health(&b.name) {
                         HealthState::Up => "up",
                         HealthState::Degraded => "degraded",
@@ -527,11 +529,12 @@ impl Agent {
     fn reload_config(&mut self) {
         self.watch.mark_seen();
         let path = self.opts.config_path.clone();
-        match config::load(&path) {
+        match load_logged(&path) {
             Err(e) => {
                 for fe in e.errors() {
                     tracing::error!(origin = %fe.origin, line = fe.line, field = %fe.field, message = %fe.message, "config error");
                 }
+                log_warnings(e.warnings());
                 if e.errors().is_empty() {
                     tracing::error!(error = %e, "config unreadable");
                 }
@@ -1001,6 +1004,7 @@ impl Agent {
             .map(|s| {
                 let p = self.applier.programmed(&s.name);
                 let serving = p.map(|p| p.to.clone()).unwrap_or_default();
+                let (healthy, backends, excluded) = pool_counts(cfg, s, |b| self.healthy(b));
                 api::ServiceStatus {
                     name: s.name.clone(),
                     endpoint: format!(
@@ -1014,8 +1018,9 @@ impl Agent {
                         .filter_map(|n| cfg.backend(n).map(|b| b.tier))
                         .min(),
                     generation: p.map_or(0, |p| p.entry.generation),
-                    healthy: s.backends.iter().filter(|b| self.healthy(b)).count(),
-                    backends: s.backends.len(),
+                    healthy,
+                    backends,
+                    excluded,
                     serving,
                     override_: self
                         .applier
@@ -1054,6 +1059,7 @@ impl Agent {
                     address: format!("{}:{}", c.address, c.port),
                     tier: b.tier,
                     weight: b.weight,
+                    effective_weight: b.effective_weight,
                     health: b.health.to_owned(),
                     state: b.dataplane.to_owned(),
                     draining: self.applier.is_draining(&b.name),
@@ -1162,6 +1168,39 @@ impl Agent {
     }
 }
 
+/// A service's `status` counts: of the pool's backends its sovereignty
+/// policy admits (the only ones it may ever use), how many are `healthy`
+/// and how many there are; and how many the policy excludes.
+fn pool_counts(
+    cfg: &Config,
+    service: &config::Service,
+    healthy: impl Fn(&str) -> bool,
+) -> (usize, usize, usize) {
+    let mut seen = std::collections::BTreeSet::new();
+    let (admitted, excluded): (Vec<&str>, Vec<&str>) = service
+        .backends
+        .iter()
+        .map(String::as_str)
+        .filter(|name| seen.insert(*name))
+        .partition(|name| cfg.backend(name).is_some_and(|b| service.policy.admits(b)));
+    let up = admitted.iter().filter(|name| healthy(name)).count();
+    (up, admitted.len(), excluded.len())
+}
+
+/// Loads the config; its warnings are logged (a refusal's errors are the
+/// caller's to report).
+fn load_logged(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let loaded = config::load_checked(path)?;
+    log_warnings(&loaded.warnings);
+    Ok(loaded.config)
+}
+
+fn log_warnings(warnings: &[config::FieldError]) {
+    for w in warnings {
+        tracing::warn!(origin = %w.origin, line = w.line, field = %w.field, message = %w.message, "config warning");
+    }
+}
+
 /// The audit reason for a fall that holds the backend's recovery down;
 /// `None` for any other event. A hold starts only with a fall (or is
 /// restarted while down, which reports nothing): one record per episode.
@@ -1207,6 +1246,34 @@ async fn recv_signal(s: &mut Option<Signal>) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_counts_only_the_backends_the_policy_admits() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/examples/two-clouds.yaml"),
+        )
+        .unwrap();
+        let mut cfg = config::parse(&text, "two-clouds.yaml").unwrap();
+        // fraud: eu-fraud-1, eu-fraud-2 (EU, admitted), us-fraud-1 (US,
+        // excluded); two more US backends make it five, two admitted.
+        let fraud = cfg.services.iter().position(|s| s.name == "fraud").unwrap();
+        for name in ["us-fraud-2", "us-fraud-3"] {
+            let mut b = cfg.backend("us-fraud-1").unwrap().clone();
+            b.name = name.into();
+            cfg.backends.push(b);
+            cfg.services[fraud].backends.push(name.into());
+        }
+        let svc = &cfg.services[fraud];
+        // Everything up: 2 of the 2 it may use, not 5 of 5.
+        assert_eq!(pool_counts(&cfg, svc, |_| true), (2, 2, 3));
+        // Failing closed (its EU backends down) while the US ones are up:
+        // none of 2, not 3 of 5.
+        assert_eq!(pool_counts(&cfg, svc, |b| b.starts_with("us-")), (0, 2, 3));
+        // No policy: the whole pool.
+        let chat = cfg.service("chat").unwrap();
+        assert_eq!(pool_counts(&cfg, chat, |b| b != "a1"), (3, 4, 0));
+    }
 
     #[test]
     fn only_a_fall_into_a_hold_down_is_audited() {

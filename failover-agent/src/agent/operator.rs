@@ -80,6 +80,7 @@ impl Agent {
             planner::PlanError::UnknownService(_) => {
                 ApiError::not_found(format!("no service named {service:?}"))
             }
+            e @ planner::PlanError::NoSuchTier { .. } => ApiError::not_found(e.to_string()),
             other => ApiError::forbidden(other.to_string()),
         })?;
         let forced = self.check_action(Action::Failover { service, tier }, force)?;

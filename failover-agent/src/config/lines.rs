@@ -11,22 +11,45 @@ use saphyr_parser::{Event, Parser, Span, StrInput};
 #[derive(Debug, Default)]
 pub(super) struct LineIndex {
     lines: HashMap<String, usize>,
+    /// Keys given twice in one mapping: path and line of the repeat.
+    duplicates: Vec<(String, usize)>,
+    /// Line where each document starts.
+    documents: Vec<usize>,
 }
 
 impl LineIndex {
-    /// Indexes the first document of `text`. Best effort: the text has
-    /// already been accepted by the deserializer, and a path this parser
-    /// could not reach falls back to its nearest indexed ancestor.
+    /// Indexes the first document of `text`, and where later ones start.
+    /// Best effort: a path this parser could not reach (past a syntax
+    /// error) falls back to its nearest indexed ancestor.
     pub(super) fn build(text: &str) -> Self {
         let mut walker = Walker {
             events: Parser::new_from_str(text),
             lines: HashMap::new(),
+            duplicates: Vec::new(),
+            documents: Vec::new(),
         };
         // A parse error here only leaves the index partial (see `line`).
-        let _ = walker.stream();
+        if walker.stream().is_some() {
+            walker.later_documents();
+        }
         Self {
             lines: walker.lines,
+            duplicates: walker.duplicates,
+            documents: walker.documents,
         }
+    }
+
+    /// Line (1-based) where document `n` (from 0) starts, if it does.
+    pub(super) fn document_line(&self, n: usize) -> Option<usize> {
+        self.documents.get(n).copied()
+    }
+
+    /// Keys of the first document given twice in one mapping, with the
+    /// line of the repeat and of the first.
+    pub(super) fn duplicates(&self) -> impl Iterator<Item = (&str, usize, usize)> {
+        self.duplicates
+            .iter()
+            .map(|(path, line)| (path.as_str(), *line, self.line(path)))
     }
 
     /// Line (1-based) of `path`, or of its closest ancestor that exists in
@@ -48,6 +71,8 @@ impl LineIndex {
 struct Walker<'i> {
     events: Parser<'i, StrInput<'i>>,
     lines: HashMap<String, usize>,
+    duplicates: Vec<(String, usize)>,
+    documents: Vec<usize>,
 }
 
 impl<'i> Walker<'i> {
@@ -57,12 +82,25 @@ impl<'i> Walker<'i> {
 
     fn stream(&mut self) -> Option<()> {
         loop {
-            match self.next()?.0 {
+            let (event, start) = self.next()?;
+            match event {
                 Event::StreamEnd => return Some(()),
                 Event::DocumentStart(_) => {
+                    self.documents.push(start.start.line());
                     let (event, span) = self.next()?;
                     return self.node(String::new(), event, span);
                 }
+                _ => {}
+            }
+        }
+    }
+
+    /// Records where the documents after the first start.
+    fn later_documents(&mut self) {
+        while let Some((event, span)) = self.next() {
+            match event {
+                Event::StreamEnd => return,
+                Event::DocumentStart(_) => self.documents.push(span.start.line()),
                 _ => {}
             }
         }
@@ -84,9 +122,11 @@ impl<'i> Walker<'i> {
                         child
                     }
                 };
-                self.lines
-                    .entry(child.clone())
-                    .or_insert(key_span.start.line());
+                if self.lines.contains_key(&child) && !child.ends_with('?') {
+                    self.duplicates.push((child.clone(), key_span.start.line()));
+                } else {
+                    self.lines.insert(child.clone(), key_span.start.line());
+                }
                 let (value, value_span) = self.next()?;
                 self.node(child, value, value_span)?;
             },

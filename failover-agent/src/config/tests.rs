@@ -237,6 +237,19 @@ fn syntax_error_has_line() {
         "{}",
         only.message
     );
+    // It says why nothing else is reported.
+    assert!(
+        only.message.ends_with(
+            "(YAML syntax error: the parser cannot go on past it, so the rest of the file was not checked)"
+        ),
+        "{}",
+        only.message
+    );
+    assert!(
+        !only.message.contains(" at line 3 column"),
+        "{}",
+        only.message
+    );
 }
 
 #[test]
@@ -293,8 +306,26 @@ fn type_errors_name_the_nested_field() {
 
 #[test]
 fn root_level_errors() {
+    // Every missing field at once.
     let error = parse_err("");
-    assert_eq!(error.to_string(), "test.yaml:1: missing field `node`");
+    assert_eq!(
+        error.to_string(),
+        "test.yaml:1: missing field `node`\n\
+         test.yaml:1: missing field `services`\n\
+         test.yaml:1: missing field `backends`"
+    );
+    let error = parse_err("nodes: {}\nservices: []\nbackends: []\n");
+    assert_eq!(
+        located(&error),
+        [(1, "nodes"), (1, "")],
+        "the unknown field and the missing one: {error}"
+    );
+    assert!(
+        error.errors()[0]
+            .message
+            .starts_with("unknown field `nodes`, expected one of `node`, `services`, `backends`"),
+        "{error}"
+    );
     let error = parse_err("- 1\n- 2\n");
     assert_eq!(error.errors()[0].field, "");
     assert!(
@@ -469,7 +500,7 @@ fn probe_fields_must_fit_the_kind() {
     probe.kind = ProbeKind::Inference;
     probe.expect_status = None;
     probe.ttft_budget = Some(Duration::ZERO);
-    probe.path = Some("/v1/models".into());
+    probe.path = Some("/openai".into());
     assert_eq!(fields_of(&config), ["services[0].probe.ttft_budget"]);
 
     let probe = &mut config.services[0].probe;
@@ -800,4 +831,325 @@ fn flow_capacity_defaults_and_bounds() {
     assert_eq!(fields_of(&config), ["node.flow_capacity"]);
     config.node.flow_capacity = 1 << 23;
     assert_eq!(fields_of(&config), ["node.flow_capacity"]);
+}
+
+/// Parses `text` with the kernel's default ephemeral range, whatever the
+/// host running the test says.
+fn checked(text: &str) -> Result<Loaded, ConfigError> {
+    parse_on(text, "test.yaml", &Host::defaults())
+}
+
+fn minimal_text() -> String {
+    std::fs::read_to_string(examples_dir().join("minimal.yaml")).unwrap()
+}
+
+#[test]
+fn examples_validate_without_warnings() {
+    for entry in std::fs::read_dir(examples_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|ext| ext != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let name = path.display().to_string();
+        let loaded = parse_on(&text, &name, &Host::defaults()).unwrap();
+        assert!(loaded.warnings.is_empty(), "{name}: {:?}", loaded.warnings);
+    }
+    let two = load(&examples_dir().join("two-clouds.yaml")).unwrap();
+    let chat = &two.service("chat").unwrap().probe;
+    assert_eq!((chat.path.as_deref(), chat.degraded_weight()), (None, 0.25));
+}
+
+#[test]
+fn type_errors_of_every_part_are_reported_together() {
+    let text = minimal_text()
+        .replacen("protocol: tcp", "protocol: sctp", 1)
+        .replacen("snat_address: 198.51.100.1", "snat_address: 198.51.100", 1)
+        .replacen("port: 8080", "port: 80800", 1)
+        .replacen(
+            "jurisdiction: EU\n",
+            "jurisdiction: EU\n    colour: red\n",
+            1,
+        )
+        .replacen("port: 8080\n", "port: 8080\n    colour: red\n", 2);
+    let error = checked(&text).unwrap_err();
+    assert_eq!(
+        located(&error),
+        [
+            (5, "node.snat_address"),
+            (12, "services[0].protocol"),
+            (20, "backends[0].port"),
+            (28, "backends[1].colour"),
+        ],
+        "{error}"
+    );
+    assert_eq!(
+        error.to_string().lines().collect::<Vec<_>>(),
+        [
+            "test.yaml:5: node.snat_address: invalid IPv4 address \"198.51.100\"",
+            "test.yaml:12: services[0].protocol: unknown variant `sctp`, expected `tcp` or `udp`",
+            "test.yaml:20: backends[0].port: invalid value: integer `80800`, expected u16",
+            "test.yaml:28: backends[1].colour: unknown field `colour`, expected one of `name`, `address`, `port`, `cloud`, `region`, `jurisdiction`, `tier`, `weight`, `labels`",
+        ]
+    );
+    // A part that is no list is one error, at its line.
+    let error = checked(&minimal_text().replacen(
+        "backends:\n  - name: web-1",
+        "backends: 3\nx:\n  - name: web-1",
+        1,
+    ))
+    .unwrap_err();
+    assert_eq!(located(&error), [(17, "backends"), (18, "x")], "{error}");
+}
+
+#[test]
+fn a_second_document_is_reported_and_the_first_still_checked() {
+    // The first document has a semantic error; the second is not read.
+    let text = minimal_text().replacen("port: 80\n", "port: 0\n", 1) + "---\nnode: {}\n";
+    let error = checked(&text).unwrap_err();
+    assert_eq!(
+        located(&error),
+        [(11, "services[0].port"), (30, "")],
+        "{error}"
+    );
+    assert!(
+        error.errors()[1]
+            .message
+            .starts_with("a second YAML document: the config is the first one"),
+        "{error}"
+    );
+    // A syntax error in the second does not hide the first's errors.
+    let text = minimal_text().replacen("port: 80\n", "port: 0\n", 1) + "---\nnode: [1\n";
+    let error = checked(&text).unwrap_err();
+    assert_eq!(
+        located(&error),
+        [(11, "services[0].port"), (30, "")],
+        "{error}"
+    );
+    assert!(
+        error.errors()[1].message.contains("has a syntax error"),
+        "{error}"
+    );
+}
+
+#[test]
+fn keys_given_twice_are_named_at_the_repeat() {
+    let text = minimal_text().replacen("    port: 80\n", "    port: 80\n    port: 81\n", 1);
+    let error = checked(&text).unwrap_err();
+    assert_eq!(located(&error), [(12, "services[0].port")], "{error}");
+    assert!(
+        error.errors()[0]
+            .message
+            .starts_with("given twice in one mapping (first at line 11)"),
+        "{error}"
+    );
+}
+
+#[test]
+fn snat_ports_in_the_ephemeral_range_are_a_warning() {
+    let host = Host::defaults();
+    // The examples' range, below the ephemeral one: nothing to say.
+    let loaded = checked(&minimal_text()).unwrap();
+    assert!(loaded.warnings.is_empty());
+    // The lab's (tests/src/lab.rs) range: inside it, valid, with a warning.
+    let text = minimal_text().replacen("min: 10000, max: 32767", "min: 40000, max: 40999", 1);
+    let loaded = parse_on(&text, "test.yaml", &host).unwrap();
+    let [w] = &loaded.warnings[..] else {
+        panic!("one warning: {:?}", loaded.warnings);
+    };
+    assert_eq!((w.line, w.field.as_str()), (6, "node.snat_ports"));
+    let shown = w.as_warning().to_string();
+    assert!(
+        shown.starts_with(
+            "test.yaml:6: warning: node.snat_ports: snat_ports 40000-40999: 1000 ports \
+             (40000-40999) are in the kernel's ephemeral range 32768-60999 (the kernel's \
+             default; this host's net.ipv4.ip_local_port_range could not be read)"
+        ),
+        "{shown}"
+    );
+    // Partly inside; one port inside.
+    let text = minimal_text().replacen("max: 32767", "max: 32768", 1);
+    let w = &checked(&text).unwrap().warnings;
+    assert!(
+        w[0].message.contains(": port 32768 is in the kernel's"),
+        "{w:?}"
+    );
+    // Reserved ports are never ephemeral: no warning.
+    let reserved = Host {
+        reserved_ports: vec![(32_000, 33_000), (40_000, 40_999)],
+        ..Host::defaults()
+    };
+    let text = minimal_text().replacen("min: 10000, max: 32767", "min: 40000, max: 40999", 1);
+    assert!(parse_on(&text, "t", &reserved).unwrap().warnings.is_empty());
+    // Another host's range.
+    let other = Host {
+        ephemeral_ports: (10_000, 20_000),
+        reserved_ports: Vec::new(),
+        read: true,
+    };
+    let w = parse_on(&minimal_text(), "t", &other).unwrap().warnings;
+    assert!(
+        w[0].message
+            .contains("range 10000-20000 (net.ipv4.ip_local_port_range on this host)"),
+        "{w:?}"
+    );
+    // Warnings ride along with errors.
+    let text = minimal_text()
+        .replacen("min: 10000, max: 32767", "min: 40000, max: 40999", 1)
+        .replacen("port: 80\n", "port: 0\n", 1);
+    let error = checked(&text).unwrap_err();
+    assert_eq!(located(&error), [(11, "services[0].port")]);
+    assert_eq!(error.warnings().len(), 1);
+}
+
+#[test]
+fn addresses_that_collide_are_refused_or_warned_about() {
+    let mut config = minimal();
+    config.node.snat_address = config.services[0].vip;
+    config.backends[0].address = config.services[0].vip;
+    assert_eq!(
+        fields_of(&config),
+        ["node.snat_address", "backends[0].address"]
+    );
+    let mut config = minimal();
+    config.backends[1].address = config.node.snat_address;
+    assert_eq!(fields_of(&config), ["backends[1].address"]);
+
+    // As an operator sees them.
+    let text = minimal_text()
+        .replacen("snat_address: 198.51.100.1", "snat_address: 192.0.2.10", 1)
+        .replacen("address: 203.0.113.11", "address: 192.0.2.10", 1)
+        .replacen("address: 203.0.113.12", "address: 127.0.0.2", 1);
+    let error = checked(&text).unwrap_err();
+    let shown: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
+    assert_eq!(
+        shown,
+        [
+            "test.yaml:5: node.snat_address: 192.0.2.10 is also the VIP of service \"web\" (services[0]): backends' replies to the NAT address would meet the VIP's handling; give the node an address of its own for SNAT",
+            "test.yaml:19: backends[0].address: 192.0.2.10 is the VIP of service \"web\" (services[0]): traffic to this backend would come back to the load balancer; use the backend's own address",
+        ]
+    );
+    // Loopback: a warning (a probe-only setup, like the probe benchmark,
+    // uses it; client traffic to it is dropped).
+    let [w] = error.warnings() else {
+        panic!("{:?}", error.warnings());
+    };
+    assert_eq!((w.line, w.field.as_str()), (25, "backends[1].address"));
+    assert!(
+        w.message.starts_with("127.0.0.2 is a loopback address"),
+        "{w}"
+    );
+}
+
+#[test]
+fn probe_durations_are_bounded() {
+    let text = minimal_text().replacen(
+        "kind: tcp",
+        "kind: tcp\n      interval: 10m\n      timeout: 1000h\n      min_dwell: 2h",
+        1,
+    );
+    let lines: Vec<String> = checked(&text)
+        .unwrap_err()
+        .to_string()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "test.yaml:16: services[0].probe.interval: interval 10m must be from 1ms to 5m",
+            "test.yaml:17: services[0].probe.timeout: timeout 1000h must be from 1ms to 1m",
+            "test.yaml:18: services[0].probe.min_dwell: min_dwell 2h must be from 0s to 1h",
+        ]
+    );
+    let mut config = minimal();
+    let probe = &mut config.services[0].probe;
+    probe.interval = Duration::from_secs(300);
+    probe.timeout = Duration::from_secs(60);
+    probe.min_dwell = Duration::from_secs(3600);
+    assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
+    config.services[0].probe.interval = Duration::from_micros(999);
+    assert_eq!(fields_of(&config), ["services[0].probe.interval"]);
+}
+
+fn inference(config: &mut Config) -> &mut Probe {
+    let probe = &mut config.services[0].probe;
+    probe.kind = ProbeKind::Inference;
+    probe.model = Some("m".into());
+    probe
+}
+
+#[test]
+fn inference_ttft_budget_and_degraded_weight() {
+    let mut config = minimal();
+    let probe = inference(&mut config);
+    assert_eq!(probe.degraded_weight(), 0.5, "default");
+    probe.ttft_budget = Some(probe.timeout);
+    probe.degraded_weight = Some(1.0);
+    assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
+    let probe = &mut config.services[0].probe;
+    assert_eq!(probe.degraded_weight(), 1.0);
+    probe.ttft_budget = Some(probe.timeout + Duration::from_millis(1));
+    probe.degraded_weight = Some(0.0);
+    assert_eq!(
+        fields_of(&config),
+        [
+            "services[0].probe.ttft_budget",
+            "services[0].probe.degraded_weight"
+        ]
+    );
+    for bad in [1.5, -0.1, f64::NAN] {
+        config.services[0].probe.degraded_weight = Some(bad);
+        assert!(
+            fields_of(&config).contains(&"services[0].probe.degraded_weight".to_owned()),
+            "{bad}"
+        );
+    }
+    // Only the inference probe degrades a backend.
+    let mut config = minimal();
+    config.services[0].probe.degraded_weight = Some(0.5);
+    assert_eq!(fields_of(&config), ["services[0].probe.degraded_weight"]);
+    // As an operator sees it.
+    let text = minimal_text().replacen(
+        "kind: tcp",
+        "kind: inference\n      model: m\n      degraded_weight: 2",
+        1,
+    );
+    assert_eq!(
+        checked(&text).unwrap_err().to_string(),
+        "test.yaml:17: services[0].probe.degraded_weight: degraded_weight 2 must be above 0 and at most 1 (the share of its weight a degraded backend keeps)"
+    );
+}
+
+#[test]
+fn an_inference_path_is_the_prefix_of_the_openai_routes() {
+    let mut config = minimal();
+    for (path, ok) in [
+        ("/openai", true),
+        ("/", true),
+        ("/v1/chat/completions", false),
+        ("/gw/v1/models/", false),
+        ("/v1", false),
+    ] {
+        inference(&mut config).path = Some(path.into());
+        assert_eq!(
+            fields_of(&config).is_empty(),
+            ok,
+            "{path}: {:?}",
+            fields_of(&config)
+        );
+    }
+    let text = minimal_text().replacen(
+        "kind: tcp",
+        "kind: inference\n      model: m\n      path: /v1/chat/completions",
+        1,
+    );
+    let error = checked(&text).unwrap_err();
+    assert_eq!(located(&error), [(17, "services[0].probe.path")]);
+    assert!(
+        error.errors()[0]
+            .message
+            .contains("\"/v1/chat/completions\" would probe /v1/chat/completions/v1/models"),
+        "{error}"
+    );
 }

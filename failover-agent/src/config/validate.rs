@@ -36,31 +36,200 @@ pub const MAX_UDP_PAYLOAD: usize = 1472;
 /// Largest expected UDP answer: the largest datagram over IPv4.
 const MAX_UDP_ANSWER: usize = 65_507;
 
+/// Probe `interval` limits: below a millisecond a prober spins; above
+/// five minutes active probes detect nothing in useful time.
+const INTERVAL_LIMITS: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(300));
+
+/// Probe `timeout` limits: a backend that takes over a minute to answer
+/// its health check is down for any client, and a longer timeout only
+/// delays the verdict.
+const TIMEOUT_LIMITS: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(60));
+
+/// Longest `min_dwell`: as for the hold-downs.
+const MIN_DWELL_LIMIT: Duration = Duration::from_secs(3600);
+
+/// What validation reads from the host it runs on: the kernel's
+/// ephemeral port range, which NAT ports should keep clear of
+/// (docs/datapath.md, "Requirements on the edge node").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    /// `net.ipv4.ip_local_port_range`.
+    pub ephemeral_ports: (u16, u16),
+    /// `net.ipv4.ip_local_reserved_ports`: never handed out as ephemeral.
+    pub reserved_ports: Vec<(u16, u16)>,
+    /// False when the range is the kernel's default because the host's
+    /// could not be read.
+    pub read: bool,
+}
+
+impl Host {
+    /// The kernel's default ephemeral range.
+    pub const DEFAULT_EPHEMERAL_PORTS: (u16, u16) = (32_768, 60_999);
+    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+    /// This host's settings, or the kernel's defaults where they cannot
+    /// be read.
+    pub fn current() -> Self {
+        let range = std::fs::read_to_string(Self::RANGE)
+            .ok()
+            .and_then(|text| parse_port_range(&text));
+        let reserved = std::fs::read_to_string(Self::RESERVED)
+            .ok()
+            .and_then(|text| parse_port_list(&text))
+            .unwrap_or_default();
+        Self {
+            ephemeral_ports: range.unwrap_or(Self::DEFAULT_EPHEMERAL_PORTS),
+            reserved_ports: if range.is_some() {
+                reserved
+            } else {
+                Vec::new()
+            },
+            read: range.is_some(),
+        }
+    }
+
+    /// The kernel's defaults, whatever this host says (tests).
+    pub fn defaults() -> Self {
+        Self {
+            ephemeral_ports: Self::DEFAULT_EPHEMERAL_PORTS,
+            reserved_ports: Vec::new(),
+            read: false,
+        }
+    }
+
+    /// Ports of `min..=max` the kernel may hand out as ephemeral ports:
+    /// the first and last of them and how many, or `None`.
+    fn ephemeral_overlap(&self, min: u16, max: u16) -> Option<(u16, u16, u32)> {
+        let (lo, hi) = self.ephemeral_ports;
+        let (from, to) = (min.max(lo), max.min(hi));
+        let taken: Vec<u16> = (from..=to)
+            .filter(|p| {
+                !self
+                    .reserved_ports
+                    .iter()
+                    .any(|(a, b)| (a..=b).contains(&p))
+            })
+            .collect();
+        Some((*taken.first()?, *taken.last()?, taken.len() as u32))
+    }
+}
+
+/// `"32768\t60999\n"` -> (32768, 60999).
+fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi)), None) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
+}
+
+/// `"8080,9000-9010\n"` -> [(8080, 8080), (9000, 9010)]; `""` -> [].
+fn parse_port_list(text: &str) -> Option<Vec<(u16, u16)>> {
+    text.trim()
+        .split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('-') {
+            Some((lo, hi)) => Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)),
+            None => item.trim().parse().ok().map(|p| (p, p)),
+        })
+        .collect()
+}
+
+/// One finding of the checks: an error refuses the config, a warning is
+/// printed by `validate` and logged by `run`.
 pub(super) struct Issue {
     pub(super) path: String,
     pub(super) message: String,
+    pub(super) warning: bool,
 }
 
-#[derive(Default)]
-struct Checker {
+struct Checker<'h> {
     issues: Vec<Issue>,
+    host: &'h Host,
 }
 
-impl Checker {
+impl Checker<'_> {
     fn fail(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.issues.push(Issue {
             path: path.into(),
             message: message.into(),
+            warning: false,
+        });
+    }
+
+    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(Issue {
+            path: path.into(),
+            message: message.into(),
+            warning: true,
         });
     }
 }
 
-pub(super) fn check(config: &Config) -> Vec<Issue> {
-    let mut checker = Checker::default();
+pub(super) fn check(config: &Config, host: &Host) -> Vec<Issue> {
+    let mut checker = Checker {
+        issues: Vec::new(),
+        host,
+    };
     check_node(&mut checker, &config.node);
     check_backends(&mut checker, &config.backends);
     check_services(&mut checker, config);
+    check_addresses(&mut checker, config);
     checker.issues
+}
+
+/// Addresses that collide: a backend or the SNAT address that is also a
+/// VIP, a backend at the SNAT address or on loopback.
+fn check_addresses(c: &mut Checker, config: &Config) {
+    let vip_of = |address: Ipv4Addr| {
+        config
+            .services
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.vip == address)
+            .map(|(j, s)| format!("the VIP of service {:?} (services[{j}])", s.name))
+    };
+    let snat = config.node.snat_address;
+    if let Some(vip) = vip_of(snat) {
+        c.fail(
+            "node.snat_address",
+            format!(
+                "{snat} is also {vip}: backends' replies to the NAT address would meet the \
+                 VIP's handling; give the node an address of its own for SNAT"
+            ),
+        );
+    }
+    for (i, backend) in config.backends.iter().enumerate() {
+        let path = format!("backends[{i}].address");
+        let address = backend.address;
+        if let Some(vip) = vip_of(address) {
+            c.fail(
+                path,
+                format!(
+                    "{address} is {vip}: traffic to this backend would come back to the \
+                     load balancer; use the backend's own address"
+                ),
+            );
+        } else if address == snat {
+            c.fail(
+                path,
+                format!(
+                    "{address} is node.snat_address: the node would send NAT traffic to \
+                     itself; use the backend's own address"
+                ),
+            );
+        } else if address.is_loopback() {
+            c.warn(
+                path,
+                format!(
+                    "{address} is a loopback address: probes reach this node itself (and \
+                     pass) while the data plane cannot forward client traffic there (it \
+                     is dropped, no_route); use the backend's own address"
+                ),
+            );
+        }
+    }
 }
 
 fn check_node(c: &mut Checker, node: &Node) {
@@ -104,6 +273,32 @@ fn check_node(c: &mut Checker, node: &Node) {
         c.fail(
             "node.snat_ports.max",
             format!("max {} is below min {}", ports.max, ports.min),
+        );
+    } else if let Some((first, last, count)) = c.host.ephemeral_overlap(ports.min.max(1), ports.max)
+    {
+        let (lo, hi) = c.host.ephemeral_ports;
+        let whose = if c.host.read {
+            "net.ipv4.ip_local_port_range on this host"
+        } else {
+            "the kernel's default; this host's net.ipv4.ip_local_port_range could not be read"
+        };
+        let ports_text = if first == last {
+            format!("port {first} is")
+        } else {
+            format!("{count} ports ({first}-{last}) are")
+        };
+        c.warn(
+            "node.snat_ports",
+            format!(
+                "snat_ports {}-{}: {ports_text} in the kernel's ephemeral range {lo}-{hi} ({whose}); \
+                 the node's own connections (the agent's probes among them) take ports \
+                 from it, and one on a NAT port toward the same backend would have its \
+                 replies rewritten toward a client (docs/datapath.md, \"Requirements on \
+                 the edge node\"): keep the NAT ports clear of it (for example {{ min: \
+                 10000, max: 32767 }} with the default range) or reserve them in \
+                 net.ipv4.ip_local_reserved_ports",
+                ports.min, ports.max
+            ),
         );
     }
     if !node.api_socket.is_absolute() {
@@ -319,16 +514,47 @@ fn check_pool<'c>(
     pool
 }
 
-fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
-    if probe.interval.is_zero() {
+fn check_duration(
+    c: &mut Checker,
+    path: &str,
+    field: &str,
+    value: Duration,
+    (min, max): (Duration, Duration),
+) {
+    if !(min..=max).contains(&value) {
         c.fail(
-            format!("{path}.interval"),
-            "interval must be greater than 0",
+            format!("{path}.{field}"),
+            format!(
+                "{field} {} must be from {} to {}",
+                show(value),
+                show(min),
+                show(max)
+            ),
         );
     }
-    if probe.timeout.is_zero() {
-        c.fail(format!("{path}.timeout"), "timeout must be greater than 0");
+}
+
+/// A duration as written: `1000h` rather than humantime's `1month 11days
+/// 5h 26m 24s` for long whole hours.
+fn show(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() == 0 && secs >= 24 * 3600 && secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else {
+        humantime::format_duration(d).to_string()
     }
+}
+
+fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
+    check_duration(c, path, "interval", probe.interval, INTERVAL_LIMITS);
+    check_duration(c, path, "timeout", probe.timeout, TIMEOUT_LIMITS);
+    check_duration(
+        c,
+        path,
+        "min_dwell",
+        probe.min_dwell,
+        (Duration::ZERO, MIN_DWELL_LIMIT),
+    );
     if probe.rise == 0 {
         c.fail(format!("{path}.rise"), "rise must be at least 1");
     }
@@ -369,6 +595,11 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
         (
             "ttft_budget",
             probe.ttft_budget.is_some(),
+            &[ProbeKind::Inference],
+        ),
+        (
+            "degraded_weight",
+            probe.degraded_weight.is_some(),
             &[ProbeKind::Inference],
         ),
         ("payload", probe.payload.is_some(), &[ProbeKind::Udp]),
@@ -415,11 +646,49 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
             }
             Some(_) => {}
         }
-        if probe.ttft_budget.is_some_and(|budget| budget.is_zero()) {
-            c.fail(
+        match probe.ttft_budget {
+            Some(budget) if budget.is_zero() => c.fail(
                 format!("{path}.ttft_budget"),
                 "ttft_budget must be greater than 0",
+            ),
+            Some(budget) if budget > probe.timeout => c.fail(
+                format!("{path}.ttft_budget"),
+                format!(
+                    "ttft_budget {} is above timeout {}: the probe would time out before \
+                     it could find the backend slow",
+                    humantime::format_duration(budget),
+                    humantime::format_duration(probe.timeout)
+                ),
+            ),
+            _ => {}
+        }
+        if let Some(factor) = probe.degraded_weight
+            && !(factor > 0.0 && factor <= 1.0)
+        {
+            c.fail(
+                format!("{path}.degraded_weight"),
+                format!(
+                    "degraded_weight {factor} must be above 0 and at most 1 (the share of \
+                     its weight a degraded backend keeps)"
+                ),
             );
+        }
+        if let Some(prefix) = &probe.path {
+            let trimmed = prefix.trim_end_matches('/');
+            if let Some(route) = ["/v1/chat/completions", "/v1/models", "/v1"]
+                .into_iter()
+                .find(|route| trimmed.ends_with(route))
+            {
+                c.fail(
+                    format!("{path}.path"),
+                    format!(
+                        "an inference probe's path is the prefix its OpenAI routes sit \
+                         under (it adds /v1/models and /v1/chat/completions itself), so \
+                         {prefix:?} would probe {trimmed}/v1/models; leave path out for \
+                         routes at the root, or give only the prefix before {route}"
+                    ),
+                );
+            }
         }
     }
     if kind == ProbeKind::Udp {
@@ -649,7 +918,21 @@ pub(super) fn is_prime(n: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_prime;
+    use super::{is_prime, parse_port_list, parse_port_range};
+
+    #[test]
+    fn kernel_port_settings_parse() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32_768, 60_999)));
+        assert_eq!(parse_port_range("1024 65535"), Some((1024, 65_535)));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("x"), None);
+        assert_eq!(parse_port_list("\n"), Some(vec![]));
+        assert_eq!(
+            parse_port_list("8080,9000-9010\n"),
+            Some(vec![(8080, 8080), (9000, 9010)])
+        );
+        assert_eq!(parse_port_list("80,x"), None);
+    }
 
     #[test]
     fn primes() {

@@ -310,6 +310,43 @@ mod tests {
         assert_eq!(v["model"], "m");
     }
 
+    #[tokio::test]
+    async fn the_configured_path_prefixes_both_routes() {
+        let t = BackendTarget::new("a", "127.0.0.1:1".parse().unwrap());
+        let cfg = |path: Option<&str>| -> crate::config::Probe {
+            let mut v = serde_json::json!({"kind": "inference", "model": "m"});
+            if let Some(p) = path {
+                v["path"] = p.into();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let heads = |path: Option<&str>| {
+            let probe = crate::health::build_probe(&t, &cfg(path), &Default::default()).unwrap();
+            let crate::health::AnyProbe::Inference(p) = probe else {
+                panic!("an inference probe");
+            };
+            let line = |req: &[u8]| {
+                let text = std::str::from_utf8(req).unwrap();
+                text.lines().next().unwrap().to_owned()
+            };
+            (line(&p.models_request), line(&p.chat_request))
+        };
+        assert_eq!(
+            heads(Some("/openai/")),
+            (
+                "GET /openai/v1/models HTTP/1.1".to_owned(),
+                "POST /openai/v1/chat/completions HTTP/1.1".to_owned()
+            )
+        );
+        assert_eq!(
+            heads(None),
+            (
+                "GET /v1/models HTTP/1.1".to_owned(),
+                "POST /v1/chat/completions HTTP/1.1".to_owned()
+            )
+        );
+    }
+
     /// An OpenAI-compatible server whose model list, handling of unknown
     /// models and failures the test sets; counts both routes.
     #[derive(Default)]

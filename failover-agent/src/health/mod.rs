@@ -273,10 +273,11 @@ pub fn build_probe(
                 kind: "inference",
                 field: "model",
             })?;
-            // The OpenAI routes sit at the root; `path` is the http probe's.
+            // `path`: the prefix the OpenAI routes sit under (a gateway's);
+            // none: at the root.
             AnyProbe::Inference(InferenceProbe::new(
                 target,
-                "",
+                cfg.path.as_deref().unwrap_or(""),
                 model,
                 cfg.ttft_budget,
                 tls,

@@ -152,6 +152,23 @@ pub struct BackendPlan {
     pub share: f64,
     /// Maglev weight (share scaled to [`WEIGHT_SCALE`]); 0 = not in ring.
     pub weight: u32,
+    /// The configured weight as the plan uses it: scaled by the health
+    /// factor (a degraded backend's by its `degraded_weight`), the
+    /// configured weight itself in a fail-open ring; 0 = not in ring.
+    pub effective_weight: u32,
+}
+
+impl BackendHealth {
+    /// `configured` scaled by [`Self::factor`], rounded; a positive
+    /// factor never rounds a weight to 0.
+    #[must_use]
+    pub fn effective_weight(self, configured: u32) -> u32 {
+        let factor = self.factor();
+        if factor <= 0.0 {
+            return 0;
+        }
+        ((f64::from(configured) * factor).round() as u32).max(1)
+    }
 }
 
 /// Maglev weight of a backend taking 100% of the traffic.
@@ -203,6 +220,16 @@ pub enum PlanError {
     #[error("no service named {0:?}")]
     UnknownService(String),
     #[error(
+        "service {service:?} has no backend in tier {tier} (its pool's tiers: {})",
+        tiers.iter().map(u8::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    NoSuchTier {
+        service: String,
+        tier: u8,
+        /// The tiers of the service's pool.
+        tiers: Vec<u8>,
+    },
+    #[error(
         "service {service:?} may not be forced to tier {tier}: its sovereignty policy ({policy}) allows no backend there (tiers with allowed backends: {allowed_tiers:?})"
     )]
     TierNotAllowed {
@@ -213,18 +240,34 @@ pub enum PlanError {
     },
 }
 
-/// Refuses an override toward a tier where the service's policy allows no
-/// backend (it could never take traffic). Health is not considered: an
+/// Refuses an override toward a tier where the service's pool has no
+/// backend ([`PlanError::NoSuchTier`]), or where its policy allows none
+/// ([`PlanError::TierNotAllowed`]): it could never take traffic. Health is not considered: an
 /// override toward an unhealthy tier is legal and falls back until it heals.
 pub fn check_override(cfg: &Config, service: &str, ov: Override) -> Result<(), PlanError> {
     let svc = cfg
         .service(service)
         .ok_or_else(|| PlanError::UnknownService(service.to_owned()))?;
-    let split = policy::split(svc, &by_name(cfg));
+    let by_name = by_name(cfg);
+    let mut tiers: Vec<u8> = svc
+        .backends
+        .iter()
+        .filter_map(|b| by_name.get(b.as_str()).map(|b| b.tier))
+        .collect();
+    tiers.sort_unstable();
+    tiers.dedup();
+    let split = policy::split(svc, &by_name);
     let mut allowed_tiers: Vec<u8> = split.allowed.iter().map(|b| b.tier).collect();
     allowed_tiers.sort_unstable();
     allowed_tiers.dedup();
-    if allowed_tiers.contains(&ov.to_tier) {
+    if !tiers.contains(&ov.to_tier) {
+        // Not the policy's doing: the tier has no backend at all.
+        Err(PlanError::NoSuchTier {
+            service: service.to_owned(),
+            tier: ov.to_tier,
+            tiers,
+        })
+    } else if allowed_tiers.contains(&ov.to_tier) {
         Ok(())
     } else {
         Err(PlanError::TierNotAllowed {
@@ -541,6 +584,11 @@ fn plan_with(
             health: c.health,
             share: if closed { 0.0 } else { s },
             weight: if closed || s <= 0.0 { 0 } else { to_weight(s) },
+            effective_weight: match &mode {
+                _ if closed || s <= 0.0 => 0,
+                Mode::PanicFailOpen => c.backend.weight,
+                _ => c.health.effective_weight(c.backend.weight),
+            },
         })
         .collect();
     ServicePlan {

@@ -500,6 +500,53 @@ fn undefined_pool_member_is_excluded() {
 }
 
 #[test]
+fn effective_weights_follow_health() {
+    let ids_for = |c: &Config| ids_of(c);
+    let weights = |p: &ServicePlan| -> Vec<(String, u32)> {
+        p.backends
+            .iter()
+            .map(|b| (b.name.clone(), b.effective_weight))
+            .collect()
+    };
+    let w = |v: [(&str, u32); 4]| -> Vec<(String, u32)> {
+        v.iter().map(|(n, w)| ((*n).to_owned(), *w)).collect()
+    };
+    // a1 rate limited (its probe's degraded_weight 0.25): 25 of 100; the
+    // idle tier 1 (tier 0 keeps all: 62.5% x 2) is not in the ring.
+    let c = two_tiers(pol(|p| p.overprovisioning = 2.0), 100);
+    let h: HealthView = [("a1", deg(0.25)), ("a2", UP), ("b1", UP), ("b2", UP)]
+        .into_iter()
+        .collect();
+    let p = plan(&c, &h, &ids_for(&c), &Overrides::new());
+    assert_eq!(
+        weights(&p.services[0]),
+        w([("a1", 25), ("a2", 100), ("b1", 0), ("b2", 0)])
+    );
+    // Nothing healthy, fail open: the configured weights.
+    let c = two_tiers(pol(|p| p.panic = PanicMode::FailOpen), 40);
+    let h: HealthView = [("a1", DOWN), ("a2", DOWN), ("b1", DOWN), ("b2", DRAIN)]
+        .into_iter()
+        .collect();
+    let p = plan(&c, &h, &ids_for(&c), &Overrides::new());
+    assert_eq!(
+        weights(&p.services[0]),
+        w([("a1", 40), ("a2", 100), ("b1", 100), ("b2", 0)])
+    );
+    // Fail closed: nothing.
+    let c = two_tiers(pol(|_| {}), 100);
+    let p = plan(&c, &h, &ids_for(&c), &Overrides::new());
+    assert!(
+        p.services[0]
+            .backends
+            .iter()
+            .all(|b| b.effective_weight == 0)
+    );
+    // A tiny factor never rounds a serving backend's weight to 0.
+    assert_eq!(deg(0.001).effective_weight(100), 1);
+    assert_eq!(DOWN.effective_weight(100), 0);
+}
+
+#[test]
 fn check_override_refuses_tiers_outside_the_policy() {
     let c = sovereign_config(257);
     assert_eq!(
@@ -510,20 +557,39 @@ fn check_override_refuses_tiers_outside_the_policy() {
         check_override(&c, "eu-open", Override { to_tier: 1 }),
         Ok(())
     );
-    // us-east may reach tier 0 and 1 (us-a1, us-b1), and nothing in tier 2.
+    // Tier 2 has a backend (eu-outside), in no service's pool: the tier
+    // does not exist for them, whatever the policy says.
     let err = check_override(&c, "us-east", Override { to_tier: 2 }).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::NoSuchTier {
+            service: "us-east".into(),
+            tier: 2,
+            tiers: vec![0, 1],
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "service \"us-east\" has no backend in tier 2 (its pool's tiers: 0, 1)"
+    );
+    assert!(matches!(
+        check_override(&c, "eu-open", Override { to_tier: 7 }),
+        Err(PlanError::NoSuchTier { tier: 7, .. })
+    ));
+    // A tier whose every backend the policy excludes: the policy's doing.
+    let mut c = c;
+    c.services[3].backends = vec!["us-a1".into(), "eu-b1".into()];
+    let err = check_override(&c, "us-east", Override { to_tier: 1 }).unwrap_err();
     assert_eq!(
         err,
         PlanError::TierNotAllowed {
             service: "us-east".into(),
-            tier: 2,
+            tier: 1,
             policy: "region in [us-east-1]".into(),
-            allowed_tiers: vec![0, 1],
+            allowed_tiers: vec![0],
         }
     );
     assert!(err.to_string().contains("allows no backend there"));
-    // Tier 2 exists only with a EU backend outside the EU services' pools.
-    assert!(check_override(&c, "eu-open", Override { to_tier: 2 }).is_err());
     assert_eq!(
         check_override(&c, "nope", Override { to_tier: 0 }),
         Err(PlanError::UnknownService("nope".into()))
