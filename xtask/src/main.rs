@@ -356,14 +356,15 @@ fn bench(args: &[String]) -> Result<()> {
     setup()?;
     let Some(which) = args.first() else {
         bail!(
-            "usage: cargo xtask bench datapath|apply|rest|forward|http|failover|attack [--json] ... | all --report DIR"
+            "usage: cargo xtask bench datapath|apply|rest|forward|http|failover|attack|flood [--json] ... | all --report DIR"
         );
     };
     match which.as_str() {
-        "datapath" | "apply" | "rest" | "forward" | "http" | "all" | "failover" | "attack" => {
-            // forward, http, failover, attack and all start the test
-            // backend (and failover and attack the agent) from beside the
-            // bench binary.
+        "datapath" | "apply" | "rest" | "forward" | "http" | "all" | "failover" | "attack"
+        | "flood" => {
+            // forward, http, failover, attack, flood and all start the test
+            // backend (and failover, attack and flood the agent) from
+            // beside the bench binary.
             run(Command::new("cargo").args([
                 "build",
                 "--quiet",
@@ -381,7 +382,7 @@ fn bench(args: &[String]) -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; available: datapath, apply, rest, forward, http, failover, attack, all"
+                "unknown benchmark {other:?}; available: datapath, apply, rest, forward, http, failover, attack, flood, all"
             )
         }
     }

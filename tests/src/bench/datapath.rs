@@ -22,7 +22,7 @@ use aya::{
     maps::{Array, Map, MapData},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use failover_common::{FLOWS_MAX, Node, PENDING_MAX, Pending, names, state};
+use failover_common::{FLOWS_MAX, Node, PENDING_MAX, Pending, Reason, names, state};
 use serde::Serialize;
 
 use crate::{
@@ -30,6 +30,7 @@ use crate::{
     packet::{Frame, ports},
 };
 
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
@@ -60,6 +61,11 @@ pub struct Load {
     /// Calls whose SYN took over a live half-open slot (every probed one
     /// was taken), in % of the case's calls.
     pub took_over_pct: f64,
+    /// Calls dropped as `snat_ports_exhausted`: every one of the 32 probed
+    /// NAT ports held by an established flow toward the chosen backend.
+    /// Rare at this load (a few starts in 500,000), but the one drop the
+    /// case allows, counted here.
+    pub exhausted: u64,
 }
 
 /// Issue 16's bounds: a case's own cost at most this multiple of the empty
@@ -231,7 +237,7 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
                         time_one(nat, lab.vc0, &syn_frame.build(), &mut out)?
                     }
                 };
-                if rc != case.expect {
+                if rc != case.expect && !(case.name == "new_flow_loaded" && loaded.exhausted(rc)?) {
                     let dp = if case.name == "new_flow_loaded" {
                         &loaded.lab.dp
                     } else {
@@ -284,10 +290,9 @@ const LOADED_BACKENDS: u32 = 8;
 const LOADED_HALF_OPEN_MS: u32 = 3_600_000;
 const PORT_MIN: u16 = 1024;
 const PORT_MAX: u16 = 65_535;
-/// Source addresses: established flows from 192.0.2.101 on, the half-open
-/// fill from 192.0.2.120 on, the measured SYNs from 192.0.2.150 on.
+/// Source addresses: established flows from 192.0.2.101 on, the measured
+/// SYNs from 192.0.2.150 on (the half-open fill from 203.0.113.0/24).
 const ESTABLISHED_HOST: u8 = 101;
-const HALF_OPEN_HOST: u8 = 120;
 const MEASURED_HOST: u8 = 150;
 /// Offsets in an untagged frame without IP options.
 const IP_DST: usize = 30;
@@ -312,6 +317,9 @@ struct Loaded {
     live: usize,
     fill: Duration,
     took_over: u64,
+    exhausted: u64,
+    /// The `snat_ports_exhausted` counter as last read.
+    exhausted_seen: u64,
     next: u32,
     syn: Frame,
 }
@@ -321,7 +329,12 @@ impl Loaded {
         let mut lab = Lab::new()?;
         for id in 1..=LOADED_BACKENDS {
             let i = (id - 1) as u8;
-            lab.backend(id, backend_addr(1 + i % 3), 8000 + u16::from(i / 3), state::UP)?;
+            lab.backend(
+                id,
+                backend_addr(1 + i % 3),
+                8000 + u16::from(i / 3),
+                state::UP,
+            )?;
         }
         let ids: Vec<u32> = (1..=LOADED_BACKENDS).collect();
         let key = lab.service(0, 80, 6, 0, failover_common::RING_DEFAULT, &ids)?;
@@ -346,7 +359,8 @@ impl Loaded {
         ))?;
         let t0 = Instant::now();
         let flows_target = (u64::from(FLOWS_MAX) * 9).div_ceil(10) as usize;
-        fill_established(&lab, flows_target)?;
+        let mut seen = 0;
+        fill_established(&lab, flows_target, &mut seen)?;
         let flows = lab.dp.established_flows()?.len();
         ensure!(
             flows == flows_target,
@@ -354,7 +368,7 @@ impl Loaded {
         );
         let range = usize::from(PORT_MAX - PORT_MIN) + 1;
         let live_target = (range * 9).div_ceil(10);
-        fill_half_open(&lab, live_target)?;
+        fill_half_open(&lab, live_target, &mut seen)?;
         let fill = t0.elapsed();
         let mut filled = vec![Pending::default(); PENDING_MAX as usize];
         let slots = lab.dp.pending()?;
@@ -370,7 +384,7 @@ impl Loaded {
         let map = Map::from_map_data(MapData::from_pin(&path)?)?;
         let pending = Array::try_from(map)?;
         eprintln!(
-            "datapath: new_flow_loaded: {flows} established flows ({:.0} % of FLOWS), {} half-open slots ({:.0} % of the port range), filled in {:.1} s",
+            "datapath: new_flow_loaded: {flows} established flows ({:.0} % of FLOWS), {} half-open slots ({:.0} % of the port range), filled in {:.1} s ({seen} SYNs of the fill found every probed port held)",
             100.0 * flows as f64 / f64::from(FLOWS_MAX),
             slots.len(),
             100.0 * slots.len() as f64 / range as f64,
@@ -384,6 +398,8 @@ impl Loaded {
             live: slots.len(),
             fill,
             took_over: 0,
+            exhausted: 0,
+            exhausted_seen: seen,
             next: 0,
             syn: Frame::tcp(Ipv4Addr::new(192, 0, 2, MEASURED_HOST), 0, VIP, 80),
         })
@@ -410,6 +426,16 @@ impl Loaded {
         Ok((rc, ns))
     }
 
+    /// Whether a call that returned `rc` was dropped as
+    /// `snat_ports_exhausted` (the counter grew by exactly one); counts it.
+    fn exhausted(&mut self, rc: u32) -> Result<bool> {
+        if exhausted(&self.lab, rc, &mut self.exhausted_seen)? {
+            self.exhausted += 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     fn load(&self, calls: u64) -> Result<Load> {
         // The state is still the one filled.
         ensure!(
@@ -421,6 +447,7 @@ impl Loaded {
             pending: self.live,
             fill_s: (self.fill.as_secs_f64() * 10.0).round() / 10.0,
             took_over_pct: (1000.0 * self.took_over as f64 / calls.max(1) as f64).round() / 10.0,
+            exhausted: self.exhausted,
         })
     }
 }
@@ -431,8 +458,8 @@ impl Loaded {
 /// equal share of the entries, and an insert takes from the list of the
 /// CPU it runs on: so the handshakes are spread evenly over the CPUs by
 /// pinning this thread to each in turn (one CPU alone would evict at half
-/// the capacity on two).
-fn fill_established(lab: &Lab, target: usize) -> Result<()> {
+/// the capacity on two). A tuple whose SYN finds no NAT port is skipped.
+fn fill_established(lab: &Lab, target: usize, seen: &mut u64) -> Result<()> {
     let cpus = Affinity::allowed()?;
     let possible = possible_cpus()?;
     ensure!(
@@ -442,25 +469,35 @@ fn fill_established(lab: &Lab, target: usize) -> Result<()> {
     );
     let _restore = Affinity::save()?;
     let ports = usize::from(PORT_MAX - PORT_MIN) + 1;
-    ensure!(target <= 4 * ports, "4 client addresses hold {target} tuples");
+    ensure!(
+        target <= 4 * ports,
+        "4 client addresses hold {target} tuples"
+    );
     let per_cpu = target.div_ceil(cpus.len());
-    let mut n = 0usize;
+    let (mut made, mut n) = (0usize, 0usize);
     for &cpu in &cpus {
         Affinity::pin(cpu)?;
-        let until = (n + per_cpu).min(target);
-        while n < until {
+        let until = (made + per_cpu).min(target);
+        while made < until {
+            ensure!(n < 4 * ports, "{made} flows from {n} tuples");
             let client = Ipv4Addr::new(192, 0, 2, ESTABLISHED_HOST + (n / ports) as u8);
-            handshake(lab, client, PORT_MIN + (n % ports) as u16)?;
+            if handshake(lab, client, PORT_MIN + (n % ports) as u16, seen)? {
+                made += 1;
+            }
             n += 1;
         }
     }
     Ok(())
 }
 
-/// One handshake through the program, each step checked.
-fn handshake(lab: &Lab, client: Ipv4Addr, cport: u16) -> Result<()> {
+/// One handshake through the program, each step checked; false when the
+/// SYN found no NAT port (`snat_ports_exhausted`).
+fn handshake(lab: &Lab, client: Ipv4Addr, cport: u16, seen: &mut u64) -> Result<bool> {
     let syn = Frame::tcp(client, cport, VIP, 80);
     let (rc, out) = lab.run(lab.vc0, &syn.build())?;
+    if exhausted(lab, rc, seen)? {
+        return Ok(false);
+    }
     ensure!(
         rc == XDP_REDIRECT,
         "SYN of {client}:{cport}: {rc} ({})",
@@ -485,27 +522,56 @@ fn handshake(lab: &Lab, client: Ipv4Addr, cport: u16) -> Result<()> {
         "ACK of {client}:{cport}: {rc} ({})",
         counters(lab)?
     );
-    Ok(())
+    Ok(true)
 }
 
-/// `target` live half-open slots: SYNs from new tuples, never answered,
-/// until that many distinct slots are held (a SYN that finds every probed
-/// slot taken takes one over, which holds no new one).
-fn fill_half_open(lab: &Lab, target: usize) -> Result<()> {
+/// Whether a call that returned `rc` was dropped as `snat_ports_exhausted`:
+/// the counter grew by exactly one since `*seen`, which is updated.
+fn exhausted(lab: &Lab, rc: u32, seen: &mut u64) -> Result<bool> {
+    if rc != XDP_DROP {
+        return Ok(false);
+    }
+    let now = lab.dp.reason_count(Reason::SnatExhausted)?;
+    let one = now == *seen + 1;
+    *seen = now;
+    Ok(one)
+}
+
+/// `target` live half-open slots: SYNs from random sources (as a flood
+/// sends them: 203.0.113.0/24 but the VIP, any port), never answered,
+/// until that many distinct slots are held. A SYN that finds every probed
+/// slot taken takes one over, which holds no new one; one that finds every
+/// probed port held by established flows is skipped. Random sources leave
+/// the free slots scattered, where sequential ports from one address would
+/// fill one block of the range and leave the other.
+fn fill_half_open(lab: &Lab, target: usize, seen: &mut u64) -> Result<()> {
     let mut held = vec![false; PENDING_MAX as usize];
-    let ports = u32::from(PORT_MAX - PORT_MIN) + 1;
+    let mut rng = fastrand::Rng::with_seed(16);
     let mut syn = Frame::tcp(CLIENT, 0, VIP, 80);
-    let (mut live, mut n) = (0usize, 0u32);
+    let (mut live, mut n) = (0usize, 0usize);
     while live < target {
         ensure!(
-            n < 4 * ports,
+            n < 10 * target,
             "{live} half-open slots after {n} SYNs, wanted {target}"
         );
-        syn.src = Ipv4Addr::new(192, 0, 2, HALF_OPEN_HOST + (n / ports) as u8);
-        syn.sport = PORT_MIN + (n % ports) as u16;
         n += 1;
+        let host = loop {
+            let h = rng.u8(1..255);
+            if h != VIP.octets()[3] {
+                break h;
+            }
+        };
+        syn.src = Ipv4Addr::new(203, 0, 113, host);
+        syn.sport = rng.u16(PORT_MIN..);
         let (rc, out) = lab.run(lab.vc0, &syn.build())?;
-        ensure!(rc == XDP_REDIRECT, "half-open SYN {n}: {rc} ({})", counters(lab)?);
+        if exhausted(lab, rc, seen)? {
+            continue;
+        }
+        ensure!(
+            rc == XDP_REDIRECT,
+            "half-open SYN {n}: {rc} ({})",
+            counters(lab)?
+        );
         let port = usize::from(u16::from_be_bytes([out[L4_SPORT], out[L4_SPORT + 1]]));
         if !held[port] {
             held[port] = true;
@@ -552,7 +618,11 @@ impl Affinity {
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         let rc =
             unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-        ensure!(rc == 0, "sched_getaffinity: {}", std::io::Error::last_os_error());
+        ensure!(
+            rc == 0,
+            "sched_getaffinity: {}",
+            std::io::Error::last_os_error()
+        );
         Ok(set)
     }
 
@@ -571,7 +641,11 @@ impl Affinity {
     fn set(set: &libc::cpu_set_t) -> Result<()> {
         // SAFETY: a valid set of its own size; 0 is this thread.
         let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
-        ensure!(rc == 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+        ensure!(
+            rc == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
         Ok(())
     }
 

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod attack;
 pub mod datapath;
 pub mod failover;
+pub mod flood;
 pub mod forward;
 pub mod http;
 pub mod report;

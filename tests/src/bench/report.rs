@@ -52,7 +52,7 @@ impl Machine {
 /// Column order for the benchmarks this page knows; others get every key.
 fn columns(bench: &str, rows: &[Value]) -> Vec<String> {
     let known: &[&str] = match bench {
-        "datapath" => &["case", "raw_ns", "own_ns", "return_code"],
+        "datapath" => &["case", "raw_ns", "own_ns", "x_empty", "return_code"],
         "forward" => &[
             "system",
             "generator",
@@ -66,6 +66,7 @@ fn columns(bench: &str, rows: &[Value]) -> Vec<String> {
         "http" => &super::http::COLUMNS,
         "rest" => &super::rest::COLUMNS,
         "attack" => &super::attack::COLUMNS,
+        "flood" => &super::flood::COLUMNS,
         _ => &[],
     };
     if !known.is_empty() {
@@ -315,6 +316,20 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
                     &series,
                 )?;
                 md.push_str("![datapath](datapath.svg)\n\n");
+                // Issue 16: each case's own cost against the empty
+                // program's raw time in the same run.
+                for (case, bound) in super::datapath::TARGETS {
+                    if let Some(x) = find(rows, &[("case", case)])
+                        .and_then(|r| r.get("x_empty"))
+                        .and_then(Value::as_f64)
+                    {
+                        let _ = writeln!(
+                            targets,
+                            "| datapath {case} | own cost ÷ empty program's raw time | ≤ {bound} | {x:.2} | {} |",
+                            verdict(x <= bound)
+                        );
+                    }
+                }
             }
             "forward" => {
                 let (cats, series) = grouped(rows, "system", "", "mpps");
@@ -473,12 +488,34 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
                     );
                 }
             }
+            "flood" if !rows.is_empty() => {
+                // Issue 16: a SYN flood must not lock the edge. Every rate:
+                // the pre-established flows all survive, real connections
+                // succeed.
+                let survived = rows
+                    .iter()
+                    .map(|r| num(r, "survived") / num(r, "established").max(1e-12))
+                    .fold(f64::INFINITY, f64::min);
+                let ok = rows
+                    .iter()
+                    .map(|r| num(r, "ok_ratio"))
+                    .fold(f64::INFINITY, f64::min);
+                let top = rows.iter().map(|r| num(r, "pps")).fold(0.0, f64::max);
+                let _ = writeln!(
+                    targets,
+                    "| flood ({}, up to {top:.0} SYNs/s) | at every rate: established flows surviving / real connections ok | 100 % / ≥ 99 % | {:.2} % / {:.2} % | {} |",
+                    text(&rows[0], "generator"),
+                    survived * 100.0,
+                    ok * 100.0,
+                    verdict(survived >= 1.0 && ok >= 0.99)
+                );
+            }
             _ => {}
         }
     }
     if !targets.is_empty() {
         md.push_str(
-            "## Targets (issues 3, 4, 6 and 15)\n\nComputed from the tables above.\n\n\
+            "## Targets (issues 3, 4, 6, 15 and 16)\n\nComputed from the tables above.\n\n\
              | benchmark | measure | target | measured | |\n|---|---|---|---|---|\n",
         );
         md.push_str(&targets);
@@ -490,8 +527,8 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
 }
 
 /// The benchmarks `all` runs, in order, when this binary has them.
-pub const ALL: [&str; 7] = [
-    "datapath", "apply", "rest", "failover", "forward", "http", "attack",
+pub const ALL: [&str; 8] = [
+    "datapath", "apply", "rest", "failover", "forward", "http", "attack", "flood",
 ];
 
 /// Runs every benchmark in [`ALL`] that this binary offers (each as a
@@ -645,6 +682,49 @@ mod tests {
             "| http newconn | xdp-native ÷ haproxy, rps | ≥ 1.5 | 1.60 | met |",
             "| http newconn | p99 xdp-native vs nftables (ms) | ≤ nftables | 1.60 vs 1.80 | met |",
             "| attack | under every flood: ok_ratio ÷ no attack / ring switches / ejections | ≥ 0.999 / 0 / 0 | 0.9995 / 1 / 0 | **not met** |",
+        ] {
+            assert!(md.contains(row), "missing {row:?} in:\n{md}");
+        }
+    }
+
+    #[test]
+    fn targets_of_issue_16_are_computed_from_the_rows() {
+        let dir = std::env::temp_dir().join(format!("failover-report16-{}", std::process::id()));
+        let case = |case: &str, x: f64| json!({"case": case, "raw_ns": 40.0 * (1.0 + x), "own_ns": 40.0 * x, "x_empty": x, "return_code": 4});
+        let flood = |rate: &str, pps: u64, survived: u64, ok: f64| {
+            json!({"rate": rate, "pps": pps, "generator": "socket", "survived": survived,
+                   "established": 10_000, "ok_ratio": ok, "p99_connect_ms": 0.5})
+        };
+        let results = vec![
+            (
+                "datapath".to_owned(),
+                Outcome::Ran(vec![
+                    case("empty", 0.0),
+                    case("established", 1.2),
+                    case("new_flow", 12.0),
+                    case("reverse", 1.5),
+                    case("passthrough", 0.2),
+                    case("new_flow_loaded", 9.0),
+                ]),
+            ),
+            (
+                "flood".to_owned(),
+                Outcome::Ran(vec![
+                    flood("1000", 1000, 10_000, 1.0),
+                    flood("max", 250_000, 10_000, 0.985),
+                ]),
+            ),
+        ];
+        write(&dir, &Machine::default(), &results).unwrap();
+        let md = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        for row in [
+            "| datapath new_flow | own cost ÷ empty program's raw time | ≤ 10 | 12.00 | **not met** |",
+            "| datapath new_flow_loaded | own cost ÷ empty program's raw time | ≤ 10 | 9.00 | met |",
+            "| datapath established | own cost ÷ empty program's raw time | ≤ 1.5 | 1.20 | met |",
+            "| datapath reverse | own cost ÷ empty program's raw time | ≤ 1.5 | 1.50 | met |",
+            "| datapath passthrough | own cost ÷ empty program's raw time | ≤ 0.25 | 0.20 | met |",
+            "| flood (socket, up to 250000 SYNs/s) | at every rate: established flows surviving / real connections ok | 100 % / ≥ 99 % | 100.00 % / 98.50 % | **not met** |",
         ] {
             assert!(md.contains(row), "missing {row:?} in:\n{md}");
         }

@@ -39,6 +39,21 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         calls: u64,
     },
+    /// A SYN flood from spoofed sources at rising rates, with idle
+    /// established flows and real connections through the VIP and the
+    /// real agent: flows that survived, success and p99 connect time.
+    Flood {
+        /// Seconds of flood per rate.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Flood rates in SYNs per second, in order; 0 is as fast as the
+        /// generator goes.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000, 50_000, 0])]
+        pps: Vec<u32>,
+        /// Idle TCP flows established before the flood.
+        #[arg(long, default_value_t = 10_000)]
+        flows: usize,
+    },
     /// Packets/s forwarded through the edge: xdp vs nftables vs routing.
     Forward {
         /// Seconds per system.
@@ -190,6 +205,18 @@ fn main() -> Result<()> {
             let opts = bench::attack::Opts { seconds, pps };
             bench::attack::print(&bench::attack::run(&opts)?, args.json)
         }
+        Cmd::Flood {
+            seconds,
+            pps,
+            flows,
+        } => {
+            let opts = bench::flood::Opts {
+                seconds,
+                rates: pps,
+                flows,
+            };
+            bench::flood::print(&bench::flood::run(&opts)?, args.json)
+        }
         Cmd::Datapath { calls } => {
             anyhow::ensure!(
                 calls >= 100_000,
@@ -211,6 +238,7 @@ fn main() -> Result<()> {
                             ("pending", serde_json::json!(load.pending)),
                             ("fill_s", serde_json::json!(load.fill_s)),
                             ("took_over_pct", serde_json::json!(load.took_over_pct)),
+                            ("exhausted", serde_json::json!(load.exhausted)),
                         ] {
                             m.insert(k.into(), v);
                         }
@@ -233,8 +261,8 @@ fn main() -> Result<()> {
                 );
                 if let Some(load) = results.iter().find_map(|r| r.load.as_ref()) {
                     println!(
-                        "new_flow_loaded: {} established flows in FLOWS/REVERSE, {} live half-open slots, filled in {:.1} s; {:.1} % of its SYNs took a half-open slot over",
-                        load.flows, load.pending, load.fill_s, load.took_over_pct
+                        "new_flow_loaded: {} established flows in FLOWS/REVERSE, {} live half-open slots, filled in {:.1} s; {:.1} % of its SYNs took a half-open slot over, {} found no NAT port (snat_ports_exhausted)",
+                        load.flows, load.pending, load.fill_s, load.took_over_pct, load.exhausted
                     );
                 }
                 for (case, bound, x, met) in bench::datapath::targets(&results) {
