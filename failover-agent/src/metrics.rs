@@ -286,6 +286,8 @@ pub struct Snapshot {
     pub backends: Vec<BackendSnapshot>,
     /// `(reason, verdict, packets)` from the data plane's `STATS`.
     pub reasons: Vec<(&'static str, &'static str, u64)>,
+    /// SYNs passive health did not count because of a SYN flood.
+    pub syns_in_floods: u64,
 }
 
 pub const HEALTH_STATES: &[&str] = &["up", "degraded", "down", "unknown"];
@@ -571,6 +573,11 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
             reason: "syn_not_vanilla".to_owned(),
         })
         .inc_by(syns_ignored);
+    ignored
+        .get_or_create(&ReasonLabel {
+            reason: "syn_flood".to_owned(),
+        })
+        .inc_by(s.syns_in_floods);
     r.register(
         "passive_evidence_ignored",
         "SYN-shaped segments passive health did not count, by reason",
@@ -769,6 +776,7 @@ mod tests {
                 }),
             }],
             reasons: vec![("no_backend", "drop", 5), ("bad_l4_checksum", "drop", 4)],
+            syns_in_floods: 7,
         }
     }
 
@@ -796,6 +804,7 @@ mod tests {
             "failover_datapath_packets_total{reason=\"no_backend\",verdict=\"drop\"} 5",
             "failover_passive_evidence_ignored_total{reason=\"bad_l4_checksum\"} 4",
             "failover_passive_evidence_ignored_total{reason=\"syn_not_vanilla\"} 2",
+            "failover_passive_evidence_ignored_total{reason=\"syn_flood\"} 7",
             "failover_apply_duration_seconds_count 1",
             "failover_probe_duration_seconds_count{backend=\"gpu-a\"} 1",
             "failover_build_info{version=\"",

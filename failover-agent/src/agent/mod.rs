@@ -434,6 +434,7 @@ impl Agent {
             services,
             backends,
             reasons,
+            syns_in_floods: self.passive.suspended_total(),
         }
     }
 

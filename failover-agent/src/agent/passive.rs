@@ -31,6 +31,8 @@ struct Watched {
     ejector: Option<Ejector>,
     last_syns: u64,
     active_until: Option<Instant>,
+    /// The last read found the edge under a SYN flood.
+    flooded: bool,
 }
 
 impl Watched {
@@ -56,6 +58,8 @@ pub struct PassiveMonitor {
     next_sweep: Option<Instant>,
     /// The last poll, which read at least the active backends.
     last_poll: Option<Instant>,
+    /// SYNs not taken as evidence because of a SYN flood, in all.
+    suspended_total: u64,
 }
 
 impl PassiveMonitor {
@@ -65,7 +69,14 @@ impl PassiveMonitor {
             watched: BTreeMap::new(),
             next_sweep: None,
             last_poll: None,
+            suspended_total: 0,
         }
+    }
+
+    /// SYNs the unanswered rule did not count because the edge was under
+    /// a SYN flood, since the agent started.
+    pub fn suspended_total(&self) -> u64 {
+        self.suspended_total
     }
 
     /// Starts (or restarts, with fresh evidence) watching `backend` at `id`.
@@ -78,6 +89,7 @@ impl PassiveMonitor {
                 ejector,
                 last_syns: 0,
                 active_until: None,
+                flooded: false,
             },
         );
         // Its baseline is read at the next poll.
@@ -167,7 +179,15 @@ impl PassiveMonitor {
                 w.active_until = Some(now + ACTIVE_FOR);
             }
             let c = HandshakeCounters::from_per_cpu(std::iter::once(&stats));
-            if let Some(why) = w.detector.observe(now, c) {
+            let suspended = w.detector.suspended();
+            let ejection = w.detector.observe(now, c);
+            let flood = w.detector.suspended() - suspended;
+            if flood > 0 && !w.flooded {
+                tracing::info!(backend = %name, "SYN flood (half-open slots taken over): unanswered SYNs are no evidence");
+            }
+            w.flooded = flood > 0;
+            self.suspended_total += flood;
+            if let Some(why) = ejection {
                 if let Some(ej) = &w.ejector
                     && !ej.eject(why.clone())
                 {

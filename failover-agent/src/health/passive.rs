@@ -12,6 +12,13 @@
 //!   any RTT is known the bound is `unknown_rtt_bound`, so the first SYN to a
 //!   distant backend is not mistaken for a dead one.
 //!
+//! While the data plane takes half-open slots over (`pending_evicted` grew:
+//! SYNs arrive faster than the port range holds handshakes, which is a SYN
+//! flood), the unanswered rule is suspended: a taken-over SYN's answer can
+//! no longer be seen, and a flood of valid SYNs from spoofed sources must
+//! not eject the backends it lands on (docs/datapath.md, "What a client
+//! can send"). The refused rule stays: only the backend sends its RSTs.
+//!
 //! Any SYN-ACK proves the backend alive and clears both rules' evidence, so
 //! ordinary traffic never ejects, and a backend with no traffic has no
 //! evidence at all. The detector is pure (time is passed in) and works on
@@ -33,6 +40,8 @@ pub struct HandshakeCounters {
     pub rtt_last_ns: u64,
     /// Kernel monotonic time of that SYN-ACK: a change means a new sample.
     pub rtt_at_ns: u64,
+    /// Half-open slots taken over by new flows toward this backend.
+    pub pending_evicted: u64,
 }
 
 impl HandshakeCounters {
@@ -48,6 +57,7 @@ impl HandshakeCounters {
             syn_rsts: s.syn_rsts,
             rtt_last_ns: s.rtt_last_ns,
             rtt_at_ns: s.rtt_at_ns,
+            pending_evicted: s.pending_evicted,
         }
     }
 }
@@ -130,6 +140,8 @@ pub struct PassiveDetector {
     unanswered_since: Option<Instant>,
     /// How many SYNs have gone unanswered since then.
     unanswered: u64,
+    /// SYNs not taken as evidence because the edge was under a SYN flood.
+    suspended: u64,
 }
 
 impl PassiveDetector {
@@ -141,7 +153,14 @@ impl PassiveDetector {
             refused: 0,
             unanswered_since: None,
             unanswered: 0,
+            suspended: 0,
         }
+    }
+
+    /// SYNs the unanswered rule did not count because the edge was under a
+    /// SYN flood, since this detector started.
+    pub fn suspended(&self) -> u64 {
+        self.suspended
     }
 
     /// Smoothed handshake RTT, when one is known.
@@ -180,7 +199,11 @@ impl PassiveDetector {
             self.sample_rtt(None, &c);
             return None;
         };
-        if c.syns < prev.syns || c.synacks < prev.synacks || c.syn_rsts < prev.syn_rsts {
+        if c.syns < prev.syns
+            || c.synacks < prev.synacks
+            || c.syn_rsts < prev.syn_rsts
+            || c.pending_evicted < prev.pending_evicted
+        {
             // Counters went back: the map was re-created. Start over from here.
             self.clear_evidence();
             return None;
@@ -205,6 +228,13 @@ impl PassiveDetector {
                 self.clear_evidence();
                 return Some(Ejection::Refused { rsts });
             }
+        }
+        if c.pending_evicted > prev.pending_evicted {
+            // A SYN flood: silence is no evidence (see the module doc).
+            self.suspended += syns.saturating_sub(rsts);
+            self.unanswered = 0;
+            self.unanswered_since = None;
+            return None;
         }
         if syns > rsts {
             self.unanswered += syns - rsts;
@@ -481,6 +511,27 @@ mod tests {
     }
 
     #[test]
+    fn silence_under_a_syn_flood_is_no_evidence_but_refusals_are() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(20, 3, 3, 0, Some(1)), None);
+        // Spoofed SYNs fill the half-open slots: each window takes some
+        // over, and the backend's answers to the taken-over ones are lost.
+        for _ in 0..200 {
+            f.c.pending_evicted += 50;
+            assert_eq!(f.step(60, 0, 0, None), None, "no ejection during a flood");
+        }
+        assert_eq!(f.det.suspended(), 200 * 60);
+        // The flood stops: silence counts again, from then on.
+        let (k, _) = f.repeat(100, 3, 0, 0, None).expect("ejected");
+        assert_eq!(k, 6);
+        // A refusal is the backend's own word, flood or not.
+        f.c.pending_evicted += 50;
+        assert_eq!(f.step(1, 0, 1, None), None);
+        f.c.pending_evicted += 50;
+        assert_eq!(f.step(1, 0, 1, None), Some(Ejection::Refused { rsts: 2 }));
+    }
+
+    #[test]
     fn counter_reset_rebaselines() {
         let mut f = Feed::new(PassiveConfig::default());
         assert_eq!(f.repeat(10, 5, 0, 0, None), None);
@@ -515,7 +566,8 @@ mod tests {
                 synacks: 6,
                 syn_rsts: 1,
                 rtt_last_ns: 9,
-                rtt_at_ns: 200
+                rtt_at_ns: 200,
+                pending_evicted: 0,
             }
         );
     }
