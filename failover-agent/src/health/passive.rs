@@ -14,9 +14,9 @@
 //!
 //! While the data plane takes half-open slots over (`pending_evicted` grew:
 //! SYNs arrive faster than the port range holds handshakes, which is a SYN
-//! flood), the unanswered rule is suspended: a taken-over SYN's answer can
-//! no longer be seen, and a flood of valid SYNs from spoofed sources must
-//! not eject the backends it lands on (docs/datapath.md, "What a client
+//! flood), and for `FLOOD_HOLD` after, the unanswered rule is suspended: a
+//! taken-over SYN's answer can no longer be seen, and a flood of valid SYNs
+//! from spoofed sources must not eject the backends it lands on (docs/datapath.md, "What a client
 //! can send"). The refused rule stays: only the backend sends its RSTs.
 //!
 //! Any SYN-ACK proves the backend alive and clears both rules' evidence, so
@@ -142,7 +142,15 @@ pub struct PassiveDetector {
     unanswered: u64,
     /// SYNs not taken as evidence because the edge was under a SYN flood.
     suspended: u64,
+    /// The unanswered rule is suspended until then (the last take-over of
+    /// a half-open slot, plus `FLOOD_HOLD`).
+    flood_until: Option<Instant>,
 }
+
+/// How long after the last half-open slot taken over silence stays no
+/// evidence: the backend may still be working through the flood's SYNs,
+/// and a poll may fall between two bursts.
+pub const FLOOD_HOLD: Duration = Duration::from_secs(1);
 
 impl PassiveDetector {
     pub fn new(cfg: PassiveConfig) -> Self {
@@ -154,6 +162,7 @@ impl PassiveDetector {
             unanswered_since: None,
             unanswered: 0,
             suspended: 0,
+            flood_until: None,
         }
     }
 
@@ -230,6 +239,9 @@ impl PassiveDetector {
             }
         }
         if c.pending_evicted > prev.pending_evicted {
+            self.flood_until = Some(now + FLOOD_HOLD);
+        }
+        if self.flood_until.is_some_and(|t| now < t) {
             // A SYN flood: silence is no evidence (see the module doc).
             self.suspended += syns.saturating_sub(rsts);
             self.unanswered = 0;
@@ -521,7 +533,8 @@ mod tests {
             assert_eq!(f.step(60, 0, 0, None), None, "no ejection during a flood");
         }
         assert_eq!(f.det.suspended(), 200 * 60);
-        // The flood stops: silence counts again, from then on.
+        // The flood stops: silence counts again a second later.
+        assert_eq!(f.repeat(199, 3, 0, 0, None), None);
         let (k, _) = f.repeat(100, 3, 0, 0, None).expect("ejected");
         assert_eq!(k, 6);
         // A refusal is the backend's own word, flood or not.
