@@ -1124,7 +1124,7 @@ impl Agent {
             .dataplane()
             .flows()
             .map_err(|e| ApiError::new(500, format!("reading the flow table: {e}")))?;
-        let now_ns = monotonic_ns();
+        let now_ns = crate::dataplane::monotonic_ns();
         let mut out: Vec<(u64, api::FlowInfo)> = flows
             .into_iter()
             .filter(|(_, f)| want_svc.is_none_or(|i| f.service_id == i))
@@ -1217,17 +1217,6 @@ fn hold_down_note(ev: &HealthEvent, f: health::FlapState) -> Option<String> {
         f.flaps,
         ev.reason
     ))
-}
-
-/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -63,14 +63,7 @@ pub fn expired(
 
 /// The stamp of now, on the clock the program stamps with.
 pub fn now_stamp() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer; the clock always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    let ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
-        + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    let ns = super::clock_ns(libc::CLOCK_MONOTONIC_COARSE);
     #[expect(clippy::cast_possible_truncation, reason = "stamps wrap at 32 bits")]
     let stamp = (ns >> SEEN_SHIFT) as u32;
     stamp
