@@ -370,9 +370,7 @@ pub struct BackendStats {
     /// SYNs forwarded to the backend that any live backend must answer
     /// (`tcp::SynWorth::Evidence`): the passive detector's input.
     pub syns: u64,
-    /// Answers to those SYNs: a SYN-ACK that ACKs the SYN, or any other
-    /// segment but an RST from the backend while the handshake is open (a
-    /// challenge ACK to a SYN on a tuple in TIME_WAIT proves it alive too).
+    /// SYN-ACKs that ACK those SYNs.
     pub synacks: u64,
     /// RSTs the backend sent in answer to a SYN (port closed, process dead),
     /// carrying the SYN's acknowledgment number.
@@ -384,6 +382,12 @@ pub struct BackendStats {
     /// took because every probed slot was in use (a SYN flood, or more
     /// half-open flows than the port range holds).
     pub pending_evicted: u64,
+    /// Other answers to those SYNs: segments without SYN or RST from the
+    /// backend while the handshake is open (a challenge ACK to a SYN on a
+    /// tuple it still holds in TIME_WAIT). They offset unanswered SYNs but,
+    /// unlike a SYN-ACK, do not clear refusals: a host whose port is closed
+    /// sends them too, for its dying connections.
+    pub syn_other: u64,
     /// Handshake RTT of the last SYN-ACK seen on this CPU, and when.
     pub rtt_last_ns: u64,
     pub rtt_at_ns: u64,
@@ -412,6 +416,7 @@ impl BackendStats {
         self.syn_rsts += o.syn_rsts;
         self.syns_ignored += o.syns_ignored;
         self.pending_evicted += o.pending_evicted;
+        self.syn_other += o.syn_other;
         if o.rtt_at_ns > self.rtt_at_ns {
             self.rtt_at_ns = o.rtt_at_ns;
             self.rtt_last_ns = o.rtt_last_ns;
@@ -454,5 +459,5 @@ const _: () = {
     assert!(size_of::<ReverseKey>() == 16);
     assert!(size_of::<Reverse>() == 72);
     assert!(size_of::<ServiceStats>() == 48);
-    assert!(size_of::<BackendStats>() == 104);
+    assert!(size_of::<BackendStats>() == 112);
 };

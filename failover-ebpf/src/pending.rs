@@ -370,9 +370,10 @@ pub fn reverse(
                 p.synack_ack = l4.seq.wrapping_add(1);
             }
         } else {
-            // Anything else from the backend (a challenge ACK to a SYN on a
-            // tuple it still holds) proves it alive.
-            s.synacks += 1;
+            // Anything else (a challenge ACK to a SYN on a tuple the backend
+            // still holds) answers that SYN, but says nothing of the port:
+            // it must not clear refusals, only offset the silence.
+            s.syn_other += 1;
         }
     }
     if let Some(s) = stats::service(p.service_id) {

@@ -195,7 +195,7 @@ fn backend_answers_count_only_when_they_ack_the_syn() {
     let state = || lab.dp.reverse_entries().unwrap()[0].1.state;
     let stats = || {
         let s = lab.dp.backend_stats(1).unwrap();
-        (s.synacks, s.syn_rsts)
+        (s.synacks, s.syn_rsts, s.syn_other)
     };
 
     // Forged by someone who does not know the client's ISN (1000): passed
@@ -209,15 +209,16 @@ fn backend_answers_count_only_when_they_ack_the_syn() {
         lab.run(lab.va0, &forged_synack.build()).unwrap().0,
         XDP_REDIRECT
     );
-    assert_eq!(stats(), (0, 0));
+    assert_eq!(stats(), (0, 0, 0));
     assert_eq!(state(), FLOW_SYN_SENT);
 
-    // A challenge ACK (the backend still holds the tuple) proves it alive.
+    // A challenge ACK (the backend still holds the tuple) answers the SYN,
+    // but is no SYN-ACK: it offsets silence, not refusals.
     let ack = from_backend
         .clone()
         .segment(5000, Some(1), false, false, false);
     assert_eq!(lab.run(lab.va0, &ack.build()).unwrap().0, XDP_REDIRECT);
-    assert_eq!(stats(), (1, 0));
+    assert_eq!(stats(), (0, 0, 1));
     assert_eq!(state(), FLOW_SYN_SENT);
 
     // The real SYN-ACK answers; the client's ACK of it completes the
@@ -227,7 +228,7 @@ fn backend_answers_count_only_when_they_ack_the_syn() {
         .unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     assert_checksums_valid(&out);
-    assert_eq!(stats(), (2, 0));
+    assert_eq!(stats(), (1, 0, 1));
     assert_eq!(state(), FLOW_ANSWERED);
     let ack = syn.clone().segment(1001, Some(5001), false, false, false);
     assert_eq!(lab.run(lab.vc0, &ack.build()).unwrap().0, XDP_REDIRECT);
@@ -245,7 +246,7 @@ fn backend_answers_count_only_when_they_ack_the_syn() {
         .nat_port_be;
     let refusal = Frame::tcp(backend_addr(1), BPORT, SNAT, u16::from_be(nat2)).rst(0, Some(9001));
     assert_eq!(lab.run(lab.va0, &refusal.build()).unwrap().0, XDP_REDIRECT);
-    assert_eq!(stats(), (2, 1));
+    assert_eq!(stats(), (1, 1, 1));
     assert_eq!(
         lab.dp.flows().unwrap().len(),
         1,

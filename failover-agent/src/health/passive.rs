@@ -42,6 +42,8 @@ pub struct HandshakeCounters {
     pub rtt_at_ns: u64,
     /// Half-open slots taken over by new flows toward this backend.
     pub pending_evicted: u64,
+    /// Answers to SYNs other than SYN-ACK and RST (challenge ACKs).
+    pub syn_other: u64,
 }
 
 impl HandshakeCounters {
@@ -58,6 +60,7 @@ impl HandshakeCounters {
             rtt_last_ns: s.rtt_last_ns,
             rtt_at_ns: s.rtt_at_ns,
             pending_evicted: s.pending_evicted,
+            syn_other: s.syn_other,
         }
     }
 }
@@ -212,6 +215,7 @@ impl PassiveDetector {
             || c.synacks < prev.synacks
             || c.syn_rsts < prev.syn_rsts
             || c.pending_evicted < prev.pending_evicted
+            || c.syn_other < prev.syn_other
         {
             // Counters went back: the map was re-created. Start over from here.
             self.clear_evidence();
@@ -221,12 +225,14 @@ impl PassiveDetector {
         let syns = c.syns - prev.syns;
         let synacks = c.synacks - prev.synacks;
         let rsts = c.syn_rsts - prev.syn_rsts;
+        // Challenge ACKs answer their SYNs without proving the port open.
+        let answered = rsts + (c.syn_other - prev.syn_other);
 
         if synacks > 0 {
             // The backend answers: earlier refusals or silence no longer count.
             // SYNs of this window beyond the answers may still be in flight.
             self.refused = 0;
-            self.unanswered = syns.saturating_sub(synacks + rsts);
+            self.unanswered = syns.saturating_sub(synacks + answered);
             self.unanswered_since = (self.unanswered > 0).then_some(now);
             return None;
         }
@@ -243,13 +249,13 @@ impl PassiveDetector {
         }
         if self.flood_until.is_some_and(|t| now < t) {
             // A SYN flood: silence is no evidence (see the module doc).
-            self.suspended += syns.saturating_sub(rsts);
+            self.suspended += syns.saturating_sub(answered);
             self.unanswered = 0;
             self.unanswered_since = None;
             return None;
         }
-        if syns > rsts {
-            self.unanswered += syns - rsts;
+        if syns > answered {
+            self.unanswered += syns - answered;
             if self.unanswered_since.is_none() {
                 self.unanswered_since = Some(now);
             }
@@ -545,6 +551,24 @@ mod tests {
     }
 
     #[test]
+    fn challenge_acks_offset_silence_but_not_refusals() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(20, 3, 3, 0, Some(1)), None);
+        // Valid SYNs on tuples the backend still holds: each is answered
+        // with a bare ACK. No SYN-ACK, but no silence either.
+        for _ in 0..100 {
+            f.c.syn_other += 2;
+            assert_eq!(f.step(2, 0, 0, None), None);
+        }
+        // A closed port: RSTs, while the host still ACKs its dying
+        // connections. The refusals count all the same.
+        f.c.syn_other += 3;
+        assert_eq!(f.step(1, 0, 1, None), None);
+        f.c.syn_other += 3;
+        assert_eq!(f.step(1, 0, 1, None), Some(Ejection::Refused { rsts: 2 }));
+    }
+
+    #[test]
     fn counter_reset_rebaselines() {
         let mut f = Feed::new(PassiveConfig::default());
         assert_eq!(f.repeat(10, 5, 0, 0, None), None);
@@ -581,6 +605,7 @@ mod tests {
                 rtt_last_ns: 9,
                 rtt_at_ns: 200,
                 pending_evicted: 0,
+                syn_other: 0,
             }
         );
     }
