@@ -343,6 +343,22 @@ pub struct Pending {
     pub synack_ack: u32,
 }
 
+impl Pending {
+    /// The client's tuple of this flow: its `FLOWS` key once promoted.
+    #[inline(always)]
+    #[must_use]
+    pub const fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src_be: self.client_be,
+            dst_be: self.vip_be,
+            sport_be: self.cport_be,
+            dport_be: self.vport_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Traffic counters, per CPU: `SVC_STATS[service_id]` is exactly this,
 /// and every `BE_STATS` entry starts with it.
 #[repr(C)]

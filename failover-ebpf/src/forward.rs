@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    FLOW_ESTABLISHED, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey, SEEN_SHIFT,
-    SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
+    Backend, FLOW_ESTABLISHED, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey,
+    SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
     tcp::{self, SynWorth},
 };
 
@@ -31,6 +31,20 @@ pub struct Target {
     pub addr_be: u32,
     pub port_be: u16,
     pub nat_port_be: u16,
+}
+
+impl Target {
+    /// An established flow's target: its backend's current address.
+    #[inline(always)]
+    fn pinned(flow: &Flow, be: &Backend) -> Self {
+        Self {
+            backend_id: flow.backend_id,
+            service_id: flow.service_id,
+            addr_be: be.addr_be,
+            port_be: be.port_be,
+            nat_port_be: flow.nat_port_be,
+        }
+    }
 }
 
 #[inline(always)]
@@ -73,13 +87,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
                     forget(&fkey, &f, node);
                 } else {
                     flow.seen = (now >> SEEN_SHIFT) as u32;
-                    let t = Target {
-                        backend_id: flow.backend_id,
-                        service_id: flow.service_id,
-                        addr_be: be.addr_be,
-                        port_be: be.port_be,
-                        nat_port_be: flow.nat_port_be,
-                    };
+                    let t = Target::pinned(flow, be);
                     let out = send(ctx, node, ip, l4, &fkey, &t, false, now);
                     if l4.tcp {
                         match l4::closing(l4, flow.fins, flow.fin_ack, l4::CLIENT) {
@@ -338,14 +346,7 @@ pub fn reverse_key(t: &Target, node: &Node, proto: u8) -> ReverseKey {
 #[inline(always)]
 fn forget(k: &FlowKey, flow: &Flow, node: &Node) {
     if let Some(be) = BACKENDS.get(flow.backend_id) {
-        let t = Target {
-            backend_id: flow.backend_id,
-            service_id: flow.service_id,
-            addr_be: be.addr_be,
-            port_be: be.port_be,
-            nat_port_be: flow.nat_port_be,
-        };
-        let _ = REVERSE.remove(&reverse_key(&t, node, k.proto));
+        let _ = REVERSE.remove(&reverse_key(&Target::pinned(flow, be), node, k.proto));
     }
     let _ = FLOWS.remove(k);
 }

@@ -263,14 +263,7 @@ fn ours(
 /// Moves a pending flow to `FLOWS`/`REVERSE`.
 #[inline(always)]
 fn promote(p: &Pending, t: &Target, node: &Node, now_c: u64) -> Result<(), Reason> {
-    let k = FlowKey {
-        src_be: p.client_be,
-        dst_be: p.vip_be,
-        sport_be: p.cport_be,
-        dport_be: p.vport_be,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
+    let k = p.flow_key();
     let rkey = forward::reverse_key(t, node, p.proto);
     let rval = Reverse {
         client_be: p.client_be,

@@ -333,14 +333,7 @@ impl Dataplane {
         let mut out = self.established_flows()?;
         out.extend(self.pending()?.iter().map(|p| {
             (
-                FlowKey {
-                    src_be: p.client_be,
-                    dst_be: p.vip_be,
-                    sport_be: p.cport_be,
-                    dport_be: p.vport_be,
-                    proto: p.proto,
-                    _pad: [0; 3],
-                },
+                p.flow_key(),
                 Flow {
                     backend_id: p.backend_id,
                     service_id: p.service_id,
