@@ -555,7 +555,7 @@ mod tests {
                 }
             }
         });
-        Conn::new(Stream::Plain(
+        Conn::new(tokio_util::either::Either::Left(
             tokio::net::TcpStream::connect(addr).await.unwrap(),
         ))
     }

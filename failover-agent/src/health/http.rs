@@ -18,20 +18,17 @@
 //! on a new connection.
 
 use std::fmt;
-use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::{StatusCode, Uri};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 use super::failure::Fault;
 use super::h1::{self, Conn, Response};
@@ -44,69 +41,9 @@ pub(crate) const BODY_LIMIT: usize = 64 * 1024;
 
 pub(crate) const USER_AGENT: &str = concat!("failover-agent/", env!("CARGO_PKG_VERSION"));
 
-/// A probe connection's byte stream: plain TCP, or TLS over TCP.
-pub(crate) enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// A probe connection's byte stream: plain TCP (`Left`), or TLS over TCP
+/// (`Right`).
+pub(crate) type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// Opens connections to one backend: TCP with `TCP_NODELAY`, then a TLS
 /// handshake when the probe has `tls` (verified as [`TlsOptions`] says,
@@ -207,7 +144,7 @@ impl Dialer {
         tcp.set_nodelay(true)
             .map_err(|e| Fault::new(Failure::Local, format!("TCP_NODELAY: {e}")))?;
         let Some((connector, name)) = &self.tls else {
-            return Ok(Stream::Plain(tcp));
+            return Ok(Either::Left(tcp));
         };
         // rustls' errors say which check failed ("invalid peer
         // certificate: UnknownIssuer"). The backend answered the TCP
@@ -218,7 +155,7 @@ impl Dialer {
                 format!("TLS handshake with {}: {e}", name.to_str()),
             )
         })?;
-        Ok(Stream::Tls(Box::new(tls)))
+        Ok(Either::Right(Box::new(tls)))
     }
 }
 
@@ -655,8 +592,10 @@ mod tests {
             let mut fut = std::pin::pin!(session.send(&p.request));
             // One poll writes the request (this runtime's only thread runs
             // the server only after); then the probe is cancelled.
-            let pending =
-                std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_pending())).await;
+            let pending = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(fut.as_mut().poll(cx).is_pending())
+            })
+            .await;
             assert!(pending, "written, waiting for the answer");
         }
         assert!(p.client.idle.lock().unwrap().is_none());
