@@ -679,103 +679,21 @@ impl Client {
     }
 }
 
-/// Percent-encodes a path segment or query value (names are
-/// `A-Z a-z 0-9 - _ .`, but input from a command line may be anything).
+/// Bytes left as they are in a path segment or query value: names are
+/// `A-Z a-z 0-9 - _ .`, but input from a command line may be anything.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.');
+
+/// Percent-encodes a path segment or query value.
 fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// An aligned text table: a header line and rows, columns two spaces apart.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    table_with(header, rows, false)
-}
-
-/// ANSI colour of a state word: green up, yellow degraded or draining,
-/// red down.
-fn colour_of(cell: &str) -> Option<&'static str> {
-    match cell {
-        "up" => Some("32"),
-        "degraded" | "draining" => Some("33"),
-        "down" => Some("31"),
-        _ => None,
-    }
-}
-
-/// [`table`], with state words coloured when `colour` (a terminal).
-pub fn table_with(header: &[&str], rows: &[Vec<String>], colour: bool) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            let cell = if i + 1 == cells.len() {
-                (*c).to_owned()
-            } else {
-                format!("{c:<w$}", w = widths[i])
-            };
-            // Escapes around the padded cell keep the columns aligned.
-            match colour_of(c).filter(|_| colour) {
-                Some(code) => s.push_str(&format!("\x1b[{code}m{cell}\x1b[0m")),
-                None => s.push_str(&cell),
-            }
-            if i + 1 != cells.len() {
-                s.push_str("  ");
-            }
-        }
-        s.trim_end().to_owned()
-    };
-    let mut out = line(header.to_vec());
-    out.push('\n');
-    for r in rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
-        out.push('\n');
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tables_align_columns() {
-        let t = table(
-            &["NAME", "STATE", "FLOWS"],
-            &[
-                vec!["b1".into(), "up".into(), "3".into()],
-                vec!["gpu-eu-1".into(), "draining".into(), "12".into()],
-            ],
-        );
-        assert_eq!(
-            t,
-            "NAME      STATE     FLOWS\nb1        up        3\ngpu-eu-1  draining  12\n"
-        );
-    }
-
-    #[test]
-    fn colour_only_when_asked_and_columns_stay_aligned() {
-        let rows = [vec!["b1".into(), "down".into(), "3".into()]];
-        let plain = table_with(&["NAME", "STATE", "FLOWS"], &rows, false);
-        assert!(!plain.contains('\x1b'));
-        let coloured = table_with(&["NAME", "STATE", "FLOWS"], &rows, true);
-        assert!(coloured.contains("\x1b[31mdown \x1b[0m"), "{coloured:?}");
-        let stripped = coloured.replace("\x1b[31m", "").replace("\x1b[0m", "");
-        assert_eq!(stripped, plain);
-    }
 
     #[test]
     fn durations_are_bounded() {

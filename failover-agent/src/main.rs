@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use failover_agent::{
     agent::{Agent, RunOptions},
-    api::{self, Client, ClientError, table_with},
+    api::{self, Client, ClientError},
     audit, config,
     dataplane::Dataplane,
 };
@@ -319,6 +319,37 @@ fn weight_cell(b: &api::BackendInfo) -> String {
     }
 }
 
+/// An aligned text table: a header line and rows, columns two spaces
+/// apart, with state words coloured when `colour` (a terminal).
+fn table(header: &[&str], rows: &[Vec<String>], colour: bool) -> String {
+    use comfy_table::{Cell, Color, Table, presets::NOTHING};
+    let mut t = Table::new();
+    t.load_style(NOTHING);
+    if colour {
+        t.enforce_styling();
+    } else {
+        t.force_no_tty();
+    }
+    t.set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r.iter().map(|c| {
+            // Green up, yellow degraded or draining, red down.
+            let fg = match c.as_str() {
+                "up" => Some(Color::DarkGreen),
+                "degraded" | "draining" => Some(Color::DarkYellow),
+                "down" => Some(Color::DarkRed),
+                _ => None,
+            };
+            fg.map_or_else(|| Cell::new(c), |fg| Cell::new(c).fg(fg))
+        }));
+    }
+    let last = header.len().saturating_sub(1);
+    for (i, col) in t.column_iter_mut().enumerate() {
+        col.set_padding((0, if i == last { 0 } else { 2 }));
+    }
+    t.lines().map(|l| format!("{}\n", l.trim_end())).collect()
+}
+
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
@@ -369,7 +400,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                         },
                         s.config_generation,
                         s.config_path,
-                        table_with(
+                        table(
                             &[
                                 "SERVICE", "ENDPOINT", "TIER", "HEALTHY", "GEN", "OVERRIDE",
                                 "SERVING"
@@ -417,7 +448,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                             ]
                         })
                         .collect();
-                    table_with(
+                    table(
                         &[
                             "BACKEND",
                             "ADDRESS",
@@ -461,7 +492,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                         .collect();
                     format!(
                         "{}{} of {} flows\n",
-                        table_with(
+                        table(
                             &[
                                 "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "NAT PORT", "AGE"
                             ],
@@ -772,6 +803,33 @@ mod tests {
     fn report(text: &str, json: bool) -> (bool, String, String) {
         let parsed = config::parse_on(text, "f.yaml", &config::Host::defaults());
         validation_report(&parsed, std::path::Path::new("f.yaml"), json)
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            &["NAME", "STATE", "FLOWS"],
+            &[
+                vec!["b1".into(), "up".into(), "3".into()],
+                vec!["gpu-eu-1".into(), "draining".into(), "12".into()],
+            ],
+            false,
+        );
+        assert_eq!(
+            t,
+            "NAME      STATE     FLOWS\nb1        up        3\ngpu-eu-1  draining  12\n"
+        );
+    }
+
+    #[test]
+    fn colour_only_when_asked_and_columns_stay_aligned() {
+        let rows = [vec!["b1".into(), "down".into(), "3".into()]];
+        let plain = table(&["NAME", "STATE", "FLOWS"], &rows, false);
+        assert!(!plain.contains('\x1b'));
+        let coloured = table(&["NAME", "STATE", "FLOWS"], &rows, true);
+        assert!(coloured.contains("\x1b[38;5;1mdown"), "{coloured:?}");
+        let stripped = coloured.replace("\x1b[38;5;1m", "").replace("\x1b[39m", "");
+        assert_eq!(stripped, plain);
     }
 
     #[test]

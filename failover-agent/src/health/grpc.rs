@@ -311,22 +311,9 @@ fn http_code(status: StatusCode) -> Code {
 
 /// grpc-message is percent-encoded.
 fn percent_decode(raw: &[u8]) -> String {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if raw[i] == b'%'
-            && let Some(hi) = raw.get(i + 1).copied().and_then(hex)
-            && let Some(lo) = raw.get(i + 2).copied().and_then(hex)
-        {
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-        } else {
-            out.push(raw[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode(raw)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -367,6 +354,8 @@ mod tests {
             _ => panic!("not a status error"),
         }
         assert_eq!(percent_decode(b"100%"), "100%");
+        assert_eq!(percent_decode(b"%zz%4"), "%zz%4");
+        assert_eq!(percent_decode(b"caf%C3%A9 %FF"), "caf\u{e9} \u{fffd}");
     }
 
     #[tokio::test]
