@@ -408,10 +408,7 @@ fn check_services(c: &mut Checker, config: &Config) {
                 format!("{path}.vip"),
                 format!(
                     "{}:{}/{} is already served by service {:?} (services[{j}])",
-                    service.vip,
-                    service.port,
-                    protocol_name(service),
-                    other.name
+                    service.vip, service.port, service.protocol, other.name
                 ),
             );
         } else {
@@ -476,13 +473,6 @@ fn check_one_probe_per_backend(c: &mut Checker, services: &[Service]) {
                 ),
             );
         }
-    }
-}
-
-fn protocol_name(service: &Service) -> &'static str {
-    match service.protocol {
-        super::Protocol::Tcp => "tcp",
-        super::Protocol::Udp => "udp",
     }
 }
 

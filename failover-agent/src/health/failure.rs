@@ -26,8 +26,11 @@ use std::io;
 use serde::Serialize;
 
 /// The class of a failed probe (see the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, strum::IntoStaticStr, strum::Display,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Failure {
     Refused,
     Unreachable,
@@ -39,8 +42,11 @@ pub enum Failure {
 }
 
 /// Why a backend left service, which decides what happens to its flows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, strum::IntoStaticStr, strum::Display,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum DownCause {
     /// Nothing answers: its flows are dead too. `DOWN` at once.
     Dead,
@@ -62,15 +68,7 @@ impl Failure {
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Failure::Refused => "refused",
-            Failure::Unreachable => "unreachable",
-            Failure::Unanswered => "unanswered",
-            Failure::Timeout => "timeout",
-            Failure::BadAnswer => "bad_answer",
-            Failure::Broken => "broken",
-            Failure::Local => "local",
-        }
+        self.into()
     }
 
     /// A failed `connect` (TCP) or `send`/`recv` on a connected UDP socket.
@@ -84,21 +82,6 @@ impl Failure {
             Some(libc::ECONNRESET | libc::ECONNABORTED | libc::EPIPE) => Failure::Broken,
             _ => Failure::Local,
         }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for DownCause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DownCause::Dead => "dead",
-            DownCause::Sick => "sick",
-        })
     }
 }
 
@@ -219,6 +202,27 @@ mod tests {
         }
         // Not from the OS at all: the agent's own business.
         assert_eq!(Failure::of_io(&io::Error::other("x")), Failure::Local);
+    }
+
+    #[test]
+    fn names_are_the_serialized_ones() {
+        use Failure::*;
+        for f in [
+            Refused,
+            Unreachable,
+            Unanswered,
+            Timeout,
+            BadAnswer,
+            Broken,
+            Local,
+        ] {
+            assert_eq!(serde_json::to_value(f).unwrap(), f.as_str());
+            assert_eq!(f.to_string(), f.as_str());
+        }
+        assert_eq!(Failure::BadAnswer.as_str(), "bad_answer");
+        for c in [DownCause::Dead, DownCause::Sick] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.to_string());
+        }
     }
 
     #[test]

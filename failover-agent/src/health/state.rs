@@ -57,7 +57,6 @@
 //! where it made about 50 undamped, and at most one recovery a minute
 //! once the hold reaches `max`.
 
-use std::fmt;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -65,8 +64,20 @@ use serde::Serialize;
 use super::{DownCause, Ejection, Failure, ProbeOutcome, Reason};
 
 /// Health of one backend as the planner sees it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum HealthState {
     /// No verdict yet: not eligible.
     #[default]
@@ -84,18 +95,7 @@ impl HealthState {
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            HealthState::Unknown => "unknown",
-            HealthState::Up => "up",
-            HealthState::Degraded => "degraded",
-            HealthState::Down => "down",
-        }
-    }
-}
-
-impl fmt::Display for HealthState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
@@ -497,6 +497,19 @@ mod tests {
             });
         }
         out
+    }
+
+    #[test]
+    fn state_names_are_the_serialized_ones() {
+        for h in [
+            HealthState::Unknown,
+            HealthState::Up,
+            HealthState::Degraded,
+            HealthState::Down,
+        ] {
+            assert_eq!(serde_json::to_value(h).unwrap(), h.as_str());
+            assert_eq!(h.to_string(), h.as_str());
+        }
     }
 
     #[test]
