@@ -164,12 +164,51 @@ mod tests {
         assert!(matches!(err, ProbeError::EmptyCaFile(_)), "{err}");
     }
 
-    #[test]
-    fn skip_verify_builds() {
-        let opts = TlsOptions {
+    /// A TLS handshake over an in-memory pipe with a server showing a
+    /// self-signed certificate for `backend.invalid`; the client's error
+    /// as text, if any.
+    async fn handshake(opts: &TlsOptions) -> Result<(), String> {
+        use rustls::pki_types::PrivateKeyDer;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cert = rcgen::generate_simple_self_signed(vec!["backend.invalid".to_owned()]).unwrap();
+        let key = PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let served = tokio::spawn(async move {
+            let mut s = acceptor.accept(s).await.ok()?;
+            s.write_all(b"ok").await.ok()?;
+            s.shutdown().await.ok()
+        });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(opts).unwrap()));
+        // Another name than the certificate's, as a lab backend's often is.
+        let name = ServerName::try_from("other.invalid").unwrap();
+        let result = match connector.connect(name, c).await {
+            Ok(mut tls) => {
+                let mut got = Vec::new();
+                tls.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
+                assert_eq!(got, b"ok");
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        served.abort();
+        result
+    }
+
+    #[tokio::test]
+    async fn skip_verify_accepts_any_chain_and_default_does_not() {
+        let skip = TlsOptions {
             insecure_skip_verify: true,
             ..TlsOptions::default()
         };
-        client_config(&opts).unwrap();
+        assert_eq!(handshake(&skip).await, Ok(()));
+        let err = handshake(&TlsOptions::default()).await.unwrap_err();
+        assert!(err.contains("invalid peer certificate"), "{err}");
     }
 }
