@@ -114,10 +114,13 @@ impl Head {
         for h in resp.headers.iter() {
             let value = std::str::from_utf8(h.value).unwrap_or("");
             if h.name.eq_ignore_ascii_case("content-length") {
-                let n = value
-                    .trim()
+                // 1*DIGIT (RFC 9110 8.6): no sign, as hyper reads it.
+                let digits = value.trim();
+                let n = digits
                     .parse::<u64>()
-                    .map_err(|_| format!("bad Content-Length {value:?}"))?;
+                    .ok()
+                    .filter(|_| digits.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(|| format!("bad Content-Length {value:?}"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err("conflicting Content-Length headers".to_owned());
                 }
@@ -505,6 +508,7 @@ mod tests {
             head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n").unwrap();
         assert!(h.keep_alive);
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n").is_err());
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
     }
 
@@ -655,5 +659,106 @@ mod tests {
         let mut conn = scripted(vec!["SSH-2.0-OpenSSH\r\n\r\n"]).await;
         let err = conn.exchange(GET).await.unwrap_err().to_string();
         assert!(err.contains("bad response head"), "{err}");
+    }
+
+    /// What a client made of one response: the status and the whole body,
+    /// or that it refused the response.
+    type Verdict = Result<(u16, Vec<u8>), ()>;
+
+    /// A loopback server that answers one request with `raw`, written in
+    /// pieces split at `|`, then closes.
+    async fn serve_once(raw: &'static str) -> std::net::SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req).await;
+            for piece in raw.split('|') {
+                if s.write_all(piece.as_bytes()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        });
+        addr
+    }
+
+    async fn with_h1(raw: &'static str) -> Verdict {
+        let tcp = tokio::net::TcpStream::connect(serve_once(raw).await)
+            .await
+            .unwrap();
+        let mut slot = Some(Conn::new(tokio_util::either::Either::Left(tcp)));
+        let head = slot.as_mut().unwrap().exchange(GET).await.map_err(|_| ())?;
+        let mut resp = Response::new(&mut slot, head);
+        let (body, complete) = resp.read_body(1 << 20, true).await.map_err(|_| ())?;
+        assert!(complete);
+        Ok((resp.status.as_u16(), body))
+    }
+
+    async fn with_hyper(raw: &'static str) -> Verdict {
+        use http_body_util::{BodyExt, Empty};
+        let tcp = tokio::net::TcpStream::connect(serve_once(raw).await)
+            .await
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/")
+            .header("host", "x")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.map_err(|_| ())?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(|_| ())?;
+        Ok((status, body.to_bytes().to_vec()))
+    }
+
+    /// Differential test against hyper (see the module doc): both clients
+    /// read the same bytes and must agree on the status and body, or both
+    /// refuse the response.
+    #[tokio::test]
+    async fn reads_responses_as_hyper_does() {
+        let cases: &[&'static str] = &[
+            // Content-Length, split anywhere.
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            "HTTP/1.1 503 Service Unavailable\r\nCont|ent-Length: 3\r\n\r|\nab|c",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+            // Chunked, with extensions and trailers; chunked wins over a length.
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r|\nab|c\r\n0\r\n|\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n",
+            // Close-delimited: no length, HTTP/1.0, a coding other than chunked.
+            "HTTP/1.1 200 OK\r\n\r\nuntil|the close",
+            "HTTP/1.0 200 OK\r\n\r\nfirst|second",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nraw",
+            // No body whatever the headers say; an interim answer first.
+            "HTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            // Malformed or cut: both refuse.
+            "SSH-2.0-OpenSSH\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Le",
+            "",
+            "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            "HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+            "HTTP/1.1 999 Whatever\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n",
+        ];
+        for raw in cases {
+            let (ours, theirs) = (with_h1(raw).await, with_hyper(raw).await);
+            assert_eq!(ours, theirs, "{raw:?}");
+        }
     }
 }
