@@ -216,14 +216,64 @@ fn part<T: serde::de::DeserializeOwned>(
     path: &str,
     report: &mut dyn FnMut(String, String),
 ) -> Option<T> {
+    // A service's probe is read again when the error lies in it (below).
+    let probe = value.get("probe").cloned();
     match serde_path_to_error::deserialize(value) {
         Ok(typed) => Some(typed),
         Err(error) => {
+            let in_probe = error.path().to_string() == "probe";
             let (path, message) = located_error(error, path);
+            let (path, message) = match probe.filter(|_| in_probe) {
+                Some(probe) => probe_error(probe, path, message),
+                None => (path, message),
+            };
             report(path, message);
             None
         }
     }
+}
+
+/// The field of an error inside a probe's `kind`. serde reads an
+/// internally tagged enum from a buffer of the whole mapping, and errors
+/// from that buffer carry no field, so the kind's own fields are read
+/// again on their own, where the path names the field (`tls` on a tcp
+/// probe: `services[0].probe.tls`).
+fn probe_error(probe: serde_norway::Value, path: String, message: String) -> (String, String) {
+    use serde_norway::Value;
+    let Value::Mapping(mut fields) = probe else {
+        return (path, message);
+    };
+    let kind = fields.shift_remove("kind");
+    // The fields every kind shares are the probe's, not the kind's.
+    if let Ok(Value::Mapping(shared)) =
+        serde_norway::to_value(Probe::new(ProbeKind::Tcp(TcpCheck {})))
+    {
+        for key in shared.keys() {
+            fields.shift_remove(key);
+        }
+    }
+    let own = Value::Mapping(fields);
+    fn error_of<T: serde::de::DeserializeOwned>(
+        own: serde_norway::Value,
+        path: &str,
+    ) -> Option<(String, String)> {
+        serde_path_to_error::deserialize::<_, T>(own)
+            .err()
+            .map(|error| located_error(error, path))
+    }
+    let again = match kind.as_ref().and_then(Value::as_str) {
+        None => None,
+        Some("tcp") => error_of::<TcpCheck>(own, &path),
+        Some("http") => error_of::<HttpCheck>(own, &path),
+        Some("grpc") => error_of::<GrpcCheck>(own, &path),
+        Some("inference") => error_of::<InferenceCheck>(own, &path),
+        Some("udp") => error_of::<UdpCheck>(own, &path),
+        // `unknown variant`: the kind itself is wrong.
+        Some(_) => Some((format!("{path}.kind"), message.clone())),
+    };
+    // None: read alone, the kind's fields are fine; the error is the
+    // probe's own (a missing `kind`).
+    again.unwrap_or((path, message))
 }
 
 fn type_error<T: serde::de::DeserializeOwned>(
@@ -700,9 +750,19 @@ fn default_udp_idle() -> Duration {
     Duration::from_secs(30)
 }
 
+/// A service's health probe: what it checks (`kind`, with that kind's own
+/// fields), and the timing and damping every kind shares.
+///
+/// A field of another kind is refused where the config is read (`tls` on a
+/// `tcp` probe is an unknown field of a tcp probe), so no check has to
+/// know which fields apply to which kind.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Probe {
+    /// `kind: tcp | http | grpc | inference | udp` and that kind's fields.
+    /// Fields that are neither shared nor the kind's are refused by the
+    /// kind (no `deny_unknown_fields` here: serde cannot combine it with
+    /// `flatten`).
+    #[serde(flatten)]
     pub kind: ProbeKind,
     #[serde(with = "humantime_serde", default = "default_interval")]
     pub interval: Duration,
@@ -724,66 +784,142 @@ pub struct Probe {
     pub hold_down_max: Duration,
     #[serde(with = "humantime_serde", default = "default_hold_down_decay")]
     pub hold_down_decay: Duration,
-    /// HTTP path (http, inference health check).
-    #[serde(default)]
-    pub path: Option<String>,
-    /// Use TLS (http, grpc, inference).
-    #[serde(default)]
-    pub tls: bool,
-    /// Expected HTTP status (http).
-    #[serde(default)]
-    pub expect_status: Option<u16>,
-    /// Substring the body must contain (http).
-    #[serde(default)]
-    pub body_contains: Option<String>,
-    /// gRPC service name for grpc.health.v1 (empty = server overall).
-    #[serde(default)]
-    pub grpc_service: Option<String>,
-    /// Model that must be loaded (inference).
-    #[serde(default)]
-    pub model: Option<String>,
-    /// Time-to-first-token budget (inference); slower = degraded.
-    #[serde(with = "humantime_serde", default)]
-    pub ttft_budget: Option<Duration>,
-    /// Share of its weight a degraded backend keeps (inference: rate
-    /// limited with HTTP 429, or over `ttft_budget`); unset:
-    /// [`Probe::DEFAULT_DEGRADED_WEIGHT`]. See [`Probe::degraded_weight`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub degraded_weight: Option<f64>,
     /// Passive ejection from the data plane's handshake signals.
     #[serde(default = "default_true")]
     pub passive: bool,
-    /// Datagram a UDP probe sends (udp; required).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub payload: Option<Bytes>,
-    /// The whole answer a UDP probe expects (udp); unset: any answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expect: Option<Bytes>,
-    /// What a UDP probe's answer must start with (udp).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expect_prefix: Option<Bytes>,
 }
 
 impl Probe {
     /// Weight factor of a degraded backend when `degraded_weight` is unset.
     pub const DEFAULT_DEGRADED_WEIGHT: f64 = 0.5;
 
+    /// A probe of `kind` with the default timing and damping.
+    pub fn new(kind: ProbeKind) -> Self {
+        Self {
+            kind,
+            interval: default_interval(),
+            timeout: default_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+            min_dwell: Duration::ZERO,
+            hold_down: default_hold_down(),
+            hold_down_max: default_hold_down_max(),
+            hold_down_decay: default_hold_down_decay(),
+            passive: true,
+        }
+    }
+
     /// The factor on the configured weight of a backend this probe finds
-    /// degraded: it keeps serving, with fewer new flows.
+    /// degraded: it keeps serving, with fewer new flows. Only an inference
+    /// probe finds a backend degraded.
     pub fn degraded_weight(&self) -> f64 {
-        self.degraded_weight
-            .unwrap_or(Self::DEFAULT_DEGRADED_WEIGHT)
+        match &self.kind {
+            ProbeKind::Inference(i) => i.degraded_weight,
+            _ => None,
+        }
+        .unwrap_or(Self::DEFAULT_DEGRADED_WEIGHT)
     }
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+/// What a probe checks: the `kind` and its own fields.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, strum::IntoStaticStr)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum ProbeKind {
-    Tcp,
-    Http,
-    Grpc,
-    Inference,
-    Udp,
+    /// A TCP handshake.
+    Tcp(TcpCheck),
+    /// An HTTP(S) `GET`.
+    Http(HttpCheck),
+    /// grpc.health.v1 `Check`.
+    Grpc(GrpcCheck),
+    /// An OpenAI-style endpoint: the model listed, and a one-token answer.
+    Inference(InferenceCheck),
+    /// A datagram out, an answer back.
+    Udp(UdpCheck),
+}
+
+impl ProbeKind {
+    /// `tcp`, `http`, ...: the `kind` as written in the config.
+    pub fn name(&self) -> &'static str {
+        self.into()
+    }
+}
+
+/// A tcp probe has no fields of its own.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpCheck {}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    /// Path of the `GET`; unset: `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Use TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// Expected HTTP status; unset: any 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_status: Option<u16>,
+    /// Substring the body must contain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_contains: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcCheck {
+    /// Use TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// gRPC service name for grpc.health.v1 (unset or empty: the server
+    /// overall).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_service: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceCheck {
+    /// Model that must be loaded (required: validation says so, along
+    /// with the file's other problems).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The prefix the OpenAI routes sit under (a gateway's); unset: the
+    /// root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Use TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// Time-to-first-token budget; slower = degraded.
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttft_budget: Option<Duration>,
+    /// Share of its weight a degraded backend keeps (rate limited with
+    /// HTTP 429, or over `ttft_budget`); unset:
+    /// [`Probe::DEFAULT_DEGRADED_WEIGHT`]. See [`Probe::degraded_weight`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_weight: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UdpCheck {
+    /// Datagram the probe sends (required: validation says so, along with
+    /// the file's other problems).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Bytes>,
+    /// The whole answer expected; unset: any answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Bytes>,
+    /// What the answer must start with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_prefix: Option<Bytes>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -50,8 +50,10 @@ fn two_clouds_example_has_the_documented_shape() {
     let chat = config.service("chat").unwrap();
     assert_eq!(chat.vip, Ipv4Addr::new(192, 0, 2, 10));
     assert_eq!((chat.port, chat.protocol), (80, Protocol::Tcp));
-    assert_eq!(chat.probe.kind, ProbeKind::Inference);
-    assert_eq!(chat.probe.ttft_budget, Some(Duration::from_millis(800)));
+    let ProbeKind::Inference(inference) = &chat.probe.kind else {
+        panic!("chat has an inference probe: {:?}", chat.probe.kind);
+    };
+    assert_eq!(inference.ttft_budget, Some(Duration::from_millis(800)));
     assert_eq!(
         (
             chat.probe.hold_down,
@@ -480,41 +482,111 @@ fn ring_size_limits() {
     assert_eq!(fields_of(&config), ["services[0].policy.ring_size"]);
 }
 
+/// The errors of minimal.yaml with its `kind: tcp` line replaced by `probe`
+/// (lines that follow at 15).
+fn probe_errors(probe: &str) -> Vec<(usize, String, String)> {
+    let text = minimal_text().replacen("kind: tcp", probe, 1);
+    parse_err(&text)
+        .errors()
+        .iter()
+        .map(|e| (e.line, e.field.clone(), e.message.clone()))
+        .collect()
+}
+
 #[test]
 fn probe_fields_must_fit_the_kind() {
-    let mut config = minimal();
-    let probe = &mut config.services[0].probe;
-    probe.model = Some("m".into());
-    probe.expect_status = Some(200);
-    probe.tls = true;
-    assert_eq!(
-        fields_of(&config),
-        [
-            "services[0].probe.tls",
-            "services[0].probe.expect_status",
-            "services[0].probe.model",
-        ]
+    // A field of another kind is an unknown field of this kind, named
+    // with its line.
+    for (kind, field, value) in [
+        ("tcp", "tls", "true"),
+        ("tcp", "expect_status", "200"),
+        ("tcp", "model", "m"),
+        ("http", "model", "m"),
+        ("grpc", "path", "/health"),
+        ("udp", "tls", "true"),
+    ] {
+        // A udp probe needs its payload too.
+        let (payload, line) = match kind {
+            "udp" => ("\n      payload: ping", 17),
+            _ => ("", 16),
+        };
+        let errors = probe_errors(&format!("kind: {kind}{payload}\n      {field}: {value}"));
+        let [(at, path, message)] = &errors[..] else {
+            panic!("one error expected: {errors:?}");
+        };
+        assert_eq!(
+            (*at, path.as_str()),
+            (line, format!("services[0].probe.{field}").as_str()),
+            "{kind}: {message}"
+        );
+        assert!(
+            message.starts_with(&format!("unknown field `{field}`")),
+            "{message}"
+        );
+    }
+    let errors = probe_errors(
+        "kind: http\n      expect_status: 200\n      body_contains: x\n      model: m",
     );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (18, "services[0].probe.model")
+    );
+    assert_eq!(
+        errors[0].2,
+        "unknown field `model`, expected one of `path`, `tls`, `expect_status`, `body_contains`"
+    );
+    // A field of the kind with a value of the wrong type, and a kind that
+    // does not exist.
+    let errors = probe_errors("kind: http\n      tls: maybe");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (16, "services[0].probe.tls"),
+        "{errors:?}"
+    );
+    let errors = probe_errors("kind: htp");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (15, "services[0].probe.kind"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0]
+            .2
+            .starts_with("unknown variant `htp`, expected one of `tcp`, `http`"),
+        "{errors:?}"
+    );
+    let errors = probe_errors("interval: 1s");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (14, "services[0].probe"),
+        "{errors:?}"
+    );
+    assert_eq!(errors[0].2, "missing field `kind`");
 
-    let probe = &mut config.services[0].probe;
-    probe.kind = ProbeKind::Inference;
-    probe.expect_status = None;
-    probe.ttft_budget = Some(Duration::ZERO);
-    probe.path = Some("/openai".into());
+    // The checks of each kind's values.
+    let mut config = minimal();
+    config.services[0].probe.kind = ProbeKind::Inference(InferenceCheck {
+        model: Some("m".into()),
+        tls: true,
+        ttft_budget: Some(Duration::ZERO),
+        path: Some("/openai".into()),
+        ..InferenceCheck::default()
+    });
     assert_eq!(fields_of(&config), ["services[0].probe.ttft_budget"]);
 
-    let probe = &mut config.services[0].probe;
-    probe.kind = ProbeKind::Http;
-    probe.model = None;
-    probe.ttft_budget = None;
-    probe.expect_status = Some(99);
+    config.services[0].probe.kind = ProbeKind::Http(HttpCheck {
+        tls: true,
+        expect_status: Some(99),
+        path: Some("/openai".into()),
+        ..HttpCheck::default()
+    });
     assert_eq!(fields_of(&config), ["services[0].probe.expect_status"]);
 
-    let probe = &mut config.services[0].probe;
-    probe.kind = ProbeKind::Grpc;
-    probe.expect_status = None;
-    probe.path = None;
-    probe.grpc_service = Some(String::new());
+    config.services[0].probe.kind = ProbeKind::Grpc(GrpcCheck {
+        tls: true,
+        grpc_service: Some(String::new()),
+    });
     assert!(fields_of(&config).is_empty());
 }
 
@@ -715,54 +787,64 @@ fn operator_floor_grace_and_state_file_defaults_and_limits() {
 fn udp_probe_fields() {
     let mut config = minimal();
     config.services[0].protocol = Protocol::Udp;
-    let probe = &mut config.services[0].probe;
-    probe.kind = ProbeKind::Udp;
+    let udp = |config: &mut Config, check: UdpCheck| {
+        config.services[0].probe.kind = ProbeKind::Udp(check);
+        fields_of(config)
+    };
     assert_eq!(
-        fields_of(&config),
+        udp(&mut config, UdpCheck::default()),
         ["services[0].probe.payload"],
         "required"
     );
 
-    let probe = &mut config.services[0].probe;
-    probe.payload = Some(Bytes::Text("ping".into()));
-    probe.expect_prefix = Some(Bytes::Hex("706f6e67".into()));
-    assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
+    let fields = udp(
+        &mut config,
+        UdpCheck {
+            payload: Some(Bytes::Text("ping".into())),
+            expect_prefix: Some(Bytes::Hex("706f6e67".into())),
+            expect: None,
+        },
+    );
+    assert!(fields.is_empty(), "{fields:?}");
 
-    let probe = &mut config.services[0].probe;
-    probe.payload = Some(Bytes::Hex("0g".into()));
-    probe.expect = Some(Bytes::Text("pong".into()));
-    probe.tls = true;
     assert_eq!(
-        fields_of(&config),
+        udp(
+            &mut config,
+            UdpCheck {
+                payload: Some(Bytes::Hex("0g".into())),
+                expect: Some(Bytes::Text("pong".into())),
+                expect_prefix: Some(Bytes::Hex("706f6e67".into())),
+            }
+        ),
         [
-            "services[0].probe.tls",
             "services[0].probe.payload",
             "services[0].probe.expect_prefix",
         ]
     );
 
-    let probe = &mut config.services[0].probe;
-    probe.tls = false;
-    probe.payload = Some(Bytes::Text("x".repeat(MAX_UDP_PAYLOAD + 1)));
-    probe.expect_prefix = Some(Bytes::Text(String::new()));
-    probe.expect = None;
     assert_eq!(
-        fields_of(&config),
+        udp(
+            &mut config,
+            UdpCheck {
+                payload: Some(Bytes::Text("x".repeat(MAX_UDP_PAYLOAD + 1))),
+                expect_prefix: Some(Bytes::Text(String::new())),
+                expect: None,
+            }
+        ),
         [
             "services[0].probe.payload",
             "services[0].probe.expect_prefix"
         ]
     );
 
-    // UDP fields on another kind.
-    let probe = &mut config.services[0].probe;
-    probe.kind = ProbeKind::Tcp;
-    probe.payload = Some(Bytes::Text("ping".into()));
-    probe.expect_prefix = None;
-    probe.expect = Some(Bytes::Text("pong".into()));
+    // UDP fields on another kind, and another kind's field on a udp probe.
     assert_eq!(
-        fields_of(&config),
-        ["services[0].probe.payload", "services[0].probe.expect"]
+        probe_errors("kind: tcp\n      payload: ping\n      expect: pong")[0].1,
+        "services[0].probe.payload"
+    );
+    assert_eq!(
+        probe_errors("kind: udp\n      payload: ping\n      tls: true")[0].1,
+        "services[0].probe.tls"
     );
 
     // As an operator sees them.
@@ -857,7 +939,13 @@ fn examples_validate_without_warnings() {
     }
     let two = load(&examples_dir().join("two-clouds.yaml")).unwrap();
     let chat = &two.service("chat").unwrap().probe;
-    assert_eq!((chat.path.as_deref(), chat.degraded_weight()), (None, 0.25));
+    let ProbeKind::Inference(inference) = &chat.kind else {
+        panic!("chat has an inference probe: {:?}", chat.kind);
+    };
+    assert_eq!(
+        (inference.path.as_deref(), chat.degraded_weight()),
+        (None, 0.25)
+    );
 }
 
 #[test]
@@ -1072,25 +1160,34 @@ fn probe_durations_are_bounded() {
     assert_eq!(fields_of(&config), ["services[0].probe.interval"]);
 }
 
-fn inference(config: &mut Config) -> &mut Probe {
+/// The first service's probe as an inference probe (model `m` unless one
+/// is set), to change.
+fn inference(config: &mut Config) -> &mut InferenceCheck {
     let probe = &mut config.services[0].probe;
-    probe.kind = ProbeKind::Inference;
-    probe.model = Some("m".into());
-    probe
+    if !matches!(probe.kind, ProbeKind::Inference(_)) {
+        probe.kind = ProbeKind::Inference(InferenceCheck::default());
+    }
+    let ProbeKind::Inference(check) = &mut probe.kind else {
+        unreachable!("set above");
+    };
+    check.model.get_or_insert_with(|| "m".into());
+    check
 }
 
 #[test]
 fn inference_ttft_budget_and_degraded_weight() {
     let mut config = minimal();
-    let probe = inference(&mut config);
-    assert_eq!(probe.degraded_weight(), 0.5, "default");
-    probe.ttft_budget = Some(probe.timeout);
-    probe.degraded_weight = Some(1.0);
+    inference(&mut config);
+    assert_eq!(config.services[0].probe.degraded_weight(), 0.5, "default");
+    let timeout = config.services[0].probe.timeout;
+    let check = inference(&mut config);
+    check.ttft_budget = Some(timeout);
+    check.degraded_weight = Some(1.0);
     assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
-    let probe = &mut config.services[0].probe;
-    assert_eq!(probe.degraded_weight(), 1.0);
-    probe.ttft_budget = Some(probe.timeout + Duration::from_millis(1));
-    probe.degraded_weight = Some(0.0);
+    assert_eq!(config.services[0].probe.degraded_weight(), 1.0);
+    let check = inference(&mut config);
+    check.ttft_budget = Some(timeout + Duration::from_millis(1));
+    check.degraded_weight = Some(0.0);
     assert_eq!(
         fields_of(&config),
         [
@@ -1099,16 +1196,17 @@ fn inference_ttft_budget_and_degraded_weight() {
         ]
     );
     for bad in [1.5, -0.1, f64::NAN] {
-        config.services[0].probe.degraded_weight = Some(bad);
+        inference(&mut config).degraded_weight = Some(bad);
         assert!(
             fields_of(&config).contains(&"services[0].probe.degraded_weight".to_owned()),
             "{bad}"
         );
     }
     // Only the inference probe degrades a backend.
-    let mut config = minimal();
-    config.services[0].probe.degraded_weight = Some(0.5);
-    assert_eq!(fields_of(&config), ["services[0].probe.degraded_weight"]);
+    assert_eq!(
+        probe_errors("kind: tcp\n      degraded_weight: 0.5")[0].1,
+        "services[0].probe.degraded_weight"
+    );
     // As an operator sees it.
     let text = minimal_text().replacen(
         "kind: tcp",

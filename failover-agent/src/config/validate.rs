@@ -9,7 +9,9 @@ use std::{
 
 use failover_common::{MAX_BACKENDS, MAX_SERVICES, RING_MAX};
 
-use super::{Backend, Bytes, Config, Node, Policy, Probe, ProbeKind, Service};
+use super::{
+    Backend, Bytes, Config, InferenceCheck, Node, Policy, Probe, ProbeKind, Service, UdpCheck,
+};
 
 /// Largest backend weight: keeps the Maglev permutation fill loop (which
 /// runs in proportion to the weights) bounded.
@@ -553,136 +555,92 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
     }
     check_hold_down(c, path, probe);
 
-    let kind = probe.kind;
-    // (field, set?, the kinds that use it)
-    let optional = [
-        (
-            "path",
-            probe.path.is_some(),
-            &[ProbeKind::Http, ProbeKind::Inference][..],
-        ),
-        (
-            "tls",
-            probe.tls,
-            &[ProbeKind::Http, ProbeKind::Grpc, ProbeKind::Inference],
-        ),
-        (
-            "expect_status",
-            probe.expect_status.is_some(),
-            &[ProbeKind::Http],
-        ),
-        (
-            "body_contains",
-            probe.body_contains.is_some(),
-            &[ProbeKind::Http],
-        ),
-        (
-            "grpc_service",
-            probe.grpc_service.is_some(),
-            &[ProbeKind::Grpc],
-        ),
-        ("model", probe.model.is_some(), &[ProbeKind::Inference]),
-        (
-            "ttft_budget",
-            probe.ttft_budget.is_some(),
-            &[ProbeKind::Inference],
-        ),
-        (
-            "degraded_weight",
-            probe.degraded_weight.is_some(),
-            &[ProbeKind::Inference],
-        ),
-        ("payload", probe.payload.is_some(), &[ProbeKind::Udp]),
-        ("expect", probe.expect.is_some(), &[ProbeKind::Udp]),
-        (
-            "expect_prefix",
-            probe.expect_prefix.is_some(),
-            &[ProbeKind::Udp],
-        ),
-    ];
-    for (field, set, kinds) in optional {
-        if set && !kinds.contains(&kind) {
-            c.fail(
-                format!("{path}.{field}"),
-                format!("{field} does not apply to a {} probe", kind_name(kind)),
-            );
+    match &probe.kind {
+        ProbeKind::Tcp(_) | ProbeKind::Grpc(_) => {}
+        ProbeKind::Http(http) => {
+            if let Some(http_path) = &http.path {
+                check_http_path(c, path, http_path);
+            }
+            if let Some(status) = http.expect_status
+                && !(100..=599).contains(&status)
+            {
+                c.fail(
+                    format!("{path}.expect_status"),
+                    format!("status {status} is not an HTTP status (100 to 599)"),
+                );
+            }
         }
+        ProbeKind::Inference(inference) => check_inference(c, path, probe, inference),
+        ProbeKind::Udp(udp) => check_udp(c, path, udp),
     }
+}
 
-    if let Some(http_path) = &probe.path
-        && !http_path.starts_with('/')
-    {
+fn check_http_path(c: &mut Checker, path: &str, http_path: &str) {
+    if !http_path.starts_with('/') {
         c.fail(
             format!("{path}.path"),
             format!("path {http_path:?} must start with '/'"),
         );
     }
-    if let Some(status) = probe.expect_status
-        && !(100..=599).contains(&status)
+}
+
+fn check_inference(c: &mut Checker, path: &str, probe: &Probe, inference: &InferenceCheck) {
+    if let Some(prefix) = &inference.path {
+        check_http_path(c, path, prefix);
+    }
+    match &inference.model {
+        None => c.fail(
+            format!("{path}.model"),
+            "an inference probe needs the model that must be loaded",
+        ),
+        Some(model) if model.trim().is_empty() => {
+            c.fail(format!("{path}.model"), "model must not be empty");
+        }
+        Some(_) => {}
+    }
+    match inference.ttft_budget {
+        Some(budget) if budget.is_zero() => c.fail(
+            format!("{path}.ttft_budget"),
+            "ttft_budget must be greater than 0",
+        ),
+        Some(budget) if budget > probe.timeout => c.fail(
+            format!("{path}.ttft_budget"),
+            format!(
+                "ttft_budget {} is above timeout {}: the probe would time out before \
+                 it could find the backend slow",
+                humantime::format_duration(budget),
+                humantime::format_duration(probe.timeout)
+            ),
+        ),
+        _ => {}
+    }
+    if let Some(factor) = inference.degraded_weight
+        && !(factor > 0.0 && factor <= 1.0)
     {
         c.fail(
-            format!("{path}.expect_status"),
-            format!("status {status} is not an HTTP status (100 to 599)"),
+            format!("{path}.degraded_weight"),
+            format!(
+                "degraded_weight {factor} must be above 0 and at most 1 (the share of \
+                 its weight a degraded backend keeps)"
+            ),
         );
     }
-    if kind == ProbeKind::Inference {
-        match &probe.model {
-            None => c.fail(
-                format!("{path}.model"),
-                "an inference probe needs the model that must be loaded",
-            ),
-            Some(model) if model.trim().is_empty() => {
-                c.fail(format!("{path}.model"), "model must not be empty");
-            }
-            Some(_) => {}
-        }
-        match probe.ttft_budget {
-            Some(budget) if budget.is_zero() => c.fail(
-                format!("{path}.ttft_budget"),
-                "ttft_budget must be greater than 0",
-            ),
-            Some(budget) if budget > probe.timeout => c.fail(
-                format!("{path}.ttft_budget"),
-                format!(
-                    "ttft_budget {} is above timeout {}: the probe would time out before \
-                     it could find the backend slow",
-                    humantime::format_duration(budget),
-                    humantime::format_duration(probe.timeout)
-                ),
-            ),
-            _ => {}
-        }
-        if let Some(factor) = probe.degraded_weight
-            && !(factor > 0.0 && factor <= 1.0)
+    if let Some(prefix) = &inference.path {
+        let trimmed = prefix.trim_end_matches('/');
+        if let Some(route) = ["/v1/chat/completions", "/v1/models", "/v1"]
+            .into_iter()
+            .find(|route| trimmed.ends_with(route))
         {
             c.fail(
-                format!("{path}.degraded_weight"),
+                format!("{path}.path"),
                 format!(
-                    "degraded_weight {factor} must be above 0 and at most 1 (the share of \
-                     its weight a degraded backend keeps)"
+                    "an inference probe's path is the prefix its OpenAI routes sit \
+                     under (it adds /v1/models and /v1/chat/completions itself), so \
+                     {prefix:?} would probe {trimmed}/v1/models; leave path out for \
+                     routes at the root, or give only the prefix before {route}"
                 ),
             );
         }
-        if let Some(prefix) = &probe.path {
-            let trimmed = prefix.trim_end_matches('/');
-            if let Some(route) = ["/v1/chat/completions", "/v1/models", "/v1"]
-                .into_iter()
-                .find(|route| trimmed.ends_with(route))
-            {
-                c.fail(
-                    format!("{path}.path"),
-                    format!(
-                        "an inference probe's path is the prefix its OpenAI routes sit \
-                         under (it adds /v1/models and /v1/chat/completions itself), so \
-                         {prefix:?} would probe {trimmed}/v1/models; leave path out for \
-                         routes at the root, or give only the prefix before {route}"
-                    ),
-                );
-            }
-        }
-    }
-    if kind == ProbeKind::Udp {
-        check_udp(c, path, probe);
     }
 }
 
@@ -701,21 +659,21 @@ fn check_bytes(c: &mut Checker, path: &str, field: &str, value: &Bytes, len: (us
     }
 }
 
-fn check_udp(c: &mut Checker, path: &str, probe: &Probe) {
-    match &probe.payload {
+fn check_udp(c: &mut Checker, path: &str, udp: &UdpCheck) {
+    match &udp.payload {
         None => c.fail(
             format!("{path}.payload"),
             "a udp probe needs the payload it sends",
         ),
         Some(p) => check_bytes(c, path, "payload", p, (1, MAX_UDP_PAYLOAD)),
     }
-    if let Some(e) = &probe.expect {
+    if let Some(e) = &udp.expect {
         check_bytes(c, path, "expect", e, (0, MAX_UDP_ANSWER));
     }
-    if let Some(e) = &probe.expect_prefix {
+    if let Some(e) = &udp.expect_prefix {
         check_bytes(c, path, "expect_prefix", e, (1, MAX_UDP_ANSWER));
     }
-    if probe.expect.is_some() && probe.expect_prefix.is_some() {
+    if udp.expect.is_some() && udp.expect_prefix.is_some() {
         c.fail(
             format!("{path}.expect_prefix"),
             "set expect (the whole answer) or expect_prefix (its start), not both",
@@ -752,16 +710,6 @@ fn check_hold_down(c: &mut Checker, path: &str, probe: &Probe) {
                 show(probe.hold_down_decay)
             ),
         );
-    }
-}
-
-fn kind_name(kind: ProbeKind) -> &'static str {
-    match kind {
-        ProbeKind::Tcp => "tcp",
-        ProbeKind::Http => "http",
-        ProbeKind::Grpc => "grpc",
-        ProbeKind::Inference => "inference",
-        ProbeKind::Udp => "udp",
     }
 }
 

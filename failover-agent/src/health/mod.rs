@@ -140,8 +140,6 @@ pub enum ProbeError {
         kind: &'static str,
         field: &'static str,
     },
-    #[error("`tls` is not supported by a {0} probe")]
-    TlsUnsupported(&'static str),
     #[error("`{0}` is not valid hex")]
     BadBytes(&'static str),
     #[error("backend address {path}: {source}")]
@@ -196,7 +194,8 @@ impl From<&config::Backend> for BackendTarget {
 }
 
 /// Any configured probe kind; static dispatch over the implementations.
-#[derive(Debug)]
+#[derive(Debug, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 pub enum AnyProbe {
     Tcp(TcpProbe),
     Http(HttpProbe),
@@ -206,14 +205,9 @@ pub enum AnyProbe {
 }
 
 impl AnyProbe {
-    pub fn kind(&self) -> ProbeKind {
-        match self {
-            AnyProbe::Tcp(_) => ProbeKind::Tcp,
-            AnyProbe::Http(_) => ProbeKind::Http,
-            AnyProbe::Grpc(_) => ProbeKind::Grpc,
-            AnyProbe::Inference(_) => ProbeKind::Inference,
-            AnyProbe::Udp(_) => ProbeKind::Udp,
-        }
+    /// The config's `kind` of this probe.
+    pub fn kind(&self) -> &'static str {
+        self.into()
     }
 }
 
@@ -239,37 +233,31 @@ impl Probe for AnyProbe {
     }
 }
 
-/// Builds the probe `cfg` describes for `target`. `tls` applies when
-/// `cfg.tls` is set. Connections are opened by the first check.
+/// Builds the probe `cfg` describes for `target`. `tls` applies when the
+/// kind's `tls` is set. Connections are opened by the first check.
 pub fn build_probe(
     target: &BackendTarget,
     cfg: &config::Probe,
     tls: &TlsOptions,
 ) -> Result<AnyProbe, ProbeError> {
-    let tls = cfg.tls.then_some(tls);
-    Ok(match cfg.kind {
-        ProbeKind::Tcp => {
-            if tls.is_some() {
-                return Err(ProbeError::TlsUnsupported("tcp"));
-            }
-            AnyProbe::Tcp(TcpProbe::new(target.addr))
-        }
-        ProbeKind::Http => AnyProbe::Http(HttpProbe::new(
+    Ok(match &cfg.kind {
+        ProbeKind::Tcp(_) => AnyProbe::Tcp(TcpProbe::new(target.addr)),
+        ProbeKind::Http(http) => AnyProbe::Http(HttpProbe::new(
             target,
-            cfg.path.as_deref().unwrap_or("/"),
-            tls,
-            cfg.expect_status,
-            cfg.body_contains.clone(),
+            http.path.as_deref().unwrap_or("/"),
+            http.tls.then_some(tls),
+            http.expect_status,
+            http.body_contains.clone(),
             cfg.timeout,
         )?),
-        ProbeKind::Grpc => AnyProbe::Grpc(GrpcProbe::new(
+        ProbeKind::Grpc(grpc) => AnyProbe::Grpc(GrpcProbe::new(
             target,
-            cfg.grpc_service.as_deref().unwrap_or(""),
-            tls,
+            grpc.grpc_service.as_deref().unwrap_or(""),
+            grpc.tls.then_some(tls),
             cfg.timeout,
         )?),
-        ProbeKind::Inference => {
-            let model = cfg.model.as_deref().ok_or(ProbeError::MissingField {
+        ProbeKind::Inference(inference) => {
+            let model = inference.model.as_deref().ok_or(ProbeError::MissingField {
                 kind: "inference",
                 field: "model",
             })?;
@@ -277,22 +265,19 @@ pub fn build_probe(
             // none: at the root.
             AnyProbe::Inference(InferenceProbe::new(
                 target,
-                cfg.path.as_deref().unwrap_or(""),
+                inference.path.as_deref().unwrap_or(""),
                 model,
-                cfg.ttft_budget,
-                tls,
+                inference.ttft_budget,
+                inference.tls.then_some(tls),
                 cfg.timeout,
             )?)
         }
-        ProbeKind::Udp => {
-            if tls.is_some() {
-                return Err(ProbeError::TlsUnsupported("udp"));
-            }
+        ProbeKind::Udp(udp) => {
             let missing = ProbeError::MissingField {
                 kind: "udp",
                 field: "payload",
             };
-            let payload = cfg
+            let payload = udp
                 .payload
                 .as_ref()
                 .and_then(config::Bytes::to_vec)
@@ -300,7 +285,7 @@ pub fn build_probe(
             let bytes = |b: &config::Bytes, field: &'static str| {
                 b.to_vec().ok_or(ProbeError::BadBytes(field))
             };
-            let expect = match (&cfg.expect, &cfg.expect_prefix) {
+            let expect = match (&udp.expect, &udp.expect_prefix) {
                 (Some(b), _) => UdpExpect::Exact(bytes(b, "expect")?.into()),
                 (None, Some(b)) => UdpExpect::Prefix(bytes(b, "expect_prefix")?.into()),
                 (None, None) => UdpExpect::Any,
@@ -839,12 +824,12 @@ mod tests {
         let t = BackendTarget::new("b", "127.0.0.1:9".parse().unwrap());
         let err = build_probe(&t, &cfg, &TlsOptions::default()).unwrap_err();
         assert_eq!(err.to_string(), "inference probe needs `model`");
-        let cfg: config::Probe =
-            serde_json::from_value(serde_json::json!({"kind": "tcp", "tls": true})).unwrap();
-        assert!(matches!(
-            build_probe(&t, &cfg, &TlsOptions::default()),
-            Err(ProbeError::TlsUnsupported("tcp"))
-        ));
+        // `tls` on a tcp probe: refused with the config, before any probe.
+        let err = serde_json::from_value::<config::Probe>(
+            serde_json::json!({"kind": "tcp", "tls": true}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `tls`"), "{err}");
         let cfg: config::Probe =
             serde_json::from_value(serde_json::json!({"kind": "http", "expect_status": 1000}))
                 .unwrap();
@@ -852,15 +837,17 @@ mod tests {
             build_probe(&t, &cfg, &TlsOptions::default()),
             Err(ProbeError::Status(1000))
         ));
-        for kind in ["tcp", "http", "grpc"] {
-            let cfg: config::Probe =
-                serde_json::from_value(serde_json::json!({"kind": kind, "tls": kind != "tcp"}))
-                    .unwrap();
+        for fields in [
+            serde_json::json!({"kind": "tcp"}),
+            serde_json::json!({"kind": "http", "tls": true}),
+            serde_json::json!({"kind": "grpc", "tls": true}),
+        ] {
+            let cfg: config::Probe = serde_json::from_value(fields).unwrap();
             assert_eq!(
                 build_probe(&t, &cfg, &TlsOptions::default())
                     .unwrap()
                     .kind(),
-                cfg.kind
+                cfg.kind.name()
             );
         }
     }
