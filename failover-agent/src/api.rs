@@ -134,9 +134,11 @@ pub struct BackendInfo {
     /// probe's `degraded_weight`); in a fail-open ring, `weight`.
     #[serde(default)]
     pub effective_weight: u32,
-    /// Probe verdict: up, degraded, down, unknown.
+    /// Probe verdict: up, degraded, down, unknown
+    /// ([`crate::agent::states::HealthState::as_str`]).
     pub health: String,
-    /// State in the data plane: up, draining, down, unused.
+    /// State in the data plane: up, draining, down, unused
+    /// ([`crate::agent::states::DataplaneState::as_str`]).
     pub state: String,
     pub draining: bool,
     /// Falls not yet forgotten (flap damping, see `health::state`).

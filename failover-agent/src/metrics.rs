@@ -45,6 +45,8 @@ use prometheus_client::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::agent::states::{DataplaneState, HealthState};
+
 /// A control loop that has not woken for this long is reported dead.
 pub const HEALTHZ_STALE: Duration = Duration::from_secs(10);
 
@@ -257,10 +259,10 @@ pub struct BackendSnapshot {
     /// The weight it takes new flows with: `weight` scaled by its health
     /// (0 down or drained; a degraded backend's by `degraded_weight`).
     pub effective_weight: u32,
-    /// Probe verdict: `up`, `degraded`, `down`, `unknown`.
-    pub health: &'static str,
-    /// `BACKENDS` state: `up`, `down`, `draining`, `unused`.
-    pub dataplane: &'static str,
+    /// Probe verdict.
+    pub health: HealthState,
+    /// State in the data plane's `BACKENDS` map.
+    pub dataplane: DataplaneState,
     /// Falls not yet forgotten (flap damping).
     pub flaps: u32,
     /// Time left before a recovery is allowed.
@@ -290,8 +292,9 @@ pub struct Snapshot {
     pub syns_in_floods: u64,
 }
 
-pub const HEALTH_STATES: &[&str] = &["up", "degraded", "down", "unknown"];
-pub const DATAPLANE_STATES: &[&str] = &["up", "draining", "down", "unused"];
+pub use crate::agent::states::HEALTH_STATES;
+/// Every data-plane state, in the order the metrics list them.
+pub const DATAPLANE_STATES: [DataplaneState; 4] = DataplaneState::ALL;
 
 /// A counter per row and direction (`forward`: toward the backend,
 /// `reverse`: back to the client).
@@ -347,21 +350,20 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         let l = BackendLabel {
             backend: b.name.clone(),
         };
-        up.get_or_create(&l)
-            .set(i64::from(matches!(b.health, "up" | "degraded")));
+        up.get_or_create(&l).set(i64::from(b.health.is_serving()));
         for state in HEALTH_STATES {
             st.get_or_create(&StateLabels {
                 backend: b.name.clone(),
-                state: (*state).to_owned(),
+                state: state.as_str().to_owned(),
             })
-            .set(i64::from(b.health == *state));
+            .set(i64::from(b.health == state));
         }
         for state in DATAPLANE_STATES {
             dps.get_or_create(&StateLabels {
                 backend: b.name.clone(),
-                state: (*state).to_owned(),
+                state: state.as_str().to_owned(),
             })
-            .set(i64::from(b.dataplane == *state));
+            .set(i64::from(b.dataplane == state));
         }
         tier.get_or_create(&l).set(i64::from(b.tier));
         weight.get_or_create(&l).set(i64::from(b.weight));
@@ -762,8 +764,8 @@ mod tests {
                 tier: 1,
                 weight: 100,
                 effective_weight: 50,
-                health: "degraded",
-                dataplane: "up",
+                health: HealthState::Degraded,
+                dataplane: DataplaneState::Up,
                 flaps: 3,
                 hold_down: Duration::from_millis(1500),
                 stats: Some(BackendStats {

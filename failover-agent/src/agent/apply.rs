@@ -10,8 +10,19 @@
 //!    ring holds them.
 //! 4. Each service whose ring or entry changed gets its new ring in the
 //!    inactive slot, then one write of its `SERVICES` entry flips to it.
-//! 5. Other backends leaving service get `DOWN`; ids no longer in the
+//! 5. The VIP filter, when the set of VIPs changed (start, reload): a new
+//!    VIP lets packets in once its service is in place.
+//! 6. Other backends leaving service get `DOWN`; ids no longer in the
 //!    config get `UNUSED`, once no ring refers to them.
+//! 7. A little later, the clients of the backends of step 1 are nudged
+//!    ([`Applier::flush_nudges`]).
+//!
+//! What to write is decided by pure functions ([`super::reconcile`]: step
+//! 1 is [`reconcile::take_out`], steps 2 to 6 [`reconcile::reconcile`]);
+//! an [`Executor`] performs the writes ([`super::execute`]: the maps, or a
+//! recorder in tests), and the applier records each one that succeeded
+//! ([`Current`]). Step 1 is written before step 2 is even planned: a
+//! failover never waits for the planner.
 //!
 //! Keep-last-good: an agent that starts on pinned state keeps each
 //! recovered service's ring until every backend of its pool has a first
@@ -30,25 +41,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use failover_common::{
-    Backend as MapBackend, MAX_BACKENDS, NO_BACKEND, Node, RING_MAX, Ring, SVC_F_RESET,
-    Service as MapService, ServiceKey, state,
-};
+use failover_common::{Node, RING_MAX};
 
+pub use super::reconcile::Programmed;
 use super::{
     AgentError,
+    execute::{Executor, Maps},
     grace::{self, Exit, Graces},
     ids::{Ids, ServiceEndpoint},
     journal::Journal,
     latency::{LatencyWindow, Percentiles},
     operator_state::{self, Deadline, OperatorState, TimedOverride},
+    reconcile::{self, Current, Inputs, Write},
+    states::DataplaneState,
 };
 use crate::{
-    audit::{DecisionRecord, WeightChange},
-    config::{self, Config, ConfigDiff, ConfigError, OnBackendDown},
+    audit::DecisionRecord,
+    config::{self, Config, ConfigDiff, ConfigError},
     dataplane::{Dataplane, XdpMode},
     health::{EventSource, HealthEvent, HealthState},
-    planner::{self, BackendHealth, HealthView, Mode, ServicePlan},
+    planner::{self, HealthView},
 };
 
 /// How long a restarted agent keeps recovered rings while waiting for
@@ -92,35 +104,6 @@ pub struct ApplyReport {
     pub held: Vec<String>,
 }
 
-/// A service as it is in the data plane.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Programmed {
-    pub key: ServiceKey,
-    pub entry: MapService,
-    /// The active ring, `entry.ring_size` entries.
-    pub ring: Vec<u32>,
-    /// Backends taking new flows.
-    pub to: Vec<String>,
-    /// Backend ids in the ring because the service fails open: they must
-    /// be `UP` in `BACKENDS` though their health is down.
-    pub open: Vec<u32>,
-    /// Effective weight of each backend in `to` (the plan's
-    /// [`planner::BackendPlan::effective_weight`]); empty for a ring
-    /// recovered from the pins, until it is planned.
-    pub weights: BTreeMap<String, u32>,
-}
-
-/// A service's next state, before it is written.
-struct Next {
-    name: String,
-    key: ServiceKey,
-    entry: MapService,
-    plan: ServicePlan,
-    to: Vec<String>,
-    open: Vec<u32>,
-    changed: bool,
-}
-
 pub struct ApplyOptions {
     pub journal: Option<Journal>,
     /// Keep-last-good bound for recovered services at start.
@@ -144,9 +127,10 @@ impl Default for ApplyOptions {
     }
 }
 
-/// Owns the data plane and what the agent knows: config, ids, health.
-pub struct Applier {
-    dp: Dataplane,
+/// Owns the data plane (through its executor, [`Maps`] unless a test
+/// says otherwise) and what the agent knows: config, ids, health.
+pub struct Applier<E: Executor = Maps> {
+    exec: E,
     cfg: Config,
     ids: Ids,
     /// Last verdict per backend name; absent = no verdict yet.
@@ -156,17 +140,14 @@ pub struct Applier {
     state_file: Option<PathBuf>,
     /// Backends down as sick, `DRAINING` until their grace ends.
     graces: Graces,
-    programmed: BTreeMap<String, Programmed>,
-    /// `BACKENDS` entries in use, as written: a state change is then one
-    /// write, no read.
-    backends: BTreeMap<u32, MapBackend>,
+    /// What the data plane holds, as written.
+    current: Current,
     hold: Option<Instant>,
     /// Recovered services still waiting for their pool's first verdicts.
     held: BTreeSet<String>,
     flips: LatencyWindow,
     state_writes: LatencyWindow,
     journal: Option<Journal>,
-    scratch: Box<Ring>,
     /// Backends gone down whose clients are still to be nudged. Nudging
     /// reads the whole flow table, so the run loop does it a little after
     /// the rings switched, for every such backend at once: it must never
@@ -189,13 +170,6 @@ fn xdp_mode(m: config::XdpMode) -> XdpMode {
         config::XdpMode::Auto => XdpMode::Auto,
         config::XdpMode::Native => XdpMode::Native,
         config::XdpMode::Skb => XdpMode::Skb,
-    }
-}
-
-fn service_flags(s: &config::Service) -> u32 {
-    match s.policy.on_backend_down {
-        OnBackendDown::Reset => SVC_F_RESET,
-        OnBackendDown::Reselect => 0,
     }
 }
 
@@ -240,43 +214,6 @@ fn with_source(source: &str, reason: &str) -> String {
     }
 }
 
-/// Effective weight of each backend a plan gives new flows to.
-fn weights_of(plan: &ServicePlan) -> BTreeMap<String, u32> {
-    plan.backends
-        .iter()
-        .filter(|b| b.weight > 0)
-        .map(|b| (b.name.clone(), b.effective_weight))
-        .collect()
-}
-
-/// Backends taking new flows before and after whose effective weight
-/// changed (one only in `after` or `before` shows in `to` or `from`).
-fn weight_changes(
-    before: &BTreeMap<String, u32>,
-    after: &BTreeMap<String, u32>,
-) -> Vec<WeightChange> {
-    after
-        .iter()
-        .filter_map(|(name, &to)| {
-            let &from = before.get(name)?;
-            (from != to).then(|| WeightChange {
-                backend: name.clone(),
-                from,
-                to,
-            })
-        })
-        .collect()
-}
-
-fn state_name(st: u8) -> &'static str {
-    match st {
-        state::UP => "up",
-        state::DOWN => "down",
-        state::DRAINING => "draining",
-        _ => "unused",
-    }
-}
-
 /// Reads the first `len` entries of a ring slot. The map lookup moves the
 /// 256 KiB value through several stack frames (over 1 MiB in debug
 /// builds), more than a tokio worker's or test thread's 2 MiB allows; a
@@ -291,41 +228,62 @@ impl Applier {
     /// maps, programs the node, VIPs and backends, and plans every service
     /// (recovered ones are held, see the module doc). Does not attach.
     pub fn new(dp: Dataplane, cfg: Config, opts: ApplyOptions) -> Result<Self, AgentError> {
-        let pinned_services = dp.services()?;
-        let mut pinned_backends = Vec::new();
-        for id in 0..MAX_BACKENDS {
-            let b = dp.backend(id)?;
-            if b.state != state::UNUSED {
-                pinned_backends.push((id, b));
-            }
-        }
-        let ids = Ids::recover(&cfg, &pinned_services, &pinned_backends)?;
-        // 256 KiB: built on the heap, never on a (2 MiB, task) stack.
-        // SAFETY: `Ring` is a plain array of u32, valid when zeroed.
-        let mut scratch: Box<Ring> = unsafe { Box::<Ring>::new_zeroed().assume_init() };
-        scratch.backends.fill(NO_BACKEND);
+        Self::with_executor(Maps::new(dp), cfg, opts)
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        self.exec.dataplane()
+    }
+
+    /// Removes the established flows idle for longer than their service's
+    /// `timeouts` (docs/datapath.md, idle timeouts). Returns how many went.
+    pub fn expire_idle(&mut self) -> Result<usize, crate::dataplane::DataplaneError> {
+        let by_id: std::collections::HashMap<u32, config::Timeouts> = self
+            .cfg
+            .services
+            .iter()
+            .filter_map(|s| self.ids.service(&s.name).map(|a| (a.id, s.timeouts)))
+            .collect();
+        let now = crate::dataplane::now_stamp();
+        self.exec
+            .dataplane_mut()
+            .expire_idle(now, |service_id, proto| {
+                by_id.get(&service_id).map(|t| match proto {
+                    6 => t.tcp_idle,
+                    _ => t.udp_idle,
+                })
+            })
+    }
+}
+
+impl<E: Executor> Applier<E> {
+    /// [`Applier::new`] over any executor: reads what `exec` has pinned,
+    /// recovers ids and rings from it, and plans every service.
+    pub fn with_executor(exec: E, cfg: Config, opts: ApplyOptions) -> Result<Self, AgentError> {
+        let pinned = exec.pinned()?;
+        let ids = Ids::recover(&cfg, &pinned.services, &pinned.backends)?;
         let mut a = Self {
-            dp,
+            exec,
             cfg,
             ids,
             health: BTreeMap::new(),
             operator: opts.operator,
             state_file: opts.state_file,
             graces: Graces::default(),
-            programmed: BTreeMap::new(),
-            backends: pinned_backends.into_iter().collect(),
+            current: Current {
+                backends: pinned.backends.into_iter().collect(),
+                ..Current::default()
+            },
             hold: None,
             held: BTreeSet::new(),
             flips: LatencyWindow::new(),
             state_writes: LatencyWindow::new(),
             journal: opts.journal,
-            scratch,
             nudges: Vec::new(),
         };
-        a.dp.set_node(node_of(&a.cfg.node))?;
-        a.dp.set_vips(a.cfg.services.iter().map(|s| s.vip))?;
+        a.run(Write::Node(node_of(&a.cfg.node)))?;
 
-        for (key, svc) in &pinned_services {
+        for (key, svc) in &pinned.services {
             let claimed = a
                 .ids
                 .services()
@@ -333,14 +291,17 @@ impl Applier {
                 .map(|(n, _)| n.to_owned());
             let Some(name) = claimed else {
                 // Not in this config any more.
-                a.dp.remove_service(key)?;
+                a.run(Write::RemoveService {
+                    id: svc.id,
+                    key: *key,
+                })?;
                 tracing::info!(service_id = svc.id, "removed service not in the config");
                 continue;
             };
-            let ring = read_ring(&a.dp, svc.id, svc.active_slot, svc.ring_size)?;
-            let to = a.names_in(&ring);
+            let ring = a.exec.ring(svc.id, svc.active_slot, svc.ring_size)?;
+            let to = Current::names_in(&a.ids, &ring);
             tracing::info!(service = %name, generation = svc.generation, backends = ?to, "recovered pinned service");
-            a.programmed.insert(
+            a.current.services.insert(
                 name.clone(),
                 Programmed {
                     key: *key,
@@ -361,19 +322,36 @@ impl Applier {
         Ok(a)
     }
 
+    /// Performs one write and records it.
+    fn run(&mut self, w: Write) -> Result<usize, AgentError> {
+        let n = self.exec.write(&w)?;
+        self.current.record(w);
+        Ok(n)
+    }
+
+    /// The executor (in tests, the recorder of every write).
+    pub fn executor(&self) -> &E {
+        &self.exec
+    }
+
+    pub fn executor_mut(&mut self) -> &mut E {
+        &mut self.exec
+    }
+
+    /// What the data plane holds, as this applier wrote it.
+    pub fn current(&self) -> &Current {
+        &self.current
+    }
+
     /// Attaches the NAT program to the configured interfaces (swapping it
     /// into pinned links left by an earlier agent).
     pub fn attach(&mut self) -> Result<(), AgentError> {
         let mode = xdp_mode(self.cfg.node.xdp_mode);
         for iface in self.cfg.node.interfaces.clone() {
-            let a = self.dp.attach(&iface, mode)?;
+            let a = self.exec.attach(&iface, mode)?;
             tracing::info!(interface = %iface, mode = %a.mode, updated = a.updated, "XDP attached");
         }
         Ok(())
-    }
-
-    pub fn dataplane(&self) -> &Dataplane {
-        &self.dp
     }
 
     pub fn config(&self) -> &Config {
@@ -384,26 +362,8 @@ impl Applier {
         &self.ids
     }
 
-    /// Removes the established flows idle for longer than their service's
-    /// `timeouts` (docs/datapath.md, idle timeouts). Returns how many went.
-    pub fn expire_idle(&mut self) -> Result<usize, crate::dataplane::DataplaneError> {
-        let by_id: std::collections::HashMap<u32, config::Timeouts> = self
-            .cfg
-            .services
-            .iter()
-            .filter_map(|s| self.ids.service(&s.name).map(|a| (a.id, s.timeouts)))
-            .collect();
-        let now = crate::dataplane::now_stamp();
-        self.dp.expire_idle(now, |service_id, proto| {
-            by_id.get(&service_id).map(|t| match proto {
-                6 => t.tcp_idle,
-                _ => t.udp_idle,
-            })
-        })
-    }
-
     pub fn programmed(&self, service: &str) -> Option<&Programmed> {
-        self.programmed.get(service)
+        self.current.services.get(service)
     }
 
     pub fn health(&self, backend: &str) -> HealthState {
@@ -432,54 +392,13 @@ impl Applier {
         }
     }
 
-    fn names_in(&self, ring: &[u32]) -> Vec<String> {
-        let ids: BTreeSet<u32> = ring.iter().copied().filter(|&i| i != NO_BACKEND).collect();
-        let mut names: Vec<String> = ids
-            .iter()
-            .map(|&id| {
-                self.ids
-                    .backend_name(id)
-                    .map_or_else(|| format!("#{id}"), str::to_owned)
-            })
-            .collect();
-        names.sort();
-        names
-    }
-
     /// Gives every config backend without a matching entry one, DOWN
     /// until its first verdict.
     fn write_new_backends(&mut self) -> Result<(), AgentError> {
-        let fresh: Vec<(u32, MapBackend)> = self
-            .ids
-            .backends()
-            .filter(|(_, a)| {
-                self.backends.get(&a.id).is_none_or(|b| {
-                    super::ids::BackendEndpoint::from_map(b) != a.endpoint
-                        || b.state == state::UNUSED
-                })
-            })
-            .map(|(_, a)| (a.id, a.endpoint.to_map(state::DOWN)))
-            .collect();
-        for (id, b) in fresh {
-            self.dp.set_backend(id, b)?;
-            self.backends.insert(id, b);
+        for w in reconcile::new_backends(&self.ids, &self.current) {
+            self.run(w)?;
         }
         Ok(())
-    }
-
-    /// One `BACKENDS` write from the cached entry.
-    fn write_state(&mut self, id: u32, st: u8) -> Result<bool, AgentError> {
-        let Some(b) = self.backends.get_mut(&id) else {
-            return Ok(false);
-        };
-        if b.state == st {
-            return Ok(false);
-        }
-        let mut next = *b;
-        next.state = st;
-        self.dp.set_backend(id, next)?;
-        *b = next;
-        Ok(true)
     }
 
     /// The fast path on its own: takes `backend` out of the data plane
@@ -501,13 +420,13 @@ impl Applier {
     /// pinned flows are reset or moved) and queues the nudge of its clients
     /// for after the switch. Returns whether a write happened.
     fn take_out(&mut self, backend: &str, id: u32) -> Result<bool, AgentError> {
-        let serving = self
-            .backends
-            .get(&id)
-            .is_some_and(|b| b.state == state::UP || b.state == state::DRAINING);
-        if !serving || !self.write_state(id, state::DOWN)? {
+        if !self.current.serving(id) {
             return Ok(false);
         }
+        let Some(w) = self.current.set_state(id, DataplaneState::Down) else {
+            return Ok(false);
+        };
+        self.run(w)?;
         self.nudges.push((backend.to_owned(), id));
         Ok(true)
     }
@@ -526,9 +445,9 @@ impl Applier {
         if pending.is_empty() {
             return;
         }
-        let ids: Vec<u32> = pending.iter().map(|(_, id)| *id).collect();
+        let backend_ids: Vec<u32> = pending.iter().map(|(_, id)| *id).collect();
         let backends: Vec<&str> = pending.iter().map(|(b, _)| b.as_str()).collect();
-        match self.dp.nudge_clients(&ids) {
+        match self.exec.write(&Write::Nudge { backend_ids }) {
             Ok(0) => {}
             Ok(n) => tracing::info!(?backends, clients = n, "nudged clients of down backends"),
             Err(e) => tracing::warn!(?backends, error = %e, "could not nudge clients"),
@@ -576,11 +495,10 @@ impl Applier {
         if ev.to != HealthState::Down {
             return;
         }
-        let serving = self.ids.backend(b).is_some_and(|a| {
-            self.backends
-                .get(&a.id)
-                .is_some_and(|m| m.state == state::UP || m.state == state::DRAINING)
-        });
+        let serving = self
+            .ids
+            .backend(b)
+            .is_some_and(|a| self.current.serving(a.id));
         let cause = ev.reason.down_cause();
         match grace::exit(cause, serving, grace::grace_of(&self.cfg, b), ev.at) {
             Exit::Now => {
@@ -679,7 +597,8 @@ impl Applier {
             .iter()
             .map(|b| {
                 let planned = self
-                    .programmed
+                    .current
+                    .services
                     .values()
                     .filter_map(|p| p.weights.get(&b.name))
                     .max()
@@ -838,28 +757,20 @@ impl Applier {
     }
 
     fn view(&self) -> HealthView {
-        let mut v = HealthView::new();
-        for b in &self.cfg.backends {
-            if self.operator.is_drained(&b.name) {
-                v.set(b.name.clone(), BackendHealth::Draining);
-                continue;
-            }
-            match self.health.get(&b.name) {
-                Some(HealthState::Up) => v.set(b.name.clone(), BackendHealth::Up),
-                Some(HealthState::Degraded) => v.set(
-                    b.name.clone(),
-                    BackendHealth::Degraded {
-                        weight_factor: self.cfg.probe_of(&b.name).map_or(
-                            config::Probe::DEFAULT_DEGRADED_WEIGHT,
-                            config::Probe::degraded_weight,
-                        ),
-                    },
-                ),
-                Some(HealthState::Down) => v.set(b.name.clone(), BackendHealth::Down),
-                Some(HealthState::Unknown) | None => {}
-            }
+        reconcile::health_view(&self.cfg, &self.operator, &self.health)
+    }
+
+    /// What the reconciler reads.
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            cfg: &self.cfg,
+            ids: &self.ids,
+            health: &self.health,
+            operator: &self.operator,
+            graces: &self.graces,
+            held: &self.held,
+            holding: self.hold.is_some(),
         }
-        v
     }
 
     fn holding(&self) -> bool {
@@ -875,244 +786,94 @@ impl Applier {
         }
 
         // 1. The microsecond failover: backends decided down leave first.
-        let mut fast = 0;
-        for name in &d.backends {
-            // Down for good: dead, or its slow grace over. An operator's
-            // drain does not keep a dead backend's flows waiting.
-            let down =
-                self.health.get(name) == Some(&HealthState::Down) && !self.graces.contains(name);
-            if let (true, Some(id)) = (down, self.ids.backend(name).map(|a| a.id))
-                && self.take_out(name, id)?
-            {
-                fast += 1;
-            }
+        let fast = reconcile::take_out(&self.inputs(), &self.current, &d.backends);
+        let taken = fast.len();
+        for w in fast {
+            let Some((id, _)) = w.backend_state() else {
+                continue;
+            };
+            self.run(w)?;
+            let name = self.ids.backend_name(id).unwrap_or_default().to_owned();
+            self.nudges.push((name, id));
         }
-        if fast > 0 {
+        if taken > 0 {
             self.state_writes.record(d.at.elapsed());
-            report.state_writes += fast;
+            report.state_writes += taken;
         }
 
         // 2. Plan. A held service waits for every pool backend's verdict.
         let health = &self.health;
+        let cfg = &self.cfg;
         self.held.retain(|s| {
-            self.cfg
-                .service(s)
+            cfg.service(s)
                 .is_some_and(|svc| svc.backends.iter().any(|b| !health.contains_key(b)))
         });
         report.held = self.held.iter().cloned().collect();
-        let view = self.view();
-        let bids = self.ids.backend_ids();
-        let overrides = self.operator.overrides();
-        let mut next: Vec<Next> = Vec::new();
-        for svc in &self.cfg.services {
-            if self.held.contains(&svc.name) {
-                continue;
-            }
-            let known = self.programmed.get(&svc.name);
-            let touched =
-                d.all || known.is_none() || svc.backends.iter().any(|b| d.backends.contains(b));
-            if !touched {
-                continue;
-            }
-            let Some(sid) = self.ids.service(&svc.name) else {
-                continue;
-            };
-            let plan = planner::plan_service(&self.cfg, svc, &view, &bids, &overrides);
-            let flags = service_flags(svc);
-            let ring_size = plan.ring.len() as u32;
-            let key = sid.endpoint.key();
-            let changed = known.is_none_or(|p| {
-                p.ring != plan.ring
-                    || p.key != key
-                    || p.entry.id != sid.id
-                    || p.entry.flags != flags
-                    || p.entry.ring_size != ring_size
-            });
-            let (active_slot, generation) = match known {
-                Some(p) if p.key == key && p.entry.id == sid.id => {
-                    (p.entry.active_slot, p.entry.generation)
+        let r = reconcile::reconcile(&self.inputs(), &self.current, d);
+
+        // 3 to 6, in the reconciler's order.
+        let last_flip = r
+            .writes
+            .iter()
+            .rposition(|w| matches!(w, Write::Flip { .. }));
+        for (i, w) in r.writes.into_iter().enumerate() {
+            match &w {
+                Write::State { id, entry } => {
+                    report.state_writes += 1;
+                    let state = DataplaneState::from_raw(entry.state);
+                    if state != DataplaneState::Down {
+                        tracing::debug!(backend_id = id, %state, "backend state");
+                    }
                 }
-                _ => (1, 0), // flips to slot 0, generation 1
-            };
-            let to: Vec<String> = plan
-                .backends
-                .iter()
-                .filter(|b| b.weight > 0)
-                .map(|b| b.name.clone())
-                .collect();
-            let open = if plan.mode == Mode::PanicFailOpen {
-                plan.backends
-                    .iter()
-                    .filter(|b| b.weight > 0)
-                    .map(|b| b.id)
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            next.push(Next {
-                name: svc.name.clone(),
-                key,
-                entry: MapService {
-                    id: sid.id,
-                    flags,
-                    active_slot,
-                    ring_size,
-                    generation,
-                    half_open_ms: u32::try_from(svc.timeouts.tcp_half_open.as_millis())
-                        .unwrap_or(u32::MAX),
-                    _pad: 0,
-                },
-                plan,
-                to,
-                open,
-                changed,
-            });
-        }
-
-        // 3. Target states, from every service's fail-open set.
-        let mut open: BTreeSet<u32> = BTreeSet::new();
-        for (name, p) in &self.programmed {
-            if !next.iter().any(|n| &n.name == name) {
-                open.extend(&p.open);
+                Write::Unused { id, .. } => {
+                    report.state_writes += 1;
+                    tracing::info!(backend_id = id, "released backend id");
+                }
+                Write::Flip { service, next } => {
+                    report
+                        .flipped
+                        .push((service.clone(), next.entry.generation));
+                }
+                _ => {}
+            }
+            self.run(w)?;
+            if Some(i) == last_flip {
+                let l = d.at.elapsed();
+                self.flips.record(l);
+                report.latency = Some(l);
             }
         }
-        for n in &next {
-            open.extend(&n.open);
-        }
-        let holding = self.hold.is_some();
-        let mut raise: Vec<(u32, u8)> = Vec::new();
-        let mut lower: Vec<(u32, u8)> = Vec::new();
-        for (name, a) in self.ids.backends() {
-            let Some(cur) = self.backends.get(&a.id).map(|b| b.state) else {
-                continue;
-            };
-            let grace = self.graces.contains(name);
-            let want = match self.health.get(name) {
-                // Dead, or its slow grace over: its flows go, drained or not.
-                Some(HealthState::Down) if !grace && !open.contains(&a.id) => state::DOWN,
-                _ if self.operator.is_drained(name) => state::DRAINING,
-                Some(HealthState::Up | HealthState::Degraded) => state::UP,
-                _ if open.contains(&a.id) => state::UP,
-                // Down as sick: its streams in progress finish first.
-                Some(HealthState::Down) => state::DRAINING,
-                // No verdict yet: a restarted agent keeps what it found.
-                Some(HealthState::Unknown) | None if holding => cur,
-                Some(HealthState::Unknown) | None => state::DOWN,
-            };
-            if want == cur {
-                continue;
-            }
-            if want == state::DOWN {
-                lower.push((a.id, want));
-            } else {
-                raise.push((a.id, want));
-            }
-        }
-        for &(id, st) in &raise {
-            self.write_state(id, st)?;
-            tracing::debug!(backend_id = id, state = state_name(st), "backend state");
-        }
-        report.state_writes += raise.len();
-
-        // 4. Switch the rings that changed.
-        let mut flipped: Vec<(&Next, Vec<String>, Vec<WeightChange>)> = Vec::new();
-        for n in &next {
-            if !n.changed {
-                continue;
-            }
-            let ring = &n.plan.ring;
-            self.scratch.backends[..ring.len()].copy_from_slice(ring);
-            let slot = n.entry.active_slot ^ 1;
-            self.dp.write_ring(n.entry.id, slot, &self.scratch)?;
-            let entry = MapService {
-                active_slot: slot,
-                generation: n.entry.generation + 1,
-                ..n.entry
-            };
-            // One write: packets see the old ring or the new one.
-            self.dp.put_service(n.key, entry)?;
-            let (from, from_weights) = self
-                .programmed
-                .get(&n.name)
-                .map(|p| (p.to.clone(), p.weights.clone()))
-                .unwrap_or_default();
-            let weights = weights_of(&n.plan);
-            let changes = weight_changes(&from_weights, &weights);
-            self.programmed.insert(
-                n.name.clone(),
-                Programmed {
-                    key: n.key,
-                    entry,
-                    ring: ring.clone(),
-                    to: n.to.clone(),
-                    open: n.open.clone(),
-                    weights,
-                },
-            );
-            report.flipped.push((n.name.clone(), entry.generation));
-            flipped.push((n, from, changes));
-        }
-        if !flipped.is_empty() {
-            let l = d.at.elapsed();
-            self.flips.record(l);
-            report.latency = Some(l);
-        }
-        for n in next.iter().filter(|n| !n.changed) {
-            if let Some(p) = self.programmed.get_mut(&n.name) {
-                p.open.clone_from(&n.open);
+        for k in r.kept {
+            if let Some(p) = self.current.services.get_mut(&k.service) {
+                p.open = k.open;
                 // A ring kept as it was (start-up hold over, same ring):
                 // its weights are known from now on.
-                p.weights = weights_of(&n.plan);
+                p.weights = k.weights;
             }
-        }
-
-        // 5. Leave service, then free ids no ring refers to any more.
-        for &(id, st) in &lower {
-            self.write_state(id, st)?;
-        }
-        report.state_writes += lower.len();
-        // A held (recovered) ring may still name a removed backend: its id
-        // is freed only once no ring does, so it is never handed on early.
-        let mut live: BTreeSet<u32> = self.ids.backends().map(|(_, a)| a.id).collect();
-        for p in self.programmed.values() {
-            live.extend(p.ring.iter().copied().filter(|&i| i != NO_BACKEND));
-        }
-        let stale: Vec<u32> = self
-            .backends
-            .keys()
-            .copied()
-            .filter(|id| !live.contains(id))
-            .collect();
-        for id in stale {
-            let mut b = self.backends.remove(&id).unwrap_or_default();
-            b.state = state::UNUSED;
-            self.dp.set_backend(id, b)?;
-            report.state_writes += 1;
-            tracing::info!(backend_id = id, "released backend id");
         }
 
         let latency_us = report.latency.map(|l| l.as_secs_f64() * 1e6);
-        for (n, from, weights) in &flipped {
+        for s in &r.switched {
             tracing::info!(
-                service = %n.name,
-                generation = n.entry.generation + 1,
-                from = ?from,
-                to = ?n.to,
-                weights = ?weights,
-                mode = ?n.plan.mode,
+                service = %s.service,
+                generation = s.generation,
+                from = ?s.from,
+                to = ?s.to,
+                weights = ?s.weights,
+                mode = ?s.mode,
                 reason = %d.reason,
                 latency_us,
                 "ring switched"
             );
             if let Some(j) = &self.journal {
-                let mut r = DecisionRecord::new(n.name.clone(), n.entry.generation + 1);
-                r.from.clone_from(from);
-                r.to.clone_from(&n.to);
-                r.weights.clone_from(weights);
-                r.reason = format!("{}: {}", d.reason, n.plan.justification);
-                r.policy_check.clone_from(&n.plan.sovereignty);
-                r.apply_latency_us = latency_us;
-                j.record(r);
+                let mut rec = DecisionRecord::new(s.service.clone(), s.generation);
+                rec.from.clone_from(&s.from);
+                rec.to.clone_from(&s.to);
+                rec.weights.clone_from(&s.weights);
+                rec.reason = format!("{}: {}", d.reason, s.justification);
+                rec.policy_check.clone_from(&s.sovereignty);
+                rec.apply_latency_us = latency_us;
+                j.record(rec);
             }
         }
         Ok(report)
@@ -1127,7 +888,7 @@ impl Applier {
         }
         let ids = self.ids.update(&new)?;
         if !diff.node.is_empty() {
-            self.dp.set_node(node_of(&new.node))?;
+            self.run(Write::Node(node_of(&new.node)))?;
             if new.node.pin_path != self.cfg.node.pin_path {
                 tracing::warn!(pin_path = %new.node.pin_path.display(), "pin_path changes take effect at the next start");
             }
@@ -1139,35 +900,24 @@ impl Applier {
             let mode = xdp_mode(self.cfg.node.xdp_mode);
             for iface in &new.node.interfaces {
                 if !self.cfg.node.interfaces.contains(iface) {
-                    let a = self.dp.attach(iface, mode)?;
+                    let a = self.exec.attach(iface, mode)?;
                     tracing::info!(interface = %iface, mode = %a.mode, "XDP attached");
                 }
             }
             for iface in &self.cfg.node.interfaces {
                 if !new.node.interfaces.contains(iface) {
-                    self.dp.detach(iface)?;
+                    self.exec.detach(iface)?;
                     tracing::info!(interface = %iface, "XDP detached");
                 }
             }
         }
-        // Services gone, or at a new VIP/port (a new id): out first.
-        let gone: Vec<String> = self
-            .programmed
-            .iter()
-            .filter(|(name, p)| {
-                ids.service(name)
-                    .is_none_or(|s| s.id != p.entry.id || s.endpoint.key() != p.key)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            if let Some(p) = self.programmed.remove(&name) {
-                self.dp.remove_service(&p.key)?;
-                tracing::info!(service = %name, "service removed");
-            }
+        // Services gone, or at a new VIP/port (a new id): out first. The
+        // VIP filter follows with the plan (module doc, step 5).
+        for (name, w) in reconcile::gone_services(&ids, &self.current) {
+            self.run(w)?;
+            tracing::info!(service = %name, "service removed");
             self.held.remove(&name);
         }
-        self.dp.set_vips(new.services.iter().map(|s| s.vip))?;
         // Health belongs to an endpoint: a moved or removed backend starts over.
         let old = std::mem::replace(&mut self.ids, ids);
         let health = std::mem::take(&mut self.health);
@@ -1299,24 +1049,5 @@ mod tests {
             found_dead_note("refused"),
             "found dead during its slow grace (refused): down now"
         );
-    }
-
-    #[test]
-    fn a_reweight_is_a_weight_change_and_new_or_gone_backends_are_not() {
-        let w = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
-            pairs.iter().map(|(n, w)| ((*n).to_owned(), *w)).collect()
-        };
-        assert_eq!(
-            weight_changes(
-                &w(&[("a1", 100), ("a2", 100), ("b1", 50)]),
-                &w(&[("a1", 50), ("a2", 100), ("c1", 10)])
-            ),
-            [WeightChange {
-                backend: "a1".into(),
-                from: 100,
-                to: 50
-            }]
-        );
-        assert!(weight_changes(&BTreeMap::new(), &w(&[("a1", 100)])).is_empty());
     }
 }

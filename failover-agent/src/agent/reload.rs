@@ -1,10 +1,17 @@
-//! Noticing config changes: SIGHUP, and the file's metadata polled once a
-//! second (a ConfigMap update replaces the file through a symlink swap,
-//! which inotify on the path misses; a stat of the path does not).
+//! Config reloads: noticing a change (SIGHUP, and the file's metadata
+//! polled once a second: a ConfigMap update replaces the file through a
+//! symlink swap, which inotify on the path misses; a stat of the path
+//! does not), and applying it ([`super::Agent::reload`]): a bad config is
+//! refused and the running one kept; a good one is applied as a diff.
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::{
+    config::{self, Config, ConfigError},
+    metrics::Trigger,
 };
 
 /// Period of the file check.
@@ -67,6 +74,62 @@ impl FileWatch {
         if let Some(s) = stamp(&self.path) {
             self.last = Some(s);
         }
+    }
+}
+
+impl super::Agent {
+    /// Reloads the config file: a bad one is refused and logged, and the
+    /// running state is kept; a good one is applied as a diff.
+    pub fn reload(&mut self) {
+        let before = self.generations();
+        self.reload_config();
+        self.count_switches(&before, Trigger::ConfigReload);
+    }
+
+    fn reload_config(&mut self) {
+        self.watch.mark_seen();
+        let path = self.opts.config_path.clone();
+        match load_logged(&path) {
+            Err(e) => {
+                for fe in e.errors() {
+                    tracing::error!(origin = %fe.origin, line = fe.line, field = %fe.field, message = %fe.message, "config error");
+                }
+                log_warnings(e.warnings());
+                if e.errors().is_empty() {
+                    tracing::error!(error = %e, "config unreadable");
+                }
+                tracing::error!(config = %path.display(), "reload refused; running config kept");
+                self.applier.refuse_reload(&e);
+            }
+            Ok(new) => match self.applier.reload(new, Instant::now()) {
+                Ok(diff) if diff.is_empty() => {
+                    tracing::info!(config = %path.display(), "config unchanged");
+                }
+                Ok(diff) => {
+                    self.config_generation += 1;
+                    tracing::info!(config = %path.display(), %diff, "config reloaded");
+                    self.sync_probers();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "applying the reloaded config failed");
+                    self.sync_probers();
+                }
+            },
+        }
+    }
+}
+
+/// Loads the config; its warnings are logged (a refusal's errors are the
+/// caller's to report).
+pub(super) fn load_logged(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let loaded = config::load_checked(path)?;
+    log_warnings(&loaded.warnings);
+    Ok(loaded.config)
+}
+
+fn log_warnings(warnings: &[config::FieldError]) {
+    for w in warnings {
+        tracing::warn!(origin = %w.origin, line = w.line, field = %w.field, message = %w.message, "config warning");
     }
 }
 

@@ -1,0 +1,485 @@
+//! The applier over a [`Recorder`]: its writes, their order and the
+//! keep-last-good rule, without a kernel (plain `cargo test`, no root).
+//!
+//! Ids: `web` is service 0 (`api` 1); b1, b2, b3 are backends 0, 1, 2.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{
+    apply::{Applier, ApplyOptions, ApplyReport},
+    execute::Recorder,
+    operator_state::Deadline,
+    reconcile::{self, Current, Write},
+    states::DataplaneState,
+};
+use crate::{
+    config::{self, Config},
+    health::{EventSource, HealthEvent, HealthState},
+    planner,
+};
+
+const WEB: &str = "  - name: web
+    vip: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends: [b1, b2, b3]
+    probe: { kind: tcp }
+    policy: { ring_size: 13 }
+";
+
+const API: &str = "  - name: api
+    vip: 192.0.2.20
+    port: 443
+    protocol: tcp
+    backends: [b2]
+    probe: { kind: tcp }
+    policy: { ring_size: 13 }
+";
+
+/// The node, `services` (YAML list items) and `backends` of b1..b3 (b3
+/// in tier 1).
+fn cfg_with(services: &str, backends: &[&str]) -> Config {
+    let mut y = format!(
+        "node:
+  interfaces: [eth0]
+  snat_address: 198.51.100.1
+  snat_ports: {{ min: 10000, max: 32767 }}
+services:
+{services}backends:
+"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        let tier = u8::from(*b == "b3");
+        y.push_str(&format!(
+            "  - {{ name: {b}, address: 203.0.113.{}, port: 8080, tier: {tier}, cloud: c, region: r, jurisdiction: EU }}\n",
+            i + 11
+        ));
+    }
+    config::parse(&y, "test").expect("valid config")
+}
+
+fn cfg() -> Config {
+    cfg_with(WEB, &["b1", "b2", "b3"])
+}
+
+fn opts(hold: Duration) -> ApplyOptions {
+    ApplyOptions {
+        startup_hold: hold,
+        ..ApplyOptions::default()
+    }
+}
+
+fn applier(cfg: Config) -> Applier<Recorder> {
+    Applier::with_executor(Recorder::default(), cfg, opts(Duration::from_secs(60))).unwrap()
+}
+
+fn ev(backend: &str, from: HealthState, to: HealthState) -> HealthEvent {
+    HealthEvent {
+        backend: backend.into(),
+        from,
+        to,
+        reason: "test".into(),
+        latency: None,
+        source: EventSource::Active,
+        at: Instant::now(),
+    }
+}
+
+fn up(a: &mut Applier<Recorder>, backends: &[&str]) -> ApplyReport {
+    let evs: Vec<HealthEvent> = backends
+        .iter()
+        .map(|b| ev(b, HealthState::Unknown, HealthState::Up))
+        .collect();
+    a.on_health(&evs).unwrap()
+}
+
+/// The writes since the last call, one line each.
+fn take(a: &mut Applier<Recorder>) -> Vec<String> {
+    let log = a.executor().log();
+    a.executor_mut().clear();
+    log
+}
+
+/// An applier with every backend up, its writes so far forgotten.
+fn serving() -> Applier<Recorder> {
+    let mut a = applier(cfg());
+    up(&mut a, &["b1", "b2", "b3"]);
+    take(&mut a);
+    a
+}
+
+fn to(a: &Applier<Recorder>, service: &str) -> Vec<String> {
+    a.programmed(service).unwrap().to.clone()
+}
+
+#[test]
+fn a_fresh_start_programs_backends_then_the_ring_then_the_vips() {
+    let mut a = applier(cfg());
+    assert_eq!(
+        take(&mut a),
+        [
+            "node",
+            "backend 0 203.0.113.11:8080 down",
+            "backend 1 203.0.113.12:8080 down",
+            "backend 2 203.0.113.13:8080 down",
+            // No verdict yet: a closed ring, but the service exists.
+            "ring 0 slot 0",
+            "flip web slot 0 gen 1",
+            "vips 192.0.2.10",
+        ]
+    );
+    assert!(a.programmed("web").unwrap().to.is_empty());
+    assert_eq!(a.hold_deadline(), None, "nothing recovered, nothing held");
+
+    // First verdicts: states up before any ring holds them.
+    let r = up(&mut a, &["b1", "b2", "b3"]);
+    assert_eq!(
+        take(&mut a),
+        [
+            "state 0 up",
+            "state 1 up",
+            "state 2 up",
+            "ring 0 slot 1",
+            "flip web slot 1 gen 2",
+        ]
+    );
+    assert_eq!(r.flipped, [("web".to_owned(), 2)]);
+    assert_eq!(r.state_writes, 3);
+    assert!(r.latency.is_some());
+    // b3 is tier 1: a standby while tier 0 is up.
+    assert_eq!(to(&a, "web"), ["b1", "b2"]);
+    assert_eq!(a.executor().vips(), None, "cleared: no new VIP filter");
+}
+
+#[test]
+fn a_failover_writes_the_state_first_then_the_ring_then_nudges() {
+    let mut a = serving();
+    let r = a
+        .on_health(&[ev("b1", HealthState::Up, HealthState::Down)])
+        .unwrap();
+    assert_eq!(
+        take(&mut a),
+        ["state 0 down", "ring 0 slot 0", "flip web slot 0 gen 3"]
+    );
+    assert_eq!(r.state_writes, 1);
+    // One of tier 0 left: tier 1 helps (the planner's floor).
+    assert_eq!(to(&a, "web"), ["b2", "b3"]);
+    assert_eq!(a.state_latency().count, 1, "the fast write is timed");
+    assert_eq!(a.flip_latency().count, 3, "start, all up, b1 down");
+    // The nudge waits for the run loop, after the switch.
+    assert!(a.has_nudges());
+    a.flush_nudges();
+    assert_eq!(take(&mut a), ["nudge 0"]);
+    assert!(!a.has_nudges());
+
+    // The same verdict again writes nothing.
+    let r = a
+        .on_health(&[ev("b1", HealthState::Down, HealthState::Down)])
+        .unwrap();
+    assert!(take(&mut a).is_empty());
+    assert_eq!(r.state_writes, 0);
+    assert!(r.flipped.is_empty());
+
+    // Recovery: up before the ring holds it, no nudge.
+    a.on_health(&[ev("b1", HealthState::Down, HealthState::Up)])
+        .unwrap();
+    assert_eq!(
+        take(&mut a),
+        ["state 0 up", "ring 0 slot 1", "flip web slot 1 gen 4"]
+    );
+    assert!(!a.has_nudges());
+}
+
+#[test]
+fn the_last_tier_0_backend_down_fails_over_to_tier_1() {
+    let mut a = serving();
+    a.on_health(&[
+        ev("b1", HealthState::Up, HealthState::Down),
+        ev("b2", HealthState::Up, HealthState::Down),
+    ])
+    .unwrap();
+    assert_eq!(
+        take(&mut a),
+        [
+            "state 0 down",
+            "state 1 down",
+            "ring 0 slot 0",
+            "flip web slot 0 gen 3"
+        ]
+    );
+    assert_eq!(to(&a, "web"), ["b3"]);
+    a.flush_nudges();
+    assert_eq!(take(&mut a), ["nudge 0,1"], "one nudge for both");
+}
+
+#[test]
+fn a_passive_mark_down_is_one_write_and_only_one() {
+    let mut a = serving();
+    assert!(a.mark_down("b2", Instant::now()).unwrap());
+    assert_eq!(take(&mut a), ["state 1 down"]);
+    assert!(!a.mark_down("b2", Instant::now()).unwrap(), "already down");
+    assert!(!a.mark_down("nobody", Instant::now()).unwrap());
+    assert!(take(&mut a).is_empty());
+    // The re-plan that follows: the state is written already.
+    a.on_health(&[ev("b2", HealthState::Up, HealthState::Down)])
+        .unwrap();
+    assert_eq!(take(&mut a), ["ring 0 slot 0", "flip web slot 0 gen 3"]);
+    a.flush_nudges();
+    assert_eq!(take(&mut a), ["nudge 1"]);
+}
+
+#[test]
+fn a_drain_is_draining_before_the_ring_and_undrain_brings_it_back() {
+    let mut a = serving();
+    a.set_draining("b1", true, Instant::now()).unwrap();
+    assert_eq!(
+        take(&mut a),
+        ["state 0 draining", "ring 0 slot 0", "flip web slot 0 gen 3"]
+    );
+    assert!(a.is_draining("b1"));
+    assert_eq!(to(&a, "web"), ["b2", "b3"]);
+    assert_eq!(a.effective_weights()["b1"], 0);
+    // Draining again changes nothing.
+    a.set_draining("b1", true, Instant::now()).unwrap();
+    assert!(take(&mut a).is_empty());
+    // A drained backend found dead loses its flows at once.
+    a.on_health(&[ev("b1", HealthState::Up, HealthState::Down)])
+        .unwrap();
+    assert_eq!(take(&mut a), ["state 0 down"]);
+    a.on_health(&[ev("b1", HealthState::Down, HealthState::Up)])
+        .unwrap();
+    assert_eq!(take(&mut a), ["state 0 draining"]);
+
+    a.set_draining("b1", false, Instant::now()).unwrap();
+    assert_eq!(
+        take(&mut a),
+        ["state 0 up", "ring 0 slot 1", "flip web slot 1 gen 4"]
+    );
+    assert!(!a.is_draining("b1"));
+    assert!(a.operator_state().is_empty());
+    // Unknown backends are no drain.
+    assert!(
+        a.set_draining("nobody", true, Instant::now())
+            .unwrap()
+            .flipped
+            .is_empty()
+    );
+}
+
+#[test]
+fn an_override_holds_its_tier_until_it_expires() {
+    let mut a = serving();
+    let now = Instant::now();
+    let until = Deadline::after(now, SystemTime::now(), Duration::from_secs(30));
+    let ov = planner::Override { to_tier: 1 };
+    let r = a.set_override("web", ov, until, now, None).unwrap();
+    assert_eq!(r.flipped, [("web".to_owned(), 3)]);
+    assert_eq!(take(&mut a), ["ring 0 slot 0", "flip web slot 0 gen 3"]);
+    assert_eq!(to(&a, "web"), ["b3"]);
+    assert_eq!(a.override_of("web").map(|o| o.ov), Some(ov));
+    assert_eq!(a.next_expiry(), Some(until.at()));
+
+    // Not yet due: nothing happens.
+    let r = a.expire_overrides(now + Duration::from_secs(10)).unwrap();
+    assert!(r.flipped.is_empty());
+    assert!(take(&mut a).is_empty());
+    assert!(a.override_of("web").is_some());
+
+    // Due: the planner's own choice returns, and nothing is left to expire.
+    let r = a.expire_overrides(until.at()).unwrap();
+    assert_eq!(r.flipped, [("web".to_owned(), 4)]);
+    assert_eq!(take(&mut a), ["ring 0 slot 1", "flip web slot 1 gen 4"]);
+    assert_eq!(to(&a, "web"), ["b1", "b2"]);
+    assert_eq!(a.override_of("web"), None);
+    assert_eq!(a.next_expiry(), None);
+    assert!(a.operator_state().is_empty());
+}
+
+#[test]
+fn a_cancelled_override_ends_at_once() {
+    let mut a = serving();
+    let now = Instant::now();
+    let until = Deadline::after(now, SystemTime::now(), Duration::from_secs(30));
+    a.set_override("web", planner::Override { to_tier: 1 }, until, now, None)
+        .unwrap();
+    take(&mut a);
+    assert!(a.cancel_override("web", now).unwrap());
+    assert_eq!(take(&mut a), ["ring 0 slot 1", "flip web slot 1 gen 4"]);
+    assert_eq!(a.next_expiry(), None);
+    assert!(!a.cancel_override("web", now).unwrap(), "none left");
+    assert!(take(&mut a).is_empty());
+}
+
+/// A second agent over the state `first` left pinned.
+fn restart(first: &Applier<Recorder>, hold: Duration) -> Applier<Recorder> {
+    let rec = Recorder::pinned_from(first.current());
+    Applier::with_executor(rec, first.config().clone(), opts(hold)).unwrap()
+}
+
+#[test]
+fn a_restart_keeps_the_last_good_ring_until_every_verdict() {
+    let first = serving();
+    let ring = first.programmed("web").unwrap().ring.clone();
+    let mut a = restart(&first, Duration::from_secs(60));
+    // No ring, no state written: only the node and the VIP filter.
+    assert_eq!(take(&mut a), ["node", "vips 192.0.2.10"]);
+    assert!(a.hold_deadline().is_some());
+    let p = a.programmed("web").unwrap();
+    assert_eq!(p.ring, ring);
+    assert_eq!(p.to, ["b1", "b2"], "names of the ring's ids");
+    assert_eq!(p.entry.generation, 2);
+    assert!(p.weights.is_empty(), "unknown until planned");
+
+    // Verdicts come in: the ring is kept while one is missing.
+    let r = up(&mut a, &["b1"]);
+    assert_eq!(r.held, ["web"]);
+    assert!(take(&mut a).is_empty());
+    let r = up(&mut a, &["b2", "b3"]);
+    assert!(r.held.is_empty());
+    // All up: the plan is the ring already there. Nothing to write.
+    assert!(take(&mut a).is_empty());
+    let p = a.programmed("web").unwrap();
+    assert_eq!(p.entry.generation, 2);
+    assert_eq!(p.weights.keys().collect::<Vec<_>>(), ["b1", "b2"]);
+    assert_eq!(a.current().state(2), Some(DataplaneState::Up));
+}
+
+#[test]
+fn a_start_up_hold_that_runs_out_plans_with_what_is_known() {
+    let first = serving();
+    let mut a = restart(&first, Duration::from_secs(60));
+    take(&mut a);
+    up(&mut a, &["b1"]);
+    assert!(take(&mut a).is_empty());
+    let r = a.end_hold(Instant::now()).unwrap();
+    assert_eq!(a.hold_deadline(), None);
+    assert!(r.held.is_empty());
+    // The ring switches first; backends without a verdict leave after.
+    assert_eq!(
+        take(&mut a),
+        [
+            "ring 0 slot 0",
+            "flip web slot 0 gen 3",
+            "state 1 down",
+            "state 2 down",
+        ]
+    );
+    assert_eq!(to(&a, "web"), ["b1"]);
+    // Once only.
+    assert!(a.end_hold(Instant::now()).unwrap().flipped.is_empty());
+}
+
+#[test]
+fn a_hold_without_a_bound_left_ends_at_the_first_apply() {
+    let first = serving();
+    let mut a = restart(&first, Duration::ZERO);
+    // The first apply (at start) found the hold over: every service is
+    // planned, and no verdict means down.
+    assert_eq!(
+        take(&mut a),
+        [
+            "node",
+            "ring 0 slot 0",
+            "flip web slot 0 gen 3",
+            "vips 192.0.2.10",
+            "state 0 down",
+            "state 1 down",
+            "state 2 down",
+        ]
+    );
+}
+
+#[test]
+fn a_reload_adds_and_removes_services_and_frees_ids_after_the_switch() {
+    let mut a = serving();
+    let diff = a
+        .reload(
+            cfg_with(&format!("{WEB}{API}"), &["b1", "b2", "b3"]),
+            Instant::now(),
+        )
+        .unwrap();
+    assert!(!diff.is_empty());
+    // `web` is untouched; `api` gets its ring, then its VIP lets packets in.
+    assert_eq!(
+        take(&mut a),
+        [
+            "ring 1 slot 0",
+            "flip api slot 0 gen 1",
+            "vips 192.0.2.10,192.0.2.20"
+        ]
+    );
+    assert_eq!(to(&a, "api"), ["b2"]);
+    assert_eq!(a.programmed("web").unwrap().entry.generation, 2);
+    // The same config again: no change, no write.
+    assert!(
+        a.reload(a.config().clone(), Instant::now())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(take(&mut a).is_empty());
+
+    // `api` and b3 (a standby, in no ring) go: the service first, the
+    // VIP filter after the plan, b3's id last.
+    let web = WEB.replace("[b1, b2, b3]", "[b1, b2]");
+    a.reload(cfg_with(&web, &["b1", "b2"]), Instant::now())
+        .unwrap();
+    assert_eq!(
+        take(&mut a),
+        ["remove service 1", "vips 192.0.2.10", "unused 2"]
+    );
+    assert_eq!(a.programmed("web").unwrap().entry.generation, 2);
+    assert!(a.programmed("api").is_none());
+    assert_eq!(a.current().state(2), None);
+    assert_eq!(a.health("b1"), HealthState::Up, "health is kept");
+}
+
+#[test]
+fn a_reload_that_moves_a_backend_starts_it_over() {
+    let mut a = serving();
+    let mut new = cfg();
+    new.backends[0].port = 9090;
+    a.reload(new, Instant::now()).unwrap();
+    let log = take(&mut a);
+    // A new id, down until its first verdict; the old id is freed after
+    // the ring that named it switched.
+    assert_eq!(
+        log,
+        [
+            "backend 3 203.0.113.11:9090 down",
+            "ring 0 slot 0",
+            "flip web slot 0 gen 3",
+            "unused 0",
+        ]
+    );
+    assert_eq!(a.health("b1"), HealthState::Unknown);
+    assert_eq!(to(&a, "web"), ["b2", "b3"]);
+}
+
+#[test]
+fn take_out_writes_each_serving_backend_down_once() {
+    let a = serving();
+    let held = Default::default();
+    let inp = reconcile::Inputs {
+        cfg: a.config(),
+        ids: a.ids(),
+        health: &[("b1", HealthState::Down), ("b2", HealthState::Down)]
+            .into_iter()
+            .map(|(n, h)| (n.to_owned(), h))
+            .collect(),
+        operator: a.operator_state(),
+        graces: &Default::default(),
+        held: &held,
+        holding: false,
+    };
+    let mut cur: Current = a.current().clone();
+    // b2 is down already; b3 has no down verdict; names repeat.
+    cur.record(cur.set_state(1, DataplaneState::Down).unwrap());
+    let names: Vec<String> = ["b1", "b1", "b2", "b3", "nobody"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let w = reconcile::take_out(&inp, &cur, &names);
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].to_string(), "state 0 down");
+    assert!(matches!(w[0], Write::State { id: 0, .. }));
+}
