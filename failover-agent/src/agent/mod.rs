@@ -23,8 +23,6 @@
 //! removes it, deliberately.
 
 pub mod apply;
-#[cfg(test)]
-mod apply_tests;
 mod commands;
 mod drill_run;
 pub mod execute;

@@ -34,6 +34,11 @@
 //! written `DOWN` in step 1; one that went down sick stays `DRAINING` for
 //! its grace (its streams in progress finish), and `DOWN` once the grace
 //! ends ([`Applier::end_graces`]) or it is found dead.
+//!
+//! This module holds the applier's core (taking over, applying, reloads);
+//! `health.rs` its health side (verdicts, passive fast path, graces,
+//! nudges), `operator.rs` its operator side (drains, overrides with their
+//! expiry, the floor check); `tests.rs` runs it over a recorder.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -47,11 +52,11 @@ pub use super::reconcile::Programmed;
 use super::{
     AgentError,
     execute::{Executor, Maps},
-    grace::{self, Exit, Graces},
+    grace::Graces,
     ids::{Ids, ServiceEndpoint},
     journal::Journal,
     latency::{LatencyWindow, Percentiles},
-    operator_state::{self, Deadline, OperatorState, TimedOverride},
+    operator_state::OperatorState,
     reconcile::{self, Current, Inputs, Write},
     states::DataplaneState,
 };
@@ -59,8 +64,8 @@ use crate::{
     audit::DecisionRecord,
     config::{self, Config, ConfigDiff, ConfigError},
     dataplane::{Dataplane, XdpMode},
-    health::{EventSource, HealthEvent, HealthState},
-    planner::{self, HealthView},
+    health::HealthState,
+    planner::HealthView,
 };
 
 /// How long a restarted agent keeps recovered rings while waiting for
@@ -170,47 +175,6 @@ fn xdp_mode(m: config::XdpMode) -> XdpMode {
         config::XdpMode::Auto => XdpMode::Auto,
         config::XdpMode::Native => XdpMode::Native,
         config::XdpMode::Skb => XdpMode::Skb,
-    }
-}
-
-/// The reason of an operator's decision in logs and the audit log.
-fn operator_reason(what: &str, forced: Option<&planner::Refusal>) -> String {
-    match forced {
-        Some(_) => format!("operator (forced): {what}"),
-        None => format!("operator: {what}"),
-    }
-}
-
-/// A health event in a decision's reason: `b1 up -> down (active: ...)`.
-fn event_reason(ev: &HealthEvent) -> String {
-    let source = match ev.source {
-        EventSource::Active => "active",
-        EventSource::Passive => "passive",
-    };
-    format!(
-        "{} {} -> {} ({})",
-        ev.backend,
-        ev.from,
-        ev.to,
-        with_source(source, ev.reason.as_str())
-    )
-}
-
-/// The audit note of a backend in its slow grace found dead; the
-/// evidence's own `found dead: ` is not repeated.
-fn found_dead_note(reason: &str) -> String {
-    let evidence = reason.strip_prefix("found dead: ").unwrap_or(reason);
-    format!("found dead during its slow grace ({evidence}): down now")
-}
-
-/// `source: reason`, unless the reason names its source already (a
-/// passive ejection's reads `passive: ...`, or `found dead: passive:
-/// ...`): one label, never `passive: passive: ...`.
-fn with_source(source: &str, reason: &str) -> String {
-    if reason.split(": ").any(|part| part == source) {
-        reason.to_owned()
-    } else {
-        format!("{source}: {reason}")
     }
 }
 
@@ -399,349 +363,6 @@ impl<E: Executor> Applier<E> {
             self.run(w)?;
         }
         Ok(())
-    }
-
-    /// The fast path on its own: takes `backend` out of the data plane
-    /// with one map write, before any planning. Used by passive ejection;
-    /// the re-plan follows. Returns whether a write happened (false if it
-    /// was not serving already).
-    pub fn mark_down(&mut self, backend: &str, at: Instant) -> Result<bool, AgentError> {
-        let Some(id) = self.ids.backend(backend).map(|a| a.id) else {
-            return Ok(false);
-        };
-        let written = self.take_out(backend, id)?;
-        if written {
-            self.state_writes.record(at.elapsed());
-        }
-        Ok(written)
-    }
-
-    /// Writes a serving backend DOWN (one map write: new flows skip it, its
-    /// pinned flows are reset or moved) and queues the nudge of its clients
-    /// for after the switch. Returns whether a write happened.
-    fn take_out(&mut self, backend: &str, id: u32) -> Result<bool, AgentError> {
-        if !self.current.serving(id) {
-            return Ok(false);
-        }
-        let Some(w) = self.current.set_state(id, DataplaneState::Down) else {
-            return Ok(false);
-        };
-        self.run(w)?;
-        self.nudges.push((backend.to_owned(), id));
-        Ok(true)
-    }
-
-    /// True when backends went down whose clients are not nudged yet.
-    pub fn has_nudges(&self) -> bool {
-        !self.nudges.is_empty()
-    }
-
-    /// After backends went down and the rings switched: prompts their TCP
-    /// clients so that flows stalled on a silent backend are reset now
-    /// (see dataplane/nudge.rs), with one read of the flow table for all
-    /// of them. Best effort, outside the measured path.
-    pub fn flush_nudges(&mut self) {
-        let pending = std::mem::take(&mut self.nudges);
-        if pending.is_empty() {
-            return;
-        }
-        let backend_ids: Vec<u32> = pending.iter().map(|(_, id)| *id).collect();
-        let backends: Vec<&str> = pending.iter().map(|(b, _)| b.as_str()).collect();
-        match self.exec.write(&Write::Nudge { backend_ids }) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(?backends, clients = n, "nudged clients of down backends"),
-            Err(e) => tracing::warn!(?backends, error = %e, "could not nudge clients"),
-        }
-    }
-
-    /// Feeds health state changes (a batch, as they arrived) and applies.
-    pub fn on_health(&mut self, events: &[HealthEvent]) -> Result<ApplyReport, AgentError> {
-        let mut names = Vec::new();
-        let mut reasons = Vec::new();
-        let mut at: Option<Instant> = None;
-        for ev in events {
-            if self.ids.backend(&ev.backend).is_none() {
-                // A prober of a backend removed by a reload, still draining.
-                continue;
-            }
-            if ev.to != HealthState::Unknown {
-                self.health.insert(ev.backend.to_string(), ev.to);
-            }
-            self.grace_on(ev);
-            reasons.push(event_reason(ev));
-            names.push(ev.backend.to_string());
-            at = Some(at.map_or(ev.at, |t: Instant| t.min(ev.at)));
-        }
-        let Some(at) = at else {
-            return Ok(ApplyReport::default());
-        };
-        self.apply(&Decision {
-            at,
-            reason: reasons.join("; "),
-            backends: names,
-            all: false,
-        })
-    }
-
-    /// What a health event means for `ev.backend`'s grace (module doc).
-    fn grace_on(&mut self, ev: &HealthEvent) {
-        let b = &*ev.backend;
-        if ev.to.is_serving() {
-            if self.graces.end(b) {
-                self.note(b, "recovered during its slow grace", "grace ended");
-            }
-            return;
-        }
-        if ev.to != HealthState::Down {
-            return;
-        }
-        let serving = self
-            .ids
-            .backend(b)
-            .is_some_and(|a| self.current.serving(a.id));
-        let cause = ev.reason.down_cause();
-        match grace::exit(cause, serving, grace::grace_of(&self.cfg, b), ev.at) {
-            Exit::Now => {
-                if self.graces.end(b) {
-                    tracing::warn!(backend = b, reason = %ev.reason, "found dead during its slow grace: down now");
-                    let why = found_dead_note(ev.reason.as_str());
-                    self.note(b, &why, "grace ended: dead");
-                }
-            }
-            Exit::Drain { until } => {
-                if self.graces.start(b, until) {
-                    let left = until.saturating_duration_since(ev.at);
-                    tracing::warn!(backend = b, reason = %ev.reason, grace_s = left.as_secs_f64(), "down as slow or failing: draining for its grace");
-                    let why = format!(
-                        "down as slow or failing ({}): draining {} for its streams in progress, then down",
-                        ev.reason,
-                        humantime::format_duration(left)
-                    );
-                    self.note(b, &why, "slow grace: no new flows, existing ones continue");
-                }
-            }
-        }
-    }
-
-    /// When the next slow grace ends.
-    pub fn grace_deadline(&self) -> Option<Instant> {
-        self.graces.next_deadline()
-    }
-
-    /// Time left of `backend`'s slow grace, if one runs.
-    pub fn grace_left(&self, backend: &str, now: Instant) -> Option<Duration> {
-        self.graces.remaining(backend, now)
-    }
-
-    /// Ends the slow graces over by `at`: their backends go `DOWN`.
-    pub fn end_graces(&mut self, at: Instant) -> Result<ApplyReport, AgentError> {
-        let due = self.graces.take_due(at);
-        if due.is_empty() {
-            return Ok(ApplyReport::default());
-        }
-        for b in &due {
-            tracing::warn!(backend = %b, "slow grace over: down");
-            self.note(b, "slow grace over: down", "grace ended");
-        }
-        self.apply(&Decision {
-            at,
-            reason: format!("slow grace over: {}", due.join(", ")),
-            backends: due,
-            all: false,
-        })
-    }
-
-    /// Operator drain: no new flows, existing ones continue.
-    pub fn set_draining(
-        &mut self,
-        backend: &str,
-        on: bool,
-        at: Instant,
-    ) -> Result<ApplyReport, AgentError> {
-        self.operator_drain(backend, on, at, None)
-    }
-
-    /// [`Self::set_draining`], `forced` past the operator check
-    /// ([`Self::check`]) with the refusal it overrode: audited as forced.
-    pub fn operator_drain(
-        &mut self,
-        backend: &str,
-        on: bool,
-        at: Instant,
-        forced: Option<&planner::Refusal>,
-    ) -> Result<ApplyReport, AgentError> {
-        let verb = if on { "drain" } else { "undrain" };
-        let what = format!("{verb} {backend}");
-        self.audit_forced(&what, forced);
-        if self.ids.backend(backend).is_none() || !self.operator.set_drain(backend, on) {
-            return Ok(ApplyReport::default());
-        }
-        self.persist();
-        self.apply(&Decision {
-            at,
-            reason: operator_reason(&what, forced),
-            backends: vec![backend.to_owned()],
-            all: false,
-        })
-    }
-
-    /// The weight each backend takes new flows with: the effective
-    /// weight its rings give it ([`Programmed::weights`], the largest
-    /// when several do), or else its configured weight scaled by its
-    /// health (0 when down, drained or without a verdict; a degraded
-    /// backend's by its probe's `degraded_weight`).
-    pub fn effective_weights(&self) -> BTreeMap<String, u32> {
-        let view = self.view();
-        self.cfg
-            .backends
-            .iter()
-            .map(|b| {
-                let planned = self
-                    .current
-                    .services
-                    .values()
-                    .filter_map(|p| p.weights.get(&b.name))
-                    .max()
-                    .copied();
-                let weight =
-                    planned.unwrap_or_else(|| view.get(&b.name).effective_weight(b.weight));
-                (b.name.clone(), weight)
-            })
-            .collect()
-    }
-
-    /// Whether `backend` is drained by the operator.
-    pub fn is_draining(&self, backend: &str) -> bool {
-        self.operator.is_drained(backend)
-    }
-
-    /// The operator override of `service` and when it ends, if one is set.
-    pub fn override_of(&self, service: &str) -> Option<TimedOverride> {
-        self.operator.override_of(service).copied()
-    }
-
-    /// When the next operator override ends.
-    pub fn next_expiry(&self) -> Option<Instant> {
-        self.operator.next_expiry()
-    }
-
-    /// The operator's drains and overrides.
-    pub fn operator_state(&self) -> &OperatorState {
-        &self.operator
-    }
-
-    /// Operator override: keeps `service` on a tier until `until`. The
-    /// caller checks it against the policy first
-    /// ([`planner::check_override`]) and the floor ([`Self::check`]);
-    /// the switch is audited like any other, a forced one as forced.
-    pub fn set_override(
-        &mut self,
-        service: &str,
-        ov: planner::Override,
-        until: Deadline,
-        at: Instant,
-        forced: Option<&planner::Refusal>,
-    ) -> Result<ApplyReport, AgentError> {
-        let what = format!(
-            "failover {service} to tier {} for {}",
-            ov.to_tier,
-            humantime::format_duration(Duration::from_secs(until.remaining(at).as_secs()))
-        );
-        self.audit_forced(&what, forced);
-        if self.cfg.service(service).is_none() {
-            return Ok(ApplyReport::default());
-        }
-        let changed = self.operator.set_override(service, ov, until);
-        self.persist();
-        if !changed {
-            return Ok(ApplyReport::default());
-        }
-        self.apply(&Decision::all(operator_reason(&what, forced), at))
-    }
-
-    /// Ends `service`'s override now (the operator's cancel); returns
-    /// whether one was set.
-    pub fn cancel_override(&mut self, service: &str, at: Instant) -> Result<bool, AgentError> {
-        if !self.operator.clear_override(service) {
-            return Ok(false);
-        }
-        self.persist();
-        self.apply(&Decision::all(
-            format!("operator: override of {service} cancelled"),
-            at,
-        ))?;
-        Ok(true)
-    }
-
-    /// Ends the overrides over by `at`; the planner's own choice returns.
-    pub fn expire_overrides(&mut self, at: Instant) -> Result<ApplyReport, AgentError> {
-        let due = self.operator.expired(at);
-        if due.is_empty() {
-            return Ok(ApplyReport::default());
-        }
-        for s in &due {
-            self.operator.clear_override(s);
-            tracing::info!(service = %s, "operator override expired");
-        }
-        self.persist();
-        let names: Vec<String> = due.iter().map(|s| format!("override of {s}")).collect();
-        self.apply(&Decision::all(
-            format!("operator: {} expired", names.join(", ")),
-            at,
-        ))
-    }
-
-    /// Plans `action` as if applied and refuses it when a service would be
-    /// left below its floor ([`planner::check_action`]), from what this
-    /// applier knows now.
-    pub fn check(&self, action: planner::Action<'_>) -> Result<(), planner::Refusal> {
-        planner::check_action(
-            &self.cfg,
-            &self.view(),
-            &self.ids.backend_ids(),
-            &self.operator.overrides(),
-            action,
-        )
-    }
-
-    /// Writes the operator state to the state file. A failure is logged:
-    /// the decision stands, only its survival of a restart is at risk.
-    fn persist(&self) {
-        let Some(path) = &self.state_file else {
-            return;
-        };
-        if let Err(e) = operator_state::save(path, &self.operator) {
-            tracing::error!(error = %e, "writing the operator state failed; a restart would forget it");
-        }
-    }
-
-    fn audit_forced(&self, what: &str, forced: Option<&planner::Refusal>) {
-        if let Some(r) = forced {
-            self.record_forced(what, r);
-        }
-    }
-
-    /// Audits an operator action forced past the refusal `r`, whether or
-    /// not it changes a ring.
-    pub fn record_forced(&self, what: &str, r: &planner::Refusal) {
-        tracing::warn!(action = what, refusal = %r, "operator action forced");
-        if let Some(j) = &self.journal {
-            let mut rec = DecisionRecord::new("*", 0);
-            rec.reason = format!("operator (forced): {what}");
-            rec.policy_check = format!("forced past the floor check: {r}");
-            j.record(rec);
-        }
-    }
-
-    /// An audit record of a decision about `backend` that switches no ring
-    /// by itself.
-    fn note(&self, backend: &str, reason: &str, check: &str) {
-        if let Some(j) = &self.journal {
-            let mut r = DecisionRecord::new("*", 0);
-            r.reason = format!("{backend}: {reason}");
-            r.policy_check = check.to_owned();
-            j.record(r);
-        }
     }
 
     /// Ends the start-up hold and plans every service with what is known.
@@ -959,17 +580,6 @@ impl<E: Executor> Applier<E> {
         Ok(diff)
     }
 
-    /// Records a damped health decision about `backend`: it changes no
-    /// ring by itself, so no flip record carries it.
-    pub fn record_damping(&self, backend: &str, reason: &str) {
-        if let Some(j) = &self.journal {
-            let mut r = DecisionRecord::new("*", 0);
-            r.reason = format!("{backend}: {reason}");
-            r.policy_check = "hold-down: no ring change".into();
-            j.record(r);
-        }
-    }
-
     /// Records a refused reload; the running state is untouched.
     pub fn refuse_reload(&self, err: &ConfigError) {
         if let Some(j) = &self.journal {
@@ -981,73 +591,7 @@ impl<E: Executor> Applier<E> {
     }
 }
 
+mod health;
+mod operator;
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::health::{Ejection, HealthMachine, ProbeOutcome, Thresholds};
-
-    fn event(from: HealthState, to: HealthState, reason: &str, source: EventSource) -> HealthEvent {
-        HealthEvent {
-            backend: "b1".into(),
-            from,
-            to,
-            reason: reason.into(),
-            latency: None,
-            source,
-            at: Instant::now(),
-        }
-    }
-
-    #[test]
-    fn reasons_name_their_source_once() {
-        let now = Instant::now();
-        let mut m = HealthMachine::new(Thresholds::new(1, 1, Duration::ZERO));
-        let healthy = ProbeOutcome::Healthy {
-            latency: Duration::from_millis(1),
-        };
-        m.observe(now, &healthy).unwrap();
-        // The state machine's own passive reason, as the prober sends it
-        // (and as the agent builds it for its own re-plan).
-        let fall = m.eject(now, &Ejection::Refused { rsts: 2 }).unwrap();
-        let ev = HealthEvent {
-            reason: fall.reason,
-            ..event(HealthState::Up, HealthState::Down, "", EventSource::Passive)
-        };
-        assert_eq!(
-            event_reason(&ev),
-            "b1 up -> down (passive: 2 SYNs refused with RST)"
-        );
-        // Escalated: "found dead: passive: ...", still one label.
-        let ev = event(
-            HealthState::Down,
-            HealthState::Down,
-            "found dead: passive: 2 SYNs refused with RST",
-            EventSource::Passive,
-        );
-        assert_eq!(
-            event_reason(&ev),
-            "b1 down -> down (found dead: passive: 2 SYNs refused with RST)"
-        );
-        // An active probe's reason gets its label.
-        let ev = event(
-            HealthState::Up,
-            HealthState::Down,
-            "refused",
-            EventSource::Active,
-        );
-        assert_eq!(event_reason(&ev), "b1 up -> down (active: refused)");
-        // A reason that merely mentions the word keeps the label.
-        assert_eq!(
-            with_source("passive", "passive ejection disabled"),
-            "passive: passive ejection disabled"
-        );
-        assert_eq!(
-            found_dead_note("found dead: passive: 2 SYNs refused with RST"),
-            "found dead during its slow grace (passive: 2 SYNs refused with RST): down now"
-        );
-        assert_eq!(
-            found_dead_note("refused"),
-            "found dead during its slow grace (refused): down now"
-        );
-    }
-}
+mod tests;

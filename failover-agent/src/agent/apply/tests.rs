@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{
-    apply::{Applier, ApplyOptions, ApplyReport},
+use super::{Applier, ApplyOptions, ApplyReport};
+use crate::agent::{
     execute::Recorder,
     operator_state::Deadline,
     reconcile::{self, Current, Write},
