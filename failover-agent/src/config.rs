@@ -245,11 +245,13 @@ fn probe_error(probe: serde_norway::Value, path: String, message: String) -> (St
     };
     let kind = fields.shift_remove("kind");
     // The fields every kind shares are the probe's, not the kind's.
-    if let Ok(Value::Mapping(shared)) =
+    let mut shared = Vec::new();
+    if let Ok(Value::Mapping(probe)) =
         serde_norway::to_value(Probe::new(ProbeKind::Tcp(TcpCheck {})))
     {
-        for key in shared.keys() {
+        for key in probe.keys().filter(|key| key.as_str() != Some("kind")) {
             fields.shift_remove(key);
+            shared.extend(key.as_str().map(|key| format!("`{key}`")));
         }
     }
     let own = Value::Mapping(fields);
@@ -269,11 +271,39 @@ fn probe_error(probe: serde_norway::Value, path: String, message: String) -> (St
         Some("inference") => error_of::<InferenceCheck>(own, &path),
         Some("udp") => error_of::<UdpCheck>(own, &path),
         // `unknown variant`: the kind itself is wrong.
-        Some(_) => Some((format!("{path}.kind"), message.clone())),
+        Some(_) => return (format!("{path}.kind"), message),
     };
     // None: read alone, the kind's fields are fine; the error is the
     // probe's own (a missing `kind`).
-    again.unwrap_or((path, message))
+    let Some((path, message)) = again else {
+        return (path, message);
+    };
+    (path, with_shared_fields(message, &shared))
+}
+
+/// serde's `unknown field `x`, expected ...` lists the kind's own fields;
+/// the probe's shared ones are just as expected there.
+fn with_shared_fields(message: String, shared: &[String]) -> String {
+    let Some((field, own)) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+    else {
+        return message;
+    };
+    // serde: "there are no fields", "expected `a`", "expected `a` or `b`",
+    // "expected one of `a`, `b`, `c`".
+    let own = own
+        .strip_prefix(", expected one of ")
+        .or_else(|| own.strip_prefix(", expected "))
+        .map(|list| list.replace(" or ", ", "));
+    let expected: Vec<String> = std::iter::once("`kind`".to_owned())
+        .chain(shared.iter().cloned())
+        .chain(own)
+        .collect();
+    format!(
+        "unknown field `{field}`, expected one of {}",
+        expected.join(", ")
+    )
 }
 
 fn type_error<T: serde::de::DeserializeOwned>(

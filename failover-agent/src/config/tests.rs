@@ -532,9 +532,29 @@ fn probe_fields_must_fit_the_kind() {
         (errors[0].0, errors[0].1.as_str()),
         (18, "services[0].probe.model")
     );
+    let shared = "`kind`, `interval`, `timeout`, `rise`, `fall`, `min_dwell`, `hold_down`, \
+                  `hold_down_max`, `hold_down_decay`, `passive`";
     assert_eq!(
         errors[0].2,
-        "unknown field `model`, expected one of `path`, `tls`, `expect_status`, `body_contains`"
+        format!(
+            "unknown field `model`, expected one of {shared}, `path`, `tls`, `expect_status`, \
+             `body_contains`"
+        )
+    );
+    // A misspelt shared field: every field the probe may have is listed.
+    let errors = probe_errors("kind: tcp\n      intervall: 1s");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (16, "services[0].probe.intervall")
+    );
+    assert_eq!(
+        errors[0].2,
+        format!("unknown field `intervall`, expected one of {shared}")
+    );
+    let errors = probe_errors("kind: grpc\n      tsl: true");
+    assert_eq!(
+        errors[0].2,
+        format!("unknown field `tsl`, expected one of {shared}, `tls`, `grpc_service`")
     );
     // A field of the kind with a value of the wrong type, and a kind that
     // does not exist.
