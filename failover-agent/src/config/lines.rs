@@ -3,6 +3,23 @@
 //! serde gives a location only for errors it raises itself; the semantic
 //! checks run on the typed `Config` afterwards, so this index maps their
 //! field paths (`services[1].policy.ring_size`) back to lines.
+//!
+//! Why a second parser (saphyr-parser here, serde_norway for the types):
+//! one parser with spans was looked at. `serde-saphyr` 2.2 (rust-version
+//! 1.89, so within the pinned 1.95) records the location of every field
+//! path, but hands that map (`PathMap`) only to validations written for
+//! its `garde` or `validator` integrations; otherwise a location comes only
+//! with `Spanned<T>`, which would wrap every field of the config types
+//! that the rest of the agent reads. The checks in `validate.rs` are plain
+//! functions that report every problem at once with its path, warnings
+//! among them, so taking one parser would mean rewriting them for garde
+//! (or spanning every field). And it has no `Value` to read each part
+//! from again: it deserializes from the event stream and stops at the
+//! file's first type error, where `parse_on` reports the first of `node`,
+//! of each service and of each backend together
+//! (`type_errors_of_every_part_are_reported_together`). So the two stay:
+//! this walk of parser events, about 150 lines, does the one job the typed
+//! parse cannot.
 
 use std::collections::HashMap;
 
