@@ -483,3 +483,33 @@ fn take_out_writes_each_serving_backend_down_once() {
     assert_eq!(w[0].to_string(), "state 0 down");
     assert!(matches!(w[0], Write::State { id: 0, .. }));
 }
+
+#[test]
+fn a_slow_backend_drains_for_its_grace_then_goes_down() {
+    let grace = Duration::from_secs(30);
+    let web = WEB.replace("ring_size: 13 }", "ring_size: 13, slow_grace: 30s }");
+    let mut a = applier(cfg_with(&web, &["b1", "b2", "b3"]));
+    up(&mut a, &["b1", "b2", "b3"]);
+    take(&mut a);
+    let t0 = Instant::now();
+    let sick = HealthEvent {
+        reason: crate::health::Reason::new("timeout", Some(crate::health::Failure::Timeout)),
+        at: t0,
+        ..ev("b1", HealthState::Up, HealthState::Down)
+    };
+    a.on_health(&[sick]).unwrap();
+    // No fast DOWN: it leaves the ring, its streams in progress finish.
+    assert_eq!(
+        take(&mut a),
+        ["state 0 draining", "ring 0 slot 0", "flip web slot 0 gen 3"]
+    );
+    assert!(!a.has_nudges());
+    assert_eq!(a.grace_left("b1", t0), Some(grace));
+    assert_eq!(a.grace_deadline(), Some(t0 + grace));
+    assert_eq!(a.end_graces(t0 + grace / 2).unwrap().state_writes, 0);
+    assert!(take(&mut a).is_empty());
+    let r = a.end_graces(t0 + grace).unwrap();
+    assert_eq!(r.state_writes, 1);
+    assert_eq!(take(&mut a), ["state 0 down"]);
+    assert_eq!(a.grace_deadline(), None);
+}
