@@ -201,29 +201,41 @@ impl Lab {
     }
 }
 
-/// The `node:` block of an agent config for this lab (both legs, SKB mode,
-/// the lab's SNAT address and ports, pins under `pin`), with the control
+/// The node of an agent config for this lab (both legs, SKB mode, the
+/// lab's SNAT address and ports, pins under `pin`), with the control
 /// socket at `api_socket` and metrics on an ephemeral loopback port when
 /// given.
-pub fn node_yaml(pin: &std::path::Path, api_socket: Option<&std::path::Path>) -> String {
-    let mut y = format!(
-        "node:
-  interfaces: [vc0, va0]
-  xdp_mode: skb
-  snat_address: {SNAT}
-  snat_ports: {{ min: {PORT_MIN}, max: {PORT_MAX} }}
-  pin_path: {}
-  hash_seed: 7
-",
-        pin.display()
-    );
+pub fn node_config(
+    pin: &std::path::Path,
+    api_socket: Option<&std::path::Path>,
+) -> failover_agent::config::Node {
+    let mut node = crate::configs::node(&["vc0", "va0"], SNAT, (PORT_MIN, PORT_MAX), pin);
+    node.xdp_mode = failover_agent::config::XdpMode::Skb;
+    node.hash_seed = 7;
     if let Some(sock) = api_socket {
-        y.push_str(&format!(
-            "  metrics_address: 127.0.0.1:0\n  api_socket: {}\n",
-            sock.display()
-        ));
+        node.metrics_address = Some((Ipv4Addr::LOCALHOST, 0).into());
+        node.api_socket = sock.to_owned();
     }
-    y
+    node
+}
+
+/// An agent config for this lab: [`node_config`] and one TCP service
+/// `web` on VIP:80 over `web` (a ring of 13 slots) probed with `probe`,
+/// then `backends`.
+pub fn web_config(
+    pin: &std::path::Path,
+    api_socket: Option<&std::path::Path>,
+    web: &[&str],
+    probe: failover_agent::config::Probe,
+    backends: Vec<failover_agent::config::Backend>,
+) -> failover_agent::config::Config {
+    let mut s = crate::configs::service("web", VIP, 80, web, probe);
+    s.policy.ring_size = 13;
+    failover_agent::config::Config {
+        node: node_config(pin, api_socket),
+        services: vec![s],
+        backends,
+    }
 }
 
 /// A ring of `size` slots cycling through `ids`; all NO_BACKEND if empty.

@@ -1,13 +1,17 @@
 //! Test support for failover: namespaces with guards, a kernel lab for
 //! BPF_PROG_TEST_RUN, frame builders, and the inference test backend.
 
+pub mod agentcli;
 pub mod agentproc;
 pub mod backend;
 pub mod bench;
 pub mod client;
+pub mod configs;
 pub mod flood;
 pub mod generator;
+pub mod inproc;
 pub mod lab;
+pub mod listener;
 pub mod netns;
 pub mod pacer;
 pub mod packet;
@@ -18,3 +22,5 @@ pub mod scratch;
 pub mod topology;
 pub mod traffic;
 pub mod twoedge;
+pub mod wait;
+pub mod xdp;

@@ -6,7 +6,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -28,7 +28,9 @@ pub struct Sample {
 pub struct Driver {
     pub started: Instant,
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Vec<Sample>>,
+    /// Every result so far, in start order (read while it runs).
+    samples: Arc<Mutex<Vec<Sample>>>,
+    handle: JoinHandle<()>,
 }
 
 impl Driver {
@@ -44,10 +46,11 @@ impl Driver {
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
+        let samples = Arc::new(Mutex::new(Vec::new()));
         let (ns, path, flag) = (ns.to_owned(), path.to_owned(), stop.clone());
+        let out = samples.clone();
         let handle = std::thread::spawn(move || {
             let _in = netns::enter(&ns).expect("enter client namespace");
-            let mut samples = Vec::new();
             let mut next = Instant::now();
             while !flag.load(Ordering::Relaxed) && started.elapsed() < max {
                 let at = started.elapsed();
@@ -56,12 +59,14 @@ impl Driver {
                     Err(_) => (false, String::new()),
                 };
                 let done = started.elapsed();
-                samples.push(Sample {
-                    at,
-                    done,
-                    ok,
-                    backend,
-                });
+                out.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(Sample {
+                        at,
+                        done,
+                        ok,
+                        backend,
+                    });
                 next += interval;
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
@@ -69,13 +74,39 @@ impl Driver {
                     next = Instant::now();
                 }
             }
-            samples
         });
         Self {
             started,
             stop,
+            samples,
             handle,
         }
+    }
+
+    /// The results so far.
+    pub fn samples(&self) -> Vec<Sample> {
+        self.samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until `n` requests have been answered (traffic flows);
+    /// panics after `timeout`.
+    pub fn wait_answered(&self, n: usize, timeout: Duration) {
+        crate::wait::wait_for(&format!("{n} answered requests"), timeout, || {
+            self.answered(|_| true) >= n
+        });
+    }
+
+    /// How many answered requests `keep` accepts.
+    pub fn answered(&self, mut keep: impl FnMut(&Sample) -> bool) -> usize {
+        self.samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|s| s.ok && keep(s))
+            .count()
     }
 
     /// Time since the driver started (to stamp faults on the same clock).
@@ -85,7 +116,8 @@ impl Driver {
 
     pub fn stop(self) -> Vec<Sample> {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("driver thread")
+        self.handle.join().expect("driver thread");
+        std::mem::take(&mut *self.samples.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 

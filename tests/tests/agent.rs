@@ -16,8 +16,7 @@ use std::{
 use etherparse::SlicedPacket;
 use failover_agent::{
     agent::{
-        Agent, Applier, ApplyOptions, Journal, PassiveMonitor, RunOptions, apply::read_ring,
-        probe_targets,
+        Agent, Applier, ApplyOptions, Journal, PassiveMonitor, apply::read_ring, probe_targets,
     },
     audit, config,
     dataplane::Dataplane,
@@ -28,65 +27,59 @@ use failover_agent::{
 };
 use failover_common::{NO_BACKEND, SVC_F_RESET, state};
 use failover_tests::{
-    lab::{CLIENT, Lab, SNAT, VIP, backend_addr},
+    configs,
+    inproc::{self, Running},
+    lab::{self, CLIENT, Lab, SNAT, VIP, backend_addr},
+    listener::Listener,
     netns::require_root,
     packet::{Frame, ports},
     scratch::TempDir,
+    wait::wait_for_async,
+    xdp::{XDP_REDIRECT, XDP_TX},
 };
+use serde_json::json;
 
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 const BPORT: u16 = 8000;
-const RING: u32 = 13;
 
-/// A backend line: name, address, port.
-type B<'a> = (&'a str, Ipv4Addr, u16);
-
-fn lab_backends() -> Vec<(String, Ipv4Addr, u16)> {
+/// b1, b2, b3 on the lab's backend leg, port [`BPORT`].
+fn lab_backends() -> Vec<config::Backend> {
     (1..=3u8)
-        .map(|i| (format!("b{i}"), backend_addr(i), BPORT))
+        .map(|i| configs::backend(&format!("b{i}"), backend_addr(i), BPORT))
         .collect()
 }
 
-/// The lab's node, one `web` service on VIP:80 over `web`, plus `extra`
-/// YAML appended under `services:`.
-fn yaml(pin: &Path, web: &[&str], extra: &str, backends: &[B], probe: &str) -> String {
-    let mut y = format!(
-        "{node}services:
-  - name: web
-    vip: {VIP}
-    port: 80
-    protocol: tcp
-    backends: [{web}]
-    probe: {probe}
-    policy: {{ ring_size: {RING} }}
-{extra}backends:
-",
-        node = failover_tests::lab::node_yaml(pin, None),
-        web = web.join(", "),
-    );
-    for (n, a, p) in backends {
-        y.push_str(&format!(
-            "  - {{ name: {n}, address: {a}, port: {p}, cloud: c, region: r, jurisdiction: EU }}\n"
-        ));
-    }
-    y
+/// The lab's `web` service over `web` probed with `probe`, `extra`
+/// services after it, and `backends` ([`lab::web_config`]).
+fn web_config(
+    pin: &Path,
+    web: &[&str],
+    extra: Vec<config::Service>,
+    backends: Vec<config::Backend>,
+    probe: config::Probe,
+) -> config::Config {
+    let mut cfg = lab::web_config(pin, None, web, probe, backends);
+    cfg.services.extend(extra);
+    cfg
 }
 
-fn lab_cfg(pin: &Path, web: &[&str], extra: &str) -> config::Config {
-    let bs = lab_backends();
-    let b: Vec<B> = bs.iter().map(|(n, a, p)| (n.as_str(), *a, *p)).collect();
-    config::parse(&yaml(pin, web, extra, &b, "{ kind: tcp }"), "test").expect("valid config")
+/// [`web_config`] over the lab's backends with a TCP probe, as the agent
+/// loads it.
+fn lab_cfg(pin: &Path, web: &[&str], extra: Vec<config::Service>) -> config::Config {
+    configs::checked(&web_config(
+        pin,
+        web,
+        extra,
+        lab_backends(),
+        configs::tcp_probe(),
+    ))
 }
 
-const API: &str = "  - name: api
-    vip: 203.0.113.10
-    port: 443
-    protocol: tcp
-    backends: [b2, b3]
-    probe: { kind: tcp }
-    policy: { ring_size: 13 }
-";
+/// `api` on VIP:443 over b2 and b3 (TCP probe, a ring of 13 slots).
+fn api_service() -> config::Service {
+    let mut s = configs::service("api", VIP, 443, &["b2", "b3"], configs::tcp_probe());
+    s.policy.ring_size = 13;
+    s
+}
 
 fn applier(lab: &Lab, cfg: config::Config, journal: Option<Journal>) -> Applier {
     let dp = Dataplane::load(lab.pin_dir()).expect("load dataplane");
@@ -180,12 +173,12 @@ fn apply_programs_services_backends_and_rings() {
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
     let log = dir.0.join("audit.jsonl");
-    let cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], "");
+    let cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![]);
     let mut a = applier(&lab, cfg.clone(), Some(Journal::open(&log).unwrap()));
 
     // No verdicts on a fresh node: the service exists and fails closed.
     let (s, ring) = map_service(&lab.dp, 80);
-    assert_eq!((s.flags, s.ring_size, s.generation), (SVC_F_RESET, RING, 1));
+    assert_eq!((s.flags, s.ring_size, s.generation), (SVC_F_RESET, 13, 1));
     assert!(ring.iter().all(|&i| i == NO_BACKEND));
     for i in 1..=3u8 {
         let b = lab.dp.backend(id(&a, &format!("b{i}"))).unwrap();
@@ -257,7 +250,11 @@ fn apply_programs_services_backends_and_rings() {
 fn a_backend_down_is_out_with_one_state_write_before_the_ring_flips() {
     require_root();
     let lab = Lab::new().unwrap();
-    let mut a = applier(&lab, lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], ""), None);
+    let mut a = applier(
+        &lab,
+        lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![]),
+        None,
+    );
     up(&mut a, &["b1", "b2", "b3"]);
     let (be, _) = open_flow(&lab, 52_100);
     let victim = name_of(be);
@@ -319,11 +316,15 @@ fn a_degraded_backend_takes_its_probes_degraded_weight_and_the_audit_shows_it() 
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
     let log = dir.0.join("audit.jsonl");
-    let bs = lab_backends();
-    let b: Vec<B> = bs.iter().map(|(n, a, p)| (n.as_str(), *a, *p)).collect();
     // Never probed here: only its degraded_weight matters.
-    let probe = "{ kind: inference, model: m, degraded_weight: 0.25 }";
-    let cfg = config::parse(&yaml(lab.pin_dir(), &["b1", "b2"], "", &b, probe), "test").unwrap();
+    let probe = configs::probe(json!({"kind": "inference", "model": "m", "degraded_weight": 0.25}));
+    let cfg = configs::checked(&web_config(
+        lab.pin_dir(),
+        &["b1", "b2"],
+        vec![],
+        lab_backends(),
+        probe,
+    ));
     let mut a = applier(&lab, cfg, Some(Journal::open(&log).unwrap()));
     up(&mut a, &["b1", "b2"]);
     let w = a.effective_weights();
@@ -379,7 +380,11 @@ fn a_degraded_backend_takes_its_probes_degraded_weight_and_the_audit_shows_it() 
 fn draining_keeps_existing_flows_and_takes_no_new_ones() {
     require_root();
     let lab = Lab::new().unwrap();
-    let mut a = applier(&lab, lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], ""), None);
+    let mut a = applier(
+        &lab,
+        lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![]),
+        None,
+    );
     up(&mut a, &["b1", "b2", "b3"]);
     let (be, _) = open_flow(&lab, 52_300);
     let n = name_of(be);
@@ -400,7 +405,7 @@ fn draining_keeps_existing_flows_and_takes_no_new_ones() {
 fn a_restarted_agent_keeps_ids_rings_and_flows() {
     require_root();
     let lab = Lab::new().unwrap();
-    let cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], API);
+    let cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![api_service()]);
     let mut first = applier(&lab, cfg.clone(), None);
     up(&mut first, &["b1", "b2", "b3"]);
     let (be, nat) = open_flow(&lab, 52_400);
@@ -474,7 +479,7 @@ fn a_reload_changes_only_what_changed() {
     let pin = lab.pin_dir().to_path_buf();
     let mut a = applier(
         &lab,
-        lab_cfg(&pin, &["b1", "b2", "b3"], API),
+        lab_cfg(&pin, &["b1", "b2", "b3"], vec![api_service()]),
         Some(Journal::open(&log).unwrap()),
     );
     up(&mut a, &["b1", "b2", "b3"]);
@@ -483,14 +488,22 @@ fn a_reload_changes_only_what_changed() {
     let ids = a.ids().backend_ids();
 
     // api switches to reselect and loses b3; a backend b4 joins api.
-    let api2 = API
-        .replace("backends: [b2, b3]", "backends: [b2, b4]")
-        .replace("ring_size: 13", "ring_size: 13, on_backend_down: reselect");
+    let mut api2 = api_service();
+    api2.backends = vec!["b2".into(), "b4".into()];
+    api2.policy.on_backend_down = config::OnBackendDown::Reselect;
     let mut bs = lab_backends();
-    bs.push(("b4".into(), Ipv4Addr::new(198, 51, 100, 14), BPORT));
-    let b: Vec<B> = bs.iter().map(|(n, a, p)| (n.as_str(), *a, *p)).collect();
-    let y = yaml(&pin, &["b1", "b2", "b3"], &api2, &b, "{ kind: tcp }");
-    let new = config::parse(&y, "test").unwrap();
+    bs.push(configs::backend(
+        "b4",
+        Ipv4Addr::new(198, 51, 100, 14),
+        BPORT,
+    ));
+    let new = configs::checked(&web_config(
+        &pin,
+        &["b1", "b2", "b3"],
+        vec![api2],
+        bs,
+        configs::tcp_probe(),
+    ));
     let diff = a.reload(new, Instant::now()).unwrap();
     assert_eq!(diff.services_changed.len(), 1);
     assert_eq!(diff.backends_added, vec!["b4".to_string()]);
@@ -509,7 +522,7 @@ fn a_reload_changes_only_what_changed() {
 
     // Remove api and b4: the SERVICES entry goes, b4's id is released.
     let b4_id = id(&a, "b4");
-    let new = lab_cfg(&pin, &["b1", "b2", "b3"], "");
+    let new = lab_cfg(&pin, &["b1", "b2", "b3"], vec![]);
     a.reload(new, Instant::now()).unwrap();
     assert!(lab.dp.services().unwrap().len() == 1);
     assert_eq!(lab.dp.backend(b4_id).unwrap().state, state::UNUSED);
@@ -541,7 +554,11 @@ impl Probe for Healthy {
 async fn passive_ejection_from_real_handshake_counters() {
     require_root();
     let lab = Lab::new().unwrap();
-    let mut a = applier(&lab, lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], ""), None);
+    let mut a = applier(
+        &lab,
+        lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![]),
+        None,
+    );
     // Only b1 serves, so every SYN goes to it.
     up(&mut a, &["b1"]);
     a.on_health(&[
@@ -618,31 +635,6 @@ async fn passive_ejection_from_real_handshake_counters() {
     );
 }
 
-/// A TCP "backend" on loopback inside the lab namespace.
-struct Listener {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn listener() -> Listener {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            drop(s);
-        }
-    });
-    Listener { port, task }
-}
-
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_run_loop_probes_reloads_and_survives_bad_configs() {
     require_root();
@@ -650,56 +642,71 @@ async fn the_run_loop_probes_reloads_and_survives_bad_configs() {
     let dir = TempDir::new();
     let cfg_path = dir.0.join("failover.yaml");
     let log = dir.0.join("audit.jsonl");
-    let (l1, l2, l3) = (listener().await, listener().await, listener().await);
+    let (mut l1, l2, l3) = (
+        Listener::start().await,
+        Listener::start().await,
+        Listener::start().await,
+    );
     let lo = Ipv4Addr::LOCALHOST;
-    let probe = "{ kind: tcp, interval: 20ms, timeout: 200ms, rise: 1, fall: 1 }";
-    let two: Vec<B> = vec![("b1", lo, l1.port), ("b2", lo, l2.port)];
-    let write = |y: &str| std::fs::write(&cfg_path, y).unwrap();
-    write(&yaml(lab.pin_dir(), &["b1", "b2"], "", &two, probe));
+    let on_lo = |ls: &[(&str, &Listener)]| -> Vec<config::Backend> {
+        ls.iter()
+            .map(|(n, l)| configs::backend(n, lo, l.port))
+            .collect()
+    };
+    let cfg = |web: &[&str], backends| {
+        web_config(
+            lab.pin_dir(),
+            web,
+            vec![],
+            backends,
+            configs::fast_tcp_probe(),
+        )
+    };
+    let two = cfg(&["b1", "b2"], on_lo(&[("b1", &l1), ("b2", &l2)]));
+    configs::write(&two, &cfg_path);
 
-    let mut opts = RunOptions::new(&cfg_path);
-    opts.audit_path = Some(log.clone());
-    opts.sighup = false;
-    let agent = Agent::start(opts).await.expect("agent starts");
+    let agent = Agent::start(inproc::options(&cfg_path, Some(log.clone())))
+        .await
+        .expect("agent starts");
     assert!(lab.pin_dir().join("links/vc0").exists(), "attached, pinned");
     let (b1, b2) = (id(agent.applier(), "b1"), id(agent.applier(), "b2"));
     let reload = agent.reload_handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(agent.run(async {
-        let _ = stopped.await;
-    }));
+    let running = Running::run(agent);
 
-    wait_for("both backends in the ring", || {
+    wait_for_async("both backends in the ring", Duration::from_secs(10), || {
         ids_in(&map_service(&lab.dp, 80).1) == [b1.min(b2), b1.max(b2)]
     })
     .await;
     let good = map_service(&lab.dp, 80);
 
     // A bad config is refused; the running state stays.
-    let bad = yaml(lab.pin_dir(), &["b1", "b2"], "", &two, probe)
-        .replace(&format!("vip: {VIP}"), "vip: 203.0.113");
-    write(&bad);
+    let good_text = configs::to_yaml(&two);
+    let bad = good_text.replace(&format!("vip: {VIP}"), "vip: 203.0.113");
+    assert_ne!(bad, good_text, "the VIP spoiled");
+    std::fs::write(&cfg_path, bad).unwrap();
     assert!(reload.reload());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let audit_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for_async("the refusal audited", Duration::from_secs(10), || {
+        audit_text().contains("reload refused")
+    })
+    .await;
     assert_eq!(map_service(&lab.dp, 80), good);
     assert_eq!(lab.dp.services().unwrap().len(), 1);
 
     // A valid one adds b3 to web through the file check alone.
-    let three: Vec<B> = vec![
-        ("b1", lo, l1.port),
-        ("b2", lo, l2.port),
-        ("b3", lo, l3.port),
-    ];
-    write(&yaml(lab.pin_dir(), &["b1", "b2", "b3"], "", &three, probe));
-    wait_for("b3 probed and in the ring", || {
+    let three = cfg(
+        &["b1", "b2", "b3"],
+        on_lo(&[("b1", &l1), ("b2", &l2), ("b3", &l3)]),
+    );
+    configs::write(&three, &cfg_path);
+    wait_for_async("b3 probed and in the ring", Duration::from_secs(10), || {
         ids_in(&map_service(&lab.dp, 80).1).len() == 3
     })
     .await;
 
     // A backend dies: the prober sees it and the ring drops it.
-    l1.task.abort();
-    let _ = l1.task.await;
-    wait_for("b1 out", || {
+    l1.close().await;
+    wait_for_async("b1 out", Duration::from_secs(10), || {
         lab.dp.backend(b1).unwrap().state == state::DOWN
             && !map_service(&lab.dp, 80).1.contains(&b1)
     })
@@ -707,12 +714,7 @@ async fn the_run_loop_probes_reloads_and_survives_bad_configs() {
 
     // SIGTERM's path: the loop ends, the data plane stays as it was.
     let before = map_service(&lab.dp, 80);
-    stop.send(()).unwrap();
-    let agent = tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("stops in time")
-        .unwrap()
-        .unwrap();
+    let agent = running.stop().await;
     let p = agent.applier().flip_latency();
     assert!(p.count >= 3 && p.p99_us > 0.0, "{p:?}");
     drop(agent);
@@ -730,23 +732,34 @@ async fn the_run_loop_probes_reloads_and_survives_bad_configs() {
 #[test]
 fn each_backend_is_probed_with_its_services_one_probe() {
     let lab_less = PathBuf::from("/sys/fs/bpf/unused");
-    let bs = lab_backends();
-    let b: Vec<B> = bs.iter().map(|(n, a, p)| (n.as_str(), *a, *p)).collect();
-    let http = API.replace("{ kind: tcp }", "{ kind: http, path: /healthz }");
+    let mut http = api_service();
+    http.probe = configs::probe(json!({"kind": "http", "path": "/healthz"}));
     // b2 in web (tcp) and api (http): one of the probes would never run.
-    let text = yaml(&lab_less, &["b1", "b2"], &http, &b, "{ kind: tcp }");
+    let text = configs::to_yaml(&web_config(
+        &lab_less,
+        &["b1", "b2"],
+        vec![http.clone()],
+        lab_backends(),
+        configs::tcp_probe(),
+    ));
     let e = config::parse(&text, "test").unwrap_err();
     assert_eq!(e.errors()[0].field, "services[1].probe", "{e}");
 
-    let cfg = lab_cfg(&lab_less, &["b1", "b2"], API);
+    let cfg = lab_cfg(&lab_less, &["b1", "b2"], vec![api_service()]);
     let t = probe_targets(&cfg);
     assert_eq!(t.len(), 3);
-    assert_eq!(t["b2"].1.kind, config::ProbeKind::Tcp, "one probe for both");
-    let cfg = lab_cfg(&lab_less, &["b1"], &http);
+    assert_eq!(kind(&t["b2"].1), "tcp", "one probe for both");
+    let cfg = lab_cfg(&lab_less, &["b1"], vec![http]);
     let t = probe_targets(&cfg);
-    assert_eq!(t["b1"].1.kind, config::ProbeKind::Tcp);
-    assert_eq!(t["b3"].1.kind, config::ProbeKind::Http);
+    assert_eq!(kind(&t["b1"].1), "tcp");
+    assert_eq!(kind(&t["b3"].1), "http");
     assert_eq!(t["b3"].0.addr.port(), BPORT);
+}
+
+/// A probe's `kind`, as the config file names it.
+fn kind(probe: &config::Probe) -> String {
+    let fields = serde_json::to_value(probe).expect("serialize the probe");
+    fields["kind"].as_str().expect("a kind").to_owned()
 }
 
 /// `backend` down at `at` for a failure of class `f` (dead or sick).
@@ -781,7 +794,7 @@ fn a_slow_backend_drains_for_its_grace_and_a_dead_one_goes_down_at_once() {
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
     let log = dir.0.join("audit.jsonl");
-    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], "");
+    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![]);
     let grace = Duration::from_secs(20);
     cfg.services[0].policy.slow_grace = grace;
     let mut a = applier(&lab, cfg, Some(Journal::open(&log).unwrap()));
@@ -871,7 +884,7 @@ fn drains_and_overrides_are_restored_before_the_first_plan() {
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
     let file = dir.0.join("state").join("lab.state.json");
-    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], "");
+    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![]);
     cfg.backends[2].tier = 1;
     cfg.node.state_file = Some(file.clone());
     assert_eq!(cfg.node.state_file(), file);
@@ -934,7 +947,7 @@ fn operator_actions_are_checked_by_the_planner_and_forced_ones_audited() {
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
     let log = dir.0.join("audit.jsonl");
-    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], API);
+    let mut cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![api_service()]);
     cfg.services[0].policy.min_healthy = 2;
     let mut a = applier(&lab, cfg, Some(Journal::open(&log).unwrap()));
     up(&mut a, &["b1", "b2", "b3"]);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use failover_tests::backend::{
     BackendConfig, Fault, FaultRequest, Faults, StatsSnapshot, serve_grpc_health, serve_http,
 };
+use failover_tests::wait::wait_for_value;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -372,15 +373,14 @@ async fn hang_never_answers_until_cleared() {
             .expect_err("a hung backend must not answer");
         assert!(err.is_timeout(), "{err:?}");
         // Clients that gave up are not kept parked on the server.
-        let mut in_flight = u64::MAX;
-        for _ in 0..50 {
-            in_flight = stats(&c, &b).await.in_flight;
-            if in_flight == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(in_flight, 0, "abandoned hung requests must be dropped");
+        let s = wait_for_value(
+            "abandoned hung requests dropped",
+            Duration::from_secs(1),
+            || stats(&c, &b),
+            |s| s.in_flight == 0,
+        )
+        .await;
+        assert_eq!(s.in_flight, 0, "abandoned hung requests must be dropped");
 
         // A request parked by the hang completes once the fault is cleared.
         let parked = tokio::spawn({
@@ -393,6 +393,7 @@ async fn hang_never_answers_until_cleared() {
                     .await
             }
         });
+        // Still parked a while later: the sleep is the observation window.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!parked.is_finished());
         // Admin endpoints bypass the hang, so the fault can always be cleared.

@@ -14,12 +14,9 @@ use failover_tests::{
         VC0_MAC, VIP, backend_addr,
     },
     packet::{Frame, assert_checksums_valid, ports, set_ip_checksum},
+    xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 

@@ -16,11 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use failover_agent::config::{self, Config};
 use failover_tests::{
-    agentproc::{EU_PORT, ProbeTiming, World, backend_stats},
-    client,
+    agentproc::{self, EU_PORT, ProbeTiming, World, backend_stats},
+    client, configs,
     topology::VIP,
     traffic::{Driver, Sample, recovery},
+    wait::wait_for,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -30,6 +32,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 const PATH: &str = "/v1/models";
+
+/// Requests answered before a fault: traffic flows.
+const BASELINE: usize = 100;
 
 fn vip() -> SocketAddr {
     SocketAddr::from((VIP, 80))
@@ -92,10 +97,19 @@ fn a_backend_crash_moves_new_flows_to_the_other_backend() {
         Duration::from_millis(500),
         Duration::from_secs(10),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    d.wait_answered(BASELINE, Duration::from_secs(5));
     let fault = d.now();
     World::crash(&w.topo, "a1").unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for(
+        "250 requests after recovery",
+        Duration::from_secs(8),
+        || {
+            let samples = d.samples();
+            recovery(&samples, fault, 20)
+                .0
+                .is_some_and(|rto| samples.iter().filter(|s| s.at >= fault + rto).count() > 250)
+        },
+    );
     let samples = d.stop();
     let (rto, failed) = recovery(&samples, fault, 20);
     let after: Vec<Sample> = samples.iter().filter(|s| s.at >= fault).cloned().collect();
@@ -155,7 +169,7 @@ fn a_lost_cloud_fails_over_resets_its_streams_and_comes_back_without_flapping() 
         Duration::from_millis(100),
         Duration::from_secs(30),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    d.wait_answered(BASELINE, Duration::from_secs(5));
 
     // Cloud-a goes dark.
     let fault = d.now();
@@ -186,7 +200,9 @@ fn a_lost_cloud_fails_over_resets_its_streams_and_comes_back_without_flapping() 
         reset_after < Duration::from_secs(1),
         "reset after {reset_after:?}"
     );
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_for("200 answers from cloud-b", Duration::from_secs(5), || {
+        d.answered(|s| s.at >= fault && s.backend.starts_with('b')) >= 200
+    });
 
     // Cloud-a comes back.
     let restored = d.now();
@@ -195,7 +211,7 @@ fn a_lost_cloud_fails_over_resets_its_streams_and_comes_back_without_flapping() 
     w.agent
         .wait_serving("chat", &["a1", "a2"], Duration::from_secs(5))
         .unwrap();
-    // Watch for flapping.
+    // Watch for flapping: the sleep is the observation window.
     std::thread::sleep(Duration::from_millis(1500));
     let samples = d.stop();
 
@@ -333,18 +349,16 @@ fn an_agent_restart_under_load_fails_no_request() {
         Duration::from_millis(1000),
         Duration::from_secs(30),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    d.wait_answered(BASELINE, Duration::from_secs(5));
     w.agent.stop().unwrap();
+    // No agent for a while, under load: the sleep is the behaviour.
     std::thread::sleep(Duration::from_millis(700));
     let gen_before = w.dp.services().unwrap();
     w.agent.spawn().unwrap();
-    // Ready again: its log says it started, and it has probed everyone.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while w.agent.log_text().matches("agent started").count() < 2 {
-        assert!(Instant::now() < deadline, "{}", w.agent.log_text());
-        w.agent.check_alive().unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Ready again: its log says it started.
+    wait_log(&mut w, "agent started", 2, Duration::from_secs(15));
+    // The restarted agent runs under load for a while (its probes and
+    // first plans): the sleep is the observation window.
     std::thread::sleep(Duration::from_millis(1500));
     w.agent.check_alive().unwrap();
     let samples = d.stop();
@@ -418,25 +432,6 @@ impl ConfigMapVolume {
     }
 }
 
-/// `yaml` with `from` replaced by `to` in backend `name`'s line only.
-fn edit_backend(yaml: &str, name: &str, from: &str, to: &str) -> String {
-    let tag = format!("- {{ name: {name},");
-    let mut hits = 0;
-    let out: Vec<String> = yaml
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with(&tag) && l.contains(from) {
-                hits += 1;
-                l.replacen(from, to, 1)
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    assert_eq!(hits, 1, "backend {name} with {from:?} in:\n{yaml}");
-    out.join("\n") + "\n"
-}
-
 /// Ring generation of every service in SERVICES, by port.
 fn generations(w: &World) -> BTreeMap<u16, u64> {
     w.dp.services()
@@ -449,17 +444,11 @@ fn generations(w: &World) -> BTreeMap<u16, u64> {
 /// Waits until `needle` occurs `n` times in the agent log; returns how
 /// long that took.
 fn wait_log(w: &mut World, needle: &str, n: usize, timeout: Duration) -> Duration {
-    let t0 = Instant::now();
-    while w.agent.log_text().matches(needle).count() < n {
+    let what = format!("{needle:?} (x{n}) in the agent log");
+    wait_for(&what, timeout, || {
         w.agent.check_alive().unwrap();
-        assert!(
-            t0.elapsed() < timeout,
-            "no {needle:?} (x{n}) within {timeout:?}:\n{}",
-            w.agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    t0.elapsed()
+        w.agent.log_text().matches(needle).count() >= n
+    })
 }
 
 /// Backends that answered requests started in `[from, to)`.
@@ -490,16 +479,19 @@ fn a_configmap_update_reloads_under_load_and_a_bad_one_is_refused() {
     let mut volume = volume.expect("config placed");
     assert_eq!(w.agent.config, volume.path());
     let pid = w.agent.pid().expect("running");
-    let v1 = failover_tests::agentproc::config_yaml(&w.topo.pins.0, timing);
+    let v1 = agentproc::config(&w.topo.pins.0, timing);
+    fn backend<'c>(cfg: &'c mut Config, name: &str) -> &'c mut config::Backend {
+        cfg.backends.iter_mut().find(|b| b.name == name).unwrap()
+    }
     // v2: b1 (cloud-b) moves into tier 0, so `chat` spreads over a1, a2, b1.
-    let v2 = edit_backend(&v1, "b1", "tier: 1", "tier: 0");
+    let mut v2 = v1.clone();
+    backend(&mut v2, "b1").tier = 0;
     // v3: would move b1 back out, but a2's weight 0 is invalid.
-    let v3 = edit_backend(
-        &edit_backend(&v2, "b1", "tier: 0", "tier: 1"),
-        "a2",
-        "tier: 0 }",
-        "tier: 0, weight: 0 }",
-    );
+    let mut v3 = v2.clone();
+    backend(&mut v3, "b1").tier = 1;
+    backend(&mut v3, "a2").weight = 0;
+    assert_eq!(v3.backends[1].name, "a2", "the field the refusal names");
+    let (v2, v3) = (configs::to_yaml(&v2), configs::to_yaml(&v3));
     let chat = 80;
     let gen_v1 = generations(&w);
 
@@ -511,7 +503,7 @@ fn a_configmap_update_reloads_under_load_and_a_bad_one_is_refused() {
         Duration::from_millis(1000),
         Duration::from_secs(30),
     );
-    std::thread::sleep(Duration::from_millis(800));
+    d.wait_answered(BASELINE, Duration::from_secs(5));
 
     // The valid update.
     let swap_1 = d.now();
@@ -528,13 +520,23 @@ fn a_configmap_update_reloads_under_load_and_a_bad_one_is_refused() {
     *want.get_mut(&chat).unwrap() += 1;
     assert_eq!(gen_v2, want, "one ring flip, of chat only");
     assert_eq!(dec.generation, gen_v2[&chat]);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for(
+        "a1, a2 and b1 each answering",
+        Duration::from_secs(5),
+        || {
+            ["a1", "a2", "b1"]
+                .iter()
+                .all(|b| d.answered(|s| s.at >= reloaded && s.backend == *b) >= 50)
+        },
+    );
 
     // The invalid update: refused, nothing changes.
     let swap_2 = d.now();
     volume.update("2026_11_26_00_10_00.3", &v3).unwrap();
     let refuse_delay = wait_log(&mut w, "reload refused", 1, Duration::from_secs(5));
     let refused = d.now();
+    // Nothing may change after the refusal: the sleep is the observation
+    // window.
     std::thread::sleep(Duration::from_millis(1500));
     w.agent.check_alive().unwrap();
     let samples = d.stop();

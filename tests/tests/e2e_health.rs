@@ -29,9 +29,11 @@ use failover_agent::{
 };
 use failover_common::state;
 use failover_tests::{
-    agentproc::{AgentProc, ProbeTiming, Scratch, World, admin, config_yaml},
+    agentproc::{self, AgentProc, ProbeTiming, Scratch, World, admin},
+    configs,
     netns::{Netns, require_root},
     topology::{CLOUD_A, CLOUD_B, Topology, VIP},
+    wait::wait_for,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -43,8 +45,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// The topology's config (`chat` over a1, a2, b1, b2), with the control
 /// socket and the state file in `dir`, as the agent's own types.
 fn base_config(topo: &Topology, dir: &Path) -> Config {
-    let mut cfg = config::parse(&config_yaml(&topo.pins.0, ProbeTiming::default()), "e2e")
-        .expect("topology config");
+    let mut cfg = configs::checked(&agentproc::config(&topo.pins.0, ProbeTiming::default()));
     cfg.services.retain(|s| s.name == "chat");
     cfg.backends
         .retain(|b| ["a1", "a2", "b1", "b2"].contains(&b.name.as_str()));
@@ -54,9 +55,9 @@ fn base_config(topo: &Topology, dir: &Path) -> Config {
 }
 
 fn start(topo: &Topology, dir: &Path, cfg: &Config) -> AgentProc {
-    let yaml = serde_norway::to_string(cfg).expect("serialize config");
     // The serialized config is one the agent accepts.
-    config::parse(&yaml, "serialized").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    configs::checked(cfg);
+    let yaml = configs::to_yaml(cfg);
     AgentProc::start_with_config(&topo.edge.name, dir, &yaml).expect("agent starts")
 }
 
@@ -72,14 +73,6 @@ fn dp_state(dp: &failover_agent::dataplane::Dataplane, addr: SocketAddr) -> Opti
             b.state != state::UNUSED && SocketAddr::from(at) == addr
         })
         .map(|b| b.state)
-}
-
-fn wait_until(what: &str, bound: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + bound;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// What a streamed chat completion delivered.
@@ -216,7 +209,7 @@ fn a_slow_backend_finishes_its_streams_before_it_goes_down_and_a_dead_one_goes_a
     assert_eq!(s.tokens, 400, "{s:?}");
     assert!(s.took > detected, "the stream outlived the failover: {s:?}");
     // The grace (10 s from the fall) ends: DOWN.
-    wait_until("the end of the slow grace", Duration::from_secs(15), || {
+    wait_for("the end of the slow grace", Duration::from_secs(15), || {
         dp_state(&dp, addr) == Some(state::DOWN)
     });
     let decisions = agent.decisions();
@@ -232,7 +225,7 @@ fn a_slow_backend_finishes_its_streams_before_it_goes_down_and_a_dead_one_goes_a
     let (addr, _) = World::backend(&topo, other);
     World::crash(&topo, other).unwrap();
     let died = Instant::now();
-    wait_until("the dead backend down", Duration::from_secs(5), || {
+    wait_for("the dead backend down", Duration::from_secs(5), || {
         dp_state(&dp, addr) == Some(state::DOWN)
     });
     eprintln!("dead backend down after {:?}", died.elapsed());

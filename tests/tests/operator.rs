@@ -12,132 +12,70 @@ use std::{
 };
 
 use failover_agent::{
-    agent::{Agent, RunOptions},
     api::{Client, ClientError, FlowQuery},
+    config::{self, Config, Probe},
 };
 use failover_common::state;
 use failover_tests::{
-    lab::{CLIENT, Lab, VIP, backend_addr},
+    agentcli::{BACKENDS_HEADER, aligned_table, cli, cli_as, op},
+    configs,
+    inproc::{self, Running},
+    lab::{self, CLIENT, Lab, VIP, backend_addr},
+    listener::Listener,
     netns::require_root,
     packet::Frame,
     scratch::TempDir,
+    wait::wait_for_value,
 };
+use serde_json::json;
 
-/// A TCP "backend" on loopback inside the lab namespace; aborted on drop.
-struct Listener {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
+/// Backend `name` on listener `l` at `address` (loopback, or an address
+/// the namespace's DNAT sends there), in `tier`.
+fn at(name: &str, address: Ipv4Addr, l: &Listener, tier: u8) -> config::Backend {
+    let mut b = configs::backend(name, address, l.port);
+    b.tier = tier;
+    b
 }
 
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// [`at`] on loopback.
+fn lo(name: &str, l: &Listener, tier: u8) -> config::Backend {
+    at(name, Ipv4Addr::LOCALHOST, l, tier)
 }
 
-async fn listener() -> Listener {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            drop(s);
-        }
-    });
-    Listener { port, task }
+/// The lab's `web` over `backends` (all of them), probed every 20 ms with
+/// `probe`, the control socket at `dir/agent.sock` and metrics on an
+/// ephemeral loopback port.
+fn config(lab: &Lab, dir: &TempDir, backends: Vec<config::Backend>, probe: Probe) -> Config {
+    let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+    let web: Vec<&str> = names.iter().map(String::as_str).collect();
+    let sock = dir.0.join("agent.sock");
+    lab::web_config(lab.pin_dir(), Some(&sock), &web, probe, backends)
 }
 
-/// A backend: name, port, tier.
-type B<'a> = (&'a str, u16, u8);
-
-fn yaml(pin: &Path, dir: &Path, backends: &[B]) -> String {
-    let at: Vec<_> = backends
-        .iter()
-        .map(|&(n, p, t)| (n, Ipv4Addr::LOCALHOST, p, t))
-        .collect();
-    yaml_at(pin, dir, &at, "")
+/// Writes `cfg` to `dir/failover.yaml` and runs the agent on it, with
+/// its audit log at `dir/audit.jsonl` when `audited`.
+async fn start(dir: &TempDir, cfg: &Config, audited: bool) -> Running {
+    let path = dir.0.join("failover.yaml");
+    configs::write(cfg, &path);
+    let audit = audited.then(|| dir.0.join("audit.jsonl"));
+    let agent = Running::start(inproc::options(&path, audit)).await;
+    assert!(agent.metrics().ip().is_loopback(), "{:?}", agent.metrics);
+    agent
 }
 
-/// As [`yaml`], each backend at its own address; `probe_extra` is added
-/// to the probe's settings.
-fn yaml_at(
-    pin: &Path,
-    dir: &Path,
-    backends: &[(&str, Ipv4Addr, u16, u8)],
-    probe_extra: &str,
-) -> String {
-    let names: Vec<&str> = backends.iter().map(|(n, _, _, _)| *n).collect();
-    let mut y = format!(
-        "{node}services:
-  - name: web
-    vip: {VIP}
-    port: 80
-    protocol: tcp
-    backends: [{names}]
-    probe: {{ kind: tcp, interval: 20ms, timeout: 200ms, rise: 1, fall: 1{probe_extra} }}
-    policy: {{ ring_size: 13 }}
-backends:
-",
-        node = failover_tests::lab::node_yaml(pin, Some(&dir.join("agent.sock"))),
-        names = names.join(", "),
-    );
-    for (n, a, p, t) in backends {
-        y.push_str(&format!(
-            "  - {{ name: {n}, address: {a}, port: {p}, cloud: c, region: r, jurisdiction: EU, tier: {t} }}\n"
-        ));
-    }
-    y
+/// Runs the agent on the lab's `web` over `backends`, probed fast.
+async fn start_web(lab: &Lab, dir: &TempDir, backends: Vec<config::Backend>) -> Running {
+    let cfg = config(lab, dir, backends, configs::fast_tcp_probe());
+    start(dir, &cfg, false).await
 }
 
-/// The agent running in the background; stopped (and awaited) on drop of
-/// the stop sender, bounded by the test's timeouts.
-struct Running {
-    metrics: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    run: tokio::task::JoinHandle<Result<Agent, failover_agent::agent::AgentError>>,
-}
-
-async fn start(lab: &Lab, dir: &TempDir, backends: &[B<'_>]) -> Running {
-    start_with(dir, &yaml(lab.pin_dir(), &dir.0, backends)).await
-}
-
-/// Starts the agent on the config `text`.
-async fn start_with(dir: &TempDir, text: &str) -> Running {
-    let cfg_path = dir.0.join("failover.yaml");
-    std::fs::write(&cfg_path, text).unwrap();
-    let mut opts = RunOptions::new(&cfg_path);
-    opts.sighup = false;
-    let agent = Agent::start(opts).await.expect("agent starts");
-    let metrics = agent.metrics_addr().expect("metrics listener bound");
-    assert!(metrics.ip().is_loopback(), "{metrics}");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(agent.run(async {
-        let _ = stopped.await;
-    }));
-    Running {
-        metrics,
-        stop: Some(stop),
-        run,
-    }
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let agent = tokio::time::timeout(Duration::from_secs(5), &mut self.run)
-            .await
-            .expect("agent stops in time")
-            .unwrap()
-            .unwrap();
-        drop(agent);
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.run.abort();
-    }
+/// Three loopback listeners.
+async fn listeners() -> (Listener, Listener, Listener) {
+    (
+        Listener::start().await,
+        Listener::start().await,
+        Listener::start().await,
+    )
 }
 
 fn client() -> reqwest::Client {
@@ -199,17 +137,9 @@ fn sum(s: &prometheus_parse::Scrape, metric: &str) -> f64 {
 async fn wait_for_scrape(
     addr: SocketAddr,
     what: &str,
-    mut cond: impl FnMut(&prometheus_parse::Scrape) -> bool,
+    cond: impl FnMut(&prometheus_parse::Scrape) -> bool,
 ) -> prometheus_parse::Scrape {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = scrape(addr).await;
-        if cond(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_value(what, Duration::from_secs(10), || scrape(addr), cond).await
 }
 
 #[tokio::test]
@@ -217,9 +147,9 @@ async fn metrics_and_health_endpoints_of_a_running_agent() {
     require_root();
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
-    let (l1, l2) = (listener().await, listener().await);
-    let agent = start(&lab, &dir, &[("b1", l1.port, 0), ("b2", l2.port, 1)]).await;
-    let addr = agent.metrics;
+    let (l1, l2) = (Listener::start().await, Listener::start().await);
+    let agent = start_web(&lab, &dir, vec![lo("b1", &l1, 0), lo("b2", &l2, 1)]).await;
+    let addr = agent.metrics();
 
     let (st, _, body) = get(addr, "/healthz").await;
     assert_eq!(st, 200, "{body}");
@@ -277,6 +207,7 @@ async fn metrics_and_health_endpoints_of_a_running_agent() {
     let (p1, p2, sw) = (probes(&s, "b1"), probes(&s, "b2"), switches(&s));
     assert!(p1 >= 1.0 && p2 >= 1.0, "{p1} {p2}");
     let quiet = Duration::from_millis(600);
+    // The sleep is the measurement: a quiet window of 30 probe intervals.
     tokio::time::sleep(quiet).await;
     let s = scrape(addr).await;
     // 30 intervals; a loaded machine gets a third of them at least.
@@ -371,10 +302,18 @@ async fn metrics_and_health_endpoints_of_a_running_agent() {
 
     agent.stop().await;
     // The listener goes with the agent.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let gone = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .expect("connect attempt bounded");
+    let connect = || async {
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("connect attempt bounded")
+    };
+    let gone = wait_for_value(
+        "the metrics listener closed",
+        Duration::from_secs(1),
+        connect,
+        Result::is_err,
+    )
+    .await;
     assert!(gone.is_err(), "metrics listener closed with the agent");
     drop(l2);
 }
@@ -382,20 +321,10 @@ async fn metrics_and_health_endpoints_of_a_running_agent() {
 async fn wait_status(
     c: &Client,
     what: &str,
-    mut cond: impl FnMut(&failover_agent::api::Status) -> bool,
+    cond: impl FnMut(&failover_agent::api::Status) -> bool,
 ) -> failover_agent::api::Status {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = c.status().await.expect("status");
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = || async { c.status().await.expect("status") };
+    wait_for_value(what, Duration::from_secs(10), status, cond).await
 }
 
 /// The refusal's HTTP status and message.
@@ -411,13 +340,9 @@ async fn control_api_round_trip_and_refusals() {
     require_root();
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
-    let (l1, l2, l3) = (listener().await, listener().await, listener().await);
-    let agent = start(
-        &lab,
-        &dir,
-        &[("b1", l1.port, 0), ("b2", l2.port, 0), ("b3", l3.port, 1)],
-    )
-    .await;
+    let (l1, l2, l3) = listeners().await;
+    let backends = vec![lo("b1", &l1, 0), lo("b2", &l2, 0), lo("b3", &l3, 1)];
+    let agent = start_web(&lab, &dir, backends).await;
     let sock = dir.0.join("agent.sock");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
@@ -532,8 +457,8 @@ async fn a_drill_moves_traffic_and_restores() {
     require_root();
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
-    let (l1, l2) = (listener().await, listener().await);
-    let agent = start(&lab, &dir, &[("b1", l1.port, 0), ("b2", l2.port, 0)]).await;
+    let (l1, l2) = (Listener::start().await, Listener::start().await);
+    let agent = start_web(&lab, &dir, vec![lo("b1", &l1, 0), lo("b2", &l2, 0)]).await;
     let c = Client::new(dir.0.join("agent.sock"));
     wait_status(&c, "all healthy", |s| s.services[0].healthy == 2).await;
     let gen0 = c.status().await.unwrap().services[0].generation;
@@ -562,6 +487,7 @@ async fn a_drill_moves_traffic_and_restores() {
                 .run(lab.vc0, &Frame::tcp(CLIENT, port, VIP, 80).build())
                 .unwrap();
         }
+        // Pacing: five new flows every 2 ms or so while the drill runs.
         tokio::time::sleep(Duration::from_millis(2)).await;
         let r = c.drill_report().await.unwrap();
         if r.state == "done" {
@@ -592,134 +518,6 @@ async fn a_drill_moves_traffic_and_restores() {
     drop((l1, l2));
 }
 
-/// What a run of the CLI printed.
-#[derive(Debug)]
-struct CliOut {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl CliOut {
-    fn ok(self) -> Self {
-        assert_eq!(self.code, Some(0), "{self:#?}");
-        self
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:#?}"))
-    }
-}
-
-/// The header of `failover-agent backends`.
-const BACKENDS_HEADER: [&str; 14] = [
-    "BACKEND",
-    "ADDRESS",
-    "HEALTH",
-    "FLAPS",
-    "HOLD",
-    "STATE",
-    "GRACE",
-    "TIER",
-    "WEIGHT",
-    "PROBE",
-    "SYN/ACK/RST",
-    "RTT",
-    "FLOWS",
-    "SERVICES",
-];
-
-/// Runs the real `failover-agent` binary with `args`: stdout and stderr
-/// are pipes (not a terminal), `NO_COLOR` is unset and `TERM` says colour
-/// is possible, so only the terminal check can keep colour out. Async: the
-/// agent under test runs on this test's runtime.
-async fn cli_as(args: &[&str], uid: Option<u32>) -> std::io::Result<CliOut> {
-    let bin = failover_tests::topology::sibling_bin("failover-agent").unwrap();
-    // Another user may not reach the build directory: run a copy from a
-    // scratch directory anyone can enter.
-    let scratch = TempDir::new();
-    let bin = if uid.is_some() {
-        use std::os::unix::fs::PermissionsExt;
-        let copy = scratch.0.join("failover-agent");
-        std::fs::copy(&bin, &copy)?;
-        for p in [&scratch.0, &copy] {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
-        }
-        copy
-    } else {
-        bin
-    };
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.args(args)
-        .env_remove("NO_COLOR")
-        .env_remove("RUST_LOG")
-        .env("TERM", "xterm-256color")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    if let Some(id) = uid {
-        cmd.uid(id).gid(id);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("failover-agent {args:?} did not end"))?;
-    Ok(CliOut {
-        code: out.status.code(),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    })
-}
-
-async fn cli(args: &[&str]) -> CliOut {
-    cli_as(args, None)
-        .await
-        .unwrap_or_else(|e| panic!("running failover-agent {args:?}: {e}"))
-}
-
-/// An operator command against the agent on `sock`.
-async fn op(sock: &Path, args: &[&str]) -> CliOut {
-    let mut a = args.to_vec();
-    a.extend(["--socket", sock.to_str().unwrap()]);
-    cli(&a).await
-}
-
-/// Where each cell of a table line starts: cells are two or more spaces
-/// apart (a cell may hold single spaces).
-fn column_starts(line: &str) -> Vec<usize> {
-    let b = line.as_bytes();
-    (0..b.len())
-        .filter(|&i| b[i] != b' ' && (i == 0 || (i >= 2 && &b[i - 2..i] == b"  ")))
-        .collect()
-}
-
-/// Checks a table: no colour escapes, the header first, and every row's
-/// cells starting where the header's columns do. Returns the rows' cells.
-fn aligned_table(text: &str, header: &[&str]) -> Vec<Vec<String>> {
-    assert!(!text.contains('\x1b'), "colour escapes on a pipe:\n{text}");
-    let mut lines = text.lines();
-    let head = lines.next().expect("header line");
-    let starts = column_starts(head);
-    let names: Vec<&str> = starts
-        .iter()
-        .zip(starts.iter().skip(1).map(Some).chain([None]))
-        .map(|(&a, b)| head[a..b.map_or(head.len(), |&b| b)].trim_end())
-        .collect();
-    assert_eq!(names, header, "header of\n{text}");
-    lines
-        .map(|row| {
-            assert_eq!(
-                column_starts(row),
-                starts,
-                "row {row:?} not aligned with the header in\n{text}"
-            );
-            starts
-                .iter()
-                .zip(starts.iter().skip(1).map(Some).chain([None]))
-                .map(|(&a, b)| row[a..b.map_or(row.len(), |&b| b)].trim_end().to_owned())
-                .collect()
-        })
-        .collect()
-}
-
 fn backend_json<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     v.as_array()
         .expect("a list of backends")
@@ -733,7 +531,7 @@ async fn the_cli_binary_against_a_running_agent() {
     require_root();
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
-    let (l1, l2, l3) = (listener().await, listener().await, listener().await);
+    let (l1, l2, l3) = listeners().await;
     // Backends the program can forward to (static neighbours on va0), so
     // flows land in the table; the probes reach the loopback listeners
     // through a DNAT of the namespace's own output. Passive ejection is
@@ -748,20 +546,13 @@ async fn the_cli_binary_against_a_running_agent() {
             backend_addr(3)
         ))
         .unwrap();
-    let agent = start_with(
-        &dir,
-        &yaml_at(
-            lab.pin_dir(),
-            &dir.0,
-            &[
-                ("b1", backend_addr(1), l1.port, 0),
-                ("b2", backend_addr(2), l2.port, 0),
-                ("b3", backend_addr(3), l3.port, 1),
-            ],
-            ", passive: false",
-        ),
-    )
-    .await;
+    let backends = vec![
+        at("b1", backend_addr(1), &l1, 0),
+        at("b2", backend_addr(2), &l2, 0),
+        at("b3", backend_addr(3), &l3, 1),
+    ];
+    let probe = configs::fast_tcp_probe_with(json!({"passive": false}));
+    let agent = start(&dir, &config(&lab, &dir, backends, probe), false).await;
     let sock = dir.0.join("agent.sock");
     let c = Client::new(&sock);
     let s = wait_status(&c, "all healthy", |s| {
@@ -789,17 +580,29 @@ async fn the_cli_binary_against_a_running_agent() {
         }
         assert!(port < 30_200, "no flows on b1 and b2: {bs:?}");
     };
+    let sock = sock.as_path();
+    status_output(sock, &dir.0.join("failover.yaml"), generation).await;
+    backends_output(sock, [l1.port, l2.port, l3.port], f1, f2).await;
+    flows_output(sock, f1, f2).await;
+    drain_output(sock, f1).await;
+    failover_output(sock, &c).await;
+    not_root(sock).await;
+    colour_on_a_terminal(sock).await;
 
+    agent.stop().await;
+    drop((l1, l2, l3));
+    no_agent_on(sock).await;
+}
+
+/// `status`, as JSON and as a table.
+async fn status_output(sock: &Path, config_path: &Path, generation: u64) {
     // status --json
-    let v = op(&sock, &["status", "--json"]).await.ok().json();
+    let v = op(sock, &["status", "--json"]).await.ok().json();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     assert_eq!(v["node"], host.trim(), "{v:#}");
     assert_eq!(v["program_attached"], true, "{v:#}");
     assert_eq!(v["config_generation"], 1, "{v:#}");
-    assert_eq!(
-        v["config_path"],
-        dir.0.join("failover.yaml").display().to_string()
-    );
+    assert_eq!(v["config_path"], config_path.display().to_string());
     assert_eq!(v["interfaces"], serde_json::json!(["vc0", "va0"]));
     let svcs = v["services"].as_array().unwrap();
     assert_eq!(svcs.len(), 1, "{v:#}");
@@ -816,7 +619,7 @@ async fn the_cli_binary_against_a_running_agent() {
     assert!(web["override"].is_null(), "{web:#}");
 
     // status: a line about the node, a blank line, an aligned table.
-    let out = op(&sock, &["status"]).await.ok();
+    let out = op(sock, &["status"]).await.ok();
     assert_eq!(out.stderr, "");
     let (first, table) = out.stdout.split_once("\n\n").expect("node line, table");
     assert_eq!(
@@ -824,7 +627,7 @@ async fn the_cli_binary_against_a_running_agent() {
         format!(
             "node {}  interfaces vc0,va0  program attached  config generation 1 ({})",
             host.trim(),
-            dir.0.join("failover.yaml").display()
+            config_path.display()
         )
     );
     let rows = aligned_table(
@@ -845,14 +648,18 @@ async fn the_cli_binary_against_a_running_agent() {
             "b1,b2".into()
         ]]
     );
+}
 
+/// `backends`, as JSON and as an aligned table: the listeners at `ports`
+/// hold `f1` and `f2` flows.
+async fn backends_output(sock: &Path, ports: [u16; 3], f1: usize, f2: usize) {
     // backends --json
-    let v = op(&sock, &["backends", "--json"]).await.ok().json();
+    let v = op(sock, &["backends", "--json"]).await.ok().json();
     assert_eq!(v.as_array().map(Vec::len), Some(3), "{v:#}");
     for (name, tier, flows, port) in [
-        ("b1", 0, f1, l1.port),
-        ("b2", 0, f2, l2.port),
-        ("b3", 1, 0, l3.port),
+        ("b1", 0, f1, ports[0]),
+        ("b2", 0, f2, ports[1]),
+        ("b3", 1, 0, ports[2]),
     ] {
         let i = name[1..].parse().unwrap();
         let b = backend_json(&v, name);
@@ -867,7 +674,7 @@ async fn the_cli_binary_against_a_running_agent() {
     }
 
     // backends: aligned, no colour on a pipe.
-    let out = op(&sock, &["backends"]).await.ok();
+    let out = op(sock, &["backends"]).await.ok();
     let rows = aligned_table(&out.stdout, &BACKENDS_HEADER);
     let col = |r: &Vec<String>, i: usize| r[i].clone();
     assert_eq!(
@@ -899,9 +706,12 @@ async fn the_cli_binary_against_a_running_agent() {
             )
         })
     );
+}
 
+/// `flows`: all of them, one backend's, a limit, an unknown service.
+async fn flows_output(sock: &Path, f1: usize, f2: usize) {
     // flows --json, all of them and one backend's.
-    let v = op(&sock, &["flows", "--json", "--limit", "1000"])
+    let v = op(sock, &["flows", "--json", "--limit", "1000"])
         .await
         .ok()
         .json();
@@ -921,7 +731,7 @@ async fn the_cli_binary_against_a_running_agent() {
         );
         assert!(f["backend"] == "b1" || f["backend"] == "b2", "{f:#}");
     }
-    let v = op(&sock, &["flows", "--backend", "b1", "--json"])
+    let v = op(sock, &["flows", "--backend", "b1", "--json"])
         .await
         .ok()
         .json();
@@ -934,7 +744,7 @@ async fn the_cli_binary_against_a_running_agent() {
             .all(|f| f["backend"] == "b1"),
         "{v:#}"
     );
-    let out = op(&sock, &["flows", "--limit", "1"]).await.ok();
+    let out = op(sock, &["flows", "--limit", "1"]).await.ok();
     let (table, tail) = out.stdout.rsplit_once('\n').map_or(("", ""), |x| x);
     assert_eq!(tail, "", "ends with a newline");
     let (table, last) = table.rsplit_once('\n').unwrap();
@@ -946,63 +756,69 @@ async fn the_cli_binary_against_a_running_agent() {
         ],
     );
     assert_eq!(rows.len(), 1, "{}", out.stdout);
-    let out = op(&sock, &["flows", "--service", "nope"]).await;
+    let out = op(sock, &["flows", "--service", "nope"]).await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert_eq!(out.stderr, "no service named \"nope\"\n");
+}
 
+/// `drain` and `undrain`, and a refused drain.
+async fn drain_output(sock: &Path, f1: usize) {
     // drain, undrain: the flows still on the backend are printed.
-    let out = op(&sock, &["drain", "b1"]).await.ok();
+    let out = op(sock, &["drain", "b1"]).await.ok();
     assert_eq!(
         out.stdout,
         format!("b1: draining; {f1} flows still on it\n")
     );
-    let v = op(&sock, &["backends", "--json"]).await.ok().json();
+    let v = op(sock, &["backends", "--json"]).await.ok().json();
     let b1 = backend_json(&v, "b1");
     assert_eq!(
         (&b1["state"], &b1["draining"]),
         (&"draining".into(), &true.into())
     );
-    let v = op(&sock, &["status", "--json"]).await.ok().json();
+    let v = op(sock, &["status", "--json"]).await.ok().json();
     // b2 alone is short of the overprovisioned capacity: tier 1 spills in.
     assert_eq!(v["services"][0]["serving"], serde_json::json!(["b2", "b3"]));
-    let out = op(&sock, &["drain", "b1"]).await.ok();
+    let out = op(sock, &["drain", "b1"]).await.ok();
     assert_eq!(
         out.stdout,
         format!("b1: draining (already); {f1} flows still on it\n")
     );
-    let out = op(&sock, &["undrain", "b1"]).await.ok();
+    let out = op(sock, &["undrain", "b1"]).await.ok();
     assert_eq!(
         out.stdout,
         format!("b1: taking new flows; {f1} flows still on it\n")
     );
-    let v = op(&sock, &["drain", "b3", "--json"]).await.ok().json();
+    let v = op(sock, &["drain", "b3", "--json"]).await.ok().json();
     assert_eq!(
         v,
         serde_json::json!({"backend": "b3", "draining": true, "changed": true, "in_flight_flows": 0, "forced": false})
     );
-    let out = op(&sock, &["undrain", "b3"]).await.ok();
+    let out = op(sock, &["undrain", "b3"]).await.ok();
     assert_eq!(out.stdout, "b3: taking new flows; 0 flows still on it\n");
-    let v = op(&sock, &["status", "--json"]).await.ok().json();
+    let v = op(sock, &["status", "--json"]).await.ok().json();
     assert_eq!(v["services"][0]["serving"], serde_json::json!(["b1", "b2"]));
 
     // A refused drain: status 1, why on stderr, nothing on stdout.
-    let out = op(&sock, &["drain", "b9"]).await;
+    let out = op(sock, &["drain", "b9"]).await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert_eq!(
         (out.stdout.as_str(), out.stderr.as_str()),
         ("", "no backend named \"b9\"\n")
     );
-    let out = op(&sock, &["drain", "b9", "--json"]).await;
+    let out = op(sock, &["drain", "b9", "--json"]).await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert_eq!(
         out.json(),
         serde_json::json!({"ok": false, "error": "no backend named \"b9\""})
     );
+}
 
+/// `failover`: a manual one that ends by itself, and refused ones.
+async fn failover_output(sock: &Path, c: &Client) {
     // A manual failover, visible in status, ending by itself.
     let before = c.status().await.unwrap().services[0].generation;
     let out = op(
-        &sock,
+        sock,
         &[
             "failover",
             "--service",
@@ -1021,7 +837,7 @@ async fn the_cli_binary_against_a_running_agent() {
         "{out:#?}"
     );
     assert!(out.stdout.ends_with(", serving b3)\n"), "{out:#?}");
-    let v = op(&sock, &["status", "--json"]).await.ok().json();
+    let v = op(sock, &["status", "--json"]).await.ok().json();
     let web = &v["services"][0];
     assert_eq!(web["override"]["tier"], 1, "{v:#}");
     let left = web["override"]["expires_in_s"].as_f64().unwrap();
@@ -1030,7 +846,7 @@ async fn the_cli_binary_against_a_running_agent() {
     assert_eq!(web["active_tier"], 1, "{v:#}");
     let after = web["generation"].as_u64().unwrap();
     assert!(after > before, "{before} -> {after}");
-    let out = op(&sock, &["status"]).await.ok();
+    let out = op(sock, &["status"]).await.ok();
     let (_, table) = out.stdout.split_once("\n\n").unwrap();
     let rows = aligned_table(
         table,
@@ -1043,7 +859,7 @@ async fn the_cli_binary_against_a_running_agent() {
 
     // Towards a tier with no backend: refused, with the reason.
     let out = op(
-        &sock,
+        sock,
         &[
             "failover",
             "--service",
@@ -1063,7 +879,7 @@ async fn the_cli_binary_against_a_running_agent() {
     );
     assert_eq!(c.status().await.unwrap().services[0].generation, after);
     let out = op(
-        &sock,
+        sock,
         &[
             "failover",
             "--service",
@@ -1077,11 +893,13 @@ async fn the_cli_binary_against_a_running_agent() {
     .await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert!(out.stderr.contains("out of range"), "{out:#?}");
-    wait_status(&c, "override over", |s| {
+    wait_status(c, "override over", |s| {
         s.services[0].override_.is_none() && s.services[0].serving == ["b1", "b2"]
     })
     .await;
+}
 
+async fn not_root(sock: &Path) {
     // Not root: told so, not that no agent runs.
     let out = cli_as(
         &["status", "--socket", sock.to_str().unwrap()],
@@ -1097,7 +915,9 @@ async fn the_cli_binary_against_a_running_agent() {
             sock.display()
         )
     );
+}
 
+async fn colour_on_a_terminal(sock: &Path) {
     // On a terminal: state words coloured, columns still aligned.
     let out = tokio::process::Command::new("script")
         .args(["-qec"])
@@ -1125,33 +945,36 @@ async fn the_cli_binary_against_a_running_agent() {
         }
         other => panic!("`script` could not run the CLI on a terminal: {other:?}"),
     }
+}
 
-    agent.stop().await;
-    drop((l1, l2, l3));
-
+async fn no_agent_on(sock: &Path) {
     // No agent on the socket: status 1 and a plain sentence, nothing else.
     let gone = format!(
         "no agent is listening on {} (is `failover-agent run` running?)",
         sock.display()
     );
     assert!(!sock.exists());
-    let out = op(&sock, &["status"]).await;
+    let out = op(sock, &["status"]).await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert_eq!(
         (out.stdout.as_str(), out.stderr.clone()),
         ("", format!("{gone}\n"))
     );
-    let out = op(&sock, &["backends", "--json"]).await;
+    let out = op(sock, &["backends", "--json"]).await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert_eq!(out.json(), serde_json::json!({"ok": false, "error": gone}));
     // A socket file a dead agent left behind: the same.
-    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    drop(std::os::unix::net::UnixListener::bind(sock).unwrap());
     assert!(sock.exists());
-    let out = op(&sock, &["drain", "b1"]).await;
+    let out = op(sock, &["drain", "b1"]).await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert_eq!(out.stderr, format!("{gone}\n"));
+}
 
-    // Completions and help need no agent.
+/// Completions and help need no agent (and no root).
+#[tokio::test]
+async fn completions_and_help_of_the_cli_binary() {
+    let dir = TempDir::new();
     let subcommands = [
         "run",
         "validate",
@@ -1230,48 +1053,19 @@ async fn the_cli_binary_against_a_running_agent() {
     );
 }
 
-/// Starts the agent on `text` with its audit log at `dir/audit.jsonl`.
-async fn start_audited(dir: &TempDir, text: &str) -> Running {
-    let cfg_path = dir.0.join("failover.yaml");
-    std::fs::write(&cfg_path, text).unwrap();
-    let mut opts = RunOptions::new(&cfg_path);
-    opts.sighup = false;
-    opts.audit_path = Some(dir.0.join("audit.jsonl"));
-    let agent = Agent::start(opts).await.expect("agent starts");
-    let metrics = agent.metrics_addr().expect("metrics listener bound");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(agent.run(async {
-        let _ = stopped.await;
-    }));
-    Running {
-        metrics,
-        stop: Some(stop),
-        run,
-    }
-}
-
 #[tokio::test]
 async fn the_floor_check_force_and_a_restart_that_keeps_drains_and_overrides() {
     require_root();
     let lab = Lab::new().unwrap();
     let dir = TempDir::new();
-    let (l1, l2, l3) = (listener().await, listener().await, listener().await);
+    let (l1, l2, l3) = listeners().await;
     let state_file = dir.0.join("state").join("agent.state.json");
     // web: b1, b2 (tier 0), b3 (tier 1); at least two healthy backends.
-    let text = yaml(
-        lab.pin_dir(),
-        &dir.0,
-        &[("b1", l1.port, 0), ("b2", l2.port, 0), ("b3", l3.port, 1)],
-    )
-    .replace(
-        "policy: { ring_size: 13 }",
-        "policy: { ring_size: 13, min_healthy: 2 }",
-    )
-    .replace(
-        "services:\n",
-        &format!("  state_file: {}\nservices:\n", state_file.display()),
-    );
-    let agent = start_audited(&dir, &text).await;
+    let backends = vec![lo("b1", &l1, 0), lo("b2", &l2, 0), lo("b3", &l3, 1)];
+    let mut cfg = config(&lab, &dir, backends, configs::fast_tcp_probe());
+    cfg.services[0].policy.min_healthy = 2;
+    cfg.node.state_file = Some(state_file.clone());
+    let agent = start(&dir, &cfg, true).await;
     let sock = dir.0.join("agent.sock");
     let c = Client::new(&sock);
     let s = wait_status(&c, "all healthy", |s| {
@@ -1320,7 +1114,7 @@ async fn the_floor_check_force_and_a_restart_that_keeps_drains_and_overrides() {
     // A restart: the new agent starts with both drains and the override,
     // before its first plan; nothing ever puts b1 or b2 back in a ring.
     agent.stop().await;
-    let agent = start_audited(&dir, &text).await;
+    let agent = start(&dir, &cfg, true).await;
     let s = c.status().await.unwrap();
     let ov = s.services[0].override_.clone().expect("override restored");
     assert_eq!(ov.tier, 1);

@@ -155,7 +155,9 @@ impl Proxy {
     }
 
     /// Closes every open connection, and waits a moment for the close to
-    /// reach the probe.
+    /// reach the probe. A fixed grace: the probe notices the close only
+    /// when its own connection task next runs, which nothing outside it
+    /// shows.
     async fn cut(&self) {
         self.conns.lock().unwrap().abort_all();
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -11,9 +11,9 @@ use failover_common::{FlowKey, Reason};
 use failover_tests::{
     lab::{BACKEND_MAC, BPORT, CLIENT, Lab, SNAT, VA0_MAC, VIP},
     packet::{Frame, assert_checksums_valid, ports},
+    xdp::XDP_REDIRECT,
 };
 
-const XDP_REDIRECT: u32 = 4;
 /// The example config's SNAT port range (deploy/examples/two-clouds.yaml).
 const PORTS: (u16, u16) = (10_000, 32_767);
 const ESTABLISHED: u32 = 10_000;

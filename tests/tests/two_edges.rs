@@ -24,9 +24,9 @@ use failover_agent::dataplane::Dataplane;
 use failover_common::{MAX_BACKENDS, NO_BACKEND, hash::flow_hash, state};
 use failover_tests::{
     agentproc::{AgentProc, Scratch},
-    client,
+    client, configs,
     netns::{self, require_root},
-    twoedge::{BACKENDS, CLIENT, SERVICES, TwoEdges, VIP, config_yaml},
+    twoedge::{BACKENDS, CLIENT, SERVICES, TwoEdges, VIP, config},
 };
 
 const SEED: u32 = 0x5eed;
@@ -127,7 +127,12 @@ fn run(created: &mut Created) {
     for i in 0..2 {
         let s = Scratch::new(&format!("twoedge{}", i + 1)).unwrap();
         created.dirs.push(s.0.clone());
-        let yaml = config_yaml(i, &topo.edges[i].pins.0, &s.0.join("api.sock"), i == 1);
+        let yaml = configs::to_yaml(&config(
+            i,
+            &topo.edges[i].pins.0,
+            &s.0.join("api.sock"),
+            i == 1,
+        ));
         let mut agent =
             AgentProc::start_with_config(&topo.edges[i].edge.name, &s.0, &yaml).unwrap();
         created.pids.extend(agent.pid());

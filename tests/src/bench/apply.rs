@@ -29,7 +29,7 @@ use failover_agent::{
 };
 use serde::Serialize;
 
-use crate::lab::Lab;
+use crate::{configs, lab::Lab};
 
 #[derive(Debug, Serialize)]
 pub struct CaseResult {
@@ -45,29 +45,29 @@ pub const STATE_TRIALS: usize = 2000;
 pub const SMALL_TRIALS: usize = 1000;
 pub const FULL_TRIALS: usize = 200;
 
-fn cfg(pin: &Path, backends: usize, ring: u32) -> Result<config::Config> {
+fn cfg(pin: &Path, backends: usize, ring: u32) -> config::Config {
     let names: Vec<String> = (1..=backends).map(|i| format!("b{i}")).collect();
-    let mut y = format!(
-        "{}services:
-  - name: bench
-    vip: 203.0.113.10
-    port: 80
-    protocol: tcp
-    backends: [{}]
-    probe: {{ kind: tcp }}
-    policy: {{ ring_size: {ring} }}
-backends:
-",
-        crate::lab::node_yaml(pin, None),
-        names.join(", ")
+    let pool: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut bench = configs::service(
+        "bench",
+        Ipv4Addr::new(203, 0, 113, 10),
+        80,
+        &pool,
+        configs::tcp_probe(),
     );
-    for (i, n) in names.iter().enumerate() {
-        let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(203, 0, 113, 100)) + i as u32);
-        y.push_str(&format!(
-            "  - {{ name: {n}, address: {a}, port: 8000, cloud: c, region: r, jurisdiction: EU }}\n"
-        ));
+    bench.policy.ring_size = ring;
+    config::Config {
+        node: crate::lab::node_config(pin, None),
+        services: vec![bench],
+        backends: names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(203, 0, 113, 100)) + i as u32);
+                configs::backend(n, a, 8000)
+            })
+            .collect(),
     }
-    Ok(config::parse(&y, "bench")?)
 }
 
 fn event(backend: &str, from: HealthState, to: HealthState) -> HealthEvent {
@@ -87,7 +87,7 @@ fn setup(lab: &Lab, backends: usize, ring: u32) -> Result<Applier> {
     let dp = Dataplane::load(lab.pin_dir()).context("load the data plane")?;
     let mut a = Applier::new(
         dp,
-        cfg(lab.pin_dir(), backends, ring)?,
+        cfg(lab.pin_dir(), backends, ring),
         ApplyOptions::default(),
     )?;
     let ups: Vec<HealthEvent> = (1..=backends)

@@ -28,11 +28,8 @@ use serde::Serialize;
 use crate::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, Lab, SNAT, VA0_MAC, VIP, backend_addr},
     packet::{Frame, ports},
+    xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 
 #[derive(Debug, Serialize)]
 pub struct CaseResult {

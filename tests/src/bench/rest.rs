@@ -19,12 +19,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use failover_agent::config::Config;
 use failover_common::state;
 use serde::Serialize;
 
 use crate::{
     agentproc::AgentProc,
     backend::{BackendConfig, Fault, Faults, Stats, serve_grpc_health, serve_http_with_stats},
+    configs,
     lab::Lab,
     scratch::TempDir,
 };
@@ -72,39 +74,36 @@ pub const COLUMNS: [&str; 8] = [
 ];
 
 fn yaml(pin: &Path, sock: &Path, kind: &str, o: &Opts) -> String {
-    let probe = match kind {
-        "tcp" => String::new(),
-        "http" => ", path: /health".into(),
-        "grpc" => String::new(),
-        "inference" => format!(
-            ", model: {}, ttft_budget: 1s",
-            crate::backend::DEFAULT_MODEL
-        ),
+    let mut probe = serde_json::json!({
+        "kind": kind, "interval": format!("{}ms", o.interval_ms), "timeout": "1s",
+        "rise": 2, "fall": 2,
+    });
+    match kind {
+        "tcp" | "grpc" => {}
+        "http" => probe["path"] = "/health".into(),
+        "inference" => {
+            probe["model"] = crate::backend::DEFAULT_MODEL.into();
+            probe["ttft_budget"] = "1s".into();
+        }
         _ => unreachable!("kinds are checked by run"),
-    };
-    let names: Vec<String> = (0..o.backends).map(|i| format!("b{i}")).collect();
-    let mut y = format!(
-        "{node}services:
-  - name: rest
-    vip: {vip}
-    port: 80
-    protocol: tcp
-    backends: [{names}]
-    probe: {{ kind: {kind}, interval: {iv}ms, timeout: 1s, rise: 2, fall: 2{probe} }}
-backends:
-",
-        node = crate::lab::node_yaml(pin, Some(sock)),
-        vip = crate::lab::VIP,
-        names = names.join(", "),
-        iv = o.interval_ms,
-    );
-    for (i, n) in names.iter().enumerate() {
-        y.push_str(&format!(
-            "  - {{ name: {n}, address: 127.0.0.1, port: {}, cloud: c, region: r, jurisdiction: EU }}\n",
-            FIRST_PORT + i as u16
-        ));
     }
-    y
+    let names: Vec<String> = (0..o.backends).map(|i| format!("b{i}")).collect();
+    let pool: Vec<&str> = names.iter().map(String::as_str).collect();
+    configs::to_yaml(&Config {
+        node: crate::lab::node_config(pin, Some(sock)),
+        services: vec![configs::service(
+            "rest",
+            crate::lab::VIP,
+            80,
+            &pool,
+            configs::probe(probe),
+        )],
+        backends: names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| configs::backend(n, Ipv4Addr::LOCALHOST, FIRST_PORT + i as u16))
+            .collect(),
+    })
 }
 
 /// Probes answered so far, whatever the kind.
