@@ -23,6 +23,7 @@ use failover_tests::{
     pacer::{self, Pacer},
     topology::VIP,
     traffic::recovery,
+    wait::wait_for,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -57,11 +58,11 @@ fn bad_syn_floods_eject_no_backend_and_move_no_ring() {
     // The tier-1 backends may still be rising when the world is serving:
     // wait until every backend that can come up has (eu-only's two have no
     // listener here), so the attack starts from a settled state.
-    let settled = Instant::now() + Duration::from_secs(5);
-    while Seen::read(&w).unwrap().not_up.len() > 2 {
-        assert!(Instant::now() < settled, "backends did not all come up");
-        std::thread::yield_now();
-    }
+    wait_for(
+        "every backend that can come up",
+        Duration::from_secs(5),
+        || Seen::read(&w).unwrap().not_up.len() <= 2,
+    );
     for sources in [Sources::One, Sources::Many] {
         let before = Seen::read(&w).unwrap();
         let decisions = w.agent.decisions().len();

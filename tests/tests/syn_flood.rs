@@ -11,6 +11,7 @@ use failover_common::{FlowKey, Reason};
 use failover_tests::{
     lab::{BACKEND_MAC, BPORT, CLIENT, Lab, SNAT, VA0_MAC, VIP},
     packet::{Frame, assert_checksums_valid, ports},
+    wait::wait_for,
     xdp::XDP_REDIRECT,
 };
 
@@ -167,14 +168,11 @@ fn a_half_open_flow_frees_its_slot_when_it_expires() {
     let syn = Frame::tcp(CLIENT, 41_000, VIP, 80);
     assert_eq!(lab.run(lab.vc0, &syn.build()).unwrap().0, XDP_REDIRECT);
     assert_eq!(lab.dp.pending().unwrap().len(), 1);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !lab.dp.pending().unwrap().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still half-open after 5 s"
-        );
-        std::thread::yield_now();
-    }
+    wait_for(
+        "the half-open flow to expire",
+        std::time::Duration::from_secs(5),
+        || lab.dp.pending().unwrap().is_empty(),
+    );
     assert!(lab.dp.flows().unwrap().is_empty(), "nothing left of it");
 }
 
