@@ -12,8 +12,10 @@
 //!    - each changed ring into its inactive slot, then the `SERVICES`
 //!      write that flips to it,
 //!    - the VIP filter, when the set of VIPs changed,
-//!    - `DOWN` for the other backends leaving service, and `UNUSED` for
-//!      ids no ring refers to any more.
+//!    - `DOWN` for the other backends leaving service;
+//!
+//!    then, once its flips are recorded, [`release`]: `UNUSED` for ids no
+//!    ring refers to any more.
 //! 3. The nudges of the clients of the backends taken out in 1, a little
 //!    later (the run loop's `NUDGE_DELAY`).
 //!
@@ -510,14 +512,7 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
     }
     out.writes.extend(raise);
 
-    // The rings that changed: inactive slot, then the flip. Ids any ring
-    // refers to afterwards stay in use.
-    let mut live: BTreeSet<u32> = inp.ids.backends().map(|(_, a)| a.id).collect();
-    for (name, p) in &cur.services {
-        if !next.iter().any(|n| n.changed && &n.name == name) {
-            live.extend(p.ring.iter().copied().filter(|&i| i != NO_BACKEND));
-        }
-    }
+    // The rings that changed: inactive slot, then the flip.
     for n in next {
         if !n.changed {
             out.kept.push(Kept {
@@ -527,7 +522,6 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
             });
             continue;
         }
-        live.extend(n.plan.ring.iter().copied().filter(|&i| i != NO_BACKEND));
         let slot = n.entry.active_slot ^ 1;
         out.writes.push(Write::Ring {
             service_id: n.entry.id,
@@ -576,22 +570,45 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
         }
     }
 
-    // Leave service, then free ids no ring refers to any more. A held
-    // (recovered) ring may still name a removed backend: its id is freed
-    // only once no ring does, so it is never handed on early.
+    // Leave service ([`release`] frees ids once the flips are done).
     out.writes.extend(lower);
-    for (&id, b) in &cur.backends {
-        if !live.contains(&id) {
-            out.writes.push(Write::Unused {
-                id,
-                entry: MapBackend {
-                    state: DataplaneState::Unused.raw(),
-                    ..*b
-                },
-            });
+    out
+}
+
+/// Step 2's last writes, once its flips are recorded in `cur`: `UNUSED`
+/// for the ids no longer in the config that no ring refers to any more.
+/// A held (recovered) ring may still name a removed backend: its id is
+/// freed only once no ring does, so it is never handed on early. Apart
+/// from [`reconcile`] so that reading every ring never delays a flip.
+pub fn release(ids: &Ids, cur: &Current) -> Vec<Write> {
+    let Some(&max) = cur.backends.keys().next_back() else {
+        return Vec::new();
+    };
+    let mut live = vec![false; max as usize + 1];
+    let mut mark = |id: u32| {
+        if let Some(l) = live.get_mut(id as usize) {
+            *l = true;
+        }
+    };
+    for (_, a) in ids.backends() {
+        mark(a.id);
+    }
+    for p in cur.services.values() {
+        for &id in &p.ring {
+            mark(id);
         }
     }
-    out
+    cur.backends
+        .iter()
+        .filter(|&(&id, _)| !live[id as usize])
+        .map(|(&id, b)| Write::Unused {
+            id,
+            entry: MapBackend {
+                state: DataplaneState::Unused.raw(),
+                ..*b
+            },
+        })
+        .collect()
 }
 
 #[cfg(test)]

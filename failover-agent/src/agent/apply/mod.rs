@@ -446,10 +446,6 @@ impl<E: Executor> Applier<E> {
                         tracing::debug!(backend_id = id, %state, "backend state");
                     }
                 }
-                Write::Unused { id, .. } => {
-                    report.state_writes += 1;
-                    tracing::info!(backend_id = id, "released backend id");
-                }
                 Write::Flip { service, next } => {
                     report
                         .flipped
@@ -463,6 +459,13 @@ impl<E: Executor> Applier<E> {
                 self.flips.record(l);
                 report.latency = Some(l);
             }
+        }
+        for w in reconcile::release(&self.ids, &self.current) {
+            if let Write::Unused { id, .. } = &w {
+                tracing::info!(backend_id = id, "released backend id");
+            }
+            report.state_writes += 1;
+            self.run(w)?;
         }
         for k in r.kept {
             if let Some(p) = self.current.services.get_mut(&k.service) {
