@@ -45,7 +45,8 @@ pub const STATE_TRIALS: usize = 2000;
 pub const SMALL_TRIALS: usize = 1000;
 pub const FULL_TRIALS: usize = 200;
 
-fn cfg(pin: &Path, backends: usize, ring: u32) -> config::Config {
+/// The bench config, as the agent loads it (validated).
+fn cfg(pin: &Path, backends: usize, ring: u32) -> Result<config::Config> {
     let names: Vec<String> = (1..=backends).map(|i| format!("b{i}")).collect();
     let pool: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut bench = configs::service(
@@ -56,7 +57,7 @@ fn cfg(pin: &Path, backends: usize, ring: u32) -> config::Config {
         configs::tcp_probe(),
     );
     bench.policy.ring_size = ring;
-    config::Config {
+    let cfg = config::Config {
         node: crate::lab::node_config(pin, None),
         services: vec![bench],
         backends: names
@@ -67,7 +68,8 @@ fn cfg(pin: &Path, backends: usize, ring: u32) -> config::Config {
                 configs::backend(n, a, 8000)
             })
             .collect(),
-    }
+    };
+    Ok(config::parse(&configs::to_yaml(&cfg), "bench")?)
 }
 
 fn event(backend: &str, from: HealthState, to: HealthState) -> HealthEvent {
@@ -87,7 +89,7 @@ fn setup(lab: &Lab, backends: usize, ring: u32) -> Result<Applier> {
     let dp = Dataplane::load(lab.pin_dir()).context("load the data plane")?;
     let mut a = Applier::new(
         dp,
-        cfg(lab.pin_dir(), backends, ring),
+        cfg(lab.pin_dir(), backends, ring)?,
         ApplyOptions::default(),
     )?;
     let ups: Vec<HealthEvent> = (1..=backends)
