@@ -20,6 +20,8 @@ use std::{
 
 use anyhow::{Result, bail};
 
+use crate::xdp::{XDP_DROP, XDP_PASS, XDP_TX};
+
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -97,22 +99,28 @@ pub fn generator(header: &[u8; GEN_HEADER_LEN], flows: u16, base: u16) -> Vec<In
     let tail = i32::from(u16::from_le_bytes([header[40], header[41]]));
     p.push(insn(ST_H, 2, 0, 40, tail));
     p.push(insn(STX_H, 2, 7, SPORT_OFF, 0)); // *(u16 *)(r2 + 34) = r7
-    p.push(insn(MOV64_K, 0, 0, 0, 3)); // r0 = XDP_TX
+    p.push(insn(MOV64_K, 0, 0, 0, XDP_TX as i32)); // r0 = XDP_TX
     p.push(insn(EXIT, 0, 0, 0, 0));
     p[jump_at].off = (p.len() - jump_at - 1) as i16;
-    p.push(insn(MOV64_K, 0, 0, 0, 1)); // drop: r0 = XDP_DROP
+    p.push(insn(MOV64_K, 0, 0, 0, XDP_DROP as i32)); // drop
     p.push(insn(EXIT, 0, 0, 0, 0));
     p
 }
 
 /// `XDP_DROP`.
 pub fn drop() -> Vec<Insn> {
-    vec![insn(MOV64_K, 0, 0, 0, 1), insn(EXIT, 0, 0, 0, 0)]
+    vec![
+        insn(MOV64_K, 0, 0, 0, XDP_DROP as i32),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
 }
 
 /// `XDP_PASS`.
 pub fn pass() -> Vec<Insn> {
-    vec![insn(MOV64_K, 0, 0, 0, 2), insn(EXIT, 0, 0, 0, 0)]
+    vec![
+        insn(MOV64_K, 0, 0, 0, XDP_PASS as i32),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
