@@ -34,6 +34,24 @@ pub const fn replace32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// Incremental update for two bytes at byte offset `off` from the start
+/// of the checksummed data, which need not be even (a TCP option's value
+/// can sit anywhere). Bytes `[x, y]` at an odd offset add to the sum as the
+/// word `[y, x]` would at an even one.
+#[inline(always)]
+#[must_use]
+pub const fn replace_pair_at(check: u16, off: usize, old: [u8; 2], new: [u8; 2]) -> u16 {
+    if off & 1 == 0 {
+        replace16(check, u16::from_ne_bytes(old), u16::from_ne_bytes(new))
+    } else {
+        replace16(
+            check,
+            u16::from_ne_bytes([old[1], old[0]]),
+            u16::from_ne_bytes([new[1], new[0]]),
+        )
+    }
+}
+
 /// UDP's checksum field uses 0 for "no checksum" and so sends a computed 0 as
 /// 0xffff (RFC 768). Keeps both rules after an incremental update.
 #[inline(always)]
@@ -157,6 +175,34 @@ mod tests {
         h[10..12].copy_from_slice(&replace32(check, old, 0x0102_0304).to_ne_bytes());
         assert_ne!(ipv4_header(&h), 0);
         assert_eq!(ipv4_header(&h), before);
+    }
+
+    #[test]
+    fn replace_pair_at_any_offset_matches_full_recompute() {
+        let mut rng = Lcg(13);
+        for _ in 0..10_000 {
+            let mut seg = [0u8; 40];
+            for b in &mut seg {
+                *b = rng.next() as u8;
+            }
+            seg[16] = 0;
+            seg[17] = 0;
+            let c = ipv4_l4([192, 0, 2, 1], [192, 0, 2, 2], 6, &seg);
+            seg[16..18].copy_from_slice(&c.to_be_bytes());
+            // Anywhere in the options, odd or even.
+            let off = 20 + (rng.next() as usize % 19);
+            let old = [seg[off], seg[off + 1]];
+            let new = (rng.next() as u16).to_be_bytes();
+            seg[off..off + 2].copy_from_slice(&new);
+            let check = u16::from_ne_bytes([seg[16], seg[17]]);
+            let inc = replace_pair_at(check, off, old, new);
+            seg[16..18].copy_from_slice(&inc.to_ne_bytes());
+            assert_eq!(
+                ipv4_l4([192, 0, 2, 1], [192, 0, 2, 2], 6, &seg),
+                0,
+                "offset {off}"
+            );
+        }
     }
 
     #[test]

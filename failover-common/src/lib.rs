@@ -11,6 +11,7 @@
 
 pub mod checksum;
 pub mod hash;
+pub mod icmp;
 pub mod maps;
 /// Host-side only: the reference model of the verdict for fuzzing.
 #[cfg(not(target_arch = "bpf"))]

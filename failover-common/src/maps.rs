@@ -16,11 +16,22 @@ pub mod names {
     pub const BE_STATS: &str = "BE_STATS";
     pub const NEXTHOPS: &str = "NEXTHOPS";
     pub const PENDING: &str = "PENDING";
+    pub const PATH_MSS: &str = "PATH_MSS";
+    pub const ICMP_LIMIT: &str = "ICMP_LIMIT";
+    pub const JUMPS: &str = "JUMPS";
+    pub const EVIDENCE: &str = "EVIDENCE";
     /// The program's name in the object file.
     pub const PROGRAM: &str = "failover_xdp";
     /// The trivial pass-through program attached to veth peers and used as
     /// the benchmark baseline.
     pub const PASS_PROGRAM: &str = "failover_pass";
+    /// ICMP errors, tail-called from the program (`JUMPS[JUMP_ICMP]`):
+    /// verified on its own, so its checksum loop costs the main program's
+    /// verifier budget nothing.
+    pub const ICMP_PROGRAM: &str = "failover_icmp";
+    /// TCP segments with no established flow (the half-open path),
+    /// tail-called (`JUMPS[JUMP_NEW_TCP]`) for the same reason.
+    pub const NEW_TCP_PROGRAM: &str = "failover_new_tcp";
 }
 
 pub const MAX_SERVICES: u32 = 64;
@@ -47,8 +58,19 @@ pub const SNAT_PROBES: u32 = 32;
 pub const RESELECT_TRIES: u32 = 16;
 /// Words in the VIP pre-filter bitmap (64 bits each).
 pub const VIP_FILTER_WORDS: usize = 1024;
+/// Per-source slots of the frag-needed rate limit (`ICMP_LIMIT`), a
+/// power of two: a source's slot is its address hashed.
+pub const ICMP_SLOTS: u32 = 4096;
+/// One frag-needed per source slot per this long, per CPU: at most 100 a
+/// second, each much smaller than the packet it answers.
+pub const ICMP_INTERVAL_NS: u64 = 10_000_000;
+/// `JUMPS` index of the ICMP program.
+pub const JUMP_ICMP: u32 = 0;
+/// `JUMPS` index of the TCP new-flow program.
+pub const JUMP_NEW_TCP: u32 = 1;
+pub const JUMP_SLOTS: u32 = 2;
 /// Slots in the per-reason counter array (room to add reasons).
-pub const STATS_SLOTS: u32 = 32;
+pub const STATS_SLOTS: u32 = 64;
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU free lists, so inserting a flow on
 /// one CPU never takes a lock another CPU holds.
 pub const LRU_FLAGS: u32 = 1 << 1;

@@ -9,7 +9,7 @@
 //! says which reasons are possible then, not which one.
 
 use crate::{
-    Reason, VipFilter,
+    Reason, VipFilter, checksum, icmp,
     tcp::{self, SynWorth},
 };
 
@@ -31,6 +31,9 @@ pub enum Expected {
     /// A valid segment toward the SNAT address: the outcome depends on
     /// whether it belongs to a flow.
     Reverse,
+    /// A well-formed ICMP error to a VIP or the SNAT address: translated
+    /// if it quotes a flow, else passed.
+    Icmp,
 }
 
 impl Expected {
@@ -52,13 +55,28 @@ impl Expected {
                     | NoRoute
                     | RedirectFailed
                     | MtuExceeded
+                    | FragNeededSent
+                    | FragNeededLimited
                     | NotOpening
+                    | JumpFailed
             ),
             Expected::Reverse => matches!(
                 r,
                 ReverseTx
                     | ReverseRedirect
                     | NotVip
+                    | NoNeighbour
+                    | NoRoute
+                    | RedirectFailed
+                    | MtuExceeded
+                    | FragNeededSent
+                    | FragNeededLimited
+            ),
+            Expected::Icmp => matches!(
+                r,
+                IcmpTx
+                    | IcmpRedirect
+                    | IcmpNoFlow
                     | NoNeighbour
                     | NoRoute
                     | RedirectFailed
@@ -131,6 +149,9 @@ fn classify(f: &[u8], cfg: &Config) -> Result<Expected, Reason> {
         return Err(Reason::TtlExpired);
     }
     let proto = ip[9];
+    if proto == icmp::PROTO {
+        return classify_icmp(&ip[20..tot_len], dst);
+    }
     if proto != 6 && proto != 17 {
         return Err(Reason::NotTcpUdp);
     }
@@ -180,6 +201,36 @@ fn classify(f: &[u8], cfg: &Config) -> Result<Expected, Reason> {
         return Err(Reason::NotVip);
     }
     Ok(Expected::Forward)
+}
+
+/// An ICMP message `m` to `dst` (a VIP or the SNAT address).
+fn classify_icmp(m: &[u8], dst: [u8; 4]) -> Result<Expected, Reason> {
+    if m.len() < icmp::HEADER {
+        return Err(Reason::IcmpMalformed);
+    }
+    if !icmp::is_error(m[0]) {
+        return Err(Reason::NotTcpUdp);
+    }
+    if m.len() < icmp::HEADER + icmp::QUOTE_MIN || m.len() > icmp::MESSAGE_MAX {
+        return Err(Reason::IcmpMalformed);
+    }
+    if checksum::fold(checksum::sum_bytes(m, 0)) != 0xffff {
+        return Err(Reason::IcmpMalformed);
+    }
+    let q = &m[icmp::HEADER..];
+    if q[0] >> 4 != 4 || q[0] & 0x0f < 5 {
+        return Err(Reason::IcmpMalformed);
+    }
+    if q[0] & 0x0f != 5 || (q[9] != 6 && q[9] != 17) || q[12..16] != dst {
+        return Err(Reason::IcmpNoFlow);
+    }
+    if m[0] == icmp::DEST_UNREACH
+        && m[1] == icmp::FRAG_NEEDED
+        && !icmp::mtu_plausible(be16(m, 6), be16(q, 2))
+    {
+        return Err(Reason::IcmpMalformed);
+    }
+    Ok(Expected::Icmp)
 }
 
 #[cfg(test)]
@@ -332,5 +383,86 @@ mod tests {
         let mut data = frame(CLIENT, VIP, 6, tcp(1, 80, tcp::ACK, b"x"));
         data[14 + 20 + 16] ^= 0x10;
         assert_eq!(check(&data), Expected::Forward);
+    }
+
+    /// An ICMP error (`ty`, `code`, `rest`) from `src` to `dst` quoting
+    /// `quote`, checksums computed.
+    fn icmp_error(dst: [u8; 4], ty: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+        let mut m = Vec::from([ty, code, 0, 0]);
+        m.extend_from_slice(&rest);
+        m.extend_from_slice(quote);
+        let c = !checksum::fold(checksum::sum_bytes(&m, 0));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut f = frame([198, 51, 100, 254], dst, 1, Vec::from([0u8; 8]));
+        f.truncate(34);
+        f.extend_from_slice(&m);
+        let tot = (20 + m.len()) as u16;
+        f[16..18].copy_from_slice(&tot.to_be_bytes());
+        fix_ip(&mut f);
+        f
+    }
+
+    #[test]
+    fn icmp_errors_are_judged_before_any_flow_lookup() {
+        use Reason::*;
+        let e = |r| Expected::Exactly(r);
+        // The packet the edge sent a backend, as a router quotes it.
+        let sent = frame(
+            SNAT,
+            [198, 51, 100, 11],
+            6,
+            tcp(40_000, 8000, tcp::ACK, &[7; 1400]),
+        );
+        let quote = &sent[14..14 + 28];
+        let mtu = |m: u16| {
+            let b = m.to_be_bytes();
+            [0, 0, b[0], b[1]]
+        };
+        assert_eq!(
+            check(&icmp_error(SNAT, 3, 4, mtu(1400), quote)),
+            Expected::Icmp
+        );
+        assert_eq!(
+            check(&icmp_error(SNAT, 11, 0, [0; 4], quote)),
+            Expected::Icmp
+        );
+        // A longer quote, as Linux sends.
+        assert_eq!(
+            check(&icmp_error(SNAT, 3, 3, [0; 4], &sent[14..14 + 200])),
+            Expected::Icmp
+        );
+        // Echo requests and the like stay the kernel's.
+        assert_eq!(check(&icmp_error(SNAT, 8, 0, [0; 4], quote)), e(NotTcpUdp));
+        // Truncated, too long, a bad checksum, a bad quoted header.
+        assert_eq!(
+            check(&icmp_error(SNAT, 3, 4, mtu(1400), &quote[..27])),
+            e(IcmpMalformed)
+        );
+        let long = Vec::from([0u8; 600]);
+        assert_eq!(
+            check(&icmp_error(SNAT, 3, 1, [0; 4], &long)),
+            e(IcmpMalformed)
+        );
+        let mut bad = icmp_error(SNAT, 3, 4, mtu(1400), quote);
+        bad[40] ^= 1;
+        fix_ip(&mut bad);
+        assert_eq!(check(&bad), e(IcmpMalformed));
+        let mut q = Vec::from(quote);
+        q[0] = 0x44;
+        assert_eq!(check(&icmp_error(SNAT, 3, 1, [0; 4], &q)), e(IcmpMalformed));
+        // Implausible MTUs.
+        for m in [0, 500, 1500, 9000] {
+            assert_eq!(
+                check(&icmp_error(SNAT, 3, 4, mtu(m), quote)),
+                e(IcmpMalformed),
+                "{m}"
+            );
+        }
+        // Not about a packet from the address it came to, or not TCP/UDP.
+        assert_eq!(check(&icmp_error(VIP, 3, 1, [0; 4], quote)), e(IcmpNoFlow));
+        let mut q = Vec::from(quote);
+        q[9] = 1;
+        assert_eq!(check(&icmp_error(SNAT, 3, 1, [0; 4], &q)), e(IcmpNoFlow));
+        assert!(Expected::Icmp.allows(IcmpTx) && !Expected::Icmp.allows(ForwardTx));
     }
 }

@@ -97,6 +97,8 @@ reasons! {
     NoRoute = 19, "no_route", Drop;
     NotConfigured = 20, "not_configured", Pass;
     RedirectFailed = 21, "redirect_failed", Drop;
+    // Longer than the egress MTU and not DF (XDP cannot fragment; the
+    // sender's PMTU discovery is off).
     MtuExceeded = 22, "mtu_exceeded", Drop;
     // TCP flags no connection can carry (SYN+FIN, SYN+RST, none of SYN,
     // ACK, RST): no backend answers them, so they are never forwarded.
@@ -106,6 +108,26 @@ reasons! {
     BadL4Checksum = 24, "bad_l4_checksum", Drop;
     // No flow, and the segment cannot open one (an RST, a SYN-ACK).
     NotOpening = 25, "not_opening", Drop;
+    // An ICMP error (destination unreachable, time exceeded) about a NATed
+    // flow, translated to the flow's other side (icmp.rs).
+    IcmpTx = 26, "icmp_tx", Tx;
+    IcmpRedirect = 27, "icmp_redirect", Redirect;
+    // A well-formed ICMP error about no flow of ours: the node's own
+    // sockets (the agent's probes) may be its subject.
+    IcmpNoFlow = 28, "icmp_no_flow", Pass;
+    // An ICMP error to a VIP or the SNAT address that is truncated (less
+    // than an IPv4 header and 8 bytes of L4 quoted), too long, has a bad
+    // checksum or quotes a malformed header, or a frag-needed whose MTU
+    // no real path has: never translated.
+    IcmpMalformed = 29, "icmp_malformed", Drop;
+    // A DF packet longer than the egress MTU: answered with an ICMP
+    // frag-needed carrying that MTU (toobig.rs).
+    FragNeededSent = 30, "frag_needed_sent", Tx;
+    // The same, beyond the per-source rate of frag-needed answers.
+    FragNeededLimited = 31, "frag_needed_limited", Drop;
+    // A tail call into another of the object's programs failed: the agent
+    // has not set `JUMPS` (never for a loaded data plane).
+    JumpFailed = 32, "jump_failed", Drop;
 }
 
 #[cfg(test)]
@@ -118,6 +140,7 @@ mod tests {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
             assert!(r.verdict().action() >= 1 && r.verdict().action() <= 4);
+            assert!((*r as u32) < crate::STATS_SLOTS, "{r:?} has a counter slot");
             for other in &Reason::ALL[i + 1..] {
                 assert_ne!(r.as_str(), other.as_str());
             }

@@ -104,6 +104,35 @@ fn checksum_ok(src_be: u32, dst_be: u32, header: &[u8; MAX_HEADER], hlen: usize)
 /// True when every option is one every stack answers a SYN with: EOL, NOP,
 /// MSS (4 bytes), window scale (3), SACK permitted (2), timestamps (10).
 #[inline(always)]
+/// Where a SYN's MSS option value sits among the first 8 bytes of its
+/// options, and the value
+/// options (`opts`, of which the header holds `avail`): first, or after up
+/// to three NOPs, where every TCP stack we know puts it. The clamp looks
+/// only there: a fixed window costs the verifier no options walk, and a
+/// client that hides its MSS further in only risks its own connection. A
+/// SYN without one lets the peer send 536-byte segments (RFC 9293 3.7.1),
+/// below any path MTU the clamp allows.
+/// (Bytes are taken from the window as one integer: the XDP program must
+/// not index a stack array by a variable, which compiles to pointer
+/// arithmetic the verifier refuses.)
+#[must_use]
+pub const fn early_mss(opts: &[u8; 8], avail: usize) -> Option<(usize, u16)> {
+    let x = u64::from_be_bytes(*opts);
+    let mut j = 0;
+    while j < 3 && j < avail && byte(x, j) == 1 {
+        j += 1;
+    }
+    if j + 4 <= avail && byte(x, j) == 2 && byte(x, j + 1) == 4 {
+        Some((j + 2, (byte(x, j + 2) as u16) << 8 | byte(x, j + 3) as u16))
+    } else {
+        None
+    }
+}
+
+const fn byte(x: u64, i: usize) -> u8 {
+    (x >> (56 - 8 * i)) as u8
+}
+
 fn vanilla_options(header: &[u8; MAX_HEADER], hlen: usize) -> bool {
     let mut i = MIN_HEADER;
     while i < hlen && i < MAX_HEADER {
@@ -250,6 +279,49 @@ mod tests {
         ];
         for opts in cases {
             assert_eq!(judge(&syn(SYN, opts)), SynWorth::Ignored, "{opts:?}");
+        }
+    }
+
+    #[test]
+    fn the_mss_is_found_first_or_behind_nops() {
+        let w = |o: &[u8]| {
+            let mut a = [0u8; 8];
+            a[..o.len()].copy_from_slice(o);
+            a
+        };
+        assert_eq!(
+            early_mss(&w(&[2, 4, 5, 0xb4, 4, 2, 8, 10]), 8),
+            Some((2, 1460))
+        );
+        assert_eq!(early_mss(&w(&[2, 4, 5, 0xb4]), 4), Some((2, 1460)));
+        assert_eq!(
+            early_mss(&w(&[1, 2, 4, 5, 0x78, 1, 1, 1]), 8),
+            Some((3, 1400))
+        );
+        assert_eq!(
+            early_mss(&w(&[1, 1, 1, 2, 4, 0x23, 0x28, 0]), 8),
+            Some((5, 9000))
+        );
+    }
+
+    #[test]
+    fn no_mss_outside_the_window_or_cut_short() {
+        let w = |o: &[u8]| {
+            let mut a = [0u8; 8];
+            a[..o.len()].copy_from_slice(o);
+            a
+        };
+        let cases: &[(&[u8], usize)] = &[
+            (&[], 0),
+            (&[1, 1, 1, 1, 2, 4, 5, 0xb4], 8),
+            (&[4, 2, 2, 4, 5, 0xb4, 0, 0], 8),
+            (&[2, 3, 5, 0xb4], 4),
+            (&[2, 4, 5, 0xb4], 3),
+            (&[1, 2, 4, 5, 0xb4], 4),
+            (&[0, 2, 4, 5, 0xb4], 8),
+        ];
+        for (opts, avail) in cases {
+            assert_eq!(early_mss(&w(opts), *avail), None, "{opts:?} {avail}");
         }
     }
 }

@@ -38,8 +38,12 @@ pub struct Route {
     pub now: u64,
 }
 
+/// Where the packet of `r` leaves, resolved before it is rewritten, so
+/// that one too long for the egress MTU can still be answered with a
+/// frag-needed quoting it as its sender sent it (toobig.rs). `Err` carries
+/// the reason and, for `MtuExceeded`, the MTU.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
+pub fn resolve(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> Result<(), (Reason, u16)> {
     let now = r.now;
     if nh.ifindex == 0 || nh.dst_be != r.dst_be || now.wrapping_sub(nh.at_ns) > NEXTHOP_TTL_NS {
         let mut p: bpf_fib_lookup = unsafe { zeroed() };
@@ -61,25 +65,35 @@ pub fn send(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> (u32, Reason) {
             BPF_FIB_LKUP_RET_SUCCESS => {}
             BPF_FIB_LKUP_RET_NO_NEIGH => {
                 nh.ifindex = 0;
-                return (xdp_action::XDP_DROP, Reason::NoNeighbour);
+                return Err((Reason::NoNeighbour, 0));
             }
-            BPF_FIB_LKUP_RET_FRAG_NEEDED => return (xdp_action::XDP_DROP, Reason::MtuExceeded),
+            // The kernel leaves the MTU where tot_len was.
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+                return Err((Reason::MtuExceeded, unsafe {
+                    p.__bindgen_anon_1.mtu_result
+                }));
+            }
             _ => {
                 nh.ifindex = 0;
-                return (xdp_action::XDP_DROP, Reason::NoRoute);
+                return Err((Reason::NoRoute, 0));
             }
         }
         nh.ifindex = p.ifindex;
         nh.dst_be = r.dst_be;
         nh.smac = p.smac;
         nh.dmac = p.dmac;
-        // On success the kernel leaves the egress MTU where tot_len was.
         nh.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
         nh.at_ns = now;
     } else if r.tot_len > nh.mtu {
         // The lookup checks the length against the MTU; the cache must too.
-        return (xdp_action::XDP_DROP, Reason::MtuExceeded);
+        return Err((Reason::MtuExceeded, nh.mtu));
     }
+    Ok(())
+}
+
+/// Sends a packet (rewritten by now) toward the next hop `resolve` found.
+#[inline(always)]
+pub fn out(ctx: &XdpContext, nh: &NextHop, r: &Route) -> (u32, Reason) {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, Reason::TruncatedEth);
     };

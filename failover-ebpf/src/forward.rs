@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    Backend, FLOW_ESTABLISHED, Flow, FlowKey, NextHop, Node, Reason, Reverse, ReverseKey,
-    SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
+    Backend, FLOW_ESTABLISHED, Flow, FlowKey, JUMP_NEW_TCP, NextHop, Node, Reason, Reverse,
+    ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
     tcp::{self, SynWorth},
 };
 
@@ -19,8 +19,8 @@ use crate::{
     ipv4,
     ipv4::Ipv4,
     l4::{self, Closing, L4},
-    maps::{BACKENDS, FLOWS, NEXTHOPS, REVERSE, SERVICES},
-    pending, reset, select, stats,
+    maps::{BACKENDS, EVIDENCE, FLOWS, JUMPS, NEXTHOPS, REVERSE, SERVICES},
+    pending, reset, select, stats, toobig,
 };
 
 /// Where a forwarded packet goes: the backend, and the flow's NAT port.
@@ -124,32 +124,63 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
         }
     }
 
-    let skey = ServiceKey {
-        vip_be: fkey.dst_be,
-        port_be: l4.dport_be,
-        proto: ip.proto,
-        _pad: 0,
-    };
-    let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
+    if l4.tcp {
+        // A TCP segment without an established flow: the half-open path
+        // (pending.rs) runs as its own program, so the verifier walks its
+        // probe loops apart from this one's paths. Its one input that
+        // cannot be read from the packet again is the SYN's worth.
+        if let Some(e) = EVIDENCE.get_ptr_mut(0) {
+            unsafe { *e = l4.evidence as u32 };
+        }
+        unsafe { JUMPS.tail_call(ctx, JUMP_NEW_TCP) };
+        return (xdp_action::XDP_DROP, Reason::JumpFailed);
+    }
+    let Some((svc, fh)) = service(node, &fkey) else {
         // A VIP filter false positive, or a port we do not serve.
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
-    let fh = hash::flow_hash(
-        fkey.src_be,
-        fkey.dst_be,
-        fkey.sport_be,
-        fkey.dport_be,
-        fkey.proto,
-        node.seed,
-    );
-    if l4.tcp {
-        return pending::forward(ctx, node, ip, l4, &fkey, svc, fh, now);
-    }
     let Some(chosen) = select::select(svc, fh) else {
         // Fail closed.
         return (xdp_action::XDP_DROP, Reason::NoBackend);
     };
     new_udp_flow(ctx, node, ip, l4, &fkey, svc, &chosen, now)
+}
+
+/// The service `k` is addressed to, and the flow's hash.
+#[inline(always)]
+fn service(node: &Node, k: &FlowKey) -> Option<(&'static Service, u32)> {
+    let skey = ServiceKey {
+        vip_be: k.dst_be,
+        port_be: k.dport_be,
+        proto: k.proto,
+        _pad: 0,
+    };
+    let svc = unsafe { SERVICES.get(&skey) }?;
+    let fh = hash::flow_hash(
+        k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto, node.seed,
+    );
+    Some((svc, fh))
+}
+
+/// A TCP segment with no established flow (`failover_new_tcp`, tail-called
+/// from `handle`): its half-open slot, or a new one.
+#[inline(always)]
+pub fn new_tcp(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Reason) {
+    let h = unsafe { &*ip.hdr };
+    let fkey = FlowKey {
+        src_be: u32::from_ne_bytes(h.src_addr),
+        dst_be: u32::from_ne_bytes(h.dst_addr),
+        sport_be: l4.sport_be,
+        dport_be: l4.dport_be,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    l4.evidence = EVIDENCE.get(0).is_some_and(|e| *e != 0);
+    let Some((svc, fh)) = service(node, &fkey) else {
+        return (xdp_action::XDP_PASS, Reason::NotVip);
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    pending::forward(ctx, node, ip, l4, &fkey, svc, fh, now)
 }
 
 /// A UDP flow has no handshake to wait for: pinned at once, in both tables.
@@ -220,7 +251,7 @@ fn new_udp_flow(
         return (xdp_action::XDP_DROP, Reason::FlowTableFull);
     }
     let out = send(ctx, node, ip, l4, k, &t, true, now);
-    if out.0 == xdp_action::XDP_DROP {
+    if !sent(out) {
         // Not sent (no route, no neighbour, ...): keep no state for it.
         forget(k, &flow, node);
     }
@@ -243,7 +274,9 @@ pub fn snat_port(node: &Node, k: &FlowKey, i: u32) -> u32 {
 }
 
 /// Counts, rewrites toward the backend, and sends. `new`: the packet opens
-/// a flow, which is then counted too (with the same counter lookups).
+/// a flow, which is then counted too (with the same counter lookups). The
+/// next hop is resolved first: a packet too long for it is answered with a
+/// frag-needed quoting it as the client sent it (toobig.rs).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn send(
@@ -256,6 +289,74 @@ pub fn send(
     new: bool,
     now: u64,
 ) -> (u32, Reason) {
+    let route = Route {
+        proto: ip.proto,
+        src_be: node.snat_be,
+        dst_be: t.addr_be,
+        tot_len: ip.tot_len,
+        tx: Reason::ForwardTx,
+        redirect: Reason::ForwardRedirect,
+        now,
+    };
+    let out = match NEXTHOPS.get_ptr_mut(t.backend_id) {
+        Some(nh) => {
+            let nh = unsafe { &mut *nh };
+            match egress::resolve(ctx, nh, &route) {
+                Ok(()) => rewrite_out(ctx, node, ip, l4, k, t, nh, &route),
+                Err((Reason::MtuExceeded, mtu)) => toobig::answer(ctx, ip, mtu, now),
+                Err((r, _)) => (xdp_action::XDP_DROP, r),
+            }
+        }
+        None => (xdp_action::XDP_DROP, Reason::NoBackend),
+    };
+    let bytes = ip.tot_len as u64;
+    let sent = sent(out);
+    let opened = (new && sent) as u64;
+    if let Some(s) = stats::service(t.service_id) {
+        s.fwd_packets += 1;
+        s.fwd_bytes += bytes;
+        s.new_flows += opened;
+    }
+    if let Some(s) = stats::backend(t.backend_id) {
+        s.traffic.fwd_packets += 1;
+        s.traffic.fwd_bytes += bytes;
+        s.traffic.new_flows += opened;
+        // Count only SYNs that left: one dropped here (no neighbour yet,
+        // no route) must not look like a SYN the backend left unanswered.
+        if l4.tcp && tcp::opening(l4.flags) && sent {
+            if l4.evidence {
+                s.syns += 1;
+            } else {
+                s.syns_ignored += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The packet went on toward its backend (not dropped, not answered).
+#[inline(always)]
+pub fn sent(out: (u32, Reason)) -> bool {
+    matches!(out.1, Reason::ForwardTx | Reason::ForwardRedirect)
+}
+
+/// Rewrites the packet toward `t` (clamping a SYN's MSS to the path) and
+/// sends it to the resolved next hop.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite_out(
+    ctx: &XdpContext,
+    node: &Node,
+    ip: &Ipv4,
+    l4: &L4,
+    k: &FlowKey,
+    t: &Target,
+    nh: &NextHop,
+    route: &Route,
+) -> (u32, Reason) {
+    if l4.tcp && l4.flags & l4::TCP_SYN != 0 {
+        l4::clamp_mss(ctx, l4, t.backend_id);
+    }
     ipv4::rewrite(ip.hdr, node.snat_be, t.addr_be);
     if let Err(r) = l4::rewrite(
         ctx,
@@ -269,41 +370,7 @@ pub fn send(
     ) {
         return (xdp_action::XDP_DROP, r);
     }
-    let route = Route {
-        proto: ip.proto,
-        src_be: node.snat_be,
-        dst_be: t.addr_be,
-        tot_len: ip.tot_len,
-        tx: Reason::ForwardTx,
-        redirect: Reason::ForwardRedirect,
-        now,
-    };
-    let out = match NEXTHOPS.get_ptr_mut(t.backend_id) {
-        Some(nh) => egress::send(ctx, unsafe { &mut *nh }, &route),
-        None => (xdp_action::XDP_DROP, Reason::NoBackend),
-    };
-    let bytes = ip.tot_len as u64;
-    let opened = (new && out.0 != xdp_action::XDP_DROP) as u64;
-    if let Some(s) = stats::service(t.service_id) {
-        s.fwd_packets += 1;
-        s.fwd_bytes += bytes;
-        s.new_flows += opened;
-    }
-    if let Some(s) = stats::backend(t.backend_id) {
-        s.traffic.fwd_packets += 1;
-        s.traffic.fwd_bytes += bytes;
-        s.traffic.new_flows += opened;
-        // Count only SYNs that left: one dropped here (no neighbour yet,
-        // no route) must not look like a SYN the backend left unanswered.
-        if l4.tcp && tcp::opening(l4.flags) && out.0 != xdp_action::XDP_DROP {
-            if l4.evidence {
-                s.syns += 1;
-            } else {
-                s.syns_ignored += 1;
-            }
-        }
-    }
-    out
+    egress::out(ctx, nh, route)
 }
 
 /// Sends an RST to the client and counts it if one was sent.

@@ -2,12 +2,13 @@
 //! incremental checksum updates (RFC 1624).
 
 use aya_ebpf::programs::XdpContext;
-use failover_common::{Reason, checksum};
+use failover_common::{Reason, checksum, icmp};
 use network_types::ip::Ipv4Hdr;
 
 use crate::parse::{IPPROTO_TCP, IPPROTO_UDP, ptr_at};
 
-/// A validated IPv4 header without options, and the L4 protocol after it.
+/// A validated IPv4 header without options, and the protocol after it
+/// (TCP, UDP or ICMP).
 pub struct Ipv4 {
     pub hdr: *mut Ipv4Hdr,
     pub l4_off: usize,
@@ -53,7 +54,7 @@ pub fn validate(ctx: &XdpContext, hdr: *mut Ipv4Hdr, l3_off: usize) -> Result<Ip
         // The kernel answers with ICMP time exceeded.
         return Err(Reason::TtlExpired);
     }
-    if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
+    if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP && h.proto != icmp::PROTO {
         return Err(Reason::NotTcpUdp);
     }
     Ok(Ipv4 {

@@ -1,14 +1,17 @@
 //! TCP and UDP: ports, flags, and the port/pseudo-header checksum update
 //! that goes with a NAT rewrite.
 
-use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 use failover_common::{
     ACKED_BACKEND, ACKED_BOTH, ACKED_CLIENT, FIN_BACKEND, FIN_CLIENT, Reason, checksum,
     tcp::{self, SynWorth},
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::parse::{IPPROTO_TCP, ptr_at};
+use crate::{
+    maps::PATH_MSS,
+    parse::{IPPROTO_TCP, ptr_at},
+};
 
 pub use failover_common::tcp::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN};
 
@@ -197,6 +200,69 @@ pub fn syn_worth(ctx: &XdpContext, ip: *const Ipv4Hdr, l4: &L4) -> SynWorth {
         &buf,
         hlen,
     )
+}
+
+/// Clamps the MSS option of a SYN or SYN-ACK to the path toward
+/// `backend_id` (`PATH_MSS`, set from its `path_mtu`), so neither side
+/// sends segments the path cannot carry even where ICMP is filtered. Only
+/// handshakes toward backends with a clamp pay for it: one array read and
+/// a fixed 8-byte window (`tcp::early_mss`). The checksum is updated for
+/// the two bytes, at whatever offset they sit.
+#[inline(always)]
+pub fn clamp_mss(ctx: &XdpContext, l4: &L4, backend_id: u32) {
+    clamp_mss_at(ctx.ctx, l4.off, l4.hlen as usize, backend_id);
+}
+
+/// A BPF subprogram, not inlined: the handshake paths that call it are
+/// inlined several times, and each would otherwise carry every way through
+/// it on to the rest of the program.
+#[inline(never)]
+fn clamp_mss_at(raw: *mut xdp_md, off: usize, hlen: usize, backend_id: u32) {
+    let ctx = &XdpContext::new(raw);
+    let Some(&mss) = PATH_MSS.get(backend_id) else {
+        return;
+    };
+    if mss == 0 || hlen < tcp::MIN_HEADER + 4 {
+        return;
+    }
+    let opts_off = off + tcp::MIN_HEADER;
+    let mut opts = [0u8; 8];
+    let avail = if hlen >= tcp::MIN_HEADER + 8 {
+        let Some(o) = ptr_at::<[u8; 8]>(ctx, opts_off) else {
+            return;
+        };
+        opts = unsafe { *o };
+        8
+    } else {
+        let Some(o) = ptr_at::<[u8; 4]>(ctx, opts_off) else {
+            return;
+        };
+        let o = unsafe { *o };
+        opts[..4].copy_from_slice(&o);
+        4
+    };
+    let Some((at, value)) = tcp::early_mss(&opts, avail) else {
+        return;
+    };
+    if value as u32 <= mss {
+        return;
+    }
+    let at = at & 7;
+    let old = value.to_be_bytes();
+    let new = (mss as u16).to_be_bytes();
+    let (Some(v), Some(t)) = (
+        ptr_at::<[u8; 2]>(ctx, opts_off + at),
+        ptr_at::<TcpHdr>(ctx, off),
+    ) else {
+        return;
+    };
+    unsafe {
+        *v = new;
+        let t = &mut *t;
+        let c =
+            checksum::replace_pair_at(u16::from_ne_bytes(t.check), tcp::MIN_HEADER + at, old, new);
+        t.check = c.to_ne_bytes();
+    }
 }
 
 /// Rewrites ports and folds the address change into the L4 checksum, which

@@ -3,8 +3,10 @@
 //! Packet walk: `parse` (Ethernet, VLAN) -> `ipv4` (validate) -> `l4`
 //! (ports, flags) -> `forward` (client -> VIP) or `reverse` (backend ->
 //! SNAT address) -> `select` (Maglev ring) / `reset` (RST to the client) ->
-//! `egress` (FIB, TX or redirect). Every packet ends in exactly one
-//! `Reason`, counted in `STATS`; the verdict table is in docs/datapath.md.
+//! `egress` (FIB, TX or redirect; `toobig` answers what the MTU refuses).
+//! ICMP to a VIP or the SNAT address goes to `icmp` instead of `l4`.
+//! Every packet ends in exactly one `Reason`, counted in `STATS`; the
+//! verdict table is in docs/datapath.md.
 #![no_std]
 #![no_main]
 #![expect(
@@ -14,6 +16,7 @@
 
 mod egress;
 mod forward;
+mod icmp;
 mod ipv4;
 mod l4;
 mod maps;
@@ -23,12 +26,13 @@ mod reset;
 mod reverse;
 mod select;
 mod stats;
+mod toobig;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use failover_common::Reason;
 use network_types::ip::Ipv4Hdr;
 
-use crate::maps::{NODE, VIP_FILTER};
+use crate::maps::{JUMPS, NODE, VIP_FILTER};
 
 #[xdp]
 pub fn failover_xdp(ctx: XdpContext) -> u32 {
@@ -70,6 +74,12 @@ fn try_failover(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         }
     }
     let ip = ipv4::validate(ctx, hdr, l2.l3_off)?;
+    if ip.proto == failover_common::icmp::PROTO {
+        // Continues in `failover_icmp`; if the jump is not there (an agent
+        // that has not set it yet), ICMP passes as it always did.
+        unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_ICMP) };
+        return Err(Reason::NotTcpUdp);
+    }
     // No IP options get here (validate passes them to the kernel).
     // L4 is bounded by the IP packet, not by the frame (which may carry
     // Ethernet padding or bytes a forger appended).
@@ -79,6 +89,63 @@ fn try_failover(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     } else {
         forward::handle(ctx, node, &ip, &mut l4)
     })
+}
+
+/// ICMP to a VIP or the SNAT address (icmp.rs), tail-called from
+/// `failover_xdp` once its checks passed; they are done again here, as a
+/// tail call carries no state but the packet.
+#[xdp]
+pub fn failover_icmp(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_icmp(&ctx) {
+        Ok(v) => v,
+        Err(r) => (verdict(r), r),
+    };
+    stats::reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_icmp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
+    if l2.ether_type != parse::ETH_P_IPV4 {
+        return Err(Reason::NotIpv4);
+    }
+    let hdr = ipv4::header(ctx, l2.l3_off)?;
+    let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
+    let dst = u32::from_ne_bytes(unsafe { (*hdr).dst_addr });
+    let ip = ipv4::validate(ctx, hdr, l2.l3_off)?;
+    if ip.proto != failover_common::icmp::PROTO {
+        return Err(Reason::NotTcpUdp);
+    }
+    Ok(icmp::handle(ctx, node, &ip, dst == node.snat_be))
+}
+
+/// TCP segments to a VIP with no established flow (forward::new_tcp),
+/// tail-called from `failover_xdp`.
+#[xdp]
+pub fn failover_new_tcp(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_new_tcp(&ctx) {
+        Ok(v) => v,
+        Err(r) => (verdict(r), r),
+    };
+    stats::reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_new_tcp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
+    if l2.ether_type != parse::ETH_P_IPV4 {
+        return Err(Reason::NotIpv4);
+    }
+    let hdr = ipv4::header(ctx, l2.l3_off)?;
+    let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
+    let ip = ipv4::validate(ctx, hdr, l2.l3_off)?;
+    let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.tot_len - Ipv4Hdr::LEN as u16)?;
+    if !l4.tcp {
+        return Err(Reason::JumpFailed);
+    }
+    Ok(forward::new_tcp(ctx, node, &ip, &mut l4))
 }
 
 /// Attached to veth peers (XDP_TX/redirect frames only arrive on a veth

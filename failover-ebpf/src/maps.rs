@@ -6,12 +6,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use failover_common::{
-    Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, LRU_FLAGS, MAX_BACKENDS,
-    MAX_SERVICES, NextHop, Node, PENDING_MAX, Pending, RING_SLOTS, Reverse, ReverseKey, Ring,
-    STATS_SLOTS, Service, ServiceKey, ServiceStats, VipFilter,
+    Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, ICMP_SLOTS, JUMP_SLOTS, LRU_FLAGS,
+    MAX_BACKENDS, MAX_SERVICES, NextHop, Node, PENDING_MAX, Pending, RING_SLOTS, Reverse,
+    ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats, VipFilter,
 };
 
 #[map(name = "NODE")]
@@ -54,3 +54,28 @@ pub static BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKEND
 /// Next hop toward each backend, per CPU (no torn MAC writes).
 #[map]
 pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// `PATH_MSS[backend id]`: the MSS that fits the path to the backend
+/// (`path_mtu` less 40), clamped into SYNs and SYN-ACKs; 0 = no clamp.
+/// Apart from `BACKENDS`, so the per-packet entry stays 8 bytes: only
+/// handshakes read it.
+#[map(name = "PATH_MSS")]
+pub static PATH_MSS: Array<u32> = Array::pinned(MAX_BACKENDS, 0);
+
+/// When each source slot last got a frag-needed from the edge (toobig.rs).
+#[map(name = "ICMP_LIMIT")]
+pub static ICMP_LIMIT: PerCpuArray<u64> = PerCpuArray::pinned(ICMP_SLOTS, 0);
+
+/// Programs the main one tail-calls (`JUMP_*`), each verified on its own.
+#[map(name = "JUMPS")]
+pub static JUMPS: ProgramArray = ProgramArray::pinned(JUMP_SLOTS, 0);
+
+/// Whether the SYN the main program judged is passive-health evidence,
+/// handed to `failover_new_tcp` across the tail call (same CPU, at once).
+#[map(name = "EVIDENCE")]
+pub static EVIDENCE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
+/// A per-CPU copy of an ICMP error being checked (icmp.rs): 140 words
+/// hold the longest message a router sends (`icmp::MESSAGE_MAX`).
+#[map(name = "ICMP_BUF")]
+pub static ICMP_BUF: PerCpuArray<[u32; 140]> = PerCpuArray::pinned(1, 0);

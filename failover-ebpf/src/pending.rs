@@ -21,7 +21,7 @@ use crate::{
     l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
     maps::{BACKENDS, FLOWS, PENDING, REVERSE},
     select::{self, Chosen},
-    stats,
+    stats, toobig,
 };
 
 /// A client's TCP segment with no established flow: its own pending slot
@@ -157,7 +157,7 @@ pub fn forward(
         nat_port_be: port.to_be(),
     };
     let out = forward::send(ctx, node, ip, l4, k, &t, true, now_c);
-    if out.0 == xdp_action::XDP_DROP {
+    if !forward::sent(out) {
         // Not sent (no route, no neighbour, ...): keep no state for it.
         p.expires_ns = 0;
     }
@@ -373,6 +373,26 @@ pub fn reverse(
         s.rev_packets += 1;
         s.rev_bytes += ip.tot_len as u64;
     }
+    let route = Route {
+        proto: ip.proto,
+        src_be: p.vip_be,
+        dst_be: p.client_be,
+        tot_len: ip.tot_len,
+        tx: Reason::ReverseTx,
+        redirect: Reason::ReverseRedirect,
+        now: now_c,
+    };
+    // A handshake's few replies look the client's next hop up each time;
+    // the established entry caches it.
+    let mut nh = NextHop::default();
+    match egress::resolve(ctx, &mut nh, &route) {
+        Ok(()) => {}
+        Err((Reason::MtuExceeded, mtu)) => return toobig::answer(ctx, ip, mtu, now_c),
+        Err((r, _)) => return (xdp_action::XDP_DROP, r),
+    }
+    if l4.flags & TCP_SYN != 0 {
+        l4::clamp_mss(ctx, l4, p.backend_id);
+    }
     let src = rkey.backend_be;
     ipv4::rewrite(ip.hdr, p.vip_be, p.client_be);
     if let Err(e) = l4::rewrite(
@@ -387,17 +407,5 @@ pub fn reverse(
     ) {
         return (xdp_action::XDP_DROP, e);
     }
-    let route = Route {
-        proto: ip.proto,
-        src_be: p.vip_be,
-        dst_be: p.client_be,
-        tot_len: ip.tot_len,
-        tx: Reason::ReverseTx,
-        redirect: Reason::ReverseRedirect,
-        now: now_c,
-    };
-    // A handshake's few replies look the client's next hop up each time;
-    // the established entry caches it.
-    let mut nh = NextHop::default();
-    egress::send(ctx, &mut nh, &route)
+    egress::out(ctx, &nh, &route)
 }

@@ -13,7 +13,7 @@ use crate::{
     ipv4::Ipv4,
     l4::{self, Closing, L4},
     maps::{FLOWS, REVERSE},
-    pending, stats,
+    pending, stats, toobig,
 };
 
 #[inline(always)]
@@ -50,6 +50,26 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         s.rev_bytes += ip.tot_len as u64;
     }
 
+    let route = Route {
+        proto: ip.proto,
+        src_be: r.vip_be,
+        dst_be: r.client_be,
+        tot_len: ip.tot_len,
+        tx: Reason::ReverseTx,
+        redirect: Reason::ReverseRedirect,
+        now,
+    };
+    match egress::resolve(ctx, &mut rev.nh, &route) {
+        Ok(()) => {}
+        // Too long for the client's path: the backend hears it from the
+        // SNAT address, quoting its own packet.
+        Err((Reason::MtuExceeded, mtu)) => return toobig::answer(ctx, ip, mtu, now),
+        Err((e, _)) => return (xdp_action::XDP_DROP, e),
+    }
+    if l4.tcp && l4.flags & l4::TCP_SYN != 0 {
+        // A retransmitted SYN-ACK, after the handshake completed.
+        l4::clamp_mss(ctx, l4, r.backend_id);
+    }
     ipv4::rewrite(ip.hdr, r.vip_be, r.client_be);
     if let Err(e) = l4::rewrite(
         ctx,
@@ -63,16 +83,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     ) {
         return (xdp_action::XDP_DROP, e);
     }
-    let route = Route {
-        proto: ip.proto,
-        src_be: r.vip_be,
-        dst_be: r.client_be,
-        tot_len: ip.tot_len,
-        tx: Reason::ReverseTx,
-        redirect: Reason::ReverseRedirect,
-        now,
-    };
-    let out = egress::send(ctx, &mut rev.nh, &route);
+    let out = egress::out(ctx, &rev.nh, &route);
     if !l4.tcp {
         return out;
     }

@@ -135,8 +135,32 @@ impl Frame {
     }
 }
 
-/// Checks a frame's IPv4 and L4 checksums by recomputing them from scratch.
+/// Checks a frame's IPv4 and L4 checksums by recomputing them from scratch
+/// (for ICMP: the message's, and the quoted IPv4 header's).
 pub fn assert_checksums_valid(frame: &[u8]) {
+    if frame.len() >= 34 && frame[12..14] == [8, 0] && frame[23] == 1 {
+        use failover_common::checksum;
+        assert_eq!(
+            checksum::ipv4_header(&frame[14..34]),
+            0,
+            "IPv4 header checksum"
+        );
+        let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+        let m = &frame[34..14 + tot];
+        assert_eq!(
+            checksum::fold(checksum::sum_bytes(m, 0)),
+            0xffff,
+            "ICMP checksum"
+        );
+        if m.len() >= 28 {
+            assert_eq!(
+                checksum::ipv4_header(&m[8..28]),
+                0,
+                "quoted IPv4 header checksum"
+            );
+        }
+        return;
+    }
     let p = SlicedPacket::from_ethernet(frame).expect("output parses");
     let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
         panic!("not ipv4: {frame:02x?}")
@@ -255,5 +279,28 @@ pub fn with_tcp_options(frame: &[u8], opts: &[u8]) -> Vec<u8> {
     f[16..18].copy_from_slice(&tot.to_be_bytes());
     set_ip_checksum(&mut f);
     set_l4_checksum(&mut f);
+    f
+}
+
+/// An untagged ICMP frame from `src` to `dst` (TTL 64, DF clear, the MACs
+/// of [`Frame`]): the 8-byte ICMP `header` (its checksum bytes ignored),
+/// then `quote`, with both checksums computed from scratch.
+pub fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, header: [u8; 8], quote: &[u8]) -> Vec<u8> {
+    use failover_common::checksum;
+    let mut m = header.to_vec();
+    m[2] = 0;
+    m[3] = 0;
+    m.extend_from_slice(quote);
+    let c = !checksum::fold(checksum::sum_bytes(&m, 0));
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + m.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = checksum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&m);
     f
 }

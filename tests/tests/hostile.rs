@@ -15,13 +15,12 @@ use failover_common::{
 use failover_tests::{
     lab::{BACKEND_MAC, BPORT, CLIENT, CLIENT_MAC, Lab, SNAT, VA0_MAC, VC0_MAC, VIP, backend_addr},
     packet::{
-        Frame, assert_checksums_valid, l4_checksum_ok, nat, set_ip_checksum, set_l4_checksum,
-        with_tcp_options,
+        Frame, assert_checksums_valid, icmp_frame, l4_checksum_ok, nat, set_ip_checksum,
+        set_l4_checksum, with_tcp_options,
     },
+    xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
 
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 const DNS: u16 = 53;
 
 /// Backends 1..=3, TCP service 0 on VIP:80 and UDP service 1 on VIP:53,
@@ -267,11 +266,18 @@ fn the_cached_next_hop_checks_the_egress_mtu() {
     // The SYN's FIB lookup caches the next hop, with its MTU.
     let syn = Frame::tcp(CLIENT, 52_300, VIP, 80);
     assert_eq!(lab.run(lab.vc0, &syn.build()).unwrap().0, XDP_REDIRECT);
-    let big = syn.clone().data(&[0x42; 1300]).build();
+    // Without DF: dropped (XDP cannot fragment). With DF, the client gets
+    // a frag-needed instead (tests/tests/icmp.rs checks its frame).
+    let mut big = syn.clone().data(&[0x42; 1300]).build();
+    big[IP + 6] = 0;
+    set_ip_checksum(&mut big);
     let before = lab.count(Reason::MtuExceeded);
     let (rc, _) = lab.run(lab.vc0, &big).unwrap();
     assert_eq!(rc, Reason::MtuExceeded.verdict().action());
     assert_eq!(lab.count(Reason::MtuExceeded), before + 1);
+    let df = syn.clone().data(&[0x42; 1300]).build();
+    let (rc, _) = lab.run(lab.vc0, &df).unwrap();
+    assert_eq!(rc, Reason::FragNeededSent.verdict().action());
     let small = syn.data(&[0x42; 1200]).build();
     let (rc, out) = lab.run(lab.vc0, &small).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
@@ -309,6 +315,7 @@ fn differential_fuzz_against_the_reference_model() {
 
     let mut forwarded = 0u64;
     let mut exact = 0u64;
+    let mut icmp_errors = 0u64;
     for batch in 0..FUZZ_FRAMES / FUZZ_BATCH {
         let before = counts(&lab);
         let mut want = vec![0u64; Reason::ALL.len()];
@@ -335,7 +342,20 @@ fn differential_fuzz_against_the_reference_model() {
                         forwarded += 1;
                         check_sent(&frame, &out, expected, &ctx);
                     } else {
-                        assert!(rc == 1 || rc == 2, "{}", ctx());
+                        assert!(rc == XDP_DROP || rc == XDP_PASS, "{}", ctx());
+                    }
+                }
+                Expected::Icmp => {
+                    icmp_errors += 1;
+                    if rc == XDP_TX || rc == XDP_REDIRECT {
+                        // Translated (tests/tests/icmp.rs checks whole frames).
+                        assert_checksums_valid(&out);
+                    } else if rc == XDP_PASS {
+                        // About no flow: the kernel's, untouched.
+                        assert_eq!(out, frame, "untouched: {}", ctx());
+                    } else {
+                        // About a flow whose other side has no neighbour.
+                        assert_eq!(rc, XDP_DROP, "{}", ctx());
                     }
                 }
             }
@@ -352,7 +372,9 @@ fn differential_fuzz_against_the_reference_model() {
         );
         for &r in Reason::ALL {
             let (got, w) = (delta[r as usize], want[r as usize]);
-            let state_dependent = Expected::Forward.allows(r) || Expected::Reverse.allows(r);
+            let state_dependent = Expected::Forward.allows(r)
+                || Expected::Reverse.allows(r)
+                || Expected::Icmp.allows(r);
             if state_dependent {
                 assert!(got >= w, "batch {batch} (seed {seed}): {r:?} {got} < {w}");
             } else {
@@ -367,6 +389,10 @@ fn differential_fuzz_against_the_reference_model() {
         "{forwarded} sent on"
     );
     assert!(exact > u64::from(FUZZ_FRAMES) / 4, "{exact} exact");
+    assert!(
+        icmp_errors > u64::from(FUZZ_FRAMES) / 400,
+        "{icmp_errors} well-formed ICMP errors"
+    );
 }
 
 /// A frame that left toward a host: a NAT of the input (or an RST the edge
@@ -419,6 +445,30 @@ fn check_sent(input: &[u8], out: &[u8], expected: Expected, ctx: &dyn Fn() -> St
         set_l4_checksum(&mut o);
         assert_eq!(o, want, "{}", ctx());
     }
+}
+
+/// An ICMP error to the SNAT address or the VIP, quoting a packet of a
+/// flow that may or may not exist, checksums right (the mutations after
+/// reach the checks behind them).
+fn icmp_error(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let nat_port = rng.u16(FUZZ_PORTS.0..=FUZZ_PORTS.1);
+    let (to, quoted) = if rng.bool() {
+        let mut q = Frame::tcp(SNAT, nat_port, backend_addr(1), BPORT);
+        q.payload = vec![7; rng.usize(0..1400)];
+        (SNAT, q.build())
+    } else {
+        let client = Ipv4Addr::new(192, 0, 2, rng.u8(2..250));
+        (VIP, Frame::udp(VIP, DNS, client, rng.u16(1024..)).build())
+    };
+    let qlen = rng.usize(0..=(quoted.len() - IP).min(600));
+    let (ty, code) = [(3, 4), (3, 3), (3, 1), (11, 0), (8, 0), (3, 13)][rng.usize(..6)];
+    let mtu = [1400u16, 1280, 552, 0, 9000][rng.usize(..5)];
+    icmp_frame(
+        Ipv4Addr::new(198, 51, 100, 254),
+        to,
+        [ty, code, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8],
+        &quoted[IP..IP + qlen],
+    )
 }
 
 fn hex(b: &[u8]) -> String {
@@ -483,6 +533,7 @@ fn fuzz_frame(rng: &mut fastrand::Rng) -> Vec<u8> {
                 .build()
             }
         }
+        7 if rng.bool() => icmp_error(rng),
         7 => Frame::tcp(
             client,
             sport,

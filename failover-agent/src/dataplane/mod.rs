@@ -22,7 +22,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, ProgramArray},
     programs::{ProgramError, Xdp},
 };
 use failover_common::{
@@ -163,6 +163,9 @@ pub struct Dataplane {
     flows: HashMap<MapData, FlowKey, Flow>,
     reverse: HashMap<MapData, ReverseKey, Reverse>,
     pending: Array<MapData, Pending>,
+    path_mss: Array<MapData, u32>,
+    /// Held so the tail-call table stays set while this agent runs.
+    _jumps: ProgramArray<MapData>,
     devmap: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
@@ -200,13 +203,34 @@ impl Dataplane {
             .map_max_entries(names::REVERSE, flow_capacity)
             .load(OBJECT)
             .map_err(ErrorKind::Load)?;
-        for name in [names::PROGRAM, names::PASS_PROGRAM] {
+        for name in [
+            names::PROGRAM,
+            names::PASS_PROGRAM,
+            names::ICMP_PROGRAM,
+            names::NEW_TCP_PROGRAM,
+        ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(ErrorKind::Program(ProgramError::NotLoaded))?
                 .try_into()
                 .map_err(ErrorKind::Program)?;
             prog.load().map_err(ErrorKind::Program)?;
+        }
+        // The main program tail-calls ICMP and TCP segments without an
+        // established flow into programs of their own. JUMPS is pinned like
+        // every map: a restarted agent points it at its own programs, which
+        // share every map with the ones before.
+        let mut jumps: ProgramArray<MapData> = take!(ebpf, names::JUMPS);
+        for (slot, name) in [
+            (failover_common::JUMP_ICMP, names::ICMP_PROGRAM),
+            (failover_common::JUMP_NEW_TCP, names::NEW_TCP_PROGRAM),
+        ] {
+            let fd = ebpf
+                .program(name)
+                .ok_or(ErrorKind::Program(ProgramError::NotLoaded))?
+                .fd()
+                .map_err(ErrorKind::Program)?;
+            jumps.set(slot, fd, 0).map_err(map_err(names::JUMPS))?;
         }
         Ok(Self {
             node: take!(ebpf, names::NODE),
@@ -217,6 +241,8 @@ impl Dataplane {
             flows: take!(ebpf, names::FLOWS),
             reverse: take!(ebpf, names::REVERSE),
             pending: take!(ebpf, names::PENDING),
+            path_mss: take!(ebpf, names::PATH_MSS),
+            _jumps: jumps,
             devmap: take!(ebpf, names::DEVMAP),
             stats: take!(ebpf, names::STATS),
             svc_stats: take!(ebpf, names::SVC_STATS),
@@ -282,6 +308,18 @@ impl Dataplane {
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
         self.backends.get(&id, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// The MSS clamped into handshakes toward backend `id` (`path_mtu`
+    /// less 40; 0: none). Written before the backend enters a ring.
+    pub fn set_path_mss(&mut self, id: u32, mss: u32) -> Result<()> {
+        self.path_mss
+            .set(id, mss, 0)
+            .map_err(map_err(names::PATH_MSS))
+    }
+
+    pub fn path_mss(&self, id: u32) -> Result<u32> {
+        self.path_mss.get(&id, 0).map_err(map_err(names::PATH_MSS))
     }
 
     /// Changes only a backend's state: the fastest way to take a backend

@@ -1,0 +1,107 @@
+//! A DF packet longer than the egress MTU: the edge answers its sender with
+//! an ICMP frag-needed carrying that MTU, as a router on the path would, so
+//! PMTU discovery works through the NAT (RFC 1191). The frame is rebuilt in
+//! place and sent back out of the interface it came in on, as reset.rs
+//! does. A packet without DF is dropped: XDP cannot fragment.
+//!
+//! The answer comes from the address the packet was sent to (the VIP for a
+//! client, the SNAT address for a backend) and quotes the packet as its
+//! sender sent it, so the sender's stack matches it to its socket. Answers
+//! are limited per source slot (`ICMP_LIMIT`), so a flood of oversize
+//! packets from forged sources costs a bounded number of small replies.
+
+use aya_ebpf::{
+    bindings::{xdp_action, xdp_md},
+    helpers::bpf_xdp_adjust_tail,
+    programs::XdpContext,
+};
+use failover_common::{ICMP_INTERVAL_NS, ICMP_SLOTS, Reason, checksum, hash, icmp};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{ipv4::Ipv4, maps::ICMP_LIMIT, parse::ptr_at};
+
+const DF: u16 = 0x4000;
+const ANSWER_LEN: usize = Ipv4Hdr::LEN + icmp::FRAG_NEEDED_LEN;
+
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, ip: &Ipv4, mtu: u16, now: u64) -> (u32, Reason) {
+    let code = answer_at(ctx.ctx, ip.l4_off - Ipv4Hdr::LEN, mtu as u64, now);
+    match code {
+        SENT => (xdp_action::XDP_TX, Reason::FragNeededSent),
+        LIMITED => (xdp_action::XDP_DROP, Reason::FragNeededLimited),
+        _ => (xdp_action::XDP_DROP, Reason::MtuExceeded),
+    }
+}
+
+const SENT: u32 = 0;
+const NOT_SENT: u32 = 1;
+const LIMITED: u32 = 2;
+
+/// A BPF subprogram, not inlined: every path that sends a packet on may
+/// end here, and each would otherwise carry its own copy through the
+/// verifier.
+#[inline(never)]
+fn answer_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
+    let ctx = &XdpContext::new(raw);
+    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
+        return NOT_SENT;
+    };
+    let (src, dst, frags) = {
+        let h = unsafe { &*hdr };
+        (h.src_addr, h.dst_addr, u16::from_be_bytes(h.frags))
+    };
+    if frags & DF == 0 {
+        return NOT_SENT;
+    }
+    let slot = hash::mix32(u32::from_ne_bytes(src)) & (ICMP_SLOTS - 1);
+    let Some(last) = ICMP_LIMIT.get_ptr_mut(slot) else {
+        return LIMITED;
+    };
+    let last = unsafe { &mut *last };
+    if *last != 0 && now.wrapping_sub(*last) < ICMP_INTERVAL_NS {
+        return LIMITED;
+    }
+    *last = now;
+
+    let frame_len = (ctx.data_end() - ctx.data()) as i32;
+    let delta = (l3_off + ANSWER_LEN) as i32 - frame_len;
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return NOT_SENT;
+    }
+    // Built in place, so the stack stays small (this runs a call deep
+    // below the program's own frame): the quote, the packet's IP header
+    // and first 8 bytes of L4 (parse() checked they are there), moves
+    // behind the new IP and ICMP headers. Pointers are invalid after the
+    // tail moved: take them again.
+    let q_off = l3_off + Ipv4Hdr::LEN + icmp::HEADER;
+    let (Some(eth), Some(iph), Some(msg), Some(from), Some(to)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<[u8; Ipv4Hdr::LEN]>(ctx, l3_off),
+        ptr_at::<[u8; icmp::FRAG_NEEDED_LEN]>(ctx, l3_off + Ipv4Hdr::LEN),
+        ptr_at::<[u8; icmp::QUOTE_MIN]>(ctx, l3_off),
+        ptr_at::<[u8; icmp::QUOTE_MIN]>(ctx, q_off),
+    ) else {
+        return NOT_SENT;
+    };
+    unsafe {
+        *to = *from;
+        let e = &mut *eth;
+        core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
+        let m = &mut *msg;
+        m[..icmp::HEADER].copy_from_slice(&icmp::frag_needed_header(mtu as u16));
+        let c = !checksum::fold(checksum::sum_bytes(m, 0));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        let h = &mut *iph;
+        *h = [0; Ipv4Hdr::LEN];
+        h[0] = 0x45;
+        h[1] = 0xc0; // precedence "internetwork control", as Linux sends ICMP
+        h[2..4].copy_from_slice(&(ANSWER_LEN as u16).to_be_bytes());
+        h[8] = 64;
+        h[9] = icmp::PROTO;
+        h[12..16].copy_from_slice(&dst);
+        h[16..20].copy_from_slice(&src);
+        let c = checksum::ipv4_header(h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    SENT
+}
