@@ -1044,7 +1044,19 @@ pub struct Backend {
     pub weight: u32,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The largest IP packet the path to this backend carries, when it is
+    /// smaller than the edge's own links (a tunnel or interconnect to
+    /// another cloud): the data plane clamps the MSS of handshakes with it
+    /// to this less 40, so large requests work even where ICMP is filtered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_mtu: Option<u16>,
 }
+
+/// IPv4 and TCP headers without options: `path_mtu` less this is the MSS.
+pub const IPV4_TCP_HEADERS: u32 = 40;
+/// The `path_mtu` a backend may have: IPv4's 576 (RFC 791) up to a jumbo
+/// frame.
+pub const PATH_MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=9216;
 
 fn default_interval() -> Duration {
     Duration::from_millis(100)

@@ -606,7 +606,7 @@ async fn passive_ejection_from_real_handshake_counters() {
     assert_eq!(batch[b1 as usize].syn_rsts, 2);
     // The backend was idle at the baseline read, so the next read comes at
     // the idle period (busy backends are read every 5 ms).
-    let now = t0 + failover_agent::agent::passive::IDLE_POLL_INTERVAL;
+    let now = t0 + failover_agent::agent::passive_feed::IDLE_POLL_INTERVAL;
     let ej = m.poll(now, |i| a.dataplane().backend_stats(i));
     assert_eq!(ej.len(), 1, "{ej:?}");
     assert_eq!(ej[0].backend, "b1");

@@ -938,13 +938,30 @@ async fn colour_on_a_terminal(sock: &Path) {
     match out {
         Ok(out) if out.status.success() => {
             let text = String::from_utf8(out.stdout).unwrap().replace("\r\n", "\n");
-            assert!(text.contains("\x1b[32mup"), "{text:?}");
-            let plain = text.replace("\x1b[0m", "").replace("\x1b[32m", "");
+            // Green (xterm colour 2), as comfy-table writes it.
+            assert!(text.contains("\x1b[38;5;2mup"), "{text:?}");
+            let plain = strip_colours(&text);
             let rows = aligned_table(&plain, &BACKENDS_HEADER);
             assert_eq!(rows.len(), 3, "{plain}");
         }
         other => panic!("`script` could not run the CLI on a terminal: {other:?}"),
     }
+}
+
+/// `text` without its SGR escape sequences (`ESC [ ... m`).
+fn strip_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("\x1b[") {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        match rest.find('m') {
+            Some(end) => rest = &rest[end + 1..],
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 async fn no_agent_on(sock: &Path) {

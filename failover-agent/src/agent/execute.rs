@@ -19,6 +19,8 @@ pub struct Pinned {
     pub services: Vec<(ServiceKey, MapService)>,
     /// `BACKENDS` entries in use (state other than `UNUSED`).
     pub backends: Vec<(u32, MapBackend)>,
+    /// Non-zero `PATH_MSS` entries: clamps an earlier config set.
+    pub path_mss: Vec<(u32, u32)>,
 }
 
 /// Performs data-plane writes, and the few reads an applier needs to take
@@ -87,6 +89,7 @@ impl Executor for Maps {
             Write::RemoveService { key, .. } => self.dp.remove_service(key)?,
             Write::VipFilter(vips) => self.dp.set_vips(vips.iter().copied())?,
             Write::Nudge { backend_ids } => return self.dp.nudge_clients(backend_ids),
+            Write::PathMss { id, mss } => self.dp.set_path_mss(*id, *mss)?,
         }
         Ok(1)
     }
@@ -94,13 +97,22 @@ impl Executor for Maps {
     fn pinned(&self) -> Result<Pinned, DataplaneError> {
         let services = self.dp.services()?;
         let mut backends = Vec::new();
+        let mut path_mss = Vec::new();
         for id in 0..failover_common::MAX_BACKENDS {
             let b = self.dp.backend(id)?;
             if b.state != failover_common::state::UNUSED {
                 backends.push((id, b));
             }
+            let mss = self.dp.path_mss(id)?;
+            if mss != 0 {
+                path_mss.push((id, mss));
+            }
         }
-        Ok(Pinned { services, backends })
+        Ok(Pinned {
+            services,
+            backends,
+            path_mss,
+        })
     }
 
     fn ring(&self, id: u32, slot: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
@@ -142,6 +154,7 @@ impl Recorder {
                     .map(|p| (p.key, p.entry))
                     .collect(),
                 backends: current.backends.iter().map(|(&id, &b)| (id, b)).collect(),
+                path_mss: current.path_mss.iter().map(|(&id, &m)| (id, m)).collect(),
             },
             rings: current
                 .services

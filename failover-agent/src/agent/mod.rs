@@ -39,10 +39,6 @@ pub mod reload;
 mod snapshot;
 pub mod states;
 
-/// The passive feed under its former name.
-#[doc(hidden)]
-pub use passive_feed as passive;
-
 use std::{
     collections::BTreeMap,
     future::Future,

@@ -77,6 +77,10 @@ pub enum Write {
     Unused { id: u32, entry: MapBackend },
     /// Prompts the TCP clients of backends gone down (best effort).
     Nudge { backend_ids: Vec<u32> },
+    /// `PATH_MSS`: the MSS clamped into handshakes toward a backend (its
+    /// `path_mtu` less 40; 0: none). Written before the backend's entry,
+    /// so its first SYN is clamped.
+    PathMss { id: u32, mss: u32 },
 }
 
 impl Write {
@@ -121,6 +125,7 @@ impl fmt::Display for Write {
                 let v: Vec<String> = backend_ids.iter().map(ToString::to_string).collect();
                 write!(f, "nudge {}", v.join(","))
             }
+            Self::PathMss { id, mss } => write!(f, "mss {id} {mss}"),
         }
     }
 }
@@ -152,6 +157,8 @@ pub struct Current {
     pub backends: BTreeMap<u32, MapBackend>,
     /// The VIP filter, once this agent wrote it.
     pub vips: Option<Vec<Ipv4Addr>>,
+    /// `PATH_MSS` entries this agent wrote.
+    pub path_mss: BTreeMap<u32, u32>,
 }
 
 impl Current {
@@ -172,6 +179,12 @@ impl Current {
                     .retain(|_, p| !(p.key == key && p.entry.id == id));
             }
             Write::VipFilter(vips) => self.vips = Some(vips),
+            Write::PathMss { id, mss: 0 } => {
+                self.path_mss.remove(&id);
+            }
+            Write::PathMss { id, mss } => {
+                self.path_mss.insert(id, mss);
+            }
             Write::Node(_) | Write::Ring { .. } | Write::Nudge { .. } => {}
         }
     }
@@ -293,6 +306,24 @@ pub fn new_backends(ids: &Ids, cur: &Current) -> Vec<Write> {
         .map(|(_, a)| Write::Backend {
             id: a.id,
             entry: a.endpoint.to_map(DataplaneState::Down.raw()),
+        })
+        .collect()
+}
+
+/// `PATH_MSS` for every config backend whose clamp differs from the one
+/// its id has (`path_mtu` less 40; 0, no clamp, without one). An id
+/// never written holds 0; `cur` knows the others, from the pins after a
+/// restart, so an id reused by another backend never keeps a stale clamp.
+pub fn path_mss(cfg: &Config, ids: &Ids, cur: &Current) -> Vec<Write> {
+    cfg.backends
+        .iter()
+        .filter_map(|b| {
+            let id = ids.backend(&b.name)?.id;
+            let mss = b
+                .path_mtu
+                .map_or(0, |m| u32::from(m) - config::IPV4_TCP_HEADERS);
+            let now = cur.path_mss.get(&id).copied().unwrap_or(0);
+            (now != mss).then_some(Write::PathMss { id, mss })
         })
         .collect()
 }

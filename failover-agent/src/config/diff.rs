@@ -209,6 +209,7 @@ fn backend_fields(a: &Backend, b: &Backend) -> Vec<&'static str> {
         tier,
         weight,
         labels,
+        path_mtu,
     } = a;
     differing(&[
         ("address", *address == b.address),
@@ -219,5 +220,6 @@ fn backend_fields(a: &Backend, b: &Backend) -> Vec<&'static str> {
         ("tier", *tier == b.tier),
         ("weight", *weight == b.weight),
         ("labels", *labels == b.labels),
+        ("path_mtu", *path_mtu == b.path_mtu),
     ])
 }

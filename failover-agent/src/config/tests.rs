@@ -365,6 +365,26 @@ fn fields_of(config: &Config) -> Vec<String> {
 }
 
 #[test]
+fn path_mtu_limits() {
+    for (mtu, ok) in [
+        (575, false),
+        (576, true),
+        (1400, true),
+        (9216, true),
+        (9217, false),
+    ] {
+        let mut config = minimal();
+        config.backends[0].path_mtu = Some(mtu);
+        let fields = fields_of(&config);
+        if ok {
+            assert!(fields.is_empty(), "{mtu}: {fields:?}");
+        } else {
+            assert_eq!(fields, ["backends[0].path_mtu"], "{mtu}");
+        }
+    }
+}
+
+#[test]
 fn value_limits() {
     let mut config = minimal();
     assert!(fields_of(&config).is_empty());
@@ -997,7 +1017,7 @@ fn type_errors_of_every_part_are_reported_together() {
             "test.yaml:5: node.snat_address: invalid IPv4 address \"198.51.100\"",
             "test.yaml:12: services[0].protocol: unknown variant `sctp`, expected `tcp` or `udp`",
             "test.yaml:20: backends[0].port: invalid value: integer `80800`, expected u16",
-            "test.yaml:28: backends[1].colour: unknown field `colour`, expected one of `name`, `address`, `port`, `cloud`, `region`, `jurisdiction`, `tier`, `weight`, `labels`",
+            "test.yaml:28: backends[1].colour: unknown field `colour`, expected one of `name`, `address`, `port`, `cloud`, `region`, `jurisdiction`, `tier`, `weight`, `labels`, `path_mtu`",
         ]
     );
     // A part that is no list is one error, at its line.

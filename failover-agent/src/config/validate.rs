@@ -369,6 +369,18 @@ fn check_backends(c: &mut Checker, backends: &[Backend]) {
                 ),
             );
         }
+        if let Some(mtu) = backend.path_mtu
+            && !super::PATH_MTU_RANGE.contains(&mtu)
+        {
+            c.fail(
+                format!("{path}.path_mtu"),
+                format!(
+                    "path_mtu {mtu} is out of range {} to {}",
+                    super::PATH_MTU_RANGE.start(),
+                    super::PATH_MTU_RANGE.end()
+                ),
+            );
+        }
     }
 }
 

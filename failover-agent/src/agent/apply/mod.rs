@@ -236,6 +236,7 @@ impl<E: Executor> Applier<E> {
             graces: Graces::default(),
             current: Current {
                 backends: pinned.backends.into_iter().collect(),
+                path_mss: pinned.path_mss.into_iter().collect(),
                 ..Current::default()
             },
             hold: None,
@@ -357,9 +358,11 @@ impl<E: Executor> Applier<E> {
     }
 
     /// Gives every config backend without a matching entry one, DOWN
-    /// until its first verdict.
+    /// until its first verdict, after its MSS clamp.
     fn write_new_backends(&mut self) -> Result<(), AgentError> {
-        for w in reconcile::new_backends(&self.ids, &self.current) {
+        let mut writes = reconcile::path_mss(&self.cfg, &self.ids, &self.current);
+        writes.extend(reconcile::new_backends(&self.ids, &self.current));
+        for w in writes {
             self.run(w)?;
         }
         Ok(())

@@ -513,3 +513,30 @@ fn a_slow_backend_drains_for_its_grace_then_goes_down() {
     assert_eq!(take(&mut a), ["state 0 down"]);
     assert_eq!(a.grace_deadline(), None);
 }
+
+#[test]
+fn a_path_mtu_is_clamped_before_the_backend_takes_traffic_and_follows_reloads() {
+    let mut small = cfg();
+    small.backends[1].path_mtu = Some(1400);
+    let mut a = applier(small.clone());
+    let log = take(&mut a);
+    // b2's clamp (1400 less 40) before its entry; none for the others.
+    assert_eq!(
+        &log[..3],
+        ["node", "mss 1 1360", "backend 0 203.0.113.11:8080 down"]
+    );
+    assert_eq!(log.iter().filter(|w| w.starts_with("mss")).count(), 1);
+
+    // A restart reads the clamp from the pins and writes nothing again.
+    let mut b = restart(&a, Duration::from_secs(60));
+    assert!(!take(&mut b).iter().any(|w| w.starts_with("mss")));
+
+    // A reload that changes or removes it writes the new value.
+    let mut new = small.clone();
+    new.backends[1].path_mtu = Some(1280);
+    a.reload(new.clone(), Instant::now()).unwrap();
+    assert_eq!(take(&mut a), ["mss 1 1240"]);
+    new.backends[1].path_mtu = None;
+    a.reload(new, Instant::now()).unwrap();
+    assert_eq!(take(&mut a), ["mss 1 0"]);
+}
