@@ -176,7 +176,7 @@ fn run(w: &mut World, how: &str) -> Result<u64> {
     };
     let mut before = Vec::new();
     for len in SIZES {
-        let (backend, took) = post(&w, len)?;
+        let (backend, took) = post(w, len)?;
         assert!(
             backend.starts_with('a'),
             "{len} bytes to cloud-a: {backend}"
@@ -188,7 +188,7 @@ fn run(w: &mut World, how: &str) -> Result<u64> {
     w.agent
         .wait_serving("chat", &["b1", "b2"], Duration::from_secs(10))?;
     for (len, b) in SIZES.iter().zip(&before) {
-        let (backend, took) = post(&w, *len).with_context(|| format!("{how}: {len} bytes"))?;
+        let (backend, took) = post(w, *len).with_context(|| format!("{how}: {len} bytes"))?;
         assert!(
             backend.starts_with('b'),
             "{len} bytes to cloud-b: {backend}"
