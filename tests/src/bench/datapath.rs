@@ -11,6 +11,10 @@
 //! for the whole run ([`Loaded`]): `FLOWS`/`REVERSE` filled with
 //! established flows (whole handshakes through the program) and `PENDING`
 //! with live half-open slots.
+//!
+//! `icmp_error` is a frag-needed from the backend's path, quoting 548
+//! bytes of a flow's segment, translated toward the client: the ICMP
+//! program's own cost, tail call and checksum check included.
 
 use std::{
     net::Ipv4Addr,
@@ -151,6 +155,20 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
     // `data` makes it an ACK segment with 18 bytes.
     let reply = reply.data(&[0u8; 18]).build();
     let passthrough = Frame::tcp(CLIENT, 50_001, Ipv4Addr::new(203, 0, 113, 200), 80).build();
+    // A router on the backend's path refuses a full-size segment of the
+    // flow with a frag-needed (MTU 1400) to the SNAT address, quoting 548
+    // bytes as Linux does: translated toward the client.
+    let big = syn.clone().data(&[0u8; 1400]).build();
+    let (rc, sent) = lab.run(lab.vc0, &big)?;
+    anyhow::ensure!(rc == XDP_REDIRECT, "full-size segment: {rc}");
+    let mut icmp_error = crate::packet::icmp_frame(
+        Ipv4Addr::new(198, 51, 100, 254),
+        SNAT,
+        [3, 4, 0, 0, 0, 0, 0x05, 0x78],
+        &sent[14..14 + 548],
+    );
+    icmp_error[0..6].copy_from_slice(&VA0_MAC);
+    icmp_error[6..12].copy_from_slice(&BACKEND_MAC);
 
     let mut cases = [
         Case {
@@ -189,11 +207,17 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
             total_ns: 0,
             calls: 0,
         },
+        Case {
+            name: "icmp_error",
+            expect: XDP_REDIRECT,
+            total_ns: 0,
+            calls: 0,
+        },
     ];
     // Made after the first lab: this thread is in the loaded lab's
     // namespace from here, so each case enters its own lab's below.
     let mut loaded = Loaded::new()?;
-    let mut out = vec![0u8; 256];
+    let mut out = vec![0u8; 2048];
     let rounds = 20u64;
     let per_round = calls.div_ceil(rounds);
     let mut flow_no: u32 = 1 << 10;
@@ -226,9 +250,15 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
                     "established" => time_one(nat, lab.vc0, &established, &mut out)?,
                     "reverse" => time_one(nat, lab.va0, &reply, &mut out)?,
                     "passthrough" => time_one(nat, lab.vc0, &passthrough, &mut out)?,
+                    "icmp_error" => time_one(nat, lab.va0, &icmp_error, &mut out)?,
                     _ => {
-                        // A distinct client tuple for every call.
+                        // A distinct client tuple for every call, never
+                        // the established flow's (a SYN on it would close
+                        // it for the cases after this one).
                         flow_no += 1;
+                        if flow_no == 50_000 {
+                            flow_no += 1;
+                        }
                         syn_frame.src = Ipv4Addr::new(192, 0, 2, 100 + (flow_no >> 16) as u8);
                         syn_frame.sport = (flow_no & 0xffff) as u16;
                         time_one(nat, lab.vc0, &syn_frame.build(), &mut out)?
