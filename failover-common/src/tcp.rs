@@ -11,7 +11,7 @@
 //! SYN+RST, or an MD5 or TCP-AO option it has no key for, and answers an
 //! MPTCP join for an unknown token with an RST.
 
-use crate::checksum;
+use crate::{ACKED_BACKEND, ACKED_BOTH, ACKED_CLIENT, FIN_BACKEND, FIN_CLIENT, checksum};
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -112,12 +112,12 @@ fn checksum_ok(src_be: u32, dst_be: u32, header: &[u8; MAX_HEADER], hlen: usize)
 /// client that hides its MSS further in only risks its own connection. A
 /// SYN without one lets the peer send 536-byte segments (RFC 9293 3.7.1),
 /// below any path MTU the clamp allows.
-/// (Bytes are taken from the window as one integer: the XDP program must
-/// not index a stack array by a variable, which compiles to pointer
-/// arithmetic the verifier refuses.)
+/// The window is one big-endian integer (`opts` bytes 0..8, zero past
+/// `avail`): the XDP program then keeps it in a register, and never
+/// indexes a stack array by a variable, which compiles to pointer
+/// arithmetic the verifier refuses.
 #[must_use]
-pub const fn early_mss(opts: &[u8; 8], avail: usize) -> Option<(usize, u16)> {
-    let x = u64::from_be_bytes(*opts);
+pub const fn early_mss(x: u64, avail: usize) -> Option<(usize, u16)> {
     let mut j = 0;
     while j < 3 && j < avail && byte(x, j) == 1 {
         j += 1;
@@ -162,6 +162,101 @@ fn vanilla_options(header: &[u8; MAX_HEADER], hlen: usize) -> bool {
     }
     true
 }
+
+/// The numbers of a TCP segment the closing rule reads.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Data length.
+    pub payload: u16,
+}
+
+/// What a TCP segment does to its flow's NAT entries, in either direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closing {
+    /// Nothing: the flow goes on.
+    Keep,
+    /// Note `bits` (`FIN_*`, `ACKED_*`) on both entries; `fin_ack`: the
+    /// segment is a FIN, which the other side ACKs with this number (kept
+    /// in the entry the other side's segments read).
+    Note { bits: u8, fin_ack: Option<u32> },
+    /// An RST, or the segment that ACKs the second FIN: free both.
+    Free,
+}
+
+/// Which side sent the segment: its `FIN_*` bit, and the other side's
+/// `FIN_*` and `ACKED_*` bits.
+#[derive(Clone, Copy, Debug)]
+pub struct Side {
+    pub fin: u8,
+    pub peer_fin: u8,
+    pub peer_acked: u8,
+}
+
+/// The closing rule, for both directions. `fins`: the entry's bits so far;
+/// `peer_fin_ack`: the number that ACKs the other side's FIN, once it sent
+/// one. Sequence numbers, not just flags, decide what a FIN's ACK is: when
+/// both sides close at once each ACKs the other's FIN, and an ACK of data
+/// sent before a FIN is not its ACK.
+#[inline(always)]
+#[must_use]
+pub fn closing(seg: &Segment, fins: u8, peer_fin_ack: u32, side: Side) -> Closing {
+    if seg.flags & RST != 0 {
+        return Closing::Free;
+    }
+    if seg.flags & FIN == 0 && fins == 0 {
+        return Closing::Keep;
+    }
+    let mut bits = 0;
+    let mut fin_ack = None;
+    if seg.flags & FIN != 0 {
+        bits |= side.fin;
+        // The FIN takes the sequence number after the segment's data.
+        fin_ack = Some(seg.seq.wrapping_add(seg.payload as u32).wrapping_add(1));
+    }
+    if seg.flags & ACK != 0
+        && fins & side.peer_fin != 0
+        && seg.ack.wrapping_sub(peer_fin_ack) as i32 >= 0
+    {
+        bits |= side.peer_acked;
+    }
+    if (fins | bits) & ACKED_BOTH == ACKED_BOTH {
+        Closing::Free
+    } else if bits & !fins != 0 || fin_ack.is_some() {
+        Closing::Note { bits, fin_ack }
+    } else {
+        Closing::Keep
+    }
+}
+
+/// Carries out a `Closing::Note` on the entry at hand (`fins`) and, when it
+/// is found, on the other side's entry (its bits and its `fin_ack`: the
+/// other side ACKs this FIN, and its segments read that entry). Both
+/// entries end with the same bits, so either side's last ACK frees them.
+#[inline(always)]
+pub fn note(fins: &mut u8, other: Option<(&mut u8, &mut u32)>, bits: u8, fin_ack: Option<u32>) {
+    *fins |= bits;
+    if let Some((other_fins, other_fin_ack)) = other {
+        *other_fins |= bits;
+        if let Some(n) = fin_ack {
+            *other_fin_ack = n;
+        }
+        *fins |= *other_fins;
+    }
+}
+
+pub const CLIENT: Side = Side {
+    fin: FIN_CLIENT,
+    peer_fin: FIN_BACKEND,
+    peer_acked: ACKED_BACKEND,
+};
+pub const BACKEND: Side = Side {
+    fin: FIN_BACKEND,
+    peer_fin: FIN_CLIENT,
+    peer_acked: ACKED_CLIENT,
+};
 
 #[cfg(test)]
 mod tests {
@@ -287,19 +382,19 @@ mod tests {
         let w = |o: &[u8]| {
             let mut a = [0u8; 8];
             a[..o.len()].copy_from_slice(o);
-            a
+            u64::from_be_bytes(a)
         };
         assert_eq!(
-            early_mss(&w(&[2, 4, 5, 0xb4, 4, 2, 8, 10]), 8),
+            early_mss(w(&[2, 4, 5, 0xb4, 4, 2, 8, 10]), 8),
             Some((2, 1460))
         );
-        assert_eq!(early_mss(&w(&[2, 4, 5, 0xb4]), 4), Some((2, 1460)));
+        assert_eq!(early_mss(w(&[2, 4, 5, 0xb4]), 4), Some((2, 1460)));
         assert_eq!(
-            early_mss(&w(&[1, 2, 4, 5, 0x78, 1, 1, 1]), 8),
+            early_mss(w(&[1, 2, 4, 5, 0x78, 1, 1, 1]), 8),
             Some((3, 1400))
         );
         assert_eq!(
-            early_mss(&w(&[1, 1, 1, 2, 4, 0x23, 0x28, 0]), 8),
+            early_mss(w(&[1, 1, 1, 2, 4, 0x23, 0x28, 0]), 8),
             Some((5, 9000))
         );
     }
@@ -309,7 +404,7 @@ mod tests {
         let w = |o: &[u8]| {
             let mut a = [0u8; 8];
             a[..o.len()].copy_from_slice(o);
-            a
+            u64::from_be_bytes(a)
         };
         let cases: &[(&[u8], usize)] = &[
             (&[], 0),
@@ -321,7 +416,98 @@ mod tests {
             (&[0, 2, 4, 5, 0xb4], 8),
         ];
         for (opts, avail) in cases {
-            assert_eq!(early_mss(&w(opts), *avail), None, "{opts:?} {avail}");
+            assert_eq!(early_mss(w(opts), *avail), None, "{opts:?} {avail}");
         }
+    }
+
+    fn seg(flags: u8, seq: u32, ack: u32, payload: u16) -> Segment {
+        Segment {
+            flags,
+            seq,
+            ack,
+            payload,
+        }
+    }
+
+    /// Runs segments `(from_client, segment)` through the rule on a
+    /// pair of entries, as the program does, and says when they are freed.
+    fn close(steps: &[(bool, Segment)]) -> Option<usize> {
+        let (mut flow, mut rev) = ((0u8, 0u32), (0u8, 0u32));
+        for (i, (from_client, s)) in steps.iter().enumerate() {
+            let (side, mine, other) = if *from_client {
+                (CLIENT, &mut flow, &mut rev)
+            } else {
+                (BACKEND, &mut rev, &mut flow)
+            };
+            match closing(s, mine.0, mine.1, side) {
+                Closing::Free => return Some(i),
+                Closing::Note { bits, fin_ack } => note(
+                    &mut mine.0,
+                    Some((&mut other.0, &mut other.1)),
+                    bits,
+                    fin_ack,
+                ),
+                Closing::Keep => {}
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_normal_close_frees_on_the_last_ack() {
+        // Client FIN (seq 100), backend ACKs it and sends its own FIN (seq
+        // 500), client ACKs that.
+        let steps = [
+            (true, seg(FIN | ACK, 100, 400, 0)),
+            (false, seg(ACK, 400, 101, 0)),
+            (false, seg(FIN | ACK, 500, 101, 0)),
+            (true, seg(ACK, 101, 501, 0)),
+        ];
+        assert_eq!(close(&steps), Some(3));
+    }
+
+    #[test]
+    fn simultaneous_close_frees_when_both_fins_are_acked() {
+        let steps = [
+            (true, seg(FIN | ACK, 100, 400, 0)),
+            (false, seg(FIN | ACK, 400, 100, 0)),
+            (true, seg(ACK, 101, 401, 0)),
+            (false, seg(ACK, 401, 101, 0)),
+        ];
+        assert_eq!(close(&steps), Some(3));
+    }
+
+    #[test]
+    fn an_ack_of_data_before_the_fin_is_not_its_ack() {
+        // The client's FIN comes after 10 bytes of data: an ACK of 110
+        // covers the data, not the FIN (which needs 111).
+        let steps = [
+            (true, seg(FIN | ACK, 100, 400, 10)),
+            (false, seg(ACK, 400, 110, 0)),
+            (false, seg(FIN | ACK, 400, 110, 0)),
+            (true, seg(ACK, 111, 401, 0)),
+        ];
+        assert_eq!(close(&steps), None, "the backend never ACKed the FIN");
+        let mut done = steps.to_vec();
+        done.push((false, seg(ACK, 401, 111, 0)));
+        assert_eq!(close(&done), Some(4));
+    }
+
+    #[test]
+    fn an_rst_frees_at_once_and_plain_data_keeps() {
+        assert_eq!(closing(&seg(RST, 1, 0, 0), 0, 0, CLIENT), Closing::Free);
+        assert_eq!(
+            closing(&seg(RST | ACK, 1, 2, 0), FIN_CLIENT, 0, BACKEND),
+            Closing::Free
+        );
+        assert_eq!(closing(&seg(ACK, 1, 2, 100), 0, 0, CLIENT), Closing::Keep);
+        // A repeated FIN notes the same again, and nothing more.
+        assert_eq!(
+            closing(&seg(FIN | ACK, 100, 400, 0), FIN_CLIENT, 0, CLIENT),
+            Closing::Note {
+                bits: FIN_CLIENT,
+                fin_ack: Some(101)
+            }
+        );
     }
 }

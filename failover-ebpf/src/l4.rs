@@ -3,7 +3,7 @@
 
 use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 use failover_common::{
-    ACKED_BACKEND, ACKED_BOTH, ACKED_CLIENT, FIN_BACKEND, FIN_CLIENT, Reason, checksum,
+    Reason, checksum,
     tcp::{self, SynWorth},
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
@@ -15,87 +15,23 @@ use crate::{
 
 pub use failover_common::tcp::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN};
 
-/// What a TCP segment does to its flow's NAT entries, in either direction.
-pub enum Closing {
-    /// Nothing: the flow goes on.
-    Keep,
-    /// Note `bits` (`FIN_*`, `ACKED_*`) on both entries; `fin_ack`: the
-    /// segment is a FIN, which the other side ACKs with this number (kept
-    /// in the entry the other side's segments read).
-    Note { bits: u8, fin_ack: Option<u32> },
-    /// An RST, or the segment that ACKs the second FIN: free both.
-    Free,
-}
+pub use failover_common::tcp::{BACKEND, CLIENT, Closing, note};
 
-/// Which side sent the segment: its `FIN_*` bit, and the other side's
-/// `FIN_*` and `ACKED_*` bits.
-pub struct Side {
-    pub fin: u8,
-    pub peer_fin: u8,
-    pub peer_acked: u8,
-}
-
-/// The closing rule, for both directions. `fins`: the entry's bits so far;
-/// `peer_fin_ack`: the number that ACKs the other side's FIN, once it sent
-/// one. Sequence numbers, not just flags, decide what a FIN's ACK is: when
-/// both sides close at once each ACKs the other's FIN, and an ACK of data
-/// sent before a FIN is not its ACK.
+/// The closing rule (`tcp::closing`) for this segment.
 #[inline(always)]
-pub fn closing(l4: &L4, fins: u8, peer_fin_ack: u32, side: Side) -> Closing {
-    if l4.flags & TCP_RST != 0 {
-        return Closing::Free;
-    }
-    if l4.flags & TCP_FIN == 0 && fins == 0 {
-        return Closing::Keep;
-    }
-    let mut bits = 0;
-    let mut fin_ack = None;
-    if l4.flags & TCP_FIN != 0 {
-        bits |= side.fin;
-        // The FIN takes the sequence number after the segment's data.
-        fin_ack = Some(l4.seq.wrapping_add(l4.payload as u32).wrapping_add(1));
-    }
-    if l4.flags & TCP_ACK != 0
-        && fins & side.peer_fin != 0
-        && l4.ack.wrapping_sub(peer_fin_ack) as i32 >= 0
-    {
-        bits |= side.peer_acked;
-    }
-    if (fins | bits) & ACKED_BOTH == ACKED_BOTH {
-        Closing::Free
-    } else if bits & !fins != 0 || fin_ack.is_some() {
-        Closing::Note { bits, fin_ack }
-    } else {
-        Closing::Keep
-    }
+pub fn closing(l4: &L4, fins: u8, peer_fin_ack: u32, side: tcp::Side) -> Closing {
+    tcp::closing(
+        &tcp::Segment {
+            flags: l4.flags,
+            seq: l4.seq,
+            ack: l4.ack,
+            payload: l4.payload,
+        },
+        fins,
+        peer_fin_ack,
+        side,
+    )
 }
-
-/// Carries out a `Closing::Note` on the entry at hand (`fins`) and, when it
-/// is found, on the other side's entry (its bits and its `fin_ack`: the
-/// other side ACKs this FIN, and its segments read that entry). Both
-/// entries end with the same bits, so either side's last ACK frees them.
-#[inline(always)]
-pub fn note(fins: &mut u8, other: Option<(&mut u8, &mut u32)>, bits: u8, fin_ack: Option<u32>) {
-    *fins |= bits;
-    if let Some((other_fins, other_fin_ack)) = other {
-        *other_fins |= bits;
-        if let Some(n) = fin_ack {
-            *other_fin_ack = n;
-        }
-        *fins |= *other_fins;
-    }
-}
-
-pub const CLIENT: Side = Side {
-    fin: FIN_CLIENT,
-    peer_fin: FIN_BACKEND,
-    peer_acked: ACKED_BACKEND,
-};
-pub const BACKEND: Side = Side {
-    fin: FIN_BACKEND,
-    peer_fin: FIN_CLIENT,
-    peer_acked: ACKED_CLIENT,
-};
 
 /// Where the ports and checksum of a TCP or UDP header sit.
 pub struct L4 {
@@ -226,22 +162,18 @@ fn clamp_mss_at(raw: *mut xdp_md, off: usize, hlen: usize, backend_id: u32) {
         return;
     }
     let opts_off = off + tcp::MIN_HEADER;
-    let mut opts = [0u8; 8];
-    let avail = if hlen >= tcp::MIN_HEADER + 8 {
+    let (window, avail) = if hlen >= tcp::MIN_HEADER + 8 {
         let Some(o) = ptr_at::<[u8; 8]>(ctx, opts_off) else {
             return;
         };
-        opts = unsafe { *o };
-        8
+        (u64::from_be_bytes(unsafe { *o }), 8)
     } else {
         let Some(o) = ptr_at::<[u8; 4]>(ctx, opts_off) else {
             return;
         };
-        let o = unsafe { *o };
-        opts[..4].copy_from_slice(&o);
-        4
+        ((u32::from_be_bytes(unsafe { *o }) as u64) << 32, 4)
     };
-    let Some((at, value)) = tcp::early_mss(&opts, avail) else {
+    let Some((at, value)) = tcp::early_mss(window, avail) else {
         return;
     };
     if value as u32 <= mss {

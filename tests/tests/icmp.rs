@@ -276,7 +276,7 @@ fn forged_malformed_and_unmatched_errors_move_nothing() {
     // MTUs no path has, a message longer than a router sends.
     let good = icmp_frame(CLOUD_ROUTER, SNAT, frag_needed(1400), &quote(&sent, 28));
     let mut bad_sum = good.clone();
-    bad_sum[IP + 2] ^= 0x40;
+    bad_sum[IP + 20 + 2] ^= 0x40;
     let mut bad_inner = quote(&sent, 28);
     bad_inner[0] = 0x35;
     let mut malformed = vec![
