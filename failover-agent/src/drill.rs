@@ -4,8 +4,9 @@
 //! and the samples become a report (failover time, packets lost, which
 //! backends took over) and an SVG timeline.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
+use plotters::{coord::Shift, prelude::*};
 use serde::{Deserialize, Serialize};
 
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
@@ -118,25 +119,48 @@ pub fn analyze(r: &mut DrillReport) {
     r.lost_packets = lost;
 }
 
+/// Timeline size in pixels, and the width of the legend on its right.
+const SIZE: (u32, u32) = (900, 420);
+const LEGEND_W: u32 = 160;
+/// The backends' line colours (matplotlib's tab10), and the fault's.
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+const FAULT: RGBColor = RGBColor(214, 39, 40);
+
 /// A timeline chart: packets per backend per sample interval, the fault
 /// window shaded. Self-contained SVG, opens in any browser.
 pub fn svg(r: &DrillReport) -> String {
-    const W: f64 = 900.0;
-    const H: f64 = 420.0;
-    const L: f64 = 60.0;
-    const R: f64 = 160.0;
-    const T: f64 = 40.0;
-    const B: f64 = 50.0;
-    const COLOURS: &[&str] = &[
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-    ];
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+        // Drawing into a String cannot fail short of a plotters bug; the
+        // document is closed (`</svg>`) when the backend is dropped anyway.
+        if let Err(e) = draw_timeline(&root, r) {
+            tracing::warn!("drill timeline: {e}");
+        }
+    }
+    out
+}
+
+/// Each backend's (time, packets per second) points.
+type Series = Vec<Vec<(f64, f64)>>;
+
+/// The backends (as named in the first sample) and each one's packets per
+/// second over every sample interval, at the interval's end.
+fn rates(r: &DrillReport) -> (Vec<&String>, Series) {
     let names: Vec<&String> = r
         .samples
         .first()
         .map_or(Vec::new(), |s| s.packets.keys().collect());
-    let t_max = r.samples.last().map_or(1.0, |s| s.t_s).max(0.001);
-    // Rates per interval.
-    let mut series: Vec<Vec<(f64, f64)>> = vec![Vec::new(); names.len()];
+    let mut series: Series = vec![Vec::new(); names.len()];
     for w in r.samples.windows(2) {
         let dt = (w[1].t_s - w[0].t_s).max(1e-6);
         for (i, n) in names.iter().enumerate() {
@@ -150,22 +174,17 @@ pub fn svg(r: &DrillReport) -> String {
             series[i].push((w[1].t_s, d as f64 / dt));
         }
     }
-    let y_max = series.iter().flatten().map(|p| p.1).fold(1.0_f64, f64::max);
-    let x = |t: f64| L + (t / t_max) * (W - L - R);
-    let y = |v: f64| H - B - (v / y_max) * (H - T - B);
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(o, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        o,
-        r#"<rect x="{:.1}" y="{T}" width="{:.1}" height="{:.1}" fill="rgb(214,39,40)" fill-opacity="0.12"/>"#,
-        x(r.fault_start_s),
-        (x(r.fault_end_s) - x(r.fault_start_s)).max(1.0),
-        H - T - B
-    );
+    (names, series)
+}
+
+fn draw_timeline(
+    root: &DrawingArea<SVGBackend<'_>, Shift>,
+    r: &DrillReport,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    let (names, series) = rates(r);
+    let t_max = r.samples.last().map_or(1.0, |s| s.t_s).max(0.001);
+    // A little headroom above the peak rate.
+    let y_top = series.iter().flatten().map(|p| p.1).fold(1.0_f64, f64::max) * 1.05;
     let title = format!(
         "drill: {} down in {} — failover {}, {} packets lost",
         r.targets.join(", "),
@@ -174,77 +193,55 @@ pub fn svg(r: &DrillReport) -> String {
             .map_or_else(|| "not observed".to_owned(), |m| format!("{m:.0} ms")),
         r.lost_packets
     );
-    let _ = writeln!(
-        o,
-        r#"<text x="{L}" y="24" font-size="14">{}</text>"#,
-        xml(&title)
+    root.fill(&WHITE)?;
+    let body = root.titled(&title, ("sans-serif", 17))?;
+    let (plot, legend) = body.split_horizontally(SIZE.0 - LEGEND_W);
+    let mut chart = ChartBuilder::on(&plot)
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_top)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(5)
+        .y_labels(5)
+        .x_label_formatter(&|t| format!("{t:.2}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .x_desc("time (s)")
+        .y_desc("packets/s to backend")
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 14))
+        .draw()?;
+    // The fault window, within the time axis (a running drill's may end
+    // after the last sample).
+    let (f0, f1) = (
+        r.fault_start_s.clamp(0.0, t_max),
+        r.fault_end_s.clamp(0.0, t_max),
     );
-    let _ = writeln!(
-        o,
-        r#"<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>"#,
-        H - B,
-        W - R,
-        H - B,
-        H - B
-    );
-    let _ = writeln!(
-        o,
-        r#"<text x="{}" y="{}" text-anchor="middle">time (s)</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">packets/s to backend</text>"#,
-        (L + W - R) / 2.0,
-        H - 12.0,
-        H / 2.0,
-        H / 2.0
-    );
-    for k in 0..=4 {
-        let t = t_max * f64::from(k) / 4.0;
-        let v = y_max * f64::from(k) / 4.0;
-        let _ = writeln!(
-            o,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{t:.2}</text><text x="{}" y="{:.1}" text-anchor="end">{v:.0}</text>"#,
-            x(t),
-            H - B + 16.0,
-            L - 6.0,
-            y(v) + 4.0
-        );
+    chart.draw_series(std::iter::once(Rectangle::new(
+        [(f0, 0.0), (f1.max(f0), y_top)],
+        FAULT.mix(0.12).filled(),
+    )))?;
+    for (i, points) in series.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        chart.draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))?;
     }
+    // The legend, right of the chart: one line per backend, then the fault.
+    let font = ("sans-serif", 14).into_font();
+    let mut row = 10;
     for (i, n) in names.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
-        let pts: Vec<String> = series[i]
-            .iter()
-            .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
-            .collect();
-        let _ = writeln!(
-            o,
-            r#"<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{}"/>"#,
-            pts.join(" ")
-        );
-        #[allow(clippy::cast_precision_loss)]
-        let ly = T + 16.0 * i as f64 + 10.0;
-        let _ = writeln!(
-            o,
-            r#"<rect x="{}" y="{:.1}" width="12" height="3" fill="{c}"/><text x="{}" y="{:.1}">{}</text>"#,
-            W - R + 12.0,
-            ly - 3.0,
-            W - R + 30.0,
-            ly + 2.0,
-            xml(n)
-        );
+        legend.draw(&Rectangle::new([(12, row + 5), (24, row + 8)], c.filled()))?;
+        legend.draw(&Text::new(n.as_str(), (30, row), font.clone()))?;
+        row += 18;
     }
-    let _ = writeln!(
-        o,
-        r#"<text x="{}" y="{:.1}" fill="rgb(214,39,40)">fault window</text>"#,
-        W - R + 12.0,
-        T + 16.0 * names.len() as f64 + 14.0
-    );
-    o.push_str("</svg>\n");
-    o
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    legend.draw(&Rectangle::new(
+        [(12, row + 1), (24, row + 12)],
+        FAULT.mix(0.12).filled(),
+    ))?;
+    legend.draw(&Text::new("fault window", (30, row), font.color(&FAULT)))?;
+    root.present()
 }
 
 #[cfg(test)]
@@ -288,5 +285,96 @@ mod tests {
         let svg = svg(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("fault window") && svg.contains("polyline"));
+        assert!(
+            svg.contains("drill: a down in web — failover 40 ms, 3 packets lost"),
+            "{svg}"
+        );
+    }
+
+    /// How a backend's line starts in the SVG (axes and ticks are 1 wide).
+    const LINE: &str = r#"stroke-width="2" points="#;
+
+    /// The text content of every `<text>` element, unescaped.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| t.split_once('>')?.1.split_once("</text>"))
+            .map(|(body, _)| {
+                body.trim()
+                    .replace("&lt;", "<")
+                    .replace("&gt;", ">")
+                    .replace("&quot;", "\"")
+                    .replace("&apos;", "'")
+                    .replace("&amp;", "&")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_timeline_shows_every_backend_the_fault_and_the_axes() {
+        let s = |t: f64, gpu: u64, cpu: u64| Sample {
+            t_s: t,
+            packets: [("gpu-1".to_owned(), gpu), ("cpu <&> 2".to_owned(), cpu)].into(),
+            dropped: 0,
+        };
+        let mut r = DrillReport {
+            service: "infer".into(),
+            targets: vec!["gpu-1".into()],
+            state: "done".into(),
+            fault_start_s: 0.2,
+            fault_end_s: 0.6,
+            samples: vec![
+                s(0.0, 0, 0),
+                s(0.1, 100, 0),
+                s(0.2, 200, 0),
+                s(0.3, 200, 90),
+                s(0.6, 200, 400),
+                s(0.8, 400, 400),
+            ],
+            failover_ms: None,
+            lost_packets: 0,
+            took_over: vec![],
+        };
+        analyze(&mut r);
+        let svg = svg(&r);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        let texts = texts(&svg);
+        for want in [
+            "drill: gpu-1 down in infer — failover 100 ms, 0 packets lost",
+            "gpu-1",
+            "cpu <&> 2",
+            "fault window",
+            "time (s)",
+            "packets/s to backend",
+        ] {
+            assert!(texts.iter().any(|t| t == want), "{want:?} not in {texts:?}");
+        }
+        // Axis ticks: times with two decimals, rates up to the peak (gpu-1's
+        // 1000 packets/s before the fault and after it).
+        assert!(texts.iter().any(|t| t == "0.00"), "{texts:?}");
+        assert!(texts.iter().any(|t| t == "1000"), "{texts:?}");
+        // One line per backend (the axes are thinner polylines), and the
+        // shaded fault window.
+        assert_eq!(svg.matches(LINE).count(), 2, "{svg}");
+        assert!(svg.contains(r##"opacity="0.12" fill="#D62728""##), "{svg}");
+    }
+
+    #[test]
+    fn a_drill_without_samples_still_draws() {
+        let r = DrillReport {
+            service: "web".into(),
+            targets: vec!["a".into(), "b".into()],
+            state: "running".into(),
+            fault_start_s: 0.5,
+            fault_end_s: 5.5,
+            samples: vec![],
+            failover_ms: None,
+            lost_packets: 0,
+            took_over: vec![],
+        };
+        let svg = svg(&r);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("drill: a, b down in web — failover not observed, 0 packets lost"));
+        assert!(!svg.contains(LINE), "{svg}");
     }
 }
