@@ -7,7 +7,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use failover_tests::backend::{
-    BackendConfig, Fault, FaultRequest, Faults, StatsSnapshot, serve_grpc_health, serve_http,
+    BackendConfig, Fault, FaultRequest, Faults, QueueModel, StatsSnapshot, serve_grpc_health,
+    serve_http,
 };
 use failover_tests::wait::wait_for_value;
 use serde_json::{Value, json};
@@ -414,6 +415,127 @@ async fn hang_never_answers_until_cleared() {
 }
 
 #[tokio::test]
+async fn a_wedged_engine_answers_health_and_models_but_never_generates() {
+    bounded(async {
+        let b = Backend::start(BackendConfig::new("w1")).await;
+        let c = client();
+        set_fault(&c, &b, json!({"fault": "wedge"})).await;
+        for path in ["/health", "/v1/models"] {
+            let r = c.get(b.url(path)).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{path} while wedged");
+        }
+        // Accepted, and not one byte of an answer.
+        let pending = tokio::spawn({
+            let c = c.clone();
+            let url = b.url("/v1/chat/completions");
+            async move {
+                c.post(url)
+                    .json(&chat_body("tiny-llm", Some(2), false))
+                    .send()
+                    .await
+            }
+        });
+        wait_for_value(
+            "the request reached the backend",
+            Duration::from_secs(5),
+            || stats(&c, &b),
+            |s| s.chat_completions == 1,
+        )
+        .await;
+        // An observation window: nothing may come back during it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!pending.is_finished(), "no answer while wedged");
+        // Unwedged, the same request completes.
+        set_fault(&c, &b, json!({"fault": "none"})).await;
+        let r = pending.await.unwrap().unwrap();
+        assert_eq!(r.status(), 200);
+    })
+    .await;
+}
+
+/// `vllm:<name>` from a /metrics text.
+fn gauge(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(&format!("vllm:{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("vllm:{name} in {text}"))
+}
+
+#[tokio::test]
+async fn the_queue_model_exports_vllm_metrics_and_first_tokens_wait_in_it() {
+    bounded(async {
+        // 2 at once, 20 a second: each holds its slot 100 ms.
+        let cfg = BackendConfig {
+            queue: Some(QueueModel {
+                service_rate: 20.0,
+                max_running: 2,
+            }),
+            ..BackendConfig::new("q1")
+        };
+        let b = Backend::start(cfg).await;
+        let c = client();
+        let idle = c
+            .get(b.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(gauge(&idle, "num_requests_waiting"), 0.0);
+        assert_eq!(gauge(&idle, "num_requests_running"), 0.0);
+        assert_eq!(gauge(&idle, "kv_cache_usage_perc"), 0.0);
+
+        // Six at once: two run, four wait; the last answers after three
+        // service times.
+        let t0 = Instant::now();
+        let mut answers = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let c = c.clone();
+            let url = b.url("/v1/chat/completions");
+            answers.spawn(async move {
+                let r = c
+                    .post(url)
+                    .json(&chat_body("tiny-llm", Some(1), false))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                t0.elapsed()
+            });
+        }
+        let metrics = || async {
+            c.get(b.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        };
+        let busy = wait_for_value(
+            "four requests waiting",
+            Duration::from_secs(5),
+            metrics,
+            |t| gauge(t, "num_requests_waiting") == 4.0,
+        )
+        .await;
+        assert_eq!(gauge(&busy, "num_requests_running"), 2.0);
+        assert_eq!(gauge(&busy, "kv_cache_usage_perc"), 1.0);
+        let mut times: Vec<Duration> = answers.join_all().await;
+        times.sort();
+        assert!(times[0] >= Duration::from_millis(100), "{times:?}");
+        assert!(times[5] >= Duration::from_millis(300), "{times:?}");
+        assert!(
+            times[5] > times[0] * 2,
+            "waiting grows the first token's time: {times:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn slow_delays_the_first_byte() {
     bounded(async {
         let b = Backend::start(BackendConfig::new("w1")).await;
@@ -681,6 +803,7 @@ fn faults_parse_from_cli_and_json() {
     );
     assert_eq!("429".parse::<Fault>(), Ok(Fault::TooManyRequests));
     assert_eq!("unhealthy".parse::<Fault>(), Ok(Fault::Unhealthy));
+    assert_eq!("wedge".parse::<Fault>(), Ok(Fault::Wedge));
     assert!("slow".parse::<Fault>().is_err());
     assert!("crash".parse::<Fault>().is_err());
     for f in [
@@ -689,6 +812,7 @@ fn faults_parse_from_cli_and_json() {
         Fault::Slow(Duration::from_millis(7)),
         Fault::TooManyRequests,
         Fault::Unhealthy,
+        Fault::Wedge,
     ] {
         assert_eq!(f.to_string().parse::<Fault>(), Ok(f));
         let json = serde_json::to_string(&FaultRequest::from(f)).unwrap();

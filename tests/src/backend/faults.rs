@@ -22,6 +22,10 @@ pub enum Fault {
     TooManyRequests,
     /// `/health` answers 503 and gRPC health says `NOT_SERVING`; inference still works.
     Unhealthy,
+    /// A hung engine: connections and requests are accepted, `/health` and
+    /// `/v1/models` answer 200, and a chat completion never generates (no
+    /// byte of its answer) until the fault is cleared.
+    Wedge,
 }
 
 /// Shared fault switch: cheap to clone, every clone sees every `set`.
@@ -48,9 +52,14 @@ impl Faults {
 
     /// Returns once the fault is no longer [`Fault::Hang`]; never returns while it is.
     pub async fn wait_while_hang(&self) {
+        self.wait_while(Fault::Hang).await;
+    }
+
+    /// Returns once the fault is no longer `fault`; never returns while it is.
+    pub async fn wait_while(&self, fault: Fault) {
         let mut rx = self.subscribe();
         // The sender lives in `self`, so `wait_for` cannot fail while we wait.
-        let _ = rx.wait_for(|f| *f != Fault::Hang).await;
+        let _ = rx.wait_for(|f| *f != fault).await;
     }
 }
 
@@ -71,6 +80,7 @@ pub enum FaultRequest {
     },
     TooManyRequests,
     Unhealthy,
+    Wedge,
     /// Not a state: the process exits (binary) or the server stops (library).
     Crash,
 }
@@ -84,6 +94,7 @@ impl FaultRequest {
             FaultRequest::Slow { delay_ms } => Fault::Slow(Duration::from_millis(delay_ms)),
             FaultRequest::TooManyRequests => Fault::TooManyRequests,
             FaultRequest::Unhealthy => Fault::Unhealthy,
+            FaultRequest::Wedge => Fault::Wedge,
             FaultRequest::Crash => return None,
         })
     }
@@ -99,11 +110,13 @@ impl From<Fault> for FaultRequest {
             },
             Fault::TooManyRequests => FaultRequest::TooManyRequests,
             Fault::Unhealthy => FaultRequest::Unhealthy,
+            Fault::Wedge => FaultRequest::Wedge,
         }
     }
 }
 
-/// `none`, `hang`, `slow:MS`, `too_many_requests` (or `429`), `unhealthy`.
+/// `none`, `hang`, `slow:MS`, `too_many_requests` (or `429`), `unhealthy`,
+/// `wedge`.
 impl FromStr for Fault {
     type Err = String;
 
@@ -122,8 +135,9 @@ impl FromStr for Fault {
             "slow" => Err("slow needs a delay: slow:MS".to_string()),
             "too_many_requests" | "429" => Ok(Fault::TooManyRequests),
             "unhealthy" => Ok(Fault::Unhealthy),
+            "wedge" => Ok(Fault::Wedge),
             other => Err(format!(
-                "unknown fault {other:?} (none, hang, slow:MS, too_many_requests, unhealthy)"
+                "unknown fault {other:?} (none, hang, slow:MS, too_many_requests, unhealthy, wedge)"
             )),
         }
     }
@@ -137,6 +151,7 @@ impl fmt::Display for Fault {
             Fault::Slow(d) => write!(f, "slow:{}", d.as_millis()),
             Fault::TooManyRequests => f.write_str("too_many_requests"),
             Fault::Unhealthy => f.write_str("unhealthy"),
+            Fault::Wedge => f.write_str("wedge"),
         }
     }
 }

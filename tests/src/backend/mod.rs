@@ -5,6 +5,7 @@
 //! - `GET /health`: 200 `{"status":"ok","backend":NAME}`, 503 under [`Fault::Unhealthy`].
 //! - `GET /v1/models`: OpenAI model list.
 //! - `POST /v1/chat/completions`: OpenAI chat completion, or SSE chunks with `"stream": true`.
+//! - `GET /metrics`: the queue model ([`QueueModel`]) under vLLM's metric names.
 //! - `GET|POST /admin/fault`, `GET /admin/stats`, `POST /admin/stats/reset`: test control.
 //!
 //! Every non-admin response carries `x-backend: NAME`.
@@ -35,6 +36,8 @@ pub struct BackendConfig {
     pub tokens_per_reply: usize,
     /// Gap between streamed tokens (streaming only; non-streaming answers at once).
     pub token_interval: Duration,
+    /// A model server's queue (`None`: every request is served at once).
+    pub queue: Option<QueueModel>,
     /// Runs on a "crash" fault request; `None` makes `serve_http` return,
     /// dropping the listener and every open connection.
     pub on_crash: Option<CrashHook>,
@@ -57,8 +60,31 @@ impl Default for BackendConfig {
             models: vec![DEFAULT_MODEL.to_string()],
             tokens_per_reply: 8,
             token_interval: Duration::from_millis(10),
+            queue: None,
             on_crash: None,
         }
+    }
+}
+
+/// A model server's capacity, as the load signal sees it: `max_running`
+/// requests are served at once, each holding its slot for `max_running /
+/// service_rate` seconds before its first token, so the server completes
+/// `service_rate` requests a second. Requests beyond that wait in a queue,
+/// and their time to first token grows with it. `GET /metrics` exports the
+/// state under vLLM's names: `vllm:num_requests_waiting`,
+/// `vllm:num_requests_running` and `vllm:kv_cache_usage_perc` (the running
+/// share of `max_running`, as a KV cache fills with running sequences).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QueueModel {
+    /// Requests a second.
+    pub service_rate: f64,
+    pub max_running: usize,
+}
+
+impl QueueModel {
+    /// How long a request holds its slot before its first token.
+    pub fn service_time(&self) -> Duration {
+        Duration::from_secs_f64(self.max_running as f64 / self.service_rate.max(f64::MIN_POSITIVE))
     }
 }
 
@@ -69,6 +95,7 @@ impl std::fmt::Debug for BackendConfig {
             .field("models", &self.models)
             .field("tokens_per_reply", &self.tokens_per_reply)
             .field("token_interval", &self.token_interval)
+            .field("queue", &self.queue)
             .field("on_crash", &self.on_crash.is_some())
             .finish()
     }

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP server: `/health`, `/v1/models`,
-//! `/v1/chat/completions` (JSON or SSE), and the `/admin/*` test controls.
+//! `/v1/chat/completions` (JSON or SSE), `/metrics` (the queue model under
+//! vLLM's metric names), and the `/admin/*` test controls.
 
 use std::convert::Infallible;
 use std::io;
@@ -19,7 +20,7 @@ use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use super::BackendConfig;
@@ -123,6 +124,9 @@ struct AppState {
     stats: Stats,
     /// Fired by a crash request when there is no `on_crash` hook.
     crash: Notify,
+    /// The queue model's slots (`cfg.queue`), and how many wait for one.
+    slots: Option<Semaphore>,
+    waiting: AtomicU64,
 }
 
 type Shared = Arc<AppState>;
@@ -145,11 +149,14 @@ pub async fn serve_http_with_stats(
     faults: Faults,
     stats: Stats,
 ) -> io::Result<()> {
+    let slots = cfg.queue.map(|q| Semaphore::new(q.max_running.max(1)));
     let state = Arc::new(AppState {
         cfg,
         faults,
         stats,
         crash: Notify::new(),
+        slots,
+        waiting: AtomicU64::new(0),
     });
     let app = router(state.clone());
     // Connections live in this set, so dropping this future drops them all;
@@ -186,6 +193,7 @@ fn router(state: Shared) -> Router {
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/metrics", get(metrics))
         .route("/admin/fault", get(get_fault).post(set_fault))
         .route("/admin/stats", get(get_stats))
         .route("/admin/stats/reset", post(reset_stats))
@@ -240,6 +248,30 @@ async fn not_found(req: Request) -> Response {
         "invalid_request_error",
         "not_found",
     )
+}
+
+/// The queue model's state in Prometheus text, under vLLM's metric names
+/// (`GET /metrics`). Without a queue model, an empty queue.
+async fn metrics(State(st): State<Shared>) -> Response {
+    let (running, max) = match (&st.slots, st.cfg.queue) {
+        (Some(slots), Some(q)) => {
+            let max = q.max_running.max(1);
+            (max - slots.available_permits().min(max), max)
+        }
+        _ => (0, 1),
+    };
+    let waiting = st.waiting.load(Ordering::Relaxed);
+    let mut text = String::new();
+    for model in &st.cfg.models {
+        let l = format!("{{model_name=\"{model}\"}}");
+        text.push_str(&format!(
+            "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{l} {waiting}\n\
+             # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{l} {running}\n\
+             # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{l} {}\n",
+            running as f64 / max as f64
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn health(State(st): State<Shared>) -> Response {
@@ -346,6 +378,20 @@ async fn chat_completions(State(st): State<Shared>, body: Bytes) -> Response {
     let finish = if limit.is_some() { "length" } else { "stop" };
     let id = format!("chatcmpl-{}-{n}", st.cfg.name);
     let created = unix_now();
+    // A wedged engine took the request and never generates.
+    st.faults.wait_while(Fault::Wedge).await;
+    // The queue model: wait for a slot, then hold it for the service time
+    // before the first token (time to first token grows with the queue).
+    let _slot = match (&st.slots, st.cfg.queue) {
+        (Some(slots), Some(q)) => {
+            st.waiting.fetch_add(1, Ordering::Relaxed);
+            let permit = slots.acquire().await;
+            st.waiting.fetch_sub(1, Ordering::Relaxed);
+            tokio::time::sleep(q.service_time()).await;
+            permit.ok()
+        }
+        _ => None,
+    };
     slow(&st).await;
 
     if req.stream {

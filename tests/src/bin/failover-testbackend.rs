@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use failover_tests::backend::{
-    BackendConfig, DEFAULT_MODEL, Fault, Faults, serve_grpc_health, serve_http,
+    BackendConfig, DEFAULT_MODEL, Fault, Faults, QueueModel, serve_grpc_health, serve_http,
 };
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -39,9 +39,16 @@ struct Args {
     /// Gap between streamed tokens.
     #[arg(long, default_value_t = 10)]
     token_interval_ms: u64,
-    /// Initial fault: none, hang, slow:MS, too_many_requests, unhealthy.
+    /// Initial fault: none, hang, slow:MS, too_many_requests, unhealthy, wedge.
     #[arg(long, default_value = "none")]
     fault: Fault,
+    /// A model server's capacity in requests a second (the queue model,
+    /// exported at /metrics under vLLM's names); unset: no queue.
+    #[arg(long)]
+    service_rate: Option<f64>,
+    /// Requests served at once under the queue model.
+    #[arg(long, default_value_t = 4, requires = "service_rate")]
+    max_running: usize,
 }
 
 // One thread is plenty for a test backend and keeps a demo with many of them light.
@@ -54,6 +61,10 @@ async fn main() -> anyhow::Result<()> {
         models: args.models.clone(),
         tokens_per_reply: args.tokens_per_reply,
         token_interval: Duration::from_millis(args.token_interval_ms),
+        queue: args.service_rate.map(|service_rate| QueueModel {
+            service_rate,
+            max_running: args.max_running,
+        }),
         // A crash must look like one to the data plane: the process dies.
         on_crash: Some(Arc::new(|| {
             eprintln!("failover-testbackend: crash fault, exiting 1");
