@@ -49,15 +49,7 @@ impl Target {
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Reason) {
-    let h = unsafe { &*ip.hdr };
-    let fkey = FlowKey {
-        src_be: u32::from_ne_bytes(h.src_addr),
-        dst_be: u32::from_ne_bytes(h.dst_addr),
-        sport_be: l4.sport_be,
-        dport_be: l4.dport_be,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let fkey = flow_key(ip, l4);
 
     // A bare SYN opens a connection.
     let opening = l4.tcp && tcp::opening(l4.flags);
@@ -146,6 +138,20 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
     new_udp_flow(ctx, node, ip, l4, &fkey, svc, &chosen, now)
 }
 
+/// The client's 5-tuple as received: the `FLOWS` key.
+#[inline(always)]
+fn flow_key(ip: &Ipv4, l4: &L4) -> FlowKey {
+    let h = unsafe { &*ip.hdr };
+    FlowKey {
+        src_be: u32::from_ne_bytes(h.src_addr),
+        dst_be: u32::from_ne_bytes(h.dst_addr),
+        sport_be: l4.sport_be,
+        dport_be: l4.dport_be,
+        proto: ip.proto,
+        _pad: [0; 3],
+    }
+}
+
 /// The service `k` is addressed to, and the flow's hash.
 #[inline(always)]
 fn service(node: &Node, k: &FlowKey) -> Option<(&'static Service, u32)> {
@@ -166,15 +172,7 @@ fn service(node: &Node, k: &FlowKey) -> Option<(&'static Service, u32)> {
 /// from `handle`): its half-open slot, or a new one.
 #[inline(always)]
 pub fn new_tcp(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Reason) {
-    let h = unsafe { &*ip.hdr };
-    let fkey = FlowKey {
-        src_be: u32::from_ne_bytes(h.src_addr),
-        dst_be: u32::from_ne_bytes(h.dst_addr),
-        sport_be: l4.sport_be,
-        dport_be: l4.dport_be,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let fkey = flow_key(ip, l4);
     l4.evidence = EVIDENCE.get(0).is_some_and(|e| *e != 0);
     let Some((svc, fh)) = service(node, &fkey) else {
         return (xdp_action::XDP_PASS, Reason::NotVip);

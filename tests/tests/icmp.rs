@@ -364,6 +364,16 @@ fn oversize_df_packets_get_a_rate_limited_frag_needed() {
     assert_eq!(out, want);
 }
 
+/// What the program must send backend 1 for `frame` from CLIENT:`cport`.
+fn toward_backend(lab: &Lab, frame: &[u8], cport: u16) -> Vec<u8> {
+    nat(
+        frame,
+        (VA0_MAC, BACKEND_MAC),
+        (SNAT, nat_port_of(lab, cport)),
+        (backend_addr(1), BPORT),
+    )
+}
+
 /// `frame` (an untagged TCP SYN or SYN-ACK with the MSS option first)
 /// with its MSS set to `mss`, checksum recomputed.
 fn with_mss(frame: &[u8], mss: u16) -> Vec<u8> {
@@ -393,12 +403,7 @@ fn handshakes_toward_a_small_path_get_their_mss_clamped() {
     let (rc, out) = lab.run(lab.vc0, &syn).unwrap();
     assert_eq!(rc, XDP_REDIRECT);
     let nat_port = nat_port_of(&lab, 41_500);
-    let want = nat(
-        &with_mss(&syn, 1360),
-        (VA0_MAC, BACKEND_MAC),
-        (SNAT, nat_port),
-        (backend_addr(1), BPORT),
-    );
+    let want = toward_backend(&lab, &with_mss(&syn, 1360), 41_500);
     assert_eq!(out, want, "the SYN's MSS clamped");
     assert_checksums_valid(&out);
 
@@ -426,12 +431,7 @@ fn handshakes_toward_a_small_path_get_their_mss_clamped() {
         &mss_options(1200),
     );
     let (_, out) = lab.run(lab.vc0, &small).unwrap();
-    let want = nat(
-        &small,
-        (VA0_MAC, BACKEND_MAC),
-        (SNAT, nat_port_of(&lab, 41_501)),
-        (backend_addr(1), BPORT),
-    );
+    let want = toward_backend(&lab, &small, 41_501);
     assert_eq!(out, want);
     // An odd offset: a NOP before the MSS.
     let odd = with_tcp_options(
@@ -442,12 +442,7 @@ fn handshakes_toward_a_small_path_get_their_mss_clamped() {
     let mut clamped = odd.clone();
     clamped[54 + 3..54 + 5].copy_from_slice(&1360u16.to_be_bytes());
     set_l4_checksum(&mut clamped);
-    let want = nat(
-        &clamped,
-        (VA0_MAC, BACKEND_MAC),
-        (SNAT, nat_port_of(&lab, 41_502)),
-        (backend_addr(1), BPORT),
-    );
+    let want = toward_backend(&lab, &clamped, 41_502);
     assert_eq!(out, want, "odd offset");
 
     // Without a clamp, nothing changes.
@@ -457,11 +452,6 @@ fn handshakes_toward_a_small_path_get_their_mss_clamped() {
         &mss_options(1460),
     );
     let (_, out) = lab.run(lab.vc0, &syn).unwrap();
-    let want = nat(
-        &syn,
-        (VA0_MAC, BACKEND_MAC),
-        (SNAT, nat_port_of(&lab, 41_503)),
-        (backend_addr(1), BPORT),
-    );
+    let want = toward_backend(&lab, &syn, 41_503);
     assert_eq!(out, want);
 }
