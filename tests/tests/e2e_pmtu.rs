@@ -29,7 +29,10 @@ use failover_tests::{
     agentproc::{self, AgentProc, ProbeTiming, Scratch},
     configs,
     netns::{Netns, sh},
-    topology::{BACKEND_PORT, CLOUD_A, CLOUD_B, Proc, Topology, VIP, testbackend_bin},
+    topology::{
+        BACKEND_PORT, CLIENT, CLOUD_A, CLOUD_B, Proc, SNAT, Topology, VIP, testbackend_bin,
+    },
+    wait::wait_for,
 };
 
 const SIZES: [usize; 2] = [64 << 10, 1 << 20];
@@ -115,15 +118,13 @@ fn start_host_backend(topo: &Topology, hosts: &Netns, name: &str, addr: Ipv4Addr
         .context("spawn test backend")?;
     let proc = Proc(child);
     let _in = topo.edge.enter()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
     let target = SocketAddr::from((addr, BACKEND_PORT));
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
-            return Ok(proc);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("backend {name} did not come up behind the router")
+    wait_for(
+        &format!("backend {name} behind the router"),
+        Duration::from_secs(10),
+        || TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok(),
+    );
+    Ok(proc)
 }
 
 /// POSTs a chat completion whose prompt is `len` bytes from the client's
@@ -222,4 +223,139 @@ fn large_prompts_cross_a_smaller_mtu_with_the_mss_clamped_and_icmp_filtered() {
         .unwrap();
     let translated = run(&mut w, "MSS clamped, ICMP filtered").unwrap();
     assert_eq!(translated, 0, "no ICMP needed, none sent");
+}
+
+/// Sends `msg` (an ICMP message, checksum as given) to `dst` from the
+/// calling thread's namespace through a raw socket: the kernel adds the IP
+/// header, with this host's address as the source.
+fn send_icmp(sock: i32, dst: Ipv4Addr, msg: &[u8]) {
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(dst).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid buffer and address of the sizes given.
+    let rc = unsafe {
+        libc::sendto(
+            sock,
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&raw const to).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    assert!(rc >= 0, "sendto {dst}: {}", std::io::Error::last_os_error());
+}
+
+/// An ICMP error (`header`) quoting an IPv4 packet `src:sport -> dst:dport`
+/// (TCP, `len` bytes long), the checksum right unless `corrupt`.
+fn forged(header: [u8; 8], q: (Ipv4Addr, u16, Ipv4Addr, u16), len: u16, corrupt: bool) -> Vec<u8> {
+    use failover_common::checksum;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 63, 6, 0, 0];
+    ip[2..4].copy_from_slice(&len.to_be_bytes());
+    ip.extend_from_slice(&q.0.octets());
+    ip.extend_from_slice(&q.2.octets());
+    let c = checksum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut m = header.to_vec();
+    m.extend_from_slice(&ip);
+    m.extend_from_slice(&q.1.to_be_bytes());
+    m.extend_from_slice(&q.3.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0x10, 0]);
+    let c = !checksum::fold(checksum::sum_bytes(&m, 0)) ^ u16::from(corrupt);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+#[test]
+fn forged_icmp_errors_beside_real_traffic_move_nothing() {
+    failover_tests::netns::require_root();
+    let mut w = build(None).unwrap();
+    let dp = w.topo.open_dataplane().unwrap();
+    let chat = |dp: &failover_agent::dataplane::Dataplane| {
+        dp.services()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| u16::from_be(k.port_be) == 80)
+            .expect("chat")
+            .1
+            .generation
+    };
+    let gen0 = chat(&dp);
+    let decisions = w.agent.decisions().len();
+    let counted = |dp: &failover_agent::dataplane::Dataplane| {
+        [Reason::IcmpNoFlow, Reason::IcmpMalformed]
+            .iter()
+            .map(|r| dp.reason_count(*r).unwrap())
+            .sum::<u64>()
+    };
+    let before = counted(&dp);
+
+    // A client sends ICMP errors of every kind to the SNAT address (guessing
+    // NAT ports toward a1) and to the VIP (guessing client ports outside the
+    // ephemeral range), 1,000 a second for 3 s, while real prompts go on.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        let client = w.topo.client.name.clone();
+        std::thread::spawn(move || {
+            let _in = failover_tests::netns::enter(&client).unwrap();
+            // SAFETY: a plain socket call; the fd is closed below.
+            let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+            assert!(sock >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let mut rng = fastrand::Rng::with_seed(19);
+            let mut sent = 0u32;
+            let t0 = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && t0.elapsed() < Duration::from_secs(3)
+            {
+                let port = rng.u16(10_000..32_767);
+                let mtu = [68u16, 552, 1280, 0][rng.usize(..4)];
+                let [h, l] = mtu.to_be_bytes();
+                let header = [
+                    [3, 4, 0, 0, 0, 0, h, l],
+                    [3, 3, 0, 0, 0, 0, 0, 0],
+                    [3, 1, 0, 0, 0, 0, 0, 0],
+                    [11, 0, 0, 0, 0, 0, 0, 0],
+                ][rng.usize(..4)];
+                let corrupt = rng.u8(..10) == 0;
+                let (dst, msg) = if rng.bool() {
+                    let q = (SNAT, port, CLOUD_A[0], BACKEND_PORT);
+                    (SNAT, forged(header, q, 1500, corrupt))
+                } else {
+                    (VIP, forged(header, (VIP, 80, CLIENT, port), 1500, corrupt))
+                };
+                send_icmp(sock, dst, &msg);
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // SAFETY: the fd opened above.
+            unsafe { libc::close(sock) };
+            sent
+        })
+    };
+    let mut prompts = 0;
+    while !attacker.is_finished() {
+        let (backend, _) = post(&w, 64 << 10).expect("a real prompt during the attack");
+        assert!(backend.starts_with('a'), "{backend}");
+        prompts += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = u64::from(attacker.join().unwrap());
+    assert!(prompts >= 10, "{prompts} prompts");
+    // Every forged error reached the edge and was turned away, counted.
+    let turned_away = counted(&dp) - before;
+    assert!(
+        turned_away >= sent * 9 / 10,
+        "{turned_away} of {sent} counted"
+    );
+    assert_eq!(chat(&dp), gen0, "the ring never switched");
+    let new: Vec<_> = w.agent.decisions().split_off(decisions);
+    assert!(new.is_empty(), "no decision: {new:?}");
+    w.agent.check_alive().unwrap();
+    eprintln!("{sent} forged ICMP errors, {turned_away} turned away, {prompts} prompts all served");
 }
