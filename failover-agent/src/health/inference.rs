@@ -9,8 +9,9 @@
 //!
 //! The generation costs GPU time, so it runs only once every
 //! `generation_interval` (default [`GENERATION_EVERY`]), and on every probe
-//! after one that failed, until one succeeds (so `fall` failures in a row
-//! still take `fall` probes, not `fall` intervals). Between generations a
+//! after one that failed (or a generation its timeout cut short), until one
+//! succeeds: `fall` failures in a row still take `fall` probes, not `fall`
+//! intervals, and a backend comes back only through a generation. Between generations a
 //! probe repeats the last generation's degraded verdict: a listed model
 //! says nothing about a slow first token. Whether the engine still
 //! generates in between comes from the data plane (`wedge`): a suspicion
@@ -146,6 +147,10 @@ impl InferenceProbe {
 
     /// The generation's verdict, remembered for the probes until the next.
     async fn generate(&self, session: &mut Session<'_>, deadline: Instant) -> ProbeOutcome {
+        // Forgotten first: a generation its timeout cuts short (a hung
+        // engine) leaves the next probe to generate, not to trust an old
+        // success.
+        self.generated().take();
         let outcome = match self.first_token(session, deadline).await {
             Ok(outcome) => outcome,
             Err(NoToken::Status(StatusCode::TOO_MANY_REQUESTS, latency)) => rate_limited(latency),
@@ -175,7 +180,11 @@ impl Probe for InferenceProbe {
         match self.model_loaded(&mut session).await {
             Ok(None) => {}
             Ok(Some(degraded)) => return degraded,
-            Err(fault) => return fault.into(),
+            Err(fault) => {
+                // Back from any failure only through a generation.
+                self.generated().take();
+                return fault.into();
+            }
         }
         // Taken, not read: a probe cut short by its timeout generates on
         // the next one.
@@ -553,5 +562,19 @@ mod tests {
         assert_eq!(counts(&srv), (1, 2));
         srv.fail.store(true, SeqCst);
         assert!(p.generate_now().await.failure().is_some());
+        srv.fail.store(false, SeqCst);
+        healthy(&p.check().await);
+        assert_eq!(
+            counts(&srv),
+            (2, 4),
+            "after a failed one, the probe generates"
+        );
+        // A generation cut short by its timeout (a hung engine) is no
+        // success to trust: the next probe generates.
+        let cut = tokio::time::timeout(Duration::ZERO, p.generate_now()).await;
+        assert!(cut.is_err());
+        healthy(&p.check().await);
+        assert_eq!(counts(&srv).0, 3);
+        assert!(counts(&srv).1 >= 5, "{:?}", counts(&srv));
     }
 }
