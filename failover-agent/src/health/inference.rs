@@ -413,6 +413,8 @@ mod tests {
         /// otherwise generate whatever the request names.
         honour_model: std::sync::atomic::AtomicBool,
         fail: std::sync::atomic::AtomicBool,
+        /// Take 1 s before answering a generation (a hung engine).
+        stall: std::sync::atomic::AtomicBool,
         lists: std::sync::atomic::AtomicUsize,
         chats: std::sync::atomic::AtomicUsize,
     }
@@ -439,6 +441,9 @@ mod tests {
             &'static str,
         ) {
             s.chats.fetch_add(1, SeqCst);
+            if s.stall.load(SeqCst) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             let model = req["model"].as_str().unwrap_or_default().to_owned();
             if s.fail.load(SeqCst) {
                 return (
@@ -571,8 +576,10 @@ mod tests {
         );
         // A generation cut short by its timeout (a hung engine) is no
         // success to trust: the next probe generates.
-        let cut = tokio::time::timeout(Duration::ZERO, p.generate_now()).await;
+        srv.stall.store(true, SeqCst);
+        let cut = tokio::time::timeout(Duration::from_millis(100), p.generate_now()).await;
         assert!(cut.is_err());
+        srv.stall.store(false, SeqCst);
         healthy(&p.check().await);
         assert_eq!(counts(&srv).0, 3);
         assert!(counts(&srv).1 >= 5, "{:?}", counts(&srv));
