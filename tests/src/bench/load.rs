@@ -45,6 +45,17 @@ use crate::{
 };
 
 pub const MODES: [&str; 4] = ["static", "load_aware", "haproxy_leastconn", "wedge"];
+/// The JSON fields, in the results page's column order.
+pub const COLUMNS: [&str; 8] = [
+    "mode",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "failed",
+    "requests",
+    "seconds_to_no_new_flows",
+    "stuck_requests",
+    "error",
+];
 /// Service rate of a1 and a2, requests a second; b1 has half.
 pub const FAST_RATE: f64 = 50.0;
 /// Slots per backend: a request holds one for `MAX_RUNNING / rate` (80 ms
@@ -157,7 +168,11 @@ fn short(e: &str) -> String {
     let mut out: Vec<&str> = lines.next().into_iter().collect();
     out.extend(
         lines
-            .filter(|l| l.contains("ERROR") || l.contains("error"))
+            .filter(|l| {
+                ["ERROR", "error", "unknown field", "refus"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
             .take(3),
     );
     out.join(" | ")
