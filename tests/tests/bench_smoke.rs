@@ -81,10 +81,8 @@ fn every_system_delivers_traffic_to_the_backends_and_leaves_nothing_behind() {
     assert_eq!(rows.len(), load::MODES.len());
     for r in &rows {
         match r {
-            load::Row::Ttft {
-                requests, failed, ..
-            } => assert!(*requests > 0 && failed < requests, "{r:?}"),
-            load::Row::Wedge { requests, .. } => assert!(*requests > 0, "{r:?}"),
+            load::Row::Ttft(t) => assert!(t.requests > 0 && t.failed < t.requests, "{r:?}"),
+            load::Row::Wedge(w) => assert!(w.requests > 0, "{r:?}"),
             // Until the probe's `load` field lands (issue 20), the agent
             // refuses load_aware's config; any other error is a failure.
             load::Row::Error { mode, error } => assert!(

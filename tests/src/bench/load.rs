@@ -31,6 +31,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use failover_agent::config::Config;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
@@ -105,36 +106,44 @@ impl Default for Opts {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub enum Row {
-    Ttft {
-        mode: String,
-        ttft_p50_ms: f64,
-        ttft_p99_ms: f64,
-        failed: usize,
-        requests: usize,
-        /// Requests answered, by backend.
-        shares: BTreeMap<String, usize>,
-    },
-    Wedge {
-        /// From the fault to the last new flow the wedged backend got;
-        /// `None` when flows still came in the last [`QUIET`].
-        seconds_to_no_new_flows: Option<f64>,
-        /// Requests started after the fault that never got a first token.
-        stuck_requests: usize,
-        requests: usize,
-    },
-    /// The mode could not run (e.g. the agent refused its config).
-    Error { mode: String, error: String },
+/// A TTFT mode's figures (its JSON object, less `shares`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Ttft {
+    pub mode: String,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub failed: usize,
+    pub requests: usize,
+    /// Requests answered, by backend (the table only).
+    #[serde(skip)]
+    pub shares: BTreeMap<String, usize>,
 }
 
-impl Row {
-    pub fn mode(&self) -> &str {
-        match self {
-            Row::Ttft { mode, .. } | Row::Error { mode, .. } => mode,
-            Row::Wedge { .. } => "wedge",
-        }
-    }
+/// The wedge row (its JSON object).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Wedge {
+    /// Always `wedge`.
+    pub mode: &'static str,
+    /// From the fault to the last new flow the wedged backend got; `None`
+    /// when flows still came in the last [`QUIET`].
+    pub seconds_to_no_new_flows: Option<f64>,
+    /// Requests started after the fault that never got a first token.
+    pub stuck_requests: usize,
+    /// Requests started after the fault.
+    pub requests: usize,
+}
+
+/// One line of the output; as JSON, the fields of the variant's value.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Row {
+    Ttft(Ttft),
+    Wedge(Wedge),
+    /// The mode could not run (e.g. the agent refused its config).
+    Error {
+        mode: String,
+        error: String,
+    },
 }
 
 /// Runs `modes` in order; a mode that fails is reported as an error row
@@ -373,14 +382,14 @@ fn summarize(mode: &str, samples: &[Sample]) -> Row {
     for s in samples.iter().filter(|s| !s.backend.is_empty()) {
         *shares.entry(s.backend.clone()).or_default() += 1;
     }
-    Row::Ttft {
+    Row::Ttft(Ttft {
         mode: mode.into(),
         ttft_p50_ms: round1(pct(&ttfts, 0.50)),
         ttft_p99_ms: round1(pct(&ttfts, 0.99)),
         failed: samples.iter().filter(|s| !s.ok).count(),
         requests: samples.len(),
         shares,
-    }
+    })
 }
 
 fn unix_ms() -> u64 {
@@ -434,39 +443,18 @@ fn wedge(opts: Opts) -> Result<Row> {
     let seconds_to_no_new_flows = (flows.last_unix_ms + quiet_ms <= end_ms)
         .then(|| flows.last_unix_ms.saturating_sub(fault_ms) as f64 / 1e3);
     let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= fault).collect();
-    Ok(Row::Wedge {
+    Ok(Row::Wedge(Wedge {
+        mode: "wedge",
         seconds_to_no_new_flows: seconds_to_no_new_flows.map(|s| (s * 1e3).round() / 1e3),
         stuck_requests: after.iter().filter(|s| s.ttft.is_none()).count(),
         requests: after.len(),
-    })
+    }))
 }
 
 pub fn print(rows: &[Row], json: bool) {
     if json {
         for r in rows {
-            let o = match r {
-                Row::Ttft {
-                    mode,
-                    ttft_p50_ms,
-                    ttft_p99_ms,
-                    failed,
-                    requests,
-                    ..
-                } => json!({
-                    "mode": mode, "ttft_p50_ms": ttft_p50_ms, "ttft_p99_ms": ttft_p99_ms,
-                    "failed": failed, "requests": requests,
-                }),
-                Row::Wedge {
-                    seconds_to_no_new_flows,
-                    stuck_requests,
-                    requests,
-                } => json!({
-                    "mode": "wedge", "seconds_to_no_new_flows": seconds_to_no_new_flows,
-                    "stuck_requests": stuck_requests, "requests": requests,
-                }),
-                Row::Error { mode, error } => json!({ "mode": mode, "error": error }),
-            };
-            println!("{o}");
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
         }
         return;
     }
@@ -476,30 +464,26 @@ pub fn print(rows: &[Row], json: bool) {
     );
     for r in rows {
         match r {
-            Row::Ttft {
-                mode,
-                ttft_p50_ms,
-                ttft_p99_ms,
-                failed,
-                requests,
-                shares,
-            } => {
-                let by: Vec<String> = shares.iter().map(|(b, n)| format!("{b} {n}")).collect();
+            Row::Ttft(t) => {
+                let by: Vec<String> = t.shares.iter().map(|(b, n)| format!("{b} {n}")).collect();
                 println!(
-                    "{mode:<18} {ttft_p50_ms:>12.1} {ttft_p99_ms:>12.1} {failed:>7} {requests:>9}  {}",
+                    "{:<18} {:>12.1} {:>12.1} {:>7} {:>9}  {}",
+                    t.mode,
+                    t.ttft_p50_ms,
+                    t.ttft_p99_ms,
+                    t.failed,
+                    t.requests,
                     by.join(", ")
                 );
             }
-            Row::Wedge {
-                seconds_to_no_new_flows,
-                stuck_requests,
-                requests,
-            } => println!(
-                "wedge: {WEDGED} wedged under load; no new flows after {} (target <= 1 s); {stuck_requests} of {requests} requests sent after the fault stuck",
-                seconds_to_no_new_flows.map_or_else(
+            Row::Wedge(w) => println!(
+                "wedge: {WEDGED} wedged under load; no new flows after {} (target <= 1 s); {} of {} requests sent after the fault stuck",
+                w.seconds_to_no_new_flows.map_or_else(
                     || format!("- (flows still came in the last {QUIET:?})"),
                     |s| format!("{s:.3} s")
                 ),
+                w.stuck_requests,
+                w.requests,
             ),
             Row::Error { mode, error } => println!("{mode:<18} error: {error}"),
         }
@@ -511,11 +495,7 @@ pub fn print(rows: &[Row], json: bool) {
     );
     let p99 = |mode: &str| {
         rows.iter().find_map(|r| match r {
-            Row::Ttft {
-                mode: m,
-                ttft_p99_ms,
-                ..
-            } if m == mode => Some(*ttft_p99_ms),
+            Row::Ttft(t) if t.mode == mode => Some(t.ttft_p99_ms),
             _ => None,
         })
     };
@@ -566,21 +546,18 @@ mod tests {
             "static",
             &[s(Some(10), true), s(Some(30), true), s(None, false)],
         );
-        let Row::Ttft {
-            ttft_p50_ms,
-            ttft_p99_ms,
-            failed,
-            requests,
-            shares,
-            ..
-        } = row
-        else {
+        let Row::Ttft(t) = &row else {
             panic!("{row:?}")
         };
         assert_eq!(
-            (ttft_p50_ms, ttft_p99_ms, failed, requests),
+            (t.ttft_p50_ms, t.ttft_p99_ms, t.failed, t.requests),
             (10.0, 30.0, 1, 3)
         );
-        assert_eq!(shares.get("a1"), Some(&2));
+        assert_eq!(t.shares.get("a1"), Some(&2));
+        // The JSON object has the fields, not the table's shares.
+        assert_eq!(
+            serde_json::to_value(&row).unwrap(),
+            json!({"mode": "static", "ttft_p50_ms": 10.0, "ttft_p99_ms": 30.0, "failed": 1, "requests": 3})
+        );
     }
 }
