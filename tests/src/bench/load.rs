@@ -69,9 +69,11 @@ pub const LOAD: f64 = 0.8;
 const MAX_TOKENS: u32 = 4;
 /// A request not done within this has failed.
 const TIMEOUT: Duration = Duration::from_secs(10);
-/// Wedge row: load before the fault; a request without its first token
-/// this long after its start is stuck (healthy ones take ~100 ms).
+/// Wedge row: load before the fault.
 const WEDGE_WARMUP: Duration = Duration::from_secs(2);
+/// Wedge row: a request without its first token this long after its
+/// start is stuck (healthy ones take ~100 ms); shorter than [`TIMEOUT`]
+/// so that the run ends soon after the load.
 const WEDGE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The wedge row's backend has "no new flows" only when none came in
 /// this last stretch before the client stopped.
