@@ -76,6 +76,7 @@ fn every_system_delivers_traffic_to_the_backends_and_leaves_nothing_behind() {
     let opts = load::Opts {
         seconds: 2.0,
         wedge_seconds: 2.0,
+        trace: false,
     };
     let rows = load::run(opts, &load::MODES.map(String::from)).unwrap();
     assert_eq!(rows.len(), load::MODES.len());

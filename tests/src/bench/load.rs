@@ -97,6 +97,8 @@ pub struct Opts {
     pub seconds: f64,
     /// Seconds of load after the wedge.
     pub wedge_seconds: f64,
+    /// Print each TTFT mode's second-by-second p99 and shares (to stderr).
+    pub trace: bool,
 }
 
 impl Default for Opts {
@@ -104,6 +106,7 @@ impl Default for Opts {
         Self {
             seconds: 15.0,
             wedge_seconds: 5.0,
+            trace: false,
         }
     }
 }
@@ -370,6 +373,9 @@ fn ttft(mode: &str, opts: Opts) -> Result<Row> {
         // A mode whose agent died mid-run measured something else.
         a.check_alive().context("during the run")?;
     }
+    if opts.trace {
+        print_trace(&samples);
+    }
     Ok(summarize(mode, &samples))
 }
 
@@ -392,6 +398,34 @@ fn summarize(mode: &str, samples: &[Sample]) -> Row {
         requests: samples.len(),
         shares,
     })
+}
+
+/// Per second of start time: requests, their p99 TTFT, and who answered
+/// (how fast the weights settle, and what the p99 is made of).
+fn print_trace(samples: &[Sample]) {
+    let mut by_second: BTreeMap<u64, Vec<&Sample>> = BTreeMap::new();
+    for s in samples {
+        by_second.entry(s.at.as_secs()).or_default().push(s);
+    }
+    for (second, ss) in by_second {
+        let mut ttfts: Vec<f64> = ss
+            .iter()
+            .filter_map(|s| s.ttft)
+            .map(|t| t.as_secs_f64() * 1e3)
+            .collect();
+        ttfts.sort_by(f64::total_cmp);
+        let mut shares: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &ss {
+            *shares.entry(s.backend.as_str()).or_default() += 1;
+        }
+        let by: Vec<String> = shares.iter().map(|(b, n)| format!("{b} {n}")).collect();
+        eprintln!(
+            "  {second:>3} s: {:>4} requests, ttft p99 {:>8.1} ms, {}",
+            ss.len(),
+            pct(&ttfts, 0.99),
+            by.join(", ")
+        );
+    }
 }
 
 fn unix_ms() -> u64 {

@@ -120,6 +120,9 @@ enum Cmd {
         /// Modes to run (default: static,load_aware,haproxy_leastconn,wedge).
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
+        /// Print each mode's second-by-second p99 and shares (to stderr).
+        #[arg(long)]
+        trace: bool,
     },
     /// The agent at rest: CPU and memory while probing healthy backends.
     Rest {
@@ -217,11 +220,13 @@ fn main() -> Result<()> {
             seconds,
             wedge_seconds,
             modes,
+            trace,
         } => {
             let modes = or(modes, &bench::load::MODES);
             let opts = bench::load::Opts {
                 seconds,
                 wedge_seconds,
+                trace,
             };
             bench::load::print(&bench::load::run(opts, &modes)?, args.json)
         }
