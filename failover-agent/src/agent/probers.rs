@@ -169,8 +169,11 @@ impl Agent {
         }
     }
 
-    /// Reads the passive feed and acts on its ejections: `DOWN` at once,
-    /// then one re-plan for all of them.
+    /// Reads the passive feed. Its ejections and wedge suspicions went to
+    /// the backends' probers, which own the health verdict: the prober's
+    /// `Down` event re-plans (`on_events`), a task hop later. Only the
+    /// data-plane write is done here, at once: new flows skip the backend
+    /// within microseconds of the evidence, and the re-plan finds it done.
     pub(super) fn on_passive_tick(&mut self) {
         let now = Instant::now();
         let dp = self.applier.dataplane();
@@ -188,29 +191,12 @@ impl Agent {
                 None => dp.backend_stats(id),
             }
         });
-        if ejections.is_empty() {
-            return;
-        }
-        let mut events = Vec::with_capacity(ejections.len());
         for e in ejections {
             tracing::warn!(backend = %e.backend, backend_id = e.id, reason = %e.why, "passive ejection");
             if let Err(err) = self.applier.mark_down(&e.backend, now) {
                 tracing::error!(backend = %e.backend, error = %err, "writing DOWN failed");
             }
-            events.push(HealthEvent {
-                backend: e.backend.as_str().into(),
-                from: self.applier.health(&e.backend),
-                to: HealthState::Down,
-                reason: health::Reason::new(format!("passive: {}", e.why), Some(e.why.failure())),
-                latency: None,
-                source: EventSource::Passive,
-                at: now,
-            });
         }
-        // Re-plan now rather than after the round trip through the probers
-        // (their own Down event follows and changes nothing): several
-        // backends lost together leave the rings in one switch.
-        self.apply_health(&events);
     }
 }
 
