@@ -45,7 +45,13 @@ use crate::{
     traffic::Sample,
 };
 
-pub const MODES: [&str; 4] = ["static", "load_aware", "haproxy_leastconn", "wedge"];
+pub const MODES: [&str; 5] = [
+    "static",
+    "static_capacity",
+    "load_aware",
+    "haproxy_leastconn",
+    "wedge",
+];
 /// The JSON fields, in the results page's column order.
 pub const COLUMNS: [&str; 8] = [
     "mode",
@@ -85,6 +91,8 @@ const BACKENDS: [(&str, bool, Ipv4Addr, f64); 3] = [
     ("a2", false, CLOUD_A[1], FAST_RATE),
     ("b1", true, CLOUD_B[0], FAST_RATE / 2.0),
 ];
+/// Equal weights (the config's default).
+const EQUAL: [u32; 3] = [100; 3];
 /// The backend wedged in the wedge row. In cloud-b, flows through the
 /// data plane come from the SNAT address and the agent's probes from the
 /// edge's cloud-b address, so the backend's per-peer counts tell them
@@ -289,9 +297,9 @@ fn wait_all_answer(topo: &Topology) -> Result<()> {
 }
 
 /// The agent's config: one service `chat` on VIP:80 over the three
-/// backends (equal weights, one tier), with `probe`; `load` is the
+/// backends (one tier) with `weights`, with `probe`; `load` is the
 /// probe's load facet, if any.
-fn agent_yaml(pin: &Path, probe: Value, load: Option<Value>) -> Result<String> {
+fn agent_yaml(pin: &Path, probe: Value, load: Option<Value>, weights: [u32; 3]) -> Result<String> {
     let node = configs::node(&["ec", "ea", "eb"], SNAT, (10_000, 32_767), pin);
     let chat = configs::service("chat", VIP, 80, &names(), configs::probe(probe));
     let cfg = Config {
@@ -299,7 +307,12 @@ fn agent_yaml(pin: &Path, probe: Value, load: Option<Value>) -> Result<String> {
         services: vec![chat],
         backends: BACKENDS
             .iter()
-            .map(|(n, _, a, _)| configs::backend(n, *a, BACKEND_PORT))
+            .zip(weights)
+            .map(|((n, _, a, _), w)| {
+                let mut b = configs::backend(n, *a, BACKEND_PORT);
+                b.weight = w;
+                b
+            })
             .collect(),
     };
     let yaml = configs::to_yaml(&cfg);
@@ -352,9 +365,15 @@ fn chat_request() -> Request {
 fn ttft(mode: &str, opts: Opts) -> Result<Row> {
     let rates = BACKENDS.map(|b| b.3);
     let mut lab = match mode {
-        "static" => Lab::agent(rates, |pin| agent_yaml(pin, load_probe(), None))?,
+        "static" => Lab::agent(rates, |pin| agent_yaml(pin, load_probe(), None, EQUAL))?,
+        // The best any weights can do: each backend's share of new flows
+        // its share of the capacity, known in advance. What is left between
+        // this and `leastconn` is the hash's spread, not the weights.
+        "static_capacity" => Lab::agent(rates, |pin| {
+            agent_yaml(pin, load_probe(), None, rates.map(|r| r as u32))
+        })?,
         "load_aware" => Lab::agent(rates, |pin| {
-            agent_yaml(pin, load_probe(), Some(load_facet()))
+            agent_yaml(pin, load_probe(), Some(load_facet()), EQUAL)
         })?,
         "haproxy_leastconn" => Lab::haproxy(rates)?,
         other => bail!("not a TTFT mode: {other}"),
@@ -439,7 +458,7 @@ fn unix_ms() -> u64 {
 fn wedge(opts: Opts) -> Result<Row> {
     let rates = [FAST_RATE; 3];
     let probe = json!({ "kind": "inference", "model": DEFAULT_MODEL });
-    let lab = Lab::agent(rates, |pin| agent_yaml(pin, probe, None))?;
+    let lab = Lab::agent(rates, |pin| agent_yaml(pin, probe, None, EQUAL))?;
     let (_, in_b, addr, _) = BACKENDS
         .iter()
         .find(|b| b.0 == WEDGED)
@@ -557,15 +576,20 @@ mod tests {
 
     #[test]
     fn the_load_facet_goes_into_the_probe_of_the_yaml() {
-        let yaml =
-            agent_yaml(Path::new("/sys/fs/bpf/x"), load_probe(), Some(load_facet())).unwrap();
+        let yaml = agent_yaml(
+            Path::new("/sys/fs/bpf/x"),
+            load_probe(),
+            Some(load_facet()),
+            EQUAL,
+        )
+        .unwrap();
         let v: serde_norway::Value = serde_norway::from_str(&yaml).unwrap();
         let probe = &v["services"][0]["probe"];
         assert_eq!(probe["kind"].as_str(), Some("inference"));
         assert_eq!(probe["load"]["profile"].as_str(), Some("vllm"));
         assert_eq!(probe["load"]["rebuild_interval"].as_str(), Some("500ms"));
         // Without the facet, no load (the agent's type may write `null`).
-        let plain = agent_yaml(Path::new("/sys/fs/bpf/x"), load_probe(), None).unwrap();
+        let plain = agent_yaml(Path::new("/sys/fs/bpf/x"), load_probe(), None, EQUAL).unwrap();
         let plain: serde_norway::Value = serde_norway::from_str(&plain).unwrap();
         let load = plain["services"][0]["probe"].get("load");
         assert!(load.is_none_or(serde_norway::Value::is_null), "{load:?}");
