@@ -636,7 +636,7 @@ fn check_load(c: &mut Checker, path: &str, load: &LoadScrape) {
         );
     }
     if let Some(q) = load.queue_high
-        && !(q >= 1.0 && q <= QUEUE_HIGH_MAX)
+        && !(1.0..=QUEUE_HIGH_MAX).contains(&q)
     {
         c.fail(
             format!("{path}.queue_high"),

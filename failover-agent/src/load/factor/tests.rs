@@ -66,8 +66,8 @@ struct Sim {
 impl Sim {
     fn step(&mut self, factors: [f64; 3], offered: f64, dt: f64) {
         let total: f64 = factors.iter().sum();
-        for i in 0..3 {
-            let arrive = offered * dt * factors[i] / total;
+        for (i, factor) in factors.iter().enumerate() {
+            let arrive = offered * dt * factor / total;
             // Service time 1 s: a running request ends at rate running/s.
             let done = self.running[i] * dt;
             self.running[i] -= done;
