@@ -892,8 +892,28 @@ mod tests {
         m.ring_switched("chat", Trigger::Health);
         m.apply_latency(Duration::from_micros(120));
         m.probe_latency("gpu-a", Duration::from_millis(3));
+        m.ring_switched("chat", Trigger::Load);
+        m.load_factor("gpu-a", 0.5);
+        m.load_figures(
+            "gpu-a",
+            &crate::load::Figures {
+                waiting: 3.0,
+                running: Some(8.0),
+                kv: Some(0.75),
+            },
+        );
+        m.load_refused("gpu-b", "malformed");
+        m.load_refused("gpu-b", "malformed");
+        m.load_factor("gpu-b", 1.0);
+        m.load_forget("gpu-b");
         let out = render(&m, &sample());
         for want in [
+            "failover_failover_events_total{service=\"chat\",reason=\"load\"} 1",
+            "failover_load_factor{backend=\"gpu-a\"} 0.5",
+            "failover_load_waiting_requests{backend=\"gpu-a\"} 3",
+            "failover_load_running_requests{backend=\"gpu-a\"} 8",
+            "failover_load_kv_cache_usage_ratio{backend=\"gpu-a\"} 0.75",
+            "failover_load_scrape_errors_total{backend=\"gpu-b\",reason=\"malformed\"} 2",
             "failover_failover_events_total{service=\"chat\",reason=\"health\"} 1",
             "failover_ring_generation{service=\"chat\"} 3",
             "failover_service_active_tier{service=\"chat\"} 1",
@@ -920,6 +940,10 @@ mod tests {
         }
         assert!(out.ends_with("# EOF\n"), "{out}");
         assert_eq!(out.matches("# EOF").count(), 1);
+        assert!(
+            !out.contains("failover_load_factor{backend=\"gpu-b\"}"),
+            "forgotten"
+        );
     }
 
     #[test]

@@ -140,4 +140,13 @@ impl<E: Executor> Applier<E> {
     pub fn load_figures(&self, backend: &str) -> Option<Figures> {
         self.load.figures(backend)
     }
+
+    /// What the API shows of `backend`'s load; none without a facet.
+    pub fn load_info(&self, backend: &str) -> Option<crate::api::LoadInfo> {
+        self.load.facet(backend)?;
+        Some(crate::api::LoadInfo {
+            factor: self.load.factor(backend),
+            figures: self.load.figures(backend),
+        })
+    }
 }
