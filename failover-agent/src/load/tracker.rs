@@ -10,6 +10,12 @@
 //!   `rebuild_interval`. A change held back goes with the next one due:
 //!   several backends of a service change in one rebuild.
 //!
+//! Targets are relative: after each good scrape, the targets of the
+//! backends of each service it touches are scaled so that the highest is
+//! one. A whole service over capacity then keeps its backends' shares in
+//! the ratio of what each serves, rather than all sinking to the floor,
+//! where the shares would be equal again.
+//!
 //! A refused scrape changes nothing. No good scrape for `stale_after`
 //! (three intervals) resets the target to 1, probe-only health, which is
 //! applied under the same bounds.
@@ -124,6 +130,8 @@ impl Tracker {
                 b.controller.update(figures, &b.params);
                 b.figures = Some(*figures);
                 b.fresh = now;
+                let services = b.services.clone();
+                self.normalise(&services);
             }
             Err(_) => {
                 let stale = now.saturating_duration_since(b.fresh) >= b.facet.stale_after();
@@ -137,6 +145,24 @@ impl Tracker {
             }
         }
         out
+    }
+
+    /// Scales the targets of each of `services` so that the highest is 1.
+    fn normalise(&mut self, services: &[String]) {
+        for s in services {
+            let of_s = |b: &BackendLoad| b.services.contains(s);
+            let top = self
+                .backends
+                .values()
+                .filter(|b| of_s(b))
+                .map(|b| b.controller.factor())
+                .fold(0.0, f64::max);
+            if top > 0.0 && top < 1.0 {
+                for b in self.backends.values_mut().filter(|b| of_s(b)) {
+                    b.controller.scale(1.0 / top, &b.params);
+                }
+            }
+        }
     }
 
     /// The changes due at `now` (see the module doc), applied: from now on

@@ -17,7 +17,12 @@ fn figures(waiting: f64, kv: Option<f64>) -> Figures {
 #[test]
 fn pressure_from_the_queue_and_the_kv_cache() {
     assert_eq!(pressure(&figures(0.0, Some(0.5)), &P), 0.0);
-    assert_eq!(pressure(&figures(1.0, None), &P), MIN_PRESSURE);
+    assert_eq!(pressure(&figures(1.0, None), &P), 1.0 / 8.0);
+    let deep = Params {
+        queue_high: 100.0,
+        ..P
+    };
+    assert_eq!(pressure(&figures(1.0, None), &deep), MIN_PRESSURE);
     assert_eq!(pressure(&figures(4.0, None), &P), 0.5);
     assert_eq!(pressure(&figures(80.0, None), &P), 1.0);
     // A fraction of a request (a mean) is no whole waiting one.
@@ -41,10 +46,15 @@ fn decrease_is_multiplicative_increase_gentle_and_both_bounded() {
         c.update(&figures(100.0, None), &P);
     }
     assert_eq!(c.factor(), P.min_factor, "floored");
-    let steps = (0..100)
-        .take_while(|_| c.update(&figures(0.0, Some(0.2)), &P) < 1.0)
+    // The smoothed queue drains (halving per scrape) before the factor
+    // grows, then +0.05 a scrape.
+    let quiet = figures(0.0, Some(0.2));
+    let draining = (0..20)
+        .take_while(|_| c.update(&quiet, &P) == P.min_factor)
         .count();
-    assert_eq!(steps + 1, 18, "floor to 1 in (1 - 0.1) / 0.05 scrapes");
+    assert!(draining <= 16, "{draining} scrapes to drain");
+    let steps = (0..100).take_while(|_| c.update(&quiet, &P) < 1.0).count();
+    assert_eq!(steps + 2, 18, "floor to 1 in (1 - 0.1) / 0.05 scrapes");
     assert_eq!(c.factor(), 1.0, "capped");
     c.update(&figures(8.0, None), &P);
     c.reset();
@@ -132,6 +142,23 @@ fn a_half_capacity_backend_converges_lower_and_its_queue_stays_near_zero() {
         fixed.step([1.0; 3], offered, 0.1);
     }
     assert!(fixed.waiting[2] > 100.0, "{:?}", fixed.waiting);
+}
+
+#[test]
+fn a_passing_snapshot_is_smoothed_away() {
+    // A full batch in one scrape (kv 1), then none: one step down, small.
+    let mut c = Controller::default();
+    c.update(&figures(0.0, Some(0.3)), &P);
+    c.update(&figures(0.0, Some(1.0)), &P);
+    assert!(c.factor() > 0.8, "{}", c.factor());
+    // A queue that stays: down scrape after scrape.
+    let mut c = Controller::default();
+    let mut last = c.factor();
+    for i in 0..10 {
+        let now = c.update(&figures(2.0, None), &P);
+        assert!(now < last, "scrape {i}: {now} after {last}");
+        last = now;
+    }
 }
 
 #[test]

@@ -3,11 +3,17 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::config::{LoadProfile, LoadScrape};
 
-/// minimal.yaml's service with a vLLM load facet on its probe.
+/// minimal.yaml's service, with a third backend, and a load facet on
+/// its probe.
 fn config(facet: LoadScrape) -> Config {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/minimal.yaml");
     let mut cfg = crate::config::load(&path).unwrap();
+    let mut third = cfg.backends[0].clone();
+    third.name = "web-3".into();
+    third.address = std::net::Ipv4Addr::new(203, 0, 113, 13);
+    cfg.backends.push(third);
+    cfg.services[0].backends.push("web-3".into());
     cfg.services[0].probe.load = Some(facet);
     cfg
 }
@@ -31,6 +37,7 @@ struct World {
     now: Instant,
     a: String,
     b: String,
+    c: String,
 }
 
 fn world(facet: LoadScrape) -> World {
@@ -44,6 +51,7 @@ fn world(facet: LoadScrape) -> World {
         now,
         a: svc.backends[0].clone(),
         b: svc.backends[1].clone(),
+        c: svc.backends[2].clone(),
     }
 }
 
@@ -52,23 +60,41 @@ fn hysteresis_holds_small_changes_back() {
     let mut w = world(LoadScrape::new(LoadProfile::Vllm));
     assert_eq!(w.t.factor(&w.a), 1.0);
     assert_eq!(w.t.factor("not-tracked"), 1.0);
-    // One waiting request: x0.9, exactly the 10% min_change.
+    // One waiting request: x0.95, under the 10% min_change.
     w.t.observe(&w.a, &busy(1.0), w.now);
-    let due = w.t.due(w.now);
-    assert_eq!(due.len(), 1, "{due:?}");
-    assert_eq!((due[0].from, due[0].to), (1.0, 0.9));
-    assert_eq!(due[0].figures.unwrap().waiting, 1.0);
-    assert_eq!(w.t.factor(&w.a), 0.9);
-    // +0.05 is under 10% of 0.9: held back, then goes with the next.
-    w.now += Duration::from_secs(10);
-    w.t.observe(&w.a, &IDLE, w.now);
     assert!(w.t.due(w.now).is_empty());
-    assert_eq!(w.t.factor(&w.a), 0.9);
-    // Back at 1, a bound: applied though under min_change.
-    w.t.observe(&w.a, &IDLE, w.now);
-    let due = w.t.due(w.now);
-    assert_eq!(due.len(), 1);
-    assert!((due[0].to - 1.0).abs() < 1e-9, "{due:?}");
+    assert_eq!(w.t.factor(&w.a), 1.0);
+    // Two more: applied.
+    let w2 = w.now + Duration::from_secs(1);
+    w.t.observe(&w.a, &busy(3.0), w2);
+    let due = w.t.due(w2);
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].from, 1.0);
+    assert!(due[0].to <= 0.9, "{due:?}");
+    assert_eq!(due[0].figures.unwrap().waiting, 3.0);
+    let lowered = w.t.factor(&w.a);
+    // Its queue gone: the target climbs back in small steps, applied only
+    // once they add up to 10%, or reach 1.
+    let mut applied = Vec::new();
+    let mut held = 0;
+    for i in 1..=20 {
+        let at = w.now + Duration::from_secs(10 * i);
+        w.t.observe(&w.a, &IDLE, at);
+        match w.t.due(at).as_slice() {
+            [] => held += 1,
+            [c] => applied.push((c.from, c.to)),
+            more => panic!("{more:?}"),
+        }
+    }
+    assert!(held > 0, "some steps held back");
+    for &(from, to) in &applied {
+        assert!(
+            to >= 1.0 || (to - from).abs() >= 0.1 * from - 1e-9,
+            "{from} -> {to}: {applied:?}"
+        );
+    }
+    assert_eq!(w.t.factor(&w.a), 1.0, "{applied:?}");
+    assert!(lowered < 1.0);
 }
 
 #[test]
@@ -81,6 +107,7 @@ fn one_rebuild_per_service_per_rebuild_interval() {
         let at = w.now + Duration::from_millis(ms);
         w.t.observe(&w.a, &busy(8.0), at);
         w.t.observe(&w.b, &busy(8.0), at);
+        w.t.observe(&w.c, &IDLE, at);
         assert!(w.t.due(at).is_empty(), "{ms} ms");
     }
     assert_eq!(w.t.factor(&w.a), 0.5);
@@ -94,6 +121,32 @@ fn one_rebuild_per_service_per_rebuild_interval() {
     both.sort_unstable();
     assert_eq!(changed, both);
     assert!(w.t.due(at).is_empty());
+}
+
+#[test]
+fn targets_are_relative_within_a_service() {
+    let mut w = world(LoadScrape::new(LoadProfile::Vllm));
+    // Every backend queueing alike (the service over capacity): the
+    // shares stay equal, no weight is rewritten.
+    for i in 0..5 {
+        let at = w.now + Duration::from_secs(i);
+        for b in [&w.a, &w.b, &w.c] {
+            w.t.observe(b, &busy(8.0), at);
+        }
+        assert!(w.t.due(at).is_empty(), "{i}");
+    }
+    // One queueing more than the others: it alone falls; the least
+    // loaded stays at 1.
+    let mut w = world(LoadScrape::new(LoadProfile::Vllm));
+    for i in 0..5 {
+        let at = w.now + Duration::from_secs(3 * i);
+        w.t.observe(&w.a, &busy(8.0), at);
+        w.t.observe(&w.b, &busy(2.0), at);
+        w.t.observe(&w.c, &busy(2.0), at);
+        w.t.due(at);
+    }
+    let (a, b, c) = (w.t.factor(&w.a), w.t.factor(&w.b), w.t.factor(&w.c));
+    assert!(a < 0.5 && b == 1.0 && c == 1.0, "{a} {b} {c}");
 }
 
 #[test]
