@@ -54,6 +54,11 @@ fn two_clouds_example_has_the_documented_shape() {
         panic!("chat has an inference probe: {:?}", chat.probe.kind);
     };
     assert_eq!(inference.ttft_budget, Some(Duration::from_millis(800)));
+    let load = chat.probe.load.as_ref().expect("chat's load facet");
+    assert_eq!(
+        (load.profile, load.min_change, load.rebuild_interval),
+        (LoadProfile::Vllm, 0.1, Duration::from_secs(2))
+    );
     assert_eq!(
         (
             chat.probe.hold_down,
