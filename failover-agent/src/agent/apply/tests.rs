@@ -667,3 +667,23 @@ fn a_load_change_of_a_backend_out_of_rings_is_audited_without_a_switch() {
     assert!(take(&mut a).is_empty());
     assert_eq!(a.load_factor("b3"), 0.5);
 }
+
+#[test]
+fn a_degraded_and_loaded_backend_keeps_the_product_of_both_factors() {
+    let mut a = applier(cfg_with(WEB_LOADED, &["b1", "b2", "b3"]));
+    up(&mut a, &["b1", "b2", "b3"]);
+    // Rate limited (429) or a slow first token: degraded, half its weight
+    // (a tcp probe's default degraded_weight).
+    a.on_health(&[ev("b1", HealthState::Up, HealthState::Degraded)])
+        .unwrap();
+    assert_eq!(a.effective_weights()["b1"], 50);
+    // And queueing: its load factor halves that again.
+    a.on_load("b1", &queued(8.0), Instant::now()).unwrap();
+    assert_eq!(a.load_factor("b1"), 0.5);
+    assert_eq!(a.effective_weights()["b1"], 25);
+    // Recovered from the 429s: the load factor alone.
+    a.on_health(&[ev("b1", HealthState::Degraded, HealthState::Up)])
+        .unwrap();
+    assert_eq!(a.effective_weights()["b1"], 50);
+    assert_eq!(a.effective_weights()["b2"], 100);
+}
