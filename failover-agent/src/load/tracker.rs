@@ -11,10 +11,11 @@
 //!   several backends of a service change in one rebuild.
 //!
 //! Targets are relative: after each good scrape, the targets of the
-//! backends of each service it touches are scaled so that the highest is
-//! one. A whole service over capacity then keeps its backends' shares in
-//! the ratio of what each serves, rather than all sinking to the floor,
-//! where the shares would be equal again.
+//! backends of each service it touches are scaled so that the highest of
+//! those serving is one. A whole service over capacity then keeps its
+//! backends' shares in the ratio of what each serves, rather than all
+//! sinking to the floor, where the shares would be equal again. (A
+//! backend out of service has no queue: it would always be the highest.)
 //!
 //! A refused scrape changes nothing. No good scrape for `stale_after`
 //! (three intervals) resets the target to 1, probe-only health, which is
@@ -109,12 +110,24 @@ impl Tracker {
     }
 
     /// One scrape's result for `backend` (ignored when it is not tracked:
-    /// a scraper of a facet a reload removed).
+    /// a scraper of a facet a reload removed), every backend serving.
     pub fn observe(
         &mut self,
         backend: &str,
         result: &Result<Figures, Refusal>,
         now: Instant,
+    ) -> Observed {
+        self.observe_among(backend, result, now, &|_| true)
+    }
+
+    /// [`Self::observe`], with the backends that take traffic now: the
+    /// targets are relative to theirs.
+    pub fn observe_among(
+        &mut self,
+        backend: &str,
+        result: &Result<Figures, Refusal>,
+        now: Instant,
+        serving: &dyn Fn(&str) -> bool,
     ) -> Observed {
         let Some(b) = self.backends.get_mut(backend) else {
             return Observed::default();
@@ -131,7 +144,7 @@ impl Tracker {
                 b.figures = Some(*figures);
                 b.fresh = now;
                 let services = b.services.clone();
-                self.normalise(&services);
+                self.normalise(&services, serving);
             }
             Err(_) => {
                 let stale = now.saturating_duration_since(b.fresh) >= b.facet.stale_after();
@@ -147,15 +160,16 @@ impl Tracker {
         out
     }
 
-    /// Scales the targets of each of `services` so that the highest is 1.
-    fn normalise(&mut self, services: &[String]) {
+    /// Scales the targets of each of `services` so that the highest of
+    /// those `serving` is 1.
+    fn normalise(&mut self, services: &[String], serving: &dyn Fn(&str) -> bool) {
         for s in services {
             let of_s = |b: &BackendLoad| b.services.contains(s);
             let top = self
                 .backends
-                .values()
-                .filter(|b| of_s(b))
-                .map(|b| b.controller.factor())
+                .iter()
+                .filter(|(name, b)| of_s(b) && serving(name))
+                .map(|(_, b)| b.controller.factor())
                 .fold(0.0, f64::max);
             if top > 0.0 && top < 1.0 {
                 for b in self.backends.values_mut().filter(|b| of_s(b)) {

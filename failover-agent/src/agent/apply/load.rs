@@ -77,7 +77,11 @@ impl<E: Executor> Applier<E> {
         result: &Result<Figures, Refusal>,
         at: Instant,
     ) -> Result<LoadReport, AgentError> {
-        let observed = self.load.observe(backend, result, at);
+        // Those taking new flows: factors are relative to theirs.
+        let (health, operator) = (&self.health, &self.operator);
+        let serving =
+            |b: &str| health.get(b).is_some_and(|h| h.is_serving()) && !operator.is_drained(b);
+        let observed = self.load.observe_among(backend, result, at, &serving);
         let changes = self.load.due(at);
         if changes.is_empty() {
             return Ok(LoadReport {

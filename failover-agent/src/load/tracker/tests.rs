@@ -147,6 +147,18 @@ fn targets_are_relative_within_a_service() {
     }
     let (a, b, c) = (w.t.factor(&w.a), w.t.factor(&w.b), w.t.factor(&w.c));
     assert!(a < 0.5 && b == 1.0 && c == 1.0, "{a} {b} {c}");
+    // Relative to the backends serving: one out of service (no queue,
+    // factor 1) does not hold the others down.
+    let mut w = world(LoadScrape::new(LoadProfile::Vllm));
+    let out = w.c.clone();
+    let serving = |b: &str| b != out;
+    for i in 0..5 {
+        let at = w.now + Duration::from_secs(3 * i);
+        w.t.observe_among(&w.a, &busy(8.0), at, &serving);
+        w.t.observe_among(&w.b, &busy(8.0), at, &serving);
+        w.t.observe_among(&w.c, &IDLE, at, &serving);
+        assert!(w.t.due(at).is_empty(), "{i}");
+    }
 }
 
 #[test]
