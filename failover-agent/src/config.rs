@@ -854,6 +854,22 @@ impl Probe {
         }
     }
 
+    /// The wedge detector's tuning: inference probes with passive checks
+    /// only (a generation confirms a suspicion; other kinds have none).
+    pub fn wedge(&self) -> Option<crate::health::WedgeConfig> {
+        let ProbeKind::Inference(i) = &self.kind else {
+            return None;
+        };
+        if !self.passive {
+            return None;
+        }
+        let d = crate::health::WedgeConfig::default();
+        Some(crate::health::WedgeConfig {
+            budget: i.wedge_budget.unwrap_or(d.budget),
+            min_flows: i.wedge_min_flows.unwrap_or(d.min_flows),
+        })
+    }
+
     /// The factor on the configured weight of a backend this probe finds
     /// degraded: it keeps serving, with fewer new flows. Only an inference
     /// probe finds a backend degraded.
@@ -950,6 +966,26 @@ pub struct InferenceCheck {
     /// [`Probe::DEFAULT_DEGRADED_WEIGHT`]. See [`Probe::degraded_weight`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded_weight: Option<f64>,
+    /// How often the probe runs its one-token generation (GPU time); the
+    /// probes in between only read the model list. Unset: 5 s.
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub generation_interval: Option<Duration>,
+    /// Wedge detection from the data plane (with `passive`): how long a
+    /// backend with unanswered requests may send no byte before a
+    /// generation is run to confirm it hangs. Unset: 300 ms.
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub wedge_budget: Option<Duration>,
+    /// Unanswered requests needed for a wedge suspicion. Unset: 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wedge_min_flows: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -394,6 +394,8 @@ pub struct Snapshot {
     pub reasons: Vec<(&'static str, &'static str, u64)>,
     /// SYNs passive health did not count because of a SYN flood.
     pub syns_in_floods: u64,
+    /// Wedge suspicions handed to probers.
+    pub wedge_suspicions: u64,
 }
 
 pub use crate::agent::states::HEALTH_STATES;
@@ -450,6 +452,8 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
     let resets = Family::<BackendLabel, Counter>::default();
     let syns = Family::<BackendLabel, Counter>::default();
     let syn_rsts = Family::<BackendLabel, Counter>::default();
+    let asked = Family::<BackendLabel, Counter>::default();
+    let answered = Family::<BackendLabel, Counter>::default();
     for b in &s.backends {
         let l = BackendLabel {
             backend: b.name.clone(),
@@ -481,6 +485,8 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
             resets.get_or_create(&l).inc_by(x.traffic.resets);
             syns.get_or_create(&l).inc_by(x.syns);
             syn_rsts.get_or_create(&l).inc_by(x.syn_rsts);
+            asked.get_or_create(&l).inc_by(x.asked);
+            answered.get_or_create(&l).inc_by(x.answered);
         }
     }
     r.register(
@@ -570,6 +576,23 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
         "backend_syn_resets",
         "SYNs the backend answered with RST (passive signal)",
         syn_rsts,
+    );
+    r.register(
+        "backend_flows_asked",
+        "Established flows whose client sent a request (wedge signal)",
+        asked,
+    );
+    r.register(
+        "backend_flows_answered",
+        "Established flows the backend sent a first byte back on (wedge signal)",
+        answered,
+    );
+    let suspicions = Counter::<u64>::default();
+    suspicions.inc_by(s.wedge_suspicions);
+    r.register(
+        "wedge_suspicions",
+        "Wedge suspicions from the data plane, each confirmed by a generation before anything moves",
+        suspicions,
     );
 
     let generation = Family::<ServiceLabel, Gauge>::default();
@@ -883,6 +906,7 @@ mod tests {
             }],
             reasons: vec![("no_backend", "drop", 5), ("bad_l4_checksum", "drop", 4)],
             syns_in_floods: 7,
+            wedge_suspicions: 0,
         }
     }
 

@@ -116,6 +116,13 @@ pub const ACKED_CLIENT: u8 = 4;
 pub const ACKED_BACKEND: u8 = 8;
 pub const ACKED_BOTH: u8 = ACKED_CLIENT | ACKED_BACKEND;
 
+/// `Flow::data`: the client has sent payload on this flow; counted once
+/// per flow in `BackendStats::asked`.
+pub const DATA_ASKED: u8 = 1;
+/// `Reverse::data`: the backend has sent payload on this flow; counted
+/// once per flow in `BackendStats::answered`.
+pub const DATA_ANSWERED: u8 = 1;
+
 /// `NODE[0]`: this edge node's settings, written by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -278,7 +285,8 @@ pub struct Flow {
     pub nat_port_be: u16,
     /// `FIN_*` and `ACKED_*` bits seen so far.
     pub fins: u8,
-    pub _pad: u8,
+    /// `DATA_ASKED` once the client sent payload (the wedge signal).
+    pub data: u8,
     /// Service flags at creation (so the fast path needs no service lookup).
     pub svc_flags: u32,
     /// Once the backend sent a FIN: the acknowledgment number (host order)
@@ -317,7 +325,9 @@ pub struct Reverse {
     pub state: u8,
     /// `FIN_*` and `ACKED_*` bits seen so far.
     pub fins: u8,
-    pub _pad: [u8; 2],
+    /// `DATA_ANSWERED` once the backend sent payload (the wedge signal).
+    pub data: u8,
+    pub _pad: u8,
     /// Once the client sent a FIN: the acknowledgment number (host order)
     /// with which the backend ACKs it.
     pub fin_ack: u32,
@@ -429,6 +439,14 @@ pub struct BackendStats {
     /// Handshake RTT of the last SYN-ACK seen on this CPU, and when.
     pub rtt_last_ns: u64,
     pub rtt_at_ns: u64,
+    /// Established TCP flows whose client sent payload (a request), once
+    /// per flow, and those the backend sent payload back on (its first
+    /// byte): with `reply_data`, the wedge detector's input
+    /// (`health::wedge`).
+    pub asked: u64,
+    pub answered: u64,
+    /// The backend's TCP segments carrying payload, on any flow.
+    pub reply_data: u64,
 }
 
 impl Traffic {
@@ -455,6 +473,9 @@ impl BackendStats {
         self.syns_ignored += o.syns_ignored;
         self.pending_evicted += o.pending_evicted;
         self.syn_other += o.syn_other;
+        self.asked += o.asked;
+        self.answered += o.answered;
+        self.reply_data += o.reply_data;
         if o.rtt_at_ns > self.rtt_at_ns {
             self.rtt_at_ns = o.rtt_at_ns;
             self.rtt_last_ns = o.rtt_last_ns;
@@ -497,5 +518,5 @@ const _: () = {
     assert!(size_of::<ReverseKey>() == 16);
     assert!(size_of::<Reverse>() == 72);
     assert!(size_of::<ServiceStats>() == 48);
-    assert!(size_of::<BackendStats>() == 112);
+    assert!(size_of::<BackendStats>() == 136);
 };

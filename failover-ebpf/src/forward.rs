@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    Backend, FLOW_ESTABLISHED, Flow, FlowKey, JUMP_NEW_TCP, NextHop, Node, Reason, Reverse,
-    ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
+    Backend, DATA_ASKED, FLOW_ESTABLISHED, Flow, FlowKey, JUMP_NEW_TCP, NextHop, Node, Reason,
+    Reverse, ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
     tcp::{self, SynWorth},
 };
 
@@ -79,6 +79,9 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
                     forget(&fkey, &f, node);
                 } else {
                     flow.seen = (now >> SEEN_SHIFT) as u32;
+                    if l4.payload != 0 && flow.data & DATA_ASKED == 0 {
+                        asked(flow);
+                    }
                     let t = Target::pinned(flow, be);
                     let out = send(ctx, node, ip, l4, &fkey, &t, false, now);
                     if l4.tcp {
@@ -136,6 +139,17 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
         return (xdp_action::XDP_DROP, Reason::NoBackend);
     };
     new_udp_flow(ctx, node, ip, l4, &fkey, svc, &chosen, now)
+}
+
+/// The flow's first request payload: the backend now owes it an answer
+/// (`health::wedge` in the agent). Once per flow, so the established
+/// path pays one test of a byte it already has in cache.
+#[inline(never)]
+pub fn asked(flow: &mut Flow) {
+    flow.data |= DATA_ASKED;
+    if let Some(s) = stats::backend(flow.backend_id) {
+        s.asked += 1;
+    }
 }
 
 /// The client's 5-tuple as received: the `FLOWS` key.
@@ -204,7 +218,8 @@ fn new_udp_flow(
         service_id: svc.id,
         state: FLOW_ESTABLISHED,
         fins: 0,
-        _pad: [0; 2],
+        data: 0,
+        _pad: 0,
         fin_ack: 0,
         seen: (now >> SEEN_SHIFT) as u32,
         created_ns: created,
@@ -238,7 +253,7 @@ fn new_udp_flow(
         service_id: svc.id,
         nat_port_be: t.nat_port_be,
         fins: 0,
-        _pad: 0,
+        data: 0,
         svc_flags: svc.flags,
         fin_ack: 0,
         seen: (now >> SEEN_SHIFT) as u32,

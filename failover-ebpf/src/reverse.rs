@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
-use failover_common::{FlowKey, Node, Reason, Reverse, ReverseKey, SEEN_SHIFT};
+use failover_common::{DATA_ANSWERED, FlowKey, Node, Reason, Reverse, ReverseKey, SEEN_SHIFT};
 
 use crate::{
     egress::{self, Route},
@@ -44,6 +44,15 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     if let Some(s) = stats::backend(r.backend_id) {
         s.traffic.rev_packets += 1;
         s.traffic.rev_bytes += ip.tot_len as u64;
+        // The wedge signal: the backend answers (a hung engine accepts
+        // and ACKs requests but sends no byte back).
+        if l4.payload != 0 {
+            s.reply_data += 1;
+            if rev.data & DATA_ANSWERED == 0 {
+                rev.data |= DATA_ANSWERED;
+                s.answered += 1;
+            }
+        }
     }
     if let Some(s) = stats::service(r.service_id) {
         s.rev_packets += 1;

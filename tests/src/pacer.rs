@@ -1,5 +1,6 @@
-//! An open-loop client: one request every `interval`, each on its own new
-//! connection and its own task, whatever the others do. A request that
+//! An open-loop client: one request every `interval` (a `GET`, or a
+//! streaming chat completion timed to its first token), each on its own
+//! new connection and its own task, whatever the others do. A request that
 //! hangs (a blackholed backend) does not delay the next one, so the
 //! failover time is resolved to the interval. Results can be read live
 //! (for the demo's view) and are complete once `stop` returns.
@@ -32,7 +33,20 @@ pub struct Pacer {
     handle: Option<JoinHandle<()>>,
 }
 
+/// What each request of a [`Pacer`] is.
+#[derive(Clone, Debug)]
+pub enum Request {
+    /// `GET path`; ok on a 200.
+    Get(String),
+    /// A streaming chat completion (`"stream": true`) of `max_tokens`
+    /// tokens for `model`, read to its end; ok on a 200 whose stream ended
+    /// with `data: [DONE]`. The sample's `ttft` is the time to the first
+    /// `data:` line.
+    Chat { model: String, max_tokens: u32 },
+}
+
 impl Pacer {
+    /// `GET path` on `target` every `interval` (see [`Pacer::start_request`]).
     pub fn start(
         ns: &str,
         target: SocketAddr,
@@ -41,12 +55,33 @@ impl Pacer {
         timeout: Duration,
         max: Duration,
     ) -> Self {
+        Self::start_request(
+            ns,
+            target,
+            Request::Get(path.to_owned()),
+            interval,
+            timeout,
+            max,
+        )
+    }
+
+    /// Sends `request` to `target` from inside namespace `ns` every
+    /// `interval`, each on a new connection and bounded by `timeout`, for
+    /// at most `max`.
+    pub fn start_request(
+        ns: &str,
+        target: SocketAddr,
+        request: Request,
+        interval: Duration,
+        timeout: Duration,
+        max: Duration,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
         let started = Instant::now();
-        let (ns, path, flag, out) = (
+        let (ns, request, flag, out) = (
             ns.to_owned(),
-            Arc::new(path.to_owned()),
+            Arc::new(request),
             stop.clone(),
             samples.clone(),
         );
@@ -62,13 +97,25 @@ impl Pacer {
                 let mut tasks = tokio::task::JoinSet::new();
                 while !flag.load(Ordering::Relaxed) && started.elapsed() < max {
                     tick.tick().await;
-                    let (path, out) = (path.clone(), out.clone());
+                    let (request, out) = (request.clone(), out.clone());
                     tasks.spawn(async move {
                         let at = started.elapsed();
-                        let r = tokio::time::timeout(timeout, get(target, &path)).await;
+                        let t0 = Instant::now();
+                        // Written by the request as it goes, so that a
+                        // request cut by the timeout still tells whether
+                        // its first token came.
+                        let mut ttft = None;
+                        let r = match &*request {
+                            Request::Get(path) => {
+                                tokio::time::timeout(timeout, get(target, path)).await
+                            }
+                            Request::Chat { model, max_tokens } => {
+                                let chat = chat(target, model, *max_tokens, t0, &mut ttft);
+                                tokio::time::timeout(timeout, chat).await
+                            }
+                        };
                         let (ok, backend) = match r {
-                            Ok(Some((200, b))) => (true, b),
-                            Ok(Some((_, b))) => (false, b),
+                            Ok(Some((ok, b))) => (ok, b),
                             _ => (false, String::new()),
                         };
                         let done = started.elapsed();
@@ -77,6 +124,7 @@ impl Pacer {
                             done,
                             ok,
                             backend,
+                            ttft,
                         });
                     });
                     while tasks.try_join_next().is_some() {}
@@ -168,8 +216,8 @@ pub fn every(
     Ok(())
 }
 
-/// `GET path` on a new connection: (status, x-backend), or None.
-async fn get(target: SocketAddr, path: &str) -> Option<(u16, String)> {
+/// `GET path` on a new connection: (status 200, x-backend), or None.
+async fn get(target: SocketAddr, path: &str) -> Option<(bool, String)> {
     let mut s = TcpStream::connect(target).await.ok()?;
     let _ = s.set_nodelay(true);
     s.write_all(
@@ -179,7 +227,71 @@ async fn get(target: SocketAddr, path: &str) -> Option<(u16, String)> {
     .ok()?;
     let mut buf = Vec::with_capacity(512);
     s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf);
+    let (status, backend) = head(&buf)?;
+    Some((status == 200, backend))
+}
+
+/// A streaming chat completion on a new connection, read to its end: (200
+/// and `data: [DONE]` seen, x-backend), or None. Sets `ttft` (from `t0`)
+/// when the first `data:` line starts arriving.
+async fn chat(
+    target: SocketAddr,
+    model: &str,
+    max_tokens: u32,
+    t0: Instant,
+    ttft: &mut Option<Duration>,
+) -> Option<(bool, String)> {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        "stream": true,
+    })
+    .to_string();
+    let mut s = TcpStream::connect(target).await.ok()?;
+    let _ = s.set_nodelay(true);
+    s.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nAccept: text/event-stream\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // The body (chunked) starts after the head; an error body is JSON,
+        // without `data:`.
+        if ttft.is_none()
+            && let Some(h) = find(&buf, b"\r\n\r\n")
+            && find(&buf[h..], b"data:").is_some()
+        {
+            *ttft = Some(t0.elapsed());
+        }
+    }
+    let (status, backend) = head(&buf)?;
+    Some((
+        status == 200 && find(&buf, b"data: [DONE]").is_some(),
+        backend,
+    ))
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An HTTP answer's status and `x-backend` header.
+fn head(buf: &[u8]) -> Option<(u16, String)> {
+    let text = String::from_utf8_lossy(buf);
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
     let backend = text
         .lines()

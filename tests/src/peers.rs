@@ -140,6 +140,8 @@ pub struct HaproxySpec {
     /// `option httpchk GET <path>` instead of a plain TCP connect check.
     pub http_check: Option<String>,
     pub timeout_connect_ms: u32,
+    /// `balance` algorithm: `roundrobin`, `leastconn`, ...
+    pub balance: &'static str,
 }
 
 impl HaproxySpec {
@@ -153,8 +155,8 @@ impl HaproxySpec {
         );
         let _ = write!(
             c,
-            "frontend fe\n  bind {}\n  default_backend be\n\nbackend be\n  balance roundrobin\n",
-            self.listen
+            "frontend fe\n  bind {}\n  default_backend be\n\nbackend be\n  balance {}\n",
+            self.listen, self.balance
         );
         if let Some(src) = self.source {
             let _ = writeln!(c, "  source {src}");

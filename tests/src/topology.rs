@@ -230,6 +230,19 @@ impl Topology {
         addr: Ipv4Addr,
         port: u16,
     ) -> Result<()> {
+        self.start_backend_with(name, in_cloud_b, addr, port, &[])
+    }
+
+    /// As [`Self::start_backend_on`], with more of the test backend's
+    /// arguments (`--service-rate 50`, ...).
+    pub fn start_backend_with(
+        &mut self,
+        name: &str,
+        in_cloud_b: bool,
+        addr: Ipv4Addr,
+        port: u16,
+        extra: &[String],
+    ) -> Result<()> {
         let ns = if in_cloud_b {
             &self.cloud_b
         } else {
@@ -239,6 +252,7 @@ impl Topology {
             .args(["netns", "exec", &ns.name, &testbackend_bin()?])
             .args(["--name", name, "--listen", &format!("{addr}:{port}")])
             .args(["--token-interval-ms", "20"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -23,6 +23,9 @@ pub struct Sample {
     pub done: Duration,
     pub ok: bool,
     pub backend: String,
+    /// Streaming chat requests ([`crate::pacer::Request::Chat`]): from the
+    /// start to the first byte of the first SSE `data:` line, if any came.
+    pub ttft: Option<Duration>,
 }
 
 pub struct Driver {
@@ -66,6 +69,7 @@ impl Driver {
                         done,
                         ok,
                         backend,
+                        ttft: None,
                     });
                 next += interval;
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -160,6 +164,7 @@ mod tests {
             done: Duration::from_millis(ms + 1),
             ok,
             backend: String::new(),
+            ttft: None,
         }
     }
 

@@ -604,6 +604,40 @@ async fn stats_count_requests_and_reset() {
 }
 
 #[tokio::test]
+async fn stats_count_connections_by_peer_address() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(async {
+        let b = Backend::start(BackendConfig::new("c1")).await;
+        let c = client();
+        let lo = std::net::IpAddr::from([127, 0, 0, 1]);
+        let count = |s: &StatsSnapshot| s.peers.get(&lo).map_or(0, |p| p.connections);
+        let before = stats(&c, &b).await;
+        let t0 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        // Three new connections (the client above may reuse its own).
+        for _ in 0..3 {
+            let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.unwrap();
+        }
+        let after = stats(&c, &b).await;
+        assert!(
+            count(&after) >= count(&before) + 3,
+            "{before:?} -> {after:?}"
+        );
+        assert!(after.peers[&lo].last_unix_ms >= t0, "{after:?}");
+        c.post(b.url("/admin/stats/reset")).send().await.unwrap();
+        assert!(count(&stats(&c, &b).await) <= 1, "reset clears the peers");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn crash_without_hook_stops_the_library_server() {
     bounded(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

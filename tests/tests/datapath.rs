@@ -304,6 +304,42 @@ fn nat_entries(lab: &Lab) -> (usize, usize) {
     )
 }
 
+/// The wedge signal: a flow counts as asked at its client's first payload
+/// and as answered at the backend's first, once each; every backend
+/// segment with payload counts as reply data; bare ACKs count nothing.
+#[test]
+fn requests_and_first_answers_are_counted_once_per_flow() {
+    let lab = lab_with(&[2], 0);
+    let wedge = |lab: &Lab| {
+        let s = lab.dp.backend_stats(2).unwrap();
+        (s.asked, s.answered, s.reply_data)
+    };
+    let (client, backend) = established(&lab, 51_300);
+    assert_eq!(wedge(&lab), (0, 0, 0), "a handshake asks nothing");
+    for (seq, len) in [(1001u32, 100usize), (1101, 50)] {
+        let ask = seg(client.clone().data(&vec![b'q'; len]), seq, 5001, false);
+        let (rc, out) = forward(&lab, &ask);
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_checksums_valid(&out);
+    }
+    assert_eq!(wedge(&lab), (1, 0, 0), "two request segments, one flow");
+    // The backend's bare ACK is no answer.
+    lab.run(lab.va0, &seg(backend.clone(), 5001, 1151, false).build())
+        .unwrap();
+    assert_eq!(wedge(&lab), (1, 0, 0));
+    for seq in [5001u32, 5011] {
+        let answer = seg(backend.clone().data(b"data: tok\n"), seq, 1151, false);
+        let (rc, out) = lab.run(lab.va0, &answer.build()).unwrap();
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_eq!(out, to_client(&answer, 51_300));
+    }
+    assert_eq!(wedge(&lab), (1, 1, 2), "two answer segments, one flow");
+    // A second flow that asks and gets nothing back.
+    let (client2, _) = established(&lab, 51_301);
+    forward(&lab, &seg(client2.data(b"partial"), 1001, 5001, false));
+    assert_eq!(wedge(&lab), (2, 1, 2));
+}
+
 #[test]
 fn a_closed_connection_frees_its_entries_at_the_last_ack_backend_closing_first() {
     let lab = lab_with(&[2], 0);

@@ -6,6 +6,11 @@
 //!   flow, but stays `DRAINING` for `policy.slow_grace`, so a stream in
 //!   progress on it finishes; then `DOWN`. A backend that dies is `DOWN`
 //!   at once.
+//! - A wedged backend (connections and requests accepted, `/health` and
+//!   `/v1/models` 200, no byte of any answer) is caught from the data
+//!   plane: it gets no new flow within a second of the wedge. Requests
+//!   that a backend legitimately leaves unanswered (a partial request)
+//!   only earn a confirming generation, which answers: nothing moves.
 //! - A UDP service probed over UDP fails over when a backend's UDP server
 //!   dies while its TCP side still answers (a TCP probe would keep it).
 //!
@@ -61,18 +66,255 @@ fn start(topo: &Topology, dir: &Path, cfg: &Config) -> AgentProc {
     AgentProc::start_with_config(&topo.edge.name, dir, &yaml).expect("agent starts")
 }
 
+/// The data-plane id of the backend at `addr`.
+fn dp_id(dp: &failover_agent::dataplane::Dataplane, addr: SocketAddr) -> Option<u32> {
+    (0..failover_common::MAX_BACKENDS).find(|&i| {
+        let b = dp.backend(i).unwrap();
+        let at = (
+            Ipv4Addr::from(u32::from_be(b.addr_be)),
+            u16::from_be(b.port_be),
+        );
+        b.state != state::UNUSED && SocketAddr::from(at) == addr
+    })
+}
+
 /// The data-plane state of the backend at `addr`.
 fn dp_state(dp: &failover_agent::dataplane::Dataplane, addr: SocketAddr) -> Option<u8> {
-    (0..failover_common::MAX_BACKENDS)
-        .map(|i| dp.backend(i).unwrap())
-        .find(|b| {
-            let at = (
-                Ipv4Addr::from(u32::from_be(b.addr_be)),
-                u16::from_be(b.port_be),
-            );
-            b.state != state::UNUSED && SocketAddr::from(at) == addr
+    dp_id(dp, addr).map(|i| dp.backend(i).unwrap().state)
+}
+
+/// A streamed one-token chat completion through the VIP from namespace
+/// `ns` on a new connection: the backend that answered (its `x-backend`
+/// header) once the first byte came, or the error (a wedged backend
+/// never sends one: the read times out after `wait`).
+fn first_byte(ns: &str, wait: Duration) -> std::io::Result<String> {
+    let _in = failover_tests::netns::enter(ns).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))?;
+    s.set_read_timeout(Some(wait))?;
+    let body = r#"{"model":"tiny-llm","stream":true,"max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&seen).to_string();
+    Ok(head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-backend")
+                .then(|| v.trim().to_owned())
         })
-        .map(|b| b.state)
+        .unwrap_or_default())
+}
+
+/// Paced requests (one every `every`, each on its own thread and
+/// connection) until `stop`; each result with when it was sent.
+fn paced(
+    ns: &str,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(Instant, std::io::Result<String>)>> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        let mut asks = Vec::new();
+        let mut next = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let ns = ns.clone();
+            let at = Instant::now();
+            asks.push((
+                at,
+                std::thread::spawn(move || first_byte(&ns, Duration::from_secs(3))),
+            ));
+            next += every;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        asks.into_iter()
+            .map(|(at, t)| (at, t.join().unwrap()))
+            .collect()
+    })
+}
+
+/// The inference probe of the wedge tests: the liveness check every
+/// 100 ms, a generation every 5 s (the default), wedge budget 300 ms.
+fn wedge_probe() -> config::Probe {
+    serde_json::from_value(serde_json::json!({
+        "kind": "inference", "model": "tiny-llm",
+        "interval": "100ms", "timeout": "300ms", "rise": 2, "fall": 2,
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_wedged_backend_gets_no_new_flow_within_a_second_while_its_health_stays_200() {
+    require_root();
+    let _s = serial();
+    let topo = World::backends(false).unwrap();
+    let dp = topo.open_dataplane().unwrap();
+    let scratch = Scratch::new("wedge").unwrap();
+    let mut cfg = base_config(&topo, &scratch.0);
+    cfg.services[0].probe = wedge_probe();
+    cfg.services[0].policy.slow_grace = Duration::from_secs(2);
+    let mut agent = start(&topo, &scratch.0, &cfg);
+    agent
+        .wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))
+        .unwrap();
+    let (addr, ns) = World::backend(&topo, "a1");
+    let id = dp_id(&dp, addr).expect("a1 in the data plane");
+    let new_flows = || dp.backend_stats(id).unwrap().traffic.new_flows;
+
+    // 50 requests a second, each on a new connection, half of them to a1.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = paced(&topo.client.name, Duration::from_millis(20), stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    admin(ns, addr, "/admin/fault", Some(r#"{"fault":"wedge"}"#)).unwrap();
+    let wedged = Instant::now();
+    // When a1 last got a new flow, read every 5 ms for 2.5 s.
+    let mut last = (wedged, new_flows());
+    while wedged.elapsed() < Duration::from_millis(2500) {
+        let n = new_flows();
+        if n != last.1 {
+            last = (Instant::now(), n);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let asks = load.join().unwrap();
+    let to_no_new_flows = last.0 - wedged;
+    let health = {
+        let _in = ns.enter().unwrap();
+        failover_tests::client::get(addr, "/health", Duration::from_secs(2))
+    };
+    admin(ns, addr, "/admin/fault", Some(r#"{"fault":"none"}"#)).unwrap();
+    eprintln!(
+        "a1 wedged: its last new flow {to_no_new_flows:?} after the wedge; {} requests",
+        asks.len()
+    );
+    assert!(
+        to_no_new_flows <= Duration::from_secs(1),
+        "a1 still got new flows {to_no_new_flows:?} after it wedged"
+    );
+    let health = health.unwrap();
+    assert_eq!(health.status, 200, "a1's health check still passes");
+    // Out of the ring as sick: DRAINING for its grace (or DOWN after).
+    let st = dp_state(&dp, addr);
+    assert!(
+        st == Some(state::DRAINING) || st == Some(state::DOWN),
+        "{st:?}"
+    );
+    // Requests before the wedge went to both; every request sent 1.2 s
+    // after it got its first byte, from a2.
+    let before: Vec<_> = asks.iter().filter(|(at, _)| *at < wedged).collect();
+    assert!(
+        before.iter().any(|(_, r)| r.as_deref().ok() == Some("a1")),
+        "a1 served before the wedge"
+    );
+    let after: Vec<_> = asks
+        .iter()
+        .filter(|(at, _)| *at > wedged + Duration::from_millis(1200))
+        .collect();
+    assert!(after.len() > 40, "{}", after.len());
+    for (at, r) in &after {
+        assert_eq!(
+            r.as_deref().ok(),
+            Some("a2"),
+            "request {:?} after the wedge: {r:?}",
+            *at - wedged
+        );
+    }
+    let decisions = agent.decisions();
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d.reason.contains("a1 up -> down") && d.reason.contains("wedged")),
+        "{decisions:#?}"
+    );
+}
+
+/// A partial request: the backend waits for the rest of its body and
+/// answers nothing, as it should.
+fn partial_request(ns: &str) -> std::io::Result<TcpStream> {
+    let _in = failover_tests::netns::enter(ns).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))?;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\n\
+         Content-Type: application/json\r\nContent-Length: 4096\r\n\r\n{{\"model\":"
+    )?;
+    Ok(s)
+}
+
+#[test]
+fn requests_a_backend_rightly_leaves_unanswered_move_nothing() {
+    require_root();
+    let _s = serial();
+    let topo = World::backends(false).unwrap();
+    let dp = topo.open_dataplane().unwrap();
+    let scratch = Scratch::new("wedge-hostile").unwrap();
+    let mut cfg = base_config(&topo, &scratch.0);
+    cfg.services[0].probe = wedge_probe();
+    let mut agent = start(&topo, &scratch.0, &cfg);
+    agent
+        .wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))
+        .unwrap();
+    let decided = agent.decisions().len();
+    let (a1, _) = World::backend(&topo, "a1");
+    let (a2, _) = World::backend(&topo, "a2");
+
+    // Alone: 40 partial requests held open for 3 s. Both backends are
+    // suspected (silent, with flows waiting), and both answer the
+    // confirming generation.
+    let held: Vec<TcpStream> = (0..40)
+        .map(|_| partial_request(&topo.client.name).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = agent.log_text();
+    assert!(
+        log.contains("wedge suspected"),
+        "the garbage did raise suspicions (else this test shows nothing)"
+    );
+    assert!(log.contains("wedge suspicion cleared"), "{log}");
+
+    // Beside real traffic: more partial requests while paced real ones
+    // run; the backends' answers break the silence.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = paced(&topo.client.name, Duration::from_millis(20), stop.clone());
+    let more: Vec<TcpStream> = (0..40)
+        .map(|_| partial_request(&topo.client.name).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let asks = load.join().unwrap();
+    drop((held, more));
+
+    assert!(asks.len() > 100, "{}", asks.len());
+    let mut by = std::collections::BTreeMap::<String, usize>::new();
+    for (_, r) in &asks {
+        let b = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("a real request failed: {e}"));
+        *by.entry(b.clone()).or_default() += 1;
+    }
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["a1", "a2"], "{by:?}");
+    assert_eq!(dp_state(&dp, a1), Some(state::UP));
+    assert_eq!(dp_state(&dp, a2), Some(state::UP));
+    let decisions = agent.decisions();
+    assert_eq!(
+        decisions.len(),
+        decided,
+        "no decision: {:#?}",
+        &decisions[decided..]
+    );
 }
 
 /// What a streamed chat completion delivered.

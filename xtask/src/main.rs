@@ -356,15 +356,15 @@ fn bench(args: &[String]) -> Result<()> {
     setup()?;
     let Some(which) = args.first() else {
         bail!(
-            "usage: cargo xtask bench datapath|apply|rest|forward|http|failover|attack|flood [--json] ... | all --report DIR"
+            "usage: cargo xtask bench datapath|apply|rest|forward|http|failover|attack|flood|load [--json] ... | all --report DIR"
         );
     };
     match which.as_str() {
         "datapath" | "apply" | "rest" | "forward" | "http" | "all" | "failover" | "attack"
-        | "flood" => {
-            // forward, http, failover, attack, flood and all start the test
-            // backend (and failover, attack and flood the agent) from
-            // beside the bench binary.
+        | "flood" | "load" => {
+            // forward, http, failover, attack, flood, load and all start the
+            // test backend (and failover, attack, flood and load the agent)
+            // from beside the bench binary.
             run(Command::new("cargo").args([
                 "build",
                 "--quiet",
@@ -382,7 +382,7 @@ fn bench(args: &[String]) -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; available: datapath, apply, rest, forward, http, failover, attack, flood, all"
+                "unknown benchmark {other:?}; available: datapath, apply, rest, forward, http, failover, attack, flood, load, all"
             )
         }
     }

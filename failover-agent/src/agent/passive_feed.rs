@@ -15,7 +15,10 @@ use std::{
 
 use failover_common::BackendStats;
 
-use crate::health::{Ejection, Ejector, HandshakeCounters, PassiveConfig, PassiveDetector};
+use crate::health::{
+    Ejection, Ejector, HandshakeCounters, PassiveConfig, PassiveDetector, ReplyCounters,
+    WedgeConfig, WedgeDetector,
+};
 
 /// Period of the counter reads for backends with new connections.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -28,6 +31,9 @@ const ACTIVE_FOR: Duration = Duration::from_secs(1);
 struct Watched {
     id: u32,
     detector: PassiveDetector,
+    /// Inference backends only: its suspicions go to the prober, which
+    /// confirms them with a generation.
+    wedge: Option<WedgeDetector>,
     ejector: Option<Ejector>,
     last_syns: u64,
     active_until: Option<Instant>,
@@ -60,6 +66,8 @@ pub struct PassiveMonitor {
     last_poll: Option<Instant>,
     /// SYNs not taken as evidence because of a SYN flood, in all.
     suspended_total: u64,
+    /// Wedge suspicions handed to probers, in all.
+    suspicions_total: u64,
 }
 
 impl PassiveMonitor {
@@ -70,7 +78,13 @@ impl PassiveMonitor {
             next_sweep: None,
             last_poll: None,
             suspended_total: 0,
+            suspicions_total: 0,
         }
+    }
+
+    /// Wedge suspicions handed to probers since the agent started.
+    pub fn suspicions_total(&self) -> u64 {
+        self.suspicions_total
     }
 
     /// SYNs the unanswered rule did not count because the edge was under
@@ -79,13 +93,21 @@ impl PassiveMonitor {
         self.suspended_total
     }
 
-    /// Starts (or restarts, with fresh evidence) watching `backend` at `id`.
-    pub fn watch(&mut self, backend: &str, id: u32, ejector: Option<Ejector>) {
+    /// Starts (or restarts, with fresh evidence) watching `backend` at `id`;
+    /// `wedge`: also for a hung engine.
+    pub fn watch(
+        &mut self,
+        backend: &str,
+        id: u32,
+        ejector: Option<Ejector>,
+        wedge: Option<WedgeConfig>,
+    ) {
         self.watched.insert(
             backend.to_owned(),
             Watched {
                 id,
                 detector: PassiveDetector::new(self.cfg),
+                wedge: wedge.map(WedgeDetector::new),
                 ejector,
                 last_syns: 0,
                 active_until: None,
@@ -178,6 +200,17 @@ impl PassiveMonitor {
                 w.last_syns = stats.syns;
                 w.active_until = Some(now + ACTIVE_FOR);
             }
+            if let Some(wd) = &mut w.wedge
+                && let Some(why) = wd.observe(now, ReplyCounters::from(&stats))
+            {
+                self.suspicions_total += 1;
+                match &w.ejector {
+                    Some(ej) if ej.suspect(why) => {}
+                    _ => {
+                        tracing::debug!(backend = %name, %why, "prober gone; wedge suspicion not forwarded")
+                    }
+                }
+            }
             let c = HandshakeCounters::from_per_cpu(std::iter::once(&stats));
             let suspended = w.detector.suspended();
             let ejection = w.detector.observe(now, c);
@@ -212,8 +245,8 @@ mod tests {
     #[test]
     fn refused_syns_eject_once_and_only_the_refused_backend() {
         let mut m = PassiveMonitor::new(PassiveConfig::default());
-        m.watch("a", 1, None);
-        m.watch("b", 2, None);
+        m.watch("a", 1, None, None);
+        m.watch("b", 2, None, None);
         let t0 = Instant::now();
         let mut stats: BTreeMap<u32, BackendStats> = BTreeMap::new();
         let read = |stats: &BTreeMap<u32, BackendStats>, id: u32| {
@@ -259,7 +292,7 @@ mod tests {
     #[test]
     fn idle_backends_are_read_at_the_slow_period_until_syns_appear() {
         let mut m = PassiveMonitor::new(PassiveConfig::default());
-        m.watch("a", 1, None);
+        m.watch("a", 1, None, None);
         let t0 = Instant::now();
         let reads = std::cell::Cell::new(0);
         let syns = std::cell::Cell::new(0u64);
@@ -294,8 +327,8 @@ mod tests {
     #[test]
     fn an_idle_backend_waits_for_the_sweep_while_another_is_active() {
         let mut m = PassiveMonitor::new(PassiveConfig::default());
-        m.watch("busy", 1, None);
-        m.watch("idle", 2, None);
+        m.watch("busy", 1, None, None);
+        m.watch("idle", 2, None, None);
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         let reads: std::cell::RefCell<Vec<u32>> = Default::default();
@@ -324,7 +357,7 @@ mod tests {
     #[test]
     fn the_end_of_the_bound_is_read_on_time_not_at_the_next_period() {
         let mut m = PassiveMonitor::new(PassiveConfig::default());
-        m.watch("a", 1, None);
+        m.watch("a", 1, None, None);
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         let syns = std::cell::Cell::new(2u64);
@@ -358,7 +391,7 @@ mod tests {
     #[test]
     fn a_failed_read_skips_the_backend() {
         let mut m = PassiveMonitor::new(PassiveConfig::default());
-        m.watch("a", 1, None);
+        m.watch("a", 1, None, None);
         let out = m.poll(Instant::now(), |_| Err::<BackendStats, _>("EPERM"));
         assert!(out.is_empty());
     }

@@ -76,7 +76,8 @@ impl Agent {
             ) {
                 Ok(prober) => {
                     if probe.passive {
-                        self.passive.watch(&name, id, Some(prober.ejector()));
+                        self.passive
+                            .watch(&name, id, Some(prober.ejector()), probe.wedge());
                     } else {
                         self.passive.unwatch(&name);
                     }

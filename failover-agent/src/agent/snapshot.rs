@@ -105,6 +105,7 @@ impl Agent {
             backends,
             reasons,
             syns_in_floods: self.passive.suspended_total(),
+            wedge_suspicions: self.passive.suspicions_total(),
         }
     }
 }

@@ -756,6 +756,37 @@ fn check_inference(c: &mut Checker, path: &str, probe: &Probe, inference: &Infer
         ),
         _ => {}
     }
+    if let Some(every) = inference.generation_interval
+        && every < probe.interval
+    {
+        c.fail(
+            format!("{path}.generation_interval"),
+            format!(
+                "generation_interval {} is below the probe's interval {}: a generation \
+                 runs at most once a probe",
+                humantime::format_duration(every),
+                humantime::format_duration(probe.interval)
+            ),
+        );
+    }
+    if let Some(budget) = inference.wedge_budget
+        && !(Duration::from_millis(50)..=Duration::from_secs(60)).contains(&budget)
+    {
+        c.fail(
+            format!("{path}.wedge_budget"),
+            format!(
+                "wedge_budget {} must be between 50ms and 60s (how long a backend with \
+                 waiting requests may send nothing)",
+                humantime::format_duration(budget)
+            ),
+        );
+    }
+    if inference.wedge_min_flows == Some(0) {
+        c.fail(
+            format!("{path}.wedge_min_flows"),
+            "wedge_min_flows must be at least 1",
+        );
+    }
     if let Some(factor) = inference.degraded_weight
         && !(factor > 0.0 && factor <= 1.0)
     {

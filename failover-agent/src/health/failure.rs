@@ -17,8 +17,9 @@
 //!
 //! The rule behind the table: a backend whose handshake completes is alive,
 //! and its streams in progress may still finish; one whose handshake fails
-//! is gone, and so are its flows. Passive ejections are dead (SYNs refused
-//! or unanswered: [`super::Ejection::failure`]).
+//! is gone, and so are its flows. Passive handshake ejections are dead
+//! (SYNs refused or unanswered); a wedge, confirmed by a failed
+//! generation, is sick ([`super::Ejection::failure`]).
 
 use std::fmt;
 use std::io;

@@ -1,22 +1,24 @@
 //! OpenAI-compatible inference probe: the model must be listed by
-//! `GET /v1/models`, and a one-token streamed chat completion for it must
-//! produce its first SSE data chunk within the time-to-first-token budget.
+//! `GET /v1/models` on every probe (the liveness check), and a one-token
+//! streamed chat completion for it must produce its first SSE data chunk
+//! within the time-to-first-token budget.
 //!
 //! Verdicts: model missing, errors, other non-2xx answers -> failed;
 //! HTTP 429 or a first token later than the budget -> degraded (the backend
 //! still serves, so it keeps a lower weight instead of losing its traffic).
 //!
-//! The generation runs on every probe. The model list is read on the first
-//! probe, on the one after any probe that was not healthy, when the
-//! generation answers 404 (to name the cause), and otherwise once every
-//! [`MODEL_LIST_EVERY`]. Reading it on every probe doubled the requests, and
-//! nearly the CPU, of a probe for a fact the generation already shows: it
-//! names the model, and an OpenAI-compatible server without that model
-//! refuses it (404 `model_not_found`), which fails the probe at once. The
-//! periodic read still catches, within that period, a server that ignores
-//! the requested model. With 100 backends probed every 100 ms that is 1090
-//! requests a second instead of 2000. Both requests share the probe's
-//! keep-alive connection ([`KeepAlive`]).
+//! The generation costs GPU time, so it runs only once every
+//! `generation_interval` (default [`GENERATION_EVERY`]), and on every probe
+//! after one that failed (or a generation its timeout cut short), until one
+//! succeeds: `fall` failures in a row still take `fall` probes, not `fall`
+//! intervals, and a backend comes back only through a generation. Between generations a
+//! probe repeats the last generation's degraded verdict: a listed model
+//! says nothing about a slow first token. Whether the engine still
+//! generates in between comes from the data plane (`wedge`): a suspicion
+//! runs one generation at once ([`InferenceProbe::generate_now`]).
+//! With 100 backends probed every 100 ms that is 1,000 model lists and 20
+//! generations a second, where every probe used to generate (1,000 a
+//! second).
 
 use std::borrow::Cow;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -34,8 +36,17 @@ use super::{BackendTarget, Failure, Probe, ProbeError, ProbeOutcome};
 /// Most bytes scanned for the first `data:` line of the stream.
 const SSE_SCAN_LIMIT: usize = 4 * 1024;
 
-/// Longest time a healthy backend goes without its model list being read.
-pub(crate) const MODEL_LIST_EVERY: Duration = Duration::from_secs(1);
+/// Default of `generation_interval`.
+pub const GENERATION_EVERY: Duration = Duration::from_secs(5);
+
+/// The last generation that produced a first token.
+#[derive(Clone, Debug)]
+struct Generated {
+    at: Instant,
+    /// Its degraded reason (429, slow first token), repeated until the
+    /// next generation.
+    degraded: Option<(Duration, String)>,
+}
 
 #[derive(Debug)]
 pub struct InferenceProbe {
@@ -47,10 +58,9 @@ pub struct InferenceProbe {
     model: String,
     ttft_budget: Option<Duration>,
     timeout: Duration,
-    list_every: Duration,
-    /// When the model list last showed the model, if every probe since was
-    /// healthy; `None`: read it on the next probe.
-    listed: Mutex<Option<Instant>>,
+    generation_every: Duration,
+    /// `None`: generate on the next probe (none yet, or the last failed).
+    generated: Mutex<Option<Generated>>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +92,7 @@ impl InferenceProbe {
         base_path: &str,
         model: &str,
         ttft_budget: Option<Duration>,
+        generation_every: Duration,
         tls: Option<&TlsOptions>,
         timeout: Duration,
     ) -> Result<Self, ProbeError> {
@@ -115,13 +126,49 @@ impl InferenceProbe {
             model: model.to_owned(),
             ttft_budget,
             timeout,
-            list_every: MODEL_LIST_EVERY,
-            listed: Mutex::new(None),
+            generation_every,
+            generated: Mutex::new(None),
         })
     }
 
-    fn listed(&self) -> MutexGuard<'_, Option<Instant>> {
-        self.listed.lock().unwrap_or_else(PoisonError::into_inner)
+    fn generated(&self) -> MutexGuard<'_, Option<Generated>> {
+        self.generated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One generation now, whatever is due: the data plane suspects the
+    /// engine hangs. The prober bounds it with the probe's timeout.
+    pub async fn generate_now(&self) -> ProbeOutcome {
+        let deadline = Instant::now() + self.timeout;
+        let mut session = self.client.session();
+        self.generate(&mut session, deadline).await
+    }
+
+    /// The generation's verdict, remembered for the probes until the next.
+    async fn generate(&self, session: &mut Session<'_>, deadline: Instant) -> ProbeOutcome {
+        // Forgotten first: a generation its timeout cuts short (a hung
+        // engine) leaves the next probe to generate, not to trust an old
+        // success.
+        self.generated().take();
+        let outcome = match self.first_token(session, deadline).await {
+            Ok(outcome) => outcome,
+            Err(NoToken::Status(StatusCode::TOO_MANY_REQUESTS, latency)) => rate_limited(latency),
+            Err(NoToken::Status(status, _)) => not_ok(status),
+            Err(NoToken::Stream(fault)) => fault.into(),
+        };
+        *self.generated() = match &outcome {
+            ProbeOutcome::Healthy { .. } => Some(Generated {
+                at: Instant::now(),
+                degraded: None,
+            }),
+            ProbeOutcome::Degraded { latency, reason } => Some(Generated {
+                at: Instant::now(),
+                degraded: Some((*latency, reason.clone())),
+            }),
+            ProbeOutcome::Failed { .. } => None,
+        };
+        outcome
     }
 }
 
@@ -129,38 +176,39 @@ impl Probe for InferenceProbe {
     async fn check(&self) -> ProbeOutcome {
         let deadline = Instant::now() + self.timeout;
         let mut session = self.client.session();
-        // Taken, not read: a probe cut short by its timeout leaves the next
-        // one to read the list again.
-        let last = self.listed().take();
-        let due = last.is_none_or(|at| at.elapsed() >= self.list_every);
-        let mut listed_now = None;
-        if due {
-            let at = Instant::now();
-            match self.model_loaded(&mut session).await {
-                Ok(None) => listed_now = Some(at),
-                Ok(Some(degraded)) => return degraded,
-                Err(fault) => return fault.into(),
+        let listed_at = Instant::now();
+        match self.model_loaded(&mut session).await {
+            Ok(None) => {}
+            Ok(Some(degraded)) => return degraded,
+            Err(fault) => {
+                // Back from any failure only through a generation.
+                self.generated().take();
+                return fault.into();
             }
         }
-        let outcome = match self.first_token(&mut session, deadline).await {
-            Ok(outcome) => outcome,
-            Err(NoToken::Status(StatusCode::TOO_MANY_REQUESTS, latency)) => rate_limited(latency),
-            // The usual answer of a server without the model: say so, if
-            // the list agrees.
-            Err(NoToken::Status(StatusCode::NOT_FOUND, _)) if !due => {
-                match self.model_loaded(&mut session).await {
-                    Ok(None) => not_ok(StatusCode::NOT_FOUND),
-                    Ok(Some(degraded)) => degraded,
-                    Err(fault) => fault.into(),
-                }
+        // Taken, not read: a probe cut short by its timeout generates on
+        // the next one.
+        let last = self.generated().take();
+        match last {
+            Some(g) if g.at.elapsed() < self.generation_every => {
+                let outcome = match &g.degraded {
+                    Some((latency, reason)) => ProbeOutcome::Degraded {
+                        latency: *latency,
+                        reason: format!("last generation: {reason}"),
+                    },
+                    None => ProbeOutcome::Healthy {
+                        latency: listed_at.elapsed(),
+                    },
+                };
+                *self.generated() = Some(g);
+                outcome
             }
-            Err(NoToken::Status(status, _)) => not_ok(status),
-            Err(NoToken::Stream(fault)) => fault.into(),
-        };
-        if matches!(outcome, ProbeOutcome::Healthy { .. }) {
-            *self.listed() = listed_now.or(last);
+            _ => self.generate(&mut session, deadline).await,
         }
-        outcome
+    }
+
+    async fn confirm(&self) -> Option<ProbeOutcome> {
+        Some(self.generate_now().await)
     }
 
     fn timed_out(&self) -> Failure {
@@ -296,7 +344,16 @@ mod tests {
     #[tokio::test]
     async fn request_body_asks_for_one_streamed_token() {
         let t = BackendTarget::new("a", "127.0.0.1:1".parse().unwrap());
-        let p = InferenceProbe::new(&t, "/", "m", None, None, Duration::from_secs(1)).unwrap();
+        let p = InferenceProbe::new(
+            &t,
+            "/",
+            "m",
+            None,
+            GENERATION_EVERY,
+            None,
+            Duration::from_secs(1),
+        )
+        .unwrap();
         let req = std::str::from_utf8(&p.chat_request).unwrap();
         let (head, body) = req.split_once("\r\n\r\n").unwrap();
         assert!(
@@ -356,6 +413,8 @@ mod tests {
         /// otherwise generate whatever the request names.
         honour_model: std::sync::atomic::AtomicBool,
         fail: std::sync::atomic::AtomicBool,
+        /// Take 1 s before answering a generation (a hung engine).
+        stall: std::sync::atomic::AtomicBool,
         lists: std::sync::atomic::AtomicUsize,
         chats: std::sync::atomic::AtomicUsize,
     }
@@ -382,6 +441,9 @@ mod tests {
             &'static str,
         ) {
             s.chats.fetch_add(1, SeqCst);
+            if s.stall.load(SeqCst) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             let model = req["model"].as_str().unwrap_or_default().to_owned();
             if s.fail.load(SeqCst) {
                 return (
@@ -422,8 +484,16 @@ mod tests {
         srv.honour_model
             .store(honour_model, std::sync::atomic::Ordering::SeqCst);
         let t = serve(srv.clone()).await;
-        let mut p = InferenceProbe::new(&t, "", "m", None, None, Duration::from_secs(2)).unwrap();
-        p.list_every = Duration::from_millis(500);
+        let p = InferenceProbe::new(
+            &t,
+            "",
+            "m",
+            None,
+            Duration::from_millis(500),
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap();
         (srv, p)
     }
 
@@ -432,48 +502,86 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn model_list_read_first_then_periodically_and_after_trouble() {
+    async fn generation_only_when_due_and_after_a_failure() {
         use std::sync::atomic::Ordering::SeqCst;
         let (srv, p) = setup(false).await;
         healthy(&p.check().await);
         assert_eq!(counts(&srv), (1, 1));
         healthy(&p.check().await);
         healthy(&p.check().await);
-        assert_eq!(counts(&srv), (1, 3), "list not due: generation only");
+        assert_eq!(counts(&srv), (3, 1), "generation not due: the list only");
 
+        tokio::time::sleep(Duration::from_millis(600)).await;
         srv.fail.store(true, SeqCst);
         let o = p.check().await;
         assert_eq!(
             o.reason(),
             Some("POST /v1/chat/completions answered 500 Internal Server Error")
         );
+        // After a failure every probe generates until one succeeds.
+        let o = p.check().await;
+        assert!(o.failure().is_some(), "{o:?}");
         srv.fail.store(false, SeqCst);
         healthy(&p.check().await);
-        assert_eq!(counts(&srv), (2, 5), "list read again after a failure");
+        healthy(&p.check().await);
+        assert_eq!(counts(&srv), (7, 4));
 
-        // A server that ignores the requested model: the periodic list
-        // read catches the model gone.
+        // The model gone from the list fails the next probe at once.
         srv.models.lock().unwrap().clear();
-        healthy(&p.check().await);
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let o = p.check().await;
-        assert_eq!(o.reason(), Some("model m not loaded"));
-        assert_eq!(counts(&srv), (3, 6));
-        // Until it is back, every probe reads the list.
         assert_eq!(p.check().await.reason(), Some("model m not loaded"));
-        srv.models.lock().unwrap().push("m".to_owned());
-        healthy(&p.check().await);
-        assert_eq!(counts(&srv), (5, 7));
+        assert_eq!(counts(&srv), (8, 4));
     }
 
     #[tokio::test]
-    async fn generation_refused_for_the_model_names_the_cause_at_once() {
+    async fn a_degraded_generation_is_repeated_until_the_next() {
+        let srv = std::sync::Arc::new(Server::default());
+        srv.models.lock().unwrap().push("m".to_owned());
+        let t = serve(srv.clone()).await;
+        // A budget no answer meets: every generation is degraded.
+        let p = InferenceProbe::new(
+            &t,
+            "",
+            "m",
+            Some(Duration::ZERO),
+            Duration::from_secs(60),
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let first = p.check().await;
+        assert!(matches!(first, ProbeOutcome::Degraded { .. }), "{first:?}");
+        let next = p.check().await;
+        assert!(
+            matches!(&next, ProbeOutcome::Degraded { reason, .. } if reason.starts_with("last generation: time to first token")),
+            "{next:?}"
+        );
+        assert_eq!(counts(&srv), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn generate_now_runs_whatever_is_due() {
+        use std::sync::atomic::Ordering::SeqCst;
         let (srv, p) = setup(true).await;
         healthy(&p.check().await);
-        srv.models.lock().unwrap().clear();
-        // Not due, but the 404 sends the probe to the list.
-        let o = p.check().await;
-        assert_eq!(o.reason(), Some("model m not loaded"));
-        assert_eq!(counts(&srv), (2, 2));
+        healthy(&p.generate_now().await);
+        assert_eq!(counts(&srv), (1, 2));
+        srv.fail.store(true, SeqCst);
+        assert!(p.generate_now().await.failure().is_some());
+        srv.fail.store(false, SeqCst);
+        healthy(&p.check().await);
+        assert_eq!(
+            counts(&srv),
+            (2, 4),
+            "after a failed one, the probe generates"
+        );
+        // A generation cut short by its timeout (a hung engine) is no
+        // success to trust: the next probe generates.
+        srv.stall.store(true, SeqCst);
+        let cut = tokio::time::timeout(Duration::from_millis(100), p.generate_now()).await;
+        assert!(cut.is_err());
+        srv.stall.store(false, SeqCst);
+        healthy(&p.check().await);
+        assert_eq!(counts(&srv).0, 3);
+        assert!(counts(&srv).1 >= 5, "{:?}", counts(&srv));
     }
 }

@@ -32,6 +32,7 @@ pub mod state;
 mod tcp;
 mod tls;
 mod udp;
+pub mod wedge;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -58,6 +59,7 @@ pub use state::{FlapState, HealthMachine, HealthState, HoldDown, Thresholds, Tra
 pub use tcp::TcpProbe;
 pub use tls::TlsOptions;
 pub use udp::{UdpExpect, UdpProbe};
+pub use wedge::{ReplyCounters, Suspicion, WedgeConfig, WedgeDetector};
 
 /// The result of one probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,6 +133,13 @@ pub trait Probe: Send + Sync + 'static {
     /// still in its handshake then says [`Failure::Unanswered`].
     fn timed_out(&self) -> Failure {
         Failure::Timeout
+    }
+
+    /// A check that shows the backend does its work (a generation), run
+    /// at once when the data plane suspects it hangs ([`wedge`]); `None`:
+    /// this kind has none, and the suspicion moves nothing.
+    fn confirm(&self) -> impl Future<Output = Option<ProbeOutcome>> + Send {
+        std::future::ready(None)
     }
 }
 
@@ -224,6 +233,13 @@ impl Probe for AnyProbe {
         }
     }
 
+    async fn confirm(&self) -> Option<ProbeOutcome> {
+        match self {
+            AnyProbe::Inference(p) => p.confirm().await,
+            AnyProbe::Tcp(_) | AnyProbe::Http(_) | AnyProbe::Grpc(_) | AnyProbe::Udp(_) => None,
+        }
+    }
+
     fn timed_out(&self) -> Failure {
         match self {
             AnyProbe::Tcp(p) => p.timed_out(),
@@ -270,6 +286,9 @@ pub fn build_probe(
                 inference.path.as_deref().unwrap_or(""),
                 model,
                 inference.ttft_budget,
+                inference
+                    .generation_interval
+                    .unwrap_or(inference::GENERATION_EVERY),
                 inference.tls.then_some(tls),
                 cfg.timeout,
             )?)
@@ -340,16 +359,38 @@ pub struct HealthEvent {
     pub at: Instant,
 }
 
-/// Hands passive ejections to one backend's prober task. Cheap to clone.
+/// What the data plane's detectors hand a prober.
 #[derive(Clone, Debug)]
-pub struct Ejector(mpsc::Sender<Ejection>);
+enum Signal {
+    /// Down now (passive handshake evidence).
+    Eject(Ejection),
+    /// Run the probe's confirming check now; down only if it fails.
+    Suspect(Suspicion),
+}
+
+/// Hands passive ejections and wedge suspicions to one backend's prober
+/// task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Ejector(mpsc::Sender<Signal>);
 
 impl Ejector {
     /// Queues an ejection without waiting. Returns false once the prober
     /// is gone. A full queue already holds an ejection, so dropping this
     /// one loses nothing.
     pub fn eject(&self, why: Ejection) -> bool {
-        !matches!(self.0.try_send(why), Err(TrySendError::Closed(_)))
+        !matches!(
+            self.0.try_send(Signal::Eject(why)),
+            Err(TrySendError::Closed(_))
+        )
+    }
+
+    /// Queues a wedge suspicion: the prober confirms it with a generation
+    /// before anything moves. Returns false once the prober is gone.
+    pub fn suspect(&self, why: Suspicion) -> bool {
+        !matches!(
+            self.0.try_send(Signal::Suspect(why)),
+            Err(TrySendError::Closed(_))
+        )
     }
 }
 
@@ -451,6 +492,44 @@ struct Reporter {
 }
 
 impl Reporter {
+    /// An ejection acts at once; a suspicion waits for its check.
+    /// Returns false when nobody listens any more.
+    async fn signal(&mut self, sig: Signal, suspected: &mut Option<Suspicion>) -> bool {
+        match sig {
+            Signal::Eject(why) => self.eject(&why).await,
+            // A backend already down takes no new flows: nothing to confirm.
+            Signal::Suspect(_) if self.machine.state() == HealthState::Down => true,
+            Signal::Suspect(why) => {
+                tracing::info!(backend = %self.backend, %why, "wedge suspected; confirming with a generation");
+                *suspected = Some(why);
+                true
+            }
+        }
+    }
+
+    /// The confirming check of a wedge suspicion: a failure takes the
+    /// backend down (as sick); an answer clears it and counts as a probe.
+    async fn confirmed(
+        &mut self,
+        why: Suspicion,
+        outcome: &ProbeOutcome,
+        started: Instant,
+    ) -> bool {
+        match outcome {
+            ProbeOutcome::Failed { reason, .. } => {
+                let ej = Ejection::Wedged {
+                    suspicion: why,
+                    check: reason.clone(),
+                };
+                self.eject(&ej).await
+            }
+            ProbeOutcome::Healthy { .. } | ProbeOutcome::Degraded { .. } => {
+                tracing::info!(backend = %self.backend, %why, latency = ?outcome.latency(), "wedge suspicion cleared: the generation answered");
+                self.observe(outcome, started).await
+            }
+        }
+    }
+
     /// Returns false when nobody listens any more.
     async fn eject(&mut self, why: &Ejection) -> bool {
         let now = Instant::now();
@@ -529,42 +608,80 @@ async fn run<P: Probe>(
     mut rep: Reporter,
     probe: P,
     schedule: Schedule,
-    mut ejections: mpsc::Receiver<Ejection>,
+    mut signals: mpsc::Receiver<Signal>,
 ) {
     let mut ticker = tokio::time::interval(schedule.interval);
     // A slow probe delays the next one instead of bursting to catch up.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // A wedge suspicion waiting for its confirming check, which takes the
+    // next tick's place.
+    let mut suspected: Option<Suspicion> = None;
     loop {
         tokio::select! {
             biased;
-            Some(why) = ejections.recv() => {
-                if !rep.eject(&why).await {
+            Some(sig) = signals.recv() => {
+                if !rep.signal(sig, &mut suspected).await {
                     return;
+                }
+                if suspected.is_some() {
+                    ticker.reset_immediately();
                 }
             }
             _ = ticker.tick() => {
                 let started = Instant::now();
-                let check = tokio::time::timeout(schedule.timeout, probe.check());
-                tokio::pin!(check);
-                // Ejections are handled while a probe is in flight: a probe
-                // can take up to its timeout, an ejection must not wait.
-                let outcome = loop {
-                    tokio::select! {
-                        biased;
-                        Some(why) = ejections.recv() => {
-                            if !rep.eject(&why).await {
-                                return;
-                            }
+                if let Some(why) = suspected.take() {
+                    let Some(res) = bounded(&mut rep, &mut signals, &mut suspected, schedule.timeout, probe.confirm()).await else {
+                        return;
+                    };
+                    let outcome = match res {
+                        Ok(Some(o)) => o,
+                        Ok(None) => {
+                            tracing::debug!(backend = %rep.backend, %why, "wedge suspected; this probe kind has no confirming check");
+                            continue;
                         }
-                        res = &mut check => break res.unwrap_or_else(|_| {
-                            timeout_outcome(probe.timed_out(), schedule.timeout)
-                        }),
+                        Err(_) => timeout_outcome(probe.timed_out(), schedule.timeout),
+                    };
+                    if !rep.confirmed(why, &outcome, started).await {
+                        return;
                     }
+                    continue;
+                }
+                let Some(res) = bounded(&mut rep, &mut signals, &mut suspected, schedule.timeout, probe.check()).await else {
+                    return;
                 };
+                let outcome = res.unwrap_or_else(|_| timeout_outcome(probe.timed_out(), schedule.timeout));
                 if !rep.observe(&outcome, started).await {
                     return;
                 }
+                if suspected.is_some() {
+                    ticker.reset_immediately();
+                }
             }
+        }
+    }
+}
+
+/// Runs `check` within `timeout`, handling signals meanwhile: a check can
+/// take up to its timeout, an ejection must not wait. `None`: nobody
+/// listens to the prober any more.
+async fn bounded<T>(
+    rep: &mut Reporter,
+    signals: &mut mpsc::Receiver<Signal>,
+    suspected: &mut Option<Suspicion>,
+    timeout: Duration,
+    check: impl Future<Output = T>,
+) -> Option<Result<T, tokio::time::error::Elapsed>> {
+    let check = tokio::time::timeout(timeout, check);
+    tokio::pin!(check);
+    loop {
+        tokio::select! {
+            biased;
+            Some(sig) = signals.recv() => {
+                if !rep.signal(sig, suspected).await {
+                    return None;
+                }
+            }
+            res = &mut check => return Some(res),
         }
     }
 }

@@ -108,14 +108,22 @@ pub enum Ejection {
     Refused { rsts: u64 },
     /// SYNs left unanswered past the RTT-derived bound (host or path dead).
     Unanswered { waited: Duration, bound: Duration },
+    /// Requests unanswered while the backend sent nothing, and a
+    /// generation that then failed (`super::wedge`).
+    Wedged {
+        suspicion: super::Suspicion,
+        check: String,
+    },
 }
 
 impl Ejection {
-    /// Its class: passive evidence is always of a gone backend.
+    /// Its class: handshake evidence is of a gone backend; a wedged one
+    /// still completes handshakes, so its streams get their grace.
     pub fn failure(&self) -> super::Failure {
         match self {
             Ejection::Refused { .. } => super::Failure::Refused,
             Ejection::Unanswered { .. } => super::Failure::Unanswered,
+            Ejection::Wedged { .. } => super::Failure::Timeout,
         }
     }
 }
@@ -126,6 +134,9 @@ impl fmt::Display for Ejection {
             Ejection::Refused { rsts } => write!(f, "{rsts} SYNs refused with RST"),
             Ejection::Unanswered { waited, bound } => {
                 write!(f, "SYNs unanswered for {waited:?} (bound {bound:?})")
+            }
+            Ejection::Wedged { suspicion, check } => {
+                write!(f, "wedged: {suspicion}; generation: {check}")
             }
         }
     }

@@ -16,7 +16,7 @@ mod openai;
 
 pub use faults::{Fault, FaultRequest, Faults};
 pub use grpc_health::serve_grpc_health;
-pub use openai::{Stats, StatsSnapshot, serve_http, serve_http_with_stats};
+pub use openai::{PeerStats, Stats, StatsSnapshot, serve_http, serve_http_with_stats};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,10 +2,12 @@
 //! `/v1/chat/completions` (JSON or SSE), `/metrics` (the queue model under
 //! vLLM's metric names), and the `/admin/*` test controls.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -45,6 +47,7 @@ struct Counters {
     chat_completions: AtomicU64,
     rate_limited: AtomicU64,
     streams_completed: AtomicU64,
+    peers: Mutex<BTreeMap<IpAddr, PeerStats>>,
 }
 
 /// A point-in-time copy of [`Stats`], as JSON at `GET /admin/stats`.
@@ -64,6 +67,20 @@ pub struct StatsSnapshot {
     pub rate_limited: u64,
     /// Streams that reached `data: [DONE]`.
     pub streams_completed: u64,
+    /// Connections accepted, by the peer's address: a bench tells the
+    /// balancer's flows (from its SNAT address) from the agent's probes
+    /// (from the edge's own address), and when the last new flow came.
+    #[serde(default)]
+    pub peers: BTreeMap<IpAddr, PeerStats>,
+}
+
+/// Connections accepted from one peer address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStats {
+    pub connections: u64,
+    /// When the last one was accepted, in ms since the Unix epoch (the
+    /// wall clock, so that another process on the host can compare).
+    pub last_unix_ms: u64,
 }
 
 impl Stats {
@@ -79,7 +96,23 @@ impl Stats {
             chat_completions: get(&c.chat_completions),
             rate_limited: get(&c.rate_limited),
             streams_completed: get(&c.streams_completed),
+            peers: self.peers().clone(),
         }
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, BTreeMap<IpAddr, PeerStats>> {
+        self.0.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a connection accepted from `peer`.
+    fn accepted(&self, peer: IpAddr) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut peers = self.peers();
+        let p = peers.entry(peer).or_default();
+        p.connections += 1;
+        p.last_unix_ms = now;
     }
 
     /// Zeroes the totals; `in_flight` is a gauge and stays.
@@ -95,6 +128,7 @@ impl Stats {
         ] {
             a.store(0, Ordering::Relaxed);
         }
+        self.peers().clear();
     }
 }
 
@@ -167,7 +201,8 @@ pub async fn serve_http_with_stats(
             // notify_one keeps a permit, so a crash between polls is not lost.
             _ = state.crash.notified() => return Ok(()),
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
+                    state.stats.accepted(peer.ip());
                     // Tokens are tiny writes; don't let Nagle batch them.
                     let _ = stream.set_nodelay(true);
                     let svc = TowerToHyperService::new(app.clone());

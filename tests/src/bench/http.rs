@@ -303,6 +303,7 @@ pub fn run_system(system: &'static str, opts: Opts) -> Result<Vec<HttpResult>> {
                     checks: Checks::default(),
                     http_check: Some(PATH.into()),
                     timeout_connect_ms: 2000,
+                    balance: "roundrobin",
                 },
                 Some(&topo.client),
             )?);

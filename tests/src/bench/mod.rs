@@ -8,5 +8,6 @@ pub mod failover;
 pub mod flood;
 pub mod forward;
 pub mod http;
+pub mod load;
 pub mod report;
 pub mod rest;

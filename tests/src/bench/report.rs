@@ -67,6 +67,7 @@ fn columns(bench: &str, rows: &[Value]) -> Vec<String> {
         "rest" => &super::rest::COLUMNS,
         "attack" => &super::attack::COLUMNS,
         "flood" => &super::flood::COLUMNS,
+        "load" => &super::load::COLUMNS,
         _ => &[],
     };
     if !known.is_empty() {
@@ -510,12 +511,42 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
                     verdict(survived >= 1.0 && ok >= 0.99)
                 );
             }
+            "load" => {
+                // Issue 20: load-aware weights against static ones and
+                // HAProxy leastconn; the wedged backend out within 1 s.
+                let p99 = |mode| {
+                    find(rows, &[("mode", mode)])
+                        .and_then(|r| r.get("ttft_p99_ms"))
+                        .and_then(Value::as_f64)
+                };
+                if let Some(l) = p99("load_aware") {
+                    for (other, bound) in [("static", 0.5), ("haproxy_leastconn", 1.0)] {
+                        if let Some(o) = p99(other) {
+                            let ratio = l / o.max(1e-12);
+                            let _ = writeln!(
+                                targets,
+                                "| load | load_aware ÷ {other}, TTFT p99 | ≤ {bound} | {ratio:.2} | {} |",
+                                verdict(ratio <= bound)
+                            );
+                        }
+                    }
+                }
+                if let Some(w) = find(rows, &[("mode", "wedge")]) {
+                    let s = w.get("seconds_to_no_new_flows").and_then(Value::as_f64);
+                    let _ = writeln!(
+                        targets,
+                        "| load wedge | seconds until the wedged backend gets no new flows | ≤ 1 | {} | {} |",
+                        s.map_or("never".into(), |s| format!("{s:.3}")),
+                        verdict(s.is_some_and(|s| s <= 1.0))
+                    );
+                }
+            }
             _ => {}
         }
     }
     if !targets.is_empty() {
         md.push_str(
-            "## Targets (issues 3, 4, 6, 15 and 16)\n\nComputed from the tables above.\n\n\
+            "## Targets (issues 3, 4, 6, 15, 16 and 20)\n\nComputed from the tables above.\n\n\
              | benchmark | measure | target | measured | |\n|---|---|---|---|---|\n",
         );
         md.push_str(&targets);
@@ -527,8 +558,8 @@ pub fn write(dir: &Path, machine: &Machine, results: &[(String, Outcome)]) -> Re
 }
 
 /// The benchmarks `all` runs, in order, when this binary has them.
-pub const ALL: [&str; 8] = [
-    "datapath", "apply", "rest", "failover", "forward", "http", "attack", "flood",
+pub const ALL: [&str; 9] = [
+    "datapath", "apply", "rest", "failover", "forward", "http", "attack", "flood", "load",
 ];
 
 /// Runs every benchmark in [`ALL`] that this binary offers (each as a
@@ -725,6 +756,31 @@ mod tests {
             "| datapath reverse | own cost ÷ empty program's raw time | ≤ 1.5 | 1.50 | met |",
             "| datapath passthrough | own cost ÷ empty program's raw time | ≤ 0.25 | 0.20 | met |",
             "| flood (socket, up to 250000 SYNs/s) | at every rate: established flows surviving / real connections ok | 100 % / ≥ 99 % | 100.00 % / 98.50 % | **not met** |",
+        ] {
+            assert!(md.contains(row), "missing {row:?} in:\n{md}");
+        }
+    }
+
+    #[test]
+    fn targets_of_issue_20_are_computed_from_the_rows() {
+        let dir = std::env::temp_dir().join(format!("failover-report20-{}", std::process::id()));
+        let mode = |mode: &str, p99: f64| json!({"mode": mode, "ttft_p50_ms": 90.0, "ttft_p99_ms": p99, "failed": 0, "requests": 1500});
+        let results = vec![(
+            "load".to_owned(),
+            Outcome::Ran(vec![
+                mode("static", 2400.0),
+                mode("load_aware", 240.0),
+                mode("haproxy_leastconn", 200.0),
+                json!({"mode": "wedge", "seconds_to_no_new_flows": 0.4, "stuck_requests": 30, "requests": 400}),
+            ]),
+        )];
+        write(&dir, &Machine::default(), &results).unwrap();
+        let md = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        for row in [
+            "| load | load_aware ÷ static, TTFT p99 | ≤ 0.5 | 0.10 | met |",
+            "| load | load_aware ÷ haproxy_leastconn, TTFT p99 | ≤ 1 | 1.20 | **not met** |",
+            "| load wedge | seconds until the wedged backend gets no new flows | ≤ 1 | 0.400 | met |",
         ] {
             assert!(md.contains(row), "missing {row:?} in:\n{md}");
         }

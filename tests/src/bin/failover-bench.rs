@@ -107,6 +107,23 @@ enum Cmd {
         #[arg(long)]
         trace: bool,
     },
+    /// Time to first token under load (three backends, one at half the
+    /// service rate): static weights vs load-aware weights vs HAProxy
+    /// leastconn; and how fast a wedged backend stops getting new flows.
+    Load {
+        /// Seconds of load per mode.
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+        /// Seconds of load after the wedge.
+        #[arg(long, default_value_t = 5.0)]
+        wedge_seconds: f64,
+        /// Modes to run (default: static,load_aware,haproxy_leastconn,wedge).
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
+        /// Print each mode's second-by-second p99 and shares (to stderr).
+        #[arg(long)]
+        trace: bool,
+    },
     /// The agent at rest: CPU and memory while probing healthy backends.
     Rest {
         /// Backends probed.
@@ -198,6 +215,20 @@ fn main() -> Result<()> {
                 seconds,
             };
             bench::rest::print(&bench::rest::run(&opts, &kinds)?, args.json)
+        }
+        Cmd::Load {
+            seconds,
+            wedge_seconds,
+            modes,
+            trace,
+        } => {
+            let modes = or(modes, &bench::load::MODES);
+            let opts = bench::load::Opts {
+                seconds,
+                wedge_seconds,
+                trace,
+            };
+            bench::load::print(&bench::load::run(opts, &modes)?, args.json)
         }
         Cmd::All { report } => bench::report::all(&report)?,
         Cmd::Apply => bench::apply::print(&bench::apply::run()?, args.json),
