@@ -106,23 +106,32 @@ impl<E: Executor> Applier<E> {
         let after = self.effective_weights();
         let weight =
             |m: &std::collections::BTreeMap<String, u32>, b: &str| m.get(b).copied().unwrap_or(0);
-        // A change that switched no ring (none serving, or the ring came
-        // out the same) is a decision all the same.
+        // A change no flip record carries (no ring switched: none serving,
+        // or the ring came out the same; or its weight rounded the same)
+        // is a decision all the same.
         for c in &changes {
+            let (from, to) = (weight(&before, &c.backend), weight(&after, &c.backend));
             let flipped = self
                 .cfg
                 .services
                 .iter()
                 .filter(|s| s.backends.contains(&c.backend))
                 .any(|s| apply.flipped.iter().any(|(f, _)| *f == s.name));
-            if !flipped && let Some(j) = &self.journal {
+            if !(flipped && from != to)
+                && let Some(j) = &self.journal
+            {
                 let mut r = DecisionRecord::new("*", 0);
                 r.reason = format!("load: {}", describe(c));
-                r.policy_check = "load factor: no ring change".into();
+                r.policy_check = if flipped {
+                    "load factor: its effective weight rounds the same"
+                } else {
+                    "load factor: no ring change"
+                }
+                .into();
                 r.weights = vec![WeightChange {
                     backend: c.backend.clone(),
-                    from: weight(&before, &c.backend),
-                    to: weight(&after, &c.backend),
+                    from,
+                    to,
                     load: Some(note(c)),
                 }];
                 j.record(r);
