@@ -488,9 +488,10 @@ fn a_half_capacity_backend_ends_with_a_lower_weight_and_the_ring_shows_it() {
     );
     assert!(ok > 1200, "{ok} ok, {failed} failed");
     // The slow one with clearly less weight than its peers on average, and
-    // fewer ring slots. Its capacity would give it half; runs so far gave
-    // it 0.55 to 0.79 of their weight (the fast ones' factors dip in turn
-    // as their own queues come and go), and an equal share is 1.
+    // fewer ring slots. Its capacity would give it half; runs gave it 0.43
+    // of their weight (0.55 to 0.79 with larger controller steps; the fast
+    // ones' factors dip in turn as their own queues come and go), and an
+    // equal share is 1.
     let fast = f64::midpoint(weights[0], weights[1]);
     assert!(weights[2] < 0.85 * fast, "weights {weights:?}");
     let fast = f64::midpoint(ring[0], ring[1]);

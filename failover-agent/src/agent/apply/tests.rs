@@ -586,16 +586,16 @@ fn load_reweights_with_one_ring_switch_per_interval_and_an_audited_record() {
     assert_eq!(a.effective_weights()["b1"], 100);
     let t0 = Instant::now();
 
-    // b1 queues up to queue_high: its factor halves, one ring switch, no
-    // state write (it keeps serving, its pinned flows stay).
+    // b1 queues up to queue_high: its factor drops 15%, one ring switch,
+    // no state write (it keeps serving, its pinned flows stay).
     let r = a.on_load("b1", &queued(8.0), t0).unwrap();
     assert_eq!(r.changes.len(), 1);
-    assert_eq!((r.changes[0].from, r.changes[0].to), (1.0, 0.5));
+    assert_eq!((r.changes[0].from, r.changes[0].to), (1.0, 0.85));
     assert_eq!(r.apply.flipped.len(), 1);
     assert_eq!(take(&mut a), ["ring 0 slot 0", "flip web slot 0 gen 3"]);
-    assert_eq!(a.effective_weights()["b1"], 50);
+    assert_eq!(a.effective_weights()["b1"], 85);
     assert_eq!(a.effective_weights()["b2"], 100);
-    assert_eq!(a.load_factor("b1"), 0.5);
+    assert_eq!(a.load_factor("b1"), 0.85);
 
     // Within rebuild_interval: b2's change waits; a refused scrape
     // changes nothing.
@@ -609,35 +609,41 @@ fn load_reweights_with_one_ring_switch_per_interval_and_an_audited_record() {
         .unwrap();
     assert!(r.changes.is_empty() && r.observed.refusal_changed);
     assert!(take(&mut a).is_empty());
-    assert_eq!(a.effective_weights()["b1"], 50);
+    assert_eq!(a.effective_weights()["b1"], 85);
 
     // The interval over: b2's held change goes, with b1's own next one
-    // (its queue just gone, the smoothed one still 5.6: x0.65).
+    // (its queue just gone, the smoothed one still 5.6: x0.895).
     let r = a
         .on_load("b1", &queued(0.0), t0 + Duration::from_secs(2))
         .unwrap();
     let mut changed: Vec<&str> = r.changes.iter().map(|c| c.backend.as_str()).collect();
     changed.sort_unstable();
     assert_eq!(changed, ["b1", "b2"]);
-    assert_eq!(take(&mut a), ["ring 0 slot 1", "flip web slot 1 gen 4"]);
-    assert_eq!(a.effective_weights()["b1"], 33);
-    assert_eq!(a.effective_weights()["b2"], 50);
+    // One decision, at most one switch (a 13-slot ring may come out the
+    // same: then each change is audited on its own).
+    let log = take(&mut a);
+    assert!(
+        log.is_empty() || log == ["ring 0 slot 1", "flip web slot 1 gen 4"],
+        "{log:?}"
+    );
+    assert_eq!(a.effective_weights()["b1"], 76);
+    assert_eq!(a.effective_weights()["b2"], 85);
 
     a.flush_audit();
     let text = std::fs::read_to_string(&audit).unwrap();
     let load_line = text
         .lines()
-        .find(|l| l.contains("\"factor_to\":0.5"))
+        .find(|l| l.contains("\"factor_to\":0.85"))
         .expect("an audited load change");
     let rec: crate::audit::DecisionRecord = serde_json::from_str(load_line).unwrap();
     assert!(
         rec.reason
-            .starts_with("load: b1 load 1 -> 0.5 (waiting 8, running 4, kv 0.5)"),
+            .starts_with("load: b1 load 1 -> 0.85 (waiting 8, running 4, kv 0.5)"),
         "{}",
         rec.reason
     );
     let w = &rec.weights[0];
-    assert_eq!((w.backend.as_str(), w.from, w.to), ("b1", 100, 50));
+    assert_eq!((w.backend.as_str(), w.from, w.to), ("b1", 100, 85));
     let note = w.load.as_ref().unwrap();
     assert_eq!(
         (
@@ -647,10 +653,10 @@ fn load_reweights_with_one_ring_switch_per_interval_and_an_audited_record() {
             note.factor_from,
             note.factor_to
         ),
-        (Some(8.0), Some(4.0), Some(0.5), 1.0, 0.5)
+        (Some(8.0), Some(4.0), Some(0.5), 1.0, 0.85)
     );
-    assert_eq!(crate::audit::verify(&audit).unwrap().records, 4);
-    assert!(text.contains("\"factor_to\":0.325"), "{text}");
+    assert!(crate::audit::verify(&audit).unwrap().records >= 4);
+    assert!(text.contains("\"factor_to\":0.76"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -665,7 +671,7 @@ fn a_load_change_of_a_backend_out_of_rings_is_audited_without_a_switch() {
     assert_eq!(r.changes.len(), 1);
     assert!(r.apply.flipped.is_empty());
     assert!(take(&mut a).is_empty());
-    assert_eq!(a.load_factor("b3"), 0.5);
+    assert_eq!(a.load_factor("b3"), 0.85);
 }
 
 #[test]
@@ -677,13 +683,17 @@ fn a_degraded_and_loaded_backend_keeps_the_product_of_both_factors() {
     a.on_health(&[ev("b1", HealthState::Up, HealthState::Degraded)])
         .unwrap();
     assert_eq!(a.effective_weights()["b1"], 50);
-    // And queueing: its load factor halves that again.
+    // And queueing: its load factor scales that again.
     a.on_load("b1", &queued(8.0), Instant::now()).unwrap();
-    assert_eq!(a.load_factor("b1"), 0.5);
-    assert_eq!(a.effective_weights()["b1"], 25);
+    let load = a.load_factor("b1");
+    assert_eq!(load, 0.85);
+    assert_eq!(
+        a.effective_weights()["b1"],
+        (100.0 * 0.5 * load).round() as u32
+    );
     // Recovered from the 429s: the load factor alone.
     a.on_health(&[ev("b1", HealthState::Degraded, HealthState::Up)])
         .unwrap();
-    assert_eq!(a.effective_weights()["b1"], 50);
+    assert_eq!(a.effective_weights()["b1"], 85);
     assert_eq!(a.effective_weights()["b2"], 100);
 }

@@ -40,9 +40,12 @@ fn pressure_from_the_queue_and_the_kv_cache() {
 fn decrease_is_multiplicative_increase_gentle_and_both_bounded() {
     let mut c = Controller::default();
     assert_eq!(c.factor(), 1.0);
-    assert_eq!(c.update(&figures(8.0, None), &P), 0.5);
-    assert_eq!(c.update(&figures(8.0, None), &P), 0.25);
-    for _ in 0..10 {
+    assert_eq!(c.update(&figures(8.0, None), &P), 1.0 - DECREASE);
+    assert_eq!(
+        c.update(&figures(8.0, None), &P),
+        (1.0 - DECREASE) * (1.0 - DECREASE)
+    );
+    for _ in 0..30 {
         c.update(&figures(100.0, None), &P);
     }
     assert_eq!(c.factor(), P.min_factor, "floored");
@@ -54,7 +57,7 @@ fn decrease_is_multiplicative_increase_gentle_and_both_bounded() {
         .count();
     assert!(draining <= 16, "{draining} scrapes to drain");
     let steps = (0..100).take_while(|_| c.update(&quiet, &P) < 1.0).count();
-    assert_eq!(steps + 2, 18, "floor to 1 in (1 - 0.1) / 0.05 scrapes");
+    assert_eq!(steps + 2, 90, "floor to 1 in (1 - 0.1) / 0.01 scrapes");
     assert_eq!(c.factor(), 1.0, "capped");
     c.update(&figures(8.0, None), &P);
     c.reset();

@@ -64,20 +64,20 @@ fn hysteresis_holds_small_changes_back() {
     w.t.observe(&w.a, &busy(1.0), w.now);
     assert!(w.t.due(w.now).is_empty());
     assert_eq!(w.t.factor(&w.a), 1.0);
-    // Two more: applied.
+    // A long queue: applied.
     let w2 = w.now + Duration::from_secs(1);
-    w.t.observe(&w.a, &busy(3.0), w2);
+    w.t.observe(&w.a, &busy(20.0), w2);
     let due = w.t.due(w2);
     assert_eq!(due.len(), 1, "{due:?}");
     assert_eq!(due[0].from, 1.0);
     assert!(due[0].to <= 0.9, "{due:?}");
-    assert_eq!(due[0].figures.unwrap().waiting, 3.0);
+    assert_eq!(due[0].figures.unwrap().waiting, 20.0);
     let lowered = w.t.factor(&w.a);
     // Its queue gone: the target climbs back in small steps, applied only
     // once they add up to 10%, or reach 1.
     let mut applied = Vec::new();
     let mut held = 0;
-    for i in 1..=20 {
+    for i in 1..=200 {
         let at = w.now + Duration::from_secs(10 * i);
         w.t.observe(&w.a, &IDLE, at);
         match w.t.due(at).as_slice() {
@@ -110,7 +110,7 @@ fn one_rebuild_per_service_per_rebuild_interval() {
         w.t.observe(&w.c, &IDLE, at);
         assert!(w.t.due(at).is_empty(), "{ms} ms");
     }
-    assert_eq!(w.t.factor(&w.a), 0.5);
+    assert_eq!(w.t.factor(&w.a), 0.85);
     assert_eq!(w.t.factor(&w.b), 1.0);
     // Then both at once: one rebuild.
     let at = w.now + Duration::from_secs(2);
@@ -138,7 +138,7 @@ fn targets_are_relative_within_a_service() {
     // One queueing more than the others: it alone falls; the least
     // loaded stays at 1.
     let mut w = world(LoadScrape::new(LoadProfile::Vllm));
-    for i in 0..5 {
+    for i in 0..10 {
         let at = w.now + Duration::from_secs(3 * i);
         w.t.observe(&w.a, &busy(8.0), at);
         w.t.observe(&w.b, &busy(2.0), at);
@@ -166,7 +166,7 @@ fn refusals_change_nothing_until_the_metrics_are_stale() {
     let mut w = world(LoadScrape::new(LoadProfile::Vllm));
     w.t.observe(&w.a, &busy(8.0), w.now);
     w.t.due(w.now);
-    assert_eq!(w.t.factor(&w.a), 0.5);
+    assert_eq!(w.t.factor(&w.a), 0.85);
     let bad = Err(Refusal::Malformed("x".into()));
     let o = w.t.observe(&w.a, &bad, w.now + Duration::from_secs(1));
     assert_eq!(
@@ -179,7 +179,7 @@ fn refusals_change_nothing_until_the_metrics_are_stale() {
     let o = w.t.observe(&w.a, &bad, w.now + Duration::from_secs(2));
     assert!(!o.refusal_changed, "logged on change only");
     assert!(w.t.due(w.now + Duration::from_secs(2)).is_empty());
-    assert_eq!(w.t.factor(&w.a), 0.5);
+    assert_eq!(w.t.factor(&w.a), 0.85);
     assert!(w.t.figures(&w.a).is_some());
     // Three intervals without a good scrape: probe-only health.
     let at = w.now + Duration::from_secs(3);
@@ -188,11 +188,11 @@ fn refusals_change_nothing_until_the_metrics_are_stale() {
     assert_eq!(w.t.figures(&w.a), None);
     let due = w.t.due(at);
     assert_eq!(due.len(), 1);
-    assert_eq!((due[0].from, due[0].to, due[0].figures), (0.5, 1.0, None));
+    assert_eq!((due[0].from, due[0].to, due[0].figures), (0.85, 1.0, None));
     // A good scrape again: refusal over, controlled again.
     let o = w.t.observe(&w.a, &busy(8.0), at + Duration::from_secs(5));
     assert!(o.refusal_changed && !o.went_stale);
-    assert_eq!(w.t.due(at + Duration::from_secs(5))[0].to, 0.5);
+    assert_eq!(w.t.due(at + Duration::from_secs(5))[0].to, 0.85);
 }
 
 #[test]
@@ -202,7 +202,7 @@ fn a_reload_keeps_unchanged_facets_and_drops_gone_ones() {
     w.t.due(w.now);
     let same = config(LoadScrape::new(LoadProfile::Vllm));
     w.t.sync(&same, w.now);
-    assert_eq!(w.t.factor(&w.a), 0.5);
+    assert_eq!(w.t.factor(&w.a), 0.85);
     let mut other = LoadScrape::new(LoadProfile::Vllm);
     other.min_change = 0.2;
     w.t.sync(&config(other), w.now);
