@@ -131,9 +131,13 @@ pub struct BackendInfo {
     pub weight: u32,
     /// The weight it takes new flows with: `weight` scaled by its health
     /// (0 when down, drained or unknown; a degraded backend's by its
-    /// probe's `degraded_weight`); in a fail-open ring, `weight`.
+    /// probe's `degraded_weight`) and its load factor; in a fail-open
+    /// ring, `weight`.
     #[serde(default)]
     pub effective_weight: u32,
+    /// Its model server's load, when its probe has a load facet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadInfo>,
     /// Probe verdict: up, degraded, down, unknown
     /// ([`crate::agent::states::HealthState::as_str`]).
     pub health: String,
@@ -158,6 +162,16 @@ pub struct BackendInfo {
     pub flows: usize,
     pub new_flows_total: u64,
     pub services: Vec<String>,
+}
+
+/// A backend's load factor and the figures behind it (`crate::load`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadInfo {
+    /// The factor its weight carries (1: no load, or metrics missing).
+    pub factor: f64,
+    /// The last good scrape, while fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figures: Option<crate::load::Figures>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

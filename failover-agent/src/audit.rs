@@ -52,12 +52,32 @@ pub struct DecisionRecord {
 }
 
 /// One backend's effective weight before and after a decision.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightChange {
     pub backend: String,
     pub from: u32,
     pub to: u32,
+    /// The model-server load behind a change of its load factor; absent
+    /// for other changes (and from records written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadNote>,
+}
+
+/// The numbers of a load-factor change: the figures scraped (none when
+/// the metrics went missing and the backend fell back to probe-only
+/// health), and the factor before and after.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadNote {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv: Option<f64>,
+    pub factor_from: f64,
+    pub factor_to: f64,
 }
 
 impl DecisionRecord {
@@ -733,11 +753,26 @@ mod tests {
         log.append(DecisionRecord {
             from: vec!["a1".into(), "a2".into()],
             to: vec!["a1".into(), "a2".into()],
-            weights: vec![WeightChange {
-                backend: "a1".into(),
-                from: 100,
-                to: 50,
-            }],
+            weights: vec![
+                WeightChange {
+                    backend: "a1".into(),
+                    from: 100,
+                    to: 50,
+                    load: None,
+                },
+                WeightChange {
+                    backend: "a2".into(),
+                    from: 100,
+                    to: 60,
+                    load: Some(LoadNote {
+                        waiting: Some(3.0),
+                        running: Some(8.0),
+                        kv: None,
+                        factor_from: 1.0,
+                        factor_to: 0.6,
+                    }),
+                },
+            ],
             ..record(2)
         })
         .unwrap();
@@ -749,10 +784,16 @@ mod tests {
         let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
         assert_eq!(
             second["weights"],
-            serde_json::json!([{"backend": "a1", "from": 100, "to": 50}])
+            serde_json::json!([
+                {"backend": "a1", "from": 100, "to": 50},
+                {"backend": "a2", "from": 100, "to": 60, "load": {
+                    "waiting": 3.0, "running": 8.0, "factor_from": 1.0, "factor_to": 0.6
+                }}
+            ])
         );
         let back: DecisionRecord = serde_json::from_str(&lines[1]).unwrap();
         assert_eq!(back.weights[0].to, 50);
+        assert_eq!(back.weights[1].load.as_ref().unwrap().factor_to, 0.6);
     }
 
     #[test]

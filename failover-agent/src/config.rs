@@ -11,6 +11,7 @@
 mod bytes;
 mod diff;
 mod lines;
+mod load;
 mod validate;
 
 use std::{
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bytes::Bytes;
 pub use diff::{BackendChange, ConfigDiff, ServiceChange, diff};
+pub use load::{LoadMetrics, LoadProfile, LoadScrape, ProfileNames};
 pub use validate::{Host, MAX_UDP_PAYLOAD, MAX_WEIGHT};
 
 /// Reads and validates the config file at `path`; warnings are dropped
@@ -244,6 +246,13 @@ fn probe_error(probe: serde_norway::Value, path: String, message: String) -> (St
         return (path, message);
     };
     let kind = fields.shift_remove("kind");
+    // The load facet's own fields, read alone so the path names them
+    // (`services[0].probe.load.min_change`).
+    if let Some(load) = fields.get("load").cloned()
+        && let Err(error) = serde_path_to_error::deserialize::<_, Option<LoadScrape>>(load)
+    {
+        return located_error(error, &format!("{path}.load"));
+    }
     // The fields every kind shares are the probe's, not the kind's.
     let mut shared = Vec::new();
     if let Ok(Value::Mapping(probe)) =
@@ -817,6 +826,11 @@ pub struct Probe {
     /// Passive ejection from the data plane's handshake signals.
     #[serde(default = "default_true")]
     pub passive: bool,
+    /// Scrape the model server's metrics and scale the weight by its load
+    /// (`crate::load`); absent: no load facet. Serialized even when
+    /// absent, so [`probe_error`] knows it as a shared field.
+    #[serde(default)]
+    pub load: Option<LoadScrape>,
 }
 
 impl Probe {
@@ -836,6 +850,7 @@ impl Probe {
             hold_down_max: default_hold_down_max(),
             hold_down_decay: default_hold_down_decay(),
             passive: true,
+            load: None,
         }
     }
 

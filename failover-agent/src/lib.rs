@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataplane;
 pub mod drill;
 pub mod health;
+pub mod load;
 pub mod maglev;
 pub mod metrics;
 pub mod planner;

@@ -123,6 +123,8 @@ pub enum Trigger {
     Operator,
     ConfigReload,
     StartupHold,
+    /// A load factor changed (`crate::load`).
+    Load,
 }
 
 impl Trigger {
@@ -133,6 +135,7 @@ impl Trigger {
             Trigger::Operator => "operator",
             Trigger::ConfigReload => "config_reload",
             Trigger::StartupHold => "startup_hold",
+            Trigger::Load => "load",
         }
     }
 }
@@ -144,6 +147,53 @@ pub struct Metrics {
     last_event: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
     apply_seconds: Histogram,
     probe_seconds: HistogramFamily<BackendLabel>,
+    load: LoadSeries,
+}
+
+/// The load facet's series (`crate::load`), fed by the control loop.
+#[derive(Default)]
+struct LoadSeries {
+    factor: Family<BackendLabel, Gauge<f64, AtomicU64>>,
+    waiting: Family<BackendLabel, Gauge<f64, AtomicU64>>,
+    running: Family<BackendLabel, Gauge<f64, AtomicU64>>,
+    kv: Family<BackendLabel, Gauge<f64, AtomicU64>>,
+    errors: Family<BackendReason, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendReason {
+    backend: String,
+    reason: String,
+}
+
+impl LoadSeries {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "load_factor",
+            "Factor on the backend's weight from its model server's load (1: none or no load)",
+            self.factor.clone(),
+        );
+        r.register(
+            "load_waiting_requests",
+            "Requests waiting, as the backend's metrics last said",
+            self.waiting.clone(),
+        );
+        r.register(
+            "load_running_requests",
+            "Requests running, as the backend's metrics last said",
+            self.running.clone(),
+        );
+        r.register(
+            "load_kv_cache_usage_ratio",
+            "KV-cache fill (0..1), as the backend's metrics last said",
+            self.kv.clone(),
+        );
+        r.register(
+            "load_scrape_errors",
+            "Load scrapes refused, by reason; none changes a weight",
+            self.errors.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -189,12 +239,60 @@ impl Metrics {
                 env!("CARGO_PKG_VERSION").to_owned(),
             )]),
         );
+        let load = LoadSeries::default();
+        load.register(&mut registry);
         Self {
             registry,
             events,
             last_event,
             apply_seconds,
             probe_seconds,
+            load,
+        }
+    }
+
+    /// The load factor `backend`'s weight carries now.
+    pub fn load_factor(&self, backend: &str, factor: f64) {
+        self.load
+            .factor
+            .get_or_create(&backend_label(backend))
+            .set(factor);
+    }
+
+    /// A good load scrape of `backend`.
+    pub fn load_figures(&self, backend: &str, f: &crate::load::Figures) {
+        let l = backend_label(backend);
+        self.load.waiting.get_or_create(&l).set(f.waiting);
+        if let Some(r) = f.running {
+            self.load.running.get_or_create(&l).set(r);
+        }
+        if let Some(kv) = f.kv {
+            self.load.kv.get_or_create(&l).set(kv);
+        }
+    }
+
+    /// A load scrape of `backend` refused for `reason`.
+    pub fn load_refused(&self, backend: &str, reason: &str) {
+        self.load
+            .errors
+            .get_or_create(&BackendReason {
+                backend: backend.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// `backend` is no longer scraped: its gauges go (its error counts
+    /// stay, as counters do).
+    pub fn load_forget(&self, backend: &str) {
+        let l = backend_label(backend);
+        for g in [
+            &self.load.factor,
+            &self.load.waiting,
+            &self.load.running,
+            &self.load.kv,
+        ] {
+            g.remove(&l);
         }
     }
 
@@ -236,6 +334,12 @@ impl Metrics {
                 })
                 .clone(),
         )
+    }
+}
+
+fn backend_label(backend: &str) -> BackendLabel {
+    BackendLabel {
+        backend: backend.to_owned(),
     }
 }
 
@@ -812,8 +916,28 @@ mod tests {
         m.ring_switched("chat", Trigger::Health);
         m.apply_latency(Duration::from_micros(120));
         m.probe_latency("gpu-a", Duration::from_millis(3));
+        m.ring_switched("chat", Trigger::Load);
+        m.load_factor("gpu-a", 0.5);
+        m.load_figures(
+            "gpu-a",
+            &crate::load::Figures {
+                waiting: 3.0,
+                running: Some(8.0),
+                kv: Some(0.75),
+            },
+        );
+        m.load_refused("gpu-b", "malformed");
+        m.load_refused("gpu-b", "malformed");
+        m.load_factor("gpu-b", 1.0);
+        m.load_forget("gpu-b");
         let out = render(&m, &sample());
         for want in [
+            "failover_failover_events_total{service=\"chat\",reason=\"load\"} 1",
+            "failover_load_factor{backend=\"gpu-a\"} 0.5",
+            "failover_load_waiting_requests{backend=\"gpu-a\"} 3",
+            "failover_load_running_requests{backend=\"gpu-a\"} 8",
+            "failover_load_kv_cache_usage_ratio{backend=\"gpu-a\"} 0.75",
+            "failover_load_scrape_errors_total{backend=\"gpu-b\",reason=\"malformed\"} 2",
             "failover_failover_events_total{service=\"chat\",reason=\"health\"} 1",
             "failover_ring_generation{service=\"chat\"} 3",
             "failover_service_active_tier{service=\"chat\"} 1",
@@ -840,6 +964,10 @@ mod tests {
         }
         assert!(out.ends_with("# EOF\n"), "{out}");
         assert_eq!(out.matches("# EOF").count(), 1);
+        assert!(
+            !out.contains("failover_load_factor{backend=\"gpu-b\"}"),
+            "forgotten"
+        );
     }
 
     #[test]

@@ -359,7 +359,8 @@ fn a_degraded_backend_takes_its_probes_degraded_weight_and_the_audit_shows_it() 
         [audit::WeightChange {
             backend: "b1".into(),
             from: 100,
-            to: 25
+            to: 25,
+            load: None,
         }],
         "{last:?}"
     );

@@ -84,12 +84,8 @@ fn every_system_delivers_traffic_to_the_backends_and_leaves_nothing_behind() {
         match r {
             load::Row::Ttft(t) => assert!(t.requests > 0 && t.failed < t.requests, "{r:?}"),
             load::Row::Wedge(w) => assert!(w.requests > 0, "{r:?}"),
-            // Until the probe's `load` field lands (issue 20), the agent
-            // refuses load_aware's config; any other error is a failure.
-            load::Row::Error { mode, error } => assert!(
-                mode == "load_aware" && error.contains("unknown field `load`"),
-                "{r:?}"
-            ),
+            // The agent takes load_aware's `load` facet: every mode runs.
+            load::Row::Error { .. } => panic!("a mode could not run: {r:?}"),
         }
     }
     assert!(netns::none_left(), "a namespace was left behind");

@@ -145,6 +145,7 @@ impl Agent {
                     tier: b.tier,
                     weight: b.weight,
                     effective_weight: b.effective_weight,
+                    load: self.applier.load_info(&b.name),
                     health: b.health.as_str().to_owned(),
                     state: b.dataplane.as_str().to_owned(),
                     draining: self.applier.is_draining(&b.name),

@@ -13,7 +13,8 @@
 //! - [`operator_state`]: drains and overrides with their expiry (one
 //!   owner, saved to the state file); [`grace`]: slow graces;
 //! - `probers`: one prober per backend, its events, the passive feed's
-//!   ejections ([`passive_feed`]);
+//!   ejections ([`passive_feed`]); `load_feed`: the load scrapes of
+//!   backends with a load facet (`crate::load`);
 //! - `commands` and `operator`: the control API; `drill_run`: drills;
 //!   `snapshot`: what a metrics scrape reads; [`reload`]: config reloads.
 //!
@@ -30,6 +31,7 @@ pub mod grace;
 pub mod ids;
 pub mod journal;
 pub mod latency;
+mod load_feed;
 mod operator;
 pub mod operator_state;
 pub mod passive_feed;
@@ -59,7 +61,7 @@ use crate::{
     audit::AuditError,
     config::ConfigError,
     dataplane::{Dataplane, DataplaneError},
-    health::{HealthEvent, PassiveConfig, TlsOptions},
+    health::{HealthEvent, LoadEvent, PassiveConfig, TlsOptions},
     metrics::{self, Liveness, Metrics, SnapshotRequest, Trigger},
 };
 
@@ -137,6 +139,10 @@ pub struct Agent {
     passive: PassiveMonitor,
     events_tx: mpsc::Sender<HealthEvent>,
     events_rx: mpsc::Receiver<HealthEvent>,
+    /// Load scrape tasks, by backend, and their results.
+    scrapers: BTreeMap<String, load_feed::ScraperSlot>,
+    load_tx: mpsc::Sender<LoadEvent>,
+    load_rx: mpsc::Receiver<LoadEvent>,
     reload_tx: mpsc::Sender<()>,
     reload_rx: mpsc::Receiver<()>,
     watch: reload::FileWatch,
@@ -216,6 +222,7 @@ impl Agent {
         // Maps first, then the program: it starts on a coherent state.
         applier.attach()?;
         let (events_tx, events_rx) = mpsc::channel(1024);
+        let (load_tx, load_rx) = mpsc::channel(1024);
         let (reload_tx, reload_rx) = mpsc::channel(1);
         let metrics = Arc::new(Metrics::new());
         let live = Arc::new(Liveness::default());
@@ -260,6 +267,9 @@ impl Agent {
             probers: BTreeMap::new(),
             events_tx,
             events_rx,
+            scrapers: BTreeMap::new(),
+            load_tx,
+            load_rx,
             reload_tx,
             reload_rx,
             watch,
@@ -276,11 +286,13 @@ impl Agent {
             last_drill: None,
         };
         agent.sync_probers();
+        agent.sync_scrapers();
         tracing::info!(
             config = %agent.opts.config_path.display(),
             services = agent.applier.config().services.len(),
             backends = agent.applier.config().backends.len(),
             probers = agent.probers.len(),
+            load_scrapes = agent.scrapers.len(),
             passive = agent.passive.len(),
             "agent started"
         );
@@ -349,6 +361,7 @@ impl Agent {
                 () = &mut shutdown => break,
                 Some(ev) = self.events_rx.recv() => self.on_events(ev),
                 () = sleep_until(passive_due), if passive_due.is_some() => self.on_passive_tick(),
+                Some(ev) = self.load_rx.recv() => self.on_load(ev),
                 () = sleep_until(nudge_at), if nudge_at.is_some() => {
                     nudge_at = None;
                     self.applier.flush_nudges();

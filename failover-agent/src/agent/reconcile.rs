@@ -44,6 +44,7 @@ use crate::{
     audit::WeightChange,
     config::{self, Config, OnBackendDown},
     health::HealthState,
+    load,
     planner::{self, BackendHealth, HealthView, Mode, ServicePlan},
 };
 
@@ -236,6 +237,8 @@ pub struct Inputs<'a> {
     pub ids: &'a Ids,
     /// Last verdict per backend; absent: no verdict yet.
     pub health: &'a BTreeMap<String, HealthState>,
+    /// Load factors applied (`crate::load`).
+    pub load: &'a load::Tracker,
     pub operator: &'a OperatorState,
     /// Backends down as sick, `DRAINING` until their grace ends.
     pub graces: &'a Graces,
@@ -245,13 +248,18 @@ pub struct Inputs<'a> {
     pub holding: bool,
 }
 
-/// The planner's view of every backend: drained, or its verdict.
+/// The planner's view of every backend: drained, or its verdict; and the
+/// load factor of each with a load facet.
 pub fn health_view(
     cfg: &Config,
     operator: &OperatorState,
     health: &BTreeMap<String, HealthState>,
+    load: &load::Tracker,
 ) -> HealthView {
     let mut v = HealthView::new();
+    for (b, factor) in load.factors() {
+        v.set_load(b, factor);
+    }
     for b in &cfg.backends {
         if operator.is_drained(&b.name) {
             v.set(b.name.clone(), BackendHealth::Draining);
@@ -380,6 +388,7 @@ pub fn weight_changes(
                 backend: name.clone(),
                 from,
                 to,
+                load: None,
             })
         })
         .collect()
@@ -434,7 +443,7 @@ struct Next {
 /// there from `cur` (see the module doc for their order).
 pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
     let mut out = Reconciled::default();
-    let view = health_view(inp.cfg, inp.operator, inp.health);
+    let view = health_view(inp.cfg, inp.operator, inp.health, inp.load);
     let bids = inp.ids.backend_ids();
     let overrides = inp.operator.overrides();
     let mut next: Vec<Next> = Vec::new();
@@ -659,7 +668,8 @@ mod tests {
             [WeightChange {
                 backend: "a1".into(),
                 from: 100,
-                to: 50
+                to: 50,
+                load: None
             }]
         );
         assert!(weight_changes(&BTreeMap::new(), &w(&[("a1", 100)])).is_empty());

@@ -109,10 +109,12 @@ impl super::Agent {
                     self.config_generation += 1;
                     tracing::info!(config = %path.display(), %diff, "config reloaded");
                     self.sync_probers();
+                    self.sync_scrapers();
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "applying the reloaded config failed");
                     self.sync_probers();
+                    self.sync_scrapers();
                 }
             },
         }

@@ -54,6 +54,11 @@ fn two_clouds_example_has_the_documented_shape() {
         panic!("chat has an inference probe: {:?}", chat.probe.kind);
     };
     assert_eq!(inference.ttft_budget, Some(Duration::from_millis(800)));
+    let load = chat.probe.load.as_ref().expect("chat's load facet");
+    assert_eq!(
+        (load.profile, load.min_change, load.rebuild_interval),
+        (LoadProfile::Vllm, 0.1, Duration::from_secs(2))
+    );
     assert_eq!(
         (
             chat.probe.hold_down,
@@ -553,7 +558,7 @@ fn probe_fields_must_fit_the_kind() {
         (18, "services[0].probe.model")
     );
     let shared = "`kind`, `interval`, `timeout`, `rise`, `fall`, `min_dwell`, `hold_down`, \
-                  `hold_down_max`, `hold_down_decay`, `passive`";
+                  `hold_down_max`, `hold_down_decay`, `passive`, `load`";
     assert_eq!(
         errors[0].2,
         format!(
@@ -1290,4 +1295,140 @@ fn an_inference_path_is_the_prefix_of_the_openai_routes() {
             .contains("\"/v1/chat/completions\" would probe /v1/chat/completions/v1/models"),
         "{error}"
     );
+}
+
+#[test]
+fn load_facet_reads_with_its_defaults() {
+    let text = minimal_text().replacen(
+        "kind: tcp",
+        "kind: inference\n      model: m\n      load:\n        profile: vllm",
+        1,
+    );
+    let config = parse(&text, "test.yaml").unwrap();
+    let load = config.services[0].probe.load.as_ref().unwrap();
+    assert_eq!(*load, LoadScrape::new(LoadProfile::Vllm));
+    assert_eq!(load.path, "/metrics");
+    assert_eq!(load.interval, Duration::from_secs(1));
+    assert_eq!(load.rebuild_interval, Duration::from_secs(2));
+    assert_eq!((load.min_change, load.min_factor), (0.1, 0.1));
+    assert_eq!((load.queue_high(), load.kv_high()), (8.0, 0.9));
+    let names = load.names().unwrap();
+    assert_eq!(
+        (names.waiting, names.running, names.kv),
+        (
+            "vllm:num_requests_waiting",
+            Some("vllm:num_requests_running"),
+            Some("vllm:kv_cache_usage_perc")
+        )
+    );
+    // Any kind may carry it; a custom profile names its metrics.
+    let text = minimal_text().replacen(
+        "kind: tcp",
+        "kind: tcp\n      load:\n        profile: custom\n        path: /stats\n        \
+         interval: 500ms\n        min_change: 0.2\n        rebuild_interval: 5s\n        \
+         queue_high: 3\n        kv_high: 0.8\n        \
+         metrics: {waiting: q:waiting, running: q_running, kv: q_kv}",
+        1,
+    );
+    let config = parse(&text, "test.yaml").unwrap();
+    let load = config.services[0].probe.load.as_ref().unwrap();
+    let names = load.names().unwrap();
+    assert_eq!(
+        (names.waiting, names.running, names.kv),
+        ("q:waiting", Some("q_running"), Some("q_kv"))
+    );
+    assert_eq!((load.queue_high(), load.kv_high()), (3.0, 0.8));
+    assert_eq!(load.interval, Duration::from_millis(500));
+}
+
+/// The first service's probe with a load facet of `profile`, to change.
+fn load_of(config: &mut Config, profile: LoadProfile) -> &mut LoadScrape {
+    config.services[0]
+        .probe
+        .load
+        .get_or_insert_with(|| LoadScrape::new(profile))
+}
+
+#[test]
+fn load_facet_errors_name_the_field() {
+    let mut config = minimal();
+    load_of(&mut config, LoadProfile::Sglang);
+    assert!(fields_of(&config).is_empty(), "{:?}", fields_of(&config));
+    let load = load_of(&mut config, LoadProfile::Sglang);
+    load.min_change = 1.0;
+    load.min_factor = 0.0;
+    load.interval = Duration::from_millis(10);
+    load.rebuild_interval = Duration::from_secs(3600);
+    load.queue_high = Some(0.5);
+    load.kv_high = Some(1.5);
+    load.path = "metrics".into();
+    load.metrics = Some(LoadMetrics {
+        waiting: "w".into(),
+        running: None,
+        kv: None,
+    });
+    assert_eq!(
+        fields_of(&config),
+        [
+            "services[0].probe.load.path",
+            "services[0].probe.load.interval",
+            "services[0].probe.load.min_change",
+            "services[0].probe.load.rebuild_interval",
+            "services[0].probe.load.metrics",
+            "services[0].probe.load.queue_high",
+            "services[0].probe.load.kv_high",
+            "services[0].probe.load.min_factor",
+        ]
+    );
+    for bad in [-0.1, f64::NAN, f64::INFINITY] {
+        let mut config = minimal();
+        load_of(&mut config, LoadProfile::Vllm).min_change = bad;
+        assert_eq!(
+            fields_of(&config),
+            ["services[0].probe.load.min_change"],
+            "{bad}"
+        );
+    }
+    // Custom: names and thresholds are its own.
+    let mut config = minimal();
+    load_of(&mut config, LoadProfile::Custom);
+    assert_eq!(fields_of(&config), ["services[0].probe.load.metrics"]);
+    load_of(&mut config, LoadProfile::Custom).metrics = Some(LoadMetrics {
+        waiting: "9bad".into(),
+        running: Some("ok_name".into()),
+        kv: Some("has space".into()),
+    });
+    assert_eq!(
+        fields_of(&config),
+        [
+            // Missing thresholds sit at the facet's line, above its metrics.
+            "services[0].probe.load.queue_high",
+            "services[0].probe.load.kv_high",
+            "services[0].probe.load.metrics.waiting",
+            "services[0].probe.load.metrics.kv",
+        ]
+    );
+    // As an operator sees them, with their lines.
+    let text = minimal_text().replacen(
+        "kind: tcp",
+        "kind: tcp\n      load:\n        profile: vllm\n        min_change: 2",
+        1,
+    );
+    assert_eq!(
+        checked(&text).unwrap_err().to_string(),
+        "test.yaml:18: services[0].probe.load.min_change: min_change 2 must be at least 0 \
+         and below 1 (the relative change of the load factor that rewrites a weight)"
+    );
+    let errors = probe_errors("kind: tcp\n      load:\n        profile: vllm\n        queue: 3");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (18, "services[0].probe.load.queue"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0].2.starts_with("unknown field `queue`"),
+        "{errors:?}"
+    );
+    let errors = probe_errors("kind: tcp\n      load:\n        profile: ollama");
+    assert_eq!(errors[0].1, "services[0].probe.load.profile", "{errors:?}");
 }

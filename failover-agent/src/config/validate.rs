@@ -10,7 +10,8 @@ use std::{
 use failover_common::{MAX_BACKENDS, MAX_SERVICES, RING_MAX};
 
 use super::{
-    Backend, Bytes, Config, InferenceCheck, Node, Policy, Probe, ProbeKind, Service, UdpCheck,
+    Backend, Bytes, Config, InferenceCheck, LoadProfile, LoadScrape, Node, Policy, Probe,
+    ProbeKind, Service, UdpCheck,
 };
 
 /// Largest backend weight: keeps the Maglev permutation fill loop (which
@@ -566,6 +567,9 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
         c.fail(format!("{path}.fall"), "fall must be at least 1");
     }
     check_hold_down(c, path, probe);
+    if let Some(load) = &probe.load {
+        check_load(c, &format!("{path}.load"), load);
+    }
 
     match &probe.kind {
         ProbeKind::Tcp(_) | ProbeKind::Grpc(_) => {}
@@ -585,6 +589,132 @@ fn check_probe(c: &mut Checker, path: &str, probe: &Probe) {
         ProbeKind::Inference(inference) => check_inference(c, path, probe, inference),
         ProbeKind::Udp(udp) => check_udp(c, path, udp),
     }
+}
+
+/// Load scrape `interval` limits: faster than 100 ms costs the model
+/// server more than it tells; slower than a minute follows no load.
+const LOAD_INTERVAL_LIMITS: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(60));
+
+/// `rebuild_interval` limits: at most ten rebuilds a second per service,
+/// at least one every ten minutes.
+const REBUILD_INTERVAL_LIMITS: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(600));
+
+/// Largest `queue_high`: no engine queues more requests than this.
+const QUEUE_HIGH_MAX: f64 = 100_000.0;
+
+fn check_load(c: &mut Checker, path: &str, load: &LoadScrape) {
+    check_http_path(c, path, &load.path);
+    check_duration(c, path, "interval", load.interval, LOAD_INTERVAL_LIMITS);
+    check_duration(
+        c,
+        path,
+        "rebuild_interval",
+        load.rebuild_interval,
+        REBUILD_INTERVAL_LIMITS,
+    );
+    // The range checks also refuse NaN.
+    if !(0.0..1.0).contains(&load.min_change) {
+        c.fail(
+            format!("{path}.min_change"),
+            format!(
+                "min_change {} must be at least 0 and below 1 (the relative change of \
+                 the load factor that rewrites a weight)",
+                load.min_change
+            ),
+        );
+    }
+    if !(load.min_factor > 0.0 && load.min_factor <= 1.0) {
+        c.fail(
+            format!("{path}.min_factor"),
+            format!(
+                "min_factor {} must be above 0 and at most 1 (the share of its weight \
+                 the most loaded backend keeps)",
+                load.min_factor
+            ),
+        );
+    }
+    if let Some(q) = load.queue_high
+        && !(1.0..=QUEUE_HIGH_MAX).contains(&q)
+    {
+        c.fail(
+            format!("{path}.queue_high"),
+            format!("queue_high {q} must be from 1 to {QUEUE_HIGH_MAX} waiting requests"),
+        );
+    }
+    if let Some(k) = load.kv_high
+        && !(k > 0.0 && k <= 1.0)
+    {
+        c.fail(
+            format!("{path}.kv_high"),
+            format!("kv_high {k} must be above 0 and at most 1 (a KV-cache fill)"),
+        );
+    }
+    match (load.profile, &load.metrics) {
+        (LoadProfile::Custom, None) => c.fail(
+            format!("{path}.metrics"),
+            "a custom profile names its metrics: metrics: {waiting: NAME, running: NAME, kv: NAME}",
+        ),
+        (LoadProfile::Custom, Some(m)) => {
+            let names = [
+                ("waiting", Some(&m.waiting)),
+                ("running", m.running.as_ref()),
+                ("kv", m.kv.as_ref()),
+            ];
+            for (field, name) in names {
+                if let Some(name) = name
+                    && !is_metric_name(name)
+                {
+                    c.fail(
+                        format!("{path}.metrics.{field}"),
+                        format!(
+                            "{name:?} is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)"
+                        ),
+                    );
+                }
+            }
+            if load.queue_high.is_none() {
+                c.fail(
+                    format!("{path}.queue_high"),
+                    "a custom profile sets its threshold: queue_high (waiting requests at \
+                     which its weight falls fastest)",
+                );
+            }
+            if m.kv.is_some() && load.kv_high.is_none() {
+                c.fail(
+                    format!("{path}.kv_high"),
+                    "a custom profile with a kv metric sets its threshold: kv_high (0..1)",
+                );
+            }
+        }
+        (profile, Some(_)) => c.fail(
+            format!("{path}.metrics"),
+            format!(
+                "metrics are named only by a custom profile; {profile} reads its own \
+                 (use profile: custom to name others)"
+            ),
+        ),
+        (_, None) => {}
+    }
+    if load.kv_high.is_some() && load.names().is_some_and(|n| n.kv.is_none()) {
+        c.warn(
+            format!("{path}.kv_high"),
+            format!(
+                "kv_high has no effect: profile {} reads no KV-cache metric",
+                load.profile
+            ),
+        );
+    }
+}
+
+/// `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+fn is_metric_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_' || b == b':')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
 }
 
 fn check_http_path(c: &mut Checker, path: &str, http_path: &str) {

@@ -62,10 +62,15 @@ impl BackendHealth {
     }
 }
 
-/// Health of every backend, by name. A backend missing from the view is
+/// Health of every backend, by name, and the load factor of those whose
+/// model server reports its load. A backend missing from the view is
 /// treated as down: it has not been shown healthy.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct HealthView(BTreeMap<String, BackendHealth>);
+pub struct HealthView {
+    states: BTreeMap<String, BackendHealth>,
+    /// Load factors (`crate::load`); absent: 1.
+    load: BTreeMap<String, f64>,
+}
 
 impl HealthView {
     #[must_use]
@@ -74,22 +79,53 @@ impl HealthView {
     }
 
     pub fn set(&mut self, backend: impl Into<String>, state: BackendHealth) {
-        self.0.insert(backend.into(), state);
+        self.states.insert(backend.into(), state);
     }
 
     #[must_use]
     pub fn get(&self, backend: &str) -> BackendHealth {
-        self.0.get(backend).copied().unwrap_or(BackendHealth::Down)
+        self.states
+            .get(backend)
+            .copied()
+            .unwrap_or(BackendHealth::Down)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, BackendHealth)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+        self.states.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Scales `backend`'s share of its tier's new flows by `factor`, on
+    /// top of its health factor (see [`load_factor`]).
+    pub fn set_load(&mut self, backend: impl Into<String>, factor: f64) {
+        self.load.insert(backend.into(), factor);
+    }
+
+    /// `backend`'s load factor, in (0, 1]; 1 without one.
+    #[must_use]
+    pub fn load(&self, backend: &str) -> f64 {
+        self.load.get(backend).copied().map_or(1.0, load_factor)
+    }
+}
+
+/// A load factor as the planner uses it: in (0, 1], anything else 1. Load
+/// only shifts new flows between serving backends: it never takes one out
+/// (that is health's call) and never counts toward a tier's health, so a
+/// busy tier does not spill to the next.
+#[must_use]
+pub fn load_factor(factor: f64) -> f64 {
+    if factor.is_finite() && factor > 0.0 {
+        factor.min(1.0)
+    } else {
+        1.0
     }
 }
 
 impl<S: Into<String>> FromIterator<(S, BackendHealth)> for HealthView {
     fn from_iter<I: IntoIterator<Item = (S, BackendHealth)>>(iter: I) -> Self {
-        Self(iter.into_iter().map(|(k, v)| (k.into(), v)).collect())
+        Self {
+            states: iter.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+            load: BTreeMap::new(),
+        }
     }
 }
 
@@ -148,13 +184,16 @@ pub struct BackendPlan {
     pub id: u32,
     pub tier: u8,
     pub health: BackendHealth,
+    /// Its load factor (1 without a load facet).
+    pub load: f64,
     /// Share of the service's new flows (0..=1).
     pub share: f64,
     /// Maglev weight (share scaled to [`WEIGHT_SCALE`]); 0 = not in ring.
     pub weight: u32,
     /// The configured weight as the plan uses it: scaled by the health
-    /// factor (a degraded backend's by its `degraded_weight`), the
-    /// configured weight itself in a fail-open ring; 0 = not in ring.
+    /// factor (a degraded backend's by its `degraded_weight`) times the
+    /// load factor, the configured weight itself in a fail-open ring; 0 =
+    /// not in ring.
     pub effective_weight: u32,
 }
 
@@ -163,7 +202,15 @@ impl BackendHealth {
     /// factor never rounds a weight to 0.
     #[must_use]
     pub fn effective_weight(self, configured: u32) -> u32 {
-        let factor = self.factor();
+        self.loaded_weight(configured, 1.0)
+    }
+
+    /// `configured` scaled by [`Self::factor`] times the load factor
+    /// `load` ([`load_factor`]): the two multiply, so a degraded (429,
+    /// slow first token) and loaded backend keeps the product.
+    #[must_use]
+    pub fn loaded_weight(self, configured: u32, load: f64) -> u32 {
+        let factor = self.factor() * load_factor(load);
         if factor <= 0.0 {
             return 0;
         }
@@ -314,19 +361,25 @@ fn by_name(cfg: &Config) -> BTreeMap<&str, &Backend> {
     cfg.backends.iter().map(|b| (b.name.as_str(), b)).collect()
 }
 
-/// An allowed backend with an id, and its health.
+/// An allowed backend with an id, its health and load factor.
 struct Candidate<'a> {
     backend: &'a Backend,
     id: u32,
     health: BackendHealth,
+    load: f64,
 }
 
 impl Candidate<'_> {
     fn configured(&self) -> f64 {
         f64::from(self.backend.weight)
     }
+    /// Weight by health alone: what a tier offers.
     fn effective(&self) -> f64 {
         self.configured() * self.health.factor()
+    }
+    /// Weight by health and load: its part of its tier's new flows.
+    fn loaded(&self) -> f64 {
+        self.effective() * self.load
     }
 }
 
@@ -348,6 +401,7 @@ fn plan_with(
                 backend: b,
                 id,
                 health: health.get(&b.name),
+                load: health.load(&b.name),
             }),
             _ => notes.push(format!("{} has no data-plane id: left out", b.name)),
         }
@@ -484,10 +538,10 @@ fn plan_with(
         }
     } else {
         for (t, members) in tier_members.values().enumerate() {
-            let healthy: f64 = members.iter().map(|&i| candidates[i].effective()).sum();
-            if traffic[t] > 0.0 && healthy > 0.0 {
+            let loaded: f64 = members.iter().map(|&i| candidates[i].loaded()).sum();
+            if traffic[t] > 0.0 && loaded > 0.0 {
                 for &i in members {
-                    shares[i] = traffic[t] * candidates[i].effective() / healthy;
+                    shares[i] = traffic[t] * candidates[i].loaded() / loaded;
                 }
             }
         }
@@ -582,12 +636,13 @@ fn plan_with(
             id: c.id,
             tier: c.backend.tier,
             health: c.health,
+            load: c.load,
             share: if closed { 0.0 } else { s },
             weight: if closed || s <= 0.0 { 0 } else { to_weight(s) },
             effective_weight: match &mode {
                 _ if closed || s <= 0.0 => 0,
                 Mode::PanicFailOpen => c.backend.weight,
-                _ => c.health.effective_weight(c.backend.weight),
+                _ => c.health.loaded_weight(c.backend.weight, c.load),
             },
         })
         .collect();

@@ -803,3 +803,67 @@ fn sovereignty_holds_in_every_failure_combination() {
     assert_eq!(plans, 4096 * 3 * 4);
     assert!(closed_seen > 0 && open_panic_seen > 0);
 }
+
+#[test]
+fn load_scales_shares_within_a_tier_and_multiplies_with_degraded() {
+    let ids_for = |c: &Config| ids_of(c);
+    let c = two_tiers(pol(|_| {}), 100);
+    let mut h: HealthView = [("a1", UP), ("a2", UP), ("b1", UP), ("b2", UP)]
+        .into_iter()
+        .collect();
+    h.set_load("a1", 0.5);
+    let p = plan(&c, &h, &ids_for(&c), &Overrides::new());
+    let s = &p.services[0];
+    let by = |n: &str| s.backends.iter().find(|b| b.name == n).unwrap().clone();
+    assert_eq!(s.mode, Mode::Normal, "load never spills a tier");
+    assert_eq!((by("a1").effective_weight, by("a1").load), (50, 0.5));
+    assert_eq!(by("a2").effective_weight, 100);
+    assert!(
+        (by("a1").share - 1.0 / 3.0).abs() < 1e-9,
+        "{}",
+        by("a1").share
+    );
+    assert!((by("a2").share - 2.0 / 3.0).abs() < 1e-9);
+    let ring_a1 = s.ring.iter().filter(|&&id| id == by("a1").id).count();
+    let ring_a2 = s.ring.iter().filter(|&&id| id == by("a2").id).count();
+    assert!(
+        ring_a1 * 2 > ring_a2 * 9 / 10 && ring_a1 * 2 < ring_a2 * 11 / 10,
+        "ring slots {ring_a1} vs {ring_a2}"
+    );
+    // 429s or a slow first token (degraded 0.5) and load 0.5: 0.25.
+    h.set("a1", deg(0.5));
+    let p = plan(&c, &h, &ids_for(&c), &Overrides::new());
+    let a1 = p.services[0]
+        .backends
+        .iter()
+        .find(|b| b.name == "a1")
+        .unwrap();
+    assert_eq!(a1.effective_weight, 25);
+    assert!((a1.share - 0.25 / 1.25).abs() < 1e-9, "{}", a1.share);
+    // Every backend of a tier equally loaded: the same shares as none.
+    let mut even: HealthView = [("a1", UP), ("a2", UP), ("b1", UP), ("b2", UP)]
+        .into_iter()
+        .collect();
+    let plain = plan(&c, &even, &ids_for(&c), &Overrides::new());
+    even.set_load("a1", 0.2);
+    even.set_load("a2", 0.2);
+    let loaded = plan(&c, &even, &ids_for(&c), &Overrides::new());
+    assert_eq!(plain.services[0].ring, loaded.services[0].ring);
+    assert_eq!(plain.services[0].mode, loaded.services[0].mode);
+    // Load never takes a backend out, nor brings a down one back.
+    h.set("a1", UP);
+    h.set_load("a1", 0.0);
+    h.set_load("a2", f64::NAN);
+    h.set("b1", DOWN);
+    h.set_load("b1", 1.0);
+    let p = plan(&c, &h, &ids_for(&c), &Overrides::new());
+    let w: Vec<u32> = p.services[0]
+        .backends
+        .iter()
+        .map(|b| b.effective_weight)
+        .collect();
+    assert_eq!(w, [100, 100, 0, 0]);
+    assert_eq!(UP.loaded_weight(100, 0.001), 1);
+    assert_eq!(deg(0.5).loaded_weight(100, 0.3), 15);
+    assert_eq!(DOWN.loaded_weight(100, 1.0), 0);
+}

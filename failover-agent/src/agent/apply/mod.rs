@@ -65,6 +65,7 @@ use crate::{
     config::{self, Config, ConfigDiff, ConfigError},
     dataplane::{Dataplane, XdpMode},
     health::HealthState,
+    load::{Change as LoadChange, Tracker as LoadTracker},
     planner::HealthView,
 };
 
@@ -140,6 +141,11 @@ pub struct Applier<E: Executor = Maps> {
     ids: Ids,
     /// Last verdict per backend name; absent = no verdict yet.
     health: BTreeMap<String, HealthState>,
+    /// Every backend's load state and the factor its weight carries.
+    load: LoadTracker,
+    /// The load changes of the decision being applied, for its audit
+    /// records (set and taken by [`Applier::on_load`]).
+    load_changes: Vec<LoadChange>,
     /// Drains and overrides (with their expiry), as the operator set them.
     operator: OperatorState,
     state_file: Option<PathBuf>,
@@ -231,6 +237,8 @@ impl<E: Executor> Applier<E> {
             cfg,
             ids,
             health: BTreeMap::new(),
+            load: LoadTracker::default(),
+            load_changes: Vec::new(),
             operator: opts.operator,
             state_file: opts.state_file,
             graces: Graces::default(),
@@ -280,6 +288,7 @@ impl<E: Executor> Applier<E> {
             a.held.insert(name);
         }
         a.write_new_backends()?;
+        a.load.sync(&a.cfg, Instant::now());
         if !a.held.is_empty() {
             a.hold = Some(Instant::now() + opts.startup_hold);
         }
@@ -381,7 +390,7 @@ impl<E: Executor> Applier<E> {
     }
 
     fn view(&self) -> HealthView {
-        reconcile::health_view(&self.cfg, &self.operator, &self.health)
+        reconcile::health_view(&self.cfg, &self.operator, &self.health, &self.load)
     }
 
     /// What the reconciler reads.
@@ -390,6 +399,7 @@ impl<E: Executor> Applier<E> {
             cfg: &self.cfg,
             ids: &self.ids,
             health: &self.health,
+            load: &self.load,
             operator: &self.operator,
             graces: &self.graces,
             held: &self.held,
@@ -496,7 +506,11 @@ impl<E: Executor> Applier<E> {
                 let mut rec = DecisionRecord::new(s.service.clone(), s.generation);
                 rec.from.clone_from(&s.from);
                 rec.to.clone_from(&s.to);
-                rec.weights.clone_from(&s.weights);
+                rec.weights = s
+                    .weights
+                    .iter()
+                    .map(|w| load::with_note(w, &self.load_changes))
+                    .collect();
                 rec.reason = format!("{}: {}", d.reason, s.justification);
                 rec.policy_check.clone_from(&s.sovereignty);
                 rec.apply_latency_us = latency_us;
@@ -575,6 +589,7 @@ impl<E: Executor> Applier<E> {
             self.persist();
         }
         self.cfg = new;
+        self.load.sync(&self.cfg, at);
         self.write_new_backends()?;
         if let Some(j) = &self.journal {
             let mut r = DecisionRecord::new("*", 0);
@@ -598,6 +613,7 @@ impl<E: Executor> Applier<E> {
 }
 
 mod health;
+pub mod load;
 mod operator;
 #[cfg(test)]
 mod tests;

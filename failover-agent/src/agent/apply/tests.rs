@@ -466,6 +466,7 @@ fn take_out_writes_each_serving_backend_down_once() {
             .into_iter()
             .map(|(n, h)| (n.to_owned(), h))
             .collect(),
+        load: &Default::default(),
         operator: a.operator_state(),
         graces: &Default::default(),
         held: &held,
@@ -539,4 +540,160 @@ fn a_path_mtu_is_clamped_before_the_backend_takes_traffic_and_follows_reloads() 
     new.backends[1].path_mtu = None;
     a.reload(new, Instant::now()).unwrap();
     assert_eq!(take(&mut a), ["mss 1 0"]);
+}
+
+/// `web` with a vLLM load facet on its probe.
+const WEB_LOADED: &str = "  - name: web
+    vip: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends: [b1, b2, b3]
+    probe: { kind: tcp, load: { profile: vllm, rebuild_interval: 2s } }
+    policy: { ring_size: 13 }
+";
+
+fn queued(waiting: f64) -> Result<crate::load::Figures, crate::load::Refusal> {
+    Ok(crate::load::Figures {
+        waiting,
+        running: Some(4.0),
+        kv: Some(0.5),
+    })
+}
+
+#[test]
+fn load_reweights_with_one_ring_switch_per_interval_and_an_audited_record() {
+    let dir = std::env::temp_dir().join(format!(
+        "failover-load-audit-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let mut a = Applier::with_executor(
+        Recorder::default(),
+        cfg_with(WEB_LOADED, &["b1", "b2", "b3"]),
+        ApplyOptions {
+            journal: Some(super::super::Journal::open(&audit).unwrap()),
+            ..opts(Duration::from_secs(60))
+        },
+    )
+    .unwrap();
+    up(&mut a, &["b1", "b2", "b3"]);
+    take(&mut a);
+    assert_eq!(a.effective_weights()["b1"], 100);
+    let t0 = Instant::now();
+
+    // b1 queues up to queue_high: its factor drops 15%, one ring switch,
+    // no state write (it keeps serving, its pinned flows stay).
+    let r = a.on_load("b1", &queued(8.0), t0).unwrap();
+    assert_eq!(r.changes.len(), 1);
+    assert_eq!((r.changes[0].from, r.changes[0].to), (1.0, 0.85));
+    assert_eq!(r.apply.flipped.len(), 1);
+    assert_eq!(take(&mut a), ["ring 0 slot 0", "flip web slot 0 gen 3"]);
+    assert_eq!(a.effective_weights()["b1"], 85);
+    assert_eq!(a.effective_weights()["b2"], 100);
+    assert_eq!(a.load_factor("b1"), 0.85);
+
+    // Within rebuild_interval: b2's change waits; a refused scrape
+    // changes nothing.
+    let r = a
+        .on_load("b2", &queued(8.0), t0 + Duration::from_secs(1))
+        .unwrap();
+    assert!(r.changes.is_empty());
+    let bad = Err(crate::load::Refusal::Malformed("garbage".into()));
+    let r = a
+        .on_load("b1", &bad, t0 + Duration::from_millis(1500))
+        .unwrap();
+    assert!(r.changes.is_empty() && r.observed.refusal_changed);
+    assert!(take(&mut a).is_empty());
+    assert_eq!(a.effective_weights()["b1"], 85);
+
+    // The interval over: b2's held change goes, with b1's own next one
+    // (its queue just gone, the smoothed one still 5.6: x0.895).
+    let r = a
+        .on_load("b1", &queued(0.0), t0 + Duration::from_secs(2))
+        .unwrap();
+    let mut changed: Vec<&str> = r.changes.iter().map(|c| c.backend.as_str()).collect();
+    changed.sort_unstable();
+    assert_eq!(changed, ["b1", "b2"]);
+    // One decision, at most one switch (a 13-slot ring may come out the
+    // same: then each change is audited on its own).
+    let log = take(&mut a);
+    assert!(
+        log.is_empty() || log == ["ring 0 slot 1", "flip web slot 1 gen 4"],
+        "{log:?}"
+    );
+    assert_eq!(a.effective_weights()["b1"], 76);
+    assert_eq!(a.effective_weights()["b2"], 85);
+
+    a.flush_audit();
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let load_line = text
+        .lines()
+        .find(|l| l.contains("\"factor_to\":0.85"))
+        .expect("an audited load change");
+    let rec: crate::audit::DecisionRecord = serde_json::from_str(load_line).unwrap();
+    assert!(
+        rec.reason
+            .starts_with("load: b1 load 1 -> 0.85 (waiting 8, running 4, kv 0.5)"),
+        "{}",
+        rec.reason
+    );
+    let w = &rec.weights[0];
+    assert_eq!((w.backend.as_str(), w.from, w.to), ("b1", 100, 85));
+    let note = w.load.as_ref().unwrap();
+    assert_eq!(
+        (
+            note.waiting,
+            note.running,
+            note.kv,
+            note.factor_from,
+            note.factor_to
+        ),
+        (Some(8.0), Some(4.0), Some(0.5), 1.0, 0.85)
+    );
+    assert!(crate::audit::verify(&audit).unwrap().records >= 4);
+    assert!(text.contains("\"factor_to\":0.76"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_load_change_of_a_backend_out_of_rings_is_audited_without_a_switch() {
+    let mut a = applier(cfg_with(WEB_LOADED, &["b1", "b2", "b3"]));
+    up(&mut a, &["b1", "b2", "b3"]);
+    // b3 is tier 1, idle while tier 0 serves: reweighting it switches no
+    // ring.
+    take(&mut a);
+    let r = a.on_load("b3", &queued(8.0), Instant::now()).unwrap();
+    assert_eq!(r.changes.len(), 1);
+    assert!(r.apply.flipped.is_empty());
+    assert!(take(&mut a).is_empty());
+    assert_eq!(a.load_factor("b3"), 0.85);
+}
+
+#[test]
+fn a_degraded_and_loaded_backend_keeps_the_product_of_both_factors() {
+    let mut a = applier(cfg_with(WEB_LOADED, &["b1", "b2", "b3"]));
+    up(&mut a, &["b1", "b2", "b3"]);
+    // Rate limited (429) or a slow first token: degraded, half its weight
+    // (a tcp probe's default degraded_weight).
+    a.on_health(&[ev("b1", HealthState::Up, HealthState::Degraded)])
+        .unwrap();
+    assert_eq!(a.effective_weights()["b1"], 50);
+    // And queueing: its load factor scales that again.
+    a.on_load("b1", &queued(8.0), Instant::now()).unwrap();
+    let load = a.load_factor("b1");
+    assert_eq!(load, 0.85);
+    assert_eq!(
+        a.effective_weights()["b1"],
+        (100.0 * 0.5 * load).round() as u32
+    );
+    // Recovered from the 429s: the load factor alone.
+    a.on_health(&[ev("b1", HealthState::Degraded, HealthState::Up)])
+        .unwrap();
+    assert_eq!(a.effective_weights()["b1"], 85);
+    assert_eq!(a.effective_weights()["b2"], 100);
 }
