@@ -301,7 +301,9 @@ fn wait_all_answer(topo: &Topology) -> Result<()> {
 /// probe's load facet, if any.
 fn agent_yaml(pin: &Path, probe: Value, load: Option<Value>, weights: [u32; 3]) -> Result<String> {
     let node = configs::node(&["ec", "ea", "eb"], SNAT, (10_000, 32_767), pin);
-    let chat = configs::service("chat", VIP, 80, &names(), configs::probe(probe));
+    let mut probe = configs::probe(probe);
+    probe.load = load.map(serde_json::from_value).transpose()?;
+    let chat = configs::service("chat", VIP, 80, &names(), probe);
     let cfg = Config {
         node,
         services: vec![chat],
@@ -315,23 +317,7 @@ fn agent_yaml(pin: &Path, probe: Value, load: Option<Value>, weights: [u32; 3]) 
             })
             .collect(),
     };
-    let yaml = configs::to_yaml(&cfg);
-    let Some(load) = load else {
-        return Ok(yaml);
-    };
-    // The probe's `load` field (issue 20) is not in the agent's `Config`
-    // on this branch yet: it goes into the YAML value, so that this builds
-    // now and works once the field lands (then set it on the probe, and
-    // drop this). Until then the agent refuses the unknown field.
-    let mut v: serde_norway::Value = serde_norway::from_str(&yaml)?;
-    let probe = v
-        .get_mut("services")
-        .and_then(|s| s.get_mut(0))
-        .and_then(|s| s.get_mut("probe"))
-        .and_then(|p| p.as_mapping_mut())
-        .context("no services[0].probe in the serialized config")?;
-    probe.insert("load".into(), serde_norway::to_value(load)?);
-    Ok(serde_norway::to_string(&v)?)
+    Ok(configs::to_yaml(&cfg))
 }
 
 /// The inference probe of the TTFT modes (see the module's doc).
