@@ -145,32 +145,41 @@ fn paced(
     })
 }
 
-/// The inference probe of the wedge tests: the liveness check every
-/// 100 ms, a generation every 5 s (the default), wedge budget 300 ms.
-fn wedge_probe() -> config::Probe {
-    serde_json::from_value(serde_json::json!({
+/// The agent serving `chat` from a1 and a2 with the inference probe of
+/// the wedge tests: the liveness check every 100 ms, a generation every
+/// 5 s (the default), wedge budget 300 ms; a 2 s slow grace.
+fn wedge_world(tag: &str) -> World {
+    let topo = World::backends(false).unwrap();
+    let dp = topo.open_dataplane().unwrap();
+    let scratch = Scratch::new(tag).unwrap();
+    let mut cfg = base_config(&topo, &scratch.0);
+    cfg.services[0].probe = serde_json::from_value(serde_json::json!({
         "kind": "inference", "model": "tiny-llm",
         "interval": "100ms", "timeout": "300ms", "rise": 2, "fall": 2,
     }))
-    .unwrap()
+    .unwrap();
+    cfg.services[0].policy.slow_grace = Duration::from_secs(2);
+    let mut agent = start(&topo, &scratch.0, &cfg);
+    agent
+        .wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))
+        .unwrap();
+    World {
+        agent,
+        dp,
+        scratch,
+        topo,
+    }
 }
 
 #[test]
 fn a_wedged_backend_gets_no_new_flow_within_a_second_while_its_health_stays_200() {
     require_root();
     let _s = serial();
-    let topo = World::backends(false).unwrap();
-    let dp = topo.open_dataplane().unwrap();
-    let scratch = Scratch::new("wedge").unwrap();
-    let mut cfg = base_config(&topo, &scratch.0);
-    cfg.services[0].probe = wedge_probe();
-    cfg.services[0].policy.slow_grace = Duration::from_secs(2);
-    let mut agent = start(&topo, &scratch.0, &cfg);
-    agent
-        .wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))
-        .unwrap();
-    let (addr, ns) = World::backend(&topo, "a1");
-    let id = dp_id(&dp, addr).expect("a1 in the data plane");
+    // Dropped whole, in World's order (agent first, topology last).
+    let w = wedge_world("wedge");
+    let (agent, dp, topo) = (&w.agent, &w.dp, &w.topo);
+    let (addr, ns) = World::backend(topo, "a1");
+    let id = dp_id(dp, addr).expect("a1 in the data plane");
     let new_flows = || dp.backend_stats(id).unwrap().traffic.new_flows;
 
     // 50 requests a second, each on a new connection, half of them to a1.
@@ -207,7 +216,7 @@ fn a_wedged_backend_gets_no_new_flow_within_a_second_while_its_health_stays_200(
     let health = health.unwrap();
     assert_eq!(health.status, 200, "a1's health check still passes");
     // Out of the ring as sick: DRAINING for its grace (or DOWN after).
-    let st = dp_state(&dp, addr);
+    let st = dp_state(dp, addr);
     assert!(
         st == Some(state::DRAINING) || st == Some(state::DOWN),
         "{st:?}"
@@ -258,18 +267,12 @@ fn partial_request(ns: &str) -> std::io::Result<TcpStream> {
 fn requests_a_backend_rightly_leaves_unanswered_move_nothing() {
     require_root();
     let _s = serial();
-    let topo = World::backends(false).unwrap();
-    let dp = topo.open_dataplane().unwrap();
-    let scratch = Scratch::new("wedge-hostile").unwrap();
-    let mut cfg = base_config(&topo, &scratch.0);
-    cfg.services[0].probe = wedge_probe();
-    let mut agent = start(&topo, &scratch.0, &cfg);
-    agent
-        .wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))
-        .unwrap();
+    // Dropped whole, in World's order (agent first, topology last).
+    let w = wedge_world("wedge-hostile");
+    let (agent, dp, topo) = (&w.agent, &w.dp, &w.topo);
     let decided = agent.decisions().len();
-    let (a1, _) = World::backend(&topo, "a1");
-    let (a2, _) = World::backend(&topo, "a2");
+    let (a1, _) = World::backend(topo, "a1");
+    let (a2, _) = World::backend(topo, "a2");
 
     // Alone: 40 partial requests held open for 3 s. Both backends are
     // suspected (silent, with flows waiting), and both answer the
@@ -306,8 +309,8 @@ fn requests_a_backend_rightly_leaves_unanswered_move_nothing() {
         *by.entry(b.clone()).or_default() += 1;
     }
     assert_eq!(by.keys().collect::<Vec<_>>(), ["a1", "a2"], "{by:?}");
-    assert_eq!(dp_state(&dp, a1), Some(state::UP));
-    assert_eq!(dp_state(&dp, a2), Some(state::UP));
+    assert_eq!(dp_state(dp, a1), Some(state::UP));
+    assert_eq!(dp_state(dp, a2), Some(state::UP));
     let decisions = agent.decisions();
     assert_eq!(
         decisions.len(),

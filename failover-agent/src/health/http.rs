@@ -410,7 +410,7 @@ mod tests {
     }
 
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     /// How a [`raw_server`] connection ends after its answers.
     #[derive(Clone, Copy)]
@@ -428,17 +428,6 @@ mod tests {
         per_conn: usize,
         then: Then,
     ) -> (BackendTarget, Arc<AtomicUsize>) {
-        async fn read_request(s: &mut TcpStream) -> bool {
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return false,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            true
-        }
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = BackendTarget::new("b", l.local_addr().unwrap());
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -450,12 +439,14 @@ mod tests {
                 let answer = answer.clone();
                 tokio::spawn(async move {
                     for _ in 0..per_conn {
-                        if !read_request(&mut s).await || s.write_all(&answer).await.is_err() {
+                        if !crate::health::read_request(&mut s).await
+                            || s.write_all(&answer).await.is_err()
+                        {
                             return;
                         }
                     }
                     if let Then::HangUp = then {
-                        read_request(&mut s).await;
+                        crate::health::read_request(&mut s).await;
                     }
                 });
             }

@@ -686,6 +686,21 @@ async fn bounded<T>(
     }
 }
 
+/// Test servers: reads one request head; false once the client is gone.
+#[cfg(test)]
+pub(crate) async fn read_request(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// The outcome of a check its timeout cut short, classed by the probe.
 fn timeout_outcome(failure: Failure, timeout: Duration) -> ProbeOutcome {
     let phase = match failure {

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 
 use super::*;
 use crate::config::LoadProfile;
@@ -17,18 +17,6 @@ enum Answer {
     Silent,
 }
 
-async fn read_request(s: &mut TcpStream) -> bool {
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-    }
-    true
-}
-
 async fn server(answer: Answer) -> BackendTarget {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = BackendTarget::new("b1", l.local_addr().unwrap());
@@ -36,7 +24,7 @@ async fn server(answer: Answer) -> BackendTarget {
         while let Ok((mut s, _)) = l.accept().await {
             let answer = answer.clone();
             tokio::spawn(async move {
-                while read_request(&mut s).await {
+                while crate::health::read_request(&mut s).await {
                     match &answer {
                         Answer::Body(status, body) => {
                             let head = format!(
