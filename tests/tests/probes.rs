@@ -426,12 +426,16 @@ async fn grpc_keeps_its_connection_and_redials_after_a_cut() {
 
 // ---- inference ----
 
+/// The generation is due once [`GENERATION`] passed since the last one;
+/// the checks between only list the model.
 fn inference_cfg(model: &str, budget_ms: u64) -> config::Probe {
     probe_cfg(serde_json::json!({
         "kind": "inference", "model": model, "ttft_budget": format!("{budget_ms}ms"),
-        "interval": "50ms", "timeout": "2s", "rise": 1, "fall": 1,
+        "interval": "50ms", "generation_interval": "50ms", "timeout": "2s", "rise": 1, "fall": 1,
     }))
 }
+
+const GENERATION: Duration = Duration::from_millis(50);
 
 #[tokio::test]
 async fn inference_healthy_reports_ttft() {
@@ -473,6 +477,9 @@ async fn inference_rate_limited_is_degraded() {
     srv.faults.set(Fault::TooManyRequests);
     assert_degraded(&check(&p).await, "429");
     srv.faults.set(Fault::None);
+    // Until the next generation, the last one's verdict stands.
+    assert_degraded(&check(&p).await, "last generation: rate limited");
+    tokio::time::sleep(GENERATION).await;
     assert_healthy(&check(&p).await);
 }
 
@@ -487,6 +494,7 @@ async fn inference_slow_first_token_is_degraded() {
     .unwrap();
     assert_healthy(&check(&p).await);
     srv.faults.set(Fault::Slow(Duration::from_millis(300)));
+    tokio::time::sleep(GENERATION).await;
     let o = check(&p).await;
     assert_degraded(&o, "over budget 100ms");
     assert!(o.latency().unwrap() >= Duration::from_millis(300), "{o:?}");
@@ -499,7 +507,7 @@ async fn inference_prober_degrades_and_times_out() {
     let srv = http_backend().await;
     let cfg = probe_cfg(serde_json::json!({
         "kind": "inference", "model": "tiny-llm", "ttft_budget": "1s",
-        "interval": "30ms", "timeout": "300ms", "rise": 1, "fall": 1,
+        "interval": "30ms", "generation_interval": "30ms", "timeout": "300ms", "rise": 1, "fall": 1,
     }));
     let (tx, mut rx) = mpsc::channel(16);
     let _prober = spawn_prober(target(srv.addr), &cfg, &TlsOptions::default(), tx, None).unwrap();
