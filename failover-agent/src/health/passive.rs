@@ -18,6 +18,13 @@
 //! taken-over SYN's answer can no longer be seen, and a flood of valid SYNs
 //! from spoofed sources must not eject the backends it lands on (docs/datapath.md, "What a client
 //! can send"). The refused rule stays: only the backend sends its RSTs.
+//! It is suspended the same way while SYNs toward the backend arrive at
+//! [`FLOOD_SYN_RATE`] or more: a flood that has not filled the half-open
+//! table yet takes no slot over, but its SYNs stall the backend's stack
+//! (the flood bench ejected a live backend that way, SYNs unanswered for
+//! 31 ms at 25,000 a second toward it). Inference backends take a few
+//! hundred new connections a second each; above the rate, a dead backend
+//! is left to the active probe.
 //!
 //! Any SYN-ACK proves the backend alive and clears both rules' evidence, so
 //! ordinary traffic never ejects, and a backend with no traffic has no
@@ -157,14 +164,21 @@ pub struct PassiveDetector {
     /// SYNs not taken as evidence because the edge was under a SYN flood.
     suspended: u64,
     /// The unanswered rule is suspended until then (the last take-over of
-    /// a half-open slot, plus `FLOOD_HOLD`).
+    /// a half-open slot, or the last window at `FLOOD_SYN_RATE`, plus
+    /// `FLOOD_HOLD`).
     flood_until: Option<Instant>,
+    /// When `prev` was read.
+    prev_at: Option<Instant>,
 }
 
 /// How long after the last half-open slot taken over silence stays no
 /// evidence: the backend may still be working through the flood's SYNs,
 /// and a poll may fall between two bursts.
 pub const FLOOD_HOLD: Duration = Duration::from_secs(1);
+
+/// SYNs a second toward one backend from which silence is no evidence:
+/// a SYN flood, whether or not it has filled the half-open table.
+pub const FLOOD_SYN_RATE: f64 = 2_000.0;
 
 impl PassiveDetector {
     pub fn new(cfg: PassiveConfig) -> Self {
@@ -177,6 +191,7 @@ impl PassiveDetector {
             unanswered: 0,
             suspended: 0,
             flood_until: None,
+            prev_at: None,
         }
     }
 
@@ -218,6 +233,7 @@ impl PassiveDetector {
     /// Feeds the snapshot read at `now`. Returns an ejection once per episode:
     /// after one, fresh evidence is needed for the next.
     pub fn observe(&mut self, now: Instant, c: HandshakeCounters) -> Option<Ejection> {
+        let prev_at = self.prev_at.replace(now);
         let Some(prev) = self.prev.replace(c) else {
             self.sample_rtt(None, &c);
             return None;
@@ -255,7 +271,9 @@ impl PassiveDetector {
                 return Some(Ejection::Refused { rsts });
             }
         }
-        if c.pending_evicted > prev.pending_evicted {
+        let window = prev_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let surge = !window.is_zero() && syns as f64 / window.as_secs_f64() >= FLOOD_SYN_RATE;
+        if c.pending_evicted > prev.pending_evicted || surge {
             self.flood_until = Some(now + FLOOD_HOLD);
         }
         if self.flood_until.is_some_and(|t| now < t) {
@@ -559,6 +577,23 @@ mod tests {
         assert_eq!(f.step(1, 0, 1, None), None);
         f.c.pending_evicted += 50;
         assert_eq!(f.step(1, 0, 1, None), Some(Ejection::Refused { rsts: 2 }));
+    }
+
+    #[test]
+    fn a_flood_still_filling_the_half_open_table_is_no_evidence_either() {
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(20, 3, 3, 0, Some(1)), None);
+        // 25,000 SYNs a second (125 a 5 ms window), no slot taken over yet,
+        // and the backend's stack stalls for 40 ms: no answer at all.
+        assert_eq!(f.repeat(8, 125, 0, 0, None), None, "no ejection");
+        // It answers again, the flood goes on.
+        assert_eq!(f.repeat(100, 125, 120, 0, Some(5)), None);
+        assert!(f.det.suspended() >= 8 * 125);
+        // The same stall at an ordinary rate (600 a second) is evidence.
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(20, 3, 3, 0, Some(1)), None);
+        let (k, _) = f.repeat(100, 3, 0, 0, None).expect("ejected");
+        assert_eq!(k, 6);
     }
 
     #[test]
