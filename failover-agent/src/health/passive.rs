@@ -51,6 +51,10 @@ pub struct HandshakeCounters {
     pub pending_evicted: u64,
     /// Answers to SYNs other than SYN-ACK and RST (challenge ACKs).
     pub syn_other: u64,
+    /// SYNs forwarded that are no evidence (options beyond the vanilla
+    /// set, data): they load the backend all the same, so they count
+    /// toward a SYN surge.
+    pub syns_ignored: u64,
 }
 
 impl HandshakeCounters {
@@ -68,6 +72,7 @@ impl HandshakeCounters {
             rtt_at_ns: s.rtt_at_ns,
             pending_evicted: s.pending_evicted,
             syn_other: s.syn_other,
+            syns_ignored: s.syns_ignored,
         }
     }
 }
@@ -272,7 +277,8 @@ impl PassiveDetector {
             }
         }
         let window = prev_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        let surge = !window.is_zero() && syns as f64 / window.as_secs_f64() >= FLOOD_SYN_RATE;
+        let all_syns = syns + c.syns_ignored.saturating_sub(prev.syns_ignored);
+        let surge = !window.is_zero() && all_syns as f64 / window.as_secs_f64() >= FLOOD_SYN_RATE;
         if c.pending_evicted > prev.pending_evicted || surge {
             self.flood_until = Some(now + FLOOD_HOLD);
         }
@@ -589,6 +595,14 @@ mod tests {
         // It answers again, the flood goes on.
         assert_eq!(f.repeat(100, 125, 120, 0, Some(5)), None);
         assert!(f.det.suspended() >= 8 * 125);
+        // A flood of SYNs that are no evidence (options a backend may
+        // ignore) loads the backend all the same: its stall is no evidence.
+        let mut f = Feed::new(PassiveConfig::default());
+        assert_eq!(f.repeat(20, 3, 3, 0, Some(1)), None);
+        for _ in 0..8 {
+            f.c.syns_ignored += 125;
+            assert_eq!(f.step(3, 0, 0, None), None, "no ejection");
+        }
         // The same stall at an ordinary rate (600 a second) is evidence.
         let mut f = Feed::new(PassiveConfig::default());
         assert_eq!(f.repeat(20, 3, 3, 0, Some(1)), None);
@@ -652,6 +666,7 @@ mod tests {
                 rtt_at_ns: 200,
                 pending_evicted: 0,
                 syn_other: 0,
+                syns_ignored: 0,
             }
         );
     }
