@@ -68,6 +68,10 @@ pub struct PassiveMonitor {
     suspended_total: u64,
     /// Wedge suspicions handed to probers, in all.
     suspicions_total: u64,
+    /// A flood seen toward any backend holds every backend's unanswered
+    /// rule until then: the edge forwarding the flood forwards the others'
+    /// SYN-ACKs too.
+    flood_until: Option<Instant>,
 }
 
 impl PassiveMonitor {
@@ -79,6 +83,7 @@ impl PassiveMonitor {
             last_poll: None,
             suspended_total: 0,
             suspicions_total: 0,
+            flood_until: None,
         }
     }
 
@@ -213,7 +218,13 @@ impl PassiveMonitor {
             }
             let c = HandshakeCounters::from_per_cpu(std::iter::once(&stats));
             let suspended = w.detector.suspended();
+            if let Some(t) = self.flood_until {
+                w.detector.hold_flood(t);
+            }
             let ejection = w.detector.observe(now, c);
+            if let Some(t) = w.detector.flood_until() {
+                self.flood_until = Some(self.flood_until.map_or(t, |u| u.max(t)));
+            }
             let flood = w.detector.suspended() - suspended;
             if flood > 0 && !w.flooded {
                 tracing::info!(backend = %name, "SYN flood (half-open slots taken over): unanswered SYNs are no evidence");
@@ -241,6 +252,53 @@ impl PassiveMonitor {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_flood_toward_one_backend_holds_every_backends_silence_rule() {
+        let mut m = PassiveMonitor::new(PassiveConfig::default());
+        m.watch("a", 1, None, None);
+        m.watch("b", 2, None, None);
+        let t0 = Instant::now();
+        let mut stats: BTreeMap<u32, BackendStats> = BTreeMap::new();
+        let read = |stats: &BTreeMap<u32, BackendStats>, id: u32| {
+            Ok::<_, String>(stats.get(&id).copied().unwrap_or_default())
+        };
+        // Both answer within 1 ms: the silence bound is its 30 ms floor.
+        for id in [1, 2] {
+            let e = stats.entry(id).or_default();
+            e.syns = 1;
+            e.synacks = 1;
+            e.rtt_last_ns = 1_000_000;
+            e.rtt_at_ns = 1;
+        }
+        assert!(m.poll(t0, |id| read(&stats, id)).is_empty(), "baseline");
+        // 200 ms: a flood takes a's half-open slots over; b gets only its
+        // own few SYNs, and the loaded edge forwards none of its SYN-ACKs.
+        for step in 1..=40u64 {
+            let a = stats.entry(1).or_default();
+            a.pending_evicted += 100;
+            a.syns_ignored += 100;
+            stats.entry(2).or_default().syns += 1;
+            let now = t0 + Duration::from_millis(5 * step);
+            assert!(m.poll(now, |id| read(&stats, id)).is_empty(), "step {step}");
+        }
+        // The flood is over and b still says nothing: once the hold has
+        // ended, that is evidence again.
+        let mut ejected = None;
+        for step in 41..=400u64 {
+            stats.entry(2).or_default().syns += 1;
+            let now = t0 + Duration::from_millis(5 * step);
+            let ej = m.poll(now, |id| read(&stats, id));
+            if !ej.is_empty() {
+                ejected = Some((step, ej));
+                break;
+            }
+        }
+        let (step, ej) = ejected.expect("b ejected after the hold");
+        assert_eq!(ej[0].backend, "b");
+        // The hold is FLOOD_HOLD (1 s = 200 steps) from the flood's last read.
+        assert!(step > 240, "step {step}");
+    }
 
     #[test]
     fn refused_syns_eject_once_and_only_the_refused_backend() {

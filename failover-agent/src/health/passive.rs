@@ -25,6 +25,10 @@
 //! 31 ms at 25,000 a second toward it). Inference backends take a few
 //! hundred new connections a second each; above the rate, a dead backend
 //! is left to the active probe.
+//! The monitor holds every backend's rule while any of them sees a flood
+//! (`hold_flood`): a flood toward one backend loads the edge that forwards
+//! every backend's SYN-ACKs, and the flood bench saw a backend that got
+//! none of the flood go unanswered for 30 ms.
 //!
 //! Any SYN-ACK proves the backend alive and clears both rules' evidence, so
 //! ordinary traffic never ejects, and a backend with no traffic has no
@@ -204,6 +208,17 @@ impl PassiveDetector {
     /// SYN flood, since this detector started.
     pub fn suspended(&self) -> u64 {
         self.suspended
+    }
+
+    /// Until when the unanswered rule is suspended for a flood, if it is.
+    pub fn flood_until(&self) -> Option<Instant> {
+        self.flood_until
+    }
+
+    /// Suspends the unanswered rule until `until` at least: a flood seen
+    /// toward another backend of this edge (see `PassiveMonitor::poll`).
+    pub fn hold_flood(&mut self, until: Instant) {
+        self.flood_until = Some(self.flood_until.map_or(until, |t| t.max(until)));
     }
 
     /// Smoothed handshake RTT, when one is known.
