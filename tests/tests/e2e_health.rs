@@ -83,13 +83,18 @@ fn dp_state(dp: &failover_agent::dataplane::Dataplane, addr: SocketAddr) -> Opti
     dp_id(dp, addr).map(|i| dp.backend(i).unwrap().state)
 }
 
+/// A new connection to VIP:80 from namespace `ns`.
+fn connect_vip(ns: &str) -> std::io::Result<TcpStream> {
+    let _in = failover_tests::netns::enter(ns).map_err(|e| std::io::Error::other(e.to_string()))?;
+    TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))
+}
+
 /// A streamed one-token chat completion through the VIP from namespace
 /// `ns` on a new connection: the backend that answered (its `x-backend`
 /// header) once the first byte came, or the error (a wedged backend
 /// never sends one: the read times out after `wait`).
 fn first_byte(ns: &str, wait: Duration) -> std::io::Result<String> {
-    let _in = failover_tests::netns::enter(ns).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))?;
+    let mut s = connect_vip(ns)?;
     s.set_read_timeout(Some(wait))?;
     let body = r#"{"model":"tiny-llm","stream":true,"max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#;
     write!(
@@ -185,7 +190,11 @@ fn a_wedged_backend_gets_no_new_flow_within_a_second_while_its_health_stays_200(
     // 50 requests a second, each on a new connection, half of them to a1.
     let stop = Arc::new(AtomicBool::new(false));
     let load = paced(&topo.client.name, Duration::from_millis(20), stop.clone());
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for(
+        "a1 serving the paced requests",
+        Duration::from_secs(5),
+        || new_flows() >= 10,
+    );
     admin(ns, addr, "/admin/fault", Some(r#"{"fault":"wedge"}"#)).unwrap();
     let wedged = Instant::now();
     // When a1 last got a new flow, read every 5 ms for 2.5 s.
@@ -253,8 +262,7 @@ fn a_wedged_backend_gets_no_new_flow_within_a_second_while_its_health_stays_200(
 /// A partial request: the backend waits for the rest of its body and
 /// answers nothing, as it should.
 fn partial_request(ns: &str) -> std::io::Result<TcpStream> {
-    let _in = failover_tests::netns::enter(ns).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))?;
+    let mut s = connect_vip(ns)?;
     write!(
         s,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\n\
@@ -280,7 +288,12 @@ fn requests_a_backend_rightly_leaves_unanswered_move_nothing() {
     let held: Vec<TcpStream> = (0..40)
         .map(|_| partial_request(&topo.client.name).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_secs(3));
+    // Until the garbage raised a suspicion and the generation cleared it
+    // (bounded: the window is 1.2 s), and held 1 s more.
+    wait_for("a wedge suspicion cleared", Duration::from_secs(5), || {
+        agent.log_text().contains("wedge suspicion cleared")
+    });
+    std::thread::sleep(Duration::from_secs(1));
     let log = agent.log_text();
     assert!(
         log.contains("wedge suspected"),

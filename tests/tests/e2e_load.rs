@@ -461,7 +461,17 @@ fn a_half_capacity_backend_ends_with_a_lower_weight_and_the_ring_shows_it() {
     let names = ["l1", "l2", "slow"];
     let stop = Arc::new(AtomicBool::new(false));
     let (offered, load) = offer_load(&topo, 40.0, stop.clone());
-    std::thread::sleep(Duration::from_secs(15));
+    // The controller settles: until the slow backend's weight is below
+    // both peers' (bounded), then the averages are taken.
+    failover_tests::wait::wait_for(
+        "the slow backend's weight lowered",
+        Duration::from_secs(30),
+        || {
+            let bs = rt.block_on(api.backends()).expect("backends");
+            let w = |n| info(&bs, n).effective_weight;
+            w("slow") < w("l1") && w("slow") < w("l2")
+        },
+    );
     let (mut weights, mut ring) = ([0.0; 3], [0.0; 3]);
     let samples = 40;
     for _ in 0..samples {

@@ -253,21 +253,37 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[test]
-    fn a_flood_toward_one_backend_holds_every_backends_silence_rule() {
+    /// Backends `a` (id 1) and `b` (id 2) watched, each with one SYN sent
+    /// and answered in `stats`, read by [`read`].
+    fn two_backends() -> (PassiveMonitor, Instant, BTreeMap<u32, BackendStats>) {
         let mut m = PassiveMonitor::new(PassiveConfig::default());
         m.watch("a", 1, None, None);
         m.watch("b", 2, None, None);
-        let t0 = Instant::now();
-        let mut stats: BTreeMap<u32, BackendStats> = BTreeMap::new();
-        let read = |stats: &BTreeMap<u32, BackendStats>, id: u32| {
-            Ok::<_, String>(stats.get(&id).copied().unwrap_or_default())
-        };
+        let stats = [1, 2]
+            .map(|id| {
+                (
+                    id,
+                    BackendStats {
+                        syns: 1,
+                        synacks: 1,
+                        ..BackendStats::default()
+                    },
+                )
+            })
+            .into();
+        (m, Instant::now(), stats)
+    }
+
+    fn read(stats: &BTreeMap<u32, BackendStats>, id: u32) -> Result<BackendStats, String> {
+        Ok(stats.get(&id).copied().unwrap_or_default())
+    }
+
+    #[test]
+    fn a_flood_toward_one_backend_holds_every_backends_silence_rule() {
+        let (mut m, t0, mut stats) = two_backends();
         // Both answer within 1 ms: the silence bound is its 30 ms floor.
         for id in [1, 2] {
             let e = stats.entry(id).or_default();
-            e.syns = 1;
-            e.synacks = 1;
             e.rtt_last_ns = 1_000_000;
             e.rtt_at_ns = 1;
         }
@@ -302,21 +318,9 @@ mod tests {
 
     #[test]
     fn refused_syns_eject_once_and_only_the_refused_backend() {
-        let mut m = PassiveMonitor::new(PassiveConfig::default());
-        m.watch("a", 1, None, None);
-        m.watch("b", 2, None, None);
-        let t0 = Instant::now();
-        let mut stats: BTreeMap<u32, BackendStats> = BTreeMap::new();
-        let read = |stats: &BTreeMap<u32, BackendStats>, id: u32| {
-            Ok::<_, String>(stats.get(&id).copied().unwrap_or_default())
-        };
         // Both backends have live traffic (answered SYNs), so they are
         // polled at the fast period.
-        for id in [1, 2] {
-            let e = stats.entry(id).or_default();
-            e.syns = 1;
-            e.synacks = 1;
-        }
+        let (mut m, t0, mut stats) = two_backends();
         assert!(m.poll(t0, |id| read(&stats, id)).is_empty(), "baseline");
         // b answers its SYNs; a's SYNs are refused.
         for step in 1..=3u32 {
