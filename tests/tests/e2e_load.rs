@@ -420,7 +420,7 @@ fn a_half_capacity_backend_ends_with_a_lower_weight_and_the_ring_shows_it() {
         .wait_serving("chat", &["l1", "l2", "slow"], Duration::from_secs(20))
         .unwrap();
 
-    // 80% of the capacity, for 35 s. Every 500 ms of the last 20 s: the
+    // 80% of the capacity, until the controller settles, then 20 s more. Every 500 ms of those 20 s: the
     // weights the API shows and the ring slots of each backend. (Single
     // snapshots saw: the fast ones' factors dip in turn as their queues
     // come and go.)
@@ -472,6 +472,7 @@ fn a_half_capacity_backend_ends_with_a_lower_weight_and_the_ring_shows_it() {
             w("slow") < w("l1") && w("slow") < w("l2")
         },
     );
+    let ok_before = offered.ok.load(Ordering::Relaxed);
     let (mut weights, mut ring) = ([0.0; 3], [0.0; 3]);
     let samples = 40;
     for _ in 0..samples {
@@ -489,14 +490,15 @@ fn a_half_capacity_backend_ends_with_a_lower_weight_and_the_ring_shows_it() {
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
     let (ok, failed) = (
-        offered.ok.load(Ordering::Relaxed),
+        offered.ok.load(Ordering::Relaxed) - ok_before,
         offered.failed.load(Ordering::Relaxed),
     );
     eprintln!(
         "over the last 20 s at 40 requests/s ({ok} ok, {failed} failed): mean effective \
          weights {weights:.1?}, mean ring slots {ring:.0?} (l1, l2, slow)"
     );
-    assert!(ok > 1200, "{ok} ok, {failed} failed");
+    // 800 offered in the 20 s window.
+    assert!(ok > 600, "{ok} ok, {failed} failed");
     // The slow one with clearly less weight than its peers on average, and
     // fewer ring slots. Its capacity would give it half; runs gave it 0.43
     // of their weight (0.55 to 0.79 with larger controller steps; the fast
