@@ -32,6 +32,19 @@ pub mod names {
     /// TCP segments with no established flow (the half-open path),
     /// tail-called (`JUMPS[JUMP_NEW_TCP]`) for the same reason.
     pub const NEW_TCP_PROGRAM: &str = "failover_new_tcp";
+    /// IPv6 frames, tail-called (`JUMPS[JUMP_V6]`): the IPv6 walk is its
+    /// own program, so it costs the IPv4 path and its verifier budget
+    /// nothing.
+    pub const V6_PROGRAM: &str = "failover_v6";
+    /// IPv6 TCP segments with no established flow (`JUMPS[JUMP_NEW_TCP6]`).
+    pub const NEW_TCP6_PROGRAM: &str = "failover_new_tcp6";
+    pub const NODE6: &str = "NODE6";
+    pub const SERVICES6: &str = "SERVICES6";
+    pub const BACKEND_ADDR6: &str = "BACKEND_ADDR6";
+    pub const FLOWS6: &str = "FLOWS6";
+    pub const REVERSE6: &str = "REVERSE6";
+    pub const PENDING6: &str = "PENDING6";
+    pub const NEXTHOPS6: &str = "NEXTHOPS6";
 }
 
 pub const MAX_SERVICES: u32 = 64;
@@ -68,7 +81,11 @@ pub const ICMP_INTERVAL_NS: u64 = 10_000_000;
 pub const JUMP_ICMP: u32 = 0;
 /// `JUMPS` index of the TCP new-flow program.
 pub const JUMP_NEW_TCP: u32 = 1;
-pub const JUMP_SLOTS: u32 = 2;
+/// `JUMPS` index of the IPv6 program.
+pub const JUMP_V6: u32 = 2;
+/// `JUMPS` index of the IPv6 TCP new-flow program.
+pub const JUMP_NEW_TCP6: u32 = 3;
+pub const JUMP_SLOTS: u32 = 4;
 /// Slots in the per-reason counter array (room to add reasons).
 pub const STATS_SLOTS: u32 = 64;
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU free lists, so inserting a flow on
@@ -137,6 +154,79 @@ pub struct Node {
     pub flags: u32,
 }
 
+/// An address as the maps hold it: its network-order bytes in native
+/// words (`u32` for IPv4, [`Addr6`] for IPv6), so a key is compared and
+/// hashed as the packet carries it. The per-family code is generic over
+/// this; the IPv4 instance compiles to what it was before IPv6.
+pub trait Addr: Copy + Default + PartialEq + Eq + core::hash::Hash + core::fmt::Debug {
+    /// One word standing for the address in the flow hash and the VIP
+    /// filter (the address itself for IPv4).
+    fn word(self) -> u32;
+    /// Folds replacing `old` by `new` into a checksum that covers it
+    /// (RFC 1624), as the L4 pseudo-header does.
+    fn replace_in(check: u16, old: Self, new: Self) -> u16;
+    /// The one's-complement sum of its 16-bit words, unfolded.
+    fn sum(self) -> u32;
+}
+
+/// An IPv6 address: its 16 network-order bytes in four native words.
+pub type Addr6 = [u32; 4];
+
+impl Addr for u32 {
+    #[inline(always)]
+    fn word(self) -> u32 {
+        self
+    }
+    #[inline(always)]
+    fn replace_in(check: u16, old: Self, new: Self) -> u16 {
+        crate::checksum::replace32(check, old, new)
+    }
+    #[inline(always)]
+    fn sum(self) -> u32 {
+        (self & 0xffff) + (self >> 16)
+    }
+}
+
+impl Addr for Addr6 {
+    #[inline(always)]
+    fn word(self) -> u32 {
+        use crate::hash::mix32;
+        mix32(self[0] ^ mix32(self[1] ^ mix32(self[2] ^ mix32(self[3]))))
+    }
+    #[inline(always)]
+    fn replace_in(mut check: u16, old: Self, new: Self) -> u16 {
+        let mut i = 0;
+        while i < 4 {
+            check = crate::checksum::replace32(check, old[i], new[i]);
+            i += 1;
+        }
+        check
+    }
+    #[inline(always)]
+    fn sum(self) -> u32 {
+        let mut s = 0;
+        let mut i = 0;
+        while i < 4 {
+            s += (self[i] & 0xffff) + (self[i] >> 16);
+            i += 1;
+        }
+        s
+    }
+}
+
+/// `NODE6[0]`: the node's IPv6 source address toward IPv6 backends
+/// (all zero: no IPv6 service). Ports and seed come from `NODE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Node6 {
+    pub snat: Addr6,
+}
+
+/// `BACKEND_ADDR6[id]`: an IPv6 backend's address. Its port and state stay
+/// in `BACKENDS[id]` (whose `addr_be` is 0), so one write moves a backend
+/// of either family, and the IPv4 entry stays 8 bytes.
+pub type BackendAddr6 = Addr6;
+
 /// `VIP_FILTER[0]`: a bitmap of `mix32(vip) % (64 * VIP_FILTER_WORDS)`.
 /// Lets a packet that is not for a VIP leave after one inlined array read
 /// instead of a hash lookup.
@@ -163,14 +253,21 @@ impl VipFilter {
         ((bit / 64) as usize, 1u64 << (bit % 64))
     }
 
-    pub fn insert(&mut self, vip_be: u32) {
-        let (w, m) = Self::slot(vip_be);
+    /// The slot of a VIP of either family (IPv6 VIPs share the bitmap).
+    #[inline(always)]
+    #[must_use]
+    pub fn slot_of<A: Addr>(vip: A) -> (usize, u64) {
+        Self::slot(vip.word())
+    }
+
+    pub fn insert<A: Addr>(&mut self, vip: A) {
+        let (w, m) = Self::slot_of(vip);
         self.bits[w] |= m;
     }
 
     #[must_use]
-    pub fn may_contain(&self, vip_be: u32) -> bool {
-        let (w, m) = Self::slot(vip_be);
+    pub fn may_contain<A: Addr>(&self, vip: A) -> bool {
+        let (w, m) = Self::slot_of(vip);
         self.bits[w] & m != 0
     }
 }
@@ -178,8 +275,8 @@ impl VipFilter {
 /// `SERVICES` key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ServiceKey {
-    pub vip_be: u32,
+pub struct ServiceKey<A = u32> {
+    pub vip_be: A,
     pub port_be: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -234,9 +331,9 @@ pub struct Ring {
 /// `FLOWS` key: the client's 5-tuple as received.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src_be: u32,
-    pub dst_be: u32,
+pub struct FlowKey<A = u32> {
+    pub src_be: A,
+    pub dst_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
@@ -250,12 +347,12 @@ pub struct FlowKey {
 /// within that time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NextHop {
+pub struct NextHop<A = u32> {
     /// Egress interface; 0 = nothing cached.
     pub ifindex: u32,
     /// The destination this was resolved for: a backend whose address
     /// changed misses the cache instead of using a stale MAC.
-    pub dst_be: u32,
+    pub dst_be: A,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
     /// The egress interface's MTU: a packet longer than this is dropped on
@@ -302,9 +399,9 @@ pub struct Flow {
 /// `REVERSE` key: a backend's reply as received.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ReverseKey {
-    pub backend_be: u32,
-    pub snat_be: u32,
+pub struct ReverseKey<A = u32> {
+    pub backend_be: A,
+    pub snat_be: A,
     pub bport_be: u16,
     pub nat_port_be: u16,
     pub proto: u8,
@@ -314,9 +411,9 @@ pub struct ReverseKey {
 /// `REVERSE` value: the original tuple to restore.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Reverse {
-    pub client_be: u32,
-    pub vip_be: u32,
+pub struct Reverse<A = u32> {
+    pub client_be: A,
+    pub vip_be: A,
     pub cport_be: u16,
     pub vport_be: u16,
     pub backend_id: u32,
@@ -335,7 +432,7 @@ pub struct Reverse {
     pub seen: u32,
     pub created_ns: u64,
     /// Next hop toward the client.
-    pub nh: NextHop,
+    pub nh: NextHop<A>,
 }
 
 /// `PENDING[nat_port]` (host order): a flow the edge
@@ -347,17 +444,17 @@ pub struct Reverse {
 /// slot is two stores into an array, with no allocation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Pending {
+pub struct Pending<A = u32> {
     /// `bpf_ktime_get_ns` from which the slot is free (0: never used).
     pub expires_ns: u64,
     /// When the opening segment was forwarded: the base of the handshake
     /// RTT.
     pub created_ns: u64,
-    pub client_be: u32,
-    pub vip_be: u32,
+    pub client_be: A,
+    pub vip_be: A,
     pub cport_be: u16,
     pub vport_be: u16,
-    pub backend_be: u32,
+    pub backend_be: A,
     pub bport_be: u16,
     pub proto: u8,
     /// `FLOW_SYN_SENT`, `FLOW_ANSWERED` or `FLOW_PICKUP`.
@@ -375,11 +472,11 @@ pub struct Pending {
     pub synack_ack: u32,
 }
 
-impl Pending {
+impl<A: Copy> Pending<A> {
     /// The client's tuple of this flow: its `FLOWS` key once promoted.
     #[inline(always)]
     #[must_use]
-    pub const fn flow_key(&self) -> FlowKey {
+    pub const fn flow_key(&self) -> FlowKey<A> {
         FlowKey {
             src_be: self.client_be,
             dst_be: self.vip_be,
@@ -500,6 +597,13 @@ mod pod {
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for Reverse {}
     unsafe impl aya::Pod for Pending {}
+    unsafe impl aya::Pod for Node6 {}
+    unsafe impl aya::Pod for ServiceKey<Addr6> {}
+    unsafe impl aya::Pod for FlowKey<Addr6> {}
+    unsafe impl aya::Pod for NextHop<Addr6> {}
+    unsafe impl aya::Pod for ReverseKey<Addr6> {}
+    unsafe impl aya::Pod for Reverse<Addr6> {}
+    unsafe impl aya::Pod for Pending<Addr6> {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendStats {}
 }
@@ -519,4 +623,11 @@ const _: () = {
     assert!(size_of::<Reverse>() == 72);
     assert!(size_of::<ServiceStats>() == 48);
     assert!(size_of::<BackendStats>() == 136);
+    assert!(size_of::<Node6>() == 16);
+    assert!(size_of::<ServiceKey<Addr6>>() == 20);
+    assert!(size_of::<FlowKey<Addr6>>() == 40);
+    assert!(size_of::<NextHop<Addr6>>() == 48);
+    assert!(size_of::<ReverseKey<Addr6>>() == 40);
+    assert!(size_of::<Reverse<Addr6>>() == 112);
+    assert!(size_of::<Pending<Addr6>>() == 96);
 };

@@ -9,7 +9,7 @@
 //! says which reasons are possible then, not which one.
 
 use crate::{
-    Reason, VipFilter, checksum, icmp,
+    Addr, Reason, VipFilter, checksum, icmp,
     tcp::{self, SynWorth},
 };
 
@@ -175,7 +175,9 @@ fn classify(f: &[u8], cfg: &Config) -> Result<Expected, Reason> {
             let mut h = [0u8; tcp::MAX_HEADER];
             h[..hlen].copy_from_slice(&seg[..hlen]);
             let src = u32::from_ne_bytes(ip[12..16].try_into().unwrap_or_default());
-            if tcp::judge_syn(src, u32::from_ne_bytes(dst), &h, hlen) == SynWorth::BadChecksum {
+            if tcp::judge_syn(src.sum() + u32::from_ne_bytes(dst).sum(), &h, hlen)
+                == SynWorth::BadChecksum
+            {
                 return Err(Reason::BadL4Checksum);
             }
         }

@@ -128,6 +128,21 @@ reasons! {
     // A tail call into another of the object's programs failed: the agent
     // has not set `JUMPS` (never for a loaded data plane).
     JumpFailed = 32, "jump_failed", Drop;
+    // IPv6 (ipv6.rs). Not NotIpv4: an IPv6 frame is that only where the
+    // IPv6 program is not loaded. Fragment, TtlExpired (hop limit 0 or 1)
+    // and NotTcpUdp (an upper layer other than TCP, UDP and ICMPv6, an
+    // unknown next header included) are shared with IPv4.
+    // Version not 6, or a payload length that overruns the frame.
+    MalformedIpv6 = 33, "malformed_ipv6", Drop;
+    // Extension headers the program does not walk: the kernel's.
+    Ipv6HopByHop = 34, "ipv6_hop_by_hop", Pass;
+    Ipv6Routing = 35, "ipv6_routing", Pass;
+    Ipv6DestOptions = 36, "ipv6_dest_options", Pass;
+    // ICMPv6 to a VIP or the SNAT address (neighbour discovery, echo,
+    // errors): the kernel's; errors are not translated through the NAT.
+    Icmpv6 = 37, "icmpv6", Pass;
+    // UDP over IPv6 without a checksum, which RFC 8200 makes invalid.
+    UdpZeroChecksum = 38, "udp_zero_checksum", Drop;
 }
 
 #[cfg(test)]

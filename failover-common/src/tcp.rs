@@ -73,11 +73,11 @@ pub enum SynWorth {
 /// and `dst_be` are the IPv4 addresses as they sit in the packet.
 #[inline(always)]
 #[must_use]
-pub fn judge_syn(src_be: u32, dst_be: u32, header: &[u8; MAX_HEADER], hlen: usize) -> SynWorth {
+pub fn judge_syn(addr_sum: u32, header: &[u8; MAX_HEADER], hlen: usize) -> SynWorth {
     if !(MIN_HEADER..=MAX_HEADER).contains(&hlen) {
         return SynWorth::BadChecksum;
     }
-    if !checksum_ok(src_be, dst_be, header, hlen) {
+    if !checksum_ok(addr_sum, header, hlen) {
         return SynWorth::BadChecksum;
     }
     if header[13] & !(ECE | CWR) != SYN || !vanilla_options(header, hlen) {
@@ -86,11 +86,13 @@ pub fn judge_syn(src_be: u32, dst_be: u32, header: &[u8; MAX_HEADER], hlen: usiz
     SynWorth::Evidence
 }
 
-/// The segment's checksum over the IPv4 pseudo-header: words read in
-/// native order, as the one's-complement sum does not depend on it.
+/// The segment's checksum over the pseudo-header, whose addresses sum to
+/// `addr_sum` (`Addr::sum` of source and destination; the IPv4 and IPv6
+/// pseudo-headers differ only in them for a segment this short): words
+/// read in native order, as the one's-complement sum does not depend on it.
 #[inline(always)]
-fn checksum_ok(src_be: u32, dst_be: u32, header: &[u8; MAX_HEADER], hlen: usize) -> bool {
-    let mut sum = (src_be & 0xffff) + (src_be >> 16) + (dst_be & 0xffff) + (dst_be >> 16);
+fn checksum_ok(addr_sum: u32, header: &[u8; MAX_HEADER], hlen: usize) -> bool {
+    let mut sum = addr_sum;
     sum += u32::from(u16::from_ne_bytes([0, 6]));
     sum += u32::from(u16::from_ne_bytes((hlen as u16).to_be_bytes()));
     let mut i = 0;
@@ -264,6 +266,7 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+    use crate::Addr;
 
     const SRC: [u8; 4] = [192, 0, 2, 100];
     const DST: [u8; 4] = [203, 0, 113, 10];
@@ -289,7 +292,11 @@ mod tests {
     }
 
     fn judge(h: &([u8; MAX_HEADER], usize)) -> SynWorth {
-        judge_syn(u32::from_ne_bytes(SRC), u32::from_ne_bytes(DST), &h.0, h.1)
+        judge_syn(
+            u32::from_ne_bytes(SRC).sum() + u32::from_ne_bytes(DST).sum(),
+            &h.0,
+            h.1,
+        )
     }
 
     /// Linux's own SYN: MSS, SACK permitted, timestamps, NOP, window scale.

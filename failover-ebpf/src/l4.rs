@@ -3,7 +3,7 @@
 
 use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 use failover_common::{
-    Reason, checksum,
+    Addr, Reason, checksum,
     tcp::{self, SynWorth},
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
@@ -131,8 +131,7 @@ pub fn syn_worth(ctx: &XdpContext, ip: *const Ipv4Hdr, l4: &L4) -> SynWorth {
     }
     let h = unsafe { &*ip };
     tcp::judge_syn(
-        u32::from_ne_bytes(h.src_addr),
-        u32::from_ne_bytes(h.dst_addr),
+        u32::from_ne_bytes(h.src_addr).sum() + u32::from_ne_bytes(h.dst_addr).sum(),
         &buf,
         hlen,
     )

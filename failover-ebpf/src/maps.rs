@@ -9,9 +9,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use failover_common::{
-    Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, ICMP_SLOTS, JUMP_SLOTS, LRU_FLAGS,
-    MAX_BACKENDS, MAX_SERVICES, NextHop, Node, PENDING_MAX, Pending, RING_SLOTS, Reverse,
-    ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats, VipFilter,
+    Addr6, Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, ICMP_SLOTS, JUMP_SLOTS,
+    LRU_FLAGS, MAX_BACKENDS, MAX_SERVICES, NextHop, Node, Node6, PENDING_MAX, Pending, RING_SLOTS,
+    Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats, VipFilter,
 };
 
 #[map(name = "NODE")]
@@ -79,3 +79,30 @@ pub static EVIDENCE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 /// hold the longest message a router sends (`icmp::MESSAGE_MAX`).
 #[map(name = "ICMP_BUF")]
 pub static ICMP_BUF: PerCpuArray<[u32; 140]> = PerCpuArray::pinned(1, 0);
+
+// IPv6 (the `failover_v6` programs). Keys and values are the IPv4 ones
+// with 16-byte addresses; ids, rings, backend states and counters are
+// shared with IPv4.
+
+#[map(name = "NODE6")]
+pub static NODE6: Array<Node6> = Array::pinned(1, 0);
+
+#[map(name = "SERVICES6")]
+pub static SERVICES6: HashMap<ServiceKey<Addr6>, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// An IPv6 backend's address; its port and state are in `BACKENDS`.
+#[map(name = "BACKEND_ADDR6")]
+pub static BACKEND_ADDR6: Array<Addr6> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "FLOWS6")]
+pub static FLOWS6: LruHashMap<FlowKey<Addr6>, Flow> = LruHashMap::pinned(FLOWS_MAX, LRU_FLAGS);
+
+#[map(name = "REVERSE6")]
+pub static REVERSE6: LruHashMap<ReverseKey<Addr6>, Reverse<Addr6>> =
+    LruHashMap::pinned(FLOWS_MAX, LRU_FLAGS);
+
+#[map(name = "PENDING6")]
+pub static PENDING6: Array<Pending<Addr6>> = Array::pinned(PENDING_MAX, 0);
+
+#[map(name = "NEXTHOPS6")]
+pub static NEXTHOPS6: PerCpuArray<NextHop<Addr6>> = PerCpuArray::pinned(MAX_BACKENDS, 0);

@@ -208,6 +208,8 @@ impl Dataplane {
             names::PASS_PROGRAM,
             names::ICMP_PROGRAM,
             names::NEW_TCP_PROGRAM,
+            names::V6_PROGRAM,
+            names::NEW_TCP6_PROGRAM,
         ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -216,14 +218,16 @@ impl Dataplane {
                 .map_err(ErrorKind::Program)?;
             prog.load().map_err(ErrorKind::Program)?;
         }
-        // The main program tail-calls ICMP and TCP segments without an
-        // established flow into programs of their own. JUMPS is pinned like
+        // The main program tail-calls ICMP, TCP segments without an
+        // established flow, and IPv6 into programs of their own. JUMPS is pinned like
         // every map: a restarted agent points it at its own programs, which
         // share every map with the ones before.
         let mut jumps: ProgramArray<MapData> = take!(ebpf, names::JUMPS);
         for (slot, name) in [
             (failover_common::JUMP_ICMP, names::ICMP_PROGRAM),
             (failover_common::JUMP_NEW_TCP, names::NEW_TCP_PROGRAM),
+            (failover_common::JUMP_V6, names::V6_PROGRAM),
+            (failover_common::JUMP_NEW_TCP6, names::NEW_TCP6_PROGRAM),
         ] {
             let fd = ebpf
                 .program(name)
