@@ -34,6 +34,31 @@ pub const fn replace32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// What replacing `old` by `new` adds to a one's-complement sum (RFC 1624
+/// eqn. 3's `~m + m'`), for one 16-bit word; sums of these, unfolded,
+/// are applied at once by [`apply`].
+#[inline(always)]
+#[must_use]
+pub const fn delta16(old: u16, new: u16) -> u32 {
+    (!old as u32) + (new as u32)
+}
+
+/// The same for a 32-bit field, as two words.
+#[inline(always)]
+#[must_use]
+pub const fn delta32(old: u32, new: u32) -> u32 {
+    delta16(old as u16, new as u16) + delta16((old >> 16) as u16, (new >> 16) as u16)
+}
+
+/// Applies an unfolded sum of deltas: `HC' = ~(~HC + Σ(~m + m'))`. One
+/// update for several fields equals one per field (the sum is associative):
+/// a NAT folds both addresses into the IP and L4 checksums with one sum.
+#[inline(always)]
+#[must_use]
+pub const fn apply(check: u16, delta: u32) -> u16 {
+    !fold(fold(delta) as u32 + !check as u32)
+}
+
 /// Incremental update for two bytes at byte offset `off` from the start
 /// of the checksummed data, which need not be even (a TCP option's value
 /// can sit anywhere). Bytes `[x, y]` at an odd offset add to the sum as the
@@ -167,6 +192,18 @@ mod tests {
         let c = ipv4_header(&h);
         h[10..12].copy_from_slice(&c.to_be_bytes());
         h
+    }
+
+    /// One update with the summed deltas equals the chain of updates.
+    #[test]
+    fn applied_deltas_match_chained_replacements() {
+        let mut rng = Lcg(3);
+        for _ in 0..10_000 {
+            let (c, a, b, x, y) = (rng.next() as u16, rng.next(), rng.next(), rng.next(), rng.next());
+            let chained = replace32(replace32(c, a, b), x, y);
+            let once = apply(c, delta32(a, b) + delta32(x, y));
+            assert_eq!(fold(u32::from(!chained)) % 0xffff, fold(u32::from(!once)) % 0xffff);
+        }
     }
 
     #[test]

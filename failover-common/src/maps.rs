@@ -165,6 +165,9 @@ pub trait Addr: Copy + Default + PartialEq + Eq + core::hash::Hash + core::fmt::
     /// Folds replacing `old` by `new` into a checksum that covers it
     /// (RFC 1624), as the L4 pseudo-header does.
     fn replace_in(check: u16, old: Self, new: Self) -> u16;
+    /// What replacing `old` by `new` adds to a checksum, unfolded
+    /// (`checksum::apply`).
+    fn delta(old: Self, new: Self) -> u32;
     /// The one's-complement sum of its 16-bit words, unfolded.
     fn sum(self) -> u32;
 }
@@ -180,6 +183,10 @@ impl Addr for u32 {
     #[inline(always)]
     fn replace_in(check: u16, old: Self, new: Self) -> u16 {
         crate::checksum::replace32(check, old, new)
+    }
+    #[inline(always)]
+    fn delta(old: Self, new: Self) -> u32 {
+        crate::checksum::delta32(old, new)
     }
     #[inline(always)]
     fn sum(self) -> u32 {
@@ -201,6 +208,16 @@ impl Addr for Addr6 {
             i += 1;
         }
         check
+    }
+    #[inline(always)]
+    fn delta(old: Self, new: Self) -> u32 {
+        let mut d = 0;
+        let mut i = 0;
+        while i < 4 {
+            d += crate::checksum::delta32(old[i], new[i]);
+            i += 1;
+        }
+        d
     }
     #[inline(always)]
     fn sum(self) -> u32 {

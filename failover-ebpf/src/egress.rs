@@ -15,22 +15,21 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use core::mem::{size_of, zeroed};
-use failover_common::{NEXTHOP_TTL_NS, NextHop, Reason};
+use failover_common::{Addr, NEXTHOP_TTL_NS, NextHop, Reason};
 use network_types::eth::EthHdr;
 
-use crate::{maps::DEVMAP, parse::ptr_at};
+use crate::{family::Family, maps::DEVMAP, parse::ptr_at};
 
-const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// Where a rewritten packet goes, and the reasons to count for TX and
 /// redirect outcomes.
-pub struct Route {
+pub struct Route<A: Addr> {
     pub proto: u8,
-    pub src_be: u32,
-    pub dst_be: u32,
+    pub src_be: A,
+    pub dst_be: A,
     pub tot_len: u16,
     pub tx: Reason,
     pub redirect: Reason,
@@ -43,16 +42,19 @@ pub struct Route {
 /// frag-needed quoting it as its sender sent it (toobig.rs). `Err` carries
 /// the reason and, for `MtuExceeded`, the MTU.
 #[inline(always)]
-pub fn resolve(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> Result<(), (Reason, u16)> {
+pub fn resolve<F: Family>(
+    ctx: &XdpContext,
+    nh: &mut NextHop<F::A>,
+    r: &Route<F::A>,
+) -> Result<(), (Reason, u16)> {
     let now = r.now;
     if nh.ifindex == 0 || nh.dst_be != r.dst_be || now.wrapping_sub(nh.at_ns) > NEXTHOP_TTL_NS {
         let mut p: bpf_fib_lookup = unsafe { zeroed() };
-        p.family = AF_INET;
+        p.family = F::AF;
         p.l4_protocol = r.proto;
         p.__bindgen_anon_1.tot_len = r.tot_len;
         p.ifindex = ctx.ingress_ifindex() as u32;
-        p.__bindgen_anon_3.ipv4_src = r.src_be;
-        p.__bindgen_anon_4.ipv4_dst = r.dst_be;
+        F::fib(&mut p, r.src_be, r.dst_be);
         let rc = unsafe {
             fib_lookup(
                 ctx.ctx.cast(),
@@ -93,7 +95,7 @@ pub fn resolve(ctx: &XdpContext, nh: &mut NextHop, r: &Route) -> Result<(), (Rea
 
 /// Sends a packet (rewritten by now) toward the next hop `resolve` found.
 #[inline(always)]
-pub fn out(ctx: &XdpContext, nh: &NextHop, r: &Route) -> (u32, Reason) {
+pub fn out<A: Addr>(ctx: &XdpContext, nh: &NextHop<A>, r: &Route<A>) -> (u32, Reason) {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, Reason::TruncatedEth);
     };

@@ -9,46 +9,45 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    Backend, DATA_ASKED, FLOW_ESTABLISHED, Flow, FlowKey, JUMP_NEW_TCP, NextHop, Node, Reason,
-    Reverse, ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
+    Addr, Backend, DATA_ASKED, FLOW_ESTABLISHED, Flow, FlowKey, NextHop, Node, Reason, Reverse,
+    ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
     tcp::{self, SynWorth},
 };
 
 use crate::{
     egress::{self, Route},
-    ipv4,
-    ipv4::Ipv4,
+    family::{Family, Ip},
     l4::{self, Closing, L4},
-    maps::{BACKENDS, EVIDENCE, FLOWS, JUMPS, NEXTHOPS, REVERSE, SERVICES},
-    pending, reset, select, stats, toobig,
+    maps::{BACKENDS, EVIDENCE, JUMPS},
+    pending, select, stats,
 };
 
 /// Where a forwarded packet goes: the backend, and the flow's NAT port.
 #[derive(Clone, Copy)]
-pub struct Target {
+pub struct Target<A> {
     pub backend_id: u32,
     pub service_id: u32,
-    pub addr_be: u32,
+    pub addr_be: A,
     pub port_be: u16,
     pub nat_port_be: u16,
 }
 
-impl Target {
+impl<A: Addr> Target<A> {
     /// An established flow's target: its backend's current address.
     #[inline(always)]
-    fn pinned(flow: &Flow, be: &Backend) -> Self {
-        Self {
+    fn pinned<F: Family<A = A>>(flow: &Flow, be: &Backend) -> Option<Self> {
+        Some(Self {
             backend_id: flow.backend_id,
             service_id: flow.service_id,
-            addr_be: be.addr_be,
+            addr_be: F::backend_addr(flow.backend_id, be)?,
             port_be: be.port_be,
             nat_port_be: flow.nat_port_be,
-        }
+        })
     }
 }
 
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Reason) {
+pub fn handle<F: Family>(ctx: &XdpContext, node: &Node, ip: &Ip<F>, l4: &mut L4) -> (u32, Reason) {
     let fkey = flow_key(ip, l4);
 
     // A bare SYN opens a connection.
@@ -56,7 +55,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
     // Only a SYN every live backend must answer is passive-health
     // evidence; one with a wrong checksum goes nowhere (tcp.rs).
     if opening && l4.payload == 0 {
-        match l4::syn_worth(ctx, ip.hdr, l4) {
+        match l4::syn_worth(ctx, ip, l4) {
             SynWorth::Evidence => l4.evidence = true,
             SynWorth::Ignored => {}
             SynWorth::BadChecksum => return (xdp_action::XDP_DROP, Reason::BadL4Checksum),
@@ -65,10 +64,12 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 
     // Fast path: an established flow whose backend still takes traffic.
-    if let Some(flow) = FLOWS.get_ptr_mut(&fkey) {
+    if let Some(flow) = F::flows().get_ptr_mut(&fkey) {
         let flow = unsafe { &mut *flow };
-        match BACKENDS.get(flow.backend_id) {
-            Some(be) if be.state == state::UP || be.state == state::DRAINING => {
+        let be = BACKENDS.get(flow.backend_id);
+        let pinned = be.and_then(|be| Target::pinned::<F>(flow, be));
+        match (be, pinned) {
+            (Some(be), Some(t)) if be.state == state::UP || be.state == state::DRAINING => {
                 if opening {
                     // A new connection on a reused client port: the old
                     // one's entries outlived it (its last ACK was missed).
@@ -76,23 +77,23 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
                     // it goes home, and its handshake counts for passive
                     // health.
                     let f = *flow;
-                    forget(&fkey, &f, node);
+                    forget::<F>(&fkey, &f, node);
                 } else {
                     flow.seen = (now >> SEEN_SHIFT) as u32;
                     if l4.payload != 0 && flow.data & DATA_ASKED == 0 {
                         asked(flow);
                     }
-                    let t = Target::pinned(flow, be);
                     let out = send(ctx, node, ip, l4, &fkey, &t, false, now);
                     if l4.tcp {
                         match l4::closing(l4, flow.fins, flow.fin_ack, l4::CLIENT) {
                             Closing::Free => {
                                 let f = *flow;
-                                forget(&fkey, &f, node);
+                                forget::<F>(&fkey, &f, node);
                             }
                             Closing::Note { bits, fin_ack } => {
-                                let rkey = reverse_key(&t, node, ip.proto);
-                                let rev = REVERSE.get_ptr_mut(&rkey).map(|r| unsafe { &mut *r });
+                                let rkey = reverse_key(&t, F::snat(node), ip.proto);
+                                let rev =
+                                    F::reverse().get_ptr_mut(&rkey).map(|r| unsafe { &mut *r });
                                 l4::note(
                                     &mut flow.fins,
                                     rev.map(|r| (&mut r.fins, &mut r.fin_ack)),
@@ -108,7 +109,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
             }
             _ => {
                 let f = *flow;
-                forget(&fkey, &f, node);
+                forget::<F>(&fkey, &f, node);
                 if l4.tcp && f.svc_flags & SVC_F_RESET != 0 && !opening {
                     return reset(ctx, ip, l4, f.service_id, Some(f.backend_id));
                 }
@@ -127,14 +128,14 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Re
         if let Some(e) = EVIDENCE.get_ptr_mut(0) {
             unsafe { *e = l4.evidence as u32 };
         }
-        unsafe { JUMPS.tail_call(ctx, JUMP_NEW_TCP) };
+        unsafe { JUMPS.tail_call(ctx, F::JUMP_NEW_TCP) };
         return (xdp_action::XDP_DROP, Reason::JumpFailed);
     }
-    let Some((svc, fh)) = service(node, &fkey) else {
+    let Some((svc, fh)) = service::<F>(node, &fkey) else {
         // A VIP filter false positive, or a port we do not serve.
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
-    let Some(chosen) = select::select(svc, fh) else {
+    let Some(chosen) = select::select::<F>(svc, fh) else {
         // Fail closed.
         return (xdp_action::XDP_DROP, Reason::NoBackend);
     };
@@ -154,11 +155,10 @@ pub fn asked(flow: &mut Flow) {
 
 /// The client's 5-tuple as received: the `FLOWS` key.
 #[inline(always)]
-fn flow_key(ip: &Ipv4, l4: &L4) -> FlowKey {
-    let h = unsafe { &*ip.hdr };
+fn flow_key<F: Family>(ip: &Ip<F>, l4: &L4) -> FlowKey<F::A> {
     FlowKey {
-        src_be: u32::from_ne_bytes(h.src_addr),
-        dst_be: u32::from_ne_bytes(h.dst_addr),
+        src_be: F::src(ip),
+        dst_be: F::dst(ip),
         sport_be: l4.sport_be,
         dport_be: l4.dport_be,
         proto: ip.proto,
@@ -168,16 +168,21 @@ fn flow_key(ip: &Ipv4, l4: &L4) -> FlowKey {
 
 /// The service `k` is addressed to, and the flow's hash.
 #[inline(always)]
-fn service(node: &Node, k: &FlowKey) -> Option<(&'static Service, u32)> {
+fn service<F: Family>(node: &Node, k: &FlowKey<F::A>) -> Option<(&'static Service, u32)> {
     let skey = ServiceKey {
         vip_be: k.dst_be,
         port_be: k.dport_be,
         proto: k.proto,
         _pad: 0,
     };
-    let svc = unsafe { SERVICES.get(&skey) }?;
+    let svc = unsafe { F::services().get(&skey) }?;
     let fh = hash::flow_hash(
-        k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto, node.seed,
+        k.src_be.word(),
+        k.dst_be.word(),
+        k.sport_be,
+        k.dport_be,
+        k.proto,
+        node.seed,
     );
     Some((svc, fh))
 }
@@ -185,10 +190,10 @@ fn service(node: &Node, k: &FlowKey) -> Option<(&'static Service, u32)> {
 /// A TCP segment with no established flow (`failover_new_tcp`, tail-called
 /// from `handle`): its half-open slot, or a new one.
 #[inline(always)]
-pub fn new_tcp(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, Reason) {
+pub fn new_tcp<F: Family>(ctx: &XdpContext, node: &Node, ip: &Ip<F>, l4: &mut L4) -> (u32, Reason) {
     let fkey = flow_key(ip, l4);
     l4.evidence = EVIDENCE.get(0).is_some_and(|e| *e != 0);
-    let Some((svc, fh)) = service(node, &fkey) else {
+    let Some((svc, fh)) = service::<F>(node, &fkey) else {
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -198,14 +203,14 @@ pub fn new_tcp(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &mut L4) -> (u32, R
 /// A UDP flow has no handshake to wait for: pinned at once, in both tables.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn new_udp_flow(
+fn new_udp_flow<F: Family>(
     ctx: &XdpContext,
     node: &Node,
-    ip: &Ipv4,
+    ip: &Ip<F>,
     l4: &L4,
-    k: &FlowKey,
+    k: &FlowKey<F::A>,
     svc: &Service,
-    chosen: &select::Chosen,
+    chosen: &select::Chosen<F::A>,
     now: u64,
 ) -> (u32, Reason) {
     let created = unsafe { bpf_ktime_get_ns() };
@@ -228,16 +233,17 @@ fn new_udp_flow(
     let mut t = Target {
         backend_id: chosen.id,
         service_id: svc.id,
-        addr_be: chosen.backend.addr_be,
-        port_be: chosen.backend.port_be,
+        addr_be: chosen.addr_be,
+        port_be: chosen.port_be,
         nat_port_be: 0,
     };
+    let snat = F::snat(node);
     let mut claimed = false;
     let mut i = 0;
     while i < SNAT_PROBES {
         t.nat_port_be = (snat_port(node, k, i) as u16).to_be();
-        if REVERSE
-            .insert(&reverse_key(&t, node, k.proto), &rval, BPF_NOEXIST as u64)
+        if F::reverse()
+            .insert(&reverse_key(&t, snat, k.proto), &rval, BPF_NOEXIST as u64)
             .is_ok()
         {
             claimed = true;
@@ -259,14 +265,14 @@ fn new_udp_flow(
         seen: (now >> SEEN_SHIFT) as u32,
         created_ns: created,
     };
-    if FLOWS.insert(k, &flow, 0).is_err() {
-        forget(k, &flow, node);
+    if F::flows().insert(k, &flow, 0).is_err() {
+        forget::<F>(k, &flow, node);
         return (xdp_action::XDP_DROP, Reason::FlowTableFull);
     }
     let out = send(ctx, node, ip, l4, k, &t, true, now);
     if !sent(out) {
         // Not sent (no route, no neighbour, ...): keep no state for it.
-        forget(k, &flow, node);
+        forget::<F>(k, &flow, node);
     }
     out
 }
@@ -279,10 +285,10 @@ fn new_udp_flow(
 /// backend's TIME_WAIT to another client tuple, whose SYN then fails PAWS
 /// and stalls. On a collision, the next ports are tried.
 #[inline(always)]
-pub fn snat_port(node: &Node, k: &FlowKey, i: u32) -> u32 {
+pub fn snat_port<A: Addr>(node: &Node, k: &FlowKey<A>, i: u32) -> u32 {
     let range = (node.port_max as u32).saturating_sub(node.port_min as u32) + 1;
     let cport = u16::from_be(k.sport_be) as u32;
-    let start = cport.wrapping_add(hash::mix32(k.src_be ^ node.seed)) % range;
+    let start = cport.wrapping_add(hash::mix32(k.src_be.word() ^ node.seed)) % range;
     node.port_min as u32 + (start + i) % range
 }
 
@@ -292,31 +298,31 @@ pub fn snat_port(node: &Node, k: &FlowKey, i: u32) -> u32 {
 /// frag-needed quoting it as the client sent it (toobig.rs).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn send(
+pub fn send<F: Family>(
     ctx: &XdpContext,
     node: &Node,
-    ip: &Ipv4,
+    ip: &Ip<F>,
     l4: &L4,
-    k: &FlowKey,
-    t: &Target,
+    k: &FlowKey<F::A>,
+    t: &Target<F::A>,
     new: bool,
     now: u64,
 ) -> (u32, Reason) {
     let route = Route {
         proto: ip.proto,
-        src_be: node.snat_be,
+        src_be: F::snat(node),
         dst_be: t.addr_be,
         tot_len: ip.tot_len,
         tx: Reason::ForwardTx,
         redirect: Reason::ForwardRedirect,
         now,
     };
-    let out = match NEXTHOPS.get_ptr_mut(t.backend_id) {
+    let out = match F::nexthops().get_ptr_mut(t.backend_id) {
         Some(nh) => {
             let nh = unsafe { &mut *nh };
-            match egress::resolve(ctx, nh, &route) {
-                Ok(()) => rewrite_out(ctx, node, ip, l4, k, t, nh, &route),
-                Err((Reason::MtuExceeded, mtu)) => toobig::answer(ctx, ip, mtu, now),
+            match egress::resolve::<F>(ctx, nh, &route) {
+                Ok(()) => rewrite_out(ctx, ip, l4, k, t, nh, &route),
+                Err((Reason::MtuExceeded, mtu)) => F::too_big(ctx, ip, mtu, now),
                 Err((r, _)) => (xdp_action::XDP_DROP, r),
             }
         }
@@ -355,32 +361,21 @@ pub fn sent(out: (u32, Reason)) -> bool {
 
 /// Rewrites the packet toward `t` (clamping a SYN's MSS to the path) and
 /// sends it to the resolved next hop.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn rewrite_out(
+fn rewrite_out<F: Family>(
     ctx: &XdpContext,
-    node: &Node,
-    ip: &Ipv4,
+    ip: &Ip<F>,
     l4: &L4,
-    k: &FlowKey,
-    t: &Target,
-    nh: &NextHop,
-    route: &Route,
+    k: &FlowKey<F::A>,
+    t: &Target<F::A>,
+    nh: &NextHop<F::A>,
+    route: &Route<F::A>,
 ) -> (u32, Reason) {
     if l4.tcp && l4.flags & l4::TCP_SYN != 0 {
         l4::clamp_mss(ctx, l4, t.backend_id);
     }
-    ipv4::rewrite(ip.hdr, node.snat_be, t.addr_be);
-    if let Err(r) = l4::rewrite(
-        ctx,
-        l4,
-        k.src_be,
-        k.dst_be,
-        node.snat_be,
-        t.addr_be,
-        t.nat_port_be,
-        t.port_be,
-    ) {
+    let delta = F::rewrite(ip, &route.src_be, &t.addr_be);
+    if let Err(r) = l4::rewrite(ctx, l4, delta, t.nat_port_be, t.port_be) {
         return (xdp_action::XDP_DROP, r);
     }
     egress::out(ctx, nh, route)
@@ -388,14 +383,14 @@ fn rewrite_out(
 
 /// Sends an RST to the client and counts it if one was sent.
 #[inline(always)]
-pub fn reset(
+pub fn reset<F: Family>(
     ctx: &XdpContext,
-    ip: &Ipv4,
+    ip: &Ip<F>,
     l4: &L4,
     service_id: u32,
     backend_id: Option<u32>,
 ) -> (u32, Reason) {
-    let out = reset::send(ctx, ip, l4);
+    let out = F::reset(ctx, ip, l4);
     if out.1 != Reason::ResetSent {
         return out;
     }
@@ -411,10 +406,10 @@ pub fn reset(
 }
 
 #[inline(always)]
-pub fn reverse_key(t: &Target, node: &Node, proto: u8) -> ReverseKey {
+pub fn reverse_key<A: Addr>(t: &Target<A>, snat: A, proto: u8) -> ReverseKey<A> {
     ReverseKey {
         backend_be: t.addr_be,
-        snat_be: node.snat_be,
+        snat_be: snat,
         bport_be: t.port_be,
         nat_port_be: t.nat_port_be,
         proto,
@@ -424,9 +419,11 @@ pub fn reverse_key(t: &Target, node: &Node, proto: u8) -> ReverseKey {
 
 /// Remove a flow's forward and reverse entries.
 #[inline(always)]
-fn forget(k: &FlowKey, flow: &Flow, node: &Node) {
-    if let Some(be) = BACKENDS.get(flow.backend_id) {
-        let _ = REVERSE.remove(&reverse_key(&Target::pinned(flow, be), node, k.proto));
+fn forget<F: Family>(k: &FlowKey<F::A>, flow: &Flow, node: &Node) {
+    if let Some(be) = BACKENDS.get(flow.backend_id)
+        && let Some(t) = Target::pinned::<F>(flow, be)
+    {
+        let _ = F::reverse().remove(&reverse_key(&t, F::snat(node), k.proto));
     }
-    let _ = FLOWS.remove(k);
+    let _ = F::flows().remove(k);
 }

@@ -129,7 +129,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, reverse: bool) -> (u32, 
             dport_be: rev.vport_be,
         };
         let r = route(&to);
-        if let Err((e, _)) = egress::resolve(ctx, &mut rev.nh, &r) {
+        if let Err((e, _)) = egress::resolve::<crate::family::V4>(ctx, &mut rev.nh, &r) {
             return (DROP, e);
         }
         translate(ctx, ip, q_off, len, proto, &to);
@@ -161,7 +161,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, reverse: bool) -> (u32, 
             dport_be: flow.nat_port_be,
         };
         let r = route(&to);
-        if let Err((e, _)) = egress::resolve(ctx, nh, &r) {
+        if let Err((e, _)) = egress::resolve::<crate::family::V4>(ctx, nh, &r) {
             return (DROP, e);
         }
         translate(ctx, ip, q_off, len, proto, &to);

@@ -5,16 +5,14 @@ use aya_ebpf::programs::XdpContext;
 use failover_common::{Reason, checksum, icmp};
 use network_types::ip::Ipv4Hdr;
 
-use crate::parse::{IPPROTO_TCP, IPPROTO_UDP, ptr_at};
+use crate::{
+    family::{Ip, V4},
+    parse::{IPPROTO_TCP, IPPROTO_UDP, ptr_at},
+};
 
 /// A validated IPv4 header without options, and the protocol after it
 /// (TCP, UDP or ICMP).
-pub struct Ipv4 {
-    pub hdr: *mut Ipv4Hdr,
-    pub l4_off: usize,
-    pub proto: u8,
-    pub tot_len: u16,
-}
+pub type Ipv4 = Ip<V4>;
 
 /// Reads the header far enough to learn the destination. A frame too short
 /// for an IPv4 header is malformed whoever it is for.
@@ -62,6 +60,7 @@ pub fn validate(ctx: &XdpContext, hdr: *mut Ipv4Hdr, l3_off: usize) -> Result<Ip
         l4_off: l3_off + Ipv4Hdr::LEN,
         proto: h.proto,
         tot_len,
+        _f: core::marker::PhantomData,
     })
 }
 
@@ -79,16 +78,15 @@ fn checksum_ok(h: &Ipv4Hdr) -> bool {
 }
 
 /// Rewrites source and destination and decrements the TTL, updating the
-/// header checksum incrementally. Returns the old addresses' contribution
-/// for the L4 pseudo-header update.
+/// header checksum incrementally. Returns the address change as a checksum
+/// delta (`checksum::apply`), for the L4 pseudo-header update.
 #[inline(always)]
-pub fn rewrite(hdr: *mut Ipv4Hdr, src_be: u32, dst_be: u32) {
+pub fn rewrite(hdr: *mut Ipv4Hdr, src_be: u32, dst_be: u32) -> u32 {
     let h = unsafe { &mut *hdr };
     let old_src = u32::from_ne_bytes(h.src_addr);
     let old_dst = u32::from_ne_bytes(h.dst_addr);
-    let mut check = u16::from_ne_bytes(h.check);
-    check = checksum::replace32(check, old_src, src_be);
-    check = checksum::replace32(check, old_dst, dst_be);
+    let delta = checksum::delta32(old_src, src_be) + checksum::delta32(old_dst, dst_be);
+    let mut check = checksum::apply(u16::from_ne_bytes(h.check), delta);
     // TTL shares a 16-bit word with the protocol.
     let old_word = u16::from_ne_bytes([h.ttl, h.proto]);
     h.ttl -= 1;
@@ -97,4 +95,5 @@ pub fn rewrite(hdr: *mut Ipv4Hdr, src_be: u32, dst_be: u32) {
     h.src_addr = src_be.to_ne_bytes();
     h.dst_addr = dst_be.to_ne_bytes();
     h.check = check.to_ne_bytes();
+    delta
 }

@@ -6,9 +6,10 @@ use failover_common::{
     Addr, Reason, checksum,
     tcp::{self, SynWorth},
 };
-use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use network_types::{tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
+    family::{Family, Ip},
     maps::PATH_MSS,
     parse::{IPPROTO_TCP, ptr_at},
 };
@@ -116,7 +117,7 @@ pub fn parse(ctx: &XdpContext, off: usize, proto: u8, l4_len: u16) -> Result<L4,
 /// packet. (A helper copy, not a loop of checked reads: the verifier then
 /// sees one buffer of unknown bytes whatever the header's length.)
 #[inline(always)]
-pub fn syn_worth(ctx: &XdpContext, ip: *const Ipv4Hdr, l4: &L4) -> SynWorth {
+pub fn syn_worth<F: Family>(ctx: &XdpContext, ip: &Ip<F>, l4: &L4) -> SynWorth {
     let mut buf = [0u8; tcp::MAX_HEADER];
     let hlen = l4.hlen as usize;
     if !(tcp::MIN_HEADER..=tcp::MAX_HEADER).contains(&hlen) {
@@ -129,12 +130,7 @@ pub fn syn_worth(ctx: &XdpContext, ip: *const Ipv4Hdr, l4: &L4) -> SynWorth {
     if rc != 0 {
         return SynWorth::BadChecksum;
     }
-    let h = unsafe { &*ip };
-    tcp::judge_syn(
-        u32::from_ne_bytes(h.src_addr).sum() + u32::from_ne_bytes(h.dst_addr).sum(),
-        &buf,
-        hlen,
-    )
+    tcp::judge_syn(F::src(ip).sum() + F::dst(ip).sum(), &buf, hlen)
 }
 
 /// Clamps the MSS option of a SYN or SYN-ACK to the path toward
@@ -196,27 +192,22 @@ fn clamp_mss_at(raw: *mut xdp_md, off: usize, hlen: usize, backend_id: u32) {
     }
 }
 
-/// Rewrites ports and folds the address change into the L4 checksum, which
-/// covers the pseudo-header. An invalid checksum stays invalid by the same
-/// amount, so a corrupted segment is never made to look valid.
-#[allow(clippy::too_many_arguments)]
+/// Rewrites ports and folds the address change (`addr_delta`, from the IP
+/// rewrite) into the L4 checksum, which covers the pseudo-header. An
+/// invalid checksum stays invalid by the same amount, so a corrupted
+/// segment is never made to look valid.
 #[inline(always)]
 pub fn rewrite(
     ctx: &XdpContext,
     l4: &L4,
-    old_src: u32,
-    old_dst: u32,
-    src_be: u32,
-    dst_be: u32,
+    addr_delta: u32,
     sport_be: u16,
     dport_be: u16,
 ) -> Result<(), Reason> {
     if l4.tcp {
         let t: *mut TcpHdr = ptr_at(ctx, l4.off).ok_or(Reason::TruncatedL4)?;
         let t = unsafe { &mut *t };
-        let mut c = u16::from_ne_bytes(t.check);
-        c = checksum::replace32(c, old_src, src_be);
-        c = checksum::replace32(c, old_dst, dst_be);
+        let mut c = checksum::apply(u16::from_ne_bytes(t.check), addr_delta);
         c = checksum::replace16(c, l4.sport_be, sport_be);
         c = checksum::replace16(c, l4.dport_be, dport_be);
         t.source = sport_be.to_ne_bytes();
@@ -227,9 +218,9 @@ pub fn rewrite(
         let u = unsafe { &mut *u };
         let mut c = u16::from_ne_bytes(u.check);
         // Zero means "no checksum" in UDP over IPv4: keep it that way.
+        // (Over IPv6 it is invalid, and dropped before this.)
         if c != 0 {
-            c = checksum::replace32(c, old_src, src_be);
-            c = checksum::replace32(c, old_dst, dst_be);
+            c = checksum::apply(c, addr_delta);
             c = checksum::replace16(c, l4.sport_be, sport_be);
             c = checksum::replace16(c, l4.dport_be, dport_be);
             c = checksum::udp_adjust(c);

@@ -15,9 +15,11 @@
 )]
 
 mod egress;
+mod family;
 mod forward;
 mod icmp;
 mod ipv4;
+mod ipv6;
 mod l4;
 mod maps;
 mod parse;
@@ -32,7 +34,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use failover_common::Reason;
 use network_types::ip::Ipv4Hdr;
 
-use crate::maps::{JUMPS, NODE, VIP_FILTER};
+use crate::maps::{JUMPS, NODE, NODE6, VIP_FILTER};
 
 #[xdp]
 pub fn failover_xdp(ctx: XdpContext) -> u32 {
@@ -90,7 +92,7 @@ fn try_failover(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     // Ethernet padding or bytes a forger appended).
     let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.tot_len - Ipv4Hdr::LEN as u16)?;
     Ok(if is_reverse {
-        reverse::handle(ctx, node, &ip, &l4)
+        reverse::handle(ctx, node.snat_be, &ip, &l4)
     } else {
         forward::handle(ctx, node, &ip, &mut l4)
     })
@@ -153,20 +155,77 @@ fn try_new_tcp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     Ok(forward::new_tcp(ctx, node, &ip, &mut l4))
 }
 
-/// IPv6 frames, tail-called from `failover_xdp`. (Being built: until
-/// then IPv6 passes as before, counted `not_ipv4`.)
+/// IPv6 frames (`ipv6.rs`, then the same walk as IPv4 over 16-byte
+/// addresses), tail-called from `failover_xdp`.
 #[xdp]
-pub fn failover_v6(_ctx: XdpContext) -> u32 {
-    stats::reason(Reason::NotIpv4);
-    xdp_action::XDP_PASS
+pub fn failover_v6(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_v6(&ctx) {
+        Ok(v) => v,
+        Err(r) => (verdict(r), r),
+    };
+    stats::reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_v6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
+    if l2.ether_type != parse::ETH_P_IPV6 {
+        return Err(Reason::NotIpv4);
+    }
+    let hdr = ipv6::header(ctx, l2.l3_off)?;
+    let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
+    let snat = NODE6.get(0).ok_or(Reason::NotConfigured)?.snat;
+    if snat == [0; 4] {
+        return Err(Reason::NotConfigured);
+    }
+    // As for IPv4: traffic that is not ours leaves after one array read.
+    let dst = family::addr6(unsafe { &raw const (*hdr).dst_addr });
+    let is_reverse = dst == snat;
+    if !is_reverse {
+        let filter = VIP_FILTER.get(0).ok_or(Reason::NotConfigured)?;
+        let (word, mask) = failover_common::VipFilter::slot_of(dst);
+        if word >= filter.bits.len() || filter.bits[word] & mask == 0 {
+            return Err(Reason::NotVip);
+        }
+    }
+    let ip = ipv6::validate(ctx, hdr, l2.l3_off)?;
+    let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
+    ipv6::udp_checksum_present(ctx, &l4)?;
+    Ok(if is_reverse {
+        reverse::handle(ctx, snat, &ip, &l4)
+    } else {
+        forward::handle(ctx, node, &ip, &mut l4)
+    })
 }
 
 /// IPv6 TCP segments to a VIP with no established flow, tail-called from
-/// `failover_v6`.
+/// `failover_v6` (whose checks are done again: a tail call carries only
+/// the packet).
 #[xdp]
-pub fn failover_new_tcp6(_ctx: XdpContext) -> u32 {
-    stats::reason(Reason::JumpFailed);
-    xdp_action::XDP_DROP
+pub fn failover_new_tcp6(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_new_tcp6(&ctx) {
+        Ok(v) => v,
+        Err(r) => (verdict(r), r),
+    };
+    stats::reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_new_tcp6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
+    if l2.ether_type != parse::ETH_P_IPV6 {
+        return Err(Reason::NotIpv4);
+    }
+    let hdr = ipv6::header(ctx, l2.l3_off)?;
+    let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
+    let ip = ipv6::validate(ctx, hdr, l2.l3_off)?;
+    let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
+    if !l4.tcp {
+        return Err(Reason::JumpFailed);
+    }
+    Ok(forward::new_tcp(ctx, node, &ip, &mut l4))
 }
 
 /// Attached to veth peers (XDP_TX/redirect frames only arrive on a veth

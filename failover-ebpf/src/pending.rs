@@ -8,20 +8,19 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use failover_common::{
-    FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_PICKUP, FLOW_SYN_SENT, Flow, FlowKey,
+    Addr, FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_PICKUP, FLOW_SYN_SENT, Flow, FlowKey,
     HALF_OPEN_MS_DEFAULT, NextHop, Node, Pending, Reason, Reverse, ReverseKey, SEEN_SHIFT,
     SNAT_PROBES, SVC_F_RESET, Service, state, tcp,
 };
 
 use crate::{
     egress::{self, Route},
+    family::{Family, Ip},
     forward::{self, Target},
-    ipv4,
-    ipv4::Ipv4,
     l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
-    maps::{BACKENDS, FLOWS, PENDING, REVERSE},
+    maps::BACKENDS,
     select::{self, Chosen},
-    stats, toobig,
+    stats,
 };
 
 /// A client's TCP segment with no established flow: its own pending slot
@@ -33,26 +32,23 @@ use crate::{
 /// make the verifier walk every order of the 32 slots.)
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn forward(
+pub fn forward<F: Family>(
     ctx: &XdpContext,
     node: &Node,
-    ip: &Ipv4,
+    ip: &Ip<F>,
     l4: &L4,
-    k: &FlowKey,
+    k: &FlowKey<F::A>,
     svc: &Service,
     fh: u32,
     now_c: u64,
 ) -> (u32, Reason) {
     let now = unsafe { bpf_ktime_get_ns() };
-    let chosen = select::select(svc, fh);
+    let chosen = select::select::<F>(svc, fh);
     // The first slot that is this flow's or free ends the search: a
     // retransmitted SYN finds its own before any that freed up since. The
     // loop only looks: what is done with the slot comes after it, so the
     // verifier walks the sending code once, not once per probe.
-    let (addr_be, port_be) = chosen
-        .as_ref()
-        .map_or((0, 0), |c| (c.backend.addr_be, c.backend.port_be));
-    let found = scan(k, node, addr_be, port_be, now);
+    let found = scan::<F>(k, node, chosen.as_ref(), now);
     let port = found as u16;
     let (mut mine, mut claim, mut steal) = (None, None, None);
     match found >> 16 {
@@ -62,7 +58,7 @@ pub fn forward(
         _ => {}
     }
     if let Some(port) = mine
-        && let Some(p) = PENDING.get_ptr_mut(port as u32)
+        && let Some(p) = F::pending().get_ptr_mut(port as u32)
     {
         let p = unsafe { &mut *p };
         // A SYN with another ISN after the backend answered: the client
@@ -71,12 +67,16 @@ pub fn forward(
         let reopened = tcp::opening(l4.flags)
             && p.state == FLOW_ANSWERED
             && l4.seq.wrapping_add(1) != p.syn_ack;
-        match BACKENDS.get(p.backend_id) {
-            Some(be) if !reopened && (be.state == state::UP || be.state == state::DRAINING) => {
+        let be = BACKENDS.get(p.backend_id);
+        let addr = be.and_then(|be| F::backend_addr(p.backend_id, be));
+        match (be, addr) {
+            (Some(be), Some(addr_be))
+                if !reopened && (be.state == state::UP || be.state == state::DRAINING) =>
+            {
                 let t = Target {
                     backend_id: p.backend_id,
                     service_id: p.service_id,
-                    addr_be: be.addr_be,
+                    addr_be,
                     port_be: be.port_be,
                     nat_port_be: port.to_be(),
                 };
@@ -91,7 +91,7 @@ pub fn forward(
                 // A SYN starts again on the ring, in this slot if it
                 // serves the new choice.
                 if let Some(c) = &chosen
-                    && !established(c, port, node, k.proto)
+                    && !held::<F>(c, port, node, k.proto)
                 {
                     claim = Some(port);
                 }
@@ -119,7 +119,7 @@ pub fn forward(
         // Every probed port is held by an established flow.
         (None, None) => return (xdp_action::XDP_DROP, Reason::SnatExhausted),
     };
-    let Some(p) = PENDING.get_ptr_mut(port as u32) else {
+    let Some(p) = F::pending().get_ptr_mut(port as u32) else {
         return (xdp_action::XDP_DROP, Reason::SnatExhausted);
     };
     let p = unsafe { &mut *p };
@@ -128,32 +128,32 @@ pub fn forward(
     } else {
         svc.half_open_ms
     };
-    *p = Pending {
-        expires_ns: now + half_open_ms as u64 * 1_000_000,
-        created_ns: now,
-        client_be: k.src_be,
-        vip_be: k.dst_be,
-        cport_be: k.sport_be,
-        vport_be: k.dport_be,
-        backend_be: chosen.backend.addr_be,
-        bport_be: chosen.backend.port_be,
-        proto: k.proto,
-        state: if tcp::opening(l4.flags) {
-            FLOW_SYN_SENT
-        } else {
-            FLOW_PICKUP
-        },
-        backend_id: chosen.id,
-        service_id: svc.id,
-        svc_flags: svc.flags,
-        syn_ack: l4.seq.wrapping_add(1),
-        synack_ack: 0,
+    // Field by field, in place: a whole value would be built on the stack
+    // first (96 bytes for IPv6).
+    p.expires_ns = now + half_open_ms as u64 * 1_000_000;
+    p.created_ns = now;
+    p.client_be = k.src_be;
+    p.vip_be = k.dst_be;
+    p.cport_be = k.sport_be;
+    p.vport_be = k.dport_be;
+    p.backend_be = chosen.addr_be;
+    p.bport_be = chosen.port_be;
+    p.proto = k.proto;
+    p.state = if tcp::opening(l4.flags) {
+        FLOW_SYN_SENT
+    } else {
+        FLOW_PICKUP
     };
+    p.backend_id = chosen.id;
+    p.service_id = svc.id;
+    p.svc_flags = svc.flags;
+    p.syn_ack = l4.seq.wrapping_add(1);
+    p.synack_ack = 0;
     let t = Target {
         backend_id: chosen.id,
         service_id: svc.id,
-        addr_be: chosen.backend.addr_be,
-        port_be: chosen.backend.port_be,
+        addr_be: chosen.addr_be,
+        port_be: chosen.port_be,
         nat_port_be: port.to_be(),
     };
     let out = forward::send(ctx, node, ip, l4, k, &t, true, now_c);
@@ -170,26 +170,30 @@ const FREE: u32 = 2;
 const STEAL: u32 = 3;
 
 /// Looks for `k`'s own slot, or the first free one (expired, and no
-/// established flow holds its port toward `addr_be:port_be`; 0: no backend
-/// to claim for). Returns `MINE`, `FREE`, `STEAL` (no free one: the first
+/// established flow holds its port toward the chosen backend, if any). Returns `MINE`, `FREE`, `STEAL` (no free one: the first
 /// half-open slot whose port no established flow holds) or `NONE`, << 16 |
 /// the port. What is done with the slot comes after the loop, so the
 /// verifier walks the sending code once, not once per probe.
 #[inline(always)]
-fn scan(k: &FlowKey, node: &Node, addr_be: u32, port_be: u16, now: u64) -> u32 {
+fn scan<F: Family>(
+    k: &FlowKey<F::A>,
+    node: &Node,
+    chosen: Option<&Chosen<F::A>>,
+    now: u64,
+) -> u32 {
     let mut steal = NONE << 16;
     let mut i = 0;
     while i < SNAT_PROBES {
         let port = forward::snat_port(node, k, i) as u16;
-        if let Some(p) = PENDING.get(port as u32) {
+        if let Some(p) = F::pending().get(port as u32) {
             let live = p.expires_ns > now;
             if live && is_of(p, k) {
                 return MINE << 16 | port as u32;
             }
             let free = !live;
-            if addr_be != 0
+            if let Some(c) = chosen
                 && (free || steal == NONE << 16)
-                && !held(addr_be, port_be, port, node, k.proto)
+                && !held::<F>(c, port, node, k.proto)
             {
                 if free {
                     return FREE << 16 | port as u32;
@@ -202,28 +206,22 @@ fn scan(k: &FlowKey, node: &Node, addr_be: u32, port_be: u16, now: u64) -> u32 {
     steal
 }
 
-/// An established flow holds `port` toward `addr_be:port_be`.
+/// An established flow holds `port` toward `c`'s backend.
 #[inline(always)]
-fn held(addr_be: u32, port_be: u16, port: u16, node: &Node, proto: u8) -> bool {
+fn held<F: Family>(c: &Chosen<F::A>, port: u16, node: &Node, proto: u8) -> bool {
     let key = ReverseKey {
-        backend_be: addr_be,
-        snat_be: node.snat_be,
-        bport_be: port_be,
+        backend_be: c.addr_be,
+        snat_be: F::snat(node),
+        bport_be: c.port_be,
         nat_port_be: port.to_be(),
         proto,
         _pad: [0; 3],
     };
-    REVERSE.get_ptr(&key).is_some()
-}
-
-/// An established flow holds `port` toward `c`'s backend.
-#[inline(always)]
-fn established(c: &Chosen, port: u16, node: &Node, proto: u8) -> bool {
-    held(c.backend.addr_be, c.backend.port_be, port, node, proto)
+    F::reverse().get_ptr(&key).is_some()
 }
 
 #[inline(always)]
-fn is_of(p: &Pending, k: &FlowKey) -> bool {
+fn is_of<A: Addr>(p: &Pending<A>, k: &FlowKey<A>) -> bool {
     p.client_be == k.src_be
         && p.cport_be == k.sport_be
         && p.vip_be == k.dst_be
@@ -233,14 +231,14 @@ fn is_of(p: &Pending, k: &FlowKey) -> bool {
 /// The client's segments while its handshake is open.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn ours(
+fn ours<F: Family>(
     ctx: &XdpContext,
     node: &Node,
-    ip: &Ipv4,
+    ip: &Ip<F>,
     l4: &L4,
-    k: &FlowKey,
-    p: &mut Pending,
-    t: &Target,
+    k: &FlowKey<F::A>,
+    p: &mut Pending<F::A>,
+    t: &Target<F::A>,
     now_c: u64,
 ) -> (u32, Reason) {
     if tcp::opening(l4.flags) {
@@ -249,7 +247,7 @@ fn ours(
         p.syn_ack = l4.seq.wrapping_add(1);
     } else if p.state == FLOW_ANSWERED && l4.flags & TCP_ACK != 0 && l4.ack == p.synack_ack {
         // The client ACKs the backend's SYN-ACK: the handshake is done.
-        if let Err(r) = promote(p, t, node, now_c) {
+        if let Err(r) = promote::<F>(p, t, F::snat(node), now_c) {
             p.expires_ns = 0;
             return (xdp_action::XDP_DROP, r);
         }
@@ -262,9 +260,14 @@ fn ours(
 
 /// Moves a pending flow to `FLOWS`/`REVERSE`.
 #[inline(always)]
-fn promote(p: &Pending, t: &Target, node: &Node, now_c: u64) -> Result<(), Reason> {
+fn promote<F: Family>(
+    p: &Pending<F::A>,
+    t: &Target<F::A>,
+    snat: F::A,
+    now_c: u64,
+) -> Result<(), Reason> {
     let k = p.flow_key();
-    let rkey = forward::reverse_key(t, node, p.proto);
+    let rkey = forward::reverse_key(t, snat, p.proto);
     let rval = Reverse {
         client_be: p.client_be,
         vip_be: p.vip_be,
@@ -281,7 +284,7 @@ fn promote(p: &Pending, t: &Target, node: &Node, now_c: u64) -> Result<(), Reaso
         created_ns: p.created_ns,
         nh: NextHop::default(),
     };
-    if REVERSE.insert(&rkey, &rval, 0).is_err() {
+    if F::reverse().insert(&rkey, &rval, 0).is_err() {
         return Err(Reason::FlowTableFull);
     }
     let flow = Flow {
@@ -295,8 +298,8 @@ fn promote(p: &Pending, t: &Target, node: &Node, now_c: u64) -> Result<(), Reaso
         seen: (now_c >> SEEN_SHIFT) as u32,
         created_ns: p.created_ns,
     };
-    if FLOWS.insert(&k, &flow, 0).is_err() {
-        let _ = REVERSE.remove(&rkey);
+    if F::flows().insert(&k, &flow, 0).is_err() {
+        let _ = F::reverse().remove(&rkey);
         return Err(Reason::FlowTableFull);
     }
     Ok(())
@@ -305,15 +308,14 @@ fn promote(p: &Pending, t: &Target, node: &Node, now_c: u64) -> Result<(), Reaso
 /// A backend's TCP segment to the SNAT address with no established flow:
 /// the answer to a pending one, read for passive health, or not ours.
 #[inline(always)]
-pub fn reverse(
+pub fn reverse<F: Family>(
     ctx: &XdpContext,
-    node: &Node,
-    ip: &Ipv4,
+    ip: &Ip<F>,
     l4: &L4,
-    rkey: &ReverseKey,
+    rkey: &ReverseKey<F::A>,
     now_c: u64,
 ) -> (u32, Reason) {
-    let Some(p) = PENDING.get_ptr_mut(u16::from_be(rkey.nat_port_be) as u32) else {
+    let Some(p) = F::pending().get_ptr_mut(u16::from_be(rkey.nat_port_be) as u32) else {
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
     let p = unsafe { &mut *p };
@@ -344,7 +346,7 @@ pub fn reverse(
         if p.state == FLOW_PICKUP {
             // No handshake to watch: the backend either knows the flow
             // (it answers, and the flow is promoted) or resets it.
-            if l4.flags & TCP_RST == 0 && promote(p, &t, node, now_c).is_err() {
+            if l4.flags & TCP_RST == 0 && promote::<F>(p, &t, rkey.snat_be, now_c).is_err() {
                 return (xdp_action::XDP_DROP, Reason::FlowTableFull);
             }
             p.expires_ns = 0;
@@ -386,26 +388,16 @@ pub fn reverse(
     // A handshake's few replies look the client's next hop up each time;
     // the established entry caches it.
     let mut nh = NextHop::default();
-    match egress::resolve(ctx, &mut nh, &route) {
+    match egress::resolve::<F>(ctx, &mut nh, &route) {
         Ok(()) => {}
-        Err((Reason::MtuExceeded, mtu)) => return toobig::answer(ctx, ip, mtu, now_c),
+        Err((Reason::MtuExceeded, mtu)) => return F::too_big(ctx, ip, mtu, now_c),
         Err((r, _)) => return (xdp_action::XDP_DROP, r),
     }
     if l4.flags & TCP_SYN != 0 {
         l4::clamp_mss(ctx, l4, p.backend_id);
     }
-    let src = rkey.backend_be;
-    ipv4::rewrite(ip.hdr, p.vip_be, p.client_be);
-    if let Err(e) = l4::rewrite(
-        ctx,
-        l4,
-        src,
-        node.snat_be,
-        p.vip_be,
-        p.client_be,
-        p.vport_be,
-        p.cport_be,
-    ) {
+    let delta = F::rewrite(ip, &p.vip_be, &p.client_be);
+    if let Err(e) = l4::rewrite(ctx, l4, delta, p.vport_be, p.cport_be) {
         return (xdp_action::XDP_DROP, e);
     }
     egress::out(ctx, &nh, &route)

@@ -5,33 +5,32 @@
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
-use failover_common::{DATA_ANSWERED, FlowKey, Node, Reason, Reverse, ReverseKey, SEEN_SHIFT};
+use failover_common::{Addr, DATA_ANSWERED, FlowKey, Reason, Reverse, ReverseKey, SEEN_SHIFT};
 
 use crate::{
     egress::{self, Route},
-    ipv4,
-    ipv4::Ipv4,
+    family::{Family, Ip},
     l4::{self, Closing, L4},
-    maps::{FLOWS, REVERSE},
-    pending, stats, toobig,
+    pending, stats,
 };
 
+/// `snat`: the node's source address of this family, which the packet was
+/// sent to.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason) {
-    let h = unsafe { &*ip.hdr };
-    let src = u32::from_ne_bytes(h.src_addr);
+pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (u32, Reason) {
+    let src = F::src(ip);
     let rkey = ReverseKey {
         backend_be: src,
-        snat_be: node.snat_be,
+        snat_be: snat,
         bport_be: l4.sport_be,
         nat_port_be: l4.dport_be,
         proto: ip.proto,
         _pad: [0; 3],
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let Some(rev) = REVERSE.get_ptr_mut(&rkey) else {
+    let Some(rev) = F::reverse().get_ptr_mut(&rkey) else {
         if l4.tcp {
-            return pending::reverse(ctx, node, ip, l4, &rkey, now);
+            return pending::reverse(ctx, ip, l4, &rkey, now);
         }
         // Traffic to the node's own sockets on the SNAT address (the
         // agent's probes, for one) is the kernel's.
@@ -68,28 +67,19 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
         redirect: Reason::ReverseRedirect,
         now,
     };
-    match egress::resolve(ctx, &mut rev.nh, &route) {
+    match egress::resolve::<F>(ctx, &mut rev.nh, &route) {
         Ok(()) => {}
         // Too long for the client's path: the backend hears it from the
         // SNAT address, quoting its own packet.
-        Err((Reason::MtuExceeded, mtu)) => return toobig::answer(ctx, ip, mtu, now),
+        Err((Reason::MtuExceeded, mtu)) => return F::too_big(ctx, ip, mtu, now),
         Err((e, _)) => return (xdp_action::XDP_DROP, e),
     }
     if l4.tcp && l4.flags & l4::TCP_SYN != 0 {
         // A retransmitted SYN-ACK, after the handshake completed.
         l4::clamp_mss(ctx, l4, r.backend_id);
     }
-    ipv4::rewrite(ip.hdr, r.vip_be, r.client_be);
-    if let Err(e) = l4::rewrite(
-        ctx,
-        l4,
-        src,
-        node.snat_be,
-        r.vip_be,
-        r.client_be,
-        r.vport_be,
-        r.cport_be,
-    ) {
+    let delta = F::rewrite(ip, &r.vip_be, &r.client_be);
+    if let Err(e) = l4::rewrite(ctx, l4, delta, r.vport_be, r.cport_be) {
         return (xdp_action::XDP_DROP, e);
     }
     let out = egress::out(ctx, &rev.nh, &route);
@@ -98,11 +88,11 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
     }
     match l4::closing(l4, r.fins, r.fin_ack, l4::BACKEND) {
         Closing::Free => {
-            let _ = FLOWS.remove(&flow_key(&r, ip.proto));
-            let _ = REVERSE.remove(&rkey);
+            let _ = F::flows().remove(&flow_key(&r, ip.proto));
+            let _ = F::reverse().remove(&rkey);
         }
         Closing::Note { bits, fin_ack } => {
-            let flow = FLOWS
+            let flow = F::flows()
                 .get_ptr_mut(&flow_key(&r, ip.proto))
                 .map(|f| unsafe { &mut *f });
             l4::note(
@@ -119,7 +109,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, l4: &L4) -> (u32, Reason
 
 /// The client's tuple of the flow `r` belongs to: its `FLOWS` key.
 #[inline(always)]
-fn flow_key(r: &Reverse, proto: u8) -> FlowKey {
+fn flow_key<A: Addr>(r: &Reverse<A>, proto: u8) -> FlowKey<A> {
     FlowKey {
         src_be: r.client_be,
         dst_be: r.vip_be,

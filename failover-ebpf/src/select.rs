@@ -3,23 +3,32 @@
 //! backend going down and the planner's next flip, probing the next slots
 //! skips it so new flows never land on a dead backend.
 
-use failover_common::{Backend, NO_BACKEND, RESELECT_TRIES, RING_MAX, Service, state};
+use failover_common::{NO_BACKEND, RESELECT_TRIES, RING_MAX, Service, state};
 
-use crate::maps::{BACKENDS, RINGS};
+use crate::{
+    family::Family,
+    maps::{BACKENDS, RINGS},
+};
 
-pub struct Chosen {
+/// The backend a new flow goes to.
+pub struct Chosen<A> {
     pub id: u32,
-    pub backend: Backend,
+    pub addr_be: A,
+    pub port_be: u16,
 }
 
 #[inline(always)]
-pub fn select(svc: &Service, flow_hash: u32) -> Option<Chosen> {
+pub fn select<F: Family>(svc: &Service, flow_hash: u32) -> Option<Chosen<F::A>> {
     let id = ring_lookup(svc.id, svc.active_slot, svc.ring_size, flow_hash);
     if id == NO_BACKEND {
         return None;
     }
-    let backend = *BACKENDS.get(id)?;
-    Some(Chosen { id, backend })
+    let backend = BACKENDS.get(id)?;
+    Some(Chosen {
+        id,
+        addr_be: F::backend_addr(id, backend)?,
+        port_be: backend.port_be,
+    })
 }
 
 /// The backend for `flow_hash` in a service's active ring, or

@@ -16,9 +16,18 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{ICMP_INTERVAL_NS, ICMP_SLOTS, Reason, checksum, hash, icmp};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
-use crate::{ipv4::Ipv4, maps::ICMP_LIMIT, parse::ptr_at};
+use crate::{
+    family::addr6,
+    ipv4::Ipv4,
+    ipv6::{ICMPV6, Ipv6},
+    maps::ICMP_LIMIT,
+    parse::ptr_at,
+};
 
 const DF: u16 = 0x4000;
 const ANSWER_LEN: usize = Ipv4Hdr::LEN + icmp::FRAG_NEEDED_LEN;
@@ -102,6 +111,86 @@ fn answer_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
         h[16..20].copy_from_slice(&src);
         let c = checksum::ipv4_header(h);
         h[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    SENT
+}
+
+/// ICMPv6 packet too big (RFC 4443 3.2): type 2, code 0, the MTU.
+const PACKET_TOO_BIG: u8 = 2;
+/// What an IPv6 answer quotes: the IPv6 header and the first 8 bytes of L4
+/// (the ports, and TCP's sequence number), which is what a stack needs to
+/// find the socket. RFC 4443 allows any length up to the minimum MTU.
+const QUOTE6: usize = Ipv6Hdr::LEN + 8;
+const MSG6_LEN: usize = icmp::HEADER + QUOTE6;
+const ANSWER6_LEN: usize = Ipv6Hdr::LEN + MSG6_LEN;
+
+/// The IPv6 counterpart of `answer`. Every IPv6 packet is "DF": routers
+/// never fragment it, so a packet too long is always answered (within the
+/// same per-source limit).
+#[inline(always)]
+pub fn answer6(ctx: &XdpContext, ip: &Ipv6, mtu: u16, now: u64) -> (u32, Reason) {
+    match answer6_at(ctx.ctx, ip.l3_off(), mtu as u64, now) {
+        SENT => (xdp_action::XDP_TX, Reason::FragNeededSent),
+        LIMITED => (xdp_action::XDP_DROP, Reason::FragNeededLimited),
+        _ => (xdp_action::XDP_DROP, Reason::MtuExceeded),
+    }
+}
+
+#[inline(never)]
+fn answer6_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
+    let ctx = &XdpContext::new(raw);
+    let Some(hdr) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
+        return NOT_SENT;
+    };
+    let (src, dst) = {
+        let h = unsafe { &*hdr };
+        (h.src_addr, h.dst_addr)
+    };
+    let slot = hash::mix32(failover_common::Addr::word(addr6(&src))) & (ICMP_SLOTS - 1);
+    let Some(last) = ICMP_LIMIT.get_ptr_mut(slot) else {
+        return LIMITED;
+    };
+    let last = unsafe { &mut *last };
+    if *last != 0 && now.wrapping_sub(*last) < ICMP_INTERVAL_NS {
+        return LIMITED;
+    }
+    *last = now;
+
+    let frame_len = (ctx.data_end() - ctx.data()) as i32;
+    let delta = (l3_off + ANSWER6_LEN) as i32 - frame_len;
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return NOT_SENT;
+    }
+    // In place, as for IPv4: the quote moves behind the new headers (the
+    // two ranges do not overlap).
+    let q_off = l3_off + Ipv6Hdr::LEN + icmp::HEADER;
+    let (Some(eth), Some(iph), Some(msg), Some(from), Some(to)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<[u8; Ipv6Hdr::LEN]>(ctx, l3_off),
+        ptr_at::<[u8; MSG6_LEN]>(ctx, l3_off + Ipv6Hdr::LEN),
+        ptr_at::<[u8; QUOTE6]>(ctx, l3_off),
+        ptr_at::<[u8; QUOTE6]>(ctx, q_off),
+    ) else {
+        return NOT_SENT;
+    };
+    unsafe {
+        *to = *from;
+        let e = &mut *eth;
+        core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
+        let m = &mut *msg;
+        m[..icmp::HEADER].copy_from_slice(&[0; icmp::HEADER]);
+        m[0] = PACKET_TOO_BIG;
+        m[4..8].copy_from_slice(&(mtu as u32).to_be_bytes());
+        let c = checksum::ipv6_l4(dst, src, ICMPV6, m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        let h = &mut *iph;
+        *h = [0; Ipv6Hdr::LEN];
+        h[0] = 0x60;
+        h[4..6].copy_from_slice(&(MSG6_LEN as u16).to_be_bytes());
+        h[6] = ICMPV6;
+        h[7] = 64;
+        h[8..24].copy_from_slice(&dst);
+        h[24..40].copy_from_slice(&src);
     }
     SENT
 }

@@ -1,0 +1,109 @@
+//! IPv6: validation of packets we handle, and the NAT66 header rewrite.
+//! There is no header checksum; the L4 checksum covers the addresses
+//! through the pseudo-header (`l4::rewrite`).
+//!
+//! Extension headers are not walked: a packet carrying one passes to the
+//! kernel with a reason per kind, as IPv4 options do. A fragment passes as
+//! in IPv4 (only the first carries the ports).
+
+use aya_ebpf::programs::XdpContext;
+use failover_common::{Addr6, Reason, checksum};
+use network_types::ip::Ipv6Hdr;
+
+use crate::{
+    family::{Ip, V6},
+    l4::L4,
+    parse::{IPPROTO_TCP, IPPROTO_UDP, ptr_at},
+};
+
+pub type Ipv6 = Ip<V6>;
+
+/// Next-header values (IANA protocol numbers).
+pub const HOP_BY_HOP: u8 = 0;
+pub const ROUTING: u8 = 43;
+pub const FRAGMENT: u8 = 44;
+pub const ICMPV6: u8 = 58;
+pub const DEST_OPTIONS: u8 = 60;
+
+/// Reads the fixed header far enough to learn the destination. A frame too
+/// short for it is malformed whoever it is for.
+#[inline(always)]
+pub fn header(ctx: &XdpContext, l3_off: usize) -> Result<*mut Ipv6Hdr, Reason> {
+    ptr_at(ctx, l3_off).ok_or(Reason::MalformedIpv6)
+}
+
+/// Full validation, done only for packets addressed to a VIP or to our SNAT
+/// address, in this order: version 6; the payload length within the frame
+/// (a shorter one leaves Ethernet padding, which is not forwarded as
+/// payload); extension headers and ICMPv6 (the kernel's); hop limit 0 or 1
+/// (the kernel answers time exceeded); TCP or UDP.
+#[inline(always)]
+pub fn validate(ctx: &XdpContext, hdr: *mut Ipv6Hdr, l3_off: usize) -> Result<Ipv6, Reason> {
+    let h = unsafe { &*hdr };
+    if h.vcf[0] >> 4 != 6 {
+        return Err(Reason::MalformedIpv6);
+    }
+    let tot_len = u16::from_be_bytes(h.payload_len) as usize + Ipv6Hdr::LEN;
+    if tot_len > u16::MAX as usize || l3_off + tot_len > ctx.data_end() - ctx.data() {
+        return Err(Reason::MalformedIpv6);
+    }
+    match h.next_hdr {
+        HOP_BY_HOP => return Err(Reason::Ipv6HopByHop),
+        ROUTING => return Err(Reason::Ipv6Routing),
+        FRAGMENT => return Err(Reason::Fragment),
+        DEST_OPTIONS => return Err(Reason::Ipv6DestOptions),
+        ICMPV6 => return Err(Reason::Icmpv6),
+        _ => {}
+    }
+    if h.hop_limit <= 1 {
+        return Err(Reason::TtlExpired);
+    }
+    if h.next_hdr != IPPROTO_TCP && h.next_hdr != IPPROTO_UDP {
+        return Err(Reason::NotTcpUdp);
+    }
+    Ok(Ipv6 {
+        hdr,
+        l4_off: l3_off + Ipv6Hdr::LEN,
+        proto: h.next_hdr,
+        tot_len: tot_len as u16,
+        _f: core::marker::PhantomData,
+    })
+}
+
+/// Rewrites source and destination and decrements the hop limit. Returns
+/// the address change as a checksum delta (`checksum::apply`) for the L4
+/// pseudo-header, summed word by word from memory: 16-byte addresses held
+/// in registers would spill, and the stack is 512 bytes.
+#[inline(always)]
+pub fn rewrite(hdr: *mut Ipv6Hdr, src: &Addr6, dst: &Addr6) -> u32 {
+    let h = unsafe { &mut *hdr };
+    h.hop_limit -= 1;
+    let s = (&raw mut h.src_addr).cast::<u32>();
+    let d = (&raw mut h.dst_addr).cast::<u32>();
+    let mut delta = 0;
+    let mut i = 0;
+    while i < 4 {
+        unsafe {
+            delta += checksum::delta32(s.add(i).read_unaligned(), src[i]);
+            delta += checksum::delta32(d.add(i).read_unaligned(), dst[i]);
+            s.add(i).write_unaligned(src[i]);
+            d.add(i).write_unaligned(dst[i]);
+        }
+        i += 1;
+    }
+    delta
+}
+
+/// UDP over IPv6 must carry a checksum (RFC 8200 8.1): a zero one is
+/// invalid, and the incremental update would turn it into a wrong one.
+#[inline(always)]
+pub fn udp_checksum_present(ctx: &XdpContext, l4: &L4) -> Result<(), Reason> {
+    if l4.tcp {
+        return Ok(());
+    }
+    let c: *const [u8; 2] = ptr_at(ctx, l4.off + 6).ok_or(Reason::TruncatedL4)?;
+    if unsafe { *c } == [0, 0] {
+        return Err(Reason::UdpZeroChecksum);
+    }
+    Ok(())
+}
