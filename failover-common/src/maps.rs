@@ -38,6 +38,12 @@ pub mod names {
     pub const V6_PROGRAM: &str = "failover_v6";
     /// IPv6 TCP segments with no established flow (`JUMPS[JUMP_NEW_TCP6]`).
     pub const NEW_TCP6_PROGRAM: &str = "failover_new_tcp6";
+    /// IPv6 backend -> SNAT address (`JUMPS[JUMP_REV6]`). The IPv6 walk
+    /// is split where IPv4's is not: its 16-byte addresses need more of
+    /// the 512-byte stack, which each program has to itself.
+    pub const REV6_PROGRAM: &str = "failover_rev6";
+    /// IPv6 packet too big answers (`JUMPS[JUMP_TOOBIG6]`).
+    pub const TOOBIG6_PROGRAM: &str = "failover_toobig6";
     pub const NODE6: &str = "NODE6";
     pub const SERVICES6: &str = "SERVICES6";
     pub const BACKEND_ADDR6: &str = "BACKEND_ADDR6";
@@ -85,7 +91,11 @@ pub const JUMP_NEW_TCP: u32 = 1;
 pub const JUMP_V6: u32 = 2;
 /// `JUMPS` index of the IPv6 TCP new-flow program.
 pub const JUMP_NEW_TCP6: u32 = 3;
-pub const JUMP_SLOTS: u32 = 4;
+/// `JUMPS` index of the IPv6 reverse program (backend -> SNAT address).
+pub const JUMP_REV6: u32 = 4;
+/// `JUMPS` index of the IPv6 packet-too-big answer.
+pub const JUMP_TOOBIG6: u32 = 5;
+pub const JUMP_SLOTS: u32 = 6;
 /// Slots in the per-reason counter array (room to add reasons).
 pub const STATS_SLOTS: u32 = 64;
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU free lists, so inserting a flow on

@@ -14,11 +14,11 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
-use core::mem::{size_of, zeroed};
+use core::mem::size_of;
 use failover_common::{Addr, NEXTHOP_TTL_NS, NextHop, Reason};
 use network_types::eth::EthHdr;
 
-use crate::{family::Family, maps::DEVMAP, parse::ptr_at};
+use crate::{family::Family, maps::DEVMAP, parse::ptr_at, scratch};
 
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
@@ -49,16 +49,18 @@ pub fn resolve<F: Family>(
 ) -> Result<(), (Reason, u16)> {
     let now = r.now;
     if nh.ifindex == 0 || nh.dst_be != r.dst_be || now.wrapping_sub(nh.at_ns) > NEXTHOP_TTL_NS {
-        let mut p: bpf_fib_lookup = unsafe { zeroed() };
+        let Some(p) = scratch::take::<bpf_fib_lookup>(scratch::FIB) else {
+            return Err((Reason::NoRoute, 0));
+        };
         p.family = F::AF;
         p.l4_protocol = r.proto;
         p.__bindgen_anon_1.tot_len = r.tot_len;
         p.ifindex = ctx.ingress_ifindex() as u32;
-        F::fib(&mut p, r.src_be, r.dst_be);
+        F::fib(p, r.src_be, r.dst_be);
         let rc = unsafe {
             fib_lookup(
                 ctx.ctx.cast(),
-                &mut p,
+                &mut *p,
                 size_of::<bpf_fib_lookup>() as i32,
                 0,
             )

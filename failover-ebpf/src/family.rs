@@ -18,12 +18,9 @@ use failover_common::{
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use crate::{
-    l4::L4,
-    maps::{
-        BACKEND_ADDR6, FLOWS, FLOWS6, NEXTHOPS, NEXTHOPS6, NODE6, PENDING, PENDING6, REVERSE,
-        REVERSE6, SERVICES, SERVICES6,
-    },
+use crate::maps::{
+    BACKEND_ADDR6, FLOWS, FLOWS6, NEXTHOPS, NEXTHOPS6, NODE6, PENDING, PENDING6, REVERSE, REVERSE6,
+    SERVICES, SERVICES6,
 };
 
 /// A validated IP header of family `F` without options or extension
@@ -72,8 +69,10 @@ pub trait Family: Sized {
     fn backend_addr(id: u32, be: &Backend) -> Option<Self::A>;
     /// Fills the lookup's addresses.
     fn fib(p: &mut bpf_fib_lookup, src: Self::A, dst: Self::A);
-    /// An RST to the client for `l4` (reset.rs).
-    fn reset(ctx: &XdpContext, ip: &Ip<Self>, l4: &L4) -> (u32, Reason);
+    /// Makes the IP header at `l3_off` a fresh one from the packet's
+    /// destination back to its source, carrying `l4_len` bytes of `proto`:
+    /// the header of an answer the edge builds in place (an RST).
+    fn answer_header(ctx: &XdpContext, l3_off: usize, proto: u8, l4_len: u16) -> Option<()>;
     /// A packet too long for its next hop's MTU (toobig.rs).
     fn too_big(ctx: &XdpContext, ip: &Ip<Self>, mtu: u16, now: u64) -> (u32, Reason);
 
@@ -120,8 +119,8 @@ impl Family for V4 {
         p.__bindgen_anon_4.ipv4_dst = dst;
     }
     #[inline(always)]
-    fn reset(ctx: &XdpContext, ip: &Ip<Self>, l4: &L4) -> (u32, Reason) {
-        crate::reset::send(ctx, ip, l4)
+    fn answer_header(ctx: &XdpContext, l3_off: usize, proto: u8, l4_len: u16) -> Option<()> {
+        crate::ipv4::answer_header(ctx, l3_off, proto, l4_len)
     }
     #[inline(always)]
     fn too_big(ctx: &XdpContext, ip: &Ip<Self>, mtu: u16, now: u64) -> (u32, Reason) {
@@ -188,12 +187,13 @@ impl Family for V6 {
         p.__bindgen_anon_4.ipv6_dst = dst;
     }
     #[inline(always)]
-    fn reset(ctx: &XdpContext, ip: &Ip<Self>, l4: &L4) -> (u32, Reason) {
-        crate::reset::send6(ctx, ip, l4)
+    fn answer_header(ctx: &XdpContext, l3_off: usize, proto: u8, l4_len: u16) -> Option<()> {
+        crate::ipv6::answer_header(ctx, l3_off, proto, l4_len)
     }
     #[inline(always)]
     fn too_big(ctx: &XdpContext, ip: &Ip<Self>, mtu: u16, now: u64) -> (u32, Reason) {
-        crate::toobig::answer6(ctx, ip, mtu, now)
+        let _ = (ip, now);
+        crate::toobig::jump6(ctx, mtu)
     }
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Addr6>, Service> {

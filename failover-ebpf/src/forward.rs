@@ -19,7 +19,7 @@ use crate::{
     family::{Family, Ip},
     l4::{self, Closing, L4},
     maps::{BACKENDS, EVIDENCE, JUMPS},
-    pending, select, stats,
+    pending, reset, scratch, select, stats,
 };
 
 /// Where a forwarded packet goes: the backend, and the flow's NAT port.
@@ -83,7 +83,7 @@ pub fn handle<F: Family>(ctx: &XdpContext, node: &Node, ip: &Ip<F>, l4: &mut L4)
                     if l4.payload != 0 && flow.data & DATA_ASKED == 0 {
                         asked(flow);
                     }
-                    let out = send(ctx, node, ip, l4, &fkey, &t, false, now);
+                    let out = send(ctx, node, ip, l4, &t, false, now);
                     if l4.tcp {
                         match l4::closing(l4, flow.fins, flow.fin_ack, l4::CLIENT) {
                             Closing::Free => {
@@ -214,21 +214,8 @@ fn new_udp_flow<F: Family>(
     now: u64,
 ) -> (u32, Reason) {
     let created = unsafe { bpf_ktime_get_ns() };
-    let rval = Reverse {
-        client_be: k.src_be,
-        vip_be: k.dst_be,
-        cport_be: k.sport_be,
-        vport_be: k.dport_be,
-        backend_id: chosen.id,
-        service_id: svc.id,
-        state: FLOW_ESTABLISHED,
-        fins: 0,
-        data: 0,
-        _pad: 0,
-        fin_ack: 0,
-        seen: (now >> SEEN_SHIFT) as u32,
-        created_ns: created,
-        nh: NextHop::default(),
+    let Some(rval) = established(k, chosen.id, svc.id, now, created) else {
+        return (xdp_action::XDP_DROP, Reason::FlowTableFull);
     };
     let mut t = Target {
         backend_id: chosen.id,
@@ -243,7 +230,7 @@ fn new_udp_flow<F: Family>(
     while i < SNAT_PROBES {
         t.nat_port_be = (snat_port(node, k, i) as u16).to_be();
         if F::reverse()
-            .insert(&reverse_key(&t, snat, k.proto), &rval, BPF_NOEXIST as u64)
+            .insert(&reverse_key(&t, snat, k.proto), rval, BPF_NOEXIST as u64)
             .is_ok()
         {
             claimed = true;
@@ -269,12 +256,35 @@ fn new_udp_flow<F: Family>(
         forget::<F>(k, &flow, node);
         return (xdp_action::XDP_DROP, Reason::FlowTableFull);
     }
-    let out = send(ctx, node, ip, l4, k, &t, true, now);
+    let out = send(ctx, node, ip, l4, &t, true, now);
     if !sent(out) {
         // Not sent (no route, no neighbour, ...): keep no state for it.
         forget::<F>(k, &flow, node);
     }
     out
+}
+
+/// A new established flow's `REVERSE` value, built in scratch space
+/// (`scratch.rs`): 112 bytes for IPv6.
+#[inline(always)]
+pub fn established<A: Addr>(
+    k: &FlowKey<A>,
+    backend_id: u32,
+    service_id: u32,
+    now_c: u64,
+    created_ns: u64,
+) -> Option<&'static Reverse<A>> {
+    let r = scratch::take::<Reverse<A>>(scratch::REVERSE)?;
+    r.client_be = k.src_be;
+    r.vip_be = k.dst_be;
+    r.cport_be = k.sport_be;
+    r.vport_be = k.dport_be;
+    r.backend_id = backend_id;
+    r.service_id = service_id;
+    r.state = FLOW_ESTABLISHED;
+    r.seen = (now_c >> SEEN_SHIFT) as u32;
+    r.created_ns = created_ns;
+    Some(r)
 }
 
 /// The `i`-th SNAT port to try for `k`: the client's port shifted by a
@@ -303,7 +313,6 @@ pub fn send<F: Family>(
     node: &Node,
     ip: &Ip<F>,
     l4: &L4,
-    k: &FlowKey<F::A>,
     t: &Target<F::A>,
     new: bool,
     now: u64,
@@ -321,7 +330,7 @@ pub fn send<F: Family>(
         Some(nh) => {
             let nh = unsafe { &mut *nh };
             match egress::resolve::<F>(ctx, nh, &route) {
-                Ok(()) => rewrite_out(ctx, ip, l4, k, t, nh, &route),
+                Ok(()) => rewrite_out(ctx, ip, l4, t, nh, &route),
                 Err((Reason::MtuExceeded, mtu)) => F::too_big(ctx, ip, mtu, now),
                 Err((r, _)) => (xdp_action::XDP_DROP, r),
             }
@@ -366,7 +375,6 @@ fn rewrite_out<F: Family>(
     ctx: &XdpContext,
     ip: &Ip<F>,
     l4: &L4,
-    k: &FlowKey<F::A>,
     t: &Target<F::A>,
     nh: &NextHop<F::A>,
     route: &Route<F::A>,
@@ -390,7 +398,7 @@ pub fn reset<F: Family>(
     service_id: u32,
     backend_id: Option<u32>,
 ) -> (u32, Reason) {
-    let out = F::reset(ctx, ip, l4);
+    let out = reset::send(ctx, ip, l4);
     if out.1 != Reason::ResetSent {
         return out;
     }
@@ -417,8 +425,11 @@ pub fn reverse_key<A: Addr>(t: &Target<A>, snat: A, proto: u8) -> ReverseKey<A> 
     }
 }
 
-/// Remove a flow's forward and reverse entries.
-#[inline(always)]
+/// Remove a flow's forward and reverse entries. A BPF subprogram, not
+/// inlined: it runs once per flow, from four places, and each inlined copy
+/// would hold its keys in the caller's frame (the IPv6 program's frame
+/// must stay under the 512-byte stack with its callees').
+#[inline(never)]
 fn forget<F: Family>(k: &FlowKey<F::A>, flow: &Flow, node: &Node) {
     if let Some(be) = BACKENDS.get(flow.backend_id)
         && let Some(t) = Target::pinned::<F>(flow, be)

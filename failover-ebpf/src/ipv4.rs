@@ -97,3 +97,23 @@ pub fn rewrite(hdr: *mut Ipv4Hdr, src_be: u32, dst_be: u32) -> u32 {
     h.check = check.to_ne_bytes();
     delta
 }
+
+/// A fresh header from the packet's destination back to its source (TTL
+/// 64, DF, id 0), for an answer built in place (reset.rs).
+#[inline(always)]
+pub fn answer_header(ctx: &XdpContext, l3_off: usize, proto: u8, l4_len: u16) -> Option<()> {
+    let hdr = ptr_at::<[u8; Ipv4Hdr::LEN]>(ctx, l3_off)?;
+    let h = unsafe { &mut *hdr };
+    let mut n = [0u8; Ipv4Hdr::LEN];
+    n[0] = 0x45;
+    n[2..4].copy_from_slice(&(Ipv4Hdr::LEN as u16 + l4_len).to_be_bytes());
+    n[6] = 0x40; // DF
+    n[8] = 64;
+    n[9] = proto;
+    n[12..16].copy_from_slice(&h[16..20]);
+    n[16..20].copy_from_slice(&h[12..16]);
+    let c = checksum::ipv4_header(&n);
+    n[10..12].copy_from_slice(&c.to_be_bytes());
+    *h = n;
+    Some(())
+}

@@ -107,3 +107,29 @@ pub fn udp_checksum_present(ctx: &XdpContext, l4: &L4) -> Result<(), Reason> {
     }
     Ok(())
 }
+
+/// A fresh header from the packet's destination back to its source (hop
+/// limit 64, traffic class and flow label 0), for an answer built in place
+/// (reset.rs, toobig.rs). The addresses are swapped word by word where
+/// they are.
+#[inline(always)]
+pub fn answer_header(ctx: &XdpContext, l3_off: usize, proto: u8, l4_len: u16) -> Option<()> {
+    let hdr = ptr_at::<Ipv6Hdr>(ctx, l3_off)?;
+    let h = unsafe { &mut *hdr };
+    h.vcf = [0x60, 0, 0, 0];
+    h.payload_len = l4_len.to_be_bytes();
+    h.next_hdr = proto;
+    h.hop_limit = 64;
+    let s = (&raw mut h.src_addr).cast::<u32>();
+    let d = (&raw mut h.dst_addr).cast::<u32>();
+    let mut i = 0;
+    while i < 4 {
+        unsafe {
+            let w = s.add(i).read_unaligned();
+            s.add(i).write_unaligned(d.add(i).read_unaligned());
+            d.add(i).write_unaligned(w);
+        }
+        i += 1;
+    }
+    Some(())
+}

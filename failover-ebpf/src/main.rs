@@ -26,6 +26,7 @@ mod parse;
 mod pending;
 mod reset;
 mod reverse;
+mod scratch;
 mod select;
 mod stats;
 mod toobig;
@@ -192,11 +193,47 @@ fn try_v6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let ip = ipv6::validate(ctx, hdr, l2.l3_off)?;
     let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
     ipv6::udp_checksum_present(ctx, &l4)?;
-    Ok(if is_reverse {
-        reverse::handle(ctx, snat, &ip, &l4)
-    } else {
-        forward::handle(ctx, node, &ip, &mut l4)
-    })
+    if is_reverse {
+        unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_REV6) };
+        return Err(Reason::JumpFailed);
+    }
+    Ok(forward::handle(ctx, node, &ip, &mut l4))
+}
+
+/// IPv6 backend -> SNAT address, tail-called from `failover_v6`.
+#[xdp]
+pub fn failover_rev6(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_rev6(&ctx) {
+        Ok(v) => v,
+        Err(r) => (verdict(r), r),
+    };
+    stats::reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_rev6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
+    let hdr = ipv6::header(ctx, l2.l3_off)?;
+    let snat = NODE6.get(0).ok_or(Reason::NotConfigured)?.snat;
+    let ip = ipv6::validate(ctx, hdr, l2.l3_off)?;
+    let l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
+    Ok(reverse::handle(ctx, snat, &ip, &l4))
+}
+
+/// An IPv6 packet too long for its next hop (toobig.rs), tail-called from
+/// the other IPv6 programs before they rewrite it.
+#[xdp]
+pub fn failover_toobig6(ctx: XdpContext) -> u32 {
+    let (action, reason) = match parse::ethernet(&ctx) {
+        Some(l2) => {
+            let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+            toobig::answer6(&ctx, l2.l3_off, now)
+        }
+        None => (verdict(Reason::TruncatedEth), Reason::TruncatedEth),
+    };
+    stats::reason(reason);
+    action
 }
 
 /// IPv6 TCP segments to a VIP with no established flow, tail-called from

@@ -106,3 +106,14 @@ pub static PENDING6: Array<Pending<Addr6>> = Array::pinned(PENDING_MAX, 0);
 
 #[map(name = "NEXTHOPS6")]
 pub static NEXTHOPS6: PerCpuArray<NextHop<Addr6>> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Per-CPU scratch space for values too large for the 512-byte stack
+/// beside everything else a path holds (`scratch.rs`).
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<[u64; crate::scratch::WORDS]> =
+    PerCpuArray::pinned(crate::scratch::SLOTS, 0);
+
+/// The MTU a packet-too-big answer carries, handed to `failover_toobig6`
+/// across the tail call (same CPU, at once).
+#[map(name = "TOOBIG_MTU")]
+pub static TOOBIG_MTU: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);

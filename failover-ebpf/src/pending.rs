@@ -8,9 +8,8 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use failover_common::{
-    Addr, FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_PICKUP, FLOW_SYN_SENT, Flow, FlowKey,
-    HALF_OPEN_MS_DEFAULT, NextHop, Node, Pending, Reason, Reverse, ReverseKey, SEEN_SHIFT,
-    SNAT_PROBES, SVC_F_RESET, Service, state, tcp,
+    Addr, FLOW_ANSWERED, FLOW_PICKUP, FLOW_SYN_SENT, Flow, FlowKey, HALF_OPEN_MS_DEFAULT, NextHop,
+    Node, Pending, Reason, ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, state, tcp,
 };
 
 use crate::{
@@ -19,8 +18,7 @@ use crate::{
     forward::{self, Target},
     l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
     maps::BACKENDS,
-    select::{self, Chosen},
-    stats,
+    select, stats,
 };
 
 /// A client's TCP segment with no established flow: its own pending slot
@@ -48,7 +46,10 @@ pub fn forward<F: Family>(
     // retransmitted SYN finds its own before any that freed up since. The
     // loop only looks: what is done with the slot comes after it, so the
     // verifier walks the sending code once, not once per probe.
-    let found = scan::<F>(k, node, chosen.as_ref(), now);
+    let (addr_be, port_be) = chosen
+        .as_ref()
+        .map_or((F::A::default(), 0), |c| (c.addr_be, c.port_be));
+    let found = scan::<F>(k, node, addr_be, port_be, now);
     let port = found as u16;
     let (mut mine, mut claim, mut steal) = (None, None, None);
     match found >> 16 {
@@ -80,7 +81,7 @@ pub fn forward<F: Family>(
                     port_be: be.port_be,
                     nat_port_be: port.to_be(),
                 };
-                return ours(ctx, node, ip, l4, k, p, &t, now_c);
+                return ours(ctx, node, ip, l4, p, &t, now_c);
             }
             _ => {
                 // Reopened, or its backend went down during the handshake.
@@ -91,7 +92,7 @@ pub fn forward<F: Family>(
                 // A SYN starts again on the ring, in this slot if it
                 // serves the new choice.
                 if let Some(c) = &chosen
-                    && !held::<F>(c, port, node, k.proto)
+                    && !held::<F>(c.addr_be, c.port_be, port, node, k.proto)
                 {
                     claim = Some(port);
                 }
@@ -156,7 +157,7 @@ pub fn forward<F: Family>(
         port_be: chosen.port_be,
         nat_port_be: port.to_be(),
     };
-    let out = forward::send(ctx, node, ip, l4, k, &t, true, now_c);
+    let out = forward::send(ctx, node, ip, l4, &t, true, now_c);
     if !forward::sent(out) {
         // Not sent (no route, no neighbour, ...): keep no state for it.
         p.expires_ns = 0;
@@ -170,17 +171,13 @@ const FREE: u32 = 2;
 const STEAL: u32 = 3;
 
 /// Looks for `k`'s own slot, or the first free one (expired, and no
-/// established flow holds its port toward the chosen backend, if any). Returns `MINE`, `FREE`, `STEAL` (no free one: the first
+/// established flow holds its port toward `addr_be:port_be`; unset: no
+/// backend to claim for). Returns `MINE`, `FREE`, `STEAL` (no free one: the first
 /// half-open slot whose port no established flow holds) or `NONE`, << 16 |
 /// the port. What is done with the slot comes after the loop, so the
 /// verifier walks the sending code once, not once per probe.
 #[inline(always)]
-fn scan<F: Family>(
-    k: &FlowKey<F::A>,
-    node: &Node,
-    chosen: Option<&Chosen<F::A>>,
-    now: u64,
-) -> u32 {
+fn scan<F: Family>(k: &FlowKey<F::A>, node: &Node, addr_be: F::A, port_be: u16, now: u64) -> u32 {
     let mut steal = NONE << 16;
     let mut i = 0;
     while i < SNAT_PROBES {
@@ -191,9 +188,9 @@ fn scan<F: Family>(
                 return MINE << 16 | port as u32;
             }
             let free = !live;
-            if let Some(c) = chosen
+            if addr_be != F::A::default()
                 && (free || steal == NONE << 16)
-                && !held::<F>(c, port, node, k.proto)
+                && !held::<F>(addr_be, port_be, port, node, k.proto)
             {
                 if free {
                     return FREE << 16 | port as u32;
@@ -206,13 +203,13 @@ fn scan<F: Family>(
     steal
 }
 
-/// An established flow holds `port` toward `c`'s backend.
+/// An established flow holds `port` toward `addr_be:port_be`.
 #[inline(always)]
-fn held<F: Family>(c: &Chosen<F::A>, port: u16, node: &Node, proto: u8) -> bool {
+fn held<F: Family>(addr_be: F::A, port_be: u16, port: u16, node: &Node, proto: u8) -> bool {
     let key = ReverseKey {
-        backend_be: c.addr_be,
+        backend_be: addr_be,
         snat_be: F::snat(node),
-        bport_be: c.port_be,
+        bport_be: port_be,
         nat_port_be: port.to_be(),
         proto,
         _pad: [0; 3],
@@ -236,7 +233,6 @@ fn ours<F: Family>(
     node: &Node,
     ip: &Ip<F>,
     l4: &L4,
-    k: &FlowKey<F::A>,
     p: &mut Pending<F::A>,
     t: &Target<F::A>,
     now_c: u64,
@@ -255,7 +251,7 @@ fn ours<F: Family>(
     } else if l4.flags & TCP_RST != 0 {
         p.expires_ns = 0;
     }
-    forward::send(ctx, node, ip, l4, k, t, false, now_c)
+    forward::send(ctx, node, ip, l4, t, false, now_c)
 }
 
 /// Moves a pending flow to `FLOWS`/`REVERSE`.
@@ -268,23 +264,9 @@ fn promote<F: Family>(
 ) -> Result<(), Reason> {
     let k = p.flow_key();
     let rkey = forward::reverse_key(t, snat, p.proto);
-    let rval = Reverse {
-        client_be: p.client_be,
-        vip_be: p.vip_be,
-        cport_be: p.cport_be,
-        vport_be: p.vport_be,
-        backend_id: p.backend_id,
-        service_id: p.service_id,
-        state: FLOW_ESTABLISHED,
-        fins: 0,
-        data: 0,
-        _pad: 0,
-        fin_ack: 0,
-        seen: (now_c >> SEEN_SHIFT) as u32,
-        created_ns: p.created_ns,
-        nh: NextHop::default(),
-    };
-    if F::reverse().insert(&rkey, &rval, 0).is_err() {
+    let rval = forward::established(&k, p.backend_id, p.service_id, now_c, p.created_ns)
+        .ok_or(Reason::FlowTableFull)?;
+    if F::reverse().insert(&rkey, rval, 0).is_err() {
         return Err(Reason::FlowTableFull);
     }
     let flow = Flow {

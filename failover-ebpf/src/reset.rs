@@ -1,29 +1,49 @@
 //! Answer a client's TCP segment with an RST, built in place and sent back
 //! out of the interface it came in on. Used when the flow's backend is down
 //! (on services with SVC_F_RESET) and when a service fails closed: the
-//! client learns at once instead of retransmitting into silence.
+//! client learns at once instead of retransmitting into silence. Either
+//! family: the IP header is the family's (`Family::answer_header`), the
+//! TCP header the same.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use failover_common::{Reason, checksum};
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-    tcp::TcpHdr,
-};
+use failover_common::{Addr, Reason, checksum};
+use network_types::{eth::EthHdr, tcp::TcpHdr};
 
 use crate::{
-    ipv4::Ipv4,
-    ipv6::Ipv6,
+    family::{Family, Ip},
     l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     parse::{IPPROTO_TCP, ptr_at},
 };
 
-const RST_LEN: usize = Ipv4Hdr::LEN + TcpHdr::LEN;
-const RST6_LEN: usize = Ipv6Hdr::LEN + TcpHdr::LEN;
+#[inline(always)]
+pub fn send<F: Family>(ctx: &XdpContext, ip: &Ip<F>, l4: &L4) -> (u32, Reason) {
+    // Never answer an RST with an RST (RFC 793).
+    if l4.flags & TCP_RST != 0 {
+        return (xdp_action::XDP_DROP, Reason::NoBackend);
+    }
+    let l3_off = ip.l3_off();
+    // Swapping source and destination leaves the pseudo-header's sum as
+    // it was: the checksum is done before the packet is touched.
+    let mut t = rst_header(l4);
+    let addr_sum = F::src(ip).sum() + F::dst(ip).sum();
+    let c = checksum::l4_ne(addr_sum, IPPROTO_TCP, &t);
+    t[16..18].copy_from_slice(&c.to_ne_bytes());
+    // Trim everything after the bare TCP header.
+    if trim_and_turn(ctx, l3_off + F::HDR_LEN + TcpHdr::LEN).is_none()
+        || F::answer_header(ctx, l3_off, IPPROTO_TCP, TcpHdr::LEN as u16).is_none()
+    {
+        return (xdp_action::XDP_DROP, Reason::TruncatedL4);
+    }
+    let Some(tcp) = ptr_at::<[u8; TcpHdr::LEN]>(ctx, l3_off + F::HDR_LEN) else {
+        return (xdp_action::XDP_DROP, Reason::TruncatedL4);
+    };
+    unsafe { *tcp = t };
+    (xdp_action::XDP_TX, Reason::ResetSent)
+}
 
 /// RFC 793 reset generation: if the segment has an ACK, the RST takes its
 /// sequence number from it; otherwise it ACKs what the segment used.
-/// Returns the RST's TCP header, checksum zero.
+/// Returns the RST's TCP header (data offset 5, window 0), checksum zero.
 #[inline(always)]
 fn rst_header(l4: &L4) -> [u8; TcpHdr::LEN] {
     let (seq, ack, payload) = (l4.seq, l4.ack, l4.payload as u32);
@@ -58,87 +78,4 @@ fn trim_and_turn(ctx: &XdpContext, len: usize) -> Option<()> {
         core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
     }
     Some(())
-}
-
-/// The IPv6 RST: the same TCP header, under a 40-byte IPv6 header (hop
-/// limit 64, traffic class and flow label 0), the checksum over the IPv6
-/// pseudo-header.
-#[inline(always)]
-pub fn send6(ctx: &XdpContext, ip: &Ipv6, l4: &L4) -> (u32, Reason) {
-    if l4.flags & TCP_RST != 0 {
-        return (xdp_action::XDP_DROP, Reason::NoBackend);
-    }
-    let l3_off = ip.l3_off();
-    let (client, vip) = {
-        let h = unsafe { &*ip.hdr };
-        (h.src_addr, h.dst_addr)
-    };
-    let mut t = rst_header(l4);
-    if trim_and_turn(ctx, l3_off + RST6_LEN).is_none() {
-        return (xdp_action::XDP_DROP, Reason::TruncatedL4);
-    }
-    let (Some(iph), Some(tcp)) = (
-        ptr_at::<[u8; Ipv6Hdr::LEN]>(ctx, l3_off),
-        ptr_at::<[u8; TcpHdr::LEN]>(ctx, l3_off + Ipv6Hdr::LEN),
-    ) else {
-        return (xdp_action::XDP_DROP, Reason::TruncatedL4);
-    };
-    let c = checksum::ipv6_l4(vip, client, IPPROTO_TCP, &t);
-    t[16..18].copy_from_slice(&c.to_be_bytes());
-    unsafe {
-        let h = &mut *iph;
-        *h = [0; Ipv6Hdr::LEN];
-        h[0] = 0x60;
-        h[4..6].copy_from_slice(&(TcpHdr::LEN as u16).to_be_bytes());
-        h[6] = IPPROTO_TCP;
-        h[7] = 64;
-        h[8..24].copy_from_slice(&vip);
-        h[24..40].copy_from_slice(&client);
-        *tcp = t;
-    }
-    (xdp_action::XDP_TX, Reason::ResetSent)
-}
-
-#[inline(always)]
-pub fn send(ctx: &XdpContext, ip: &Ipv4, l4: &L4) -> (u32, Reason) {
-    // Never answer an RST with an RST (RFC 793).
-    if l4.flags & TCP_RST != 0 {
-        return (xdp_action::XDP_DROP, Reason::NoBackend);
-    }
-    let l3_off = ip.l3_off();
-    let (client, vip) = {
-        let h = unsafe { &*ip.hdr };
-        (h.src_addr, h.dst_addr)
-    };
-    let mut t = rst_header(l4);
-    // Trim everything after the bare TCP header.
-    if trim_and_turn(ctx, l3_off + RST_LEN).is_none() {
-        return (xdp_action::XDP_DROP, Reason::TruncatedL4);
-    }
-    let (Some(iph), Some(tcp)) = (
-        ptr_at::<[u8; Ipv4Hdr::LEN]>(ctx, l3_off),
-        ptr_at::<[u8; TcpHdr::LEN]>(ctx, l3_off + Ipv4Hdr::LEN),
-    ) else {
-        return (xdp_action::XDP_DROP, Reason::TruncatedL4);
-    };
-
-    let mut h = [0u8; Ipv4Hdr::LEN];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&(RST_LEN as u16).to_be_bytes());
-    h[6] = 0x40; // DF
-    h[8] = 64;
-    h[9] = IPPROTO_TCP;
-    h[12..16].copy_from_slice(&vip);
-    h[16..20].copy_from_slice(&client);
-    let c = checksum::ipv4_header(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-
-    let c = checksum::ipv4_l4(vip, client, IPPROTO_TCP, &t);
-    t[16..18].copy_from_slice(&c.to_be_bytes());
-
-    unsafe {
-        *iph = h;
-        *tcp = t;
-    }
-    (xdp_action::XDP_TX, Reason::ResetSent)
 }

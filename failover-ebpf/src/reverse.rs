@@ -38,9 +38,8 @@ pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (
     };
     let rev = unsafe { &mut *rev };
     rev.seen = (now >> SEEN_SHIFT) as u32;
-    let r = *rev;
 
-    if let Some(s) = stats::backend(r.backend_id) {
+    if let Some(s) = stats::backend(rev.backend_id) {
         s.traffic.rev_packets += 1;
         s.traffic.rev_bytes += ip.tot_len as u64;
         // The wedge signal: the backend answers (a hung engine accepts
@@ -53,15 +52,15 @@ pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (
             }
         }
     }
-    if let Some(s) = stats::service(r.service_id) {
+    if let Some(s) = stats::service(rev.service_id) {
         s.rev_packets += 1;
         s.rev_bytes += ip.tot_len as u64;
     }
 
     let route = Route {
         proto: ip.proto,
-        src_be: r.vip_be,
-        dst_be: r.client_be,
+        src_be: rev.vip_be,
+        dst_be: rev.client_be,
         tot_len: ip.tot_len,
         tx: Reason::ReverseTx,
         redirect: Reason::ReverseRedirect,
@@ -76,24 +75,24 @@ pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (
     }
     if l4.tcp && l4.flags & l4::TCP_SYN != 0 {
         // A retransmitted SYN-ACK, after the handshake completed.
-        l4::clamp_mss(ctx, l4, r.backend_id);
+        l4::clamp_mss(ctx, l4, rev.backend_id);
     }
-    let delta = F::rewrite(ip, &r.vip_be, &r.client_be);
-    if let Err(e) = l4::rewrite(ctx, l4, delta, r.vport_be, r.cport_be) {
+    let delta = F::rewrite(ip, &rev.vip_be, &rev.client_be);
+    if let Err(e) = l4::rewrite(ctx, l4, delta, rev.vport_be, rev.cport_be) {
         return (xdp_action::XDP_DROP, e);
     }
     let out = egress::out(ctx, &rev.nh, &route);
     if !l4.tcp {
         return out;
     }
-    match l4::closing(l4, r.fins, r.fin_ack, l4::BACKEND) {
+    match l4::closing(l4, rev.fins, rev.fin_ack, l4::BACKEND) {
         Closing::Free => {
-            let _ = F::flows().remove(&flow_key(&r, ip.proto));
+            let _ = F::flows().remove(&flow_key(rev, ip.proto));
             let _ = F::reverse().remove(&rkey);
         }
         Closing::Note { bits, fin_ack } => {
             let flow = F::flows()
-                .get_ptr_mut(&flow_key(&r, ip.proto))
+                .get_ptr_mut(&flow_key(rev, ip.proto))
                 .map(|f| unsafe { &mut *f });
             l4::note(
                 &mut rev.fins,

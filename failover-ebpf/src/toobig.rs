@@ -15,7 +15,9 @@ use aya_ebpf::{
     helpers::bpf_xdp_adjust_tail,
     programs::XdpContext,
 };
-use failover_common::{ICMP_INTERVAL_NS, ICMP_SLOTS, Reason, checksum, hash, icmp};
+use failover_common::{
+    Addr, ICMP_INTERVAL_NS, ICMP_SLOTS, JUMP_TOOBIG6, Reason, checksum, hash, icmp,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -24,8 +26,8 @@ use network_types::{
 use crate::{
     family::addr6,
     ipv4::Ipv4,
-    ipv6::{ICMPV6, Ipv6},
-    maps::ICMP_LIMIT,
+    ipv6::{self, ICMPV6},
+    maps::{ICMP_LIMIT, JUMPS, TOOBIG_MTU},
     parse::ptr_at,
 };
 
@@ -124,12 +126,27 @@ const QUOTE6: usize = Ipv6Hdr::LEN + 8;
 const MSG6_LEN: usize = icmp::HEADER + QUOTE6;
 const ANSWER6_LEN: usize = Ipv6Hdr::LEN + MSG6_LEN;
 
-/// The IPv6 counterpart of `answer`. Every IPv6 packet is "DF": routers
-/// never fragment it, so a packet too long is always answered (within the
-/// same per-source limit).
+/// The IPv6 counterpart of `answer`, in its own program
+/// (`failover_toobig6`, the IPv6 programs' stack being full): the MTU
+/// crosses the tail call in `TOOBIG_MTU`. Every IPv6 packet is "DF":
+/// routers never fragment it, so a packet too long is always answered
+/// (within the same per-source limit).
 #[inline(always)]
-pub fn answer6(ctx: &XdpContext, ip: &Ipv6, mtu: u16, now: u64) -> (u32, Reason) {
-    match answer6_at(ctx.ctx, ip.l3_off(), mtu as u64, now) {
+pub fn jump6(ctx: &XdpContext, mtu: u16) -> (u32, Reason) {
+    if let Some(m) = TOOBIG_MTU.get_ptr_mut(0) {
+        unsafe { *m = mtu as u32 };
+        unsafe { JUMPS.tail_call(ctx, JUMP_TOOBIG6) };
+    }
+    (xdp_action::XDP_DROP, Reason::MtuExceeded)
+}
+
+/// `failover_toobig6`'s work: the packet at `l3_off` was too long for `mtu`.
+#[inline(always)]
+pub fn answer6(ctx: &XdpContext, l3_off: usize, now: u64) -> (u32, Reason) {
+    let Some(&mtu) = TOOBIG_MTU.get(0) else {
+        return (xdp_action::XDP_DROP, Reason::MtuExceeded);
+    };
+    match answer6_at(ctx.ctx, l3_off, mtu as u64, now) {
         SENT => (xdp_action::XDP_TX, Reason::FragNeededSent),
         LIMITED => (xdp_action::XDP_DROP, Reason::FragNeededLimited),
         _ => (xdp_action::XDP_DROP, Reason::MtuExceeded),
@@ -142,11 +159,16 @@ fn answer6_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
     let Some(hdr) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
         return NOT_SENT;
     };
-    let (src, dst) = {
+    // The answer's pseudo-header has the same two addresses, swapped:
+    // their sum is taken now, before the header is rewritten.
+    let (addr_sum, slot) = {
         let h = unsafe { &*hdr };
-        (h.src_addr, h.dst_addr)
+        let src = addr6(&h.src_addr);
+        (
+            src.sum() + addr6(&h.dst_addr).sum(),
+            hash::mix32(src.word()) & (ICMP_SLOTS - 1),
+        )
     };
-    let slot = hash::mix32(failover_common::Addr::word(addr6(&src))) & (ICMP_SLOTS - 1);
     let Some(last) = ICMP_LIMIT.get_ptr_mut(slot) else {
         return LIMITED;
     };
@@ -164,9 +186,8 @@ fn answer6_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
     // In place, as for IPv4: the quote moves behind the new headers (the
     // two ranges do not overlap).
     let q_off = l3_off + Ipv6Hdr::LEN + icmp::HEADER;
-    let (Some(eth), Some(iph), Some(msg), Some(from), Some(to)) = (
+    let (Some(eth), Some(msg), Some(from), Some(to)) = (
         ptr_at::<EthHdr>(ctx, 0),
-        ptr_at::<[u8; Ipv6Hdr::LEN]>(ctx, l3_off),
         ptr_at::<[u8; MSG6_LEN]>(ctx, l3_off + Ipv6Hdr::LEN),
         ptr_at::<[u8; QUOTE6]>(ctx, l3_off),
         ptr_at::<[u8; QUOTE6]>(ctx, q_off),
@@ -174,23 +195,25 @@ fn answer6_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
         return NOT_SENT;
     };
     unsafe {
-        *to = *from;
+        core::ptr::copy_nonoverlapping(from, to, 1);
         let e = &mut *eth;
         core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
         let m = &mut *msg;
-        m[..icmp::HEADER].copy_from_slice(&[0; icmp::HEADER]);
-        m[0] = PACKET_TOO_BIG;
+        m[..4].copy_from_slice(&[PACKET_TOO_BIG, 0, 0, 0]);
         m[4..8].copy_from_slice(&(mtu as u32).to_be_bytes());
-        let c = checksum::ipv6_l4(dst, src, ICMPV6, m);
-        m[2..4].copy_from_slice(&c.to_be_bytes());
-        let h = &mut *iph;
-        *h = [0; Ipv6Hdr::LEN];
-        h[0] = 0x60;
-        h[4..6].copy_from_slice(&(MSG6_LEN as u16).to_be_bytes());
-        h[6] = ICMPV6;
-        h[7] = 64;
-        h[8..24].copy_from_slice(&dst);
-        h[24..40].copy_from_slice(&src);
+        // Words in native order, as `checksum::l4_ne`.
+        let mut sum = addr_sum
+            + u32::from(u16::from_ne_bytes([0, ICMPV6]))
+            + u32::from(u16::from_ne_bytes((MSG6_LEN as u16).to_be_bytes()));
+        let mut i = 0;
+        while i < MSG6_LEN {
+            sum += u32::from(u16::from_ne_bytes([m[i], m[i + 1]]));
+            i += 2;
+        }
+        m[2..4].copy_from_slice(&(!checksum::fold(sum)).to_ne_bytes());
+    }
+    if ipv6::answer_header(ctx, l3_off, ICMPV6, MSG6_LEN as u16).is_none() {
+        return NOT_SENT;
     }
     SENT
 }

@@ -5,19 +5,23 @@
 //! ```text
 //!  client 192.0.2.100 ... vc0 192.0.2.1 [edge] va0 198.51.100.1 ... backends 198.51.100.11-13
 //!  (same-leg backend 192.0.2.50 behind vc0; 198.51.100.99 has no neighbour)
+//!
+//!  client 2001:db8:c::100 ... vc0 2001:db8:c::1 [edge] va0 2001:db8:b::1 ... backends 2001:db8:b::11-13
+//!  (IPv6 VIP 2001:db8:f::10; IPv6 is served once `enable_v6` set the node's SNAT address)
 //! ```
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
+use failover_agent::agent::ids::addr6;
 use failover_agent::dataplane::Dataplane;
 use failover_common::{
-    Backend, NO_BACKEND, Node, RING_MAX, Reason, Ring, Service, ServiceKey, state,
+    Addr6, Backend, NO_BACKEND, Node, Node6, RING_MAX, Reason, Ring, Service, ServiceKey, state,
 };
 
 use crate::netns::{Entered, Netns};
@@ -33,6 +37,9 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const NO_NEIGH_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
 pub const PORT_MIN: u16 = 40_000;
 pub const PORT_MAX: u16 = 40_999;
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0x100);
+pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x10);
 /// The backends' port in labs made by [`Lab::with_tcp_service`].
 pub const BPORT: u16 = 8000;
 
@@ -60,6 +67,11 @@ pub fn backend_addr(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, 10 + i)
 }
 
+/// IPv6 backend `i` (1..=3 have neighbours): 2001:db8:b::1i.
+pub fn backend6_addr(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0x10 + u16::from(i))
+}
+
 impl Lab {
     pub fn new() -> Result<Self> {
         let ns = Netns::new("kt")?;
@@ -71,7 +83,12 @@ impl Lab {
              ip neigh add {CLIENT} lladdr {cl} dev vc0 nud permanent && \
              ip neigh add {SAME_LEG_BACKEND} lladdr {cl} dev vc0 nud permanent && \
              for i in 11 12 13; do ip neigh add 198.51.100.$i lladdr {be} dev va0 nud permanent; done && \
-             sysctl -qw net.ipv4.ip_forward=1",
+             sysctl -qw net.ipv4.ip_forward=1 && \
+             ip -6 addr add 2001:db8:c::1/64 dev vc0 nodad && \
+             ip -6 addr add {SNAT6}/64 dev va0 nodad && \
+             ip -6 neigh add {CLIENT6} lladdr {cl} dev vc0 nud permanent && \
+             for i in 11 12 13; do ip -6 neigh add 2001:db8:b::$i lladdr {be} dev va0 nud permanent; done && \
+             sysctl -qw net.ipv6.conf.all.forwarding=1",
             vc0 = mac(VC0_MAC),
             cl = mac(CLIENT_MAC),
             va0 = mac(VA0_MAC),
@@ -114,6 +131,73 @@ impl Lab {
         }
         lab.service(0, 80, 6, flags, 13, ids)?;
         Ok(lab)
+    }
+
+    /// The same over IPv6: the node's IPv6 SNAT address, backends 1..=3
+    /// up at `backend6_addr` (port [`BPORT`]), and a TCP service 0 on
+    /// VIP6:80 whose ring of 13 slots holds `ids`.
+    pub fn with_tcp_service6(ids: &[u32], flags: u32) -> Result<Self> {
+        let mut lab = Self::new()?;
+        lab.enable_v6()?;
+        for id in 1..=3u32 {
+            lab.backend6(id, backend6_addr(id as u8), BPORT, state::UP)?;
+        }
+        lab.service6(0, 80, 6, flags, 13, ids)?;
+        Ok(lab)
+    }
+
+    /// Serves IPv6: the node's IPv6 SNAT address.
+    pub fn enable_v6(&mut self) -> Result<()> {
+        self.dp.set_node6(Node6 { snat: addr6(SNAT6) })?;
+        Ok(())
+    }
+
+    /// Programs backend slot `id` at IPv6 `addr:port` in `st`: the address
+    /// first, then the entry that makes it live.
+    pub fn backend6(&mut self, id: u32, addr: Ipv6Addr, port: u16, st: u8) -> Result<()> {
+        self.dp.set_backend_addr6(id, addr6(addr))?;
+        self.backend(id, Ipv4Addr::UNSPECIFIED, port, st)
+    }
+
+    /// [`service`](Self::service) on VIP6.
+    pub fn service6(
+        &mut self,
+        sid: u32,
+        port: u16,
+        proto: u8,
+        flags: u32,
+        ring_size: u32,
+        ids: &[u32],
+    ) -> Result<ServiceKey<Addr6>> {
+        let key = ServiceKey {
+            vip_be: addr6(VIP6),
+            port_be: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        self.dp.write_ring(sid, 0, &ring_of(ring_size, ids))?;
+        self.dp
+            .put_service6(key, service_value(sid, flags, ring_size))?;
+        self.refresh_vips()?;
+        Ok(key)
+    }
+
+    /// The VIP filter from every service of both families.
+    fn refresh_vips(&mut self) -> Result<()> {
+        let mut vips: Vec<std::net::IpAddr> = self
+            .dp
+            .services()?
+            .iter()
+            .map(|(k, _)| Ipv4Addr::from(u32::from_be(k.vip_be)).into())
+            .collect();
+        vips.extend(
+            self.dp
+                .services6()?
+                .iter()
+                .map(|(k, _)| failover_agent::agent::ids::ipv6_of(k.vip_be).into()),
+        );
+        self.dp.set_vips(vips)?;
+        Ok(())
     }
 
     /// The program's count of `r`.
@@ -168,25 +252,9 @@ impl Lab {
         };
         let ring = ring_of(ring_size, ids);
         self.dp.write_ring(sid, 0, &ring)?;
-        self.dp.put_service(
-            key,
-            Service {
-                id: sid,
-                flags,
-                active_slot: 0,
-                ring_size,
-                generation: 1,
-                half_open_ms: 10_000,
-                _pad: 0,
-            },
-        )?;
-        let vips: Vec<Ipv4Addr> = self
-            .dp
-            .services()?
-            .iter()
-            .map(|(k, _)| Ipv4Addr::from(u32::from_be(k.vip_be)))
-            .collect();
-        self.dp.set_vips(vips)?;
+        self.dp
+            .put_service(key, service_value(sid, flags, ring_size))?;
+        self.refresh_vips()?;
         Ok(key)
     }
 
@@ -235,6 +303,19 @@ pub fn web_config(
         node: node_config(pin, api_socket),
         services: vec![s],
         backends,
+    }
+}
+
+/// A lab service's `SERVICES` value: ring slot 0, half-open for 10 s.
+fn service_value(sid: u32, flags: u32, ring_size: u32) -> Service {
+    Service {
+        id: sid,
+        flags,
+        active_slot: 0,
+        ring_size,
+        generation: 1,
+        half_open_ms: 10_000,
+        _pad: 0,
     }
 }
 

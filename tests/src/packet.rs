@@ -2,17 +2,19 @@
 //! built from scratch, and outputs are compared byte for byte with an
 //! expected frame whose checksums etherparse computes from scratch.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use etherparse::{PacketBuilder, SlicedPacket, TcpHeader};
 
-/// One TCP or UDP frame's fields.
+/// One TCP or UDP frame's fields, over IPv4 (`Ipv4Addr`, the default) or
+/// IPv6 (`Ipv6Addr`).
 #[derive(Clone, Debug)]
-pub struct Frame {
+pub struct Frame<A = Ipv4Addr> {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: A,
+    pub dst: A,
+    /// TTL, or the hop limit over IPv6.
     pub ttl: u8,
     pub sport: u16,
     pub dport: u16,
@@ -32,8 +34,8 @@ pub enum L4 {
     Udp,
 }
 
-impl Frame {
-    pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+impl<A: Copy + Into<IpAddr>> Frame<A> {
+    pub fn tcp(src: A, sport: u16, dst: A, dport: u16) -> Self {
         Self {
             src_mac: [2, 0, 0, 0, 0, 2],
             dst_mac: [2, 0, 0, 0, 0, 1],
@@ -53,7 +55,7 @@ impl Frame {
         }
     }
 
-    pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+    pub fn udp(src: A, sport: u16, dst: A, dport: u16) -> Self {
         Self {
             l4: L4::Udp,
             payload: b"query".to_vec(),
@@ -97,11 +99,12 @@ impl Frame {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let b = PacketBuilder::ethernet2(self.src_mac, self.dst_mac).ipv4(
-            self.src.octets(),
-            self.dst.octets(),
-            self.ttl,
-        );
+        let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
+        let b = match (self.src.into(), self.dst.into()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), self.ttl),
+            (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), self.ttl),
+            _ => panic!("a frame's addresses are of one family"),
+        };
         let mut out = Vec::new();
         match &self.l4 {
             L4::Tcp {
@@ -162,6 +165,9 @@ pub fn assert_checksums_valid(frame: &[u8]) {
         return;
     }
     let p = SlicedPacket::from_ethernet(frame).expect("output parses");
+    if let Some(etherparse::NetSlice::Ipv6(ip)) = &p.net {
+        return assert_checksums6(ip, &p.transport);
+    }
     let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
         panic!("not ipv4: {frame:02x?}")
     };
@@ -190,6 +196,33 @@ pub fn assert_checksums_valid(frame: &[u8]) {
         }
         other => panic!("unexpected transport {other:?}"),
     }
+}
+
+/// IPv6's L4 checksums (TCP, UDP, ICMPv6) recomputed from scratch over
+/// the IPv6 pseudo-header.
+fn assert_checksums6(
+    ip: &etherparse::Ipv6Slice<'_>,
+    transport: &Option<etherparse::TransportSlice<'_>>,
+) {
+    let (src, dst) = (ip.header().source(), ip.header().destination());
+    let (proto, segment, at) = match transport {
+        Some(etherparse::TransportSlice::Tcp(t)) => (6, t.slice(), 16),
+        Some(etherparse::TransportSlice::Udp(u)) => (17, u.slice(), 6),
+        Some(etherparse::TransportSlice::Icmpv6(i)) => (58, i.slice(), 2),
+        other => panic!("unexpected transport {other:?}"),
+    };
+    let mut zeroed = segment.to_vec();
+    zeroed[at] = 0;
+    zeroed[at + 1] = 0;
+    let mut c = failover_common::checksum::ipv6_l4(src, dst, proto, &zeroed);
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    assert_eq!(
+        [segment[at], segment[at + 1]],
+        c.to_be_bytes(),
+        "IPv6 L4 checksum (protocol {proto})"
+    );
 }
 
 /// Source port of an output frame's L4 header.

@@ -210,6 +210,8 @@ impl Dataplane {
             names::NEW_TCP_PROGRAM,
             names::V6_PROGRAM,
             names::NEW_TCP6_PROGRAM,
+            names::REV6_PROGRAM,
+            names::TOOBIG6_PROGRAM,
         ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -228,6 +230,8 @@ impl Dataplane {
             (failover_common::JUMP_NEW_TCP, names::NEW_TCP_PROGRAM),
             (failover_common::JUMP_V6, names::V6_PROGRAM),
             (failover_common::JUMP_NEW_TCP6, names::NEW_TCP6_PROGRAM),
+            (failover_common::JUMP_REV6, names::REV6_PROGRAM),
+            (failover_common::JUMP_TOOBIG6, names::TOOBIG6_PROGRAM),
         ] {
             let fd = ebpf
                 .program(name)
