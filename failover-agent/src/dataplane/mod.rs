@@ -479,8 +479,19 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Every IPv6 flow: `FLOWS6`, then the half-open ones (`PENDING6`).
+    /// Whether the node has an IPv6 SNAT address (`NODE6`): without one
+    /// the program makes no IPv6 flow, and the IPv6 tables are not read
+    /// (`PENDING6` alone is 6 MiB, read on every listing and nudge).
+    pub fn has_ipv6(&self) -> bool {
+        self.node6().is_ok_and(|n| n.snat != Addr6::default())
+    }
+
+    /// Every IPv6 flow: `FLOWS6`, then the half-open ones (`PENDING6`);
+    /// none without an IPv6 SNAT address ([`has_ipv6`](Self::has_ipv6)).
     pub fn flows6(&self) -> Result<Vec<(FlowKey<Addr6>, Flow)>> {
+        if !self.has_ipv6() {
+            return Ok(Vec::new());
+        }
         let mut out = self.established_flows6()?;
         out.extend(self.pending6()?.iter().map(pending_flow));
         Ok(out)
@@ -582,7 +593,11 @@ impl Dataplane {
             }
             gone += expired.len();
         }
-        let flows = self.established_flows6()?;
+        let flows = if self.has_ipv6() {
+            self.established_flows6()?
+        } else {
+            Vec::new()
+        };
         if !flows.is_empty() {
             let reverse: Vec<(ReverseKey<Addr6>, Reverse<Addr6>)> =
                 batch::entries(self.reverse6.map())
