@@ -1701,3 +1701,24 @@ fn a_dual_stack_listener_clash_names_the_vip_field() {
         ]
     );
 }
+
+#[test]
+fn every_vip_counts_against_the_data_planes_services() {
+    // 33 dual-stack services: 66 VIPs, over the 64 the data plane holds.
+    let services: String = (0..33)
+        .map(|i| {
+            format!(
+                "  - {{ name: s{i}, vip: 192.0.2.{i}, vip6: \"2001:db8::{i:x}\", port: 80, \
+                 protocol: tcp, backends: [b4, b6], probe: {{ kind: tcp }} }}\n"
+            )
+        })
+        .collect();
+    let text = v6_text("[198.51.100.1, \"2001:db8:100::1\"]", &services);
+    assert_eq!(
+        errors_of(&text),
+        [
+            "5: services: 66 VIPs configured (a dual-stack service has two); the data plane \
+          holds at most 64"
+        ]
+    );
+}

@@ -439,12 +439,22 @@ fn check_backends(c: &mut Checker, backends: &[Backend]) {
 
 fn check_services(c: &mut Checker, config: &Config) {
     let services = &config.services;
+    // Each VIP is a data-plane service: a dual-stack service takes two.
+    let vips: usize = services.iter().map(|s| s.vips().count()).sum();
     if services.len() > MAX_SERVICES as usize {
         c.fail(
             "services",
             format!(
                 "{} services configured; the data plane holds at most {MAX_SERVICES}",
                 services.len()
+            ),
+        );
+    } else if vips > MAX_SERVICES as usize {
+        c.fail(
+            "services",
+            format!(
+                "{vips} VIPs configured (a dual-stack service has two); the data plane \
+                 holds at most {MAX_SERVICES}"
             ),
         );
     }
