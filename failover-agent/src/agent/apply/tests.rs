@@ -791,3 +791,46 @@ fn a_dual_stack_service_has_a_ring_and_entry_per_vip_and_ipv6_addresses_go_first
     assert!(a.programmed("web/v6").is_none());
     assert!(log.contains(&"vips 192.0.2.10".to_owned()), "{log:?}");
 }
+
+#[test]
+fn an_ipv6_only_service_is_one_services6_entry_over_its_ipv6_backends() {
+    use crate::agent::ids::VipKey;
+    let y = "node:
+  interfaces: [eth0]
+  snat_address: 2001:db8:100::1
+  snat_ports: { min: 10000, max: 32767 }
+services:
+  - name: web
+    vip: 2001:db8::10
+    port: 80
+    protocol: tcp
+    backends: [b6]
+    probe: { kind: tcp }
+    policy: { ring_size: 13 }
+backends:
+  - { name: b6, address: 2001:db8:2::11, port: 8080, cloud: c, region: r, jurisdiction: EU }
+";
+    let mut a = applier(config::parse(y, "test").unwrap());
+    // No IPv4 SNAT address: NODE's is 0.
+    assert!(
+        a.executor()
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::Node(n) if n.snat_be == 0))
+    );
+    assert_eq!(
+        take(&mut a),
+        [
+            "node",
+            "node6 2001:db8:100::1",
+            "addr6 0 2001:db8:2::11",
+            "backend 0 [addr6 0]:8080 down",
+            "ring 0 slot 0",
+            "flip web slot 0 gen 1",
+            "vips 2001:db8::10",
+        ]
+    );
+    assert!(matches!(a.programmed("web").unwrap().key, VipKey::V6(_)));
+    up(&mut a, &["b6"]);
+    assert!(a.programmed("web").unwrap().ring.iter().all(|&i| i == 0));
+}
