@@ -17,7 +17,7 @@ mod validate;
 use std::{
     collections::BTreeMap,
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -81,11 +81,20 @@ pub struct Loaded {
 ///    sound: every error and warning.
 pub fn parse_on(text: &str, origin: &str, host: &Host) -> Result<Loaded, ConfigError> {
     let index = lines::LineIndex::build(text);
-    let at = |path: String, message: String| FieldError {
-        origin: origin.to_owned(),
-        line: index.line(&path),
-        field: path,
-        message,
+    // A file with the one-address shorthand `snat_address` hears of it by
+    // that name.
+    let shorthand = index.has("node.snat_address");
+    let at = |path: String, message: String| {
+        let path = match path.strip_prefix("node.snat_addresses") {
+            Some("" | "[0]") if shorthand => "node.snat_address".to_owned(),
+            _ => path,
+        };
+        FieldError {
+            origin: origin.to_owned(),
+            line: index.line(&path),
+            field: path,
+            message,
+        }
     };
     let mut documents = serde_norway::Deserializer::from_str(text);
     let value: serde_norway::Value = match documents.next() {
@@ -569,33 +578,82 @@ impl Policy {
 }
 
 /// Addresses parse with a message that quotes the bad text; the standard
-/// one ("invalid IPv4 address syntax") does not.
-mod ipv4 {
-    use std::{fmt, net::Ipv4Addr};
+/// one ("invalid IP address syntax") does not.
+mod ip {
+    use std::{
+        fmt,
+        net::{IpAddr, Ipv6Addr},
+    };
 
     use serde::{
         Deserializer,
-        de::{Error, Visitor},
+        de::{Error, SeqAccess, Visitor},
     };
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
         // Parsing inside the visitor, not after it, lets the YAML
         // deserializer stamp the error with the scalar's own line.
-        d.deserialize_str(Ipv4Visitor)
+        d.deserialize_str(IpVisitor)
     }
 
-    struct Ipv4Visitor;
+    /// An IPv6 address only (`vip6`); an IPv4 one is refused here.
+    pub(super) fn deserialize_v6<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Ipv6Addr>, D::Error> {
+        match d.deserialize_str(IpVisitor)? {
+            IpAddr::V6(v6) => Ok(Some(v6)),
+            IpAddr::V4(v4) => Err(D::Error::custom(format_args!(
+                "{v4} is an IPv4 address; `vip6` takes the IPv6 VIP of a dual-stack \
+                 service (its IPv4 VIP is `vip`)"
+            ))),
+        }
+    }
 
-    impl Visitor<'_> for Ipv4Visitor {
-        type Value = Ipv4Addr;
+    /// One address, or a list of them.
+    pub(super) fn deserialize_list<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<IpAddr>, D::Error> {
+        d.deserialize_any(ListVisitor)
+    }
+
+    struct IpVisitor;
+
+    impl Visitor<'_> for IpVisitor {
+        type Value = IpAddr;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("an IPv4 address")
+            f.write_str("an IPv4 or IPv6 address")
         }
 
-        fn visit_str<E: Error>(self, text: &str) -> Result<Ipv4Addr, E> {
-            text.parse()
-                .map_err(|_| E::custom(format_args!("invalid IPv4 address {text:?}")))
+        fn visit_str<E: Error>(self, text: &str) -> Result<IpAddr, E> {
+            parse(text)
+        }
+    }
+
+    fn parse<E: Error>(text: &str) -> Result<IpAddr, E> {
+        text.parse()
+            .map_err(|_| E::custom(format_args!("invalid IP address {text:?}")))
+    }
+
+    struct ListVisitor;
+
+    impl<'de> Visitor<'de> for ListVisitor {
+        type Value = Vec<IpAddr>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an IP address or a list of them (one per family)")
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<Vec<IpAddr>, E> {
+            parse(text).map(|a| vec![a])
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<IpAddr>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(text) = seq.next_element::<std::borrow::Cow<'de, str>>()? {
+                out.push(parse(&text)?);
+            }
+            Ok(out)
         }
     }
 }
@@ -615,13 +673,16 @@ pub struct Node {
     pub interfaces: Vec<String>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
-    /// Source address of traffic toward backends.
-    #[serde(deserialize_with = "ipv4::deserialize")]
-    pub snat_address: Ipv4Addr,
+    /// Source addresses of traffic toward backends: at most one per
+    /// family, and one of each family a VIP has. `snat_address: <one
+    /// address>` is read as a list of that one.
+    #[serde(alias = "snat_address", deserialize_with = "ip::deserialize_list")]
+    pub snat_addresses: Vec<IpAddr>,
     pub snat_ports: PortRange,
     #[serde(default = "default_pin_path")]
     pub pin_path: PathBuf,
-    /// Entries in each established flow table (`FLOWS`, `REVERSE`).
+    /// Entries in each established flow table (`FLOWS`, `REVERSE`, and
+    /// the IPv6 ones, `FLOWS6` and `REVERSE6`).
     #[serde(default = "default_flow_capacity")]
     pub flow_capacity: u32,
     /// Seed of the flow hash. Equal on every edge node of a fleet, so that
@@ -642,6 +703,30 @@ pub struct Node {
 }
 
 impl Node {
+    /// The IPv4 SNAT address, if the node has one.
+    pub fn snat4(&self) -> Option<Ipv4Addr> {
+        self.snat_addresses.iter().find_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The IPv6 SNAT address, if the node has one.
+    pub fn snat6(&self) -> Option<Ipv6Addr> {
+        self.snat_addresses.iter().find_map(|a| match a {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+    }
+
+    /// The SNAT address of `vip`'s family.
+    pub fn snat_for(&self, vip: IpAddr) -> Option<IpAddr> {
+        self.snat_addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == vip.is_ipv4())
+    }
+
     /// The operator state file: `state_file`, or
     /// `/var/lib/failover/<last component of pin_path>.state.json`
     /// (bpffs, where the pins live, holds no regular files).
@@ -664,7 +749,8 @@ fn default_flow_capacity() -> u32 {
 }
 
 impl Node {
-    /// Limits of `flow_capacity`: at 4M flows the tables take about 1 GiB.
+    /// Limits of `flow_capacity`: at 4M flows the IPv4 tables take about
+    /// 1 GiB, and the IPv6 ones (as many entries) about 1.4 GiB more.
     pub const FLOW_CAPACITY: std::ops::RangeInclusive<u32> = 4_096..=4_194_304;
 }
 
@@ -731,8 +817,19 @@ pub enum Protocol {
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: String,
-    #[serde(deserialize_with = "ipv4::deserialize")]
-    pub vip: Ipv4Addr,
+    /// The address clients reach the service at, IPv4 or IPv6. Its
+    /// backends are those of the pool with an address of its family.
+    #[serde(deserialize_with = "ip::deserialize")]
+    pub vip: IpAddr,
+    /// A dual-stack service's IPv6 VIP, beside an IPv4 `vip`: one name,
+    /// one policy and one plan, with the pool's IPv6 backends behind this
+    /// VIP and its IPv4 ones behind `vip`.
+    #[serde(
+        default,
+        deserialize_with = "ip::deserialize_v6",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vip6: Option<Ipv6Addr>,
     pub port: u16,
     pub protocol: Protocol,
     /// Names of the backends in this service's pool.
@@ -743,6 +840,18 @@ pub struct Service {
     /// How long flows of this service may stay idle (docs/datapath.md).
     #[serde(default)]
     pub timeouts: Timeouts,
+}
+
+impl Service {
+    /// Every VIP of the service: `vip`, then `vip6` when it is dual-stack.
+    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.vip).chain(self.vip6.map(IpAddr::V6))
+    }
+
+    /// The VIP of `address`'s family: the one its traffic goes through.
+    pub fn vip_for(&self, address: IpAddr) -> Option<IpAddr> {
+        self.vips().find(|vip| vip.is_ipv4() == address.is_ipv4())
+    }
 }
 
 /// Flow timeouts of a service. Half-open flows expire in the data plane
@@ -1082,8 +1191,9 @@ pub enum OnBackendDown {
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub name: String,
-    #[serde(deserialize_with = "ipv4::deserialize")]
-    pub address: Ipv4Addr,
+    /// IPv4 or IPv6; it must be of the family of the VIP it serves.
+    #[serde(deserialize_with = "ip::deserialize")]
+    pub address: IpAddr,
     pub port: u16,
     pub cloud: String,
     pub region: String,
@@ -1105,6 +1215,24 @@ pub struct Backend {
 
 /// IPv4 and TCP headers without options: `path_mtu` less this is the MSS.
 pub const IPV4_TCP_HEADERS: u32 = 40;
+/// IPv6 and TCP headers without options: an IPv6 backend's MSS.
+pub const IPV6_TCP_HEADERS: u32 = 60;
+/// The smallest `path_mtu` of an IPv6 backend (RFC 8200's minimum link MTU).
+pub const IPV6_MIN_MTU: u16 = 1280;
+
+impl Backend {
+    /// The MSS clamped into handshakes toward this backend: its
+    /// `path_mtu` less the IP and TCP headers of its family; 0, none.
+    pub fn path_mss(&self) -> u32 {
+        let headers = if self.address.is_ipv4() {
+            IPV4_TCP_HEADERS
+        } else {
+            IPV6_TCP_HEADERS
+        };
+        self.path_mtu
+            .map_or(0, |m| u32::from(m).saturating_sub(headers))
+    }
+}
 /// The `path_mtu` a backend may have: IPv4's 576 (RFC 791) up to a jumbo
 /// frame.
 pub const PATH_MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=9216;

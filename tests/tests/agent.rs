@@ -989,3 +989,77 @@ fn operator_actions_are_checked_by_the_planner_and_forced_ones_audited() {
         "the ring switch says so too: {recs:?}"
     );
 }
+
+/// A dual-stack `web` (b1 over IPv4, b6 over IPv6) in the real maps: the
+/// IPv6 SNAT address in NODE6, b6's address in BACKEND_ADDR6 with its
+/// BACKENDS entry's `addr_be` 0, `vip6` in SERVICES6 with a ring of its own
+/// holding only b6, one audit record per decision, and the same ids after
+/// a restart.
+#[test]
+fn a_dual_stack_service_programs_the_ipv6_maps() {
+    use failover_agent::agent::ids::addr6;
+    use failover_common::ServiceKey;
+    require_root();
+    let lab = Lab::new().unwrap();
+    let dir = TempDir::new();
+    let log = dir.0.join("audit.jsonl");
+    let v6 = |s: &str| -> std::net::Ipv6Addr { s.parse().unwrap() };
+    let (snat6, vip6, b6) = (
+        v6("2001:db8:100::1"),
+        v6("2001:db8::10"),
+        v6("2001:db8:2::11"),
+    );
+    let mut backends = lab_backends();
+    backends.push(configs::backend("b6", b6, BPORT));
+    let mut cfg = web_config(
+        lab.pin_dir(),
+        &["b1", "b6"],
+        vec![],
+        backends,
+        configs::tcp_probe(),
+    );
+    cfg.node.snat_addresses = vec![SNAT.into(), snat6.into()];
+    cfg.services[0].vip6 = Some(vip6);
+    let cfg = configs::checked(&cfg);
+    let mut a = applier(&lab, cfg.clone(), Some(Journal::open(&log).unwrap()));
+    up(&mut a, &["b1", "b2", "b3", "b6"]);
+
+    assert_eq!(lab.dp.node6().unwrap().snat, addr6(snat6));
+    let b6_id = id(&a, "b6");
+    let entry = lab.dp.backend(b6_id).unwrap();
+    assert_eq!(
+        (entry.addr_be, u16::from_be(entry.port_be), entry.state),
+        (0, BPORT, state::UP)
+    );
+    assert_eq!(lab.dp.backend_addr6(b6_id).unwrap(), addr6(b6));
+
+    let key6 = ServiceKey {
+        vip_be: addr6(vip6),
+        port_be: 80u16.to_be(),
+        proto: 6,
+        _pad: 0,
+    };
+    let s6 = lab.dp.service6(&key6).unwrap().expect("SERVICES6 entry");
+    assert_eq!(s6.id, a.ids().service("web/v6").unwrap().id);
+    let (s4, ring4) = map_service(&lab.dp, 80);
+    assert_ne!(s4.id, s6.id, "a ring per VIP");
+    assert_eq!(s4.generation, s6.generation, "both VIPs switch together");
+    let ring6 = read_ring(&lab.dp, s6.id, s6.active_slot, s6.ring_size).unwrap();
+    assert!(ring6.iter().all(|&i| i == b6_id), "{ring6:?}");
+    let b1_id = id(&a, "b1");
+    assert!(ring4.iter().all(|&i| i == b1_id), "{ring4:?}");
+    // IPv4 traffic still goes to b1.
+    let (be, _) = open_flow(&lab, 52_000);
+    assert_eq!(be, backend_addr(1));
+
+    a.flush_audit();
+    drop(a);
+    let report = audit::verify(&log).unwrap();
+    assert_eq!(report.records, 2, "one record per decision, not per VIP");
+
+    // A restart finds both VIPs' ids and b6's address in the pins.
+    let b = applier(&lab, cfg, None);
+    assert_eq!(b.ids().service("web/v6").unwrap().id, s6.id);
+    assert_eq!(b.ids().backend("b6").unwrap().id, b6_id);
+    assert_eq!(b.programmed("web/v6").unwrap().entry.id, s6.id);
+}

@@ -598,10 +598,7 @@ fn a_udp_dead_backend_fails_over_while_its_tcp_side_lives() {
     let be = |name: &str, addr: SocketAddr, tier: u8| {
         let mut b = cfg.backends[0].clone();
         b.name = name.into();
-        b.address = match addr.ip() {
-            std::net::IpAddr::V4(a) => a,
-            std::net::IpAddr::V6(_) => unreachable!(),
-        };
+        b.address = addr.ip();
         b.port = addr.port();
         b.tier = tier;
         b

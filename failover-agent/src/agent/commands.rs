@@ -68,10 +68,10 @@ impl Agent {
     /// Flows in the table per backend id.
     pub(super) fn flow_counts(&self) -> BTreeMap<u32, usize> {
         let mut out = BTreeMap::new();
-        match self.applier.dataplane().flows() {
+        match self.applier.dataplane().all_flows() {
             Ok(flows) => {
-                for (_, f) in flows {
-                    *out.entry(f.backend_id).or_insert(0) += 1;
+                for f in flows {
+                    *out.entry(f.flow.backend_id).or_insert(0) += 1;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading the flow table failed"),
@@ -92,12 +92,19 @@ impl Agent {
                 let (healthy, backends, excluded) = pool_counts(cfg, s, |b| self.healthy(b));
                 api::ServiceStatus {
                     name: s.name.clone(),
-                    endpoint: format!(
-                        "{}:{}/{}",
-                        s.vip,
-                        s.port,
-                        format!("{:?}", s.protocol).to_lowercase()
-                    ),
+                    // Each VIP, canonical: `192.0.2.10:80/tcp,
+                    // [2001:db8::10]:80/tcp` for a dual-stack service.
+                    endpoint: s
+                        .vips()
+                        .map(|vip| {
+                            format!(
+                                "{}/{}",
+                                std::net::SocketAddr::new(vip, s.port),
+                                format!("{:?}", s.protocol).to_lowercase()
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     active_tier: serving
                         .iter()
                         .filter_map(|n| cfg.backend(n).map(|b| b.tier))
@@ -141,7 +148,7 @@ impl Agent {
                 let id = ids.backend(&b.name).map(|a| a.id);
                 let st = b.stats.unwrap_or_default();
                 Some(api::BackendInfo {
-                    address: format!("{}:{}", c.address, c.port),
+                    address: std::net::SocketAddr::new(c.address, c.port).to_string(),
                     tier: b.tier,
                     weight: b.weight,
                     effective_weight: b.effective_weight,
@@ -194,11 +201,11 @@ impl Agent {
         {
             return Err(ApiError::not_found(format!("no backend named {b:?}")));
         }
-        let want_svc = q
+        // A dual-stack service's flows are those of both its VIPs.
+        let want_svc: Option<Vec<u32>> = q
             .service
             .as_deref()
-            .and_then(|s| ids.service(s))
-            .map(|a| a.id);
+            .map(|s| ids.service_vips(s).map(|a| a.id).collect());
         let want_be = q
             .backend
             .as_deref()
@@ -207,31 +214,33 @@ impl Agent {
         let flows = self
             .applier
             .dataplane()
-            .flows()
+            .all_flows()
             .map_err(|e| ApiError::new(500, format!("reading the flow table: {e}")))?;
         let now_ns = crate::dataplane::monotonic_ns();
         let mut out: Vec<(u64, api::FlowInfo)> = flows
             .into_iter()
-            .filter(|(_, f)| want_svc.is_none_or(|i| f.service_id == i))
-            .filter(|(_, f)| want_be.is_none_or(|i| f.backend_id == i))
-            .map(|(k, f)| {
-                let service = cfg
-                    .services
-                    .iter()
-                    .find(|s| ids.service(&s.name).is_some_and(|a| a.id == f.service_id))
-                    .map_or_else(|| format!("#{}", f.service_id), |s| s.name.clone());
+            .filter(|v| {
+                want_svc
+                    .as_ref()
+                    .is_none_or(|i| i.contains(&v.flow.service_id))
+            })
+            .filter(|v| want_be.is_none_or(|i| v.flow.backend_id == i))
+            .map(|v| {
+                let f = v.flow;
+                let service = ids
+                    .service_of_id(f.service_id)
+                    .map_or_else(|| format!("#{}", f.service_id), str::to_owned);
                 let backend = ids
                     .backend_name(f.backend_id)
                     .map_or_else(|| format!("#{}", f.backend_id), str::to_owned);
-                let ip = |be: u32| std::net::Ipv4Addr::from(u32::from_be(be));
                 #[allow(clippy::cast_precision_loss)]
                 let age_s = now_ns.saturating_sub(f.created_ns) as f64 / 1e9;
                 (
                     f.created_ns,
                     api::FlowInfo {
-                        client: format!("{}:{}", ip(k.src_be), u16::from_be(k.sport_be)),
-                        vip: format!("{}:{}", ip(k.dst_be), u16::from_be(k.dport_be)),
-                        protocol: match k.proto {
+                        client: v.client.to_string(),
+                        vip: v.vip.to_string(),
+                        protocol: match v.proto {
                             6 => "tcp".to_owned(),
                             17 => "udp".to_owned(),
                             p => p.to_string(),

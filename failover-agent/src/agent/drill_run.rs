@@ -25,7 +25,8 @@ pub(super) struct ActiveDrill {
     restored: bool,
     /// Pool backends and their ids.
     pool: Vec<(String, u32)>,
-    service_id: Option<u32>,
+    /// The service's data-plane ids: one per VIP.
+    service_ids: Vec<u32>,
 }
 
 impl Agent {
@@ -86,7 +87,7 @@ impl Agent {
             .iter()
             .filter_map(|b| ids.backend(b).map(|a| (b.clone(), a.id)))
             .collect();
-        let service_id = ids.service(&svc.name).map(|a| a.id);
+        let service_ids = ids.service_vips(&svc.name).map(|a| a.id).collect();
         let prev = targets
             .iter()
             .map(|b| (b.clone(), self.applier.health(b)))
@@ -116,7 +117,7 @@ impl Agent {
             faulted: false,
             restored: false,
             pool,
-            service_id,
+            service_ids,
         });
         self.on_drill_tick();
         Ok(report)
@@ -181,10 +182,12 @@ impl Agent {
                 .map(|c| c.count)
                 .sum()
         });
-        let resets = d
-            .service_id
-            .and_then(|id| dp.service_stats(id).ok())
-            .map_or(0, |s| s.resets);
+        let resets: u64 = d
+            .service_ids
+            .iter()
+            .filter_map(|&id| dp.service_stats(id).ok())
+            .map(|s| s.resets)
+            .sum();
         d.report.samples.push(crate::drill::Sample {
             t_s: now.duration_since(d.began).as_secs_f64(),
             packets,

@@ -6,19 +6,25 @@
 //! write order and its keep-last-good rule can be tested without a
 //! kernel (plain `cargo test`, no root).
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::IpAddr};
 
-use failover_common::{Backend as MapBackend, NO_BACKEND, Ring, Service as MapService, ServiceKey};
+use failover_common::{Addr6, Backend as MapBackend, NO_BACKEND, Ring, Service as MapService};
 
-use super::reconcile::{Current, Write};
+use super::{
+    ids::VipKey,
+    reconcile::{Current, Write},
+};
 use crate::dataplane::{Attached, Dataplane, DataplaneError, XdpMode};
 
 /// What is pinned when an agent starts: read once, before the first plan.
 #[derive(Clone, Debug, Default)]
 pub struct Pinned {
-    pub services: Vec<(ServiceKey, MapService)>,
+    /// `SERVICES` and `SERVICES6` entries.
+    pub services: Vec<(VipKey, MapService)>,
     /// `BACKENDS` entries in use (state other than `UNUSED`).
     pub backends: Vec<(u32, MapBackend)>,
+    /// `BACKEND_ADDR6` of the IPv6 ones among them (`addr_be` 0).
+    pub addr6: BTreeMap<u32, Addr6>,
     /// Non-zero `PATH_MSS` entries: clamps an earlier config set.
     pub path_mss: Vec<(u32, u32)>,
 }
@@ -72,6 +78,8 @@ impl Executor for Maps {
     fn write(&mut self, w: &Write) -> Result<usize, DataplaneError> {
         match w {
             Write::Node(node) => self.dp.set_node(*node)?,
+            Write::Node6(node) => self.dp.set_node6(*node)?,
+            Write::BackendAddr6 { id, addr } => self.dp.set_backend_addr6(*id, *addr)?,
             Write::Backend { id, entry }
             | Write::State { id, entry }
             | Write::Unused { id, entry } => {
@@ -85,8 +93,14 @@ impl Executor for Maps {
                 self.scratch.backends[..ring.len()].copy_from_slice(ring);
                 self.dp.write_ring(*service_id, *slot, &self.scratch)?;
             }
-            Write::Flip { next, .. } => self.dp.put_service(next.key, next.entry)?,
-            Write::RemoveService { key, .. } => self.dp.remove_service(key)?,
+            Write::Flip { next, .. } => match next.key {
+                VipKey::V4(key) => self.dp.put_service(key, next.entry)?,
+                VipKey::V6(key) => self.dp.put_service6(key, next.entry)?,
+            },
+            Write::RemoveService { key, .. } => match key {
+                VipKey::V4(key) => self.dp.remove_service(key)?,
+                VipKey::V6(key) => self.dp.remove_service6(key)?,
+            },
             Write::VipFilter(vips) => self.dp.set_vips(vips.iter().copied())?,
             Write::Nudge { backend_ids } => return self.dp.nudge_clients(backend_ids),
             Write::PathMss { id, mss } => self.dp.set_path_mss(*id, *mss)?,
@@ -95,13 +109,28 @@ impl Executor for Maps {
     }
 
     fn pinned(&self) -> Result<Pinned, DataplaneError> {
-        let services = self.dp.services()?;
+        let mut services: Vec<(VipKey, MapService)> = self
+            .dp
+            .services()?
+            .into_iter()
+            .map(|(k, s)| (VipKey::V4(k), s))
+            .collect();
+        services.extend(
+            self.dp
+                .services6()?
+                .into_iter()
+                .map(|(k, s)| (VipKey::V6(k), s)),
+        );
         let mut backends = Vec::new();
+        let mut addr6 = BTreeMap::new();
         let mut path_mss = Vec::new();
         for id in 0..failover_common::MAX_BACKENDS {
             let b = self.dp.backend(id)?;
             if b.state != failover_common::state::UNUSED {
                 backends.push((id, b));
+                if b.addr_be == 0 {
+                    addr6.insert(id, self.dp.backend_addr6(id)?);
+                }
             }
             let mss = self.dp.path_mss(id)?;
             if mss != 0 {
@@ -111,6 +140,7 @@ impl Executor for Maps {
         Ok(Pinned {
             services,
             backends,
+            addr6,
             path_mss,
         })
     }
@@ -154,6 +184,7 @@ impl Recorder {
                     .map(|p| (p.key, p.entry))
                     .collect(),
                 backends: current.backends.iter().map(|(&id, &b)| (id, b)).collect(),
+                addr6: current.addr6.clone(),
                 path_mss: current.path_mss.iter().map(|(&id, &m)| (id, m)).collect(),
             },
             rings: current
@@ -176,7 +207,7 @@ impl Recorder {
     }
 
     /// The VIPs of the last VIP filter written.
-    pub fn vips(&self) -> Option<&[Ipv4Addr]> {
+    pub fn vips(&self) -> Option<&[IpAddr]> {
         self.writes.iter().rev().find_map(|w| match w {
             Write::VipFilter(v) => Some(v.as_slice()),
             _ => None,

@@ -18,18 +18,45 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use failover_common::{MAX_BACKENDS, MAX_SERVICES, ServiceKey, state};
+use failover_common::{Addr6, MAX_BACKENDS, MAX_SERVICES, ServiceKey, state};
 
 use crate::config::{Config, Protocol};
 use crate::planner::BackendIds;
 
+/// An IPv6 address as the maps hold it ([`Addr6`]): its network-order
+/// bytes in four native words.
+pub fn addr6(a: Ipv6Addr) -> Addr6 {
+    let o = a.octets();
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// The IPv6 address a map's [`Addr6`] holds.
+pub fn ipv6_of(a: Addr6) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+/// An IPv4 address as the maps hold it (network order).
+pub fn addr4(a: Ipv4Addr) -> u32 {
+    u32::from(a).to_be()
+}
+
+/// The IPv4 address of a map's network-order word.
+pub fn ipv4_of(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(a))
+}
+
 /// Where a backend id sends traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendEndpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
 }
 
@@ -41,37 +68,82 @@ impl BackendEndpoint {
         }
     }
 
-    pub fn from_map(b: &failover_common::Backend) -> Self {
+    /// The endpoint of a `BACKENDS` entry: an IPv6 backend's (`addr_be`
+    /// 0) address is `BACKEND_ADDR6[id]`, `addr6`.
+    pub fn from_map(b: &failover_common::Backend, addr6: Option<Addr6>) -> Self {
+        let addr = match addr6 {
+            Some(a) if b.addr_be == 0 => IpAddr::V6(ipv6_of(a)),
+            _ => IpAddr::V4(ipv4_of(b.addr_be)),
+        };
         Self {
-            addr: Ipv4Addr::from(u32::from_be(b.addr_be)),
+            addr,
             port: u16::from_be(b.port_be),
         }
     }
 
-    /// The `BACKENDS` entry for this endpoint in `st`.
+    /// The `BACKENDS` entry for this endpoint in `st` (`addr_be` 0 for an
+    /// IPv6 backend, whose address is in `BACKEND_ADDR6`).
     pub fn to_map(self, st: u8) -> failover_common::Backend {
         failover_common::Backend {
-            addr_be: u32::from(self.addr).to_be(),
+            addr_be: match self.addr {
+                IpAddr::V4(a) => addr4(a),
+                IpAddr::V6(_) => 0,
+            },
             port_be: self.port.to_be(),
             state: st,
             _pad: 0,
         }
     }
+
+    /// The `BACKEND_ADDR6` entry of an IPv6 backend.
+    pub fn addr6(self) -> Option<Addr6> {
+        match self.addr {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(a) => Some(addr6(a)),
+        }
+    }
+}
+
+/// A `SERVICES` or `SERVICES6` key: the map is that of the VIP's family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VipKey {
+    V4(ServiceKey),
+    V6(ServiceKey<Addr6>),
+}
+
+/// The data-plane name of a dual-stack service's IPv6 VIP: its own
+/// service id, ring and `SERVICES6` entry, planned with the service
+/// (`web` and `web/v6`; a config name has no `/`).
+pub fn v6_key(name: &str) -> String {
+    format!("{name}{V6_SUFFIX}")
+}
+
+const V6_SUFFIX: &str = "/v6";
+
+/// The config service a data-plane name belongs to (`web/v6` -> `web`).
+pub fn base_name(key: &str) -> &str {
+    key.strip_suffix(V6_SUFFIX).unwrap_or(key)
 }
 
 /// What clients address a service by: its `SERVICES` key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceEndpoint {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     /// IP protocol number (6 or 17).
     pub proto: u8,
 }
 
 impl ServiceEndpoint {
+    /// The endpoint of `s`'s `vip`.
     pub fn of(s: &crate::config::Service) -> Self {
+        Self::at(s, s.vip)
+    }
+
+    /// The endpoint of `s` at one of its VIPs.
+    pub fn at(s: &crate::config::Service, vip: IpAddr) -> Self {
         Self {
-            vip: s.vip,
+            vip,
             port: s.port,
             proto: match s.protocol {
                 Protocol::Tcp => 6,
@@ -80,20 +152,36 @@ impl ServiceEndpoint {
         }
     }
 
-    pub fn from_key(k: &ServiceKey) -> Self {
-        Self {
-            vip: Ipv4Addr::from(u32::from_be(k.vip_be)),
-            port: u16::from_be(k.port_be),
-            proto: k.proto,
+    pub fn from_key(k: &VipKey) -> Self {
+        match k {
+            VipKey::V4(k) => Self {
+                vip: IpAddr::V4(ipv4_of(k.vip_be)),
+                port: u16::from_be(k.port_be),
+                proto: k.proto,
+            },
+            VipKey::V6(k) => Self {
+                vip: IpAddr::V6(ipv6_of(k.vip_be)),
+                port: u16::from_be(k.port_be),
+                proto: k.proto,
+            },
         }
     }
 
-    pub fn key(self) -> ServiceKey {
-        ServiceKey {
-            vip_be: u32::from(self.vip).to_be(),
-            port_be: self.port.to_be(),
-            proto: self.proto,
-            _pad: 0,
+    pub fn key(self) -> VipKey {
+        let (port_be, proto) = (self.port.to_be(), self.proto);
+        match self.vip {
+            IpAddr::V4(a) => VipKey::V4(ServiceKey {
+                vip_be: addr4(a),
+                port_be,
+                proto,
+                _pad: 0,
+            }),
+            IpAddr::V6(a) => VipKey::V6(ServiceKey {
+                vip_be: addr6(a),
+                port_be,
+                proto,
+                _pad: 0,
+            }),
         }
     }
 }
@@ -131,11 +219,13 @@ struct Previous<'a, E> {
 impl Ids {
     /// First assignment of a fresh agent: ids recovered from the pinned
     /// maps by endpoint, fresh ones for the rest. `pinned_backends` lists
-    /// the `BACKENDS` slots in use (state other than UNUSED).
+    /// the `BACKENDS` slots in use (state other than UNUSED), `addr6` the
+    /// `BACKEND_ADDR6` entries of the IPv6 ones.
     pub fn recover(
         cfg: &Config,
-        pinned_services: &[(ServiceKey, failover_common::Service)],
+        pinned_services: &[(VipKey, failover_common::Service)],
         pinned_backends: &[(u32, failover_common::Backend)],
+        addr6: &BTreeMap<u32, Addr6>,
     ) -> Result<Self, IdError> {
         let prev_s: Vec<Previous<ServiceEndpoint>> = pinned_services
             .iter()
@@ -152,7 +242,7 @@ impl Ids {
             .map(|(id, b)| Previous {
                 name: None,
                 id: *id,
-                endpoint: BackendEndpoint::from_map(b),
+                endpoint: BackendEndpoint::from_map(b, addr6.get(id).copied()),
             })
             .collect();
         // Continue after the highest id in use, as the previous agent would.
@@ -202,10 +292,21 @@ impl Ids {
         prev_s: &[Previous<ServiceEndpoint>],
         prev_b: &[Previous<BackendEndpoint>],
     ) -> Result<(), IdError> {
+        // A dual-stack service's IPv6 VIP is a data-plane service of its
+        // own ([`v6_key`]).
+        let dual: Vec<(String, ServiceEndpoint)> = cfg
+            .services
+            .iter()
+            .filter_map(|s| {
+                let v6 = s.vip6?;
+                Some((v6_key(&s.name), ServiceEndpoint::at(s, IpAddr::V6(v6))))
+            })
+            .collect();
         let want_s: Vec<(&str, ServiceEndpoint)> = cfg
             .services
             .iter()
             .map(|s| (s.name.as_str(), ServiceEndpoint::of(s)))
+            .chain(dual.iter().map(|(n, e)| (n.as_str(), *e)))
             .collect();
         let want_b: Vec<(&str, BackendEndpoint)> = cfg
             .backends
@@ -229,8 +330,26 @@ impl Ids {
         Ok(())
     }
 
+    /// The data-plane service `name` (a config service's name, for its
+    /// `vip`; [`v6_key`] for a dual-stack service's `vip6`).
     pub fn service(&self, name: &str) -> Option<Assigned<ServiceEndpoint>> {
         self.services.get(name).copied()
+    }
+
+    /// Every data-plane service of config service `name`: its `vip`'s,
+    /// then its `vip6`'s.
+    pub fn service_vips(&self, name: &str) -> impl Iterator<Item = Assigned<ServiceEndpoint>> {
+        self.service(name)
+            .into_iter()
+            .chain(self.service(&v6_key(name)))
+    }
+
+    /// The config service whose VIP has data-plane id `id`.
+    pub fn service_of_id(&self, id: u32) -> Option<&str> {
+        self.services
+            .iter()
+            .find(|(_, a)| a.id == id)
+            .map(|(n, _)| base_name(n))
     }
 
     pub fn backend(&self, name: &str) -> Option<Assigned<BackendEndpoint>> {
@@ -356,12 +475,41 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_addresses_hold_their_network_bytes_in_native_words() {
+        let a: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let w = addr6(a);
+        assert_eq!(w[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 1]);
+        assert_eq!(ipv6_of(w), a);
+        // As IPv4's `_be` words do.
+        let v4 = Ipv4Addr::new(192, 0, 2, 1);
+        assert_eq!(addr4(v4).to_ne_bytes(), v4.octets());
+        assert_eq!(ipv4_of(addr4(v4)), v4);
+        // A service key per family, and back.
+        let ep = ServiceEndpoint {
+            vip: IpAddr::V6(a),
+            port: 443,
+            proto: 6,
+        };
+        assert!(matches!(ep.key(), VipKey::V6(k) if k.vip_be == w && k.port_be == 443u16.to_be()));
+        assert_eq!(ServiceEndpoint::from_key(&ep.key()), ep);
+        // A backend: addr_be 0, its address in BACKEND_ADDR6.
+        let be = BackendEndpoint {
+            addr: IpAddr::V6(a),
+            port: 8000,
+        };
+        let entry = be.to_map(state::UP);
+        assert_eq!(entry.addr_be, 0);
+        assert_eq!(BackendEndpoint::from_map(&entry, be.addr6()), be);
+    }
+
+    #[test]
     fn fresh_assignment_is_dense_and_in_config_order() {
         let c = cfg(
             &[("a", "203.0.113.1", 80), ("b", "203.0.113.2", 80)],
             &[("s", "192.0.2.1", 80)],
         );
-        let ids = Ids::recover(&c, &[], &[]).unwrap();
+        let ids = Ids::recover(&c, &[], &[], &BTreeMap::new()).unwrap();
         assert_eq!((b(&ids, "a"), b(&ids, "b")), (0, 1));
         assert_eq!(ids.service("s").unwrap().id, 0);
         assert_eq!(ids.backend_name(1), Some("b"));
@@ -377,7 +525,7 @@ mod tests {
             ],
             &[("s", "192.0.2.1", 80), ("t", "192.0.2.2", 80)],
         );
-        let ids1 = Ids::recover(&c1, &[], &[]).unwrap();
+        let ids1 = Ids::recover(&c1, &[], &[], &BTreeMap::new()).unwrap();
         // Reorder, rename c -> c2, drop a, add d, change t's port.
         let c2 = cfg(
             &[
@@ -405,7 +553,7 @@ mod tests {
     #[test]
     fn address_change_gets_a_fresh_id() {
         let c1 = cfg(&[("a", "203.0.113.1", 80)], &[("s", "192.0.2.1", 80)]);
-        let ids1 = Ids::recover(&c1, &[], &[]).unwrap();
+        let ids1 = Ids::recover(&c1, &[], &[], &BTreeMap::new()).unwrap();
         let c2 = cfg(&[("a", "203.0.113.9", 80)], &[("s", "192.0.2.1", 80)]);
         let ids2 = ids1.update(&c2).unwrap();
         assert_ne!(b(&ids2, "a"), b(&ids1, "a"));
@@ -418,7 +566,7 @@ mod tests {
             &[("a", "203.0.113.1", 80), ("b", "203.0.113.2", 80)],
             &[("s", "192.0.2.1", 80)],
         );
-        let ids1 = Ids::recover(&c1, &[], &[]).unwrap();
+        let ids1 = Ids::recover(&c1, &[], &[], &BTreeMap::new()).unwrap();
         let c2 = cfg(
             &[("a", "203.0.113.2", 80), ("b", "203.0.113.1", 80)],
             &[("s", "192.0.2.1", 80)],
@@ -461,14 +609,17 @@ mod tests {
                 ..Default::default()
             },
         )];
-        let ids = Ids::recover(&c, &pinned_s, &pinned_b).unwrap();
+        let ids = Ids::recover(&c, &pinned_s, &pinned_b, &BTreeMap::new()).unwrap();
         assert_eq!((b(&ids, "a"), b(&ids, "b")), (9, 5));
         // Fresh ids continue after the highest pinned one.
         assert_eq!(b(&ids, "new"), 10);
         assert_eq!(ids.service("s").unwrap().id, 3);
         assert_eq!(ids.service("t").unwrap().id, 4);
         // Recovering twice from the same maps gives the same answer.
-        assert_eq!(Ids::recover(&c, &pinned_s, &pinned_b).unwrap(), ids);
+        assert_eq!(
+            Ids::recover(&c, &pinned_s, &pinned_b, &BTreeMap::new()).unwrap(),
+            ids
+        );
     }
 
     #[test]
@@ -479,7 +630,7 @@ mod tests {
             port: 80,
         }
         .to_map(state::UNUSED);
-        let ids = Ids::recover(&c, &[], &[(7, slot)]).unwrap();
+        let ids = Ids::recover(&c, &[], &[(7, slot)], &BTreeMap::new()).unwrap();
         assert_eq!(b(&ids, "a"), 0);
     }
 

@@ -26,17 +26,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use failover_common::{
-    Backend as MapBackend, NO_BACKEND, Node, SVC_F_RESET, Service as MapService, ServiceKey,
+    Addr6, Backend as MapBackend, NO_BACKEND, Node, Node6, SVC_F_RESET, Service as MapService,
 };
 
 use super::{
     apply::Decision,
     grace::Graces,
-    ids::{BackendEndpoint, Ids},
+    ids::{self, BackendEndpoint, Ids, VipKey},
     operator_state::OperatorState,
     states::DataplaneState,
 };
@@ -53,6 +53,12 @@ use crate::{
 pub enum Write {
     /// `NODE`: SNAT address, ports and hash seed.
     Node(Node),
+    /// `NODE6`: the IPv6 SNAT address (all zero: none).
+    Node6(Node6),
+    /// A new or moved IPv6 backend's address (`BACKEND_ADDR6`), written
+    /// before its `BACKENDS` entry: its state never points at a stale
+    /// address.
+    BackendAddr6 { id: u32, addr: Addr6 },
     /// A new or moved backend's whole `BACKENDS` entry.
     Backend { id: u32, entry: MapBackend },
     /// A backend's state change: its entry as written before, with the
@@ -71,9 +77,9 @@ pub enum Write {
         next: Box<Programmed>,
     },
     /// A service no longer in the config, or at a new endpoint.
-    RemoveService { id: u32, key: ServiceKey },
-    /// The VIP pre-filter, replaced whole.
-    VipFilter(Vec<Ipv4Addr>),
+    RemoveService { id: u32, key: VipKey },
+    /// The VIP pre-filter, replaced whole (both families share it).
+    VipFilter(Vec<IpAddr>),
     /// A released backend id: `UNUSED`.
     Unused { id: u32, entry: MapBackend },
     /// Prompts the TCP clients of backends gone down (best effort).
@@ -103,8 +109,15 @@ impl fmt::Display for Write {
         let st = |e: &MapBackend| DataplaneState::from_raw(e.state);
         match self {
             Self::Node(_) => write!(f, "node"),
+            Self::Node6(n) => write!(f, "node6 {}", ids::ipv6_of(n.snat)),
+            Self::BackendAddr6 { id, addr } => write!(f, "addr6 {id} {}", ids::ipv6_of(*addr)),
+            Self::Backend { id, entry } if entry.addr_be == 0 => {
+                // An IPv6 backend: the address is the `addr6` write's.
+                let port = u16::from_be(entry.port_be);
+                write!(f, "backend {id} [addr6 {id}]:{port} {}", st(entry))
+            }
             Self::Backend { id, entry } => {
-                let ep = BackendEndpoint::from_map(entry);
+                let ep = BackendEndpoint::from_map(entry, None);
                 write!(f, "backend {id} {}:{} {}", ep.addr, ep.port, st(entry))
             }
             Self::State { id, entry } => write!(f, "state {id} {}", st(entry)),
@@ -134,7 +147,7 @@ impl fmt::Display for Write {
 /// A service as it is in the data plane.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Programmed {
-    pub key: ServiceKey,
+    pub key: VipKey,
     pub entry: MapService,
     /// The active ring, `entry.ring_size` entries.
     pub ring: Vec<u32>,
@@ -156,8 +169,10 @@ pub struct Current {
     /// `BACKENDS` entries in use, as written: a state change is then one
     /// write, no read.
     pub backends: BTreeMap<u32, MapBackend>,
+    /// `BACKEND_ADDR6` entries of the IPv6 backends in `backends`.
+    pub addr6: BTreeMap<u32, Addr6>,
     /// The VIP filter, once this agent wrote it.
-    pub vips: Option<Vec<Ipv4Addr>>,
+    pub vips: Option<Vec<IpAddr>>,
     /// `PATH_MSS` entries this agent wrote.
     pub path_mss: BTreeMap<u32, u32>,
 }
@@ -171,6 +186,10 @@ impl Current {
             }
             Write::Unused { id, .. } => {
                 self.backends.remove(&id);
+                self.addr6.remove(&id);
+            }
+            Write::BackendAddr6 { id, addr } => {
+                self.addr6.insert(id, addr);
             }
             Write::Flip { service, next } => {
                 self.services.insert(service, *next);
@@ -186,7 +205,7 @@ impl Current {
             Write::PathMss { id, mss } => {
                 self.path_mss.insert(id, mss);
             }
-            Write::Node(_) | Write::Ring { .. } | Write::Nudge { .. } => {}
+            Write::Node(_) | Write::Node6(_) | Write::Ring { .. } | Write::Nudge { .. } => {}
         }
     }
 
@@ -195,6 +214,12 @@ impl Current {
         self.backends
             .get(&id)
             .map(|b| DataplaneState::from_raw(b.state))
+    }
+
+    /// The endpoint backend `id` has in the data plane, if in use.
+    pub fn endpoint(&self, id: u32) -> Option<BackendEndpoint> {
+        let b = self.backends.get(&id)?;
+        Some(BackendEndpoint::from_map(b, self.addr6.get(&id).copied()))
     }
 
     /// Whether backend `id` takes flows (`UP` or `DRAINING`).
@@ -303,17 +328,25 @@ pub fn take_out(inp: &Inputs<'_>, cur: &Current, backends: &[String]) -> Vec<Wri
 
 /// `BACKENDS` entries for every config backend without a matching one
 /// (a new id, or one whose endpoint moved): `DOWN` until a first verdict.
+/// An IPv6 backend's address (`BACKEND_ADDR6`) goes first.
 pub fn new_backends(ids: &Ids, cur: &Current) -> Vec<Write> {
     ids.backends()
         .filter(|(_, a)| {
             cur.backends.get(&a.id).is_none_or(|b| {
-                BackendEndpoint::from_map(b) != a.endpoint
+                cur.endpoint(a.id) != Some(a.endpoint)
                     || DataplaneState::from_raw(b.state) == DataplaneState::Unused
             })
         })
-        .map(|(_, a)| Write::Backend {
-            id: a.id,
-            entry: a.endpoint.to_map(DataplaneState::Down.raw()),
+        .flat_map(|(_, a)| {
+            let addr = a
+                .endpoint
+                .addr6()
+                .filter(|addr| cur.addr6.get(&a.id) != Some(addr))
+                .map(|addr| Write::BackendAddr6 { id: a.id, addr });
+            addr.into_iter().chain([Write::Backend {
+                id: a.id,
+                entry: a.endpoint.to_map(DataplaneState::Down.raw()),
+            }])
         })
         .collect()
 }
@@ -327,9 +360,7 @@ pub fn path_mss(cfg: &Config, ids: &Ids, cur: &Current) -> Vec<Write> {
         .iter()
         .filter_map(|b| {
             let id = ids.backend(&b.name)?.id;
-            let mss = b
-                .path_mtu
-                .map_or(0, |m| u32::from(m) - config::IPV4_TCP_HEADERS);
+            let mss = b.path_mss();
             let now = cur.path_mss.get(&id).copied().unwrap_or(0);
             (now != mss).then_some(Write::PathMss { id, mss })
         })
@@ -430,12 +461,21 @@ pub struct Reconciled {
 /// A service's next state, before it is written.
 struct Next {
     name: String,
-    key: ServiceKey,
-    entry: MapService,
+    /// One per VIP: `vip`'s, then a dual-stack service's `vip6`'s.
+    vips: Vec<NextVip>,
     plan: ServicePlan,
     to: Vec<String>,
     open: Vec<u32>,
     changed: bool,
+}
+
+/// One VIP's data-plane service, before it is written.
+struct NextVip {
+    /// Its name in [`Ids`] and [`Current`] ([`ids::v6_key`] for `vip6`).
+    name: String,
+    key: VipKey,
+    entry: MapService,
+    ring: Vec<u32>,
 }
 
 /// Step 2: plans the services `d` touches (every one when `d.all`, and
@@ -448,7 +488,7 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
     let overrides = inp.operator.overrides();
     let mut next: Vec<Next> = Vec::new();
     for svc in &inp.cfg.services {
-        if inp.held.contains(&svc.name) {
+        if inp.held.contains(&svc.name) || inp.held.contains(&ids::v6_key(&svc.name)) {
             continue;
         }
         let known = cur.services.get(&svc.name);
@@ -463,20 +503,50 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
         let plan = planner::plan_service(inp.cfg, svc, &view, &bids, &overrides);
         let flags = service_flags(svc);
         let ring_size = plan.ring.len() as u32;
-        let key = sid.endpoint.key();
-        let changed = known.is_none_or(|p| {
-            p.ring != plan.ring
-                || p.key != key
-                || p.entry.id != sid.id
-                || p.entry.flags != flags
-                || p.entry.ring_size != ring_size
-        });
-        let (active_slot, generation) = match known {
-            Some(p) if p.key == key && p.entry.id == sid.id => {
-                (p.entry.active_slot, p.entry.generation)
-            }
-            _ => (1, 0), // flips to slot 0, generation 1
-        };
+        let half_open_ms =
+            u32::try_from(svc.timeouts.tcp_half_open.as_millis()).unwrap_or(u32::MAX);
+        let mut vips = vec![(svc.name.clone(), sid, plan.ring.clone())];
+        if let (Some(ring6), Some(sid6)) =
+            (plan.ring6.clone(), inp.ids.service(&ids::v6_key(&svc.name)))
+        {
+            vips.push((ids::v6_key(&svc.name), sid6, ring6));
+        }
+        // A dual-stack service's VIPs flip together: one plan, one switch.
+        let mut changed = false;
+        let vips: Vec<NextVip> = vips
+            .into_iter()
+            .map(|(name, sid, ring)| {
+                let known = cur.services.get(&name);
+                let key = sid.endpoint.key();
+                changed |= known.is_none_or(|p| {
+                    p.ring != ring
+                        || p.key != key
+                        || p.entry.id != sid.id
+                        || p.entry.flags != flags
+                        || p.entry.ring_size != ring_size
+                });
+                let (active_slot, generation) = match known {
+                    Some(p) if p.key == key && p.entry.id == sid.id => {
+                        (p.entry.active_slot, p.entry.generation)
+                    }
+                    _ => (1, 0), // flips to slot 0, generation 1
+                };
+                NextVip {
+                    name,
+                    key,
+                    entry: MapService {
+                        id: sid.id,
+                        flags,
+                        active_slot,
+                        ring_size,
+                        generation,
+                        half_open_ms,
+                        _pad: 0,
+                    },
+                    ring,
+                }
+            })
+            .collect();
         let to: Vec<String> = plan
             .backends
             .iter()
@@ -494,17 +564,7 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
         };
         next.push(Next {
             name: svc.name.clone(),
-            key,
-            entry: MapService {
-                id: sid.id,
-                flags,
-                active_slot,
-                ring_size,
-                generation,
-                half_open_ms: u32::try_from(svc.timeouts.tcp_half_open.as_millis())
-                    .unwrap_or(u32::MAX),
-                _pad: 0,
-            },
+            vips,
             plan,
             to,
             open,
@@ -515,7 +575,7 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
     // Target states, from every service's fail-open set.
     let mut open: BTreeSet<u32> = BTreeSet::new();
     for (name, p) in &cur.services {
-        if !next.iter().any(|n| &n.name == name) {
+        if !next.iter().any(|n| n.vips.iter().any(|v| &v.name == name)) {
             open.extend(&p.open);
         }
     }
@@ -552,36 +612,55 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
     }
     out.writes.extend(raise);
 
-    // The rings that changed: inactive slot, then the flip.
+    // The rings that changed: inactive slot, then the flip, per VIP.
     for n in next {
         if !n.changed {
-            out.kept.push(Kept {
-                weights: weights_of(&n.plan),
-                service: n.name,
-                open: n.open,
-            });
+            let weights = weights_of(&n.plan);
+            for v in n.vips {
+                out.kept.push(Kept {
+                    weights: weights.clone(),
+                    service: v.name,
+                    open: n.open.clone(),
+                });
+            }
             continue;
         }
-        let slot = n.entry.active_slot ^ 1;
-        out.writes.push(Write::Ring {
-            service_id: n.entry.id,
-            slot,
-            ring: n.plan.ring.clone(),
-        });
-        let entry = MapService {
-            active_slot: slot,
-            generation: n.entry.generation + 1,
-            ..n.entry
-        };
         let (from, from_weights) = cur
             .services
             .get(&n.name)
             .map(|p| (p.to.clone(), p.weights.clone()))
             .unwrap_or_default();
         let weights = weights_of(&n.plan);
+        let mut generation = 0;
+        let mut flips = Vec::new();
+        for v in n.vips {
+            let slot = v.entry.active_slot ^ 1;
+            out.writes.push(Write::Ring {
+                service_id: v.entry.id,
+                slot,
+                ring: v.ring.clone(),
+            });
+            let entry = MapService {
+                active_slot: slot,
+                generation: v.entry.generation + 1,
+                ..v.entry
+            };
+            generation = generation.max(entry.generation);
+            flips.push(Write::Flip {
+                service: v.name,
+                next: Box::new(Programmed {
+                    key: v.key,
+                    entry,
+                    ring: v.ring,
+                    to: n.to.clone(),
+                    open: n.open.clone(),
+                    weights: weights.clone(),
+                }),
+            });
+        }
         out.switched.push(Switch {
             service: n.name.clone(),
-            generation: entry.generation,
+            generation,
             from,
             to: n.to.clone(),
             weights: weight_changes(&from_weights, &weights),
@@ -589,22 +668,19 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
             justification: n.plan.justification,
             sovereignty: n.plan.sovereignty,
         });
-        out.writes.push(Write::Flip {
-            service: n.name,
-            next: Box::new(Programmed {
-                key: n.key,
-                entry,
-                ring: n.plan.ring,
-                to: n.to,
-                open: n.open,
-                weights,
-            }),
-        });
+        // The `vip6` flip first: the service's own (`vip`) flip is last,
+        // and with it the service counts as switched.
+        out.writes.extend(flips.into_iter().rev());
     }
 
     // The VIP filter, once the services at new VIPs are in place.
     if d.all {
-        let vips: Vec<Ipv4Addr> = inp.cfg.services.iter().map(|s| s.vip).collect();
+        let vips: Vec<IpAddr> = inp
+            .cfg
+            .services
+            .iter()
+            .flat_map(config::Service::vips)
+            .collect();
         if cur.vips.as_ref() != Some(&vips) {
             out.writes.push(Write::VipFilter(vips));
         }

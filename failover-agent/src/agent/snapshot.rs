@@ -84,9 +84,14 @@ impl Agent {
                             .filter_map(|n| cfg.backend(n).map(|b| b.tier))
                             .min()
                     }),
-                    stats: ids
-                        .service(&s.name)
-                        .and_then(|x| dp.service_stats(x.id).ok()),
+                    // A dual-stack service's traffic is that of both VIPs.
+                    stats: {
+                        let mut vips = ids
+                            .service_vips(&s.name)
+                            .filter_map(|x| dp.service_stats(x.id).ok());
+                        vips.next()
+                            .map(|first| vips.fold(first, |a, b| a.merge(&b)))
+                    },
                 }
             })
             .collect();

@@ -153,7 +153,7 @@ fn node_fields(a: &Node, b: &Node) -> Vec<&'static str> {
     let Node {
         interfaces,
         xdp_mode,
-        snat_address,
+        snat_addresses,
         snat_ports,
         pin_path,
         flow_capacity,
@@ -165,7 +165,7 @@ fn node_fields(a: &Node, b: &Node) -> Vec<&'static str> {
     differing(&[
         ("interfaces", *interfaces == b.interfaces),
         ("xdp_mode", *xdp_mode == b.xdp_mode),
-        ("snat_address", *snat_address == b.snat_address),
+        ("snat_addresses", *snat_addresses == b.snat_addresses),
         ("snat_ports", *snat_ports == b.snat_ports),
         ("pin_path", *pin_path == b.pin_path),
         ("flow_capacity", *flow_capacity == b.flow_capacity),
@@ -180,6 +180,7 @@ fn service_fields(a: &Service, b: &Service) -> Vec<&'static str> {
     let Service {
         name: _,
         vip,
+        vip6,
         port,
         protocol,
         backends,
@@ -189,6 +190,7 @@ fn service_fields(a: &Service, b: &Service) -> Vec<&'static str> {
     } = a;
     differing(&[
         ("vip", *vip == b.vip),
+        ("vip6", *vip6 == b.vip6),
         ("port", *port == b.port),
         ("protocol", *protocol == b.protocol),
         ("backends", *backends == b.backends),

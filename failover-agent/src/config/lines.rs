@@ -71,6 +71,11 @@ impl LineIndex {
 
     /// Line (1-based) of `path`, or of its closest ancestor that exists in
     /// the document (a missing optional field points at its parent).
+    /// Whether the text has the field at `path`.
+    pub(super) fn has(&self, path: &str) -> bool {
+        self.lines.contains_key(path)
+    }
+
     pub(super) fn line(&self, path: &str) -> usize {
         let mut path = path;
         loop {

@@ -44,7 +44,7 @@ fn every_example_validates() {
 fn two_clouds_example_has_the_documented_shape() {
     let config = load(&examples_dir().join("two-clouds.yaml")).unwrap();
     assert_eq!(config.node.interfaces, ["eth0", "eth1"]);
-    assert_eq!(config.node.snat_address, Ipv4Addr::new(198, 51, 100, 1));
+    assert_eq!(config.node.snat4(), Some(Ipv4Addr::new(198, 51, 100, 1)));
     assert_eq!(config.node.hash_seed, 0x5eed);
 
     let chat = config.service("chat").unwrap();
@@ -103,15 +103,22 @@ fn two_clouds_example_has_the_documented_shape() {
 
 #[test]
 fn examples_use_only_documentation_addresses() {
-    let documentation = |ip: Ipv4Addr| {
-        let [a, b, c, _] = ip.octets();
-        matches!((a, b, c), (192, 0, 2) | (198, 51, 100) | (203, 0, 113))
+    let documentation = |ip: IpAddr| match ip {
+        IpAddr::V4(ip) => {
+            let [a, b, c, _] = ip.octets();
+            matches!((a, b, c), (192, 0, 2) | (198, 51, 100) | (203, 0, 113))
+        }
+        IpAddr::V6(ip) => ip.segments()[..2] == [0x2001, 0x0db8],
     };
     for name in ["minimal.yaml", "two-clouds.yaml"] {
         let config = load(&examples_dir().join(name)).unwrap();
-        assert!(documentation(config.node.snat_address), "{name}");
+        for &snat in &config.node.snat_addresses {
+            assert!(documentation(snat), "{name}");
+        }
         for service in &config.services {
-            assert!(documentation(service.vip), "{name}: {}", service.name);
+            for vip in service.vips() {
+                assert!(documentation(vip), "{name}: {}", service.name);
+            }
         }
         for backend in &config.backends {
             assert!(documentation(backend.address), "{name}: {}", backend.name);
@@ -188,7 +195,7 @@ fn semantic_errors_are_all_reported_with_field_and_line() {
     assert_eq!(
         lines[10],
         format!(
-            "{origin}:21: services[1].vip: 192.0.2.10:80/tcp is already served by service \"chat\" (services[0])"
+            "{origin}:21: services[1].vip: 192.0.2.10:80/tcp is already served by service \"chat\" (services[0].vip)"
         )
     );
     assert!(
@@ -208,7 +215,7 @@ fn bad_address_names_field_value_and_line() {
     assert_eq!(located(&error), [(7, "services[0].vip")]);
     assert_eq!(
         error.to_string(),
-        format!("{origin}:7: services[0].vip: invalid IPv4 address \"1.2.3\"")
+        format!("{origin}:7: services[0].vip: invalid IP address \"1.2.3\"")
     );
     let text = std::fs::read_to_string(fixture("bad-address.yaml")).unwrap();
     for vip in ["10", "192.0.2.300", "\"\"", "[192.0.2.1]"] {
@@ -500,7 +507,7 @@ fn ring_size_limits() {
     config.services[0].policy.ring_size = 2;
     config.backends.push(Backend {
         name: "web-3".into(),
-        address: Ipv4Addr::new(203, 0, 113, 13),
+        address: Ipv4Addr::new(203, 0, 113, 13).into(),
         ..config.backends[0].clone()
     });
     config.services[0].backends.push("web-3".into());
@@ -664,11 +671,11 @@ fn sovereignty_by_region_and_labels() {
 fn names_and_addresses() {
     let mut config = minimal();
     config.services[0].name = "has space".into();
-    config.backends[0].address = Ipv4Addr::UNSPECIFIED;
+    config.backends[0].address = Ipv4Addr::UNSPECIFIED.into();
     config.backends[1].port = 0;
     config.backends[1].jurisdiction = " ".into();
     config.node.interfaces = vec!["eth0".into(), "eth0".into(), "a-very-long-ifname".into()];
-    config.node.snat_address = Ipv4Addr::BROADCAST;
+    config.node.snat_addresses = vec![Ipv4Addr::BROADCAST.into()];
     let mut fields = fields_of(&config);
     fields.sort();
     assert_eq!(
@@ -679,7 +686,7 @@ fn names_and_addresses() {
             "backends[1].port",
             "node.interfaces[1]",
             "node.interfaces[2]",
-            "node.snat_address",
+            "node.snat_addresses[0]",
             "services[0].name",
         ]
     );
@@ -1019,7 +1026,7 @@ fn type_errors_of_every_part_are_reported_together() {
     assert_eq!(
         error.to_string().lines().collect::<Vec<_>>(),
         [
-            "test.yaml:5: node.snat_address: invalid IPv4 address \"198.51.100\"",
+            "test.yaml:5: node.snat_address: invalid IP address \"198.51.100\"",
             "test.yaml:12: services[0].protocol: unknown variant `sctp`, expected `tcp` or `udp`",
             "test.yaml:20: backends[0].port: invalid value: integer `80800`, expected u16",
             "test.yaml:28: backends[1].colour: unknown field `colour`, expected one of `name`, `address`, `port`, `cloud`, `region`, `jurisdiction`, `tier`, `weight`, `labels`, `path_mtu`",
@@ -1138,14 +1145,14 @@ fn snat_ports_in_the_ephemeral_range_are_a_warning() {
 #[test]
 fn addresses_that_collide_are_refused_or_warned_about() {
     let mut config = minimal();
-    config.node.snat_address = config.services[0].vip;
+    config.node.snat_addresses = vec![config.services[0].vip];
     config.backends[0].address = config.services[0].vip;
     assert_eq!(
         fields_of(&config),
-        ["node.snat_address", "backends[0].address"]
+        ["node.snat_addresses[0]", "backends[0].address"]
     );
     let mut config = minimal();
-    config.backends[1].address = config.node.snat_address;
+    config.backends[1].address = config.node.snat_addresses[0];
     assert_eq!(fields_of(&config), ["backends[1].address"]);
 
     // As an operator sees them.
@@ -1431,4 +1438,287 @@ fn load_facet_errors_name_the_field() {
     );
     let errors = probe_errors("kind: tcp\n      load:\n        profile: ollama");
     assert_eq!(errors[0].1, "services[0].probe.load.profile", "{errors:?}");
+}
+
+/// A config of `services` (list items) over b4 (IPv4) and b6 (IPv6), SNAT
+/// on `snat` (the `node.snat_addresses` value).
+fn v6_text(snat: &str, services: &str) -> String {
+    format!(
+        "node:
+  interfaces: [eth0]
+  snat_addresses: {snat}
+  snat_ports: {{ min: 10000, max: 32767 }}
+services:
+{services}backends:
+  - {{ name: b4, address: 203.0.113.11, port: 80, cloud: c, region: r, jurisdiction: EU }}
+  - {{ name: b6, address: \"2001:db8:2::11\", port: 80, cloud: c, region: r, jurisdiction: EU }}
+"
+    )
+}
+
+fn service_text(vips: &str, backends: &str) -> String {
+    format!(
+        "  - name: web
+{vips}    port: 80
+    protocol: tcp
+    backends: [{backends}]
+    probe: {{ kind: tcp }}
+"
+    )
+}
+
+/// The errors of `text` as `line: field: message`.
+fn errors_of(text: &str) -> Vec<String> {
+    match checked(text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e
+            .errors()
+            .iter()
+            .map(|e| format!("{}: {}: {}", e.line, e.field, e.message))
+            .collect(),
+    }
+}
+
+#[test]
+fn ipv6_vips_backends_and_snat_addresses_are_read_in_canonical_form() {
+    let text = v6_text(
+        "[198.51.100.1, \"2001:DB8:100:0:0::1\"]",
+        &service_text(
+            "    vip: 192.0.2.10\n    vip6: \"2001:0db8::0010\"\n",
+            "b4, b6",
+        ),
+    );
+    let config = checked(&text).unwrap().config;
+    assert_eq!(config.node.snat4(), Some(Ipv4Addr::new(198, 51, 100, 1)));
+    assert_eq!(config.node.snat6().unwrap().to_string(), "2001:db8:100::1");
+    let web = &config.services[0];
+    let vips: Vec<String> = web.vips().map(|v| v.to_string()).collect();
+    assert_eq!(vips, ["192.0.2.10", "2001:db8::10"]);
+    assert_eq!(config.backends[1].address.to_string(), "2001:db8:2::11");
+    // An IPv6-only service: `vip` itself is IPv6.
+    let text = v6_text(
+        "\"2001:db8:100::1\"",
+        &service_text("    vip: \"2001:db8::10\"\n", "b6"),
+    );
+    assert!(checked(&text).is_ok(), "{:?}", errors_of(&text));
+    // The shorthand `snat_address` still reads, as a list of one, and
+    // writes back as `snat_addresses`.
+    let config = minimal();
+    assert_eq!(config.node.snat_addresses.len(), 1);
+    let yaml = serde_norway::to_string(&config).unwrap();
+    assert!(yaml.contains("snat_addresses:"), "{yaml}");
+    assert_eq!(parse(&yaml, "again").unwrap(), config);
+}
+
+#[test]
+fn a_vip_and_its_backends_share_a_family() {
+    // An IPv6 backend behind an IPv4-only service: named by its place in
+    // the pool.
+    let text = v6_text(
+        "[198.51.100.1, \"2001:db8:100::1\"]",
+        &service_text("    vip: 192.0.2.10\n", "b4, b6"),
+    );
+    assert_eq!(
+        errors_of(&text),
+        [
+            "10: services[0].backends[1]: backend \"b6\" has an IPv6 address (2001:db8:2::11) \
+          but the service has no IPv6 VIP (vip 192.0.2.10): a VIP's traffic goes to backends \
+          of its own family; give the service an IPv6 `vip6` to make it dual-stack"
+        ]
+    );
+    // An IPv4 backend behind an IPv6 VIP.
+    let text = v6_text(
+        "[198.51.100.1, \"2001:db8:100::1\"]",
+        &service_text("    vip: \"2001:db8::10\"\n", "b6, b4"),
+    );
+    assert_eq!(
+        errors_of(&text),
+        [
+            "10: services[0].backends[1]: backend \"b4\" has an IPv4 address (203.0.113.11) \
+          but the service has no IPv4 VIP (vip 2001:db8::10): a VIP's traffic goes to \
+          backends of its own family"
+        ]
+    );
+    // A dual-stack VIP with no backend of its family.
+    let text = v6_text(
+        "[198.51.100.1, \"2001:db8:100::1\"]",
+        &service_text("    vip: 192.0.2.10\n    vip6: \"2001:db8::10\"\n", "b4"),
+    );
+    assert_eq!(
+        errors_of(&text),
+        [
+            "8: services[0].vip6: no backend of the pool has an IPv6 address: this VIP would \
+          send nothing anywhere"
+        ]
+    );
+}
+
+#[test]
+fn each_vip_family_needs_a_snat_address_of_its_own() {
+    let text = v6_text(
+        "198.51.100.1",
+        &service_text("    vip: \"2001:db8::10\"\n", "b6"),
+    );
+    assert_eq!(
+        errors_of(&text),
+        [
+            "7: services[0].vip: 2001:db8::10 is an IPv6 VIP but node.snat_addresses has no \
+          IPv6 address: the node needs one to reach IPv6 backends"
+        ]
+    );
+    // Two of one family.
+    let text = v6_text(
+        "[\"2001:db8:100::1\", \"2001:db8:100::2\"]",
+        &service_text("    vip: \"2001:db8::10\"\n", "b6"),
+    );
+    assert_eq!(
+        errors_of(&text),
+        [
+            "3: node.snat_addresses[1]: a second IPv6 SNAT address (the first is \
+          node.snat_addresses[0]); the node has one per family"
+        ]
+    );
+    let text = v6_text("[]", &service_text("    vip: 192.0.2.10\n", "b4"));
+    assert_eq!(
+        errors_of(&text),
+        [
+            "3: node.snat_addresses: give the node a SNAT address (one per family its VIPs use)",
+            "7: services[0].vip: 192.0.2.10 is an IPv4 VIP but node.snat_addresses has no \
+             IPv4 address: the node needs one to reach IPv4 backends",
+        ]
+    );
+    // The shorthand is named as written.
+    let text = minimal_text().replacen("snat_address: 198.51.100.1", "snat_address: ::1", 1);
+    let shown = checked(&text).unwrap_err().to_string();
+    assert!(
+        shown.starts_with("test.yaml:5: node.snat_address: ::1 is a loopback address"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn unusable_ipv6_addresses_name_the_field() {
+    let cases = [
+        ("fe80::1", "is link-local (fe80::/10)"),
+        ("ff02::1", "is a multicast address (ff00::/8)"),
+        ("::", "is the unspecified address"),
+        (
+            "::ffff:192.0.2.1",
+            "is an IPv4-mapped address (::ffff:0:0/96): write the IPv4 address 192.0.2.1 instead",
+        ),
+        ("fec0::1", "is site-local (fec0::/10"),
+        ("::192.0.2.1", "is IPv4-compatible (::/96"),
+        ("::1", "is a loopback address"),
+    ];
+    for (address, why) in cases {
+        let text = v6_text(
+            "[198.51.100.1, \"2001:db8:100::1\"]",
+            &service_text(
+                &format!("    vip: 192.0.2.10\n    vip6: \"{address}\"\n"),
+                "b4, b6",
+            ),
+        );
+        let errors = errors_of(&text);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("8: services[0].vip6: ") && e.contains(why)),
+            "{address}: {errors:?}"
+        );
+        // As a backend's address (loopback there only warns).
+        let text = v6_text(
+            "[198.51.100.1, \"2001:db8:100::1\"]",
+            &service_text("    vip: \"2001:db8::10\"\n", "b6"),
+        )
+        .replacen("2001:db8:2::11", address, 1);
+        let errors = errors_of(&text);
+        if address == "::1" {
+            assert!(errors.is_empty(), "{errors:?}");
+        } else {
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.starts_with("14: backends[1].address: ") && e.contains(why)),
+                "{address}: {errors:?}"
+            );
+        }
+    }
+    // An IPv4 address in `vip6`: refused where it is read.
+    let text = v6_text(
+        "[198.51.100.1, \"2001:db8:100::1\"]",
+        &service_text("    vip: 192.0.2.10\n    vip6: 192.0.2.11\n", "b4, b6"),
+    );
+    let errors = errors_of(&text);
+    assert!(
+        errors[0].starts_with("8: services[0].vip6: 192.0.2.11 is an IPv4 address"),
+        "{errors:?}"
+    );
+    // `vip6` beside an IPv6 `vip`.
+    let text = v6_text(
+        "[198.51.100.1, \"2001:db8:100::1\"]",
+        &service_text(
+            "    vip: \"2001:db8::10\"\n    vip6: \"2001:db8::11\"\n",
+            "b6",
+        ),
+    );
+    assert_eq!(
+        errors_of(&text),
+        [
+            "8: services[0].vip6: vip 2001:db8::10 is already IPv6: a dual-stack service has an \
+          IPv4 `vip` and an IPv6 `vip6`"
+        ]
+    );
+    // An IPv6 backend's path MTU is at least 1280.
+    let text = v6_text(
+        "\"2001:db8:100::1\"",
+        &service_text("    vip: \"2001:db8::10\"\n", "b6"),
+    )
+    .replacen("port: 80, cloud", "port: 80, path_mtu: 1279, cloud", 2);
+    assert_eq!(
+        errors_of(&text),
+        [
+            "14: backends[1].path_mtu: path_mtu 1279 is below IPv6's minimum link MTU 1280 (RFC 8200)"
+        ]
+    );
+}
+
+#[test]
+fn a_dual_stack_listener_clash_names_the_vip_field() {
+    let two = format!(
+        "{}{}",
+        service_text(
+            "    vip: 192.0.2.10\n    vip6: \"2001:db8::10\"\n",
+            "b4, b6"
+        ),
+        service_text("    vip: \"2001:db8::10\"\n", "b6").replacen("name: web", "name: api", 1)
+    );
+    let text = v6_text("[198.51.100.1, \"2001:db8:100::1\"]", &two);
+    assert_eq!(
+        errors_of(&text),
+        [
+            "14: services[1].vip: [2001:db8::10]:80/tcp is already served by service \"web\" \
+          (services[0].vip6)"
+        ]
+    );
+}
+
+#[test]
+fn every_vip_counts_against_the_data_planes_services() {
+    // 33 dual-stack services: 66 VIPs, over the 64 the data plane holds.
+    let services: String = (0..33)
+        .map(|i| {
+            format!(
+                "  - {{ name: s{i}, vip: 192.0.2.{i}, vip6: \"2001:db8::{i:x}\", port: 80, \
+                 protocol: tcp, backends: [b4, b6], probe: {{ kind: tcp }} }}\n"
+            )
+        })
+        .collect();
+    let text = v6_text("[198.51.100.1, \"2001:db8:100::1\"]", &services);
+    assert_eq!(
+        errors_of(&text),
+        [
+            "5: services: 66 VIPs configured (a dual-stack service has two); the data plane \
+          holds at most 64"
+        ]
+    );
 }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv6Addr},
     time::Duration,
 };
 
@@ -182,26 +182,28 @@ pub(super) fn check(config: &Config, host: &Host) -> Vec<Issue> {
     checker.issues
 }
 
-/// Addresses that collide: a backend or the SNAT address that is also a
-/// VIP, a backend at the SNAT address or on loopback.
+/// Addresses that collide: a backend or a SNAT address that is also a
+/// VIP, a backend at a SNAT address or on loopback.
 fn check_addresses(c: &mut Checker, config: &Config) {
-    let vip_of = |address: Ipv4Addr| {
+    let vip_of = |address: IpAddr| {
         config
             .services
             .iter()
             .enumerate()
-            .find(|(_, s)| s.vip == address)
+            .find(|(_, s)| s.vips().any(|vip| vip == address))
             .map(|(j, s)| format!("the VIP of service {:?} (services[{j}])", s.name))
     };
-    let snat = config.node.snat_address;
-    if let Some(vip) = vip_of(snat) {
-        c.fail(
-            "node.snat_address",
-            format!(
-                "{snat} is also {vip}: backends' replies to the NAT address would meet the \
-                 VIP's handling; give the node an address of its own for SNAT"
-            ),
-        );
+    let snats = &config.node.snat_addresses;
+    for (k, &snat) in snats.iter().enumerate() {
+        if let Some(vip) = vip_of(snat) {
+            c.fail(
+                snat_path(k),
+                format!(
+                    "{snat} is also {vip}: backends' replies to the NAT address would meet the \
+                     VIP's handling; give the node an address of its own for SNAT"
+                ),
+            );
+        }
     }
     for (i, backend) in config.backends.iter().enumerate() {
         let path = format!("backends[{i}].address");
@@ -214,12 +216,13 @@ fn check_addresses(c: &mut Checker, config: &Config) {
                      load balancer; use the backend's own address"
                 ),
             );
-        } else if address == snat {
+        } else if let Some(k) = snats.iter().position(|&s| s == address) {
             c.fail(
                 path,
                 format!(
-                    "{address} is node.snat_address: the node would send NAT traffic to \
-                     itself; use the backend's own address"
+                    "{address} is {}: the node would send NAT traffic to \
+                     itself; use the backend's own address",
+                    snat_path(k)
                 ),
             );
         } else if address.is_loopback() {
@@ -233,6 +236,16 @@ fn check_addresses(c: &mut Checker, config: &Config) {
             );
         }
     }
+}
+
+/// The field of the `k`th SNAT address: `node.snat_addresses[k]`.
+fn snat_path(k: usize) -> String {
+    format!("node.snat_addresses[{k}]")
+}
+
+/// `IPv4` or `IPv6`.
+fn family(address: IpAddr) -> &'static str {
+    if address.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 fn check_node(c: &mut Checker, node: &Node) {
@@ -264,7 +277,34 @@ fn check_node(c: &mut Checker, node: &Node) {
             c.fail(path, format!("interface {name:?} is listed twice"));
         }
     }
-    check_unicast(c, "node.snat_address", node.snat_address);
+    if node.snat_addresses.is_empty() {
+        c.fail(
+            "node.snat_addresses",
+            "give the node a SNAT address (one per family its VIPs use)",
+        );
+    }
+    for (k, &address) in node.snat_addresses.iter().enumerate() {
+        let path = snat_path(k);
+        check_unicast(c, &path, address);
+        if let Some(j) = node.snat_addresses[..k]
+            .iter()
+            .position(|a| a.is_ipv4() == address.is_ipv4())
+        {
+            c.fail(
+                path,
+                format!(
+                    "a second {} SNAT address (the first is node.snat_addresses[{j}]); \
+                     the node has one per family",
+                    family(address)
+                ),
+            );
+        } else if address.is_ipv6() && address.is_loopback() {
+            c.fail(
+                path,
+                format!("{address} is a loopback address: backends cannot answer it"),
+            );
+        }
+    }
     let ports = node.snat_ports;
     if ports.min == 0 {
         c.fail(
@@ -346,6 +386,18 @@ fn check_backends(c: &mut Checker, backends: &[Backend]) {
             first.insert(&backend.name, i);
         }
         check_unicast(c, &format!("{path}.address"), backend.address);
+        if let (IpAddr::V6(_), Some(mtu)) = (backend.address, backend.path_mtu)
+            && mtu < super::IPV6_MIN_MTU
+            && super::PATH_MTU_RANGE.contains(&mtu)
+        {
+            c.fail(
+                format!("{path}.path_mtu"),
+                format!(
+                    "path_mtu {mtu} is below IPv6's minimum link MTU {} (RFC 8200)",
+                    super::IPV6_MIN_MTU
+                ),
+            );
+        }
         if backend.port == 0 {
             c.fail(format!("{path}.port"), "port must be 1 to 65535");
         }
@@ -387,12 +439,22 @@ fn check_backends(c: &mut Checker, backends: &[Backend]) {
 
 fn check_services(c: &mut Checker, config: &Config) {
     let services = &config.services;
+    // Each VIP is a data-plane service: a dual-stack service takes two.
+    let vips: usize = services.iter().map(|s| s.vips().count()).sum();
     if services.len() > MAX_SERVICES as usize {
         c.fail(
             "services",
             format!(
                 "{} services configured; the data plane holds at most {MAX_SERVICES}",
                 services.len()
+            ),
+        );
+    } else if vips > MAX_SERVICES as usize {
+        c.fail(
+            "services",
+            format!(
+                "{vips} VIPs configured (a dual-stack service has two); the data plane \
+                 holds at most {MAX_SERVICES}"
             ),
         );
     }
@@ -412,24 +474,54 @@ fn check_services(c: &mut Checker, config: &Config) {
         } else {
             first_name.insert(&service.name, i);
         }
-        check_unicast(c, &format!("{path}.vip"), service.vip);
         if service.port == 0 {
             c.fail(format!("{path}.port"), "port must be 1 to 65535");
         }
-        let listener = (service.vip, service.port, service.protocol);
-        if let Some(&j) = first_listener.get(&listener) {
-            let other: &Service = &services[j];
+        for (field, vip) in vip_fields(service) {
+            let vpath = format!("{path}.{field}");
+            check_unicast(c, &vpath, vip);
+            if vip.is_ipv6() && vip.is_loopback() {
+                c.fail(
+                    &vpath,
+                    format!("{vip} is a loopback address: no client outside this node reaches it"),
+                );
+            }
+            if config.node.snat_for(vip).is_none() {
+                c.fail(
+                    &vpath,
+                    format!(
+                        "{vip} is an {fam} VIP but node.snat_addresses has no {fam} \
+                         address: the node needs one to reach {fam} backends",
+                        fam = family(vip)
+                    ),
+                );
+            }
+            let listener = (vip, service.port, service.protocol);
+            if let Some(&(j, other_field)) = first_listener.get(&listener) {
+                let other: &Service = &services[j];
+                c.fail(
+                    vpath,
+                    format!(
+                        "{} is already served by service {:?} (services[{j}].{other_field})",
+                        listener_text(vip, service),
+                        other.name
+                    ),
+                );
+            } else {
+                first_listener.insert(listener, (i, field));
+            }
+        }
+        if let (IpAddr::V6(v6), Some(_)) = (service.vip, service.vip6) {
             c.fail(
-                format!("{path}.vip"),
+                format!("{path}.vip6"),
                 format!(
-                    "{}:{}/{} is already served by service {:?} (services[{j}])",
-                    service.vip, service.port, service.protocol, other.name
+                    "vip {v6} is already IPv6: a dual-stack service has an IPv4 `vip` \
+                     and an IPv6 `vip6`"
                 ),
             );
-        } else {
-            first_listener.insert(listener, i);
         }
         let pool = check_pool(c, &path, service, config);
+        check_families(c, &path, service, config);
         check_probe(c, &format!("{path}.probe"), &service.probe);
         check_policy(c, &format!("{path}.policy"), &service.policy, &pool);
         check_timeouts(c, &format!("{path}.timeouts"), &service.timeouts);
@@ -485,6 +577,70 @@ fn check_one_probe_per_backend(c: &mut Checker, services: &[Service]) {
                      a backend is probed once, so this probe would never run for it \
                      (give this service its own backend entries, at the same address if need be)",
                     services[j].name
+                ),
+            );
+        }
+    }
+}
+
+/// The VIP fields of a service with their values: `vip`, and `vip6`.
+fn vip_fields(service: &Service) -> impl Iterator<Item = (&'static str, IpAddr)> {
+    std::iter::once(("vip", service.vip)).chain(service.vip6.map(|v| ("vip6", IpAddr::V6(v))))
+}
+
+/// `192.0.2.1:80/tcp`, `[2001:db8::1]:80/tcp`.
+fn listener_text(vip: IpAddr, service: &Service) -> String {
+    format!(
+        "{}/{}",
+        std::net::SocketAddr::new(vip, service.port),
+        service.protocol
+    )
+}
+
+/// Each backend of the pool is of a family one of the service's VIPs has,
+/// and each VIP has a backend of its family.
+fn check_families(c: &mut Checker, path: &str, service: &Service, config: &Config) {
+    let mut served = [false; 2];
+    for (j, name) in service.backends.iter().enumerate() {
+        let Some(backend) = config.backend(name) else {
+            continue;
+        };
+        let address = backend.address;
+        if let Some(vip) = service.vip_for(address) {
+            served[usize::from(vip.is_ipv6())] = true;
+            continue;
+        }
+        let vips: Vec<String> = vip_fields(service)
+            .map(|(field, vip)| format!("{field} {vip}"))
+            .collect();
+        let hint = if address.is_ipv6() {
+            "; give the service an IPv6 `vip6` to make it dual-stack"
+        } else {
+            ""
+        };
+        c.fail(
+            format!("{path}.backends[{j}]"),
+            format!(
+                "backend {name:?} has an {} address ({address}) but the service has no {} \
+                 VIP ({}): a VIP's traffic goes to backends of its own family{hint}",
+                family(address),
+                family(address),
+                vips.join(", ")
+            ),
+        );
+    }
+    if service.backends.is_empty() {
+        return;
+    }
+    for (field, vip) in vip_fields(service) {
+        let all_resolved = service.backends.iter().all(|n| config.backend(n).is_some());
+        if all_resolved && !served[usize::from(vip.is_ipv6())] {
+            c.fail(
+                format!("{path}.{field}"),
+                format!(
+                    "no backend of the pool has an {} address: this VIP would send \
+                     nothing anywhere",
+                    family(vip)
                 ),
             );
         }
@@ -1006,9 +1162,50 @@ fn check_name(c: &mut Checker, path: &str, name: &str) {
     }
 }
 
-fn check_unicast(c: &mut Checker, path: &str, address: Ipv4Addr) {
-    if address.is_unspecified() || address.is_multicast() || address.is_broadcast() {
-        c.fail(path, format!("{address} is not a unicast address"));
+/// An address the data plane can send to or answer from: unicast, and
+/// for IPv6 global in scope and written as IPv6.
+fn check_unicast(c: &mut Checker, path: &str, address: IpAddr) {
+    match address {
+        IpAddr::V4(a) => {
+            if a.is_unspecified() || a.is_multicast() || a.is_broadcast() {
+                c.fail(path, format!("{a} is not a unicast address"));
+            }
+        }
+        IpAddr::V6(a) => {
+            if let Some(why) = ipv6_unusable(a) {
+                c.fail(path, format!("{a} {why}"));
+            }
+        }
+    }
+}
+
+/// Why an IPv6 address cannot be a VIP, backend or SNAT address, if so.
+/// Loopback is left to the callers (a backend on it only warns).
+fn ipv6_unusable(a: Ipv6Addr) -> Option<String> {
+    let first = a.segments()[0];
+    if a.is_unspecified() {
+        Some("is the unspecified address, not a unicast one".to_owned())
+    } else if a.is_multicast() {
+        Some("is a multicast address (ff00::/8), not a unicast one".to_owned())
+    } else if first & 0xffc0 == 0xfe80 {
+        Some(
+            "is link-local (fe80::/10): it names no host without an interface scope, \
+             and the data plane routes by address alone; use a global or unique-local one"
+                .to_owned(),
+        )
+    } else if let Some(v4) = a.to_ipv4_mapped() {
+        Some(format!(
+            "is an IPv4-mapped address (::ffff:0:0/96): write the IPv4 address {v4} instead"
+        ))
+    } else if first & 0xffc0 == 0xfec0 {
+        Some("is site-local (fec0::/10, deprecated by RFC 3879); use a unique-local one".to_owned())
+    } else if a.segments()[..6] == [0; 6] && !a.is_loopback() {
+        Some(
+            "is IPv4-compatible (::/96, deprecated by RFC 4291); write the IPv4 address instead"
+                .to_owned(),
+        )
+    } else {
+        None
     }
 }
 

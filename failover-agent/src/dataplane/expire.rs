@@ -11,27 +11,27 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use failover_common::{Flow, FlowKey, Reverse, ReverseKey, SEEN_SHIFT};
+use failover_common::{Addr, Flow, FlowKey, Reverse, ReverseKey, SEEN_SHIFT};
 
 /// A flow to remove: both of its entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Expired {
-    pub flow: FlowKey,
-    pub reverse: Option<ReverseKey>,
+pub struct Expired<A = u32> {
+    pub flow: FlowKey<A>,
+    pub reverse: Option<ReverseKey<A>>,
 }
 
 /// The flows idle longer than `timeout(service_id, proto)` at stamp `now`
 /// ([`now_stamp`]). A flow's last activity is the later of its two stamps
-/// (compared modulo 2^32).
-pub fn expired(
-    flows: &[(FlowKey, Flow)],
-    reverse: &[(ReverseKey, Reverse)],
+/// (compared modulo 2^32). Either family: `A` is the address.
+pub fn expired<A: Addr>(
+    flows: &[(FlowKey<A>, Flow)],
+    reverse: &[(ReverseKey<A>, Reverse<A>)],
     now: u32,
-    snat_be: u32,
-    backend_of: impl Fn(u32) -> Option<(u32, u16)>,
+    snat_be: A,
+    backend_of: impl Fn(u32) -> Option<(A, u16)>,
     timeout: impl Fn(u32, u8) -> Option<Duration>,
-) -> Vec<Expired> {
-    let rev: HashMap<ReverseKey, u32> = reverse.iter().map(|(k, v)| (*k, v.seen)).collect();
+) -> Vec<Expired<A>> {
+    let rev: HashMap<ReverseKey<A>, u32> = reverse.iter().map(|(k, v)| (*k, v.seen)).collect();
     let mut out = Vec::new();
     for (k, f) in flows {
         let Some(limit) = timeout(f.service_id, k.proto) else {

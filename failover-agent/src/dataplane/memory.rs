@@ -8,9 +8,9 @@
 use std::mem::size_of;
 
 use failover_common::{
-    Backend, BackendStats, DEVMAP_MAX, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, NextHop, Node,
-    PENDING_MAX, Pending, RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey,
-    ServiceStats, VipFilter, names,
+    Addr6, Backend, BackendStats, DEVMAP_MAX, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, NextHop,
+    Node, Node6, PENDING_MAX, Pending, RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service,
+    ServiceKey, ServiceStats, VipFilter, names,
 };
 
 const HASH_ENTRY_OVERHEAD: u64 = 48;
@@ -68,6 +68,44 @@ pub fn estimate(flow_capacity: u32, cpus: u32) -> Vec<(&'static str, u64)> {
             names::NEXTHOPS,
             cpus * array(size_of::<NextHop>(), MAX_BACKENDS),
         ),
+        // IPv6: the same tables with 16-byte addresses, sized alike.
+        (names::NODE6, array(size_of::<Node6>(), 1)),
+        (
+            names::SERVICES6,
+            hash(
+                size_of::<ServiceKey<Addr6>>(),
+                size_of::<Service>(),
+                MAX_SERVICES,
+            ),
+        ),
+        (
+            names::BACKEND_ADDR6,
+            array(size_of::<Addr6>(), MAX_BACKENDS),
+        ),
+        (
+            names::FLOWS6,
+            hash(
+                size_of::<FlowKey<Addr6>>(),
+                size_of::<Flow>(),
+                flow_capacity,
+            ),
+        ),
+        (
+            names::REVERSE6,
+            hash(
+                size_of::<ReverseKey<Addr6>>(),
+                size_of::<Reverse<Addr6>>(),
+                flow_capacity,
+            ),
+        ),
+        (
+            names::PENDING6,
+            array(size_of::<Pending<Addr6>>(), PENDING_MAX),
+        ),
+        (
+            names::NEXTHOPS6,
+            cpus * array(size_of::<NextHop<Addr6>>(), MAX_BACKENDS),
+        ),
     ]
 }
 
@@ -98,14 +136,17 @@ mod tests {
     /// ids (33.5 MB), so that every service can use the largest Maglev
     /// table and flip between two of them; that is worth its memory on an
     /// edge node, which has GBs. The flow tables scale with
-    /// `flow_capacity`.
+    /// `flow_capacity`; the IPv6 ones (`FLOWS6`, `REVERSE6`) have as many
+    /// entries as the IPv4 ones, with larger keys and values (about 90 MiB
+    /// more at the default size).
     #[test]
     fn the_default_sizes_fit_the_budget() {
         let maps = estimate(failover_common::FLOWS_MAX, 64);
         let get = |n: &str| maps.iter().find(|(m, _)| *m == n).unwrap().1;
         assert_eq!(get(names::RINGS), 128 * 262_152);
         let total: u64 = maps.iter().map(|(_, b)| b).sum();
-        assert!(total <= 160 * MIB, "{} MiB", total / MIB);
+        assert!(total <= 224 * MIB, "{} MiB", total / MIB);
+        assert!(get(names::FLOWS6) + get(names::REVERSE6) <= 96 * MIB);
         assert!(get(names::FLOWS) + get(names::REVERSE) <= 72 * MIB);
         // About 264 bytes a flow in the two tables: 264 MiB per 1M.
         let big = estimate(1 << 20, 64);

@@ -16,7 +16,7 @@ mod nudge;
 mod rings;
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -26,8 +26,8 @@ use aya::{
     programs::{ProgramError, Xdp},
 };
 use failover_common::{
-    Backend, BackendStats, Flow, FlowKey, NextHop, Node, Pending, Reverse, ReverseKey, Ring,
-    Service, ServiceKey, ServiceStats, VipFilter, names,
+    Addr, Addr6, Backend, BackendStats, Flow, FlowKey, NextHop, Node, Node6, Pending, Reverse,
+    ReverseKey, Ring, Service, ServiceKey, ServiceStats, VipFilter, names,
 };
 
 pub use attach::{Attached, XdpMode, driver, ifindex};
@@ -114,21 +114,31 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| ErrorKind::Map { map, source }.into()
 }
 
-/// A live `PENDING` slot.
+/// A flow of either family, as listings show it (`SocketAddr`'s display
+/// is canonical: `[2001:db8::1]:443`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PendingFlow {
-    pub slot: u32,
-    pub entry: Pending,
+pub struct FlowView {
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    pub proto: u8,
+    pub flow: Flow,
 }
 
-impl std::ops::Deref for PendingFlow {
-    type Target = Pending;
-    fn deref(&self) -> &Pending {
+/// A live `PENDING` (or `PENDING6`) slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingFlow<A = u32> {
+    pub slot: u32,
+    pub entry: Pending<A>,
+}
+
+impl<A> std::ops::Deref for PendingFlow<A> {
+    type Target = Pending<A>;
+    fn deref(&self) -> &Pending<A> {
         &self.entry
     }
 }
 
-impl PendingFlow {
+impl<A> PendingFlow<A> {
     /// The NAT port, which the slot index holds (network order).
     pub fn nat_port_be(&self) -> u16 {
         ((self.slot & 0xffff) as u16).to_be()
@@ -163,6 +173,12 @@ pub struct Dataplane {
     flows: HashMap<MapData, FlowKey, Flow>,
     reverse: HashMap<MapData, ReverseKey, Reverse>,
     pending: Array<MapData, Pending>,
+    node6: Array<MapData, Node6>,
+    services6: HashMap<MapData, ServiceKey<Addr6>, Service>,
+    backend_addr6: Array<MapData, Addr6>,
+    flows6: HashMap<MapData, FlowKey<Addr6>, Flow>,
+    reverse6: HashMap<MapData, ReverseKey<Addr6>, Reverse<Addr6>>,
+    pending6: Array<MapData, Pending<Addr6>>,
     path_mss: Array<MapData, u32>,
     /// Held so the tail-call table stays set while this agent runs.
     _jumps: ProgramArray<MapData>,
@@ -186,8 +202,8 @@ impl Dataplane {
         Self::load_sized(pin_dir, failover_common::FLOWS_MAX)
     }
 
-    /// As [`load`](Self::load), with `flow_capacity` entries in `FLOWS` and
-    /// `REVERSE` when they are created. Maps already pinned keep their
+    /// As [`load`](Self::load), with `flow_capacity` entries in `FLOWS`,
+    /// `REVERSE`, `FLOWS6` and `REVERSE6` when they are created. Maps already pinned keep their
     /// size: a new capacity takes effect once the pins are removed.
     pub fn load_sized(pin_dir: &Path, flow_capacity: u32) -> Result<Self> {
         bpffs::ensure_mounted(pin_dir)?;
@@ -201,6 +217,8 @@ impl Dataplane {
             .default_map_pin_directory(&map_dir)
             .map_max_entries(names::FLOWS, flow_capacity)
             .map_max_entries(names::REVERSE, flow_capacity)
+            .map_max_entries(names::FLOWS6, flow_capacity)
+            .map_max_entries(names::REVERSE6, flow_capacity)
             .load(OBJECT)
             .map_err(ErrorKind::Load)?;
         for name in [
@@ -249,6 +267,12 @@ impl Dataplane {
             flows: take!(ebpf, names::FLOWS),
             reverse: take!(ebpf, names::REVERSE),
             pending: take!(ebpf, names::PENDING),
+            node6: take!(ebpf, names::NODE6),
+            services6: take!(ebpf, names::SERVICES6),
+            backend_addr6: take!(ebpf, names::BACKEND_ADDR6),
+            flows6: take!(ebpf, names::FLOWS6),
+            reverse6: take!(ebpf, names::REVERSE6),
+            pending6: take!(ebpf, names::PENDING6),
             path_mss: take!(ebpf, names::PATH_MSS),
             _jumps: jumps,
             devmap: take!(ebpf, names::DEVMAP),
@@ -297,11 +321,24 @@ impl Dataplane {
         self.node.get(&0, 0).map_err(map_err(names::NODE))
     }
 
-    /// Replaces the VIP pre-filter with exactly `vips`, in one write.
-    pub fn set_vips(&mut self, vips: impl IntoIterator<Item = Ipv4Addr>) -> Result<()> {
+    /// `NODE6`: the IPv6 SNAT address.
+    pub fn set_node6(&mut self, node: Node6) -> Result<()> {
+        self.node6.set(0, node, 0).map_err(map_err(names::NODE6))
+    }
+
+    pub fn node6(&self) -> Result<Node6> {
+        self.node6.get(&0, 0).map_err(map_err(names::NODE6))
+    }
+
+    /// Replaces the VIP pre-filter with exactly `vips` (of both families,
+    /// which share it), in one write.
+    pub fn set_vips(&mut self, vips: impl IntoIterator<Item = impl Into<IpAddr>>) -> Result<()> {
         let mut f = Box::new(VipFilter::empty());
         for v in vips {
-            f.insert(u32::from(v).to_be());
+            match v.into() {
+                IpAddr::V4(v) => f.insert(crate::agent::ids::addr4(v)),
+                IpAddr::V6(v) => f.insert(crate::agent::ids::addr6(v)),
+            }
         }
         self.vip_filter
             .set(0, *f, 0)
@@ -318,8 +355,22 @@ impl Dataplane {
         self.backends.get(&id, 0).map_err(map_err(names::BACKENDS))
     }
 
+    /// An IPv6 backend's address (`BACKEND_ADDR6`); written before its
+    /// `BACKENDS` entry.
+    pub fn set_backend_addr6(&mut self, id: u32, addr: Addr6) -> Result<()> {
+        self.backend_addr6
+            .set(id, addr, 0)
+            .map_err(map_err(names::BACKEND_ADDR6))
+    }
+
+    pub fn backend_addr6(&self, id: u32) -> Result<Addr6> {
+        self.backend_addr6
+            .get(&id, 0)
+            .map_err(map_err(names::BACKEND_ADDR6))
+    }
+
     /// The MSS clamped into handshakes toward backend `id` (`path_mtu`
-    /// less 40; 0: none). Written before the backend enters a ring.
+    /// less the headers of its family; 0: none). Written before the backend enters a ring.
     pub fn set_path_mss(&mut self, id: u32, mss: u32) -> Result<()> {
         self.path_mss
             .set(id, mss, 0)
@@ -366,6 +417,34 @@ impl Dataplane {
             .map_err(map_err(names::SERVICES))
     }
 
+    pub fn service6(&self, key: &ServiceKey<Addr6>) -> Result<Option<Service>> {
+        match self.services6.get(key, 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::SERVICES6)(e)),
+        }
+    }
+
+    pub fn put_service6(&mut self, key: ServiceKey<Addr6>, svc: Service) -> Result<()> {
+        self.services6
+            .insert(key, svc, 0)
+            .map_err(map_err(names::SERVICES6))
+    }
+
+    pub fn remove_service6(&mut self, key: &ServiceKey<Addr6>) -> Result<()> {
+        match self.services6.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::SERVICES6)(e)),
+        }
+    }
+
+    pub fn services6(&self) -> Result<Vec<(ServiceKey<Addr6>, Service)>> {
+        self.services6
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::SERVICES6))
+    }
+
     /// Allows redirects to `ifindex` (an interface with our program).
     pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
         self.devmap
@@ -377,20 +456,69 @@ impl Dataplane {
     /// the half-open ones, read in batches.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
         let mut out = self.established_flows()?;
-        out.extend(self.pending()?.iter().map(|p| {
-            (
-                p.flow_key(),
-                Flow {
-                    backend_id: p.backend_id,
-                    service_id: p.service_id,
-                    nat_port_be: p.nat_port_be(),
-                    svc_flags: p.svc_flags,
-                    created_ns: p.created_ns,
-                    ..Flow::default()
-                },
-            )
+        out.extend(self.pending()?.iter().map(pending_flow));
+        Ok(out)
+    }
+
+    /// Every flow of both families, for listings: [`flows`](Self::flows),
+    /// then [`flows6`](Self::flows6).
+    pub fn all_flows(&self) -> Result<Vec<FlowView>> {
+        use crate::agent::ids::{ipv4_of, ipv6_of};
+        let mut out: Vec<FlowView> = self
+            .flows()?
+            .into_iter()
+            .map(|(k, flow)| FlowView {
+                client: SocketAddr::new(ipv4_of(k.src_be).into(), u16::from_be(k.sport_be)),
+                vip: SocketAddr::new(ipv4_of(k.dst_be).into(), u16::from_be(k.dport_be)),
+                proto: k.proto,
+                flow,
+            })
+            .collect();
+        out.extend(self.flows6()?.into_iter().map(|(k, flow)| FlowView {
+            client: SocketAddr::new(ipv6_of(k.src_be).into(), u16::from_be(k.sport_be)),
+            vip: SocketAddr::new(ipv6_of(k.dst_be).into(), u16::from_be(k.dport_be)),
+            proto: k.proto,
+            flow,
         }));
         Ok(out)
+    }
+
+    /// Whether the node has an IPv6 SNAT address (`NODE6`): without one
+    /// the program makes no IPv6 flow, and the IPv6 tables are not read
+    /// (`PENDING6` alone is 6 MiB, read on every listing and nudge).
+    pub fn has_ipv6(&self) -> bool {
+        self.node6().is_ok_and(|n| n.snat != Addr6::default())
+    }
+
+    /// Every IPv6 flow: `FLOWS6`, then the half-open ones (`PENDING6`);
+    /// none without an IPv6 SNAT address ([`has_ipv6`](Self::has_ipv6)).
+    pub fn flows6(&self) -> Result<Vec<(FlowKey<Addr6>, Flow)>> {
+        if !self.has_ipv6() {
+            return Ok(Vec::new());
+        }
+        let mut out = self.established_flows6()?;
+        out.extend(self.pending6()?.iter().map(pending_flow));
+        Ok(out)
+    }
+
+    /// The established IPv6 flows (`FLOWS6`).
+    pub fn established_flows6(&self) -> Result<Vec<(FlowKey<Addr6>, Flow)>> {
+        use aya::maps::IterableMap as _;
+        batch::entries(self.flows6.map())
+            .map_err(|e| map_err(names::FLOWS6)(aya::maps::MapError::from(e)))
+    }
+
+    /// The half-open IPv6 flows (`PENDING6` slots that have not expired).
+    pub fn pending6(&self) -> Result<Vec<PendingFlow<Addr6>>> {
+        use aya::maps::IterableMap as _;
+        let now = monotonic_ns();
+        let all: Vec<(u32, Pending<Addr6>)> = batch::entries(self.pending6.map())
+            .map_err(|e| map_err(names::PENDING6)(aya::maps::MapError::from(e)))?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, p)| p.expires_ns > now)
+            .map(|(slot, p)| PendingFlow { slot, entry: p })
+            .collect())
     }
 
     /// The established flows (`FLOWS`).
@@ -437,49 +565,88 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Removes the established flows idle in both directions for longer
-    /// than `timeout(service_id, proto)` (`None`: never), at stamp `now`
-    /// ([`now_stamp`]). Returns how many went.
+    /// Removes the established flows (of both families) idle in both
+    /// directions for longer than `timeout(service_id, proto)` (`None`:
+    /// never), at stamp `now` ([`now_stamp`]). Returns how many went.
     pub fn expire_idle(
         &mut self,
         now: u32,
         timeout: impl Fn(u32, u8) -> Option<std::time::Duration>,
     ) -> Result<usize> {
         use aya::maps::IterableMap as _;
+        let mut gone = 0;
         let flows = self.established_flows()?;
-        if flows.is_empty() {
-            return Ok(0);
+        if !flows.is_empty() {
+            let reverse: Vec<(ReverseKey, Reverse)> = batch::entries(self.reverse.map())
+                .map_err(|e| map_err(names::REVERSE)(aya::maps::MapError::from(e)))?;
+            let snat = self.node()?.snat_be;
+            let backends = self.backends_of(&flows, |_, b| Some((b.addr_be, b.port_be)));
+            let expired = expire::expired(
+                &flows,
+                &reverse,
+                now,
+                snat,
+                |id| backends.get(&id).copied().flatten(),
+                &timeout,
+            );
+            for e in &expired {
+                if let Some(r) = &e.reverse {
+                    let _ = self.reverse.remove(r);
+                }
+                let _ = self.flows.remove(&e.flow);
+            }
+            gone += expired.len();
         }
-        let reverse: Vec<(ReverseKey, Reverse)> = batch::entries(self.reverse.map())
-            .map_err(|e| map_err(names::REVERSE)(aya::maps::MapError::from(e)))?;
-        let snat = self.node()?.snat_be;
+        let flows = if self.has_ipv6() {
+            self.established_flows6()?
+        } else {
+            Vec::new()
+        };
+        if !flows.is_empty() {
+            let reverse: Vec<(ReverseKey<Addr6>, Reverse<Addr6>)> =
+                batch::entries(self.reverse6.map())
+                    .map_err(|e| map_err(names::REVERSE6)(aya::maps::MapError::from(e)))?;
+            let snat = self.node6()?.snat;
+            let backends = self.backends_of(&flows, |id, b| {
+                Some((self.backend_addr6(id).ok()?, b.port_be))
+            });
+            let expired = expire::expired(
+                &flows,
+                &reverse,
+                now,
+                snat,
+                |id| backends.get(&id).copied().flatten(),
+                &timeout,
+            );
+            for e in &expired {
+                if let Some(r) = &e.reverse {
+                    let _ = self.reverse6.remove(r);
+                }
+                let _ = self.flows6.remove(&e.flow);
+            }
+            gone += expired.len();
+        }
+        Ok(gone)
+    }
+
+    /// Each backend of `flows` once, as `side` reads it (its address and
+    /// port as the reverse key holds them).
+    fn backends_of<K, A: Addr>(
+        &self,
+        flows: &[(K, Flow)],
+        side: impl Fn(u32, Backend) -> Option<(A, u16)>,
+    ) -> std::collections::HashMap<u32, Option<(A, u16)>> {
         let mut backends = std::collections::HashMap::new();
-        for (_, f) in &flows {
+        for (_, f) in flows {
             if let std::collections::hash_map::Entry::Vacant(e) = backends.entry(f.backend_id) {
-                e.insert(self.backend(f.backend_id).ok());
+                e.insert(
+                    self.backend(f.backend_id)
+                        .ok()
+                        .and_then(|b| side(f.backend_id, b)),
+                );
             }
         }
-        let gone = expire::expired(
-            &flows,
-            &reverse,
-            now,
-            snat,
-            |id| {
-                backends
-                    .get(&id)
-                    .copied()
-                    .flatten()
-                    .map(|b| (b.addr_be, b.port_be))
-            },
-            timeout,
-        );
-        for e in &gone {
-            if let Some(r) = &e.reverse {
-                let _ = self.reverse.remove(r);
-            }
-            let _ = self.flows.remove(&e.flow);
-        }
-        Ok(gone.len())
+        backends
     }
 
     /// The half-open flows (`PENDING` slots that have not expired).
@@ -503,7 +670,7 @@ impl Dataplane {
             .map_err(map_err(names::REVERSE))
     }
 
-    /// Forgets every flow (both tables). Clients of established flows
+    /// Forgets every flow (both tables, both families). Clients of established flows
     /// are re-selected on their next packet; used by benchmarks and
     /// operators recovering from a bad state.
     pub fn clear_flows(&mut self) -> Result<()> {
@@ -528,6 +695,27 @@ impl Dataplane {
                 .set(p.slot, Pending::default(), 0)
                 .map_err(map_err(names::PENDING))?;
         }
+        let keys: Vec<FlowKey<Addr6>> = self
+            .flows6
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::FLOWS6))?;
+        for k in keys {
+            let _ = self.flows6.remove(&k);
+        }
+        let keys: Vec<ReverseKey<Addr6>> = self
+            .reverse6
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::REVERSE6))?;
+        for k in keys {
+            let _ = self.reverse6.remove(&k);
+        }
+        for p in self.pending6()? {
+            self.pending6
+                .set(p.slot, Pending::default(), 0)
+                .map_err(map_err(names::PENDING6))?;
+        }
         Ok(())
     }
 
@@ -545,4 +733,19 @@ impl Dataplane {
             .into()),
         }
     }
+}
+
+/// A half-open flow as the flow listings show it.
+fn pending_flow<A: Copy>(p: &PendingFlow<A>) -> (FlowKey<A>, Flow) {
+    (
+        p.flow_key(),
+        Flow {
+            backend_id: p.backend_id,
+            service_id: p.service_id,
+            nat_port_be: p.nat_port_be(),
+            svc_flags: p.svc_flags,
+            created_ns: p.created_ns,
+            ..Flow::default()
+        },
+    )
 }

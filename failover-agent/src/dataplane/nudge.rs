@@ -10,7 +10,7 @@
 
 use std::net::Ipv4Addr;
 
-use failover_common::{FlowKey, checksum};
+use failover_common::{Addr6, FlowKey, checksum};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::{Dataplane, ErrorKind, Result};
@@ -29,14 +29,38 @@ impl Dataplane {
             .filter(|(k, f)| backend_ids.contains(&f.backend_id) && k.proto == IPPROTO_TCP)
             .map(|(k, _)| k)
             .collect();
-        if flows.is_empty() {
-            return Ok(0);
-        }
+        let flows6: Vec<FlowKey<Addr6>> = self
+            .flows6()?
+            .into_iter()
+            .filter(|(k, f)| backend_ids.contains(&f.backend_id) && k.proto == IPPROTO_TCP)
+            .map(|(k, _)| k)
+            .collect();
         let io = |source| ErrorKind::Io {
             what: "raw socket for nudges",
             path: "-".into(),
             source,
         };
+        if !flows6.is_empty() {
+            // IPPROTO_RAW implies IPV6_HDRINCL as it does for IPv4.
+            let sock = Socket::new(
+                Domain::IPV6,
+                Type::RAW,
+                Some(Protocol::from(libc::IPPROTO_RAW)),
+            )
+            .map_err(io)?;
+            for k in &flows6 {
+                let pkt = nudge_segment6(k);
+                let dst = crate::agent::ids::ipv6_of(k.src_be);
+                sock.send_to(
+                    &pkt,
+                    &SockAddr::from(std::net::SocketAddrV6::new(dst, 0, 0, 0)),
+                )
+                .map_err(io)?;
+            }
+        }
+        if flows.is_empty() {
+            return Ok(flows6.len());
+        }
         // IPPROTO_RAW implies IP_HDRINCL: we write the IPv4 header (its
         // source is the VIP, which is not a local address).
         let sock = Socket::new(
@@ -51,8 +75,31 @@ impl Dataplane {
             sock.send_to(&pkt, &SockAddr::from(std::net::SocketAddrV4::new(dst, 0)))
                 .map_err(io)?;
         }
-        Ok(flows.len())
+        Ok(flows.len() + flows6.len())
     }
+}
+
+/// [`nudge_segment`] over IPv6: an empty ACK VIP:port -> client:port with
+/// sequence number 0.
+fn nudge_segment6(k: &FlowKey<Addr6>) -> [u8; 60] {
+    let bytes = |a: Addr6| crate::agent::ids::ipv6_of(a).octets();
+    let (vip, client) = (bytes(k.dst_be), bytes(k.src_be));
+    let mut p = [0u8; 60];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&20u16.to_be_bytes());
+    p[6] = IPPROTO_TCP;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&vip);
+    p[24..40].copy_from_slice(&client);
+    let t = &mut p[40..];
+    t[0..2].copy_from_slice(&k.dport_be.to_ne_bytes());
+    t[2..4].copy_from_slice(&k.sport_be.to_ne_bytes());
+    t[12] = 5 << 4;
+    t[13] = TCP_ACK;
+    t[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    let c = checksum::ipv6_l4(vip, client, IPPROTO_TCP, &p[40..]);
+    p[56..58].copy_from_slice(&c.to_be_bytes());
+    p
 }
 
 /// An empty ACK segment VIP:port -> client:port with sequence number 0,
@@ -104,5 +151,35 @@ mod tests {
         assert_eq!(u16::from_be_bytes([p[20], p[21]]), 80);
         assert_eq!(u16::from_be_bytes([p[22], p[23]]), 51_000);
         assert_eq!(p[33], TCP_ACK);
+    }
+
+    #[test]
+    fn an_ipv6_nudge_is_a_valid_ack_from_the_vip() {
+        use crate::agent::ids::addr6;
+        let (client, vip): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+            "2001:db8:1::100".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        );
+        let k = FlowKey {
+            src_be: addr6(client),
+            dst_be: addr6(vip),
+            sport_be: 51_000u16.to_be(),
+            dport_be: 443u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let p = nudge_segment6(&k);
+        assert_eq!(p[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([p[4], p[5]]), 20, "payload length");
+        assert_eq!((p[6], p[7]), (6, 64), "next header, hop limit");
+        assert_eq!(&p[8..24], &vip.octets());
+        assert_eq!(&p[24..40], &client.octets());
+        assert_eq!(
+            checksum::ipv6_l4(vip.octets(), client.octets(), 6, &p[40..]),
+            0
+        );
+        assert_eq!(u16::from_be_bytes([p[40], p[41]]), 443);
+        assert_eq!(u16::from_be_bytes([p[42], p[43]]), 51_000);
+        assert_eq!(p[53], TCP_ACK);
     }
 }

@@ -26,6 +26,8 @@ mod grpc;
 mod h1;
 mod http;
 mod inference;
+#[cfg(test)]
+mod ipv6_tests;
 pub mod load;
 pub mod passive;
 pub mod state;

@@ -230,8 +230,12 @@ pub struct ServicePlan {
     pub tiers: Vec<TierPlan>,
     /// Every allowed backend with an id, in pool order.
     pub backends: Vec<BackendPlan>,
-    /// Maglev table of `policy.ring_size` backend ids (`NO_BACKEND` = none).
+    /// Maglev table of `policy.ring_size` backend ids (`NO_BACKEND` = none):
+    /// of the backends of `vip`'s family.
     pub ring: Vec<u32>,
+    /// A dual-stack service's second ring, for `vip6`: its IPv6 backends
+    /// with the shares this one plan gives them.
+    pub ring6: Option<Vec<u32>>,
     /// Why this placement, for operators and the audit log.
     pub justification: String,
     /// Result of the sovereignty check, for the audit log.
@@ -246,6 +250,10 @@ impl ServicePlan {
     #[must_use]
     pub fn is_closed(&self) -> bool {
         self.ring.iter().all(|&id| id == NO_BACKEND)
+            && self
+                .ring6
+                .as_ref()
+                .is_none_or(|r| r.iter().all(|&id| id == NO_BACKEND))
     }
 }
 
@@ -547,34 +555,56 @@ fn plan_with(
         }
     }
 
-    let members: Vec<maglev::Member> = candidates
-        .iter()
-        .zip(&shares)
-        .filter(|(_, s)| **s > 0.0)
-        .map(|(c, s)| maglev::Member {
-            id: c.id,
-            weight: to_weight(*s),
-            key: maglev::key_hash(&c.backend.name),
-        })
-        .collect();
+    // A dual-stack service has one ring per VIP, each of the backends of
+    // its family (`ring` of `vip`'s, `ring6` of the IPv6 ones), with the
+    // shares planned over the whole pool.
+    let dual = svc.vip6.is_some();
+    let member_of = |v6: Option<bool>| -> Vec<maglev::Member> {
+        candidates
+            .iter()
+            .zip(&shares)
+            .filter(|(c, s)| **s > 0.0 && v6.is_none_or(|v6| c.backend.address.is_ipv6() == v6))
+            .map(|(c, s)| maglev::Member {
+                id: c.id,
+                weight: to_weight(*s),
+                key: maglev::key_hash(&c.backend.name),
+            })
+            .collect()
+    };
+    let members = member_of(None);
     let mut mode = mode;
     let ring_size = p.ring_size;
-    let mut ring = if ring_size as usize > RING_MAX {
-        notes.push(format!(
-            "ring_size {ring_size} exceeds the maximum {RING_MAX}: failing closed"
-        ));
-        mode = Mode::FailClosed;
-        vec![NO_BACKEND; RING_MAX]
-    } else {
-        match maglev::build(&members, ring_size) {
-            Ok(ring) => ring,
-            Err(e) => {
-                notes.push(format!("{e}: failing closed"));
-                mode = Mode::FailClosed;
-                vec![NO_BACKEND; ring_size as usize]
+    let mut build = |members: &[maglev::Member]| {
+        if ring_size as usize > RING_MAX {
+            notes.push(format!(
+                "ring_size {ring_size} exceeds the maximum {RING_MAX}: failing closed"
+            ));
+            mode = Mode::FailClosed;
+            vec![NO_BACKEND; RING_MAX]
+        } else {
+            match maglev::build(members, ring_size) {
+                Ok(ring) => ring,
+                Err(e) => {
+                    notes.push(format!("{e}: failing closed"));
+                    mode = Mode::FailClosed;
+                    vec![NO_BACKEND; ring_size as usize]
+                }
             }
         }
     };
+    let (mut ring, mut ring6) = if dual {
+        let ring = build(&member_of(Some(svc.vip.is_ipv6())));
+        let ring6 = build(&member_of(Some(true)));
+        (ring, Some(ring6))
+    } else {
+        (build(&members), None)
+    };
+    if mode == Mode::FailClosed {
+        ring.fill(NO_BACKEND);
+        if let Some(r) = ring6.as_mut() {
+            r.fill(NO_BACKEND);
+        }
+    }
     if members.is_empty() && mode == Mode::PanicFailOpen {
         notes.push(
             "every allowed backend is draining or has weight 0: nothing to open to".to_owned(),
@@ -598,10 +628,20 @@ fn plan_with(
         v.sort_unstable();
         v
     };
-    let leaked = leaked_ids(&ring, &allowed_ids, &denied_ids);
+    let mut leaked = leaked_ids(&ring, &allowed_ids, &denied_ids);
+    if let Some(r) = &ring6 {
+        for id in leaked_ids(r, &allowed_ids, &denied_ids) {
+            if !leaked.contains(&id) {
+                leaked.push(id);
+            }
+        }
+    }
     let sovereignty_ok = leaked.is_empty();
     if !sovereignty_ok {
         ring.fill(NO_BACKEND);
+        if let Some(r) = ring6.as_mut() {
+            r.fill(NO_BACKEND);
+        }
         mode = Mode::FailClosed;
     }
     let sovereignty = sovereignty_line(svc, &split, &leaked);
@@ -653,6 +693,7 @@ fn plan_with(
         tiers: tiers_out,
         backends,
         ring,
+        ring6,
         justification,
         sovereignty,
         sovereignty_ok,

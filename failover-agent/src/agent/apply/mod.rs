@@ -46,14 +46,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use failover_common::{Node, RING_MAX};
+use failover_common::{Node, Node6, RING_MAX};
 
 pub use super::reconcile::Programmed;
 use super::{
     AgentError,
     execute::{Executor, Maps},
     grace::Graces,
-    ids::{Ids, ServiceEndpoint},
+    ids::{self, Ids, ServiceEndpoint},
     journal::Journal,
     latency::{LatencyWindow, Percentiles},
     operator_state::OperatorState,
@@ -166,9 +166,21 @@ pub struct Applier<E: Executor = Maps> {
     nudges: Vec<(String, u32)>,
 }
 
+/// `NODE`, and `NODE6` when the node has an IPv6 SNAT address or `old`
+/// had one (an address of a family the node has none of is 0).
+fn node_writes(n: &config::Node, old: Option<&config::Node>) -> Vec<Write> {
+    let mut out = vec![Write::Node(node_of(n))];
+    if n.snat6().is_some() || old.is_some_and(|o| o.snat6().is_some()) {
+        out.push(Write::Node6(Node6 {
+            snat: n.snat6().map(ids::addr6).unwrap_or_default(),
+        }));
+    }
+    out
+}
+
 fn node_of(n: &config::Node) -> Node {
     Node {
-        snat_be: u32::from(n.snat_address).to_be(),
+        snat_be: n.snat4().map(ids::addr4).unwrap_or(0),
         port_min: n.snat_ports.min,
         port_max: n.snat_ports.max,
         seed: n.hash_seed,
@@ -212,7 +224,7 @@ impl Applier {
             .cfg
             .services
             .iter()
-            .filter_map(|s| self.ids.service(&s.name).map(|a| (a.id, s.timeouts)))
+            .flat_map(|s| self.ids.service_vips(&s.name).map(|a| (a.id, s.timeouts)))
             .collect();
         let now = crate::dataplane::now_stamp();
         self.exec
@@ -231,7 +243,7 @@ impl<E: Executor> Applier<E> {
     /// recovers ids and rings from it, and plans every service.
     pub fn with_executor(exec: E, cfg: Config, opts: ApplyOptions) -> Result<Self, AgentError> {
         let pinned = exec.pinned()?;
-        let ids = Ids::recover(&cfg, &pinned.services, &pinned.backends)?;
+        let ids = Ids::recover(&cfg, &pinned.services, &pinned.backends, &pinned.addr6)?;
         let mut a = Self {
             exec,
             cfg,
@@ -244,6 +256,7 @@ impl<E: Executor> Applier<E> {
             graces: Graces::default(),
             current: Current {
                 backends: pinned.backends.into_iter().collect(),
+                addr6: pinned.addr6,
                 path_mss: pinned.path_mss.into_iter().collect(),
                 ..Current::default()
             },
@@ -254,7 +267,9 @@ impl<E: Executor> Applier<E> {
             journal: opts.journal,
             nudges: Vec::new(),
         };
-        a.run(Write::Node(node_of(&a.cfg.node)))?;
+        for w in node_writes(&a.cfg.node, None) {
+            a.run(w)?;
+        }
 
         for (key, svc) in &pinned.services {
             let claimed = a
@@ -439,10 +454,15 @@ impl<E: Executor> Applier<E> {
         let health = &self.health;
         let cfg = &self.cfg;
         self.held.retain(|s| {
-            cfg.service(s)
+            cfg.service(ids::base_name(s))
                 .is_some_and(|svc| svc.backends.iter().any(|b| !health.contains_key(b)))
         });
-        report.held = self.held.iter().cloned().collect();
+        report.held = self
+            .held
+            .iter()
+            .filter(|s| ids::base_name(s) == s.as_str())
+            .cloned()
+            .collect();
         let r = reconcile::reconcile(&self.inputs(), &self.current, d);
 
         // 3 to 6, in the reconciler's order.
@@ -459,7 +479,9 @@ impl<E: Executor> Applier<E> {
                         tracing::debug!(backend_id = id, %state, "backend state");
                     }
                 }
-                Write::Flip { service, next } => {
+                // A dual-stack service's `vip6` flips with its `vip`,
+                // which reports the switch.
+                Write::Flip { service, next } if ids::base_name(service) == service => {
                     report
                         .flipped
                         .push((service.clone(), next.entry.generation));
@@ -529,7 +551,9 @@ impl<E: Executor> Applier<E> {
         }
         let ids = self.ids.update(&new)?;
         if !diff.node.is_empty() {
-            self.run(Write::Node(node_of(&new.node)))?;
+            for w in node_writes(&new.node, Some(&self.cfg.node)) {
+                self.run(w)?;
+            }
             if new.node.pin_path != self.cfg.node.pin_path {
                 tracing::warn!(pin_path = %new.node.pin_path.display(), "pin_path changes take effect at the next start");
             }

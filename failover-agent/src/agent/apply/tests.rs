@@ -697,3 +697,140 @@ fn a_degraded_and_loaded_backend_keeps_the_product_of_both_factors() {
     assert_eq!(a.effective_weights()["b1"], 85);
     assert_eq!(a.effective_weights()["b2"], 100);
 }
+
+/// A dual-stack `web`: `vip` with b1 (IPv4) and `vip6` with b6 (IPv6).
+fn dual_cfg(vip6: bool) -> Config {
+    let vip6 = if vip6 { "    vip6: 2001:db8::10\n" } else { "" };
+    let b6 = if vip6.is_empty() { "" } else { ", b6" };
+    let y = format!(
+        "node:
+  interfaces: [eth0]
+  snat_addresses: [198.51.100.1, 2001:db8:100::1]
+  snat_ports: {{ min: 10000, max: 32767 }}
+services:
+  - name: web
+    vip: 192.0.2.10
+{vip6}    port: 80
+    protocol: tcp
+    backends: [b1{b6}]
+    probe: {{ kind: tcp }}
+    policy: {{ ring_size: 13 }}
+backends:
+  - {{ name: b1, address: 203.0.113.11, port: 8080, cloud: c, region: r, jurisdiction: EU }}
+  - {{ name: b6, address: 2001:db8:2::11, port: 8080, path_mtu: 1400, cloud: c, region: r, jurisdiction: EU }}
+"
+    );
+    config::parse(&y, "test").expect("valid config")
+}
+
+#[test]
+fn a_dual_stack_service_has_a_ring_and_entry_per_vip_and_ipv6_addresses_go_first() {
+    use crate::agent::ids::VipKey;
+    let mut a = applier(dual_cfg(true));
+    assert_eq!(
+        take(&mut a),
+        [
+            "node",
+            "node6 2001:db8:100::1",
+            // An IPv6 backend's MSS: its path_mtu less 60.
+            "mss 1 1340",
+            "backend 0 203.0.113.11:8080 down",
+            // Address before state.
+            "addr6 1 2001:db8:2::11",
+            "backend 1 [addr6 1]:8080 down",
+            "ring 0 slot 0",
+            "ring 1 slot 0",
+            "flip web/v6 slot 0 gen 1",
+            "flip web slot 0 gen 1",
+            "vips 192.0.2.10,2001:db8::10",
+        ]
+    );
+    assert!(matches!(a.programmed("web").unwrap().key, VipKey::V4(_)));
+    assert!(matches!(a.programmed("web/v6").unwrap().key, VipKey::V6(_)));
+
+    // Each VIP's ring holds the backends of its family only; one switch
+    // reports both.
+    let r = up(&mut a, &["b1", "b6"]);
+    assert_eq!(r.flipped, [("web".to_owned(), 2)]);
+    let ring = |a: &Applier<Recorder>, s: &str| -> std::collections::BTreeSet<u32> {
+        a.programmed(s).unwrap().ring.iter().copied().collect()
+    };
+    assert_eq!(ring(&a, "web"), [0].into());
+    assert_eq!(ring(&a, "web/v6"), [1].into());
+    assert_eq!(to(&a, "web"), ["b1", "b6"]);
+
+    // b6 fails: the IPv6 ring closes, the IPv4 one is written again as it
+    // was, and both flip together.
+    take(&mut a);
+    let r = a
+        .on_health(&[ev("b6", HealthState::Up, HealthState::Down)])
+        .unwrap();
+    assert_eq!(r.flipped, [("web".to_owned(), 3)]);
+    assert_eq!(ring(&a, "web"), [0].into());
+    assert_eq!(ring(&a, "web/v6"), [failover_common::NO_BACKEND].into());
+
+    // A restart recovers both VIPs' ids and the IPv6 backend's address.
+    let pinned = Recorder::pinned_from(a.current());
+    let mut b =
+        Applier::with_executor(pinned, dual_cfg(true), opts(Duration::from_secs(60))).unwrap();
+    let log = take(&mut b);
+    assert!(
+        !log.iter()
+            .any(|w| w.starts_with("backend") || w.starts_with("addr6")),
+        "{log:?}"
+    );
+    assert_eq!(b.ids().service("web/v6").unwrap().id, 1);
+    assert_eq!(b.ids().backend("b6").unwrap().id, 1);
+
+    // Dropping the IPv6 VIP removes its SERVICES6 entry.
+    let mut single = dual_cfg(false);
+    single.node.snat_addresses.truncate(1);
+    a.reload(single, Instant::now()).unwrap();
+    let log = take(&mut a);
+    assert!(log.contains(&"remove service 1".to_owned()), "{log:?}");
+    assert!(a.programmed("web/v6").is_none());
+    assert!(log.contains(&"vips 192.0.2.10".to_owned()), "{log:?}");
+}
+
+#[test]
+fn an_ipv6_only_service_is_one_services6_entry_over_its_ipv6_backends() {
+    use crate::agent::ids::VipKey;
+    let y = "node:
+  interfaces: [eth0]
+  snat_address: 2001:db8:100::1
+  snat_ports: { min: 10000, max: 32767 }
+services:
+  - name: web
+    vip: 2001:db8::10
+    port: 80
+    protocol: tcp
+    backends: [b6]
+    probe: { kind: tcp }
+    policy: { ring_size: 13 }
+backends:
+  - { name: b6, address: 2001:db8:2::11, port: 8080, cloud: c, region: r, jurisdiction: EU }
+";
+    let mut a = applier(config::parse(y, "test").unwrap());
+    // No IPv4 SNAT address: NODE's is 0.
+    assert!(
+        a.executor()
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::Node(n) if n.snat_be == 0))
+    );
+    assert_eq!(
+        take(&mut a),
+        [
+            "node",
+            "node6 2001:db8:100::1",
+            "addr6 0 2001:db8:2::11",
+            "backend 0 [addr6 0]:8080 down",
+            "ring 0 slot 0",
+            "flip web slot 0 gen 1",
+            "vips 2001:db8::10",
+        ]
+    );
+    assert!(matches!(a.programmed("web").unwrap().key, VipKey::V6(_)));
+    up(&mut a, &["b6"]);
+    assert!(a.programmed("web").unwrap().ring.iter().all(|&i| i == 0));
+}

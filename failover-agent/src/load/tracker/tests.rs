@@ -11,7 +11,7 @@ fn config(facet: LoadScrape) -> Config {
     let mut cfg = crate::config::load(&path).unwrap();
     let mut third = cfg.backends[0].clone();
     third.name = "web-3".into();
-    third.address = std::net::Ipv4Addr::new(203, 0, 113, 13);
+    third.address = std::net::Ipv4Addr::new(203, 0, 113, 13).into();
     cfg.backends.push(third);
     cfg.services[0].backends.push("web-3".into());
     cfg.services[0].probe.load = Some(facet);
