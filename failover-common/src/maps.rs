@@ -168,6 +168,9 @@ pub struct Node {
 /// words (`u32` for IPv4, [`Addr6`] for IPv6), so a key is compared and
 /// hashed as the packet carries it. The per-family code is generic over
 /// this; the IPv4 instance compiles to what it was before IPv6.
+///
+/// Every implementation is valid all zero (keys are built over zeroed
+/// values).
 pub trait Addr: Copy + Default + PartialEq + Eq + core::hash::Hash + core::fmt::Debug {
     /// One word standing for the address in the flow hash and the VIP
     /// filter (the address itself for IPv4).
@@ -367,6 +370,24 @@ pub struct FlowKey<A = u32> {
     pub _pad: [u8; 3],
 }
 
+impl<A: Addr> FlowKey<A> {
+    /// A key with its padding zero. Built field by field over a zeroed
+    /// value: a literal's 3-byte `_pad` makes LLVM call `memset`, a loop
+    /// the BPF verifier walks again at every call.
+    #[inline(always)]
+    #[must_use]
+    pub fn new(src_be: A, dst_be: A, sport_be: u16, dport_be: u16, proto: u8) -> Self {
+        // SAFETY: every field, an `Addr` included, is valid all zero.
+        let mut k: Self = unsafe { core::mem::zeroed() };
+        k.src_be = src_be;
+        k.dst_be = dst_be;
+        k.sport_be = sport_be;
+        k.dport_be = dport_be;
+        k.proto = proto;
+        k
+    }
+}
+
 /// A cached FIB result. A FIB lookup costs several times the rest of the
 /// per-packet work, so the result is kept per backend and CPU (`NEXTHOPS`,
 /// toward backends) and per flow (`Reverse::nh`, toward clients) and
@@ -435,6 +456,22 @@ pub struct ReverseKey<A = u32> {
     pub _pad: [u8; 3],
 }
 
+impl<A: Addr> ReverseKey<A> {
+    /// A key with its padding zero (see `FlowKey::new`).
+    #[inline(always)]
+    #[must_use]
+    pub fn new(backend_be: A, snat_be: A, bport_be: u16, nat_port_be: u16, proto: u8) -> Self {
+        // SAFETY: every field, an `Addr` included, is valid all zero.
+        let mut k: Self = unsafe { core::mem::zeroed() };
+        k.backend_be = backend_be;
+        k.snat_be = snat_be;
+        k.bport_be = bport_be;
+        k.nat_port_be = nat_port_be;
+        k.proto = proto;
+        k
+    }
+}
+
 /// `REVERSE` value: the original tuple to restore.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -499,19 +536,18 @@ pub struct Pending<A = u32> {
     pub synack_ack: u32,
 }
 
-impl<A: Copy> Pending<A> {
+impl<A: Addr> Pending<A> {
     /// The client's tuple of this flow: its `FLOWS` key once promoted.
     #[inline(always)]
     #[must_use]
-    pub const fn flow_key(&self) -> FlowKey<A> {
-        FlowKey {
-            src_be: self.client_be,
-            dst_be: self.vip_be,
-            sport_be: self.cport_be,
-            dport_be: self.vport_be,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+    pub fn flow_key(&self) -> FlowKey<A> {
+        FlowKey::new(
+            self.client_be,
+            self.vip_be,
+            self.cport_be,
+            self.vport_be,
+            self.proto,
+        )
     }
 }
 

@@ -148,10 +148,15 @@ impl Family for V4 {
     }
 }
 
-/// An address in the packet (any alignment) as the maps hold it.
+/// An IPv6 address in the packet as the maps hold it, read as four words.
+///
+/// The words are read as if aligned, as C programs read `in6_addr`: the
+/// kernel allows misaligned packet access where the CPU does (x86, arm64),
+/// while an unaligned read makes LLVM load 16 single bytes and join them,
+/// whose registers spill past the IPv6 programs' 512-byte stack.
 #[inline(always)]
 pub fn addr6(bytes: *const [u8; 16]) -> Addr6 {
-    unsafe { core::ptr::read_unaligned(bytes.cast::<Addr6>()) }
+    unsafe { core::ptr::read_volatile(bytes.cast::<Addr6>()) }
 }
 
 impl Family for V6 {

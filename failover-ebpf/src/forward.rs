@@ -156,14 +156,7 @@ pub fn asked(flow: &mut Flow) {
 /// The client's 5-tuple as received: the `FLOWS` key.
 #[inline(always)]
 fn flow_key<F: Family>(ip: &Ip<F>, l4: &L4) -> FlowKey<F::A> {
-    FlowKey {
-        src_be: F::src(ip),
-        dst_be: F::dst(ip),
-        sport_be: l4.sport_be,
-        dport_be: l4.dport_be,
-        proto: ip.proto,
-        _pad: [0; 3],
-    }
+    FlowKey::new(F::src(ip), F::dst(ip), l4.sport_be, l4.dport_be, ip.proto)
 }
 
 /// The service `k` is addressed to, and the flow's hash.
@@ -415,14 +408,7 @@ pub fn reset<F: Family>(
 
 #[inline(always)]
 pub fn reverse_key<A: Addr>(t: &Target<A>, snat: A, proto: u8) -> ReverseKey<A> {
-    ReverseKey {
-        backend_be: t.addr_be,
-        snat_be: snat,
-        bport_be: t.port_be,
-        nat_port_be: t.nat_port_be,
-        proto,
-        _pad: [0; 3],
-    }
+    ReverseKey::new(t.addr_be, snat, t.port_be, t.nat_port_be, proto)
 }
 
 /// Remove a flow's forward and reverse entries. A BPF subprogram, not

@@ -110,14 +110,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, reverse: bool) -> (u32, 
     };
     if reverse {
         // About a packet the edge sent a backend for a client.
-        let key = ReverseKey {
-            backend_be: dst,
-            snat_be: node.snat_be,
-            bport_be: dport,
-            nat_port_be: sport,
-            proto,
-            _pad: [0; 3],
-        };
+        let key = ReverseKey::new(dst, node.snat_be, dport, sport, proto);
         let Some(rev) = REVERSE.get_ptr_mut(&key) else {
             return (PASS, Reason::IcmpNoFlow);
         };
@@ -136,14 +129,7 @@ pub fn handle(ctx: &XdpContext, node: &Node, ip: &Ipv4, reverse: bool) -> (u32, 
         egress::out(ctx, &rev.nh, &r)
     } else {
         // About a packet the edge sent a client for a backend.
-        let key = FlowKey {
-            src_be: dst,
-            dst_be: src,
-            sport_be: dport,
-            dport_be: sport,
-            proto,
-            _pad: [0; 3],
-        };
+        let key = FlowKey::new(dst, src, dport, sport, proto);
         let Some(flow) = (unsafe { FLOWS.get(&key) }) else {
             return (PASS, Reason::IcmpNoFlow);
         };

@@ -72,8 +72,9 @@ pub fn validate(ctx: &XdpContext, hdr: *mut Ipv6Hdr, l3_off: usize) -> Result<Ip
 
 /// Rewrites source and destination and decrements the hop limit. Returns
 /// the address change as a checksum delta (`checksum::apply`) for the L4
-/// pseudo-header, summed word by word from memory: 16-byte addresses held
-/// in registers would spill, and the stack is 512 bytes.
+/// pseudo-header, summed word by word (read as `family::addr6` explains):
+/// 16-byte addresses held in registers would spill, and the stack is 512
+/// bytes.
 #[inline(always)]
 pub fn rewrite(hdr: *mut Ipv6Hdr, src: &Addr6, dst: &Addr6) -> u32 {
     let h = unsafe { &mut *hdr };
@@ -84,10 +85,10 @@ pub fn rewrite(hdr: *mut Ipv6Hdr, src: &Addr6, dst: &Addr6) -> u32 {
     let mut i = 0;
     while i < 4 {
         unsafe {
-            delta += checksum::delta32(s.add(i).read_unaligned(), src[i]);
-            delta += checksum::delta32(d.add(i).read_unaligned(), dst[i]);
-            s.add(i).write_unaligned(src[i]);
-            d.add(i).write_unaligned(dst[i]);
+            delta += checksum::delta32(s.add(i).read_volatile(), src[i]);
+            delta += checksum::delta32(d.add(i).read_volatile(), dst[i]);
+            s.add(i).write_volatile(src[i]);
+            d.add(i).write_volatile(dst[i]);
         }
         i += 1;
     }
@@ -122,12 +123,13 @@ pub fn answer_header(ctx: &XdpContext, l3_off: usize, proto: u8, l4_len: u16) ->
     h.hop_limit = 64;
     let s = (&raw mut h.src_addr).cast::<u32>();
     let d = (&raw mut h.dst_addr).cast::<u32>();
+    // Word access as `family::addr6` explains.
     let mut i = 0;
     while i < 4 {
         unsafe {
-            let w = s.add(i).read_unaligned();
-            s.add(i).write_unaligned(d.add(i).read_unaligned());
-            d.add(i).write_unaligned(w);
+            let w = s.add(i).read_volatile();
+            s.add(i).write_volatile(d.add(i).read_volatile());
+            d.add(i).write_volatile(w);
         }
         i += 1;
     }

@@ -174,12 +174,13 @@ fn try_v6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     if l2.ether_type != parse::ETH_P_IPV6 {
         return Err(Reason::NotIpv4);
     }
-    let hdr = ipv6::header(ctx, l2.l3_off)?;
-    let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
+    // A node without IPv6 leaves IPv6 to the kernel, malformed or not.
     let snat = NODE6.get(0).ok_or(Reason::NotConfigured)?.snat;
     if snat == [0; 4] {
         return Err(Reason::NotConfigured);
     }
+    let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
+    let hdr = ipv6::header(ctx, l2.l3_off)?;
     // As for IPv4: traffic that is not ours leaves after one array read.
     let dst = family::addr6(unsafe { &raw const (*hdr).dst_addr });
     let is_reverse = dst == snat;

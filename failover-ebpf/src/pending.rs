@@ -6,7 +6,12 @@
 //! RST. A spoofed SYN never sees the SYN-ACK, so it never reaches the
 //! established tables, and its slot is free again when it expires.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, generated::bpf_loop},
+    programs::XdpContext,
+};
 use failover_common::{
     Addr, FLOW_ANSWERED, FLOW_PICKUP, FLOW_SYN_SENT, Flow, FlowKey, HALF_OPEN_MS_DEFAULT, NextHop,
     Node, Pending, Reason, ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, state, tcp,
@@ -92,7 +97,7 @@ pub fn forward<F: Family>(
                 // A SYN starts again on the ring, in this slot if it
                 // serves the new choice.
                 if let Some(c) = &chosen
-                    && !held::<F>(c.addr_be, c.port_be, port, node, k.proto)
+                    && !held::<F>(&c.addr_be, c.port_be, port, node, k.proto)
                 {
                     claim = Some(port);
                 }
@@ -172,48 +177,81 @@ const STEAL: u32 = 3;
 
 /// Looks for `k`'s own slot, or the first free one (expired, and no
 /// established flow holds its port toward `addr_be:port_be`; unset: no
-/// backend to claim for). Returns `MINE`, `FREE`, `STEAL` (no free one: the first
-/// half-open slot whose port no established flow holds) or `NONE`, << 16 |
-/// the port. What is done with the slot comes after the loop, so the
-/// verifier walks the sending code once, not once per probe.
+/// backend to claim for). Returns `MINE`, `FREE`, `STEAL` (no free one: the
+/// first half-open slot whose port no established flow holds) or `NONE`,
+/// << 16 | the port. What is done with the slot comes after the scan.
+///
+/// The probes run under `bpf_loop`, whose step the verifier checks once
+/// for any index: as a plain loop it was walked step by step, once per
+/// way into each step, and the IPv4 new-flow program used half of the
+/// verifier's million instructions on it (tests/tests/verifier_budget.rs).
 #[inline(always)]
 fn scan<F: Family>(k: &FlowKey<F::A>, node: &Node, addr_be: F::A, port_be: u16, now: u64) -> u32 {
-    let mut steal = NONE << 16;
-    let mut i = 0;
-    while i < SNAT_PROBES {
-        let port = forward::snat_port(node, k, i) as u16;
-        if let Some(p) = F::pending().get(port as u32) {
-            let live = p.expires_ns > now;
-            if live && is_of(p, k) {
-                return MINE << 16 | port as u32;
-            }
-            let free = !live;
-            if addr_be != F::A::default()
-                && (free || steal == NONE << 16)
-                && !held::<F>(addr_be, port_be, port, node, k.proto)
-            {
-                if free {
-                    return FREE << 16 | port as u32;
-                }
-                steal = STEAL << 16 | port as u32;
-            }
-        }
-        i += 1;
+    let mut s = Scan::<F> {
+        k,
+        node,
+        addr_be,
+        port_be,
+        now,
+        found: NONE << 16,
+    };
+    let done = unsafe {
+        bpf_loop(
+            SNAT_PROBES,
+            step::<F> as *mut c_void,
+            (&raw mut s).cast(),
+            0,
+        )
+    };
+    if done < 0 {
+        return NONE << 16;
     }
-    steal
+    s.found
+}
+
+/// What `scan`'s steps share.
+struct Scan<'a, F: Family> {
+    k: &'a FlowKey<F::A>,
+    node: &'a Node,
+    addr_be: F::A,
+    port_be: u16,
+    now: u64,
+    /// `STEAL` once a takeable slot was seen, then `MINE` or `FREE` at
+    /// the step that ends the scan.
+    found: u32,
+}
+
+/// Probe `i` of `scan`: 1 ends the scan.
+extern "C" fn step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { &mut *ctx.cast::<Scan<'_, F>>() };
+    let k = s.k;
+    let port = forward::snat_port(s.node, k, i as u32) as u16;
+    let Some(p) = F::pending().get(port as u32) else {
+        return 0;
+    };
+    let live = p.expires_ns > s.now;
+    if live && is_of(p, k) {
+        s.found = MINE << 16 | port as u32;
+        return 1;
+    }
+    let free = !live;
+    if s.addr_be != F::A::default()
+        && (free || s.found == NONE << 16)
+        && !held::<F>(&s.addr_be, s.port_be, port, s.node, k.proto)
+    {
+        if free {
+            s.found = FREE << 16 | port as u32;
+            return 1;
+        }
+        s.found = STEAL << 16 | port as u32;
+    }
+    0
 }
 
 /// An established flow holds `port` toward `addr_be:port_be`.
 #[inline(always)]
-fn held<F: Family>(addr_be: F::A, port_be: u16, port: u16, node: &Node, proto: u8) -> bool {
-    let key = ReverseKey {
-        backend_be: addr_be,
-        snat_be: F::snat(node),
-        bport_be: port_be,
-        nat_port_be: port.to_be(),
-        proto,
-        _pad: [0; 3],
-    };
+fn held<F: Family>(addr_be: &F::A, port_be: u16, port: u16, node: &Node, proto: u8) -> bool {
+    let key = ReverseKey::new(*addr_be, F::snat(node), port_be, port.to_be(), proto);
     F::reverse().get_ptr(&key).is_some()
 }
 

@@ -19,14 +19,7 @@ use crate::{
 #[inline(always)]
 pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (u32, Reason) {
     let src = F::src(ip);
-    let rkey = ReverseKey {
-        backend_be: src,
-        snat_be: snat,
-        bport_be: l4.sport_be,
-        nat_port_be: l4.dport_be,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let rkey = ReverseKey::new(src, snat, l4.sport_be, l4.dport_be, ip.proto);
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(rev) = F::reverse().get_ptr_mut(&rkey) else {
         if l4.tcp {
@@ -109,12 +102,5 @@ pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (
 /// The client's tuple of the flow `r` belongs to: its `FLOWS` key.
 #[inline(always)]
 fn flow_key<A: Addr>(r: &Reverse<A>, proto: u8) -> FlowKey<A> {
-    FlowKey {
-        src_be: r.client_be,
-        dst_be: r.vip_be,
-        sport_be: r.cport_be,
-        dport_be: r.vport_be,
-        proto,
-        _pad: [0; 3],
-    }
+    FlowKey::new(r.client_be, r.vip_be, r.cport_be, r.vport_be, proto)
 }

@@ -15,7 +15,6 @@ pub const SLOTS: u32 = 2;
 pub const REVERSE: u32 = 0;
 /// `bpf_fib_lookup` parameters.
 pub const FIB: u32 = 1;
-
 /// Slot `slot` as a `T`, zeroed.
 #[inline(always)]
 pub fn take<T: Copy>(slot: u32) -> Option<&'static mut T> {

@@ -191,10 +191,9 @@ impl Lab {
             .map(|(k, _)| Ipv4Addr::from(u32::from_be(k.vip_be)).into())
             .collect();
         vips.extend(
-            self.dp
-                .services6()?
-                .iter()
-                .map(|(k, _)| failover_agent::agent::ids::ipv6_of(k.vip_be).into()),
+            self.dp.services6()?.iter().map(|(k, _)| {
+                std::net::IpAddr::from(failover_agent::agent::ids::ipv6_of(k.vip_be))
+            }),
         );
         self.dp.set_vips(vips)?;
         Ok(())

@@ -408,9 +408,9 @@ fn ipv6_passes_untouched_until_the_node_has_an_ipv6_address() {
 #[test]
 fn a_packet_too_big_for_the_next_hop_is_answered_with_its_mtu() {
     let lab = lab_with(&[1], 0);
+    lab.ns.exec("ip link set va0 mtu 1280").unwrap();
     let syn = Frame::tcp(CLIENT6, 51_070, VIP6, 80);
     handshake(&lab, &syn);
-    lab.ns.exec("ip link set va0 mtu 1280").unwrap();
     let big = syn.clone().data(&[b'x'; 1300]);
     let input = big.build();
     let (rc, out) = lab.run(lab.vc0, &input).unwrap();

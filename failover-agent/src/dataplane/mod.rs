@@ -736,7 +736,7 @@ impl Dataplane {
 }
 
 /// A half-open flow as the flow listings show it.
-fn pending_flow<A: Copy>(p: &PendingFlow<A>) -> (FlowKey<A>, Flow) {
+fn pending_flow<A: failover_common::Addr>(p: &PendingFlow<A>) -> (FlowKey<A>, Flow) {
     (
         p.flow_key(),
         Flow {
