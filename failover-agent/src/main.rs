@@ -531,7 +531,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                 let r = loop {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     let r = client.drill_report().await?;
-                    if r.state == "done" || t0.elapsed() > bound {
+                    if r.state == failover_agent::drill::DrillState::Done || t0.elapsed() > bound {
                         break r;
                     }
                 };

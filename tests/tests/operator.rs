@@ -14,6 +14,7 @@ use std::{
 use failover_agent::{
     api::{Client, ClientError, FlowQuery},
     config::{self, Config, Probe},
+    drill::DrillState,
 };
 use failover_common::state;
 use failover_tests::{
@@ -490,7 +491,7 @@ async fn a_drill_moves_traffic_and_restores() {
         // Pacing: five new flows every 2 ms or so while the drill runs.
         tokio::time::sleep(Duration::from_millis(2)).await;
         let r = c.drill_report().await.unwrap();
-        if r.state == "done" {
+        if r.state == DrillState::Done {
             break r;
         }
         assert!(Instant::now() < deadline, "drill did not end: {r:?}");
