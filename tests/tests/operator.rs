@@ -12,6 +12,7 @@ use std::{
 };
 
 use failover_agent::{
+    agent::states::{DataplaneState, HealthState},
     api::{Client, ClientError, FlowQuery},
     config::{self, Config, Probe},
     drill::DrillState,
@@ -362,8 +363,8 @@ async fn control_api_round_trip_and_refusals() {
     assert_eq!(bs.len(), 3);
     let b3 = bs.iter().find(|b| b.name == "b3").unwrap();
     assert_eq!(
-        (b3.tier, b3.health.as_str(), b3.state.as_str()),
-        (1, "up", "up")
+        (b3.tier, b3.health, b3.state),
+        (1, HealthState::Up, DataplaneState::Up)
     );
     assert_eq!(b3.services, ["web"]);
 
