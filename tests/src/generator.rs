@@ -38,7 +38,8 @@ use crate::{
 /// Offset of the UDP source port in an untagged IPv4 frame without options.
 const SPORT: usize = 14 + 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 pub enum Kind {
     Live,
     Socket,
@@ -46,15 +47,13 @@ pub enum Kind {
 
 impl Kind {
     pub fn name(self) -> &'static str {
-        match self {
-            Kind::Live => "live",
-            Kind::Socket => "socket",
-        }
+        self.into()
     }
 }
 
 /// What a benchmark was asked to use (`--generator live|socket|auto`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "lowercase")]
 pub enum Choice {
     #[default]
     Auto,
@@ -65,12 +64,9 @@ pub enum Choice {
 impl FromStr for Choice {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Choice::Auto),
-            "live" => Ok(Choice::Live),
-            "socket" => Ok(Choice::Socket),
-            other => bail!("unknown generator {other:?}: live, socket or auto"),
-        }
+        <Choice as strum::IntoEnumIterator>::iter()
+            .find(|c| <&str>::from(c) == s)
+            .ok_or_else(|| anyhow!("unknown generator {s:?}: live, socket or auto"))
     }
 }
 
@@ -326,5 +322,24 @@ impl Generator {
             Generator::Live(live) => live.send(count),
             Generator::Socket { socket, frames } => socket.send_frames(frames, count.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_names_parse_and_print_as_before() {
+        assert_eq!((Kind::Live.name(), Kind::Socket.name()), ("live", "socket"));
+        for (word, c) in [
+            ("auto", Choice::Auto),
+            ("live", Choice::Live),
+            ("socket", Choice::Socket),
+        ] {
+            assert_eq!(word.parse::<Choice>().unwrap(), c);
+        }
+        let e = "fast".parse::<Choice>().unwrap_err().to_string();
+        assert_eq!(e, "unknown generator \"fast\": live, socket or auto");
     }
 }
