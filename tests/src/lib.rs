@@ -23,4 +23,5 @@ pub mod topology;
 pub mod traffic;
 pub mod twoedge;
 pub mod wait;
+pub mod webagent;
 pub mod xdp;
