@@ -2,7 +2,7 @@
 //! interval, feeds the outcomes to the backend's state machine ([`state`])
 //! and reports each state change on a channel. The passive detector
 //! ([`passive`]) reads the data plane's handshake counters and ejects a
-//! backend through its task's [`Ejector`] within milliseconds.
+//! backend through its task's [`ProberSignals`] within milliseconds.
 //!
 //! Probes follow pingora's `HealthCheck` shape: a small [`Probe`] trait with
 //! one implementation per kind (tcp, http, grpc, inference, udp), dispatched
@@ -371,9 +371,9 @@ enum Signal {
 /// Hands passive ejections and wedge suspicions to one backend's prober
 /// task. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Ejector(mpsc::Sender<Signal>);
+pub struct ProberSignals(mpsc::Sender<Signal>);
 
-impl Ejector {
+impl ProberSignals {
     /// Queues an ejection without waiting. Returns false once the prober
     /// is gone. A full queue already holds an ejection, so dropping this
     /// one loses nothing.
@@ -399,7 +399,7 @@ impl Ejector {
 #[derive(Debug)]
 pub struct Prober {
     backend: Arc<str>,
-    ejector: Ejector,
+    signals: ProberSignals,
     /// The state machine's flap damping, published by the task after
     /// every probe and ejection (before any event they cause is sent).
     flaps: watch::Receiver<FlapState>,
@@ -416,13 +416,14 @@ impl Prober {
         *self.flaps.borrow()
     }
 
-    pub fn ejector(&self) -> Ejector {
-        self.ejector.clone()
+    /// The handle the data plane's detectors signal this prober through.
+    pub fn signals(&self) -> ProberSignals {
+        self.signals.clone()
     }
 
-    /// See [`Ejector::eject`].
+    /// See [`ProberSignals::eject`].
     pub fn eject(&self, why: Ejection) -> bool {
-        self.ejector.eject(why)
+        self.signals.eject(why)
     }
 
     /// True once the task ended (its event receiver was dropped).
@@ -477,7 +478,7 @@ pub fn spawn_with_probe<P: Probe>(
     let task = tokio::spawn(run(rep, probe, schedule, rx));
     Prober {
         backend,
-        ejector: Ejector(tx),
+        signals: ProberSignals(tx),
         flaps,
         task,
     }
@@ -881,12 +882,12 @@ mod tests {
             tx,
             None,
         );
-        let ej = p.ejector();
+        let sig = p.signals();
         assert_eq!(next(&mut rx).await.to, HealthState::Up);
         drop(p);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(rx.recv().await.is_none(), "task gone, sender dropped");
-        assert!(!ej.eject(Ejection::Refused { rsts: 1 }));
+        assert!(!sig.eject(Ejection::Refused { rsts: 1 }));
     }
 
     /// `_count` and `_sum` of `backend`'s probe duration histogram.
