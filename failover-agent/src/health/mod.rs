@@ -21,6 +21,8 @@
 //! unless the outcome carries a reason); profiles put each under 0.1% of a
 //! core at 1000 probes a second, so it stays as plain as it is.
 
+#[cfg(test)]
+pub(crate) mod canned;
 pub mod failure;
 mod grpc;
 mod h1;
@@ -685,21 +687,6 @@ async fn bounded<T>(
             res = &mut check => return Some(res),
         }
     }
-}
-
-/// Test servers: reads one request head; false once the client is gone.
-#[cfg(test)]
-pub(crate) async fn read_request(s: &mut tokio::net::TcpStream) -> bool {
-    use tokio::io::AsyncReadExt as _;
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-    }
-    true
 }
 
 /// The outcome of a check its timeout cut short, classed by the probe.
