@@ -16,6 +16,7 @@
 
 mod egress;
 mod forward;
+mod generator;
 mod icmp;
 mod ipv4;
 mod l4;
@@ -174,6 +175,20 @@ pub fn failover_new_tcp6(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn failover_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The benchmarks' traffic generator (`generator.rs`), run by BPF_PROG_TEST_RUN
+/// in live-frames mode; never loaded by the agent.
+#[xdp]
+pub fn failover_gen(ctx: XdpContext) -> u32 {
+    generator::generate(&ctx)
+}
+
+/// The benchmarks' sink: the receiving veth still counts every frame.
+/// Never loaded by the agent.
+#[xdp]
+pub fn failover_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
 }
 
 #[cfg(not(test))]

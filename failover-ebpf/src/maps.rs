@@ -9,9 +9,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use failover_common::{
-    Addr6, Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, ICMP_SLOTS, JUMP_SLOTS,
-    LRU_FLAGS, MAX_BACKENDS, MAX_SERVICES, NextHop, Node, Node6, PENDING_MAX, Pending, RING_SLOTS,
-    Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats, VipFilter,
+    Addr6, Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, GenConfig, ICMP_SLOTS,
+    JUMP_SLOTS, LRU_FLAGS, MAX_BACKENDS, MAX_SERVICES, NextHop, Node, Node6, PENDING_MAX, Pending,
+    RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats,
+    VipFilter,
 };
 
 #[map(name = "NODE")]
@@ -106,3 +107,8 @@ pub static PENDING6: Array<Pending<Addr6>> = Array::pinned(PENDING_MAX, 0);
 
 #[map(name = "NEXTHOPS6")]
 pub static NEXTHOPS6: PerCpuArray<NextHop<Addr6>> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// `GEN[0]`: the benchmark generator's frame (`generator.rs`). Not pinned: each
+/// load of the benchmark programs has its own.
+#[map(name = "GEN")]
+pub static GEN: Array<GenConfig> = Array::with_max_entries(1, 0);
