@@ -24,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::agent::states::{DataplaneState, HealthState};
+
 /// How long a request waits for the control loop.
 pub const LOOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -138,12 +140,10 @@ pub struct BackendInfo {
     /// Its model server's load, when its probe has a load facet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadInfo>,
-    /// Probe verdict: up, degraded, down, unknown
-    /// ([`crate::agent::states::HealthState::as_str`]).
-    pub health: String,
-    /// State in the data plane: up, draining, down, unused
-    /// ([`crate::agent::states::DataplaneState::as_str`]).
-    pub state: String,
+    /// Probe verdict: up, degraded, down, unknown.
+    pub health: HealthState,
+    /// State in the data plane: up, draining, down, unused.
+    pub state: DataplaneState,
     pub draining: bool,
     /// Falls not yet forgotten (flap damping, see `health::state`).
     #[serde(default)]

@@ -38,12 +38,23 @@ pub struct Sample {
     pub dropped: u64,
 }
 
+/// Where a drill is: sampling (before, during or after the fault), or
+/// finished with its report complete.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr, strum::Display,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum DrillState {
+    Running,
+    Done,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DrillReport {
     pub service: String,
     pub targets: Vec<String>,
-    /// `running` or `done`.
-    pub state: String,
+    pub state: DrillState,
     pub fault_start_s: f64,
     pub fault_end_s: f64,
     pub samples: Vec<Sample>,
@@ -261,7 +272,7 @@ mod tests {
         let mut r = DrillReport {
             service: "web".into(),
             targets: vec!["a".into()],
-            state: "done".into(),
+            state: DrillState::Done,
             fault_start_s: 0.5,
             fault_end_s: 1.0,
             samples: vec![
@@ -320,7 +331,7 @@ mod tests {
         let mut r = DrillReport {
             service: "infer".into(),
             targets: vec!["gpu-1".into()],
-            state: "done".into(),
+            state: DrillState::Done,
             fault_start_s: 0.2,
             fault_end_s: 0.6,
             samples: vec![
@@ -364,7 +375,7 @@ mod tests {
         let r = DrillReport {
             service: "web".into(),
             targets: vec!["a".into(), "b".into()],
-            state: "running".into(),
+            state: DrillState::Running,
             fault_start_s: 0.5,
             fault_end_s: 5.5,
             samples: vec![],
@@ -376,5 +387,18 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("drill: a, b down in web — failover not observed, 0 packets lost"));
         assert!(!svg.contains(LINE), "{svg}");
+    }
+
+    #[test]
+    fn the_drill_state_reads_the_same_in_json_and_text() {
+        for (st, word) in [(DrillState::Running, "running"), (DrillState::Done, "done")] {
+            assert_eq!(serde_json::to_value(st).unwrap(), word);
+            assert_eq!(
+                serde_json::from_value::<DrillState>(word.into()).unwrap(),
+                st
+            );
+            assert_eq!(st.to_string(), word);
+            assert_eq!(<&str>::from(st), word);
+        }
     }
 }

@@ -4,8 +4,12 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use comfy_table::{Cell, Color};
 use failover_agent::{
-    agent::{Agent, RunOptions},
+    agent::{
+        Agent, RunOptions,
+        states::{DataplaneState, HealthState},
+    },
     api::{self, Client, ClientError},
     audit, config,
     dataplane::Dataplane,
@@ -319,10 +323,41 @@ fn weight_cell(b: &api::BackendInfo) -> String {
     }
 }
 
+/// `HEALTH`: the probe verdict, green up, yellow degraded, red down.
+fn health_cell(h: HealthState) -> Cell {
+    let fg = match h {
+        HealthState::Up => Some(Color::DarkGreen),
+        HealthState::Degraded => Some(Color::DarkYellow),
+        HealthState::Down => Some(Color::DarkRed),
+        HealthState::Unknown => None,
+    };
+    state_cell(h.as_str(), fg)
+}
+
+/// `STATE`: the data plane's state, green up, yellow draining, red down.
+fn dataplane_cell(s: DataplaneState) -> Cell {
+    let fg = match s {
+        DataplaneState::Up => Some(Color::DarkGreen),
+        DataplaneState::Draining => Some(Color::DarkYellow),
+        DataplaneState::Down => Some(Color::DarkRed),
+        DataplaneState::Unused => None,
+    };
+    state_cell(s.as_str(), fg)
+}
+
+fn state_cell(word: &str, fg: Option<Color>) -> Cell {
+    fg.map_or_else(|| Cell::new(word), |fg| Cell::new(word).fg(fg))
+}
+
+/// Cells of plain text.
+fn plain(row: Vec<String>) -> Vec<Cell> {
+    row.into_iter().map(Cell::new).collect()
+}
+
 /// An aligned text table: a header line and rows, columns two spaces
-/// apart, with state words coloured when `colour` (a terminal).
-fn table(header: &[&str], rows: &[Vec<String>], colour: bool) -> String {
-    use comfy_table::{Cell, Color, Table, presets::NOTHING};
+/// apart, with the state cells' colours shown when `colour` (a terminal).
+fn table(header: &[&str], rows: &[Vec<Cell>], colour: bool) -> String {
+    use comfy_table::{Table, presets::NOTHING};
     let mut t = Table::new();
     t.load_style(NOTHING);
     if colour {
@@ -332,16 +367,7 @@ fn table(header: &[&str], rows: &[Vec<String>], colour: bool) -> String {
     }
     t.set_header(header.to_vec());
     for r in rows {
-        t.add_row(r.iter().map(|c| {
-            // Green up, yellow degraded or draining, red down.
-            let fg = match c.as_str() {
-                "up" => Some(Color::DarkGreen),
-                "degraded" | "draining" => Some(Color::DarkYellow),
-                "down" => Some(Color::DarkRed),
-                _ => None,
-            };
-            fg.map_or_else(|| Cell::new(c), |fg| Cell::new(c).fg(fg))
-        }));
+        t.add_row(r.clone());
     }
     let last = header.len().saturating_sub(1);
     for (i, col) in t.column_iter_mut().enumerate() {
@@ -371,11 +397,11 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                 if a.json {
                     serde_json::to_string_pretty(&s).unwrap_or_default()
                 } else {
-                    let rows: Vec<Vec<String>> = s
+                    let rows: Vec<Vec<Cell>> = s
                         .services
                         .iter()
                         .map(|v| {
-                            vec![
+                            plain(vec![
                                 v.name.clone(),
                                 v.endpoint.clone(),
                                 opt(v.active_tier),
@@ -386,7 +412,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                                     |o| format!("tier {} ({:.0}s left)", o.tier, o.expires_in_s),
                                 ),
                                 v.serving.join(","),
-                            ]
+                            ])
                         })
                         .collect();
                     format!(
@@ -416,35 +442,35 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                 if a.json {
                     serde_json::to_string_pretty(&bs).unwrap_or_default()
                 } else {
-                    let rows: Vec<Vec<String>> = bs
+                    let rows: Vec<Vec<Cell>> = bs
                         .iter()
                         .map(|b| {
                             vec![
-                                b.name.clone(),
-                                b.address.clone(),
-                                b.health.clone(),
-                                b.flaps.to_string(),
-                                if b.hold_down_s > 0.0 {
+                                Cell::new(&b.name),
+                                Cell::new(&b.address),
+                                health_cell(b.health),
+                                Cell::new(b.flaps),
+                                Cell::new(if b.hold_down_s > 0.0 {
                                     format!("{:.1}s", b.hold_down_s)
                                 } else {
                                     "-".to_owned()
-                                },
-                                b.state.clone(),
-                                if b.grace_s > 0.0 {
+                                }),
+                                dataplane_cell(b.state),
+                                Cell::new(if b.grace_s > 0.0 {
                                     format!("{:.1}s", b.grace_s)
                                 } else {
                                     "-".to_owned()
-                                },
-                                b.tier.to_string(),
-                                weight_cell(b),
-                                opt(b.probe_latency_ms.map(|l| format!("{l:.1}ms"))),
-                                format!(
+                                }),
+                                Cell::new(b.tier),
+                                Cell::new(weight_cell(b)),
+                                Cell::new(opt(b.probe_latency_ms.map(|l| format!("{l:.1}ms")))),
+                                Cell::new(format!(
                                     "{}/{}/{}",
                                     b.passive.syns, b.passive.synacks, b.passive.syn_resets
-                                ),
-                                opt(b.passive.rtt_ms.map(|l| format!("{l:.2}ms"))),
-                                b.flows.to_string(),
-                                b.services.join(","),
+                                )),
+                                Cell::new(opt(b.passive.rtt_ms.map(|l| format!("{l:.2}ms")))),
+                                Cell::new(b.flows),
+                                Cell::new(b.services.join(",")),
                             ]
                         })
                         .collect();
@@ -475,11 +501,11 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                 if a.json {
                     serde_json::to_string_pretty(&f).unwrap_or_default()
                 } else {
-                    let rows: Vec<Vec<String>> = f
+                    let rows: Vec<Vec<Cell>> = f
                         .flows
                         .iter()
                         .map(|x| {
-                            vec![
+                            plain(vec![
                                 x.client.clone(),
                                 x.vip.clone(),
                                 x.protocol.clone(),
@@ -487,7 +513,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                                 x.backend.clone(),
                                 x.nat_port.to_string(),
                                 format!("{:.1}s", x.age_s),
-                            ]
+                            ])
                         })
                         .collect();
                     format!(
@@ -531,7 +557,7 @@ fn operator(a: &ApiArgs, op: Op) -> Result<ExitCode> {
                 let r = loop {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     let r = client.drill_report().await?;
-                    if r.state == "done" || t0.elapsed() > bound {
+                    if r.state == failover_agent::drill::DrillState::Done || t0.elapsed() > bound {
                         break r;
                     }
                 };
@@ -823,7 +849,11 @@ mod tests {
 
     #[test]
     fn colour_only_when_asked_and_columns_stay_aligned() {
-        let rows = [vec!["b1".into(), "down".into(), "3".into()]];
+        let rows = [vec![
+            "b1".into(),
+            dataplane_cell(DataplaneState::Down),
+            "3".into(),
+        ]];
         let plain = table(&["NAME", "STATE", "FLOWS"], &rows, false);
         assert!(!plain.contains('\x1b'));
         let coloured = table(&["NAME", "STATE", "FLOWS"], &rows, true);

@@ -113,7 +113,8 @@ fn probe_histogram() -> Histogram {
 
 /// What triggered a ring switch (the `reason` label of
 /// `failover_failover_events_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub enum Trigger {
     /// Active probe verdicts.
     Health,
@@ -128,15 +129,8 @@ pub enum Trigger {
 }
 
 impl Trigger {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Health => "health",
-            Trigger::Passive => "passive",
-            Trigger::Operator => "operator",
-            Trigger::ConfigReload => "config_reload",
-            Trigger::StartupHold => "startup_hold",
-            Trigger::Load => "load",
-        }
+    pub fn as_str(self) -> &'static str {
+        self.into()
     }
 }
 
@@ -978,5 +972,22 @@ mod tests {
         assert!(!l.is_ready());
         l.set_ready(true);
         assert!(l.is_ready());
+    }
+
+    #[test]
+    fn trigger_labels_keep_their_spelling() {
+        use strum::IntoEnumIterator as _;
+        let labels: Vec<&str> = Trigger::iter().map(Trigger::as_str).collect();
+        assert_eq!(
+            labels,
+            [
+                "health",
+                "passive",
+                "operator",
+                "config_reload",
+                "startup_hold",
+                "load"
+            ]
+        );
     }
 }

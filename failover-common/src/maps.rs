@@ -51,6 +51,14 @@ pub mod names {
     pub const REVERSE6: &str = "REVERSE6";
     pub const PENDING6: &str = "PENDING6";
     pub const NEXTHOPS6: &str = "NEXTHOPS6";
+    /// Benchmark programs, which the agent never loads: an in-kernel
+    /// traffic generator for BPF_PROG_TEST_RUN in live-frames mode
+    /// ([`GenConfig`]) and a sink for the receiving end.
+    pub const GEN_PROGRAM: &str = "failover_gen";
+    pub const DROP_PROGRAM: &str = "failover_drop";
+    /// `GEN[0]`: the generator's [`GenConfig`](super::GenConfig); not
+    /// pinned.
+    pub const GEN: &str = "GEN";
 }
 
 pub const MAX_SERVICES: u32 = 64;
@@ -569,6 +577,26 @@ pub struct Traffic {
 /// `SVC_STATS[service_id]`, per CPU.
 pub type ServiceStats = Traffic;
 
+/// Length of the headers the generator writes: Ethernet, IPv4 without
+/// options, UDP.
+pub const GEN_HEADER_LEN: usize = 14 + 20 + 8;
+
+/// `GEN[0]`: what `failover_gen` writes into every frame it runs on
+/// before it returns `XDP_TX`: `header` whole, then the UDP source port
+/// `base_port + prandom % flows`. Live-frames mode recycles its pages
+/// without restoring them, so a frame rewritten on its way (NAT, TTL)
+/// would come back rewritten: the whole header is written every time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenConfig {
+    /// Ethernet, IPv4 and UDP headers; the UDP checksum should be 0
+    /// (none), since the port changes.
+    pub header: [u8; GEN_HEADER_LEN],
+    /// How many source ports, from `base_port` (host order); 0 drops.
+    pub flows: u16,
+    pub base_port: u16,
+}
+
 /// `BE_STATS[backend_id]`, per CPU: traffic plus the handshake signals the
 /// passive health detector reads.
 #[repr(C)]
@@ -669,6 +697,7 @@ mod pod {
     unsafe impl aya::Pod for Pending<Addr6> {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for GenConfig {}
 }
 
 // Layout checks: a size change here must be a deliberate one on both sides.
@@ -686,6 +715,7 @@ const _: () = {
     assert!(size_of::<Reverse>() == 72);
     assert!(size_of::<ServiceStats>() == 48);
     assert!(size_of::<BackendStats>() == 136);
+    assert!(size_of::<GenConfig>() == GEN_HEADER_LEN + 4);
     assert!(size_of::<Node6>() == 16);
     assert!(size_of::<ServiceKey<Addr6>>() == 20);
     assert!(size_of::<FlowKey<Addr6>>() == 40);

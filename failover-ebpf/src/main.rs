@@ -17,6 +17,7 @@
 mod egress;
 mod family;
 mod forward;
+mod generator;
 mod icmp;
 mod ipv4;
 mod ipv6;
@@ -271,6 +272,20 @@ fn try_new_tcp6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
 #[xdp]
 pub fn failover_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The benchmarks' traffic generator (`generator.rs`), run by BPF_PROG_TEST_RUN
+/// in live-frames mode; never loaded by the agent.
+#[xdp]
+pub fn failover_gen(ctx: XdpContext) -> u32 {
+    generator::generate(&ctx)
+}
+
+/// The benchmarks' sink: the receiving veth still counts every frame.
+/// Never loaded by the agent.
+#[xdp]
+pub fn failover_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
 }
 
 #[cfg(not(test))]

@@ -9,9 +9,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use failover_common::{
-    Addr6, Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, ICMP_SLOTS, JUMP_SLOTS,
-    LRU_FLAGS, MAX_BACKENDS, MAX_SERVICES, NextHop, Node, Node6, PENDING_MAX, Pending, RING_SLOTS,
-    Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats, VipFilter,
+    Addr6, Backend, BackendStats, DEVMAP_MAX, FLOWS_MAX, Flow, FlowKey, GenConfig, ICMP_SLOTS,
+    JUMP_SLOTS, LRU_FLAGS, MAX_BACKENDS, MAX_SERVICES, NextHop, Node, Node6, PENDING_MAX, Pending,
+    RING_SLOTS, Reverse, ReverseKey, Ring, STATS_SLOTS, Service, ServiceKey, ServiceStats,
+    VipFilter,
 };
 
 #[map(name = "NODE")]
@@ -117,3 +118,8 @@ pub static SCRATCH: PerCpuArray<[u64; crate::scratch::WORDS]> =
 /// across the tail call (same CPU, at once).
 #[map(name = "TOOBIG_MTU")]
 pub static TOOBIG_MTU: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
+/// `GEN[0]`: the benchmark generator's frame (`generator.rs`). Not pinned: each
+/// load of the benchmark programs has its own.
+#[map(name = "GEN")]
+pub static GEN: Array<GenConfig> = Array::with_max_entries(1, 0);

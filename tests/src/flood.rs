@@ -105,11 +105,13 @@ impl Kind {
 }
 
 /// Where a flood comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum Sources {
     /// [`ONE_SOURCE`], from random ports.
+    #[strum(serialize = "one-source")]
     One,
     /// Random addresses in 203.0.113.0/24 (the VIP excepted), random ports.
+    #[strum(serialize = "many-sources")]
     Many,
 }
 
@@ -118,10 +120,7 @@ pub const ONE_SOURCE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
 
 impl Sources {
     pub fn name(self) -> &'static str {
-        match self {
-            Sources::One => "one-source",
-            Sources::Many => "many-sources",
-        }
+        self.into()
     }
 
     /// [`POOL`] frames, the kinds in turn, each from its own port (so no
@@ -225,5 +224,18 @@ impl Seen {
     pub fn grew(&self, later: &Self, reason: Reason) -> u64 {
         let count = |s: &Self| s.reasons[reason as usize].count;
         count(later) - count(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_names_keep_their_spelling() {
+        assert_eq!(
+            (Sources::One.name(), Sources::Many.name()),
+            ("one-source", "many-sources")
+        );
     }
 }

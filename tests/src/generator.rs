@@ -1,11 +1,12 @@
 //! Traffic generators for the packet-rate benchmarks: frames sent out of a
 //! veth inside a namespace, as fast as the machine takes them. Two kinds:
 //!
-//! - `live` ([`Live`]): [`rawbpf::generator`] run by BPF_PROG_TEST_RUN in
-//!   live-frames mode with the veth as ingress; every frame the program
-//!   TXes really leaves the veth. No skb and no syscall per frame, so it is
-//!   the cheaper one, but some kernels refuse the mode outright (EPERM for
-//!   any program and interface).
+//! - `live` ([`Live`]): the object's `failover_gen` ([`crate::benchprog`])
+//!   run through aya by BPF_PROG_TEST_RUN in live-frames mode with the veth
+//!   as ingress; every frame the program TXes really leaves the veth. No
+//!   skb and no syscall per frame, so it is the cheaper one, but some
+//!   kernels refuse the mode outright (EPERM for any program and
+//!   interface).
 //! - `socket` ([`Socket`]): an AF_PACKET SOCK_RAW socket bound to the veth,
 //!   with PACKET_QDISC_BYPASS, sending prebuilt frames in `sendmmsg`
 //!   batches. It works wherever raw sockets do, but every frame reaches
@@ -14,12 +15,6 @@
 //!
 //! [`Choice::resolve`] picks one; `auto` takes `live` when
 //! [`live_frames_refusal`] finds the kernel allows it, else `socket`.
-//!
-//! The live run goes through rawbpf's own BPF_PROG_TEST_RUN call, not aya
-//! 0.14's `TestRun`: aya implements that on its program types, and an
-//! `aya::programs::Xdp` for a hand-assembled program (not from an ELF
-//! object) can only be had through `Xdp::from_pin`, i.e. a bpffs pin made
-//! and removed around every run, for the sake of one syscall.
 
 use std::{
     io, mem,
@@ -29,16 +24,18 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use failover_agent::dataplane::ifindex;
+use failover_common::{GEN_HEADER_LEN, GenConfig, names};
 
 use crate::{
+    benchprog::BenchProgs,
     netns::{self, Netns},
-    rawbpf::{self, Prog},
 };
 
 /// Offset of the UDP source port in an untagged IPv4 frame without options.
 const SPORT: usize = 14 + 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 pub enum Kind {
     Live,
     Socket,
@@ -46,15 +43,13 @@ pub enum Kind {
 
 impl Kind {
     pub fn name(self) -> &'static str {
-        match self {
-            Kind::Live => "live",
-            Kind::Socket => "socket",
-        }
+        self.into()
     }
 }
 
 /// What a benchmark was asked to use (`--generator live|socket|auto`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "lowercase")]
 pub enum Choice {
     #[default]
     Auto,
@@ -65,12 +60,9 @@ pub enum Choice {
 impl FromStr for Choice {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Choice::Auto),
-            "live" => Ok(Choice::Live),
-            "socket" => Ok(Choice::Socket),
-            other => bail!("unknown generator {other:?}: live, socket or auto"),
-        }
+        <Choice as strum::IntoEnumIterator>::iter()
+            .find(|c| <&str>::from(c) == s)
+            .ok_or_else(|| anyhow!("unknown generator {s:?}: live, socket or auto"))
     }
 }
 
@@ -103,11 +95,11 @@ impl Choice {
 /// errno it refused with (EPERM, EOPNOTSUPP or EINVAL). Any other failure
 /// is an error. One dropped frame on the loopback of a scratch namespace.
 pub fn live_frames_refusal() -> Result<Option<io::Error>> {
-    let prog = Prog::load_xdp("gen_probe", &rawbpf::drop())?;
+    let mut progs = BenchProgs::load(&[names::DROP_PROGRAM])?;
     let ns = Netns::new("probe")?;
     let _in = ns.enter()?;
     // The loopback's ifindex is 1 in every namespace.
-    match prog.run_live(&[0u8; 60], 1, 1, 1) {
+    match progs.run_live(names::DROP_PROGRAM, &[0u8; 60], 1, 1, 1)? {
         Ok(_) => Ok(None),
         Err(e)
             if matches!(
@@ -121,9 +113,9 @@ pub fn live_frames_refusal() -> Result<Option<io::Error>> {
     }
 }
 
-/// The live-frames generator: `rawbpf::generator` on a veth.
+/// The live-frames generator: `failover_gen` on a veth.
 pub struct Live {
-    prog: Prog,
+    progs: BenchProgs,
     ns: String,
     ifindex: u32,
     frame: Vec<u8>,
@@ -132,11 +124,17 @@ pub struct Live {
 
 impl Live {
     /// Runs the program on `count` frames, each of which it transmits.
-    pub fn send(&self, count: u32) -> Result<u64> {
+    pub fn send(&mut self, count: u32) -> Result<u64> {
         // BPF_PROG_TEST_RUN looks the ifindex up in the caller's namespace.
         let _in = netns::enter(&self.ns)?;
-        self.prog
-            .run_live(&self.frame, self.ifindex, count, self.batch)
+        self.progs
+            .run_live(
+                names::GEN_PROGRAM,
+                &self.frame,
+                self.ifindex,
+                count,
+                self.batch,
+            )?
             .context("live-frames test run")?;
         Ok(count.into())
     }
@@ -289,18 +287,23 @@ impl Generator {
     ) -> Result<Self> {
         ensure!(flows >= 1, "flows must be at least 1");
         ensure!(
-            frame.len() >= rawbpf::GEN_HEADER_LEN,
+            frame.len() >= GEN_HEADER_LEN,
             "frame shorter than its headers"
         );
         Ok(match kind {
             Kind::Live => {
-                let header = frame[..rawbpf::GEN_HEADER_LEN].try_into()?;
+                let mut progs = BenchProgs::load(&[names::GEN_PROGRAM])?;
+                progs.set_gen(GenConfig {
+                    header: frame[..GEN_HEADER_LEN].try_into()?,
+                    flows,
+                    base_port: base,
+                })?;
                 let ifindex = {
                     let _in = ns.enter()?;
                     ifindex(dev)?
                 };
                 Generator::Live(Live {
-                    prog: Prog::load_xdp("bench_gen", &rawbpf::generator(&header, flows, base))?,
+                    progs,
                     ns: ns.name.clone(),
                     ifindex,
                     frame: frame.to_vec(),
@@ -326,5 +329,24 @@ impl Generator {
             Generator::Live(live) => live.send(count),
             Generator::Socket { socket, frames } => socket.send_frames(frames, count.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_names_parse_and_print_as_before() {
+        assert_eq!((Kind::Live.name(), Kind::Socket.name()), ("live", "socket"));
+        for (word, c) in [
+            ("auto", Choice::Auto),
+            ("live", Choice::Live),
+            ("socket", Choice::Socket),
+        ] {
+            assert_eq!(word.parse::<Choice>().unwrap(), c);
+        }
+        let e = "fast".parse::<Choice>().unwrap_err().to_string();
+        assert_eq!(e, "unknown generator \"fast\": live, socket or auto");
     }
 }

@@ -584,7 +584,7 @@ async fn passive_ejection_from_real_handshake_counters() {
     assert_eq!(first.to, HealthState::Up);
 
     let mut m = PassiveMonitor::new(PassiveConfig::default());
-    m.watch("b1", b1, Some(prober.ejector()), None);
+    m.watch("b1", b1, Some(prober.signals()), None);
     let t0 = Instant::now();
     assert!(m.poll(t0, |i| a.dataplane().backend_stats(i)).is_empty());
 

@@ -25,6 +25,7 @@ use std::{
 };
 
 use failover_agent::{
+    agent::states::{DataplaneState, HealthState},
     api::{BackendInfo, Client},
     config::Config,
 };
@@ -146,8 +147,8 @@ fn info<'a>(bs: &'a [BackendInfo], name: &str) -> &'a BackendInfo {
 }
 
 fn serving_fully(b: &BackendInfo) -> bool {
-    b.health == "up"
-        && b.state == "up"
+    b.health == HealthState::Up
+        && b.state == DataplaneState::Up
         && b.effective_weight == b.weight
         && b.load.as_ref().is_some_and(|l| l.factor == 1.0)
 }
@@ -205,11 +206,11 @@ async fn metric_outage() {
         "b4's weight lowered by its load",
         Duration::from_secs(10),
         backends,
-        |bs| info(bs, "b4").effective_weight <= 50 && info(bs, "b1").health == "up",
+        |bs| info(bs, "b4").effective_weight <= 50 && info(bs, "b1").health == HealthState::Up,
     )
     .await;
     let b4 = info(&bs, "b4");
-    assert_eq!(b4.health, "up", "{b4:?}");
+    assert_eq!(b4.health, HealthState::Up, "{b4:?}");
     let figures = b4.load.as_ref().unwrap().figures.unwrap();
     assert_eq!(figures.waiting, 8.0);
     // Its metrics turn to garbage: after three intervals without a good
@@ -480,7 +481,11 @@ fn a_half_capacity_backend_ends_with_a_lower_weight_and_the_ring_shows_it() {
         let bs = rt.block_on(api.backends()).expect("backends");
         for (i, n) in names.iter().enumerate() {
             let b = info(&bs, n);
-            assert_eq!((b.health.as_str(), b.state.as_str()), ("up", "up"), "{b:?}");
+            assert_eq!(
+                (b.health, b.state),
+                (HealthState::Up, DataplaneState::Up),
+                "{b:?}"
+            );
             weights[i] += f64::from(b.effective_weight) / f64::from(samples);
         }
         for (i, s) in slots().iter().enumerate() {

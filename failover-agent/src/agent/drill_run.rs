@@ -98,7 +98,7 @@ impl Agent {
         let report = crate::drill::DrillReport {
             service: svc.name.clone(),
             targets: targets.clone(),
-            state: "running".into(),
+            state: crate::drill::DrillState::Running,
             fault_start_s: crate::drill::BASELINE.as_secs_f64(),
             fault_end_s: (crate::drill::BASELINE + duration).as_secs_f64(),
             samples: Vec::new(),
@@ -195,7 +195,7 @@ impl Agent {
         });
         crate::drill::analyze(&mut d.report);
         if d.restored && now >= d.end_at {
-            d.report.state = "done".into();
+            d.report.state = crate::drill::DrillState::Done;
             tracing::info!(
                 service = %d.report.service,
                 failover_ms = d.report.failover_ms,

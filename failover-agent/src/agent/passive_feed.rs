@@ -16,7 +16,7 @@ use std::{
 use failover_common::BackendStats;
 
 use crate::health::{
-    Ejection, Ejector, HandshakeCounters, PassiveConfig, PassiveDetector, ReplyCounters,
+    Ejection, HandshakeCounters, PassiveConfig, PassiveDetector, ProberSignals, ReplyCounters,
     WedgeConfig, WedgeDetector,
 };
 
@@ -34,7 +34,7 @@ struct Watched {
     /// Inference backends only: its suspicions go to the prober, which
     /// confirms them with a generation.
     wedge: Option<WedgeDetector>,
-    ejector: Option<Ejector>,
+    signals: Option<ProberSignals>,
     last_syns: u64,
     active_until: Option<Instant>,
     /// The last read found the edge under a SYN flood.
@@ -104,7 +104,7 @@ impl PassiveMonitor {
         &mut self,
         backend: &str,
         id: u32,
-        ejector: Option<Ejector>,
+        signals: Option<ProberSignals>,
         wedge: Option<WedgeConfig>,
     ) {
         self.watched.insert(
@@ -113,7 +113,7 @@ impl PassiveMonitor {
                 id,
                 detector: PassiveDetector::new(self.cfg),
                 wedge: wedge.map(WedgeDetector::new),
-                ejector,
+                signals,
                 last_syns: 0,
                 active_until: None,
                 flooded: false,
@@ -209,8 +209,8 @@ impl PassiveMonitor {
                 && let Some(why) = wd.observe(now, ReplyCounters::from(&stats))
             {
                 self.suspicions_total += 1;
-                match &w.ejector {
-                    Some(ej) if ej.suspect(why) => {}
+                match &w.signals {
+                    Some(sig) if sig.suspect(why) => {}
                     _ => {
                         tracing::debug!(backend = %name, %why, "prober gone; wedge suspicion not forwarded")
                     }
@@ -232,8 +232,8 @@ impl PassiveMonitor {
             w.flooded = flood > 0;
             self.suspended_total += flood;
             if let Some(why) = ejection {
-                if let Some(ej) = &w.ejector
-                    && !ej.eject(why.clone())
+                if let Some(sig) = &w.signals
+                    && !sig.eject(why.clone())
                 {
                     tracing::debug!(backend = %name, "prober gone; ejection not forwarded");
                 }

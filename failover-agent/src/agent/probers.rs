@@ -77,7 +77,7 @@ impl Agent {
                 Ok(prober) => {
                     if probe.passive {
                         self.passive
-                            .watch(&name, id, Some(prober.ejector()), probe.wedge());
+                            .watch(&name, id, Some(prober.signals()), probe.wedge());
                     } else {
                         self.passive.unwatch(&name);
                     }

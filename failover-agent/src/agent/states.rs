@@ -2,11 +2,10 @@
 //!
 //! Two states describe a backend: the probe verdict ([`HealthState`],
 //! from [`crate::health`]) and its entry in the data plane's `BACKENDS`
-//! map ([`DataplaneState`]). The API, the metrics and the CLI all spell
-//! them through [`HealthState::as_str`] and [`DataplaneState::as_str`];
-//! nothing else turns a state into a string.
-
-use std::fmt;
+//! map ([`DataplaneState`]). Each is spelled once, by its derives (serde
+//! for the API's JSON, strum for the metrics' labels and the CLI, the same
+//! lowercase words); the API carries the typed values, and nothing else
+//! turns a state into a string.
 
 use failover_common::state;
 use serde::{Deserialize, Serialize};
@@ -23,9 +22,22 @@ pub const HEALTH_STATES: [HealthState; 4] = [
 
 /// A backend's state in `BACKENDS` (`failover_common::state`).
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
 )]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum DataplaneState {
     /// Takes new and existing flows.
     Up,
@@ -69,18 +81,7 @@ impl DataplaneState {
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Up => "up",
-            Self::Draining => "draining",
-            Self::Down => "down",
-            Self::Unused => "unused",
-        }
-    }
-}
-
-impl fmt::Display for DataplaneState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
@@ -96,8 +97,15 @@ mod tests {
             assert_eq!(json, format!("\"{s}\""));
             assert_eq!(serde_json::from_str::<DataplaneState>(&json).unwrap(), s);
         }
+        let names: Vec<&str> = DataplaneState::ALL.iter().map(|d| d.as_str()).collect();
+        assert_eq!(names, ["up", "draining", "down", "unused"]);
         assert_eq!(DataplaneState::from_raw(200), DataplaneState::Unused);
         let names: Vec<&str> = HEALTH_STATES.iter().map(|h| h.as_str()).collect();
         assert_eq!(names, ["up", "degraded", "down", "unknown"]);
+        for h in HEALTH_STATES {
+            let json = serde_json::to_string(&h).unwrap();
+            assert_eq!(json, format!("\"{h}\""));
+            assert_eq!(serde_json::from_str::<HealthState>(&json).unwrap(), h);
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! bpffs is not mounted on a fresh node; production agents mount it
-//! themselves rather than fail.
+//! bpffs is not mounted on a fresh node; production agents (and tests
+//! pinning their own maps) mount it themselves rather than fail.
 
 use std::{ffi::CString, path::Path};
 

@@ -8,7 +8,7 @@
 
 mod attach;
 mod batch;
-mod bpffs;
+pub mod bpffs;
 mod counters;
 mod expire;
 mod memory;

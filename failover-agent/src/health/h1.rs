@@ -487,7 +487,10 @@ impl Drop for Response<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::health::canned;
 
     fn head(raw: &str) -> Result<Head, String> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -560,22 +563,19 @@ mod tests {
     /// A server on loopback that answers each request it reads with the
     /// next of `answers`, written in pieces split at `|`, then closes.
     async fn scripted(answers: Vec<&'static str>) -> Conn {
-        use tokio::io::AsyncWriteExt;
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            for answer in answers {
-                let mut req = [0u8; 1024];
-                let _ = s.read(&mut req).await.unwrap();
-                for piece in answer.split('|') {
-                    s.write_all(piece.as_bytes()).await.unwrap();
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let srv = canned::serve(move |mut s| {
+            let answers = answers.clone();
+            async move {
+                for answer in answers {
+                    if !canned::answer_in_pieces(&mut s, answer, Duration::from_millis(5)).await {
+                        return;
+                    }
                 }
             }
-        });
+        })
+        .await;
         Conn::new(tokio_util::either::Either::Left(
-            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(srv.addr).await.unwrap(),
         ))
     }
 
@@ -683,21 +683,11 @@ mod tests {
     /// A loopback server that answers one request with `raw`, written in
     /// pieces split at `|`, then closes.
     async fn serve_once(raw: &'static str) -> std::net::SocketAddr {
-        use tokio::io::AsyncWriteExt;
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut req = [0u8; 1024];
-            let _ = s.read(&mut req).await;
-            for piece in raw.split('|') {
-                if s.write_all(piece.as_bytes()).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-        });
-        addr
+        let srv = canned::serve(move |mut s| async move {
+            canned::answer_in_pieces(&mut s, raw, Duration::from_millis(2)).await;
+        })
+        .await;
+        srv.addr
     }
 
     async fn with_h1(raw: &'static str) -> Verdict {

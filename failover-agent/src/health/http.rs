@@ -410,7 +410,8 @@ mod tests {
     }
 
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::AsyncWriteExt;
+
+    use crate::health::canned;
 
     /// How a [`raw_server`] connection ends after its answers.
     #[derive(Clone, Copy)]
@@ -428,30 +429,22 @@ mod tests {
         per_conn: usize,
         then: Then,
     ) -> (BackendTarget, Arc<AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = BackendTarget::new("b", l.local_addr().unwrap());
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
         let answer: Arc<[u8]> = answer.into();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let answer = answer.clone();
-                tokio::spawn(async move {
-                    for _ in 0..per_conn {
-                        if !crate::health::read_request(&mut s).await
-                            || s.write_all(&answer).await.is_err()
-                        {
-                            return;
-                        }
+        let srv = canned::serve(move |mut s| {
+            let answer = answer.clone();
+            async move {
+                for _ in 0..per_conn {
+                    if !canned::answer(&mut s, &answer).await {
+                        return;
                     }
-                    if let Then::HangUp = then {
-                        crate::health::read_request(&mut s).await;
-                    }
-                });
+                }
+                if let Then::HangUp = then {
+                    canned::read_request(&mut s).await;
+                }
             }
-        });
-        (target, accepted)
+        })
+        .await;
+        (BackendTarget::new("b", srv.addr), srv.accepted)
     }
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}";

@@ -2,7 +2,7 @@
 //! interval, feeds the outcomes to the backend's state machine ([`state`])
 //! and reports each state change on a channel. The passive detector
 //! ([`passive`]) reads the data plane's handshake counters and ejects a
-//! backend through its task's [`Ejector`] within milliseconds.
+//! backend through its task's [`ProberSignals`] within milliseconds.
 //!
 //! Probes follow pingora's `HealthCheck` shape: a small [`Probe`] trait with
 //! one implementation per kind (tcp, http, grpc, inference, udp), dispatched
@@ -21,6 +21,8 @@
 //! unless the outcome carries a reason); profiles put each under 0.1% of a
 //! core at 1000 probes a second, so it stays as plain as it is.
 
+#[cfg(test)]
+pub(crate) mod canned;
 pub mod failure;
 mod grpc;
 mod h1;
@@ -373,9 +375,9 @@ enum Signal {
 /// Hands passive ejections and wedge suspicions to one backend's prober
 /// task. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Ejector(mpsc::Sender<Signal>);
+pub struct ProberSignals(mpsc::Sender<Signal>);
 
-impl Ejector {
+impl ProberSignals {
     /// Queues an ejection without waiting. Returns false once the prober
     /// is gone. A full queue already holds an ejection, so dropping this
     /// one loses nothing.
@@ -401,7 +403,7 @@ impl Ejector {
 #[derive(Debug)]
 pub struct Prober {
     backend: Arc<str>,
-    ejector: Ejector,
+    signals: ProberSignals,
     /// The state machine's flap damping, published by the task after
     /// every probe and ejection (before any event they cause is sent).
     flaps: watch::Receiver<FlapState>,
@@ -418,13 +420,14 @@ impl Prober {
         *self.flaps.borrow()
     }
 
-    pub fn ejector(&self) -> Ejector {
-        self.ejector.clone()
+    /// The handle the data plane's detectors signal this prober through.
+    pub fn signals(&self) -> ProberSignals {
+        self.signals.clone()
     }
 
-    /// See [`Ejector::eject`].
+    /// See [`ProberSignals::eject`].
     pub fn eject(&self, why: Ejection) -> bool {
-        self.ejector.eject(why)
+        self.signals.eject(why)
     }
 
     /// True once the task ended (its event receiver was dropped).
@@ -479,7 +482,7 @@ pub fn spawn_with_probe<P: Probe>(
     let task = tokio::spawn(run(rep, probe, schedule, rx));
     Prober {
         backend,
-        ejector: Ejector(tx),
+        signals: ProberSignals(tx),
         flaps,
         task,
     }
@@ -688,21 +691,6 @@ async fn bounded<T>(
     }
 }
 
-/// Test servers: reads one request head; false once the client is gone.
-#[cfg(test)]
-pub(crate) async fn read_request(s: &mut tokio::net::TcpStream) -> bool {
-    use tokio::io::AsyncReadExt as _;
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-    }
-    true
-}
-
 /// The outcome of a check its timeout cut short, classed by the probe.
 fn timeout_outcome(failure: Failure, timeout: Duration) -> ProbeOutcome {
     let phase = match failure {
@@ -883,12 +871,12 @@ mod tests {
             tx,
             None,
         );
-        let ej = p.ejector();
+        let sig = p.signals();
         assert_eq!(next(&mut rx).await.to, HealthState::Up);
         drop(p);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(rx.recv().await.is_none(), "task gone, sender dropped");
-        assert!(!ej.eject(Ejection::Refused { rsts: 1 }));
+        assert!(!sig.eject(Ejection::Refused { rsts: 1 }));
     }
 
     /// `_count` and `_sum` of `backend`'s probe duration histogram.

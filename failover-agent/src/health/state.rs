@@ -59,7 +59,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{DownCause, Ejection, Failure, ProbeOutcome, Reason};
 
@@ -73,6 +73,7 @@ use super::{DownCause, Ejection, Failure, ProbeOutcome, Reason};
     Eq,
     Hash,
     Serialize,
+    Deserialize,
     strum::IntoStaticStr,
     strum::Display,
 )]

@@ -5,13 +5,14 @@
 //! Every system gets the same traffic: a generator (`crate::generator`)
 //! sends UDP frames with `flows` distinct source ports out of the client's
 //! `c0`, so the edge receives real frames on `ec`. The generator is `live`
-//! (a raw XDP program run in live-frames mode by BPF_PROG_TEST_RUN) where
-//! the kernel allows that mode, else `socket` (AF_PACKET with `sendmmsg`);
-//! `Opts::generator` chooses, one generator serves every system of a run,
-//! and each result names it: with `socket` every frame reaches the edge as
-//! an skb, `xdp` included, so the systems' figures sit closer together.
-//! The backend leg `a0` carries an XDP_DROP program; its rx counter is the
-//! count of packets that made it through the edge. CPU use is the
+//! (the object's `failover_gen` run in live-frames mode by
+//! BPF_PROG_TEST_RUN, through aya) where the kernel allows that mode, else
+//! `socket` (AF_PACKET with `sendmmsg`); `Opts::generator` chooses, one
+//! generator serves every system of a run, and each result names it: with
+//! `socket` every frame reaches the edge as an skb, `xdp` included, so the
+//! systems' figures sit closer together. The backend leg `a0` carries the
+//! XDP_DROP program (`failover_drop`, [`crate::benchprog`]); its rx counter
+//! is the count of packets that made it through the edge. CPU use is the
 //! /proc/stat delta over the run.
 //!
 //! Each system gets a fresh topology (its own namespaces), so no state of
@@ -23,16 +24,17 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use failover_agent::dataplane::{Dataplane, XdpMode, ifindex};
+use failover_agent::dataplane::{Dataplane, XdpMode};
+use failover_common::names;
 use serde::Serialize;
 
 use crate::{
+    benchprog::BenchProgs,
     generator::{Choice, Generator, Kind},
     netns::Netns,
     packet::Frame,
     peers::{NatService, Nft},
     program::{ServiceSpec, program_service},
-    rawbpf::{self, Prog},
     topology::{BACKEND_PORT, CLIENT, CLOUD_A, SNAT, Topology, VIP},
 };
 
@@ -165,17 +167,15 @@ pub fn run_system(system: &'static str, generator: Kind, opts: Opts) -> Result<F
         ))?;
     }
     // The backend side drops and counts everything it receives.
-    let drop = Prog::load_xdp("bench_drop", &rawbpf::drop())?;
-    let _a0 = {
+    let mut progs = BenchProgs::load(&[names::DROP_PROGRAM, names::PASS_PROGRAM])?;
+    {
         let _in = topo.cloud_a.enter()?;
-        drop.attach(ifindex("a0")?)?
-    };
+        progs.attach(names::DROP_PROGRAM, "a0")?;
+    }
 
     // The system under test, on the edge. Guards live until the end.
     let mut _dp: Option<Dataplane> = None;
     let mut _nft = None;
-    let mut _ec = None;
-    let pass = Prog::load_xdp("bench_pass", &rawbpf::pass())?;
     let dst = match system {
         "xdp" => {
             let _in = topo.edge.enter()?;
@@ -201,10 +201,10 @@ pub fn run_system(system: &'static str, generator: Kind, opts: Opts) -> Result<F
             // A veth receives frames sent with XDP_TX only with NAPI on,
             // which an XDP program turns on: the trivial pass program,
             // after which the kernel stack takes every frame.
-            _ec = Some({
+            {
                 let _in = topo.edge.enter()?;
-                pass.attach(ifindex("ec")?)?
-            });
+                progs.attach(names::PASS_PROGRAM, "ec")?;
+            }
             if system == "nftables" {
                 _nft = Some(Nft::apply(
                     &topo.edge,

@@ -4,7 +4,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 use super::*;
-use crate::config::LoadProfile;
+use crate::{config::LoadProfile, health::canned};
 
 /// How the test server answers each request.
 #[derive(Clone)]
@@ -18,46 +18,42 @@ enum Answer {
 }
 
 async fn server(answer: Answer) -> BackendTarget {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = BackendTarget::new("b1", l.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let answer = answer.clone();
-            tokio::spawn(async move {
-                while crate::health::read_request(&mut s).await {
-                    match &answer {
-                        Answer::Body(status, body) => {
-                            let head = format!(
-                                "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
-                                body.len()
-                            );
-                            if s.write_all(head.as_bytes()).await.is_err()
-                                || s.write_all(body).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                        Answer::Dribble => {
-                            let _ = s
-                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
-                                .await;
-                            loop {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                if s.write_all(b"#").await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        Answer::Silent => {
-                            tokio::time::sleep(Duration::from_secs(60)).await;
+    let srv = canned::serve(move |mut s| {
+        let answer = answer.clone();
+        async move {
+            match answer {
+                Answer::Body(status, body) => {
+                    let mut whole = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    whole.extend_from_slice(&body);
+                    while canned::answer(&mut s, &whole).await {}
+                }
+                Answer::Dribble => {
+                    if !canned::answer(&mut s, b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                        .await
+                    {
+                        return;
+                    }
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        if s.write_all(b"#").await.is_err() {
                             return;
                         }
                     }
                 }
-            });
+                Answer::Silent => {
+                    if canned::read_request(&mut s).await {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            }
         }
-    });
-    target
+    })
+    .await;
+    BackendTarget::new("b1", srv.addr)
 }
 
 const VLLM: &str = "# TYPE vllm:num_requests_waiting gauge\n\
