@@ -19,6 +19,8 @@ fn every_program_leaves_verifier_headroom() {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("FLOWS", 4096)
         .map_max_entries("REVERSE", 4096)
+        .map_max_entries("FLOWS6", 4096)
+        .map_max_entries("REVERSE6", 4096)
         .load(OBJECT)
         .expect("load the object");
     let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
