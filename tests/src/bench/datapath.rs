@@ -30,7 +30,10 @@ use failover_common::{FLOWS_MAX, Node, PENDING_MAX, Pending, Reason, names, stat
 use serde::Serialize;
 
 use crate::{
-    lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, Lab, SNAT, VA0_MAC, VIP, backend_addr},
+    lab::{
+        self, BACKEND_MAC, CLIENT, CLIENT_MAC, CLIENT6, Lab, SNAT, SNAT6, VA0_MAC, VIP, VIP6,
+        backend_addr,
+    },
     packet::{Frame, ports},
     xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
@@ -78,6 +81,30 @@ pub const TARGETS: [(&str, f64); 5] = [
     ("reverse", 1.5),
     ("passthrough", 0.25),
 ];
+
+/// Issue 21's bound: each IPv6 case's own cost at most this multiple of
+/// its IPv4 case's, in the same run.
+pub const V6_TARGET: f64 = 1.2;
+pub const V6_CASES: [(&str, &str); 4] = [
+    ("established6", "established"),
+    ("reverse6", "reverse"),
+    ("new_flow6", "new_flow"),
+    ("passthrough6", "passthrough"),
+];
+
+/// Each IPv6 case against its IPv4 case: (case, IPv4 case, own cost ratio,
+/// met).
+pub fn v6_ratios(results: &[CaseResult]) -> Vec<(&'static str, &'static str, f64, bool)> {
+    V6_CASES
+        .iter()
+        .filter_map(|&(v6, v4)| {
+            let a = results.iter().find(|r| r.case == v6)?;
+            let b = results.iter().find(|r| r.case == v4)?;
+            let x = a.own_ns / b.own_ns.max(f64::MIN_POSITIVE);
+            Some((v6, v4, x, x <= V6_TARGET))
+        })
+        .collect()
+}
 
 /// Each target with the measured multiple and whether it is met, for the
 /// cases present in `results`.
@@ -170,6 +197,43 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
     icmp_error[0..6].copy_from_slice(&VA0_MAC);
     icmp_error[6..12].copy_from_slice(&BACKEND_MAC);
 
+    // The same over IPv6: backends 4..=6 at the lab's IPv6 backend
+    // addresses, service 1 on VIP6:80, one established flow.
+    lab.enable_v6()?;
+    for id in 4..=6u32 {
+        lab.backend6(id, lab::backend6_addr((id - 3) as u8), 8000, state::UP)?;
+    }
+    lab.service6(1, 80, 6, 0, failover_common::RING_DEFAULT, &[4, 5, 6])?;
+    let syn6 = Frame::tcp(CLIENT6, 50_000, VIP6, 80);
+    let (_, out6) = lab.run(lab.vc0, &syn6.build())?;
+    let (nat_port6, _) = ports(&out6);
+    let be6 = match etherparse::SlicedPacket::from_ethernet(&out6)?.net {
+        Some(etherparse::NetSlice::Ipv6(ip)) => std::net::Ipv6Addr::from(ip.header().destination()),
+        _ => bail!("IPv6 forward output is not IPv6"),
+    };
+    let established6 = syn6.clone().data(&[0u8; 18]).build();
+    let mut reply6 = Frame::tcp(be6, 8000, SNAT6, nat_port6);
+    reply6.src_mac = BACKEND_MAC;
+    reply6.dst_mac = VA0_MAC;
+    let synack6 = reply6.clone().synack(5000).build();
+    let complete6 = |lab: &Lab| -> Result<()> {
+        let (rc, _) = lab.run(lab.va0, &synack6)?;
+        anyhow::ensure!(rc == XDP_REDIRECT, "IPv6 SYN-ACK: {rc}");
+        let ack = syn6.clone().segment(1001, Some(5001), false, false, false);
+        let (rc, _) = lab.run(lab.vc0, &ack.build())?;
+        anyhow::ensure!(rc == XDP_REDIRECT, "IPv6 ACK: {rc}");
+        Ok(())
+    };
+    complete6(&lab)?;
+    let reply6 = reply6.data(&[0u8; 18]).build();
+    let passthrough6 = Frame::tcp(
+        CLIENT6,
+        50_001,
+        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x200),
+        80,
+    )
+    .build();
+
     let mut cases = [
         Case {
             name: "empty",
@@ -213,6 +277,30 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
             total_ns: 0,
             calls: 0,
         },
+        Case {
+            name: "established6",
+            expect: XDP_REDIRECT,
+            total_ns: 0,
+            calls: 0,
+        },
+        Case {
+            name: "new_flow6",
+            expect: XDP_REDIRECT,
+            total_ns: 0,
+            calls: 0,
+        },
+        Case {
+            name: "reverse6",
+            expect: XDP_REDIRECT,
+            total_ns: 0,
+            calls: 0,
+        },
+        Case {
+            name: "passthrough6",
+            expect: XDP_PASS,
+            total_ns: 0,
+            calls: 0,
+        },
     ];
     // Made after the first lab: this thread is in the loaded lab's
     // namespace from here, so each case enters its own lab's below.
@@ -222,6 +310,7 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
     let per_round = calls.div_ceil(rounds);
     let mut flow_no: u32 = 1 << 10;
     let mut syn_frame = Frame::tcp(CLIENT, 0, VIP, 80);
+    let mut syn6_frame = Frame::tcp(CLIENT6, 0, VIP6, 80);
     for _ in 0..rounds {
         let _in = lab.ns.enter()?;
         // Start each round from the one established flow, so the SNAT
@@ -233,6 +322,12 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
             "the established flow got its port back"
         );
         complete(&lab)?;
+        let (_, again6) = lab.run(lab.vc0, &syn6.build())?;
+        anyhow::ensure!(
+            ports(&again6).0 == nat_port6,
+            "the established IPv6 flow got its port back"
+        );
+        complete6(&lab)?;
         let nat = lab.dp.program();
         let empty = lab.dp.pass_program();
         for case in &mut cases {
@@ -251,6 +346,27 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
                     "reverse" => time_one(nat, lab.va0, &reply, &mut out)?,
                     "passthrough" => time_one(nat, lab.vc0, &passthrough, &mut out)?,
                     "icmp_error" => time_one(nat, lab.va0, &icmp_error, &mut out)?,
+                    "established6" => time_one(nat, lab.vc0, &established6, &mut out)?,
+                    "reverse6" => time_one(nat, lab.va0, &reply6, &mut out)?,
+                    "passthrough6" => time_one(nat, lab.vc0, &passthrough6, &mut out)?,
+                    "new_flow6" => {
+                        flow_no += 1;
+                        if flow_no == 50_000 {
+                            flow_no += 1;
+                        }
+                        syn6_frame.src = std::net::Ipv6Addr::new(
+                            0x2001,
+                            0xdb8,
+                            0xc,
+                            0,
+                            0,
+                            0,
+                            (flow_no >> 16) as u16,
+                            0x100,
+                        );
+                        syn6_frame.sport = (flow_no & 0xffff) as u16;
+                        time_one(nat, lab.vc0, &syn6_frame.build(), &mut out)?
+                    }
                     _ => {
                         // A distinct client tuple for every call, never
                         // the established flow's (a SYN on it would close

@@ -302,6 +302,13 @@ fn main() -> Result<()> {
                         if met { "met" } else { "NOT met" }
                     );
                 }
+                for (v6, v4, x, met) in bench::datapath::v6_ratios(&results) {
+                    println!(
+                        "target (issue 21): {v6} own cost <= {} x {v4}'s: {x:.2} x, {}",
+                        bench::datapath::V6_TARGET,
+                        if met { "met" } else { "NOT met" }
+                    );
+                }
             }
         }
     }
