@@ -113,6 +113,11 @@ fn classify(f: &[u8], cfg: &Config) -> Result<Expected, Reason> {
         }
         t => (t, 14),
     };
+    if ether_type == 0x86dd {
+        // The IPv6 program; the model is of a node without IPv6 (`NODE6`
+        // zero), which leaves IPv6 to the kernel before parsing it.
+        return Err(Reason::NotConfigured);
+    }
     if ether_type != 0x0800 {
         return Err(Reason::NotIpv4);
     }
@@ -342,6 +347,9 @@ mod tests {
         let mut arp = syn.clone();
         arp[13] = 6;
         assert_eq!(check(&arp), e(NotIpv4));
+        let mut v6 = arp.clone();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(check(&v6), e(NotConfigured));
         assert_eq!(
             check(&frame(CLIENT, [203, 0, 113, 99], 6, tcp(1, 80, 2, &[]))),
             e(NotVip)
