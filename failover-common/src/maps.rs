@@ -51,6 +51,8 @@ pub mod names {
     pub const REVERSE6: &str = "REVERSE6";
     pub const PENDING6: &str = "PENDING6";
     pub const NEXTHOPS6: &str = "NEXTHOPS6";
+    pub const SCRATCH: &str = "SCRATCH";
+    pub const TOOBIG_MTU: &str = "TOOBIG_MTU";
     /// Benchmark programs, which the agent never loads: an in-kernel
     /// traffic generator for BPF_PROG_TEST_RUN in live-frames mode
     /// ([`GenConfig`]) and a sink for the receiving end.

@@ -35,7 +35,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Every map of the object, shrunk to one entry when the benchmark
 /// programs load it (a name the object lacks is ignored).
-const MAPS: [&str; 25] = [
+const MAPS: [&str; 27] = [
     names::NODE,
     names::VIP_FILTER,
     names::SERVICES,
@@ -61,6 +61,8 @@ const MAPS: [&str; 25] = [
     names::PENDING6,
     names::NEXTHOPS6,
     names::GEN,
+    names::SCRATCH,
+    names::TOOBIG_MTU,
 ];
 
 /// The pin directory, removed on drop.
@@ -105,6 +107,14 @@ impl BenchProgs {
                 .with_context(|| format!("load {name}"))?;
         }
         Ok(progs)
+    }
+
+    /// How many instructions the verifier walked to load `name`.
+    pub fn verified_instructions(&mut self, name: &str) -> Result<u32> {
+        self.xdp(name)?
+            .info()?
+            .verified_instruction_count()
+            .ok_or_else(|| anyhow!("{name}: the kernel reports no verified instruction count"))
     }
 
     fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
