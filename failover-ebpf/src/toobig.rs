@@ -36,12 +36,45 @@ const ANSWER_LEN: usize = Ipv4Hdr::LEN + icmp::FRAG_NEEDED_LEN;
 
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, ip: &Ipv4, mtu: u16, now: u64) -> (u32, Reason) {
-    let code = answer_at(ctx.ctx, ip.l4_off - Ipv4Hdr::LEN, mtu as u64, now);
+    outcome(answer_at(
+        ctx.ctx,
+        ip.l4_off - Ipv4Hdr::LEN,
+        mtu as u64,
+        now,
+    ))
+}
+
+/// The verdict of an answer's code.
+#[inline(always)]
+fn outcome(code: u32) -> (u32, Reason) {
     match code {
         SENT => (xdp_action::XDP_TX, Reason::FragNeededSent),
         LIMITED => (xdp_action::XDP_DROP, Reason::FragNeededLimited),
         _ => (xdp_action::XDP_DROP, Reason::MtuExceeded),
     }
+}
+
+/// Whether a source hashed to `src_word` may get an answer at `now` (one
+/// per slot per `ICMP_INTERVAL_NS`, per CPU); if so, its slot is stamped.
+#[inline(always)]
+fn allowed(src_word: u32, now: u64) -> bool {
+    let slot = hash::mix32(src_word) & (ICMP_SLOTS - 1);
+    let Some(last) = ICMP_LIMIT.get_ptr_mut(slot) else {
+        return false;
+    };
+    let last = unsafe { &mut *last };
+    if *last != 0 && now.wrapping_sub(*last) < ICMP_INTERVAL_NS {
+        return false;
+    }
+    *last = now;
+    true
+}
+
+/// Trims the frame to `len` bytes (it is longer: the MTU refused it).
+#[inline(always)]
+fn trim(ctx: &XdpContext, len: usize) -> bool {
+    let delta = len as i32 - (ctx.data_end() - ctx.data()) as i32;
+    delta >= 0 || unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } == 0
 }
 
 const SENT: u32 = 0;
@@ -64,19 +97,10 @@ fn answer_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
     if frags & DF == 0 {
         return NOT_SENT;
     }
-    let slot = hash::mix32(u32::from_ne_bytes(src)) & (ICMP_SLOTS - 1);
-    let Some(last) = ICMP_LIMIT.get_ptr_mut(slot) else {
-        return LIMITED;
-    };
-    let last = unsafe { &mut *last };
-    if *last != 0 && now.wrapping_sub(*last) < ICMP_INTERVAL_NS {
+    if !allowed(u32::from_ne_bytes(src), now) {
         return LIMITED;
     }
-    *last = now;
-
-    let frame_len = (ctx.data_end() - ctx.data()) as i32;
-    let delta = (l3_off + ANSWER_LEN) as i32 - frame_len;
-    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+    if !trim(ctx, l3_off + ANSWER_LEN) {
         return NOT_SENT;
     }
     // Built in place, so the stack stays small (this runs a call deep
@@ -146,11 +170,7 @@ pub fn answer6(ctx: &XdpContext, l3_off: usize, now: u64) -> (u32, Reason) {
     let Some(&mtu) = TOOBIG_MTU.get(0) else {
         return (xdp_action::XDP_DROP, Reason::MtuExceeded);
     };
-    match answer6_at(ctx.ctx, l3_off, mtu as u64, now) {
-        SENT => (xdp_action::XDP_TX, Reason::FragNeededSent),
-        LIMITED => (xdp_action::XDP_DROP, Reason::FragNeededLimited),
-        _ => (xdp_action::XDP_DROP, Reason::MtuExceeded),
-    }
+    outcome(answer6_at(ctx.ctx, l3_off, mtu as u64, now))
 }
 
 #[inline(never)]
@@ -161,26 +181,15 @@ fn answer6_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
     };
     // The answer's pseudo-header has the same two addresses, swapped:
     // their sum is taken now, before the header is rewritten.
-    let (addr_sum, slot) = {
+    let (addr_sum, src_word) = {
         let h = unsafe { &*hdr };
         let src = addr6(&h.src_addr);
-        (
-            src.sum() + addr6(&h.dst_addr).sum(),
-            hash::mix32(src.word()) & (ICMP_SLOTS - 1),
-        )
+        (src.sum() + addr6(&h.dst_addr).sum(), src.word())
     };
-    let Some(last) = ICMP_LIMIT.get_ptr_mut(slot) else {
-        return LIMITED;
-    };
-    let last = unsafe { &mut *last };
-    if *last != 0 && now.wrapping_sub(*last) < ICMP_INTERVAL_NS {
+    if !allowed(src_word, now) {
         return LIMITED;
     }
-    *last = now;
-
-    let frame_len = (ctx.data_end() - ctx.data()) as i32;
-    let delta = (l3_off + ANSWER6_LEN) as i32 - frame_len;
-    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+    if !trim(ctx, l3_off + ANSWER6_LEN) {
         return NOT_SENT;
     }
     // In place, as for IPv4: the quote moves behind the new headers (the

@@ -573,29 +573,19 @@ impl Dataplane {
         now: u32,
         timeout: impl Fn(u32, u8) -> Option<std::time::Duration>,
     ) -> Result<usize> {
-        use aya::maps::IterableMap as _;
         let mut gone = 0;
         let flows = self.established_flows()?;
         if !flows.is_empty() {
-            let reverse: Vec<(ReverseKey, Reverse)> = batch::entries(self.reverse.map())
-                .map_err(|e| map_err(names::REVERSE)(aya::maps::MapError::from(e)))?;
             let snat = self.node()?.snat_be;
             let backends = self.backends_of(&flows, |_, b| Some((b.addr_be, b.port_be)));
-            let expired = expire::expired(
+            gone += expire_family(
+                (&mut self.flows, &mut self.reverse, names::REVERSE),
                 &flows,
-                &reverse,
                 now,
                 snat,
                 |id| backends.get(&id).copied().flatten(),
                 &timeout,
-            );
-            for e in &expired {
-                if let Some(r) = &e.reverse {
-                    let _ = self.reverse.remove(r);
-                }
-                let _ = self.flows.remove(&e.flow);
-            }
-            gone += expired.len();
+            )?;
         }
         let flows = if self.has_ipv6() {
             self.established_flows6()?
@@ -603,28 +593,18 @@ impl Dataplane {
             Vec::new()
         };
         if !flows.is_empty() {
-            let reverse: Vec<(ReverseKey<Addr6>, Reverse<Addr6>)> =
-                batch::entries(self.reverse6.map())
-                    .map_err(|e| map_err(names::REVERSE6)(aya::maps::MapError::from(e)))?;
             let snat = self.node6()?.snat;
             let backends = self.backends_of(&flows, |id, b| {
                 Some((self.backend_addr6(id).ok()?, b.port_be))
             });
-            let expired = expire::expired(
+            gone += expire_family(
+                (&mut self.flows6, &mut self.reverse6, names::REVERSE6),
                 &flows,
-                &reverse,
                 now,
                 snat,
                 |id| backends.get(&id).copied().flatten(),
                 &timeout,
-            );
-            for e in &expired {
-                if let Some(r) = &e.reverse {
-                    let _ = self.reverse6.remove(r);
-                }
-                let _ = self.flows6.remove(&e.flow);
-            }
-            gone += expired.len();
+            )?;
         }
         Ok(gone)
     }
@@ -748,4 +728,35 @@ fn pending_flow<A: failover_common::Addr>(p: &PendingFlow<A>) -> (FlowKey<A>, Fl
             ..Flow::default()
         },
     )
+}
+
+type FlowMap<A> = HashMap<MapData, FlowKey<A>, Flow>;
+type ReverseMap<A> = HashMap<MapData, ReverseKey<A>, Reverse<A>>;
+
+/// One family's idle expiry: `flows` (its established flows) against its
+/// `REVERSE` entries, and the removal of what expired. Returns how many.
+fn expire_family<A: Addr>(
+    (flows_map, reverse_map, reverse_name): (&mut FlowMap<A>, &mut ReverseMap<A>, &'static str),
+    flows: &[(FlowKey<A>, Flow)],
+    now: u32,
+    snat: A,
+    backend_of: impl Fn(u32) -> Option<(A, u16)>,
+    timeout: impl Fn(u32, u8) -> Option<std::time::Duration>,
+) -> Result<usize>
+where
+    FlowKey<A>: aya::Pod,
+    ReverseKey<A>: aya::Pod,
+    Reverse<A>: aya::Pod,
+{
+    use aya::maps::IterableMap as _;
+    let reverse: Vec<(ReverseKey<A>, Reverse<A>)> = batch::entries(reverse_map.map())
+        .map_err(|e| map_err(reverse_name)(aya::maps::MapError::from(e)))?;
+    let expired = expire::expired(flows, &reverse, now, snat, backend_of, timeout);
+    for e in &expired {
+        if let Some(r) = &e.reverse {
+            let _ = reverse_map.remove(r);
+        }
+        let _ = flows_map.remove(&e.flow);
+    }
+    Ok(expired.len())
 }
