@@ -435,3 +435,141 @@ fn a_packet_too_big_for_the_next_hop_is_answered_with_its_mtu() {
     assert_eq!(rc, XDP_DROP);
     assert_eq!(lab.count(Reason::FragNeededLimited), 1);
 }
+
+#[test]
+fn hostile_ipv6_beside_a_live_flow_moves_nothing() {
+    // Every kind of IPv6 garbage an outsider can send, interleaved with a
+    // live connection's requests and answers: the flow keeps its backend
+    // and NAT port, every segment of it is translated exactly, and no
+    // passive-health counter of any backend moves.
+    let lab = lab_with(&[1, 2, 3], 0);
+    let syn = Frame::tcp(CLIENT6, 51_080, VIP6, 80);
+    let first = handshake(&lab, &syn);
+    let (backend, nat_port) = (backend_of(&first), ports(&first).0);
+    let passive = |lab: &Lab| -> Vec<(u64, u64, u64, u64, u64, u64)> {
+        (1..=3)
+            .map(|id| {
+                let s = lab.dp.backend_stats(id).unwrap();
+                (
+                    s.syns,
+                    s.synacks,
+                    s.syn_rsts,
+                    s.syns_ignored,
+                    s.pending_evicted,
+                    s.syn_other,
+                )
+            })
+            .collect()
+    };
+    let before = passive(&lab);
+
+    let valid = Frame::tcp(CLIENT6, 51_081, VIP6, 80).build();
+    let mut hostile: Vec<(u32, Vec<u8>)> = [0, 43, 44, 60, 253]
+        .into_iter()
+        .map(|next| (lab.vc0, with_extension(next)))
+        .collect();
+    let mut mutate = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut m = valid.clone();
+        f(&mut m);
+        hostile.push((lab.vc0, m));
+    };
+    mutate(&|f| f.truncate(IP6 + 30));
+    mutate(&|f| f[IP6 + 4..IP6 + 6].copy_from_slice(&400u16.to_be_bytes()));
+    mutate(&|f| f[IP6] = 0x45);
+    mutate(&|f| f[HOP_LIMIT] = 1);
+    mutate(&|f| f[L4 + 13] |= 0x01);
+    mutate(&|f| f[L4 + 16] ^= 0xff);
+    let mut udp = Frame::udp(CLIENT6, 40_080, VIP6, 80).build();
+    udp[L4 + 6..L4 + 8].copy_from_slice(&[0, 0]);
+    hostile.push((lab.vc0, udp));
+    // An ICMPv6 packet too big "from a router" claiming a tiny MTU for
+    // the flow: not translated, it goes to the kernel.
+    let mut ptb = Vec::new();
+    let mut msg = vec![2, 0, 0, 0, 0, 0, 0x01, 0x00];
+    msg.extend_from_slice(&first[IP6..L4 + 8]);
+    PacketBuilder::ethernet2(BACKEND_MAC, VA0_MAC)
+        .ipv6(
+            Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0xfe).octets(),
+            SNAT6.octets(),
+            64,
+        )
+        .write(&mut ptb, 58.into(), &msg)
+        .unwrap();
+    hostile.push((lab.va0, ptb));
+    // SYN-ACKs and RSTs forged with a backend's address toward NAT ports
+    // with no flow, and one that does not ACK any SYN.
+    for port in [nat_port.wrapping_add(1), nat_port.wrapping_add(7)] {
+        let mut f = Frame::tcp(backend6_addr(backend), BPORT, SNAT6, port).synack(9);
+        f.src_mac = BACKEND_MAC;
+        f.dst_mac = VA0_MAC;
+        hostile.push((lab.va0, f.build()));
+        hostile.push((lab.va0, f.rst(9, Some(77)).build()));
+    }
+
+    let req = syn
+        .clone()
+        .data(b"POST /v1/chat/completions HTTP/1.1\r\n\r\n");
+    let mut reply = from_backend(&first, backend).data(b"data: {}\n\n");
+    reply.sport = BPORT;
+    for _ in 0..20 {
+        for (ifindex, frame) in &hostile {
+            let (rc, out) = lab.run(*ifindex, frame).unwrap();
+            assert!(
+                rc == XDP_DROP || rc == failover_tests::xdp::XDP_PASS,
+                "hostile frame sent on ({rc}): {frame:02x?}"
+            );
+            assert_eq!(&out, frame, "a hostile frame is left untouched");
+        }
+        let (rc, out) = forward(&lab, &req);
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_eq!(
+            out,
+            expected_forward(&req, backend6_addr(backend), nat_port)
+        );
+        let (rc, back) = lab.run(lab.va0, &reply.build()).unwrap();
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_eq!(back, expected_reverse(&reply, 51_080));
+    }
+    let flows = lab.dp.flows6().unwrap();
+    assert_eq!(flows.len(), 1, "no hostile frame became state: {flows:?}");
+    assert_eq!(flows[0].1.backend_id, u32::from(backend), "the flow stayed");
+    assert_eq!(passive(&lab), before, "no passive-health counter moved");
+}
+
+#[test]
+fn idle_ipv6_flows_leave_on_time_and_live_ones_stay() {
+    use std::time::{Duration, Instant};
+    let mut lab = lab_with(&[1], 0);
+    let idle = Frame::tcp(CLIENT6, 51_090, VIP6, 80);
+    let live = Frame::tcp(CLIENT6, 51_091, VIP6, 80);
+    handshake(&lab, &idle);
+    handshake(&lab, &live);
+    let req = live.clone().data(b"more").build();
+    let timeout = Duration::from_millis(500);
+    let present = |lab: &Lab, f: &Frame6| {
+        lab.dp
+            .flows6()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == flow_key(f, TCP))
+    };
+    let t0 = Instant::now();
+    let mut next_live = t0;
+    let mut gone_at = None;
+    while t0.elapsed() < Duration::from_secs(5) && gone_at.is_none() {
+        if Instant::now() >= next_live {
+            assert_eq!(lab.run(lab.vc0, &req).unwrap().0, XDP_REDIRECT);
+            next_live += Duration::from_millis(100);
+        }
+        let now = failover_agent::dataplane::now_stamp();
+        lab.dp.expire_idle(now, |_, _| Some(timeout)).unwrap();
+        if !present(&lab, &idle) {
+            gone_at = Some(t0.elapsed());
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    let gone_at = gone_at.expect("the idle IPv6 flow left within 5 s");
+    assert!(gone_at <= timeout * 4, "{gone_at:?}");
+    assert!(present(&lab, &live), "the live flow stays");
+}
