@@ -12,6 +12,7 @@
 pub mod checksum;
 pub mod hash;
 pub mod icmp;
+pub mod icmp6;
 pub mod maps;
 /// Host-side only: the reference model of the verdict for fuzzing.
 #[cfg(not(target_arch = "bpf"))]

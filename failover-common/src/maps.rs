@@ -44,6 +44,8 @@ pub mod names {
     pub const REV6_PROGRAM: &str = "failover_rev6";
     /// IPv6 packet too big answers (`JUMPS[JUMP_TOOBIG6]`).
     pub const TOOBIG6_PROGRAM: &str = "failover_toobig6";
+    /// ICMPv6 errors about NATed flows (`JUMPS[JUMP_ICMP6]`).
+    pub const ICMP6_PROGRAM: &str = "failover_icmp6";
     pub const NODE6: &str = "NODE6";
     pub const SERVICES6: &str = "SERVICES6";
     pub const BACKEND_ADDR6: &str = "BACKEND_ADDR6";
@@ -105,7 +107,22 @@ pub const JUMP_NEW_TCP6: u32 = 3;
 pub const JUMP_REV6: u32 = 4;
 /// `JUMPS` index of the IPv6 packet-too-big answer.
 pub const JUMP_TOOBIG6: u32 = 5;
-pub const JUMP_SLOTS: u32 = 6;
+/// `JUMPS` index of the ICMPv6 error program.
+pub const JUMP_ICMP6: u32 = 6;
+/// Every tail-called program and its `JUMPS` slot: the agent loads and
+/// sets these, once each.
+pub const JUMP_TABLE: [(u32, &str); 7] = [
+    (JUMP_ICMP, names::ICMP_PROGRAM),
+    (JUMP_NEW_TCP, names::NEW_TCP_PROGRAM),
+    (JUMP_V6, names::V6_PROGRAM),
+    (JUMP_NEW_TCP6, names::NEW_TCP6_PROGRAM),
+    (JUMP_REV6, names::REV6_PROGRAM),
+    (JUMP_TOOBIG6, names::TOOBIG6_PROGRAM),
+    (JUMP_ICMP6, names::ICMP6_PROGRAM),
+];
+/// One slot spare, so that a later program does not change the pinned
+/// map's size (an agent cannot reuse a pinned `JUMPS` of another size).
+pub const JUMP_SLOTS: u32 = 8;
 /// Slots in the per-reason counter array (room to add reasons).
 pub const STATS_SLOTS: u32 = 64;
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU free lists, so inserting a flow on

@@ -35,19 +35,13 @@ pub fn header(ctx: &XdpContext, l3_off: usize) -> Result<*mut Ipv6Hdr, Reason> {
 /// Full validation, done only for packets addressed to a VIP or to our SNAT
 /// address, in this order: version 6; the payload length within the frame
 /// (a shorter one leaves Ethernet padding, which is not forwarded as
-/// payload); extension headers and ICMPv6 (the kernel's); hop limit 0 or 1
-/// (the kernel answers time exceeded); TCP or UDP.
+/// payload); extension headers and ICMPv6 (ICMPv6 continues in
+/// `failover_icmp6`); hop limit 0 or 1 (the kernel answers time exceeded);
+/// TCP or UDP.
 #[inline(always)]
 pub fn validate(ctx: &XdpContext, hdr: *mut Ipv6Hdr, l3_off: usize) -> Result<Ipv6, Reason> {
-    let h = unsafe { &*hdr };
-    if h.vcf[0] >> 4 != 6 {
-        return Err(Reason::MalformedIpv6);
-    }
-    let tot_len = u16::from_be_bytes(h.payload_len) as usize + Ipv6Hdr::LEN;
-    if tot_len > u16::MAX as usize || l3_off + tot_len > ctx.data_end() - ctx.data() {
-        return Err(Reason::MalformedIpv6);
-    }
-    match h.next_hdr {
+    let ip = bounded(ctx, hdr, l3_off)?;
+    match ip.proto {
         HOP_BY_HOP => return Err(Reason::Ipv6HopByHop),
         ROUTING => return Err(Reason::Ipv6Routing),
         FRAGMENT => return Err(Reason::Fragment),
@@ -55,11 +49,36 @@ pub fn validate(ctx: &XdpContext, hdr: *mut Ipv6Hdr, l3_off: usize) -> Result<Ip
         ICMPV6 => return Err(Reason::Icmpv6),
         _ => {}
     }
-    if h.hop_limit <= 1 {
+    if unsafe { (*hdr).hop_limit } <= 1 {
         return Err(Reason::TtlExpired);
     }
-    if h.next_hdr != IPPROTO_TCP && h.next_hdr != IPPROTO_UDP {
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Err(Reason::NotTcpUdp);
+    }
+    Ok(ip)
+}
+
+/// `validate`'s first two checks, and ICMPv6 (`failover_icmp6`, which
+/// checks the hop limit only of what it translates).
+#[inline(always)]
+pub fn validate_icmp(ctx: &XdpContext, hdr: *mut Ipv6Hdr, l3_off: usize) -> Result<Ipv6, Reason> {
+    let ip = bounded(ctx, hdr, l3_off)?;
+    if ip.proto != ICMPV6 {
+        return Err(Reason::JumpFailed);
+    }
+    Ok(ip)
+}
+
+/// Version 6, and the payload length within the frame.
+#[inline(always)]
+fn bounded(ctx: &XdpContext, hdr: *mut Ipv6Hdr, l3_off: usize) -> Result<Ipv6, Reason> {
+    let h = unsafe { &*hdr };
+    if h.vcf[0] >> 4 != 6 {
+        return Err(Reason::MalformedIpv6);
+    }
+    let tot_len = u16::from_be_bytes(h.payload_len) as usize + Ipv6Hdr::LEN;
+    if tot_len > u16::MAX as usize || l3_off + tot_len > ctx.data_end() - ctx.data() {
+        return Err(Reason::MalformedIpv6);
     }
     Ok(Ipv6 {
         hdr,
@@ -89,6 +108,23 @@ pub fn rewrite(hdr: *mut Ipv6Hdr, src: &Addr6, dst: &Addr6) -> u32 {
             delta += checksum::delta32(d.add(i).read_volatile(), dst[i]);
             s.add(i).write_volatile(src[i]);
             d.add(i).write_volatile(dst[i]);
+        }
+        i += 1;
+    }
+    delta
+}
+
+/// Writes `new` over the address at `at` (in a quote, icmp6.rs), word by
+/// word as `rewrite` does. Returns the change as a checksum delta.
+#[inline(always)]
+pub fn replace_addr(at: *mut [u8; 16], new: &Addr6) -> u32 {
+    let p = at.cast::<u32>();
+    let mut delta = 0;
+    let mut i = 0;
+    while i < 4 {
+        unsafe {
+            delta += checksum::delta32(p.add(i).read_volatile(), new[i]);
+            p.add(i).write_volatile(new[i]);
         }
         i += 1;
     }

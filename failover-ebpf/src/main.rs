@@ -4,7 +4,8 @@
 //! (ports, flags) -> `forward` (client -> VIP) or `reverse` (backend ->
 //! SNAT address) -> `select` (Maglev ring) / `reset` (RST to the client) ->
 //! `egress` (FIB, TX or redirect; `toobig` answers what the MTU refuses).
-//! ICMP to a VIP or the SNAT address goes to `icmp` instead of `l4`.
+//! ICMP to a VIP or the SNAT address goes to `icmp` instead of `l4`
+//! (ICMPv6 to `icmp6`).
 //! Every packet ends in exactly one `Reason`, counted in `STATS`; the
 //! verdict table is in docs/datapath.md.
 #![no_std]
@@ -19,6 +20,7 @@ mod family;
 mod forward;
 mod generator;
 mod icmp;
+mod icmp6;
 mod ipv4;
 mod ipv6;
 mod l4;
@@ -192,7 +194,15 @@ fn try_v6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             return Err(Reason::NotVip);
         }
     }
-    let ip = ipv6::validate(ctx, hdr, l2.l3_off)?;
+    let ip = match ipv6::validate(ctx, hdr, l2.l3_off) {
+        Err(Reason::Icmpv6) => {
+            // Continues in `failover_icmp6`; without it, ICMPv6 passes as
+            // it did before errors were translated.
+            unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_ICMP6) };
+            return Err(Reason::Icmpv6);
+        }
+        ip => ip?,
+    };
     let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
     ipv6::udp_checksum_present(ctx, &l4)?;
     if is_reverse {
@@ -200,6 +210,31 @@ fn try_v6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         return Err(Reason::JumpFailed);
     }
     Ok(forward::handle(ctx, node, &ip, &mut l4))
+}
+
+/// ICMPv6 to a VIP or the SNAT address (icmp6.rs), tail-called from
+/// `failover_v6`.
+#[xdp]
+pub fn failover_icmp6(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_icmp6(&ctx) {
+        Ok(v) => v,
+        Err(r) => (verdict(r), r),
+    };
+    stats::reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_icmp6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
+    if l2.ether_type != parse::ETH_P_IPV6 {
+        return Err(Reason::NotIpv4);
+    }
+    let hdr = ipv6::header(ctx, l2.l3_off)?;
+    let snat = NODE6.get(0).ok_or(Reason::NotConfigured)?.snat;
+    let ip = ipv6::validate_icmp(ctx, hdr, l2.l3_off)?;
+    let is_reverse = family::addr6(unsafe { &raw const (*hdr).dst_addr }) == snat;
+    Ok(icmp6::handle(ctx, &snat, &ip, is_reverse))
 }
 
 /// IPv6 backend -> SNAT address, tail-called from `failover_v6`.

@@ -81,6 +81,11 @@ pub static EVIDENCE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 #[map(name = "ICMP_BUF")]
 pub static ICMP_BUF: PerCpuArray<[u32; 140]> = PerCpuArray::pinned(1, 0);
 
+/// The same for an ICMPv6 error (icmp6.rs): 310 words hold the longest
+/// a router sends (`icmp6::MESSAGE_MAX`).
+#[map(name = "ICMP6_BUF")]
+pub static ICMP6_BUF: PerCpuArray<[u32; 310]> = PerCpuArray::pinned(1, 0);
+
 // IPv6 (the `failover_v6` programs). Keys and values are the IPv4 ones
 // with 16-byte addresses; ids, rings, backend states and counters are
 // shared with IPv4.

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    Addr, ICMP_INTERVAL_NS, ICMP_SLOTS, JUMP_TOOBIG6, Reason, checksum, hash, icmp,
+    Addr, ICMP_INTERVAL_NS, ICMP_SLOTS, JUMP_TOOBIG6, Reason, checksum, hash, icmp, icmp6,
 };
 use network_types::{
     eth::EthHdr,
@@ -141,8 +141,6 @@ fn answer_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
     SENT
 }
 
-/// ICMPv6 packet too big (RFC 4443 3.2): type 2, code 0, the MTU.
-const PACKET_TOO_BIG: u8 = 2;
 /// What an IPv6 answer quotes: the IPv6 header and the first 8 bytes of L4
 /// (the ports, and TCP's sequence number), which is what a stack needs to
 /// find the socket. RFC 4443 allows any length up to the minimum MTU.
@@ -208,7 +206,7 @@ fn answer6_at(raw: *mut xdp_md, l3_off: usize, mtu: u64, now: u64) -> u32 {
         let e = &mut *eth;
         core::mem::swap(&mut e.dst_addr, &mut e.src_addr);
         let m = &mut *msg;
-        m[..4].copy_from_slice(&[PACKET_TOO_BIG, 0, 0, 0]);
+        m[..4].copy_from_slice(&[icmp6::PACKET_TOO_BIG, 0, 0, 0]);
         m[4..8].copy_from_slice(&(mtu as u32).to_be_bytes());
         // Words in native order, as `checksum::l4_ne`.
         let mut sum = addr_sum

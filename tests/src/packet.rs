@@ -2,7 +2,7 @@
 //! built from scratch, and outputs are compared byte for byte with an
 //! expected frame whose checksums etherparse computes from scratch.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{PacketBuilder, SlicedPacket, TcpHeader};
 
@@ -335,5 +335,23 @@ pub fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, header: [u8; 8], quote: &[u8]) -
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&m);
+    f
+}
+
+/// An untagged ICMPv6 frame from `src` to `dst` (hop limit 64, the MACs of
+/// [`Frame`]): the 8-byte ICMPv6 `header` (its checksum bytes ignored),
+/// then `quote`, the checksum computed from scratch over the pseudo-header.
+pub fn icmp6_frame(src: Ipv6Addr, dst: Ipv6Addr, header: [u8; 8], quote: &[u8]) -> Vec<u8> {
+    let mut m = header.to_vec();
+    m[2] = 0;
+    m[3] = 0;
+    m.extend_from_slice(quote);
+    let c = failover_common::checksum::ipv6_l4(src.octets(), dst.octets(), 58, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv6(src.octets(), dst.octets(), 64)
+        .write(&mut f, 58.into(), &m)
+        .expect("build icmpv6");
     f
 }

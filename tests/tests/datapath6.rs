@@ -14,7 +14,7 @@ use failover_tests::{
     lab::{
         BACKEND_MAC, BPORT, CLIENT_MAC, CLIENT6, Lab, SNAT6, VA0_MAC, VC0_MAC, VIP6, backend6_addr,
     },
-    packet::{Frame, assert_checksums_valid, ports},
+    packet::{Frame, assert_checksums_valid, icmp6_frame, ports},
     xdp::{XDP_DROP, XDP_REDIRECT, XDP_TX},
 };
 
@@ -482,20 +482,23 @@ fn hostile_ipv6_beside_a_live_flow_moves_nothing() {
     let mut udp = Frame::udp(CLIENT6, 40_080, VIP6, 80).build();
     udp[L4 + 6..L4 + 8].copy_from_slice(&[0, 0]);
     hostile.push((lab.vc0, udp));
-    // An ICMPv6 packet too big "from a router" claiming a tiny MTU for
-    // the flow: not translated, it goes to the kernel.
-    let mut ptb = Vec::new();
-    let mut msg = vec![2, 0, 0, 0, 0, 0, 0x01, 0x00];
-    msg.extend_from_slice(&first[IP6..L4 + 8]);
-    PacketBuilder::ethernet2(BACKEND_MAC, VA0_MAC)
-        .ipv6(
-            Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0xfe).octets(),
-            SNAT6.octets(),
-            64,
-        )
-        .write(&mut ptb, 58.into(), &msg)
-        .unwrap();
-    hostile.push((lab.va0, ptb));
+    // ICMPv6 errors "from a router" about the flow: a packet too big
+    // claiming a tiny MTU, dropped; an unreachable for another NAT port,
+    // passed to the kernel. Neither is translated (tests/tests/icmp6.rs
+    // has every such case).
+    let router = Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0xfe);
+    let tiny = [2, 0, 0, 0, 0, 0, 0x01, 0x00];
+    hostile.push((
+        lab.va0,
+        icmp6_frame(router, SNAT6, tiny, &first[IP6..L4 + 8]),
+    ));
+    let mut other_port = first[IP6..L4 + 8].to_vec();
+    other_port[40..42].copy_from_slice(&nat_port.wrapping_add(3).to_be_bytes());
+    let unreachable = [1, 4, 0, 0, 0, 0, 0, 0];
+    hostile.push((
+        lab.va0,
+        icmp6_frame(router, SNAT6, unreachable, &other_port),
+    ));
     // SYN-ACKs and RSTs forged with a backend's address toward NAT ports
     // with no flow, and one that does not ACK any SYN.
     for port in [nat_port.wrapping_add(1), nat_port.wrapping_add(7)] {

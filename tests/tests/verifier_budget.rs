@@ -13,7 +13,7 @@ use failover_tests::benchprog::BenchProgs;
 /// before the kernel refuses the object.
 const HEADROOM_LIMIT: u32 = 800_000;
 
-const PROGRAMS: [&str; 8] = [
+const PROGRAMS: [&str; 9] = [
     names::PROGRAM,
     names::ICMP_PROGRAM,
     names::NEW_TCP_PROGRAM,
@@ -21,6 +21,7 @@ const PROGRAMS: [&str; 8] = [
     names::NEW_TCP6_PROGRAM,
     names::REV6_PROGRAM,
     names::TOOBIG6_PROGRAM,
+    names::ICMP6_PROGRAM,
     names::PASS_PROGRAM,
 ];
 

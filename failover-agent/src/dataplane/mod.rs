@@ -221,16 +221,11 @@ impl Dataplane {
             .map_max_entries(names::REVERSE6, flow_capacity)
             .load(OBJECT)
             .map_err(ErrorKind::Load)?;
-        for name in [
-            names::PROGRAM,
-            names::PASS_PROGRAM,
-            names::ICMP_PROGRAM,
-            names::NEW_TCP_PROGRAM,
-            names::V6_PROGRAM,
-            names::NEW_TCP6_PROGRAM,
-            names::REV6_PROGRAM,
-            names::TOOBIG6_PROGRAM,
-        ] {
+        let jumped = failover_common::JUMP_TABLE.map(|(_, name)| name);
+        for name in [names::PROGRAM, names::PASS_PROGRAM]
+            .into_iter()
+            .chain(jumped)
+        {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(ErrorKind::Program(ProgramError::NotLoaded))?
@@ -243,14 +238,7 @@ impl Dataplane {
         // every map: a restarted agent points it at its own programs, which
         // share every map with the ones before.
         let mut jumps: ProgramArray<MapData> = take!(ebpf, names::JUMPS);
-        for (slot, name) in [
-            (failover_common::JUMP_ICMP, names::ICMP_PROGRAM),
-            (failover_common::JUMP_NEW_TCP, names::NEW_TCP_PROGRAM),
-            (failover_common::JUMP_V6, names::V6_PROGRAM),
-            (failover_common::JUMP_NEW_TCP6, names::NEW_TCP6_PROGRAM),
-            (failover_common::JUMP_REV6, names::REV6_PROGRAM),
-            (failover_common::JUMP_TOOBIG6, names::TOOBIG6_PROGRAM),
-        ] {
+        for (slot, name) in failover_common::JUMP_TABLE {
             let fd = ebpf
                 .program(name)
                 .ok_or(ErrorKind::Program(ProgramError::NotLoaded))?
