@@ -62,9 +62,7 @@ fn try_failover(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
     if l2.ether_type != parse::ETH_P_IPV4 {
         if l2.ether_type == parse::ETH_P_IPV6 {
-            // Continues in `failover_v6`; without it, IPv6 passes as it
-            // did before the program knew IPv6.
-            unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_V6) };
+            return classify6(ctx, l2.l3_off);
         }
         return Err(Reason::NotIpv4);
     }
@@ -100,6 +98,33 @@ fn try_failover(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     } else {
         forward::handle(ctx, node, &ip, &mut l4)
     })
+}
+
+/// Where an IPv6 frame goes: traffic that is not ours leaves here, after
+/// one array read as for IPv4 (a tail call and a second parse cost more
+/// than the rest of its way); replies to the SNAT address go straight to
+/// `failover_rev6`, and packets to a VIP to `failover_v6`. Without those
+/// programs IPv6 passes, as it did before the program knew IPv6.
+#[inline(always)]
+fn classify6(ctx: &XdpContext, l3_off: usize) -> Result<(u32, Reason), Reason> {
+    // A node without IPv6 leaves IPv6 to the kernel, malformed or not.
+    let snat = NODE6.get(0).ok_or(Reason::NotConfigured)?.snat;
+    if snat == [0; 4] {
+        return Err(Reason::NotConfigured);
+    }
+    let hdr = ipv6::header(ctx, l3_off)?;
+    let dst = family::addr6(unsafe { &raw const (*hdr).dst_addr });
+    if dst == snat {
+        unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_REV6) };
+        return Err(Reason::NotIpv4);
+    }
+    let filter = VIP_FILTER.get(0).ok_or(Reason::NotConfigured)?;
+    let (word, mask) = failover_common::VipFilter::slot_of(dst);
+    if word >= filter.bits.len() || filter.bits[word] & mask == 0 {
+        return Err(Reason::NotVip);
+    }
+    unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_V6) };
+    Err(Reason::NotIpv4)
 }
 
 /// ICMP to a VIP or the SNAT address (icmp.rs), tail-called from
@@ -159,8 +184,9 @@ fn try_new_tcp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     Ok(forward::new_tcp(ctx, node, &ip, &mut l4))
 }
 
-/// IPv6 frames (`ipv6.rs`, then the same walk as IPv4 over 16-byte
-/// addresses), tail-called from `failover_xdp`.
+/// IPv6 frames to a VIP (`ipv6.rs`, then the same walk as IPv4 over
+/// 16-byte addresses), tail-called from `failover_xdp` once `classify6`
+/// found the destination in the VIP filter (only it jumps here).
 #[xdp]
 pub fn failover_v6(ctx: XdpContext) -> u32 {
     let (action, reason) = match try_v6(&ctx) {
@@ -177,39 +203,29 @@ fn try_v6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     if l2.ether_type != parse::ETH_P_IPV6 {
         return Err(Reason::NotIpv4);
     }
-    // A node without IPv6 leaves IPv6 to the kernel, malformed or not.
-    let snat = NODE6.get(0).ok_or(Reason::NotConfigured)?.snat;
-    if snat == [0; 4] {
-        return Err(Reason::NotConfigured);
-    }
     let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
     let hdr = ipv6::header(ctx, l2.l3_off)?;
-    // As for IPv4: traffic that is not ours leaves after one array read.
-    let dst = family::addr6(unsafe { &raw const (*hdr).dst_addr });
-    let is_reverse = dst == snat;
-    if !is_reverse {
-        let filter = VIP_FILTER.get(0).ok_or(Reason::NotConfigured)?;
-        let (word, mask) = failover_common::VipFilter::slot_of(dst);
-        if word >= filter.bits.len() || filter.bits[word] & mask == 0 {
-            return Err(Reason::NotVip);
-        }
-    }
-    let ip = match ipv6::validate(ctx, hdr, l2.l3_off) {
-        Err(Reason::Icmpv6) => {
-            // Continues in `failover_icmp6`; without it, ICMPv6 passes as
-            // it did before errors were translated.
-            unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_ICMP6) };
-            return Err(Reason::Icmpv6);
-        }
-        ip => ip?,
-    };
+    let ip = validate6(ctx, hdr, l2.l3_off)?;
     let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
     ipv6::udp_checksum_present(ctx, &l4)?;
-    if is_reverse {
-        unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_REV6) };
-        return Err(Reason::JumpFailed);
-    }
     Ok(forward::handle(ctx, node, &ip, &mut l4))
+}
+
+/// `ipv6::validate`, with ICMPv6 continuing in `failover_icmp6`; without
+/// it, ICMPv6 passes as it did before errors were translated.
+#[inline(always)]
+fn validate6(
+    ctx: &XdpContext,
+    hdr: *mut network_types::ip::Ipv6Hdr,
+    l3_off: usize,
+) -> Result<ipv6::Ipv6, Reason> {
+    match ipv6::validate(ctx, hdr, l3_off) {
+        Err(Reason::Icmpv6) => {
+            unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_ICMP6) };
+            Err(Reason::Icmpv6)
+        }
+        ip => ip,
+    }
 }
 
 /// ICMPv6 to a VIP or the SNAT address (icmp6.rs), tail-called from
@@ -237,7 +253,8 @@ fn try_icmp6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     Ok(icmp6::handle(ctx, &snat, &ip, is_reverse))
 }
 
-/// IPv6 backend -> SNAT address, tail-called from `failover_v6`.
+/// IPv6 to the SNAT address (backend -> client), tail-called from
+/// `failover_xdp`.
 #[xdp]
 pub fn failover_rev6(ctx: XdpContext) -> u32 {
     let (action, reason) = match try_rev6(&ctx) {
@@ -253,8 +270,9 @@ fn try_rev6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
     let hdr = ipv6::header(ctx, l2.l3_off)?;
     let snat = NODE6.get(0).ok_or(Reason::NotConfigured)?.snat;
-    let ip = ipv6::validate(ctx, hdr, l2.l3_off)?;
+    let ip = validate6(ctx, hdr, l2.l3_off)?;
     let l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
+    ipv6::udp_checksum_present(ctx, &l4)?;
     Ok(reverse::handle(ctx, snat, &ip, &l4))
 }
 
