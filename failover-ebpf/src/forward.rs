@@ -22,6 +22,16 @@ use crate::{
     pending, reset, scratch, select, stats,
 };
 
+/// The packet in hand once its flow is looked up: what sending it on
+/// reads. One value instead of four arguments on every step after the
+/// lookup.
+pub struct Packet<'a, F: Family> {
+    pub ctx: &'a XdpContext,
+    pub node: &'a Node,
+    pub ip: &'a Ip<F>,
+    pub l4: &'a L4,
+}
+
 /// Where a forwarded packet goes: the backend, and the flow's NAT port.
 #[derive(Clone, Copy)]
 pub struct Target<A> {
@@ -62,6 +72,8 @@ pub fn handle<F: Family>(ctx: &XdpContext, node: &Node, ip: &Ip<F>, l4: &mut L4)
         }
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let l4 = &*l4;
+    let pkt = Packet { ctx, node, ip, l4 };
 
     // Fast path: an established flow whose backend still takes traffic.
     if let Some(flow) = F::flows().get_ptr_mut(&fkey) {
@@ -83,7 +95,7 @@ pub fn handle<F: Family>(ctx: &XdpContext, node: &Node, ip: &Ip<F>, l4: &mut L4)
                     if l4.payload != 0 && flow.data & DATA_ASKED == 0 {
                         asked(flow);
                     }
-                    let out = send(ctx, node, ip, l4, &t, false, now);
+                    let out = send(&pkt, &t, false, now);
                     if l4.tcp {
                         match l4::closing(l4, flow.fins, flow.fin_ack, l4::CLIENT) {
                             Closing::Free => {
@@ -139,7 +151,7 @@ pub fn handle<F: Family>(ctx: &XdpContext, node: &Node, ip: &Ip<F>, l4: &mut L4)
         // Fail closed.
         return (xdp_action::XDP_DROP, Reason::NoBackend);
     };
-    new_udp_flow(ctx, node, ip, l4, &fkey, svc, &chosen, now)
+    new_udp_flow(&pkt, &fkey, svc, &chosen, now)
 }
 
 /// The flow's first request payload: the backend now owes it an answer
@@ -190,22 +202,25 @@ pub fn new_tcp<F: Family>(ctx: &XdpContext, node: &Node, ip: &Ip<F>, l4: &mut L4
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    pending::forward(ctx, node, ip, l4, &fkey, svc, fh, now)
+    let pkt = Packet {
+        ctx,
+        node,
+        ip,
+        l4: &*l4,
+    };
+    pending::forward(&pkt, &fkey, svc, fh, now)
 }
 
 /// A UDP flow has no handshake to wait for: pinned at once, in both tables.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn new_udp_flow<F: Family>(
-    ctx: &XdpContext,
-    node: &Node,
-    ip: &Ip<F>,
-    l4: &L4,
+    pkt: &Packet<'_, F>,
     k: &FlowKey<F::A>,
     svc: &Service,
     chosen: &select::Chosen<F::A>,
     now: u64,
 ) -> (u32, Reason) {
+    let node = pkt.node;
     let created = unsafe { bpf_ktime_get_ns() };
     let Some(rval) = established(k, chosen.id, svc.id, now, created) else {
         return (xdp_action::XDP_DROP, Reason::FlowTableFull);
@@ -249,7 +264,7 @@ fn new_udp_flow<F: Family>(
         forget::<F>(k, &flow, node);
         return (xdp_action::XDP_DROP, Reason::FlowTableFull);
     }
-    let out = send(ctx, node, ip, l4, &t, true, now);
+    let out = send(pkt, &t, true, now);
     if !sent(out) {
         // Not sent (no route, no neighbour, ...): keep no state for it.
         forget::<F>(k, &flow, node);
@@ -299,17 +314,14 @@ pub fn snat_port<A: Addr>(node: &Node, k: &FlowKey<A>, i: u32) -> u32 {
 /// a flow, which is then counted too (with the same counter lookups). The
 /// next hop is resolved first: a packet too long for it is answered with a
 /// frag-needed quoting it as the client sent it (toobig.rs).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn send<F: Family>(
-    ctx: &XdpContext,
-    node: &Node,
-    ip: &Ip<F>,
-    l4: &L4,
+    pkt: &Packet<'_, F>,
     t: &Target<F::A>,
     new: bool,
     now: u64,
 ) -> (u32, Reason) {
+    let Packet { ctx, node, ip, l4 } = *pkt;
     let route = Route {
         proto: ip.proto,
         src_be: F::snat(node),

@@ -20,7 +20,7 @@ use failover_common::{
 use crate::{
     egress::{self, Route},
     family::{Family, Ip},
-    forward::{self, Target},
+    forward::{self, Packet, Target},
     l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN},
     maps::BACKENDS,
     select, stats,
@@ -33,18 +33,15 @@ use crate::{
 /// the first. So no flood holds the SNAT ports, and a flood's slots, being
 /// most of them, are the ones taken most. (Taking the oldest instead would
 /// make the verifier walk every order of the 32 slots.)
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn forward<F: Family>(
-    ctx: &XdpContext,
-    node: &Node,
-    ip: &Ip<F>,
-    l4: &L4,
+    pkt: &Packet<'_, F>,
     k: &FlowKey<F::A>,
     svc: &Service,
     fh: u32,
     now_c: u64,
 ) -> (u32, Reason) {
+    let Packet { ctx, node, ip, l4 } = *pkt;
     let now = unsafe { bpf_ktime_get_ns() };
     let chosen = select::select::<F>(svc, fh);
     // The first slot that is this flow's or free ends the search: a
@@ -86,7 +83,7 @@ pub fn forward<F: Family>(
                     port_be: be.port_be,
                     nat_port_be: port.to_be(),
                 };
-                return ours(ctx, node, ip, l4, p, &t, now_c);
+                return ours(pkt, p, &t, now_c);
             }
             _ => {
                 // Reopened, or its backend went down during the handshake.
@@ -162,7 +159,7 @@ pub fn forward<F: Family>(
         port_be: chosen.port_be,
         nat_port_be: port.to_be(),
     };
-    let out = forward::send(ctx, node, ip, l4, &t, true, now_c);
+    let out = forward::send(pkt, &t, true, now_c);
     if !forward::sent(out) {
         // Not sent (no route, no neighbour, ...): keep no state for it.
         p.expires_ns = 0;
@@ -264,24 +261,21 @@ fn is_of<A: Addr>(p: &Pending<A>, k: &FlowKey<A>) -> bool {
 }
 
 /// The client's segments while its handshake is open.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn ours<F: Family>(
-    ctx: &XdpContext,
-    node: &Node,
-    ip: &Ip<F>,
-    l4: &L4,
+    pkt: &Packet<'_, F>,
     p: &mut Pending<F::A>,
     t: &Target<F::A>,
     now_c: u64,
 ) -> (u32, Reason) {
+    let l4 = pkt.l4;
     if tcp::opening(l4.flags) {
         // A retransmitted SYN, or a new ISN on the same tuple: the
         // backend answers the latest.
         p.syn_ack = l4.seq.wrapping_add(1);
     } else if p.state == FLOW_ANSWERED && l4.flags & TCP_ACK != 0 && l4.ack == p.synack_ack {
         // The client ACKs the backend's SYN-ACK: the handshake is done.
-        if let Err(r) = promote::<F>(p, t, F::snat(node), now_c) {
+        if let Err(r) = promote::<F>(p, t, F::snat(pkt.node), now_c) {
             p.expires_ns = 0;
             return (xdp_action::XDP_DROP, r);
         }
@@ -289,7 +283,7 @@ fn ours<F: Family>(
     } else if l4.flags & TCP_RST != 0 {
         p.expires_ns = 0;
     }
-    forward::send(ctx, node, ip, l4, t, false, now_c)
+    forward::send(pkt, t, false, now_c)
 }
 
 /// Moves a pending flow to `FLOWS`/`REVERSE`.
