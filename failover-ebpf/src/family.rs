@@ -61,7 +61,7 @@ pub trait Family: Sized {
     fn dst(ip: &Ip<Self>) -> Self::A;
     /// Rewrites source and destination and takes one off the TTL or hop
     /// limit (with the IPv4 header checksum). Returns the address change
-    /// as a checksum delta for the L4 pseudo-header (`l4::rewrite`).
+    /// as a checksum delta for the L4 pseudo-header (`l4::nat`).
     fn rewrite(ip: &Ip<Self>, src: &Self::A, dst: &Self::A) -> u32;
     /// The node's source address toward this family's backends.
     fn snat(node: &Node) -> Self::A;

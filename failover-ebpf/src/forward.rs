@@ -17,7 +17,7 @@ use failover_common::{
 use crate::{
     egress::{self, Route},
     family::{Family, Ip},
-    l4::{self, Closing, L4},
+    l4::{self, Closing, L4, Nat},
     maps::{BACKENDS, EVIDENCE, JUMPS},
     pending, reset, scratch, select, stats,
 };
@@ -387,8 +387,13 @@ fn rewrite_out<F: Family>(
     if l4.tcp && l4.flags & l4::TCP_SYN != 0 {
         l4::clamp_mss(ctx, l4, t.backend_id);
     }
-    let delta = F::rewrite(ip, &route.src_be, &t.addr_be);
-    if let Err(r) = l4::rewrite(ctx, l4, delta, t.nat_port_be, t.port_be) {
+    let to = Nat {
+        src: &route.src_be,
+        dst: &t.addr_be,
+        sport_be: t.nat_port_be,
+        dport_be: t.port_be,
+    };
+    if let Err(r) = l4::nat(ctx, ip, l4, &to) {
         return (xdp_action::XDP_DROP, r);
     }
     egress::out(ctx, nh, route)

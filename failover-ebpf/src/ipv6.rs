@@ -1,6 +1,6 @@
 //! IPv6: validation of packets we handle, and the NAT66 header rewrite.
 //! There is no header checksum; the L4 checksum covers the addresses
-//! through the pseudo-header (`l4::rewrite`).
+//! through the pseudo-header (`l4::nat`).
 //!
 //! Extension headers are not walked: a packet carrying one passes to the
 //! kernel with a reason per kind, as IPv4 options do. A fragment passes as

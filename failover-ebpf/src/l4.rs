@@ -192,12 +192,36 @@ fn clamp_mss_at(raw: *mut xdp_md, off: usize, hlen: usize, backend_id: u32) {
     }
 }
 
+/// A NAT rewrite: the addresses and ports a packet leaves with. Forward
+/// and reverse build one each, from the flow's target or its reverse
+/// entry (by reference: an IPv6 entry's addresses stay where they are).
+pub struct Nat<'a, A> {
+    pub src: &'a A,
+    pub dst: &'a A,
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// Rewrites the IP header and the L4 ports to `to`, with the checksums
+/// that cover them (the address change folded into the L4 checksum as one
+/// sum).
+#[inline(always)]
+pub fn nat<F: Family>(
+    ctx: &XdpContext,
+    ip: &Ip<F>,
+    l4: &L4,
+    to: &Nat<'_, F::A>,
+) -> Result<(), Reason> {
+    let delta = F::rewrite(ip, to.src, to.dst);
+    rewrite(ctx, l4, delta, to.sport_be, to.dport_be)
+}
+
 /// Rewrites ports and folds the address change (`addr_delta`, from the IP
 /// rewrite) into the L4 checksum, which covers the pseudo-header. An
 /// invalid checksum stays invalid by the same amount, so a corrupted
 /// segment is never made to look valid.
 #[inline(always)]
-pub fn rewrite(
+fn rewrite(
     ctx: &XdpContext,
     l4: &L4,
     addr_delta: u32,

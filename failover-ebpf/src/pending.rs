@@ -410,8 +410,13 @@ pub fn reverse<F: Family>(
     if l4.flags & TCP_SYN != 0 {
         l4::clamp_mss(ctx, l4, p.backend_id);
     }
-    let delta = F::rewrite(ip, &p.vip_be, &p.client_be);
-    if let Err(e) = l4::rewrite(ctx, l4, delta, p.vport_be, p.cport_be) {
+    let to = l4::Nat {
+        src: &p.vip_be,
+        dst: &p.client_be,
+        sport_be: p.vport_be,
+        dport_be: p.cport_be,
+    };
+    if let Err(e) = l4::nat(ctx, ip, l4, &to) {
         return (xdp_action::XDP_DROP, e);
     }
     egress::out(ctx, &nh, &route)

@@ -10,7 +10,7 @@ use failover_common::{Addr, DATA_ANSWERED, FlowKey, Reason, Reverse, ReverseKey,
 use crate::{
     egress::{self, Route},
     family::{Family, Ip},
-    l4::{self, Closing, L4},
+    l4::{self, Closing, L4, Nat},
     pending, stats,
 };
 
@@ -70,8 +70,13 @@ pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (
         // A retransmitted SYN-ACK, after the handshake completed.
         l4::clamp_mss(ctx, l4, rev.backend_id);
     }
-    let delta = F::rewrite(ip, &rev.vip_be, &rev.client_be);
-    if let Err(e) = l4::rewrite(ctx, l4, delta, rev.vport_be, rev.cport_be) {
+    let to = Nat {
+        src: &rev.vip_be,
+        dst: &rev.client_be,
+        sport_be: rev.vport_be,
+        dport_be: rev.cport_be,
+    };
+    if let Err(e) = l4::nat(ctx, ip, l4, &to) {
         return (xdp_action::XDP_DROP, e);
     }
     let out = egress::out(ctx, &rev.nh, &route);
