@@ -74,6 +74,16 @@ pub fn backend6_addr(i: u8) -> Ipv6Addr {
 
 impl Lab {
     pub fn new() -> Result<Self> {
+        Self::over(None)
+    }
+
+    /// A lab whose maps an older build pinned first, with a `JUMPS` map of
+    /// `slots` program slots (an upgrade in place).
+    pub fn over_older_jumps(slots: u32) -> Result<Self> {
+        Self::over(Some(slots))
+    }
+
+    fn over(old_jumps: Option<u32>) -> Result<Self> {
         let ns = Netns::new("kt")?;
         ns.exec(&format!(
             "ip link add vc0 address {vc0} type veth peer name vc1 address {cl} && \
@@ -100,6 +110,15 @@ impl Lab {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         )));
+        if let Some(slots) = old_jumps {
+            let maps = pins.0.join("maps");
+            std::fs::create_dir_all(&maps)?;
+            aya::EbpfLoader::new()
+                .default_map_pin_directory(&maps)
+                .map_max_entries(failover_common::names::JUMPS, slots)
+                .load(failover_agent::dataplane::OBJECT)
+                .context("pin an older build's maps")?;
+        }
         let mut dp = Dataplane::load(&pins.0).context("load the XDP object")?;
         let vc0 = failover_agent::dataplane::ifindex("vc0")?;
         let va0 = failover_agent::dataplane::ifindex("va0")?;

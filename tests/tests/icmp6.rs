@@ -346,3 +346,25 @@ fn forged_malformed_and_unmatched_errors_beside_a_live_flow_move_nothing() {
     );
     assert_eq!(lab.dp.backend(1).unwrap().state, state::UP);
 }
+
+#[test]
+fn over_an_older_builds_jumps_map_only_icmpv6_translation_is_off() {
+    // A node upgraded in place from a build whose pinned JUMPS had 6 slots
+    // (no `failover_icmp6`): the data plane still loads, IPv6 flows still
+    // run, and ICMPv6 errors pass to the kernel, as they did then.
+    let mut lab = Lab::over_older_jumps(6).expect("the data plane loads");
+    lab.enable_v6().unwrap();
+    lab.backend6(1, backend6_addr(1), BPORT, state::UP).unwrap();
+    lab.service6(0, 80, 6, 0, 13, &[1]).unwrap();
+    let nat_port = established(&lab, 52_400);
+    let own = Frame::tcp(CLIENT6, 52_400, VIP6, 80)
+        .data(&[0x42; 1400])
+        .build();
+    let (rc, sent) = lab.run(lab.vc0, &own).unwrap();
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(ports(&sent).0, nat_port);
+    let err = icmp6_frame(CLOUD_ROUTER, SNAT6, too_big(1280), &quote(&sent, 48));
+    let (rc, out) = lab.run(lab.va0, &err).unwrap();
+    assert_eq!((rc, out), (XDP_PASS, err));
+    assert_eq!(lab.count(Reason::Icmpv6), 1);
+}

@@ -244,7 +244,25 @@ impl Dataplane {
                 .ok_or(ErrorKind::Program(ProgramError::NotLoaded))?
                 .fd()
                 .map_err(ErrorKind::Program)?;
-            jumps.set(slot, fd, 0).map_err(map_err(names::JUMPS))?;
+            match jumps.set(slot, fd, 0) {
+                Ok(()) => {}
+                // A JUMPS pinned by an older build, with fewer slots: that
+                // program stays off (its traffic passes to the kernel, as
+                // before it existed) rather than the agent failing to start
+                // and traffic with it. `failover-agent detach` once lets the
+                // map be made anew.
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    tracing::warn!(
+                        program = name,
+                        slot,
+                        "the pinned JUMPS map is an older build's and has no slot for this program; \
+                         it stays off until `failover-agent detach` (a short outage) and a restart"
+                    );
+                }
+                Err(e) => return Err(map_err(names::JUMPS)(e)),
+            }
         }
         Ok(Self {
             node: take!(ebpf, names::NODE),
