@@ -368,3 +368,104 @@ fn over_an_older_builds_jumps_map_only_icmpv6_translation_is_off() {
     assert_eq!((rc, out), (XDP_PASS, err));
     assert_eq!(lab.count(Reason::Icmpv6), 1);
 }
+
+#[test]
+fn mutated_errors_with_valid_checksums_reach_only_the_flows_own_client() {
+    // An outsider can compute checksums: 3,000 packets too big and
+    // unreachables about a live flow, each with random bytes of the outer
+    // header, ICMPv6 header or quote changed and the checksum made right
+    // again. Whatever is translated must go to the flow's own client, from
+    // the VIP, with valid checksums; the rest is dropped or passed
+    // untouched; and the flow, its translation and every passive-health
+    // counter stay as they were.
+    let lab = lab();
+    let nat_port = established(&lab, 52_500);
+    let req = Frame::tcp(CLIENT6, 52_500, VIP6, 80).data(&[0x42; 1400]);
+    let (_, sent) = lab.run(lab.vc0, &req.build()).unwrap();
+    let reply = from_backend(nat_port).data(b"data: {}\n\n");
+    let (_, answered) = lab.run(lab.va0, &reply.build()).unwrap();
+    let stats_before = lab.dp.backend_stats(1).unwrap();
+    let mut rng = fastrand::Rng::with_seed(21);
+    let (mut translated, mut turned_away) = (0, 0);
+    for i in 0..3_000 {
+        let header = if rng.bool() {
+            too_big(1280)
+        } else {
+            PORT_UNREACHABLE
+        };
+        let len = [48, 60, 200, QUOTE_MAX][rng.usize(..4)];
+        let mut err = icmp6_frame(CLOUD_ROUTER, SNAT6, header, &quote(&sent, len));
+        for _ in 0..rng.usize(1..4) {
+            // Anywhere from the outer addresses to the quoted ports and a
+            // little beyond.
+            let at = rng.usize(IP6 + 8..(IP6 + 40 + 8 + 48).min(err.len()));
+            err[at] = rng.u8(..);
+        }
+        // The ICMPv6 checksum over the pseudo-header, made right again.
+        let (src, dst): ([u8; 16], [u8; 16]) = (
+            err[IP6 + 8..IP6 + 24].try_into().unwrap(),
+            err[IP6 + 24..IP6 + 40].try_into().unwrap(),
+        );
+        err[IP6 + 42..IP6 + 44].copy_from_slice(&[0, 0]);
+        let c = failover_common::checksum::ipv6_l4(src, dst, 58, &err[IP6 + 40..]);
+        err[IP6 + 42..IP6 + 44].copy_from_slice(&c.to_be_bytes());
+        let (rc, out) = lab.run(lab.va0, &err).unwrap();
+        if rc == XDP_REDIRECT {
+            translated += 1;
+            assert_checksums_valid(&out);
+            let p = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
+            let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else {
+                panic!("call {i}: not IPv6")
+            };
+            assert_eq!(
+                (
+                    Ipv6Addr::from(ip.header().source()),
+                    Ipv6Addr::from(ip.header().destination())
+                ),
+                (VIP6, CLIENT6),
+                "call {i}: only to the flow's own client"
+            );
+        } else {
+            turned_away += 1;
+            assert!(rc == XDP_DROP || rc == XDP_PASS, "call {i}: {rc}");
+            assert_eq!(out, err, "call {i}: left untouched");
+        }
+        if i % 100 == 0 {
+            assert_eq!(
+                lab.run(lab.vc0, &req.build()).unwrap(),
+                (XDP_REDIRECT, sent.clone())
+            );
+            assert_eq!(
+                lab.run(lab.va0, &reply.build()).unwrap(),
+                (XDP_REDIRECT, answered.clone())
+            );
+        }
+    }
+    let flows = lab.dp.flows6().unwrap();
+    assert_eq!(flows.len(), 1, "no error became state: {flows:?}");
+    assert_eq!(u16::from_be(flows[0].1.nat_port_be), nat_port);
+    let s = lab.dp.backend_stats(1).unwrap();
+    assert_eq!(
+        (
+            s.syns,
+            s.synacks,
+            s.syn_rsts,
+            s.syn_other,
+            s.pending_evicted
+        ),
+        (
+            stats_before.syns,
+            stats_before.synacks,
+            stats_before.syn_rsts,
+            stats_before.syn_other,
+            stats_before.pending_evicted
+        )
+    );
+    // Both outcomes happened: the mutations that miss the tuple are still
+    // about the flow.
+    assert!(
+        translated > 0 && turned_away > 1_000,
+        "{translated} translated, {turned_away} turned away"
+    );
+    eprintln!("{translated} translated to the flow's client, {turned_away} turned away");
+}

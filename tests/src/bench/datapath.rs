@@ -15,6 +15,8 @@
 //! `icmp_error` is a frag-needed from the backend's path, quoting 548
 //! bytes of a flow's segment, translated toward the client: the ICMP
 //! program's own cost, tail call and checksum check included.
+//! `icmp6_error` is its IPv6 counterpart, a packet too big quoting 1,232
+//! bytes (what Linux quotes: the error fills the minimum MTU).
 
 use std::{
     net::Ipv4Addr,
@@ -226,6 +228,17 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
     };
     complete6(&lab)?;
     let reply6 = reply6.data(&[0u8; 18]).build();
+    let big6 = syn6.clone().data(&[0u8; 1400]).build();
+    let (rc, sent6) = lab.run(lab.vc0, &big6)?;
+    anyhow::ensure!(rc == XDP_REDIRECT, "full-size IPv6 segment: {rc}");
+    let mut icmp6_error = crate::packet::icmp6_frame(
+        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0xfe),
+        SNAT6,
+        [2, 0, 0, 0, 0, 0, 0x05, 0x00],
+        &sent6[14..14 + 1232],
+    );
+    icmp6_error[0..6].copy_from_slice(&VA0_MAC);
+    icmp6_error[6..12].copy_from_slice(&BACKEND_MAC);
     let passthrough6 = Frame::tcp(
         CLIENT6,
         50_001,
@@ -301,6 +314,12 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
             total_ns: 0,
             calls: 0,
         },
+        Case {
+            name: "icmp6_error",
+            expect: XDP_REDIRECT,
+            total_ns: 0,
+            calls: 0,
+        },
     ];
     // Made after the first lab: this thread is in the loaded lab's
     // namespace from here, so each case enters its own lab's below.
@@ -349,6 +368,7 @@ pub fn run(calls: u64) -> Result<Vec<CaseResult>> {
                     "established6" => time_one(nat, lab.vc0, &established6, &mut out)?,
                     "reverse6" => time_one(nat, lab.va0, &reply6, &mut out)?,
                     "passthrough6" => time_one(nat, lab.vc0, &passthrough6, &mut out)?,
+                    "icmp6_error" => time_one(nat, lab.va0, &icmp6_error, &mut out)?,
                     "new_flow6" => {
                         flow_no += 1;
                         if flow_no == 50_000 {
