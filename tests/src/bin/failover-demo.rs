@@ -272,7 +272,8 @@ fn main() -> Result<()> {
     );
 
     let mut code = 0;
-    if !(v4_ok && v6_ok) && !interrupted() {
+    let recovered = v4_ok && v6_ok;
+    if !recovered && !interrupted() {
         code = 1;
     }
     if args.keep && !interrupted() {
