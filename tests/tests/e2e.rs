@@ -19,13 +19,13 @@ use failover_tests::{
     agentproc::{self, ProbeTiming, World},
     configs,
     topology::Family,
-    traffic::{Driver, Sample},
+    traffic::Sample,
     wait::wait_for,
 };
 
 mod e2e_cases;
 
-use e2e_cases::{BASELINE, PATH, by_backend, serial, vip};
+use e2e_cases::{BASELINE, by_backend, drive, serial};
 
 /// IPv4: the client, the VIP and the backends (`e2e6.rs` runs the same
 /// cases over IPv6).
@@ -55,14 +55,7 @@ fn an_eu_only_service_fails_closed_and_never_reaches_the_us() {
 fn an_agent_restart_under_load_fails_no_request() {
     let _s = serial();
     let mut w = World::start(false, ProbeTiming::default()).unwrap();
-    let d = Driver::start(
-        &w.topo.client.name,
-        vip(V4),
-        PATH,
-        Duration::from_millis(1),
-        Duration::from_millis(1000),
-        Duration::from_secs(30),
-    );
+    let d = drive(&w, V4, Duration::from_millis(1000), Duration::from_secs(30));
     d.wait_answered(BASELINE, Duration::from_secs(5));
     w.agent.stop().unwrap();
     // No agent for a while, under load: the sleep is the behaviour.
@@ -209,14 +202,7 @@ fn a_configmap_update_reloads_under_load_and_a_bad_one_is_refused() {
     let chat = 80;
     let gen_v1 = generations(&w);
 
-    let d = Driver::start(
-        &w.topo.client.name,
-        vip(V4),
-        PATH,
-        Duration::from_millis(1),
-        Duration::from_millis(1000),
-        Duration::from_secs(30),
-    );
+    let d = drive(&w, V4, Duration::from_millis(1000), Duration::from_secs(30));
     d.wait_answered(BASELINE, Duration::from_secs(5));
 
     // The valid update.

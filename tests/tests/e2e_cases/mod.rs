@@ -28,19 +28,27 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub const PATH: &str = "/v1/models";
+const PATH: &str = "/v1/models";
 
 /// Requests answered before a fault: traffic flows.
 pub const BASELINE: usize = 100;
 
 /// `chat` on the VIP of family `f`.
-pub fn vip(f: Family) -> SocketAddr {
+fn vip(f: Family) -> SocketAddr {
     SocketAddr::from((f.vip(), 80))
 }
 
 /// a1, a2, b1, b2 as family `f` names them.
 fn names(f: Family) -> [String; 4] {
     ["a1", "a2", "b1", "b2"].map(|n| f.name(n))
+}
+
+/// A paced client to `chat` on family `f`'s VIP: a request every
+/// millisecond, each on a new connection bounded by `timeout`, for at most
+/// `max`.
+pub fn drive(w: &World, f: Family, timeout: Duration, max: Duration) -> Driver {
+    let ms = Duration::from_millis(1);
+    Driver::start(&w.topo.client.name, vip(f), PATH, ms, timeout, max)
 }
 
 /// The world over family `f` alone, with the agent's default probes.
@@ -104,14 +112,7 @@ pub fn backend_crash(f: Family) {
     let [a1, a2, ..] = names(f);
     let _s = serial();
     let w = start(f, false);
-    let d = Driver::start(
-        &w.topo.client.name,
-        vip(f),
-        PATH,
-        Duration::from_millis(1),
-        Duration::from_millis(500),
-        Duration::from_secs(10),
-    );
+    let d = drive(&w, f, Duration::from_millis(500), Duration::from_secs(10));
     d.wait_answered(BASELINE, Duration::from_secs(5));
     let fault = d.now();
     World::crash(&w.topo, &a1).unwrap();
@@ -178,14 +179,7 @@ pub fn lost_cloud(f: Family) {
     let _s = serial();
     let mut w = start(f, false);
     let mut stream = open_stream(&w, f);
-    let d = Driver::start(
-        &w.topo.client.name,
-        vip(f),
-        PATH,
-        Duration::from_millis(1),
-        Duration::from_millis(100),
-        Duration::from_secs(30),
-    );
+    let d = drive(&w, f, Duration::from_millis(100), Duration::from_secs(30));
     d.wait_answered(BASELINE, Duration::from_secs(5));
 
     // Cloud-a goes dark.
