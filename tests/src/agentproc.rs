@@ -565,3 +565,30 @@ impl World {
             .map(drop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The topology's config over IPv4, over IPv6 and dual-stack: the
+    /// agent takes each, with a SNAT address and backends per family and
+    /// `vip6` only when both families are there.
+    #[test]
+    fn the_topology_config_validates_per_family_and_dual_stack() {
+        use Family::{V4, V6};
+        for families in [&[V4][..], &[V6], &[V4, V6]] {
+            let cfg = config_for(Path::new("/x"), ProbeTiming::default(), families);
+            let cfg = configs::checked(&cfg);
+            assert_eq!(cfg.node.snat_addresses.len(), families.len());
+            assert_eq!(cfg.backends.len(), 6 * families.len());
+            let chat = &cfg.services[0];
+            assert_eq!(chat.vip, families[0].vip());
+            assert_eq!(chat.vip6.is_some(), families.len() == 2);
+            for f in families {
+                let b1 = f.name("b1");
+                let b1 = cfg.backends.iter().find(|b| b.name == b1).unwrap();
+                assert_eq!((b1.address, b1.tier), (f.backend_addr(true, 0), 1));
+            }
+        }
+    }
+}
