@@ -9,6 +9,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -18,11 +19,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use failover_agent::{
     audit::DecisionRecord,
-    config::{Backend, Config, OnBackendDown, PanicMode},
+    config::{Config, OnBackendDown, PanicMode},
 };
 
 use crate::configs;
-use crate::topology::{BACKEND_PORT, CLOUD_A, CLOUD_B, SNAT, Topology, VIP, sibling_bin};
+use crate::topology::{BACKEND_PORT, Family, Topology, VIP6, sibling_bin};
 
 /// Port of the EU-only service on the VIP, and of its backends.
 pub const EU_PORT: u16 = 8443;
@@ -56,7 +57,14 @@ impl Default for ProbeTiming {
     }
 }
 
-/// The agent config for the topology:
+/// The agent config for the topology, over IPv4 ([`config_for`]).
+pub fn config(pin: &Path, t: ProbeTiming) -> Config {
+    config_for(pin, t, &[Family::V4])
+}
+
+/// The agent config for the topology's `families` (IPv4, IPv6, or both:
+/// then each service is dual-stack, `vip` and `vip6`, over the backends of
+/// both families, named as [`Family::name`] has them):
 /// - `chat` (VIP:80): a1, a2 in cloud-a (EU, tier 0), b1, b2 in cloud-b
 ///   (US, tier 1). Overprovisioning 2.0: one healthy tier-0 backend of two
 ///   keeps all the traffic in cloud-a; cloud-b takes over when both fail.
@@ -65,7 +73,7 @@ impl Default for ProbeTiming {
 ///
 /// The node attaches to the edge's three legs in the default XDP mode
 /// (`auto`: generic on these veths).
-pub fn config(pin: &Path, t: ProbeTiming) -> Config {
+pub fn config_for(pin: &Path, t: ProbeTiming, families: &[Family]) -> Config {
     let mut probe = serde_json::json!({
         "kind": "http", "path": "/health", "expect_status": 200,
         "interval": format!("{}ms", t.interval_ms),
@@ -76,11 +84,27 @@ pub fn config(pin: &Path, t: ProbeTiming) -> Config {
         probe["hold_down"] = format!("{ms}ms").into();
     }
     let probe = configs::probe(probe);
-    let mut node = configs::node(&["ec", "ea", "eb"], SNAT, (10_000, 32_767), pin);
+    let snat: Vec<IpAddr> = families.iter().map(|f| f.snat()).collect();
+    let mut node = configs::dual_node(&["ec", "ea", "eb"], &snat, (10_000, 32_767), pin);
     node.hash_seed = 0x5eed;
-    let mut chat = configs::service("chat", VIP, 80, &["a1", "a2", "b1", "b2"], probe.clone());
+    let names = |pool: &[(&str, bool, usize, u16)]| -> Vec<String> {
+        families
+            .iter()
+            .flat_map(|f| pool.iter().map(|b| f.name(b.0)))
+            .collect()
+    };
+    let service = |name: &str, port: u16, pool: &[(&str, bool, usize, u16)]| {
+        let names = names(pool);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut s = configs::service(name, families[0].vip(), port, &names, probe.clone());
+        if families.len() > 1 {
+            s.vip6 = Some(VIP6);
+        }
+        s
+    };
+    let mut chat = service("chat", 80, &BACKENDS);
     chat.policy.overprovisioning = 2.0;
-    let mut eu = configs::service("eu-only", VIP, EU_PORT, &["a1-eu", "b1-us"], probe);
+    let mut eu = service("eu-only", EU_PORT, &EU_BACKENDS);
     eu.policy.allowed_jurisdictions = vec!["EU".into()];
     for s in [&mut chat, &mut eu] {
         s.policy.panic = PanicMode::FailClosed;
@@ -88,29 +112,35 @@ pub fn config(pin: &Path, t: ProbeTiming) -> Config {
     }
     const A: (&str, &str, &str) = ("cloud-a", "eu-west-1", "EU");
     const B: (&str, &str, &str) = ("cloud-b", "us-east-1", "US");
-    let tier = |mut b: Backend, tier| {
-        b.tier = tier;
-        b
-    };
-    let [a1, a2] = CLOUD_A;
-    let [b1, b2] = CLOUD_B;
+    let backends = families
+        .iter()
+        .flat_map(|&f| {
+            BACKENDS
+                .iter()
+                .chain(&EU_BACKENDS)
+                .map(move |&(name, in_b, i, port)| {
+                    let mut b = configs::located(
+                        &f.name(name),
+                        f.backend_addr(in_b, i),
+                        port,
+                        if in_b { B } else { A },
+                    );
+                    // cloud-b's chat backends are the second tier.
+                    b.tier = u8::from(in_b && port == BACKEND_PORT);
+                    b
+                })
+        })
+        .collect();
     Config {
         node,
         services: vec![chat, eu],
-        backends: vec![
-            configs::located("a1", a1, BACKEND_PORT, A),
-            configs::located("a2", a2, BACKEND_PORT, A),
-            tier(configs::located("b1", b1, BACKEND_PORT, B), 1),
-            tier(configs::located("b2", b2, BACKEND_PORT, B), 1),
-            configs::located("a1-eu", a1, EU_BACKEND_PORT, A),
-            configs::located("b1-us", b1, EU_BACKEND_PORT, B),
-        ],
+        backends,
     }
 }
 
-/// [`config`] as the YAML the agent reads.
-pub fn config_yaml(pin: &Path, t: ProbeTiming) -> String {
-    configs::to_yaml(&config(pin, t))
+/// [`config_for`] as the YAML the agent reads.
+pub fn config_yaml(pin: &Path, t: ProbeTiming, families: &[Family]) -> String {
+    configs::to_yaml(&config_for(pin, t, families))
 }
 
 /// A scratch directory (config, audit log, agent log); removed on drop.
@@ -149,21 +179,18 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    /// Writes the config for `topo` into `dir` and starts the agent.
-    pub fn start(topo: &Topology, dir: &Path, timing: ProbeTiming) -> Result<Self> {
-        Self::start_with(topo, dir, timing, write_config)
-    }
-
-    /// Starts the agent with the config for `topo` put in place by `place`
-    /// (given `dir` and the config text; returns the path for `--config`),
-    /// e.g. behind symlinks as a Kubernetes ConfigMap volume has it.
+    /// Starts the agent with the config for `topo` and `families` put in
+    /// place by `place` (given `dir` and the config text; returns the path
+    /// for `--config`), e.g. behind symlinks as a Kubernetes ConfigMap
+    /// volume has it.
     pub fn start_with(
         topo: &Topology,
         dir: &Path,
         timing: ProbeTiming,
+        families: &[Family],
         place: impl FnOnce(&Path, &str) -> Result<PathBuf>,
     ) -> Result<Self> {
-        let config = place(dir, &config_yaml(&topo.pins.0, timing))?;
+        let config = place(dir, &config_yaml(&topo.pins.0, timing, families))?;
         let mut me = Self::unspawned(&topo.edge.name, dir, config);
         me.spawn()?;
         Ok(me)
@@ -395,20 +422,48 @@ pub struct World {
     pub topo: Topology,
 }
 
-/// Backend name, in cloud-b, address, port.
-pub const BACKENDS: [(&str, bool, std::net::Ipv4Addr, u16); 4] = [
-    ("a1", false, CLOUD_A[0], BACKEND_PORT),
-    ("a2", false, CLOUD_A[1], BACKEND_PORT),
-    ("b1", true, CLOUD_B[0], BACKEND_PORT),
-    ("b2", true, CLOUD_B[1], BACKEND_PORT),
+/// Backend base name (see [`Family::name`]), in cloud-b, index in its
+/// cloud ([`Family::backend_addr`]), port.
+pub const BACKENDS: [(&str, bool, usize, u16); 4] = [
+    ("a1", false, 0, BACKEND_PORT),
+    ("a2", false, 1, BACKEND_PORT),
+    ("b1", true, 0, BACKEND_PORT),
+    ("b2", true, 1, BACKEND_PORT),
 ];
-pub const EU_BACKENDS: [(&str, bool, std::net::Ipv4Addr, u16); 2] = [
-    ("a1-eu", false, CLOUD_A[0], EU_BACKEND_PORT),
-    ("b1-us", true, CLOUD_B[0], EU_BACKEND_PORT),
+pub const EU_BACKENDS: [(&str, bool, usize, u16); 2] = [
+    ("a1-eu", false, 0, EU_BACKEND_PORT),
+    ("b1-us", true, 0, EU_BACKEND_PORT),
 ];
 
+/// A backend of the topology: its name, whether in cloud-b, and where it
+/// listens.
+#[derive(Clone, Debug)]
+pub struct BackendAt {
+    pub name: String,
+    pub in_cloud_b: bool,
+    pub addr: SocketAddr,
+}
+
+/// The backends of `families` (with the EU-only service's when `with_eu`).
+pub fn backends_of(families: &[Family], with_eu: bool) -> Vec<BackendAt> {
+    let extra: &[_] = if with_eu { &EU_BACKENDS } else { &[] };
+    families
+        .iter()
+        .flat_map(|&f| {
+            BACKENDS
+                .iter()
+                .chain(extra)
+                .map(move |&(name, in_cloud_b, i, port)| BackendAt {
+                    name: f.name(name),
+                    in_cloud_b,
+                    addr: (f.backend_addr(in_cloud_b, i), port).into(),
+                })
+        })
+        .collect()
+}
+
 impl World {
-    /// Everything up, and `chat` served by a1 and a2.
+    /// Everything up over IPv4, and `chat` served by a1 and a2.
     pub fn start(with_eu: bool, timing: ProbeTiming) -> Result<Self> {
         Self::start_with(with_eu, timing, write_config)
     }
@@ -420,11 +475,27 @@ impl World {
         timing: ProbeTiming,
         place: impl FnOnce(&Path, &str) -> Result<PathBuf>,
     ) -> Result<Self> {
-        let topo = Self::backends(with_eu)?;
+        Self::start_in(&[Family::V4], with_eu, timing, place)
+    }
+
+    /// Everything up for `families` (both: dual-stack services), and
+    /// `chat` served by cloud-a's backends of every family.
+    pub fn start_in(
+        families: &[Family],
+        with_eu: bool,
+        timing: ProbeTiming,
+        place: impl FnOnce(&Path, &str) -> Result<PathBuf>,
+    ) -> Result<Self> {
+        let topo = Self::backends_in(families, with_eu)?;
         let dp = topo.open_dataplane()?;
         let scratch = Scratch::new("e2e")?;
-        let mut agent = AgentProc::start_with(&topo, &scratch.0, timing, place)?;
-        agent.wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))?;
+        let mut agent = AgentProc::start_with(&topo, &scratch.0, timing, families, place)?;
+        let home: Vec<String> = families
+            .iter()
+            .flat_map(|f| [f.name("a1"), f.name("a2")])
+            .collect();
+        let home: Vec<&str> = home.iter().map(String::as_str).collect();
+        agent.wait_serving("chat", &home, Duration::from_secs(20))?;
         Ok(Self {
             agent,
             dp,
@@ -433,28 +504,41 @@ impl World {
         })
     }
 
-    /// The topology with its backends started, and nothing on the edge.
+    /// The topology with its IPv4 backends started, and nothing on the
+    /// edge.
     pub fn backends(with_eu: bool) -> Result<Topology> {
+        Self::backends_in(&[Family::V4], with_eu)
+    }
+
+    /// The topology with the backends of `families` started.
+    pub fn backends_in(families: &[Family], with_eu: bool) -> Result<Topology> {
         let mut topo = Topology::new()?;
-        let extra: &[_] = if with_eu { &EU_BACKENDS } else { &[] };
-        for (name, b, addr, port) in BACKENDS.iter().chain(extra) {
-            topo.start_backend_on(name, *b, *addr, *port)?;
+        for b in backends_of(families, with_eu) {
+            topo.start_backend_on(&b.name, b.in_cloud_b, b.addr.ip(), b.addr.port())?;
         }
         Ok(topo)
     }
 
-    /// Where backend `name` listens, and the namespace to reach it from.
-    pub fn backend<'a>(
-        topo: &'a Topology,
-        name: &str,
-    ) -> (std::net::SocketAddr, &'a crate::netns::Netns) {
-        let (_, b, addr, port) = BACKENDS
-            .iter()
-            .chain(&EU_BACKENDS)
-            .find(|x| x.0 == name)
+    /// Where backend `name` (of either family) listens, and the namespace
+    /// to reach it from.
+    pub fn backend<'a>(topo: &'a Topology, name: &str) -> (SocketAddr, &'a crate::netns::Netns) {
+        let b = backends_of(&[Family::V4, Family::V6], true)
+            .into_iter()
+            .find(|b| b.name == name)
             .expect("known backend");
-        let ns = if *b { &topo.cloud_b } else { &topo.cloud_a };
-        ((*addr, *port).into(), ns)
+        let ns = if b.in_cloud_b {
+            &topo.cloud_b
+        } else {
+            &topo.cloud_a
+        };
+        (b.addr, ns)
+    }
+
+    /// Client requests (not probes) backend `name` has answered.
+    pub fn served(&self, name: &str) -> Result<u64> {
+        let (addr, ns) = Self::backend(&self.topo, name);
+        let s = backend_stats(ns, addr)?;
+        Ok(s.requests - s.health)
     }
 
     /// Makes backend `name`'s process exit.
@@ -470,10 +554,41 @@ impl World {
         topo.cloud_a.exec("ip link set a0 down").map(drop)
     }
 
-    /// Cloud-a's link back (its default route left with the link).
+    /// Cloud-a's link back (its default routes left with the link; its
+    /// IPv6 addresses stay, `keep_addr_on_down`).
     pub fn restore_a(topo: &Topology) -> Result<()> {
         topo.cloud_a
-            .exec("ip link set a0 up && ip route replace default via 198.51.100.1")
+            .exec(
+                "ip link set a0 up && ip route replace default via 198.51.100.1 && \
+                 ip -6 route replace default via 2001:db8:a::1",
+            )
             .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The topology's config over IPv4, over IPv6 and dual-stack: the
+    /// agent takes each, with a SNAT address and backends per family and
+    /// `vip6` only when both families are there.
+    #[test]
+    fn the_topology_config_validates_per_family_and_dual_stack() {
+        use Family::{V4, V6};
+        for families in [&[V4][..], &[V6], &[V4, V6]] {
+            let cfg = config_for(Path::new("/x"), ProbeTiming::default(), families);
+            let cfg = configs::checked(&cfg);
+            assert_eq!(cfg.node.snat_addresses.len(), families.len());
+            assert_eq!(cfg.backends.len(), 6 * families.len());
+            let chat = &cfg.services[0];
+            assert_eq!(chat.vip, families[0].vip());
+            assert_eq!(chat.vip6.is_some(), families.len() == 2);
+            for f in families {
+                let b1 = f.name("b1");
+                let b1 = cfg.backends.iter().find(|b| b.name == b1).unwrap();
+                assert_eq!((b1.address, b1.tier), (f.backend_addr(true, 0), 1));
+            }
+        }
     }
 }

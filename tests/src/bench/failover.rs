@@ -15,6 +15,9 @@
 //! settings: `inter 2s fall 3 rise 2`). HAProxy runs in the edge namespace
 //! in TCP mode with an HTTP health check, cloud-b's servers as `backup`
 //! (the same tiers as the agent's config).
+//!
+//! `--family 6` runs the same over the topology's IPv6 addresses (VIP6,
+//! SNAT6, the backends' IPv6 addresses; HAProxy bound to VIP6).
 
 use std::{
     fmt::Write as _,
@@ -28,10 +31,10 @@ use failover_agent::dataplane::ReasonCount;
 use serde::Serialize;
 
 use crate::{
-    agentproc::{BACKENDS, ProbeTiming, Scratch, World},
+    agentproc::{ProbeTiming, Scratch, World, backends_of, write_config},
     netns::Netns,
     pacer::Pacer,
-    topology::{Proc, Topology, VIP},
+    topology::{Family, Proc, Topology},
     traffic::{Sample, recovery},
 };
 
@@ -65,6 +68,8 @@ pub struct Result1 {
     pub rto_ms_p99: f64,
     pub failed_requests: usize,
     pub trials: usize,
+    /// 4 or 6.
+    pub family: u8,
     /// Trials that did not recover within the limit (not in the
     /// percentiles).
     pub unrecovered: usize,
@@ -76,6 +81,8 @@ pub struct Opts {
     /// Print each trial's outcomes and, for the agent, its decisions and
     /// the XDP verdicts counted during the trial.
     pub trace: bool,
+    /// The clients', VIP's and backends' address family.
+    pub family: Family,
 }
 
 pub fn run(opts: Opts, systems: &[String], scenarios: &[String]) -> Result<Vec<Result1>> {
@@ -92,40 +99,49 @@ pub fn run(opts: Opts, systems: &[String], scenarios: &[String]) -> Result<Vec<R
     Ok(out)
 }
 
-fn vip() -> SocketAddr {
-    SocketAddr::from((VIP, 80))
+fn vip(family: Family) -> SocketAddr {
+    SocketAddr::from((family.vip(), 80))
 }
 
 /// What a system under test must do between trials.
 enum Sut {
-    Agent(Box<World>),
+    Agent(Box<World>, Family),
     Haproxy {
         topo: Box<Topology>,
+        family: Family,
         _proc: Proc,
         _scratch: Scratch,
     },
 }
 
 impl Sut {
+    fn family(&self) -> Family {
+        match self {
+            Sut::Agent(_, f) | Sut::Haproxy { family: f, .. } => *f,
+        }
+    }
+
     fn topo(&self) -> &Topology {
         match self {
-            Sut::Agent(w) => &w.topo,
+            Sut::Agent(w, _) => &w.topo,
             Sut::Haproxy { topo, .. } => topo,
         }
     }
     fn topo_mut(&mut self) -> &mut Topology {
         match self {
-            Sut::Agent(w) => &mut w.topo,
+            Sut::Agent(w, _) => &mut w.topo,
             Sut::Haproxy { topo, .. } => topo,
         }
     }
 
     /// Waits until a1 and a2 take the traffic again.
     fn wait_home(&mut self) -> Result<()> {
+        let f = self.family();
         match self {
-            Sut::Agent(w) => {
+            Sut::Agent(w, _) => {
+                let home = [f.name("a1"), f.name("a2")];
                 w.agent
-                    .wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))?;
+                    .wait_serving("chat", &[&home[0], &home[1]], Duration::from_secs(20))?;
                 Ok(())
             }
             Sut::Haproxy { topo, _scratch, .. } => {
@@ -137,7 +153,7 @@ impl Sut {
                 let mut seen = std::collections::BTreeSet::new();
                 let mut last = String::new();
                 while Instant::now() < deadline {
-                    let r = crate::client::get(vip(), PATH, Duration::from_millis(500));
+                    let r = crate::client::get(vip(f), PATH, Duration::from_millis(500));
                     last = format!("{r:?}");
                     match r {
                         Ok(a) if a.status == 200 && a.backend.starts_with('a') => {
@@ -163,49 +179,57 @@ impl Sut {
     }
 }
 
-fn haproxy_config(inter_ms: u32, fall: u32, rise: u32) -> String {
+fn haproxy_config(family: Family, inter_ms: u32, fall: u32, rise: u32) -> String {
     let mut c = String::from(
         "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\n",
     );
     let _ = write!(
         c,
         "frontend fe\n  bind {}\n  default_backend be\n\nbackend be\n  balance roundrobin\n  option httpchk GET /health\n",
-        vip()
+        vip(family)
     );
-    for (name, in_b, addr, port) in BACKENDS {
+    for b in backends_of(&[family], false) {
         let _ = writeln!(
             c,
-            "  server {name} {addr}:{port} check inter {inter_ms}ms fall {fall} rise {rise}{}",
-            if in_b { " backup" } else { "" }
+            "  server {} {} check inter {inter_ms}ms fall {fall} rise {rise}{}",
+            b.name,
+            b.addr,
+            if b.in_cloud_b { " backup" } else { "" }
         );
     }
     c
 }
 
-fn start(system: &str) -> Result<Sut> {
+fn start(system: &str, family: Family) -> Result<Sut> {
     match system {
-        "failover" => Ok(Sut::Agent(Box::new(World::start(
-            false,
-            ProbeTiming {
+        "failover" => {
+            let timing = ProbeTiming {
                 hold_down_ms: Some(0),
                 ..ProbeTiming::default()
-            },
-        )?))),
+            };
+            let w = World::start_in(&[family], false, timing, write_config)?;
+            Ok(Sut::Agent(Box::new(w), family))
+        }
         "haproxy-tuned" | "haproxy-default" => {
-            let topo = World::backends(false)?;
+            let topo = World::backends_in(&[family], false)?;
             let cfg = if system == "haproxy-tuned" {
-                haproxy_config(100, 2, 2)
+                haproxy_config(family, 100, 2, 2)
             } else {
                 // HAProxy's defaults: inter 2s, fall 3, rise 2.
-                haproxy_config(2000, 3, 2)
+                haproxy_config(family, 2000, 3, 2)
             };
             let scratch = Scratch::new("bench-haproxy")?;
             let file = scratch.0.join("haproxy.cfg");
             std::fs::write(&file, &cfg)?;
-            topo.edge.exec(&format!("ip addr add {VIP}/32 dev lo"))?;
+            topo.edge.exec(&format!(
+                "ip addr add {}/{} dev lo",
+                family.vip(),
+                family.host_prefix()
+            ))?;
             let proc = spawn_haproxy(&topo.edge, &file, &scratch.0.join("haproxy.log"))?;
             let mut sut = Sut::Haproxy {
                 topo: Box::new(topo),
+                family,
                 _proc: proc,
                 _scratch: scratch,
             };
@@ -241,7 +265,7 @@ fn spawn_haproxy(ns: &Netns, cfg: &std::path::Path, log: &std::path::Path) -> Re
 
 fn run_one(system: &str, scenario: &str, opts: Opts) -> Result<Result1> {
     let trials = opts.trials;
-    let mut sut = start(system)?;
+    let mut sut = start(system, opts.family)?;
     let mut rtos = Vec::new();
     let mut failed_total = 0;
     let mut unrecovered = 0;
@@ -267,6 +291,10 @@ fn run_one(system: &str, scenario: &str, opts: Opts) -> Result<Result1> {
         rto_ms_p99: round1(pct(&rtos, 0.99)),
         failed_requests: failed_total,
         trials,
+        family: match opts.family {
+            Family::V4 => 4,
+            Family::V6 => 6,
+        },
         unrecovered,
     })
 }
@@ -290,9 +318,10 @@ fn trial_once(
     limit: Duration,
     trace: bool,
 ) -> Result<(Option<Duration>, usize)> {
+    let family = sut.family();
     let p = Pacer::start(
         &sut.topo().client.name,
-        vip(),
+        vip(family),
         PATH,
         INTERVAL,
         REQUEST_TIMEOUT,
@@ -300,11 +329,11 @@ fn trial_once(
     );
     std::thread::sleep(Duration::from_millis(300));
     let reasons_before = match sut {
-        Sut::Agent(w) if trace => w.dp.reason_counts().ok(),
+        Sut::Agent(w, _) if trace => w.dp.reason_counts().ok(),
         _ => None,
     };
     match scenario {
-        "crash" => World::crash(sut.topo(), "a1")?,
+        "crash" => World::crash(sut.topo(), &family.name("a1"))?,
         "blackhole" => World::blackhole_a(sut.topo())?,
         other => bail!("unknown scenario {other:?} (crash, blackhole)"),
     }
@@ -335,8 +364,9 @@ fn trial_once(
     // Put the fault right for the next trial.
     match scenario {
         "crash" => {
-            let (_, _, addr, port) = BACKENDS[0];
-            sut.topo_mut().start_backend_on("a1", false, addr, port)?;
+            let a1 = &backends_of(&[family], false)[0];
+            sut.topo_mut()
+                .start_backend_on(&a1.name, false, a1.addr.ip(), a1.addr.port())?;
         }
         _ => World::restore_a(sut.topo())?,
     }
@@ -371,7 +401,7 @@ fn print_trace(
         .map(|(t, w, n)| format!("+{:.1}ms {w}x{n}", t.as_secs_f64() * 1e3))
         .collect();
     eprintln!("    outcomes: {}", line.join(" "));
-    if let Sut::Agent(w) = sut {
+    if let Sut::Agent(w, _) = sut {
         for d in w.agent.decisions().iter().rev().take(3).rev() {
             eprintln!(
                 "    decision {} {}: {:?} -> {:?}: {}",
@@ -402,6 +432,7 @@ pub fn print(results: &[Result1], json: bool) {
                     "rto_ms_p99": r.rto_ms_p99,
                     "failed_requests": r.failed_requests,
                     "trials": r.trials,
+                    "family": r.family,
                 })
             );
         }
@@ -427,8 +458,9 @@ pub fn print(results: &[Result1], json: bool) {
             }
         );
     }
+    let families: std::collections::BTreeSet<u8> = results.iter().map(|r| r.family).collect();
     println!(
-        "failover time: fault to the first of {RUN} successes in a row; one request per ms, new connection each; failed_requests summed over trials"
+        "failover time: fault to the first of {RUN} successes in a row; one request per ms, new connection each; failed_requests summed over trials; IP family {families:?}"
     );
     for sc in SCENARIOS {
         let get = |sys: &str| {

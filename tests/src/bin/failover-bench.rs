@@ -106,6 +106,9 @@ enum Cmd {
         /// verdicts counted meanwhile (to stderr).
         #[arg(long)]
         trace: bool,
+        /// IP family of the client, VIP and backends: 4 or 6.
+        #[arg(long, default_value = "4")]
+        family: failover_tests::topology::Family,
     },
     /// Time to first token under load (three backends, one at half the
     /// service rate): static weights vs load-aware weights vs HAProxy
@@ -193,10 +196,15 @@ fn main() -> Result<()> {
             systems,
             scenarios,
             trace,
+            family,
         } => {
             let systems = or(systems, &bench::failover::SYSTEMS);
             let scenarios = or(scenarios, &bench::failover::SCENARIOS);
-            let opts = bench::failover::Opts { trials, trace };
+            let opts = bench::failover::Opts {
+                trials,
+                trace,
+                family,
+            };
             bench::failover::print(
                 &bench::failover::run(opts, &systems, &scenarios)?,
                 args.json,
