@@ -70,10 +70,12 @@ pub fn handle(ctx: &XdpContext, snat: &Addr6, ip: &Ipv6, reverse: bool) -> (u32,
     let outer_dst = V6::dst(ip);
     // The pseudo-header: both addresses, the length and the next header,
     // as native words (`checksum::l4_ne`).
-    let pseudo = outer_src.sum() as u64
-        + outer_dst.sum() as u64
-        + u32::from_ne_bytes((len as u32).to_be_bytes()) as u64
-        + u32::from_ne_bytes([0, 0, 0, icmp6::PROTO]) as u64;
+    let pseudo = checksum::fold(
+        outer_src.sum()
+            + outer_dst.sum()
+            + u32::from(u16::from_ne_bytes((len as u16).to_be_bytes()))
+            + u32::from(u16::from_ne_bytes([0, icmp6::PROTO])),
+    ) as u32;
     if !(icmp6::HEADER + icmp6::QUOTE_MIN..=icmp6::MESSAGE_MAX).contains(&len)
         || !sum_ok(ctx, ICMP6_BUF.get_ptr_mut(0), ip.l4_off, len, pseudo)
     {
