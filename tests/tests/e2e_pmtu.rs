@@ -1,12 +1,14 @@
 //! A cross-cloud path with a smaller MTU, with the real agent: cloud-b's
 //! backends sit one router hop behind a 1,400-byte link, while every link
 //! of the edge, and the backends' own, is 1,500 (so the backends'
-//! handshakes offer an MSS of 1,460, as they would behind a tunnel). Cloud-a fails; large POSTs then go to cloud-b and
-//! must succeed:
-//! - without a clamp, through PMTU discovery: the router's frag-needed,
-//!   sent to the SNAT address, reaches the client translated (icmp.rs);
-//! - with `path_mtu: 1400` on cloud-b's backends and ICMP filtered on the
-//!   router: the handshake's MSS is clamped, so nothing needs ICMP.
+//! handshakes offer the full MSS, as they would behind a tunnel). Cloud-a
+//! fails; large POSTs then go to cloud-b and must succeed, over IPv4 and
+//! over IPv6:
+//! - without a clamp, through PMTU discovery: the router's frag-needed
+//!   (IPv6: packet too big), sent to the SNAT address, reaches the client
+//!   translated (icmp.rs, icmp6.rs);
+//! - with `path_mtu: 1400` on cloud-b's backends and the router's ICMP
+//!   filtered: the handshake's MSS is clamped, so nothing needs ICMP.
 //!
 //! ```text
 //! [client] c0 --- ec [edge] ea --- a0 [cloud-a]
@@ -18,7 +20,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -29,9 +31,7 @@ use failover_tests::{
     agentproc::{self, AgentProc, ProbeTiming, Scratch},
     configs,
     netns::{Netns, sh},
-    topology::{
-        BACKEND_PORT, CLIENT, CLOUD_A, CLOUD_B, Proc, SNAT, Topology, VIP, testbackend_bin,
-    },
+    topology::{BACKEND_PORT, CLIENT, CLOUD_A, Family, Proc, SNAT, Topology, VIP, testbackend_bin},
     wait::wait_for,
 };
 
@@ -39,7 +39,7 @@ const SIZES: [usize; 2] = [64 << 10, 1 << 20];
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The topology with cloud-b's hosts moved behind a router: the old
-/// cloud-b namespace routes, a new one holds .75 and .76.
+/// cloud-b namespace routes, a new one holds the backends' addresses.
 struct World {
     // Drop order: agent, backends, hosts' namespace, then the rest.
     agent: AgentProc,
@@ -47,43 +47,110 @@ struct World {
     _hosts: Netns,
     topo: Topology,
     _scratch: Scratch,
+    family: Family,
 }
 
-fn build(path_mtu: Option<u16>) -> Result<World> {
+/// The router's link to the hosts (a /30 or a /64 of the documentation
+/// ranges), its address on cloud-b's side, and the commands that move
+/// cloud-b's backend addresses behind it, for each family.
+struct RouterPlan {
+    router: String,
+    host: String,
+    /// In cloud-b: its own address toward the edge (the IPv6 topology
+    /// gives it none), the backends' addresses removed, and forwarding.
+    cloud_b: String,
+    /// Cloud-b's address, the edge's next hop toward the router.
+    cloud_b_addr: &'static str,
+    prefix: u8,
+    /// `ip addr` flag: IPv6 addresses skip duplicate address detection.
+    nodad: &'static str,
+}
+
+fn plan(family: Family, b: [IpAddr; 2]) -> RouterPlan {
+    match family {
+        Family::V4 => RouterPlan {
+            router: "203.0.113.129/30".into(),
+            host: "203.0.113.130".into(),
+            cloud_b: format!(
+                "ip addr del {}/26 dev b0 && ip addr del {}/26 dev b0 && \
+                 sysctl -qw net.ipv4.ip_forward=1",
+                b[0], b[1]
+            ),
+            cloud_b_addr: "198.51.100.74",
+            prefix: 30,
+            nodad: "",
+        },
+        Family::V6 => RouterPlan {
+            router: "2001:db8:ff::1/64".into(),
+            host: "2001:db8:ff::2".into(),
+            cloud_b: format!(
+                "ip -6 addr del {}/64 dev b0 && ip -6 addr del {}/64 dev b0 && \
+                 ip -6 addr add 2001:db8:b::74/64 dev b0 nodad && \
+                 sysctl -qw net.ipv6.conf.all.forwarding=1",
+                b[0], b[1]
+            ),
+            cloud_b_addr: "2001:db8:b::74",
+            prefix: 64,
+            nodad: " nodad",
+        },
+    }
+}
+
+fn build(family: Family, path_mtu: Option<u16>) -> Result<World> {
     let mut topo = Topology::new()?;
     let hosts = Netns::new("hb")?;
+    // Before the link exists, so its addresses are usable at once.
+    hosts.exec(
+        "sysctl -qw net.ipv6.conf.all.accept_dad=0 && \
+         sysctl -qw net.ipv6.conf.default.accept_dad=0",
+    )?;
     sh(&format!(
         "ip link add r1 netns {} type veth peer name h0 netns {}",
         topo.cloud_b.name, hosts.name
     ))?;
-    topo.cloud_b.exec(
-        "ip addr del 198.51.100.75/26 dev b0 && ip addr del 198.51.100.76/26 dev b0 && \
-         ip addr add 203.0.113.129/30 dev r1 && ip link set r1 mtu 1400 up && \
-         ip route add 198.51.100.75/32 via 203.0.113.130 && \
-         ip route add 198.51.100.76/32 via 203.0.113.130 && \
-         sysctl -qw net.ipv4.ip_forward=1",
-    )?;
-    hosts.exec(
-        "ip addr add 203.0.113.130/30 dev h0 && ip addr add 198.51.100.75/32 dev h0 && \
-         ip addr add 198.51.100.76/32 dev h0 && ip link set h0 up && \
-         ip route add default via 203.0.113.129 && ethtool -K h0 tx off >/dev/null",
-    )?;
+    let b = [family.backend_addr(true, 0), family.backend_addr(true, 1)];
+    let p = plan(family, b);
+    let hp = family.host_prefix();
+    topo.cloud_b.exec(&format!(
+        "{} && ip addr add {} dev r1{nodad} && ip link set r1 mtu 1400 up && \
+         ip route add {}/{hp} via {} && ip route add {}/{hp} via {}",
+        p.cloud_b,
+        p.router,
+        b[0],
+        p.host,
+        b[1],
+        p.host,
+        nodad = p.nodad
+    ))?;
+    let router_addr = p.router.split('/').next().unwrap_or_default();
+    hosts.exec(&format!(
+        "ip addr add {}/{} dev h0{nodad} && ip addr add {}/{hp} dev h0{nodad} && \
+         ip addr add {}/{hp} dev h0{nodad} && ip link set h0 up && \
+         ip route add default via {router_addr} && ethtool -K h0 tx off >/dev/null",
+        p.host,
+        p.prefix,
+        b[0],
+        b[1],
+        nodad = p.nodad
+    ))?;
+    let cloud_b_gw = p.cloud_b_addr;
     // The edge reaches cloud-b's hosts through the router.
-    topo.edge.exec(
-        "ip route add 198.51.100.75/32 via 198.51.100.74 && \
-         ip route add 198.51.100.76/32 via 198.51.100.74",
-    )?;
-    topo.start_backend("a1", false, CLOUD_A[0])?;
-    topo.start_backend("a2", false, CLOUD_A[1])?;
+    topo.edge.exec(&format!(
+        "ip route add {}/{hp} via {cloud_b_gw} && ip route add {}/{hp} via {cloud_b_gw}",
+        b[0], b[1]
+    ))?;
+    let name = |n: &str| family.name(n);
+    topo.start_backend(&name("a1"), false, family.backend_addr(false, 0))?;
+    topo.start_backend(&name("a2"), false, family.backend_addr(false, 1))?;
     let mut procs = Vec::new();
-    for (name, addr) in [("b1", CLOUD_B[0]), ("b2", CLOUD_B[1])] {
-        procs.push(start_host_backend(&topo, &hosts, name, addr)?);
+    for (n, addr) in [("b1", b[0]), ("b2", b[1])] {
+        procs.push(start_host_backend(&topo, &hosts, &name(n), addr)?);
     }
     let scratch = Scratch::new("pmtu")?;
-    let mut cfg = agentproc::config(&topo.pins.0, ProbeTiming::default());
+    let mut cfg = agentproc::config_for(&topo.pins.0, ProbeTiming::default(), &[family]);
     cfg.services.retain(|s| s.name == "chat");
-    cfg.backends
-        .retain(|b| ["a1", "a2", "b1", "b2"].contains(&b.name.as_str()));
+    let pool = ["a1", "a2", "b1", "b2"].map(name);
+    cfg.backends.retain(|b| pool.contains(&b.name));
     for b in &mut cfg.backends {
         if b.name.starts_with('b') {
             b.path_mtu = path_mtu;
@@ -91,34 +158,30 @@ fn build(path_mtu: Option<u16>) -> Result<World> {
     }
     let mut agent =
         AgentProc::start_with_config(&topo.edge.name, &scratch.0, &configs::to_yaml(&cfg))?;
-    agent.wait_serving("chat", &["a1", "a2"], Duration::from_secs(20))?;
+    agent.wait_serving("chat", &[&pool[0], &pool[1]], Duration::from_secs(20))?;
     Ok(World {
         agent,
         _hosts_procs: procs,
         _hosts: hosts,
         topo,
         _scratch: scratch,
+        family,
     })
 }
 
 /// A test backend in the hosts' namespace, ready when the edge reaches it
 /// (through the router).
-fn start_host_backend(topo: &Topology, hosts: &Netns, name: &str, addr: Ipv4Addr) -> Result<Proc> {
+fn start_host_backend(topo: &Topology, hosts: &Netns, name: &str, addr: IpAddr) -> Result<Proc> {
+    let target = SocketAddr::from((addr, BACKEND_PORT));
     let child = Command::new("ip")
         .args(["netns", "exec", &hosts.name, &testbackend_bin()?])
-        .args([
-            "--name",
-            name,
-            "--listen",
-            &format!("{addr}:{BACKEND_PORT}"),
-        ])
+        .args(["--name", name, "--listen", &target.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("spawn test backend")?;
     let proc = Proc(child);
     let _in = topo.edge.enter()?;
-    let target = SocketAddr::from((addr, BACKEND_PORT));
     wait_for(
         &format!("backend {name} behind the router"),
         Duration::from_secs(10),
@@ -136,7 +199,8 @@ fn post(w: &World, len: usize) -> Result<(String, Duration)> {
         "x".repeat(len)
     );
     let t0 = Instant::now();
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), TIMEOUT)?;
+    let vip = SocketAddr::from((w.family.vip(), 80));
+    let mut s = TcpStream::connect_timeout(&vip, TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
     write!(
@@ -175,6 +239,7 @@ fn run(w: &mut World, how: &str) -> Result<u64> {
     let translated = || -> Result<u64> {
         Ok(dp.reason_count(Reason::IcmpTx)? + dp.reason_count(Reason::IcmpRedirect)?)
     };
+    let how = format!("{how} ({})", w.family);
     let mut before = Vec::new();
     for len in SIZES {
         let (backend, took) = post(w, len)?;
@@ -186,8 +251,9 @@ fn run(w: &mut World, how: &str) -> Result<u64> {
     }
     // Cloud-a goes dark; tier 1 (cloud-b) takes over.
     w.topo.cloud_a.exec("ip link set a0 down")?;
+    let b = [w.family.name("b1"), w.family.name("b2")];
     w.agent
-        .wait_serving("chat", &["b1", "b2"], Duration::from_secs(10))?;
+        .wait_serving("chat", &[&b[0], &b[1]], Duration::from_secs(10))?;
     for (len, b) in SIZES.iter().zip(&before) {
         let (backend, took) = post(w, *len).with_context(|| format!("{how}: {len} bytes"))?;
         assert!(
@@ -203,26 +269,49 @@ fn run(w: &mut World, how: &str) -> Result<u64> {
     translated()
 }
 
+fn through_translated_pmtu(family: Family) {
+    failover_tests::netns::require_root();
+    let mut w = build(family, None).unwrap();
+    let translated = run(&mut w, "PMTU discovery, no clamp").unwrap();
+    // The router's error reached the client through the edge.
+    assert!(translated >= 1, "{translated} ICMP errors translated");
+}
+
+fn with_the_mss_clamped(family: Family) {
+    failover_tests::netns::require_root();
+    let mut w = build(family, Some(1400)).unwrap();
+    // The router sends no error about size: only the clamp can help. (Over
+    // IPv6 only packet too big is dropped: neighbour discovery is ICMPv6.)
+    let rule = match family {
+        Family::V4 => "meta l4proto icmp drop",
+        Family::V6 => "icmpv6 type packet-too-big drop",
+    };
+    w.topo
+        .cloud_b
+        .exec(&format!("nft add table inet f && nft add chain inet f out '{{ type filter hook output priority 0; }}' && nft add rule inet f out {rule}"))
+        .unwrap();
+    let translated = run(&mut w, "MSS clamped, ICMP filtered").unwrap();
+    assert_eq!(translated, 0, "no ICMP needed, none sent");
+}
+
 #[test]
 fn large_prompts_cross_a_smaller_mtu_through_translated_pmtu() {
-    failover_tests::netns::require_root();
-    let mut w = build(None).unwrap();
-    let translated = run(&mut w, "PMTU discovery, no clamp").unwrap();
-    // The router's frag-needed reached the client through the edge.
-    assert!(translated >= 1, "{translated} ICMP errors translated");
+    through_translated_pmtu(Family::V4);
 }
 
 #[test]
 fn large_prompts_cross_a_smaller_mtu_with_the_mss_clamped_and_icmp_filtered() {
-    failover_tests::netns::require_root();
-    let mut w = build(Some(1400)).unwrap();
-    // The router sends no ICMP at all: only the clamp can help.
-    w.topo
-        .cloud_b
-        .exec("nft add table inet f && nft add chain inet f out '{ type filter hook output priority 0; }' && nft add rule inet f out meta l4proto icmp drop")
-        .unwrap();
-    let translated = run(&mut w, "MSS clamped, ICMP filtered").unwrap();
-    assert_eq!(translated, 0, "no ICMP needed, none sent");
+    with_the_mss_clamped(Family::V4);
+}
+
+#[test]
+fn ipv6_large_prompts_cross_a_smaller_mtu_through_translated_packet_too_big() {
+    through_translated_pmtu(Family::V6);
+}
+
+#[test]
+fn ipv6_large_prompts_cross_a_smaller_mtu_with_the_mss_clamped_and_too_big_filtered() {
+    with_the_mss_clamped(Family::V6);
 }
 
 /// Sends `msg` (an ICMP message, checksum as given) to `dst` from the
@@ -274,7 +363,7 @@ fn forged(header: [u8; 8], q: (Ipv4Addr, u16, Ipv4Addr, u16), len: u16, corrupt:
 #[test]
 fn forged_icmp_errors_beside_real_traffic_move_nothing() {
     failover_tests::netns::require_root();
-    let mut w = build(None).unwrap();
+    let mut w = build(Family::V4, None).unwrap();
     let dp = w.topo.open_dataplane().unwrap();
     let chat = |dp: &failover_agent::dataplane::Dataplane| {
         dp.services()
