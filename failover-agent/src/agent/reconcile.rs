@@ -435,6 +435,8 @@ pub struct Switch {
     pub to: Vec<String>,
     pub weights: Vec<WeightChange>,
     pub mode: Mode,
+    /// A dual-stack service's `vip6` mode.
+    pub mode6: Option<Mode>,
     pub justification: String,
     pub sovereignty: String,
 }
@@ -553,15 +555,13 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
             .filter(|b| b.weight > 0)
             .map(|b| b.name.clone())
             .collect();
-        let open = if plan.mode == Mode::PanicFailOpen {
-            plan.backends
-                .iter()
-                .filter(|b| b.weight > 0)
-                .map(|b| b.id)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Each family of a dual-stack service panics on its own.
+        let open = plan
+            .backends
+            .iter()
+            .filter(|b| b.weight > 0 && *plan.mode_of(b.ipv6) == Mode::PanicFailOpen)
+            .map(|b| b.id)
+            .collect();
         next.push(Next {
             name: svc.name.clone(),
             vips,
@@ -665,6 +665,7 @@ pub fn reconcile(inp: &Inputs<'_>, cur: &Current, d: &Decision) -> Reconciled {
             to: n.to.clone(),
             weights: weight_changes(&from_weights, &weights),
             mode: n.plan.mode,
+            mode6: n.plan.mode6,
             justification: n.plan.justification,
             sovereignty: n.plan.sovereignty,
         });

@@ -182,11 +182,14 @@ pub struct TierPlan {
 pub struct BackendPlan {
     pub name: String,
     pub id: u32,
+    /// An IPv6 backend (a dual-stack service's `vip6` reaches these).
+    pub ipv6: bool,
     pub tier: u8,
     pub health: BackendHealth,
     /// Its load factor (1 without a load facet).
     pub load: f64,
-    /// Share of the service's new flows (0..=1).
+    /// Share of the service's new flows (0..=1); in a dual-stack service,
+    /// of its own family's VIP's.
     pub share: f64,
     /// Maglev weight (share scaled to [`WEIGHT_SCALE`]); 0 = not in ring.
     pub weight: u32,
@@ -224,9 +227,14 @@ pub const WEIGHT_SCALE: f64 = 1_000_000.0;
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServicePlan {
     pub service: String,
+    /// How `vip`'s new flows are placed.
     pub mode: Mode,
+    /// A dual-stack service's `vip6`: how its new flows are placed. Each
+    /// family is planned on its own backends (`plan_with`).
+    pub mode6: Option<Mode>,
     /// Tiers receiving new flows, preferred first.
     pub active_tiers: Vec<u8>,
+    /// In a dual-stack service, `vip`'s tiers, then `vip6`'s.
     pub tiers: Vec<TierPlan>,
     /// Every allowed backend with an id, in pool order.
     pub backends: Vec<BackendPlan>,
@@ -234,7 +242,7 @@ pub struct ServicePlan {
     /// of the backends of `vip`'s family.
     pub ring: Vec<u32>,
     /// A dual-stack service's second ring, for `vip6`: its IPv6 backends
-    /// with the shares this one plan gives them.
+    /// as their own family's plan places them.
     pub ring6: Option<Vec<u32>>,
     /// Why this placement, for operators and the audit log.
     pub justification: String,
@@ -246,6 +254,15 @@ pub struct ServicePlan {
 }
 
 impl ServicePlan {
+    /// How new flows to the backends of this family are placed.
+    #[must_use]
+    pub fn mode_of(&self, ipv6: bool) -> &Mode {
+        match &self.mode6 {
+            Some(m) if ipv6 => m,
+            _ => &self.mode,
+        }
+    }
+
     /// True when the ring sends no new flow anywhere.
     #[must_use]
     pub fn is_closed(&self) -> bool {
@@ -398,12 +415,72 @@ fn plan_with(
     ids: &BackendIds,
     ov: Option<Override>,
 ) -> ServicePlan {
+    if svc.vip6.is_none() {
+        return plan_family(svc, by_name, health, ids, ov, None);
+    }
+    // A dual-stack service: each VIP's clients reach only the backends of
+    // its family, so each family is placed on its own backends, with its
+    // own tiers, spill, panic and fail-closed. Planned over the whole
+    // pool, IPv4's healthy tier 0 kept the tier in use while IPv6's was
+    // down, and IPv6 clients failed closed with IPv6 backends healthy in
+    // tier 1. One plan and one decision hold both.
+    let v4 = plan_family(svc, by_name, health, ids, ov, Some(false));
+    let v6 = plan_family(svc, by_name, health, ids, ov, Some(true));
+    dual(svc, v4, v6)
+}
+
+/// One plan of a dual-stack service's two, `vip`'s and `vip6`'s.
+fn dual(svc: &Service, v4: ServicePlan, v6: ServicePlan) -> ServicePlan {
+    let pool_order = |b: &BackendPlan| svc.backends.iter().position(|n| *n == b.name);
+    let mut backends = v4.backends;
+    backends.extend(v6.backends);
+    backends.sort_by_key(pool_order);
+    let mut active_tiers = v4.active_tiers;
+    for t in v6.active_tiers {
+        if !active_tiers.contains(&t) {
+            active_tiers.push(t);
+        }
+    }
+    active_tiers.sort_unstable();
+    let mut tiers = v4.tiers;
+    tiers.extend(v6.tiers);
+    let sovereignty = if v4.sovereignty == v6.sovereignty {
+        v4.sovereignty
+    } else {
+        format!("IPv4: {}; IPv6: {}", v4.sovereignty, v6.sovereignty)
+    };
+    ServicePlan {
+        service: v4.service,
+        mode: v4.mode,
+        mode6: Some(v6.mode),
+        active_tiers,
+        tiers,
+        backends,
+        ring: v4.ring,
+        ring6: Some(v6.ring),
+        justification: format!("IPv4: {}; IPv6: {}", v4.justification, v6.justification),
+        sovereignty,
+        sovereignty_ok: v4.sovereignty_ok && v6.sovereignty_ok,
+    }
+}
+
+/// The plan over the pool's backends of one family (`Some(true)`: IPv6),
+/// or of all (`None`).
+fn plan_family(
+    svc: &Service,
+    by_name: &BTreeMap<&str, &Backend>,
+    health: &HealthView,
+    ids: &BackendIds,
+    ov: Option<Override>,
+    ipv6: Option<bool>,
+) -> ServicePlan {
     let p = &svc.policy;
     let split = policy::split(svc, by_name);
     let mut notes: Vec<String> = Vec::new();
 
     let mut candidates: Vec<Candidate> = Vec::with_capacity(split.allowed.len());
-    for b in &split.allowed {
+    let of_family = |b: &Backend| ipv6.is_none_or(|v6| b.address.is_ipv6() == v6);
+    for b in split.allowed.iter().filter(|b| of_family(b)) {
         match ids.get(&b.name) {
             Some(&id) if id != NO_BACKEND => candidates.push(Candidate {
                 backend: b,
@@ -555,23 +632,16 @@ fn plan_with(
         }
     }
 
-    // A dual-stack service has one ring per VIP, each of the backends of
-    // its family (`ring` of `vip`'s, `ring6` of the IPv6 ones), with the
-    // shares planned over the whole pool.
-    let dual = svc.vip6.is_some();
-    let member_of = |v6: Option<bool>| -> Vec<maglev::Member> {
-        candidates
-            .iter()
-            .zip(&shares)
-            .filter(|(c, s)| **s > 0.0 && v6.is_none_or(|v6| c.backend.address.is_ipv6() == v6))
-            .map(|(c, s)| maglev::Member {
-                id: c.id,
-                weight: to_weight(*s),
-                key: maglev::key_hash(&c.backend.name),
-            })
-            .collect()
-    };
-    let members = member_of(None);
+    let members: Vec<maglev::Member> = candidates
+        .iter()
+        .zip(&shares)
+        .filter(|(_, s)| **s > 0.0)
+        .map(|(c, s)| maglev::Member {
+            id: c.id,
+            weight: to_weight(*s),
+            key: maglev::key_hash(&c.backend.name),
+        })
+        .collect();
     let mut mode = mode;
     let ring_size = p.ring_size;
     let mut build = |members: &[maglev::Member]| {
@@ -592,18 +662,9 @@ fn plan_with(
             }
         }
     };
-    let (mut ring, mut ring6) = if dual {
-        let ring = build(&member_of(Some(svc.vip.is_ipv6())));
-        let ring6 = build(&member_of(Some(true)));
-        (ring, Some(ring6))
-    } else {
-        (build(&members), None)
-    };
+    let mut ring = build(&members);
     if mode == Mode::FailClosed {
         ring.fill(NO_BACKEND);
-        if let Some(r) = ring6.as_mut() {
-            r.fill(NO_BACKEND);
-        }
     }
     if members.is_empty() && mode == Mode::PanicFailOpen {
         notes.push(
@@ -628,20 +689,10 @@ fn plan_with(
         v.sort_unstable();
         v
     };
-    let mut leaked = leaked_ids(&ring, &allowed_ids, &denied_ids);
-    if let Some(r) = &ring6 {
-        for id in leaked_ids(r, &allowed_ids, &denied_ids) {
-            if !leaked.contains(&id) {
-                leaked.push(id);
-            }
-        }
-    }
+    let leaked = leaked_ids(&ring, &allowed_ids, &denied_ids);
     let sovereignty_ok = leaked.is_empty();
     if !sovereignty_ok {
         ring.fill(NO_BACKEND);
-        if let Some(r) = ring6.as_mut() {
-            r.fill(NO_BACKEND);
-        }
         mode = Mode::FailClosed;
     }
     let sovereignty = sovereignty_line(svc, &split, &leaked);
@@ -674,6 +725,7 @@ fn plan_with(
         .map(|(c, &s)| BackendPlan {
             name: c.backend.name.clone(),
             id: c.id,
+            ipv6: c.backend.address.is_ipv6(),
             tier: c.backend.tier,
             health: c.health,
             load: c.load,
@@ -689,11 +741,12 @@ fn plan_with(
     ServicePlan {
         service: svc.name.clone(),
         mode,
+        mode6: None,
         active_tiers: if closed { Vec::new() } else { active_tiers },
         tiers: tiers_out,
         backends,
         ring,
-        ring6,
+        ring6: None,
         justification,
         sovereignty,
         sovereignty_ok,

@@ -867,3 +867,114 @@ fn load_scales_shares_within_a_tier_and_multiplies_with_degraded() {
     assert_eq!(deg(0.5).loaded_weight(100, 0.3), 15);
     assert_eq!(DOWN.loaded_weight(100, 1.0), 0);
 }
+
+/// A dual-stack `chat`: a1, a2, b1, b2 over IPv4 and a1-6 .. b2-6 over
+/// IPv6, a* in tier 0 and b* in tier 1; ids 1..=8 in that order.
+fn dual_stack(policy: Policy) -> Config {
+    let pool = ["a1", "a2", "b1", "b2", "a1-6", "a2-6", "b1-6", "b2-6"];
+    let mut s = svc("chat", &pool, policy);
+    s.vip6 = Some("2001:db8::10".parse().unwrap());
+    let backends = pool
+        .iter()
+        .enumerate()
+        .map(|(i, &name)| {
+            let mut b = be(name, "EU", "r0", u8::from(name.starts_with('b')), 100, &[]);
+            if i >= 4 {
+                b.address = format!("2001:db8:1::{}", i + 1).parse().unwrap();
+            }
+            b
+        })
+        .collect();
+    cfg(vec![s], backends)
+}
+
+#[test]
+fn each_family_of_a_dual_stack_service_fails_over_on_its_own() {
+    // IPv4's tier 0 healthy, IPv6's down: IPv6 clients go to IPv6's tier 1
+    // while IPv4 clients stay home. Planned over the whole pool, tier 0
+    // was "2 of 4 healthy x 2 = 100%" and IPv6's ring came out empty.
+    let c = dual_stack(pol(|_| {}));
+    let health: HealthView = [
+        ("a1", UP),
+        ("a2", UP),
+        ("b1", UP),
+        ("b2", UP),
+        ("a1-6", DOWN),
+        ("a2-6", DOWN),
+        ("b1-6", UP),
+        ("b2-6", UP),
+    ]
+    .into_iter()
+    .collect();
+    let p = plan(&c, &health, &ids_of(&c), &Overrides::new());
+    let sp = &p.services[0];
+    assert_eq!(
+        ring_ids(&sp.ring),
+        BTreeSet::from([1, 2]),
+        "IPv4 stays in tier 0"
+    );
+    let ring6 = sp.ring6.as_ref().expect("a ring for vip6");
+    assert_eq!(
+        ring_ids(ring6),
+        BTreeSet::from([7, 8]),
+        "IPv6 fails over to tier 1"
+    );
+    assert_eq!(sp.mode, Mode::Normal);
+    assert!(
+        matches!(sp.mode6, Some(Mode::Spill { from_tier: 0, .. })),
+        "{:?}",
+        sp.mode6
+    );
+    assert!(
+        sp.justification.starts_with("IPv4: "),
+        "{}",
+        sp.justification
+    );
+    assert!(
+        sp.justification.contains("; IPv6: "),
+        "{}",
+        sp.justification
+    );
+    assert_eq!(sp.active_tiers, [0, 1]);
+    // Shares are each family's own: IPv4's tier 0 and IPv6's tier 1 each
+    // take all of their VIP's new flows.
+    let share = |n: &str| sp.backends.iter().find(|b| b.name == n).unwrap().share;
+    assert!((share("a1") + share("a2") - 1.0).abs() < 1e-9);
+    assert!((share("b1-6") + share("b2-6") - 1.0).abs() < 1e-9);
+    assert_eq!(share("a1-6") + share("b1"), 0.0);
+    // In pool order, each with its family.
+    let names: Vec<(&str, bool)> = sp
+        .backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.ipv6))
+        .collect();
+    assert_eq!(names[0], ("a1", false));
+    assert_eq!(names[4], ("a1-6", true));
+}
+
+#[test]
+fn a_dual_stack_family_with_nothing_healthy_fails_alone() {
+    let c = dual_stack(pol(|p| p.panic = crate::config::PanicMode::FailClosed));
+    let health: HealthView = [("a1", UP), ("a2", UP), ("b1", UP), ("b2", UP)]
+        .into_iter()
+        .collect();
+    let p = plan(&c, &health, &ids_of(&c), &Overrides::new());
+    let sp = &p.services[0];
+    assert_eq!(sp.mode, Mode::Normal);
+    assert_eq!(sp.mode6, Some(Mode::FailClosed));
+    assert_eq!(ring_ids(&sp.ring), BTreeSet::from([1, 2]));
+    assert!(ring_ids(sp.ring6.as_ref().unwrap()).is_empty());
+    assert!(!sp.is_closed(), "IPv4 still serves");
+    // Fail open panics IPv6 alone: its own backends, never IPv4's.
+    let c = dual_stack(pol(|p| p.panic = crate::config::PanicMode::FailOpen));
+    let p = plan(&c, &health, &ids_of(&c), &Overrides::new());
+    let sp = &p.services[0];
+    assert_eq!(sp.mode6, Some(Mode::PanicFailOpen));
+    assert_eq!(*sp.mode_of(true), Mode::PanicFailOpen);
+    assert_eq!(*sp.mode_of(false), Mode::Normal);
+    assert_eq!(
+        ring_ids(sp.ring6.as_ref().unwrap()),
+        BTreeSet::from([5, 6, 7, 8])
+    );
+    assert_eq!(ring_ids(&sp.ring), BTreeSet::from([1, 2]));
+}

@@ -520,6 +520,7 @@ impl<E: Executor> Applier<E> {
                 to = ?s.to,
                 weights = ?s.weights,
                 mode = ?s.mode,
+                mode6 = ?s.mode6,
                 reason = %d.reason,
                 latency_us,
                 "ring switched"
