@@ -110,6 +110,21 @@ pub enum ErrorKind {
 
 pub type Result<T> = std::result::Result<T, DataplaneError>;
 
+/// Removes every entry of a flow table (`name` for errors).
+fn clear<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<()> {
+    let keys: Vec<K> = map
+        .keys()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(map_err(name))?;
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+    Ok(())
+}
+
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| ErrorKind::Map { map, source }.into()
 }
@@ -660,42 +675,14 @@ impl Dataplane {
     /// are re-selected on their next packet; used by benchmarks and
     /// operators recovering from a bad state.
     pub fn clear_flows(&mut self) -> Result<()> {
-        let keys: Vec<FlowKey> = self
-            .flows
-            .keys()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(names::FLOWS))?;
-        for k in keys {
-            let _ = self.flows.remove(&k);
-        }
-        let keys: Vec<ReverseKey> = self
-            .reverse
-            .keys()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(names::REVERSE))?;
-        for k in keys {
-            let _ = self.reverse.remove(&k);
-        }
+        clear(&mut self.flows, names::FLOWS)?;
+        clear(&mut self.reverse, names::REVERSE)?;
+        clear(&mut self.flows6, names::FLOWS6)?;
+        clear(&mut self.reverse6, names::REVERSE6)?;
         for p in self.pending()? {
             self.pending
                 .set(p.slot, Pending::default(), 0)
                 .map_err(map_err(names::PENDING))?;
-        }
-        let keys: Vec<FlowKey<Addr6>> = self
-            .flows6
-            .keys()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(names::FLOWS6))?;
-        for k in keys {
-            let _ = self.flows6.remove(&k);
-        }
-        let keys: Vec<ReverseKey<Addr6>> = self
-            .reverse6
-            .keys()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(names::REVERSE6))?;
-        for k in keys {
-            let _ = self.reverse6.remove(&k);
         }
         for p in self.pending6()? {
             self.pending6
