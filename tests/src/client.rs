@@ -72,3 +72,22 @@ fn exchange(mut s: TcpStream, path: &str, timeout: Duration) -> Result<Answer> {
         .unwrap_or_default();
     Ok(Answer { status, backend })
 }
+
+/// Opens a long streaming chat completion (10,000 tokens) at `addr` and
+/// reads its first bytes: the stream, and the response head it began
+/// with. The stream stays open for the caller to watch (a reset, more
+/// tokens).
+pub fn open_stream(addr: SocketAddr, timeout: Duration) -> Result<(TcpStream, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let body = r#"{"model":"tiny-llm","stream":true,"max_tokens":10000,"messages":[{"role":"user","content":"hi"}]}"#;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).context("first bytes of the stream")?;
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Ok((s, head))
+}

@@ -151,21 +151,8 @@ fn a_stream_from_a_blackholed_cloud_is_reset_promptly() {
 
     let mut stream = {
         let _in = topo.client.enter().unwrap();
-        let mut s = TcpStream::connect_timeout(&vip(), TIMEOUT).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let body = r#"{"model":"tiny-llm","stream":true,"max_tokens":10000,"messages":[{"role":"user","content":"hi"}]}"#;
-        write!(
-            s,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf).unwrap();
-        assert!(
-            String::from_utf8_lossy(&buf[..n]).contains("200"),
-            "stream started"
-        );
+        let (s, head) = client::open_stream(vip(), TIMEOUT).unwrap();
+        assert!(head.contains("200"), "stream started");
         s
     };
 

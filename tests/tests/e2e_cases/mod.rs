@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
+    io::Read,
     net::{SocketAddr, TcpStream},
     sync::Mutex,
     time::{Duration, Instant},
@@ -155,18 +155,7 @@ pub fn backend_crash(f: Family) {
 /// Opens a long SSE stream through the VIP and reads its first bytes.
 fn open_stream(w: &World, f: Family) -> TcpStream {
     let _in = w.topo.client.enter().unwrap();
-    let mut s = TcpStream::connect_timeout(&vip(f), Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let body = r#"{"model":"tiny-llm","stream":true,"max_tokens":10000,"messages":[{"role":"user","content":"hi"}]}"#;
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: vip\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut buf = [0u8; 4096];
-    let n = s.read(&mut buf).unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]);
+    let (s, head) = client::open_stream(vip(f), Duration::from_secs(2)).unwrap();
     assert!(head.contains(" 200 "), "stream started: {head}");
     assert!(head.contains("x-backend: a"), "stream from cloud-a: {head}");
     s
