@@ -472,6 +472,32 @@ fn a_restarted_agent_keeps_ids_rings_and_flows() {
 }
 
 #[test]
+fn a_new_agent_keeps_the_vip_filter_bits_an_older_program_reads_until_its_own_is_attached() {
+    require_root();
+    let mut lab = Lab::new().unwrap();
+    // An older build's filter: a bit this build sets for no configured
+    // VIP (its IPv6 fold was another), read by the program still attached.
+    let older = failover_agent::agent::ids::addr6("2001:db8:f::99".parse().unwrap());
+    let vip = failover_agent::agent::ids::addr4(VIP);
+    lab.dp
+        .set_vips(["2001:db8:f::99".parse::<std::net::IpAddr>().unwrap()])
+        .unwrap();
+    let cfg = lab_cfg(lab.pin_dir(), &["b1", "b2", "b3"], vec![]);
+    let mut a = applier(&lab, cfg, None);
+    let f = lab.dp.vip_filter().unwrap();
+    assert!(f.may_contain(vip), "the configured VIP is in");
+    assert!(f.may_contain(older), "the older program's bit is kept");
+
+    a.attach().unwrap();
+    let f = lab.dp.vip_filter().unwrap();
+    assert!(f.may_contain(vip));
+    assert!(
+        !f.may_contain(older),
+        "exact once this agent's program is in"
+    );
+}
+
+#[test]
 fn a_reload_changes_only_what_changed() {
     require_root();
     let lab = Lab::new().unwrap();

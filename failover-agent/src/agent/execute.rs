@@ -52,6 +52,9 @@ pub trait Executor {
 /// The real executor: the pinned maps.
 pub struct Maps {
     dp: Dataplane,
+    /// This agent's program is attached somewhere: no older program reads
+    /// the maps any more.
+    attached: bool,
     /// 256 KiB: a ring is built here on the heap, never on a (2 MiB,
     /// task) stack.
     scratch: Box<Ring>,
@@ -62,7 +65,11 @@ impl Maps {
         // SAFETY: `Ring` is a plain array of u32, valid when zeroed.
         let mut scratch: Box<Ring> = unsafe { Box::<Ring>::new_zeroed().assume_init() };
         scratch.backends.fill(NO_BACKEND);
-        Self { dp, scratch }
+        Self {
+            dp,
+            attached: false,
+            scratch,
+        }
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -101,6 +108,10 @@ impl Executor for Maps {
                 VipKey::V4(key) => self.dp.remove_service(key)?,
                 VipKey::V6(key) => self.dp.remove_service6(key)?,
             },
+            // Before this agent's program is attached, an older one may
+            // still read the filter (`Dataplane::add_vips`);
+            // `Applier::attach` writes it exactly once attached.
+            Write::VipFilter(vips) if !self.attached => self.dp.add_vips(vips.iter().copied())?,
             Write::VipFilter(vips) => self.dp.set_vips(vips.iter().copied())?,
             Write::Nudge { backend_ids } => return self.dp.nudge_clients(backend_ids),
             Write::PathMss { id, mss } => self.dp.set_path_mss(*id, *mss)?,
@@ -151,7 +162,9 @@ impl Executor for Maps {
     }
 
     fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<Attached, DataplaneError> {
-        self.dp.attach(iface, mode)
+        let a = self.dp.attach(iface, mode)?;
+        self.attached = true;
+        Ok(a)
     }
 
     fn detach(&mut self, iface: &str) -> Result<(), DataplaneError> {

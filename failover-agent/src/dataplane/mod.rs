@@ -354,7 +354,30 @@ impl Dataplane {
     /// Replaces the VIP pre-filter with exactly `vips` (of both families,
     /// which share it), in one write.
     pub fn set_vips(&mut self, vips: impl IntoIterator<Item = impl Into<IpAddr>>) -> Result<()> {
-        let mut f = Box::new(VipFilter::empty());
+        self.write_vips(Box::new(VipFilter::empty()), vips)
+    }
+
+    /// Sets `vips`' bits in the pinned pre-filter, keeping those already
+    /// set: while an older build's program is still attached, it reads
+    /// the bitmap with its own slot function, which may not be this
+    /// build's (the IPv6 fold changed once). A kept bit costs a false
+    /// positive, which the service lookup turns into `not_vip`.
+    pub fn add_vips(&mut self, vips: impl IntoIterator<Item = impl Into<IpAddr>>) -> Result<()> {
+        let pinned = self.vip_filter()?;
+        self.write_vips(Box::new(pinned), vips)
+    }
+
+    pub fn vip_filter(&self) -> Result<VipFilter> {
+        self.vip_filter
+            .get(&0, 0)
+            .map_err(map_err(names::VIP_FILTER))
+    }
+
+    fn write_vips(
+        &mut self,
+        mut f: Box<VipFilter>,
+        vips: impl IntoIterator<Item = impl Into<IpAddr>>,
+    ) -> Result<()> {
         for v in vips {
             match v.into() {
                 IpAddr::V4(v) => f.insert(crate::agent::ids::addr4(v)),

@@ -333,12 +333,17 @@ impl<E: Executor> Applier<E> {
     }
 
     /// Attaches the NAT program to the configured interfaces (swapping it
-    /// into pinned links left by an earlier agent).
+    /// into pinned links left by an earlier agent), then writes the VIP
+    /// filter exactly: until then it kept the bits an older program may
+    /// read (`Dataplane::add_vips`).
     pub fn attach(&mut self) -> Result<(), AgentError> {
         let mode = xdp_mode(self.cfg.node.xdp_mode);
         for iface in self.cfg.node.interfaces.clone() {
             let a = self.exec.attach(&iface, mode)?;
             tracing::info!(interface = %iface, mode = %a.mode, updated = a.updated, "XDP attached");
+        }
+        if let Some(vips) = self.current.vips.clone() {
+            self.run(Write::VipFilter(vips))?;
         }
         Ok(())
     }

@@ -152,6 +152,17 @@ fn a_fresh_start_programs_backends_then_the_ring_then_the_vips() {
 }
 
 #[test]
+fn attaching_writes_the_vip_filter_again_once_the_program_is_in() {
+    // The start's filter write keeps what an older program may read
+    // (`Maps`); once attached, the filter is written exactly.
+    let mut a = applier(cfg());
+    take(&mut a);
+    a.attach().unwrap();
+    assert_eq!(a.executor().attached, ["eth0"]);
+    assert_eq!(take(&mut a), ["vips 192.0.2.10"]);
+}
+
+#[test]
 fn a_failover_writes_the_state_first_then_the_ring_then_nudges() {
     let mut a = serving();
     let r = a
