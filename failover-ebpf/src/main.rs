@@ -40,7 +40,10 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::maps::{JUMPS, NODE, NODE6, VIP_FILTER};
 
+// Inlined into the entry the macro wraps it in: without it, LLVM keeps
+// this body a BPF-to-BPF call once the IPv6 fast paths are in it.
 #[xdp]
+#[inline(always)]
 pub fn failover_xdp(ctx: XdpContext) -> u32 {
     let (action, reason) = match try_failover(&ctx) {
         Ok(v) => v,
@@ -115,6 +118,12 @@ fn classify6(ctx: &XdpContext, l3_off: usize) -> Result<(u32, Reason), Reason> {
     let hdr = ipv6::header(ctx, l3_off)?;
     let dst = family::addr6(unsafe { &raw const (*hdr).dst_addr });
     if dst == snat {
+        // As for a VIP below: an established flow's plain reply is sent
+        // from here (`reverse::established_only`).
+        let (ip, l4) = walk6(ctx, hdr, l3_off)?;
+        if let Some(out) = reverse::established_only(ctx, snat, &ip, &l4) {
+            return Ok(out);
+        }
         unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_REV6) };
         return Err(Reason::NotIpv4);
     }
@@ -122,6 +131,13 @@ fn classify6(ctx: &XdpContext, l3_off: usize) -> Result<(u32, Reason), Reason> {
     let (word, mask) = failover_common::VipFilter::slot_of(dst);
     if word >= filter.bits.len() || filter.bits[word] & mask == 0 {
         return Err(Reason::NotVip);
+    }
+    // What `failover_v6` would check first, then an established flow's
+    // plain packet is sent from here (`forward::established_only`).
+    let (ip, l4) = walk6(ctx, hdr, l3_off)?;
+    let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
+    if let Some(out) = forward::established_only(ctx, node, &ip, &l4) {
+        return Ok(out);
     }
     unsafe { JUMPS.tail_call(ctx, failover_common::JUMP_V6) };
     Err(Reason::NotIpv4)
@@ -205,10 +221,22 @@ fn try_v6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     }
     let node = NODE.get(0).ok_or(Reason::NotConfigured)?;
     let hdr = ipv6::header(ctx, l2.l3_off)?;
-    let ip = validate6(ctx, hdr, l2.l3_off)?;
-    let mut l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
-    ipv6::udp_checksum_present(ctx, &l4)?;
+    let (ip, mut l4) = walk6(ctx, hdr, l2.l3_off)?;
     Ok(forward::handle(ctx, node, &ip, &mut l4))
+}
+
+/// An IPv6 packet of ours up to its L4 header: `validate6`, the ports
+/// and flags, and a UDP checksum present.
+#[inline(always)]
+fn walk6(
+    ctx: &XdpContext,
+    hdr: *mut network_types::ip::Ipv6Hdr,
+    l3_off: usize,
+) -> Result<(ipv6::Ipv6, l4::L4), Reason> {
+    let ip = validate6(ctx, hdr, l3_off)?;
+    let l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
+    ipv6::udp_checksum_present(ctx, &l4)?;
+    Ok((ip, l4))
 }
 
 /// `ipv6::validate`, with ICMPv6 continuing in `failover_icmp6`; without
@@ -270,9 +298,7 @@ fn try_rev6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let l2 = parse::ethernet(ctx).ok_or(Reason::TruncatedEth)?;
     let hdr = ipv6::header(ctx, l2.l3_off)?;
     let snat = NODE6.get(0).ok_or(Reason::NotConfigured)?.snat;
-    let ip = validate6(ctx, hdr, l2.l3_off)?;
-    let l4 = l4::parse(ctx, ip.l4_off, ip.proto, ip.l4_len())?;
-    ipv6::udp_checksum_present(ctx, &l4)?;
+    let (ip, l4) = walk6(ctx, hdr, l2.l3_off)?;
     Ok(reverse::handle(ctx, snat, &ip, &l4))
 }
 

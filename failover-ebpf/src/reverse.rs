@@ -30,6 +30,66 @@ pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (
         return (xdp_action::XDP_PASS, Reason::NotVip);
     };
     let rev = unsafe { &mut *rev };
+    let out = answer(ctx, ip, l4, rev, now);
+    if !l4.tcp {
+        return out;
+    }
+    match l4::closing(l4, rev.fins, rev.fin_ack, l4::BACKEND) {
+        Closing::Free => {
+            let _ = F::flows().remove(&flow_key(rev, ip.proto));
+            let _ = F::reverse().remove(&rkey);
+        }
+        Closing::Note { bits, fin_ack } => {
+            let flow = F::flows()
+                .get_ptr_mut(&flow_key(rev, ip.proto))
+                .map(|f| unsafe { &mut *f });
+            l4::note(
+                &mut rev.fins,
+                flow.map(|f| (&mut f.fins, &mut f.fin_ack)),
+                bits,
+                fin_ack,
+            );
+        }
+        Closing::Keep => {}
+    }
+    out
+}
+
+/// An established flow's reply (backend -> SNAT address, rewritten to
+/// VIP -> client) sent from `failover_xdp` itself for IPv6, when it closes
+/// nothing: as `forward::established_only`, the tail call to
+/// `failover_rev6` is saved. `None`, with nothing changed, for anything
+/// else: `failover_rev6` then walks it from the start.
+#[inline(always)]
+pub fn established_only<F: Family>(
+    ctx: &XdpContext,
+    snat: F::A,
+    ip: &Ip<F>,
+    l4: &L4,
+) -> Option<(u32, Reason)> {
+    let rkey = ReverseKey::new(F::src(ip), snat, l4.sport_be, l4.dport_be, ip.proto);
+    let rev = unsafe { &mut *F::reverse().get_ptr_mut(&rkey)? };
+    if l4.tcp
+        && !matches!(
+            l4::closing(l4, rev.fins, rev.fin_ack, l4::BACKEND),
+            Closing::Keep
+        )
+    {
+        return None;
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    Some(answer(ctx, ip, l4, rev, now))
+}
+
+/// Counts the reply, rewrites it toward the client and sends it.
+#[inline(always)]
+fn answer<F: Family>(
+    ctx: &XdpContext,
+    ip: &Ip<F>,
+    l4: &L4,
+    rev: &mut Reverse<F::A>,
+    now: u64,
+) -> (u32, Reason) {
     rev.seen = (now >> SEEN_SHIFT) as u32;
 
     if let Some(s) = stats::backend(rev.backend_id) {
@@ -79,29 +139,7 @@ pub fn handle<F: Family>(ctx: &XdpContext, snat: F::A, ip: &Ip<F>, l4: &L4) -> (
     if let Err(e) = l4::nat(ctx, ip, l4, &to) {
         return (xdp_action::XDP_DROP, e);
     }
-    let out = egress::out(ctx, &rev.nh, &route);
-    if !l4.tcp {
-        return out;
-    }
-    match l4::closing(l4, rev.fins, rev.fin_ack, l4::BACKEND) {
-        Closing::Free => {
-            let _ = F::flows().remove(&flow_key(rev, ip.proto));
-            let _ = F::reverse().remove(&rkey);
-        }
-        Closing::Note { bits, fin_ack } => {
-            let flow = F::flows()
-                .get_ptr_mut(&flow_key(rev, ip.proto))
-                .map(|f| unsafe { &mut *f });
-            l4::note(
-                &mut rev.fins,
-                flow.map(|f| (&mut f.fins, &mut f.fin_ack)),
-                bits,
-                fin_ack,
-            );
-        }
-        Closing::Keep => {}
-    }
-    out
+    egress::out(ctx, &rev.nh, &route)
 }
 
 /// The client's tuple of the flow `r` belongs to: its `FLOWS` key.
