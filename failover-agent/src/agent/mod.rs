@@ -174,11 +174,14 @@ impl Drop for Agent {
 /// Health events taken per apply: a region failing at once is one apply.
 const EVENT_BATCH: usize = 256;
 
-/// How long nudges wait after a backend went down. Nudging reads the whole
-/// flow table; backends lost together (a cloud) are ejected within a few
-/// milliseconds of each other, and none of their switches may wait for it.
+/// How long nudges wait after the latest backend went down. Nudging reads
+/// the flow tables; backends lost together (a cloud) are ejected within a
+/// few milliseconds of each other, and none of their switches may wait for
+/// it.
 /// A stalled client is still reset well under a second.
 const NUDGE_DELAY: Duration = Duration::from_millis(5);
+/// The longest nudges wait while more backends keep going down.
+const NUDGE_MAX_WAIT: Duration = Duration::from_millis(50);
 
 impl Agent {
     /// Loads and validates the config (refusing to start on a bad one),
@@ -345,13 +348,11 @@ impl Agent {
         file_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
         sweep_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // Nudges wait a little after a switch (see `Applier::flush_nudges`).
-        let mut nudge_at: Option<Instant> = None;
         loop {
             self.live.beat();
-            if nudge_at.is_none() && self.applier.has_nudges() {
-                nudge_at = Some(Instant::now() + NUDGE_DELAY);
-            }
+            // Nudges wait a little after the last switch (see
+            // `Applier::nudge_due`).
+            let nudge_at = self.applier.nudge_due(NUDGE_DELAY, NUDGE_MAX_WAIT);
             let hold = self.applier.hold_deadline();
             let expiry = self.applier.next_expiry();
             let grace = self.applier.grace_deadline();
@@ -362,10 +363,7 @@ impl Agent {
                 Some(ev) = self.events_rx.recv() => self.on_events(ev),
                 () = sleep_until(passive_due), if passive_due.is_some() => self.on_passive_tick(),
                 Some(ev) = self.load_rx.recv() => self.on_load(ev),
-                () = sleep_until(nudge_at), if nudge_at.is_some() => {
-                    nudge_at = None;
-                    self.applier.flush_nudges();
-                }
+                () = sleep_until(nudge_at), if nudge_at.is_some() => self.applier.flush_nudges(),
                 () = sleep_until(hold), if hold.is_some() => {
                     match self.applier.end_hold(Instant::now()) {
                         Ok(report) => {

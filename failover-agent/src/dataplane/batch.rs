@@ -102,6 +102,38 @@ pub fn entries<K: Copy + Default, V: Copy + Default>(
     }
 }
 
+/// Entries `first..=last` of an array: a batch starts after the key it
+/// is given, so from `first - 1`. Costs one element copy per slot, so a
+/// caller that knows which slots can be in use reads only those.
+pub fn array_range<V: Copy + Default>(
+    map: &MapData,
+    first: u32,
+    last: u32,
+) -> std::io::Result<Vec<(u32, V)>> {
+    let total = last.saturating_sub(first) as usize + 1;
+    let chunk = total.min(CHUNK);
+    let mut keys = vec![0u32; chunk];
+    let mut values = vec![V::default(); chunk];
+    let mut out = Vec::with_capacity(total);
+    let mut from = first.checked_sub(1);
+    while out.len() < total {
+        let want = (total - out.len()).min(chunk);
+        // SAFETY: the callers pass the array's value type; keys are u32.
+        let (got, next) = unsafe { lookup(map, from, &mut keys[..want], &mut values[..want])? };
+        out.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
+        match next {
+            Some(n) if got > 0 => from = Some(n),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
 /// Keys `0..n` of a per-CPU array, each with its `cpus` values, in one
 /// call (`n` must not exceed the map's size).
 pub fn per_cpu<V: Copy + Default>(map: &MapData, n: usize, cpus: usize) -> std::io::Result<Vec<V>> {

@@ -552,17 +552,43 @@ impl Dataplane {
             .map_err(|e| map_err(names::FLOWS6)(aya::maps::MapError::from(e)))
     }
 
+    /// The half-open flows of both families whose slots are SNAT ports
+    /// `ports` (the node's range: the only slots new flows claim). Reading
+    /// a slot costs about as much whether it is in use or not, and the
+    /// whole 65,536-slot array took ~19 ms on the 2-core bench machine;
+    /// the nudge after an ejection waits on it. `v4`/`v6`: which family's
+    /// table to read.
+    pub fn pending_in(
+        &self,
+        ports: (u16, u16),
+        v4: bool,
+        v6: bool,
+    ) -> Result<(Vec<PendingFlow>, Vec<PendingFlow<Addr6>>)> {
+        use aya::maps::IterableMap as _;
+        let (first, last) = (u32::from(ports.0), u32::from(ports.1.max(ports.0)));
+        let now = monotonic_ns();
+        let p4 = if v4 {
+            batch::array_range(self.pending.map(), first, last)
+                .map_err(|e| map_err(names::PENDING)(MapError::from(e)))?
+        } else {
+            Vec::new()
+        };
+        let p6 = if v6 && self.has_ipv6() {
+            batch::array_range(self.pending6.map(), first, last)
+                .map_err(|e| map_err(names::PENDING6)(MapError::from(e)))?
+        } else {
+            Vec::new()
+        };
+        Ok((live_pending(p4, now), live_pending(p6, now)))
+    }
+
     /// The half-open IPv6 flows (`PENDING6` slots that have not expired).
     pub fn pending6(&self) -> Result<Vec<PendingFlow<Addr6>>> {
         use aya::maps::IterableMap as _;
         let now = monotonic_ns();
         let all: Vec<(u32, Pending<Addr6>)> = batch::entries(self.pending6.map())
             .map_err(|e| map_err(names::PENDING6)(aya::maps::MapError::from(e)))?;
-        Ok(all
-            .into_iter()
-            .filter(|(_, p)| p.expires_ns > now)
-            .map(|(slot, p)| PendingFlow { slot, entry: p })
-            .collect())
+        Ok(live_pending(all, now))
     }
 
     /// The established flows (`FLOWS`).
@@ -679,11 +705,7 @@ impl Dataplane {
         let now = monotonic_ns();
         let all: Vec<(u32, Pending)> = batch::entries(self.pending.map())
             .map_err(|e| map_err(names::PENDING)(aya::maps::MapError::from(e)))?;
-        Ok(all
-            .into_iter()
-            .filter(|(_, p)| p.expires_ns > now)
-            .map(|(slot, p)| PendingFlow { slot, entry: p })
-            .collect())
+        Ok(live_pending(all, now))
     }
 
     /// Inserts a reverse entry directly: lets tests fill the SNAT port
@@ -729,6 +751,14 @@ impl Dataplane {
             .into()),
         }
     }
+}
+
+/// The slots of `all` that have not expired at `now`.
+fn live_pending<A>(all: Vec<(u32, Pending<A>)>, now: u64) -> Vec<PendingFlow<A>> {
+    all.into_iter()
+        .filter(|(_, p)| p.expires_ns > now)
+        .map(|(slot, p)| PendingFlow { slot, entry: p })
+        .collect()
 }
 
 /// A half-open flow as the flow listings show it.

@@ -77,13 +77,35 @@ impl<E: Executor> Applier<E> {
             return Ok(false);
         };
         self.run(w)?;
-        self.nudges.push((backend.to_owned(), id));
+        self.queue_nudge(backend.to_owned(), id);
         Ok(true)
+    }
+
+    pub(super) fn queue_nudge(&mut self, backend: String, id: u32) {
+        let now = Instant::now();
+        self.nudges.push((backend, id));
+        self.nudges_queued = Some(
+            self.nudges_queued
+                .map_or((now, now), |(first, _)| (first, now)),
+        );
     }
 
     /// True when backends went down whose clients are not nudged yet.
     pub fn has_nudges(&self) -> bool {
         !self.nudges.is_empty()
+    }
+
+    /// When to [`flush_nudges`](Self::flush_nudges): `delay` after the
+    /// latest backend went down, but no later than `max_wait` after the
+    /// first. A nudge blocks the run loop while it reads the flow tables,
+    /// and a backend written DOWN by a passive ejection gets its ring
+    /// switch only once the loop has taken its health event: a nudge due
+    /// for the cloud's first backend, run between the second's DOWN and
+    /// its switch, left that ring pointing at DOWN backends (new SYNs
+    /// reset) for the whole read (the failover bench's `!x13` to `!x46`).
+    pub fn nudge_due(&self, delay: Duration, max_wait: Duration) -> Option<Instant> {
+        let (first, last) = self.nudges_queued?;
+        Some((last + delay).min(first + max_wait))
     }
 
     /// After backends went down and the rings switched: prompts their TCP
@@ -92,6 +114,7 @@ impl<E: Executor> Applier<E> {
     /// of them. Best effort, outside the measured path.
     pub fn flush_nudges(&mut self) {
         let pending = std::mem::take(&mut self.nudges);
+        self.nudges_queued = None;
         if pending.is_empty() {
             return;
         }

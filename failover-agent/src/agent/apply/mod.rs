@@ -164,6 +164,8 @@ pub struct Applier<E: Executor = Maps> {
     /// the rings switched, for every such backend at once: it must never
     /// delay a failover (see [`Applier::flush_nudges`]).
     nudges: Vec<(String, u32)>,
+    /// When the first and the latest of `nudges` were queued.
+    nudges_queued: Option<(Instant, Instant)>,
 }
 
 /// `NODE`, and `NODE6` when the node has an IPv6 SNAT address or `old`
@@ -266,6 +268,7 @@ impl<E: Executor> Applier<E> {
             state_writes: LatencyWindow::new(),
             journal: opts.journal,
             nudges: Vec::new(),
+            nudges_queued: None,
         };
         for w in node_writes(&a.cfg.node, None) {
             a.run(w)?;
@@ -448,7 +451,7 @@ impl<E: Executor> Applier<E> {
             };
             self.run(w)?;
             let name = self.ids.backend_name(id).unwrap_or_default().to_owned();
-            self.nudges.push((name, id));
+            self.queue_nudge(name, id);
         }
         if taken > 0 {
             self.state_writes.record(d.at.elapsed());

@@ -239,6 +239,35 @@ fn a_passive_mark_down_is_one_write_and_only_one() {
     assert_eq!(take(&mut a), ["nudge 1"]);
 }
 
+/// Nudges block the run loop while they read the flow tables: they are
+/// due a little after the latest backend went down, so that a backend
+/// written DOWN just before gets its ring switch first, but no later than
+/// `max_wait` after the first.
+#[test]
+fn nudges_are_due_after_the_latest_down_within_a_cap() {
+    let (delay, cap) = (Duration::from_millis(5), Duration::from_millis(50));
+    let mut a = serving();
+    assert_eq!(a.nudge_due(delay, cap), None);
+    let t0 = Instant::now();
+    assert!(a.mark_down("b1", t0).unwrap());
+    let first = a.nudge_due(delay, cap).unwrap();
+    assert!(first >= t0 + delay);
+    std::thread::sleep(Duration::from_millis(2));
+    assert!(a.mark_down("b2", Instant::now()).unwrap());
+    let later = a.nudge_due(delay, cap).unwrap();
+    assert!(
+        later >= first + Duration::from_millis(2),
+        "moved to the latest"
+    );
+    // However long the delay, no later than the cap after the first.
+    let capped = a.nudge_due(Duration::from_secs(1), cap).unwrap();
+    assert!(capped <= Instant::now() + cap);
+    assert!(capped < later + Duration::from_secs(1));
+    a.flush_nudges();
+    assert_eq!(take(&mut a), ["state 0 down", "state 1 down", "nudge 0,1"]);
+    assert_eq!(a.nudge_due(delay, cap), None);
+}
+
 #[test]
 fn a_drain_is_draining_before_the_ring_and_undrain_brings_it_back() {
     let mut a = serving();
