@@ -53,6 +53,8 @@ pub mod names {
     pub const REVERSE6: &str = "REVERSE6";
     pub const PENDING6: &str = "PENDING6";
     pub const NEXTHOPS6: &str = "NEXTHOPS6";
+    pub const LAST_HOPS: &str = "LAST_HOPS";
+    pub const LAST_HOPS6: &str = "LAST_HOPS6";
     pub const SCRATCH: &str = "SCRATCH";
     pub const TOOBIG_MTU: &str = "TOOBIG_MTU";
     /// Benchmark programs, which the agent never loads: an in-kernel
@@ -445,6 +447,17 @@ pub struct NextHop<A = u32> {
 
 /// How long a cached next hop stays valid.
 pub const NEXTHOP_TTL_NS: u64 = 250_000_000;
+
+/// How long a backend's last resolved next hop (`LAST_HOPS`, shared by
+/// all CPUs) is still used when the FIB has no neighbour for it. When a
+/// link loses carrier the kernel deletes its neighbours at once; a SYN
+/// dropped then is neither sent nor passive-health evidence, so a dead
+/// backend would wait for its active probe to be ejected. The kernel
+/// itself keeps using a STALE neighbour while it re-probes; this is the
+/// edge's equivalent, bounded so that a neighbour gone for good stops
+/// being used (the agent's probes keep live backends' neighbours
+/// resolved, far more often than this).
+pub const LAST_HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// `Flow::seen` and `Reverse::seen` hold `bpf_ktime_get_coarse_ns() >>
 /// SEEN_SHIFT`: units of about a millisecond (2^20 ns), which wrap after

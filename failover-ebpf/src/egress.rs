@@ -1,6 +1,7 @@
 //! Next hop: a FIB lookup gives the egress interface and MACs. Same
 //! interface: XDP_TX. Another: redirect through DEVMAP. Neighbour unknown:
-//! drop (counted). Passing the rewritten packet up would not help: its
+//! drop (counted), unless toward a backend whose last next hop is recent
+//! (`forward::send`, `LAST_HOPS`). Passing the rewritten packet up would not help: its
 //! source is the node's own SNAT address, which the kernel refuses to
 //! forward as a martian. The agent's probes keep backends' neighbours
 //! resolved, and a client's is learned from its own ARP request.

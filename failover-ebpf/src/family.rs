@@ -19,8 +19,8 @@ use failover_common::{
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::maps::{
-    BACKEND_ADDR6, FLOWS, FLOWS6, NEXTHOPS, NEXTHOPS6, NODE6, PENDING, PENDING6, REVERSE, REVERSE6,
-    SERVICES, SERVICES6,
+    BACKEND_ADDR6, FLOWS, FLOWS6, LAST_HOPS, LAST_HOPS6, NEXTHOPS, NEXTHOPS6, NODE6, PENDING,
+    PENDING6, REVERSE, REVERSE6, SERVICES, SERVICES6,
 };
 
 /// A validated IP header of family `F` without options or extension
@@ -81,6 +81,7 @@ pub trait Family: Sized {
     fn reverse() -> &'static LruHashMap<ReverseKey<Self::A>, Reverse<Self::A>>;
     fn pending() -> &'static Array<Pending<Self::A>>;
     fn nexthops() -> &'static PerCpuArray<NextHop<Self::A>>;
+    fn last_hops() -> &'static Array<NextHop<Self::A>>;
 }
 
 pub struct V4;
@@ -145,6 +146,10 @@ impl Family for V4 {
     #[inline(always)]
     fn nexthops() -> &'static PerCpuArray<NextHop<u32>> {
         &NEXTHOPS
+    }
+    #[inline(always)]
+    fn last_hops() -> &'static Array<NextHop<u32>> {
+        &LAST_HOPS
     }
 }
 
@@ -219,5 +224,9 @@ impl Family for V6 {
     #[inline(always)]
     fn nexthops() -> &'static PerCpuArray<NextHop<Addr6>> {
         &NEXTHOPS6
+    }
+    #[inline(always)]
+    fn last_hops() -> &'static Array<NextHop<Addr6>> {
+        &LAST_HOPS6
     }
 }

@@ -9,8 +9,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use failover_common::{
-    Addr, Backend, DATA_ASKED, FLOW_ESTABLISHED, Flow, FlowKey, NextHop, Node, Reason, Reverse,
-    ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash, state,
+    Addr, Backend, DATA_ASKED, FLOW_ESTABLISHED, Flow, FlowKey, LAST_HOP_TTL_NS, NextHop, Node,
+    Reason, Reverse, ReverseKey, SEEN_SHIFT, SNAT_PROBES, SVC_F_RESET, Service, ServiceKey, hash,
+    state,
     tcp::{self, SynWorth},
 };
 
@@ -381,8 +382,26 @@ pub fn send<F: Family>(
     let out = match F::nexthops().get_ptr_mut(t.backend_id) {
         Some(nh) => {
             let nh = unsafe { &mut *nh };
-            match egress::resolve::<F>(ctx, nh, &route) {
-                Ok(()) => rewrite_out(ctx, ip, l4, t, nh, &route),
+            let hop = match egress::resolve::<F>(ctx, nh, &route) {
+                Ok(()) => {
+                    // Just looked up: share it with the other CPUs.
+                    if nh.at_ns == now {
+                        remember::<F>(t.backend_id, nh);
+                    }
+                    Ok(&*nh)
+                }
+                // The neighbour just vanished (a link lost carrier): go on
+                // with the last one found, as the kernel does with a STALE
+                // neighbour, so the packet is sent (and a SYN is evidence
+                // of the backend's health) instead of dropped. The per-CPU
+                // entry stays empty: the next packet asks the FIB again.
+                Err((Reason::NoNeighbour, _)) => {
+                    last_hop::<F>(t.backend_id, &route.dst_be, now).ok_or((Reason::NoNeighbour, 0))
+                }
+                Err(e) => Err(e),
+            };
+            match hop {
+                Ok(nh) => rewrite_out(ctx, ip, l4, t, nh, &route),
                 Err((Reason::MtuExceeded, mtu)) => F::too_big(ctx, ip, mtu, now),
                 Err((r, _)) => (xdp_action::XDP_DROP, r),
             }
@@ -412,6 +431,33 @@ pub fn send<F: Family>(
         }
     }
     out
+}
+
+/// Keeps a next hop toward backend `id` just resolved as its last known
+/// one (`LAST_HOPS`), for every CPU. Not inlined: it runs once per
+/// refresh, and its copy stays out of the per-packet paths' frames.
+/// Several CPUs may write one entry at once and a reader may see a mix of
+/// their fields; every writer holds a FIB result for the same backend
+/// from the same moment, and `last_hop` checks the address, so a mix is
+/// at worst a next hop as stale as the one it replaces, used for at most
+/// `LAST_HOP_TTL_NS` and only when the FIB has none.
+#[inline(never)]
+fn remember<F: Family>(id: u32, nh: &NextHop<F::A>) {
+    if let Some(last) = F::last_hops().get_ptr_mut(id) {
+        unsafe { *last = *nh };
+    }
+}
+
+/// Backend `id`'s last known next hop, if it was resolved for `dst_be`
+/// within `LAST_HOP_TTL_NS`. The FIB checks the MTU before the
+/// neighbour, so a packet it found no neighbour for fits the route's MTU.
+/// Not inlined, for the same reason as `remember`.
+#[inline(never)]
+fn last_hop<F: Family>(id: u32, dst_be: &F::A, now: u64) -> Option<&'static NextHop<F::A>> {
+    let last = F::last_hops().get(id)?;
+    // Another CPU's clock reading may be a tick ahead of ours: saturate.
+    let fresh = now.saturating_sub(last.at_ns) <= LAST_HOP_TTL_NS;
+    (last.ifindex != 0 && last.dst_be == *dst_be && fresh).then_some(last)
 }
 
 /// The packet went on toward its backend (not dropped, not answered).

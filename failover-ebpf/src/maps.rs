@@ -60,6 +60,13 @@ pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(MAX_BACKENDS, 0)
 /// (`path_mtu` less 40), clamped into SYNs and SYN-ACKs; 0 = no clamp.
 /// Apart from `BACKENDS`, so the per-packet entry stays 8 bytes: only
 /// handshakes read it.
+/// Each backend's last resolved next hop, shared by all CPUs: the
+/// fallback when the FIB has no neighbour (`LAST_HOP_TTL_NS`). A CPU
+/// whose own `NEXTHOPS` entry is stale or empty still finds one another
+/// CPU resolved.
+#[map(name = "LAST_HOPS")]
+pub static LAST_HOPS: Array<NextHop> = Array::pinned(MAX_BACKENDS, 0);
+
 #[map(name = "PATH_MSS")]
 pub static PATH_MSS: Array<u32> = Array::pinned(MAX_BACKENDS, 0);
 
@@ -112,6 +119,9 @@ pub static PENDING6: Array<Pending<Addr6>> = Array::pinned(PENDING_MAX, 0);
 
 #[map(name = "NEXTHOPS6")]
 pub static NEXTHOPS6: PerCpuArray<NextHop<Addr6>> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "LAST_HOPS6")]
+pub static LAST_HOPS6: Array<NextHop<Addr6>> = Array::pinned(MAX_BACKENDS, 0);
 
 /// Per-CPU scratch space for values too large for the 512-byte stack
 /// beside everything else a path holds (`scratch.rs`).

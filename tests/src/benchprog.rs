@@ -35,7 +35,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Every map of the object, shrunk to one entry when the benchmark
 /// programs load it (a name the object lacks is ignored).
-const MAPS: [&str; 27] = [
+const MAPS: [&str; 29] = [
     names::NODE,
     names::VIP_FILTER,
     names::SERVICES,
@@ -60,6 +60,8 @@ const MAPS: [&str; 27] = [
     names::REVERSE6,
     names::PENDING6,
     names::NEXTHOPS6,
+    names::LAST_HOPS,
+    names::LAST_HOPS6,
     names::GEN,
     names::SCRATCH,
     names::TOOBIG_MTU,

@@ -817,6 +817,56 @@ fn same_leg_backend_is_sent_with_xdp_tx_and_unknown_neighbour_drops() {
     assert_eq!(lab.dp.backend_stats(1).unwrap().syns, 1);
 }
 
+/// When a link loses carrier the kernel deletes its neighbours at once.
+/// A SYN toward a backend behind it then leaves with the backend's last
+/// next hop, resolved by any CPU within `LAST_HOP_TTL_NS`, and counts as
+/// any sent SYN (passive health sees the backend fail in milliseconds);
+/// past that it is dropped as no neighbour and is no evidence.
+#[test]
+fn a_vanished_neighbour_is_stood_in_for_by_the_last_next_hop_for_a_while() {
+    let mut lab = lab_with(&[1], 0);
+    let be = backend_addr(1);
+    let (rc, _) = forward(&lab, &Frame::tcp(CLIENT, 51_060, VIP, 80));
+    assert_eq!(rc, XDP_REDIRECT);
+    let last = lab.dp.last_hop(1).unwrap();
+    assert_eq!(
+        (last.ifindex, last.dst_be, last.smac, last.dmac),
+        (lab.va0, u32::from(be).to_be(), VA0_MAC, BACKEND_MAC),
+        "remembered for every CPU"
+    );
+
+    lab.ns.exec(&format!("ip neigh del {be} dev va0")).unwrap();
+    // Every CPU's own cache misses: the FIB is asked and has no neighbour.
+    lab.dp.clear_next_hops(1).unwrap();
+    let syn = Frame::tcp(CLIENT, 51_061, VIP, 80);
+    let (rc, out) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(
+        out,
+        expected_forward(&syn, be, ports(&out).0, (VA0_MAC, BACKEND_MAC))
+    );
+    assert_checksums_valid(&out);
+    assert_eq!(count(&lab, Reason::NoNeighbour), 0);
+    assert_eq!(count(&lab, Reason::ForwardRedirect), 2);
+    assert_eq!(lab.dp.backend_stats(1).unwrap().syns, 2, "evidence");
+
+    // Too old: dropped, and not a SYN the backend left unanswered.
+    lab.dp.age_last_hops(1).unwrap();
+    let syn = Frame::tcp(CLIENT, 51_062, VIP, 80);
+    let (rc, _) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_DROP);
+    assert_eq!(count(&lab, Reason::NoNeighbour), 1);
+    assert_eq!(lab.dp.backend_stats(1).unwrap().syns, 2);
+    assert!(
+        !lab.dp
+            .flows()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == flow_key(&syn, TCP)),
+        "no state for a SYN not sent"
+    );
+}
+
 #[test]
 fn client_rst_frees_flow_entries() {
     let lab = lab_with(&[1], 0);

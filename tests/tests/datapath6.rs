@@ -138,6 +138,51 @@ fn a_new_flow_is_pinned_source_natted_and_redirected() {
     assert_eq!((s.traffic.new_flows, s.syns), (1, 1));
 }
 
+/// The IPv4 case's twin (`LAST_HOPS6`): a SYN toward a backend whose
+/// neighbour just vanished leaves with its last next hop and counts as
+/// evidence; once that is older than `LAST_HOP_TTL_NS` it is dropped.
+#[test]
+fn a_vanished_neighbour_is_stood_in_for_by_the_last_next_hop_for_a_while() {
+    let mut lab = lab_with(&[1], 0);
+    let be = backend6_addr(1);
+    let (rc, _) = forward(&lab, &Frame::tcp(CLIENT6, 51_060, VIP6, 80));
+    assert_eq!(rc, XDP_REDIRECT);
+    let last = lab.dp.last_hop6(1).unwrap();
+    assert_eq!(
+        (last.ifindex, last.dst_be, last.smac, last.dmac),
+        (lab.va0, addr6(be), VA0_MAC, BACKEND_MAC),
+        "remembered for every CPU"
+    );
+
+    lab.ns
+        .exec(&format!("ip -6 neigh del {be} dev va0"))
+        .unwrap();
+    lab.dp.clear_next_hops(1).unwrap();
+    let syn = Frame::tcp(CLIENT6, 51_061, VIP6, 80);
+    let (rc, out) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(out, expected_forward(&syn, be, ports(&out).0));
+    assert_checksums_valid(&out);
+    assert_eq!(lab.count(Reason::NoNeighbour), 0);
+    assert_eq!(lab.count(Reason::ForwardRedirect), 2);
+    assert_eq!(lab.dp.backend_stats(1).unwrap().syns, 2, "evidence");
+
+    lab.dp.age_last_hops(1).unwrap();
+    let syn = Frame::tcp(CLIENT6, 51_062, VIP6, 80);
+    let (rc, _) = forward(&lab, &syn);
+    assert_eq!(rc, XDP_DROP);
+    assert_eq!(lab.count(Reason::NoNeighbour), 1);
+    assert_eq!(lab.dp.backend_stats(1).unwrap().syns, 2);
+    assert!(
+        !lab.dp
+            .flows6()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == flow_key(&syn, TCP)),
+        "no state for a SYN not sent"
+    );
+}
+
 #[test]
 fn a_connection_runs_both_ways_and_closes() {
     let lab = lab_with(&[1, 2, 3], 0);

@@ -68,6 +68,7 @@ pub fn estimate(flow_capacity: u32, cpus: u32) -> Vec<(&'static str, u64)> {
             names::NEXTHOPS,
             cpus * array(size_of::<NextHop>(), MAX_BACKENDS),
         ),
+        (names::LAST_HOPS, array(size_of::<NextHop>(), MAX_BACKENDS)),
         // IPv6: the same tables with 16-byte addresses, sized alike.
         (names::NODE6, array(size_of::<Node6>(), 1)),
         (
@@ -105,6 +106,10 @@ pub fn estimate(flow_capacity: u32, cpus: u32) -> Vec<(&'static str, u64)> {
         (
             names::NEXTHOPS6,
             cpus * array(size_of::<NextHop<Addr6>>(), MAX_BACKENDS),
+        ),
+        (
+            names::LAST_HOPS6,
+            array(size_of::<NextHop<Addr6>>(), MAX_BACKENDS),
         ),
     ]
 }

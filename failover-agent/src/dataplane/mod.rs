@@ -12,6 +12,7 @@ pub mod bpffs;
 mod counters;
 mod expire;
 mod memory;
+mod nexthops;
 mod nudge;
 mod rings;
 
